@@ -1,0 +1,11 @@
+"""Data: TFDS array_record builders, the grain input pipeline, the SentencePiece tokenizer.
+
+  builders.py    demo / folder / webdataset builders (`python -m coca_jax.data.build`)
+  pipeline.py    `make_train_iterator`, `checkpoint_args`, `make_eval_source`
+  preprocess.py  decode, resize, random-resized-crop, `normalize_images`
+  tokenizer.py   `Tokenizer` (`python -m coca_jax.data.tokenizer train`)
+  digit_scenes.py  the offline demo image-caption generator
+
+Submodules are imported explicitly (TFDS and grain are slow to import and the tokenizer alone
+does not need them).
+"""

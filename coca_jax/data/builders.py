@@ -1,0 +1,539 @@
+"""TFDS builders that write image-caption datasets as `array_record` (no TensorFlow needed).
+
+Three input formats, one schema, read back with `open_source` (or `tfds.data_source`):
+
+  demo        digit scenes made offline from scikit-learn's bundled digits (`digit_scenes.py`);
+              splits "train", "test" (scenes) and "digits" (one digit per canvas, with `label`,
+              for zero-shot classification).
+  folder      a folder of images plus `captions.jsonl` ({"image": "rel/path.jpg", "caption": "..."}
+              per line; "captions": [...] also accepted) or `captions.csv` (header `image,caption`).
+              Several lines may name the same image: its captions are grouped into one example.
+  webdataset  tar shards as written by img2dataset (`000000.tar` holding `KEY.jpg` + `KEY.txt`
+              pairs; `.json` and other members are ignored). `src` is a folder of `*.tar`, a
+              single tar, or a glob.
+
+Schema of every example (what `open_source` returns per index):
+  image     uint8 [height, width, 3] (or the encoded bytes with decode_images=False)
+  captions  list of bytes (UTF-8), at least one, whitespace-normalised, never empty
+  key       bytes: relative image path (folder), "shard/key" (webdataset), "split/index" (demo)
+  label     int64, demo only: the digit of a "digits" example, -1 for scenes
+
+Bad input never stops a build and is never dropped silently: unreadable/corrupt images,
+missing files, empty or non-UTF-8 captions, malformed lines, truncated tar shards are skipped
+and counted by reason; grayscale, palette, RGBA/LA (composited on white), CMYK, 16-bit, EXIF-
+rotated images are converted to 8-bit RGB and counted. The counts are in `builder.report`.
+
+Why our own image check instead of letting TFDS encode numpy arrays: TFDS encodes numpy images
+with TensorFlow. We hand it already-encoded bytes (the original file when it is a plain 8-bit RGB
+JPEG/PNG/WebP, else a PNG/JPEG re-encode by Pillow), which TFDS stores as-is without TF.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import glob
+import hashlib
+import io
+import json
+import os
+import posixpath
+import tarfile
+import types
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image, ImageOps
+import tensorflow_datasets as tfds
+from tqdm import tqdm
+
+FORMATS = ("demo", "folder", "webdataset")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Originals in these formats are stored byte-for-byte when already 8-bit RGB.
+_KEEP_FORMATS = ("JPEG", "PNG", "WEBP")
+_EXAMPLES_PER_REASON = 5  # how many offending keys the report lists per reason
+
+
+class SkipExample(Exception):
+  """An input that cannot become an example; `reason` is the report category."""
+
+  def __init__(self, reason: str, detail: str = ""):
+    super().__init__(f"{reason}: {detail}" if detail else reason)
+    self.reason = reason
+    self.detail = detail
+
+
+@dataclasses.dataclass
+class SplitReport:
+  """What happened to the inputs of one split."""
+  written: int = 0
+  skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  converted: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  dropped_captions: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  skipped_examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+  def skip(self, reason: str, where: str) -> None:
+    self.skipped[reason] += 1
+    listed = self.skipped_examples.setdefault(reason, [])
+    if len(listed) < _EXAMPLES_PER_REASON:
+      listed.append(where)
+
+  def to_json(self) -> dict[str, Any]:
+    return {"written": self.written, "skipped": dict(self.skipped),
+            "converted": dict(self.converted), "dropped_captions": dict(self.dropped_captions),
+            "skipped_examples": self.skipped_examples}
+
+
+# ----------------------------------------------------------------------------------------------
+# Input validation shared by all formats.
+# ----------------------------------------------------------------------------------------------
+
+def clean_caption(raw: bytes | str) -> str:
+  """Whitespace-normalised caption; raises SkipExample for non-UTF-8 or empty text."""
+  if isinstance(raw, bytes):
+    try:
+      raw = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise SkipExample("non-UTF-8 caption", str(e)) from None
+  elif not isinstance(raw, str):
+    raise SkipExample("caption is not a string", repr(raw)[:80])
+  else:
+    try:  # Text read with errors="surrogateescape" carries undecodable bytes as surrogates.
+      raw.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise SkipExample("non-UTF-8 caption", str(e)) from None
+  caption = " ".join(raw.split())
+  if not caption:
+    raise SkipExample("empty caption")
+  return caption
+
+
+def _to_rgb(image: Image.Image) -> tuple[Image.Image, str]:
+  """Converts any Pillow mode to 8-bit RGB; returns (image, conversion label)."""
+  mode = image.mode
+  if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info):
+    # Transparent pixels carry arbitrary colour values; white is what viewers show.
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB"), f"{mode} composited on white"
+  if mode.startswith("I") or mode == "F":
+    pixels = np.asarray(image).astype(np.float64)
+    if mode == "F" and pixels.max(initial=0) <= 1.0:
+      pixels = pixels * 255.0
+    elif mode != "F" and (mode.startswith("I;16") or pixels.max(initial=0) > 255):
+      pixels = pixels / 257.0  # 65535 -> 255
+    gray = np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB"), f"{mode} (16/32-bit) to 8-bit RGB"
+  return image.convert("RGB"), f"{mode} to RGB"
+
+
+def prepare_image(raw: bytes, max_image_side: int = 0) -> tuple[bytes, list[str]]:
+  """Validates encoded image bytes and returns bytes TFDS can store as an 8-bit RGB image.
+
+  Args:
+    raw: the file's bytes.
+    max_image_side: if > 0, images whose longer side exceeds it are downscaled (bicubic).
+
+  Returns:
+    (image bytes, list of conversions applied; empty when the original bytes are kept).
+
+  Raises:
+    SkipExample: the bytes are not a decodable image.
+  """
+  try:
+    image = Image.open(io.BytesIO(raw))
+    image.load()  # Full decode: catches truncated files that open() alone accepts.
+  except Image.DecompressionBombError as e:
+    raise SkipExample("image too large", str(e)) from None
+  except Exception as e:  # pylint: disable=broad-except  # Pillow raises many types on bad data.
+    raise SkipExample("unreadable image", f"{type(e).__name__}: {e}") from None
+  source_format = image.format
+  conversions = []
+  try:
+    orientation = image.getexif().get(0x0112, 1)
+  except Exception:  # pylint: disable=broad-except  # a broken EXIF block is not worth a skip
+    orientation = 1
+  if orientation not in (1, None):
+    image = ImageOps.exif_transpose(image)
+    conversions.append("EXIF orientation applied")
+  if image.mode != "RGB":
+    image, label = _to_rgb(image)
+    conversions.append(label)
+  if max_image_side and max(image.size) > max_image_side:
+    scale = max_image_side / max(image.size)
+    size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    conversions.append("downscaled to max_image_side")
+  if not conversions and source_format in _KEEP_FORMATS:
+    return raw, []
+  if not conversions:
+    conversions.append(f"{source_format} re-encoded")
+  buffer = io.BytesIO()
+  if source_format == "JPEG":  # lossy stays lossy (size), lossless stays lossless
+    image.save(buffer, format="JPEG", quality=95)
+  else:
+    image.save(buffer, format="PNG")
+  return buffer.getvalue(), conversions
+
+
+def _in_eval_holdout(key: str, eval_fraction: float) -> bool:
+  """Stable pseudo-random split by key, independent of input order and of Python's hash seed."""
+  digest = hashlib.md5(key.encode("utf-8", "surrogateescape")).digest()
+  return int.from_bytes(digest[:8], "little") / 2.0**64 < eval_fraction
+
+
+# ----------------------------------------------------------------------------------------------
+# Builders.
+# ----------------------------------------------------------------------------------------------
+
+class _CaptionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Common schema, array_record output, per-split reports and progress bars."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+  def __init__(self, *, data_dir: str, show_progress: bool = True, **kwargs):
+    self.report: dict[str, SplitReport] = {}
+    self.show_progress = show_progress
+    super().__init__(data_dir=data_dir, file_format="array_record", **kwargs)
+
+  def _extra_features(self) -> dict[str, Any]:
+    return {}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    features = {
+        # Shape (None, None, 3): the stored bytes always decode to 8-bit RGB (prepare_image).
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "captions": tfds.features.Sequence(tfds.features.Text()),
+        "key": tfds.features.Text(),
+        **self._extra_features(),
+    }
+    return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
+                                 features=tfds.features.FeaturesDict(features))
+
+  def _split_names(self) -> list[str]:
+    raise NotImplementedError
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing is downloaded: all inputs are local.
+    return {split: self._generate_examples(split) for split in self._split_names()}
+
+  def _progress(self, iterable, split: str, total: int | None = None, unit: str = "images"):
+    return tqdm(iterable, total=total, unit=f" {unit}", desc=f"{self.name}/{split}",
+                disable=not self.show_progress, leave=True, dynamic_ncols=True)
+
+  def _new_report(self, split: str) -> SplitReport:
+    self.report[split] = SplitReport()
+    return self.report[split]
+
+
+class DemoBuilder(_CaptionBuilder, skip_registration=True):
+  """Digit scenes (real scikit-learn digits, coloured, 1-3 per canvas) with position captions."""
+
+  def __init__(self, *, data_dir: str, num_train: int = 5000, num_test: int = 500,
+               num_digits: int = 1000, image_size: int = 48, seed: int = 0, **kwargs):
+    self.num_per_split = {"train": num_train, "test": num_test, "digits": num_digits}
+    self.image_size = image_size
+    self.seed = seed
+    super().__init__(data_dir=data_dir, **kwargs)
+
+  def _extra_features(self):
+    return {"label": tfds.features.Tensor(shape=(), dtype=np.int64)}
+
+  def _split_names(self):
+    return [split for split, num in self.num_per_split.items() if num > 0]
+
+  def _generate_examples(self, split):
+    from coca_jax.data import digit_scenes  # Lazy: pulls in scikit-learn.
+
+    report = self._new_report(split)
+    num = self.num_per_split[split]
+    if split == "digits":
+      data = digit_scenes.make_single_digits("test", num, self.seed, image_size=self.image_size)
+      labels = data["label"]
+    else:
+      data = digit_scenes.make_scenes(split, num, self.seed, image_size=self.image_size)
+      labels = np.full((num,), -1)
+    for index in self._progress(range(num), split, total=num):
+      buffer = io.BytesIO()
+      Image.fromarray(data["image"][index]).save(buffer, format="PNG")
+      report.written += 1
+      key = f"{split}/{index:06d}"
+      yield key, {"image": buffer.getvalue(), "captions": [data["caption"][index]], "key": key,
+                  "label": int(labels[index])}
+
+
+class _FileBuilder(_CaptionBuilder, skip_registration=True):
+  """Shared options of the user-data formats: eval split from a second source or a holdout."""
+
+  def __init__(self, *, data_dir: str, src: str, eval_src: str | None = None,
+               eval_fraction: float = 0.0, eval_split: str = "test",
+               max_image_side: int = 0, **kwargs):
+    if eval_src and eval_fraction:
+      raise ValueError("give either eval_src (a second folder/shards for the eval split) or "
+                       "eval_fraction (hold out part of src), not both")
+    if not 0.0 <= eval_fraction < 1.0:
+      raise ValueError(f"eval_fraction={eval_fraction} must be in [0, 1)")
+    self.src = src
+    self.eval_src = eval_src
+    self.eval_fraction = eval_fraction
+    self.eval_split = eval_split
+    self.max_image_side = max_image_side
+    super().__init__(data_dir=data_dir, **kwargs)
+
+  def _split_names(self):
+    splits = ["train"]
+    if self.eval_src or self.eval_fraction:
+      splits.append(self.eval_split)
+    return splits
+
+  def _source_and_filter(self, split):
+    """(source path, keep(key) predicate) for a split."""
+    if split == "train":
+      if self.eval_fraction:
+        return self.src, lambda key: not _in_eval_holdout(key, self.eval_fraction)
+      return self.src, lambda key: True
+    if self.eval_src:
+      return self.eval_src, lambda key: True
+    return self.src, lambda key: _in_eval_holdout(key, self.eval_fraction)
+
+
+def _find_captions_file(folder: str) -> str:
+  for name in ("captions.jsonl", "captions.csv"):
+    if os.path.isfile(os.path.join(folder, name)):
+      return os.path.join(folder, name)
+  if os.path.isfile(folder) and folder.endswith((".jsonl", ".csv")):
+    return folder
+  raise FileNotFoundError(
+      f"no captions.jsonl or captions.csv in {folder!r}; the folder format needs one of them "
+      '(lines like {"image": "relative/path.jpg", "caption": "..."}, or CSV columns image,caption)')
+
+
+def _read_caption_rows(path: str) -> Iterator[tuple[str, Any, Any]]:
+  """Yields (where, image, caption_or_list) per row; (where, None, SkipExample) for bad rows."""
+  if path.endswith(".jsonl"):
+    with open(path, "rb") as f:
+      for line_no, line in enumerate(f, 1):
+        where = f"{os.path.basename(path)}:{line_no}"
+        if not line.strip():
+          continue
+        try:
+          row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+          yield where, None, SkipExample("non-UTF-8 caption", str(e))
+          continue
+        except json.JSONDecodeError as e:
+          yield where, None, SkipExample("malformed captions line", str(e))
+          continue
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not (
+            "caption" in row or "captions" in row):
+          yield where, None, SkipExample("malformed captions line",
+                                         'needs "image" (string) and "caption" (or "captions")')
+          continue
+        yield where, row["image"], row["caption"] if "caption" in row else row["captions"]
+    return
+  with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+    reader = csv.DictReader(f)
+    if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
+      raise ValueError(f"{path}: the CSV header must name the columns 'image' and 'caption', "
+                       f"got {reader.fieldnames}")
+    for row_no, row in enumerate(reader, 2):
+      where = f"{os.path.basename(path)}:{row_no}"
+      if row["image"] is None or row["caption"] is None:
+        yield where, None, SkipExample("malformed captions line", "missing column value")
+        continue
+      yield where, row["image"], row["caption"]
+
+
+class FolderBuilder(_FileBuilder, skip_registration=True):
+  """Images in a folder, captions in captions.jsonl or captions.csv (several per image allowed)."""
+
+  def _generate_examples(self, split):
+    report = self._new_report(split)
+    source, keep = self._source_and_filter(split)
+    captions_path = _find_captions_file(source)
+    root = os.path.dirname(os.path.abspath(captions_path))
+    # Group captions per image, in first-seen order; remember why captions were dropped so an
+    # image that ends with none is reported with that reason.
+    captions_by_image: dict[str, list[str]] = {}
+    drop_reason: dict[str, str] = {}
+    where_by_image: dict[str, str] = {}
+    for where, image, value in _read_caption_rows(captions_path):
+      if isinstance(value, SkipExample):
+        report.skip(value.reason, where)
+        continue
+      try:
+        image.encode("utf-8")
+      except UnicodeEncodeError:
+        report.skip("non-UTF-8 image path", where)
+        continue
+      if not keep(image):
+        continue
+      captions = captions_by_image.setdefault(image, [])
+      where_by_image.setdefault(image, where)
+      for raw in value if isinstance(value, list) else [value]:
+        try:
+          caption = clean_caption(raw)
+        except SkipExample as e:
+          report.dropped_captions[e.reason] += 1
+          drop_reason[image] = e.reason
+          continue
+        if caption in captions:
+          report.dropped_captions["duplicate caption"] += 1
+        else:
+          captions.append(caption)
+
+    for image, captions in self._progress(captions_by_image.items(), split,
+                                          total=len(captions_by_image)):
+      where = f"{image} ({where_by_image[image]})"
+      if not captions:
+        reason = drop_reason.get(image, "empty caption")
+        # The captions were counted as dropped; count the image as skipped for that reason.
+        report.dropped_captions[reason] -= 1
+        if not report.dropped_captions[reason]:
+          del report.dropped_captions[reason]
+        report.skip(reason, where)
+        continue
+      path = os.path.join(root, image)
+      try:
+        with open(path, "rb") as f:
+          raw = f.read()
+      except FileNotFoundError:
+        report.skip("missing image file", where)
+        continue
+      except OSError as e:
+        report.skip("unreadable image file", f"{where}: {e}")
+        continue
+      try:
+        image_bytes, conversions = prepare_image(raw, self.max_image_side)
+      except SkipExample as e:
+        report.skip(e.reason, where)
+        continue
+      for conversion in conversions:
+        report.converted[conversion] += 1
+      report.written += 1
+      yield image, {"image": image_bytes, "captions": captions, "key": image}
+
+
+def _tar_paths(src: str) -> list[str]:
+  if os.path.isdir(src):
+    paths = sorted(glob.glob(os.path.join(src, "*.tar")))
+  elif any(ch in src for ch in "*?["):
+    paths = sorted(glob.glob(src))
+  else:
+    paths = [src]
+  if not paths or not all(os.path.isfile(p) for p in paths):
+    raise FileNotFoundError(f"no webdataset .tar shards at {src!r}; give a folder of *.tar "
+                            "(as written by img2dataset), one .tar file, or a glob")
+  return paths
+
+
+def _iter_tar_samples(tar_path: str, report: SplitReport) -> Iterator[tuple[str, dict[str, bytes]]]:
+  """Groups consecutive tar members by key (path up to the first dot of the file name).
+
+  A truncated or corrupt shard yields the samples before the damage and is counted.
+  """
+  shard = os.path.basename(tar_path)
+  key, parts = None, {}
+  try:
+    with tarfile.open(tar_path, "r:*") as tar:
+      for member in tar:
+        if not member.isfile():
+          continue
+        folder, file_name = posixpath.split(member.name)
+        stem, _, extension = file_name.partition(".")
+        member_key = posixpath.join(folder, stem)
+        if member_key != key:
+          if key is not None:
+            yield f"{shard}/{key}", parts
+          key, parts = member_key, {}
+        parts[extension.lower()] = tar.extractfile(member).read()
+  except (tarfile.TarError, EOFError, OSError) as e:
+    report.skip("corrupt or truncated tar shard", f"{shard}: {type(e).__name__}: {e}")
+    if key is not None:
+      report.skip("sample lost in corrupt tar shard", f"{shard}/{key}")
+    return
+  if key is not None:
+    yield f"{shard}/{key}", parts
+
+
+class WebDatasetBuilder(_FileBuilder, skip_registration=True):
+  """img2dataset-style tar shards: KEY.jpg (or .png/.webp) + KEY.txt per sample."""
+
+  def _generate_examples(self, split):
+    report = self._new_report(split)
+    source, keep = self._source_and_filter(split)
+    shards = _tar_paths(source)
+    for shard in self._progress(shards, split, total=len(shards), unit="shards"):
+      for key, parts in _iter_tar_samples(shard, report):
+        if not keep(key):
+          continue
+        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in parts), None)
+        if image_ext is None:
+          report.skip("missing image in sample", key)
+          continue
+        if "txt" not in parts:
+          report.skip("missing caption (.txt) in sample", key)
+          continue
+        try:
+          caption = clean_caption(parts["txt"])
+          image_bytes, conversions = prepare_image(parts[image_ext], self.max_image_side)
+        except SkipExample as e:
+          report.skip(e.reason, key)
+          continue
+        for conversion in conversions:
+          report.converted[conversion] += 1
+        report.written += 1
+        yield key, {"image": image_bytes, "captions": [caption], "key": key}
+
+
+_BUILDER_CLASSES = {"demo": DemoBuilder, "folder": FolderBuilder, "webdataset": WebDatasetBuilder}
+
+
+def make_builder(format: str, name: str, data_dir: str, **options) -> _CaptionBuilder:  # pylint: disable=redefined-builtin
+  """A builder of `format` writing dataset `name` under `data_dir`.
+
+  Args:
+    format: "demo", "folder" or "webdataset".
+    name: TFDS dataset name (lower_snake_case); read it back with the same name.
+    data_dir: TFDS data_dir; the data lands in `data_dir/name/1.0.0/`.
+    **options: the format's options: demo (num_train, num_test, num_digits, image_size, seed);
+      folder/webdataset (src, eval_src, eval_fraction, eval_split, max_image_side);
+      all (show_progress).
+  """
+  if format not in _BUILDER_CLASSES:
+    raise ValueError(f"format={format!r} is unknown; use one of {FORMATS}")
+  if not tfds.core.naming.is_valid_dataset_name(name) or name != name.lower():
+    raise ValueError(f"dataset name {name!r} is not valid for TFDS; use lower_snake_case "
+                     "like 'my_captions'")
+  # A subclass per name: TFDS takes the dataset name from the class. skip_registration keeps
+  # the global registry clean, so building the same name twice in one process works.
+  named = types.new_class(f"{format.title()}Builder_{name}", (_BUILDER_CLASSES[format],),
+                          {"skip_registration": True}, lambda ns: ns.update({"name": name}))
+  return named(data_dir=os.path.abspath(os.path.expanduser(data_dir)), **options)
+
+
+def open_source(name: str, data_dir: str, split: str, decode_images: bool = True):
+  """Random-access source of a built split (a grain-compatible `ArrayRecordDataSource`).
+
+  Args:
+    name: dataset name as built; `name:1.0.0` picks a version (default: the newest).
+    data_dir: the TFDS data_dir it was built into.
+    split: split name, or a TFDS slice like "train[:90%]".
+    decode_images: False keeps "image" as encoded bytes (the pipeline decodes it itself,
+      which is faster: JPEG draft decoding, and no full-size array for a crop).
+  """
+  decoders = None if decode_images else {"image": tfds.decode.SkipDecoding()}
+  data_dir = os.path.abspath(os.path.expanduser(data_dir))
+  base_name = name.split(":")[0]
+  if not os.path.isdir(os.path.join(data_dir, base_name)):
+    raise FileNotFoundError(
+        f"dataset {name!r} not found in data_dir {data_dir!r} (config.data.name / "
+        "config.data.data_dir); build it with `python -m coca_jax.data.build --format ... "
+        f"--name {base_name} --data_dir {data_dir}`")
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                            decoders=decoders)
+  except (ValueError, KeyError) as e:
+    raise ValueError(f"cannot open split {split!r} of dataset {name!r} in {data_dir!r}: {e}") from e

@@ -1,0 +1,340 @@
+"""Input pipeline: TFDS array_record source -> grain -> global `jax.Array` batches.
+
+Per host, for training:
+  read this host's shard of the split (jax.process_index() of jax.process_count(), records split
+  evenly, every record read by exactly one host per epoch) -> global shuffle per epoch (grain
+  IndexSampler, a full permutation, so no shuffle buffer is needed) -> pick one of the image's
+  captions at random -> decode + random-resized-crop (or resize + center crop) -> batch of
+  B / process_count -> normalise images, tokenize captions (BOS .. EOS PAD, truncated to max_len
+  and counted) -> `jax.make_array_from_process_local_data(batch_sharding, ...)`.
+
+Every random choice comes from a per-record generator seeded by (seed, record position), so the
+stream is a pure function of (dataset, seed, host, position). The iterator state (a few
+integers, JSON) is saved next to the model in one orbax checkpoint; restoring it resumes with
+exactly the batches the uninterrupted run would have produced:
+
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(train_state), data=checkpoint_args(train_iter)))
+  manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data=checkpoint_args(train_iter, restore=True)))
+
+Config fields read (config.data.<field>, default when the field is absent):
+  name                 TFDS dataset name built by `python -m coca_jax.data.build` (required)
+  data_dir             TFDS data_dir ("~/tensorflow_datasets")
+  train_split          split to train on ("train"); TFDS slices like "train[:90%]" work
+  eval_split           split `make_eval_source` reads by default ("test")
+  image_size           output height = width in pixels (224)
+  tokenizer            path to the SentencePiece .model (required)
+  num_workers          grain worker processes; 0 = decode in the training process (0).
+                       The batch order depends on it (workers take records round-robin), so
+                       a checkpoint must be restored with the same value. On a 2-core machine
+                       0 is fastest: workers compete with the train step for the cores.
+  worker_buffer_size   batches each worker prepares ahead (2)
+  random_resized_crop  True: random crop of area fraction in crop_scale, aspect in crop_ratio;
+                       False: resize shorter side + center crop (True)
+  crop_scale           area fraction range of the random crop ((0.9, 1.0)); small values can crop
+                       out the objects a caption names
+  crop_ratio           aspect ratio range of the random crop ((3/4, 4/3))
+Other fields: config.train.batch_size (global batch B), config.train.seed (shuffle/augment seed),
+config.model.text.max_len (L).
+
+Programs that use num_workers > 0 must start under `if __name__ == "__main__":` (grain spawns
+workers that re-import the main module).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterator, Mapping
+
+from absl import flags
+from absl import logging
+import grain
+import jax
+import numpy as np
+
+from coca_jax.data import builders
+from coca_jax.data import preprocess
+from coca_jax.data.tokenizer import Tokenizer
+
+DEFAULTS: dict[str, Any] = {
+    "data_dir": "~/tensorflow_datasets",
+    "train_split": "train",
+    "eval_split": "test",
+    "image_size": 224,
+    "tokenizer": "",
+    "num_workers": 0,
+    "worker_buffer_size": 2,
+    "random_resized_crop": True,
+    "crop_scale": (0.9, 1.0),
+    "crop_ratio": (3.0 / 4.0, 4.0 / 3.0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataOptions:
+  """The pipeline's settings, read and validated from a config (see module docstring)."""
+  name: str
+  data_dir: str
+  train_split: str
+  eval_split: str
+  image_size: int
+  tokenizer: str
+  num_workers: int
+  worker_buffer_size: int
+  random_resized_crop: bool
+  crop_scale: tuple[float, float]
+  crop_ratio: tuple[float, float]
+  max_len: int
+  global_batch_size: int
+  seed: int
+
+  @classmethod
+  def from_config(cls, config) -> "DataOptions":
+    data = config.data
+
+    def field(name):
+      if name in data:
+        return data[name]
+      if name in DEFAULTS:
+        return DEFAULTS[name]
+      raise ValueError(f"config.data.{name} is required (see coca_jax/data/pipeline.py)")
+
+    options = cls(
+        name=field("name"), data_dir=os.path.expanduser(field("data_dir")),
+        train_split=field("train_split"), eval_split=field("eval_split"),
+        image_size=int(field("image_size")), tokenizer=field("tokenizer"),
+        num_workers=int(field("num_workers")), worker_buffer_size=int(field("worker_buffer_size")),
+        random_resized_crop=bool(field("random_resized_crop")),
+        crop_scale=tuple(float(x) for x in field("crop_scale")),
+        crop_ratio=tuple(float(x) for x in field("crop_ratio")),
+        max_len=int(config.model.text.max_len), global_batch_size=int(config.train.batch_size),
+        seed=int(config.train.seed))
+    if not 0.0 < options.crop_scale[0] <= options.crop_scale[1] <= 1.0:
+      raise ValueError(f"config.data.crop_scale={options.crop_scale} must satisfy "
+                       "0 < low <= high <= 1")
+    if not 0.0 < options.crop_ratio[0] <= options.crop_ratio[1]:
+      raise ValueError(f"config.data.crop_ratio={options.crop_ratio} must satisfy 0 < low <= high")
+    if options.image_size <= 0:
+      raise ValueError(f"config.data.image_size={options.image_size} must be positive")
+    if not 0 <= options.seed < 2**32:
+      raise ValueError(f"config.train.seed={options.seed} must be in [0, 2**32) (grain's sampler)")
+    return options
+
+
+class _DecodeExample(grain.transforms.RandomMap):
+  """One stored example -> {"image": uint8 [S, S, 3], "caption": str, "key": str}."""
+
+  def __init__(self, options: DataOptions):
+    self.image_size = options.image_size
+    self.random_crop = options.random_resized_crop
+    self.crop_scale = options.crop_scale
+    self.crop_ratio = options.crop_ratio
+
+  def random_map(self, element: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    captions = element["captions"]
+    # A fresh choice per epoch: the record's generator is seeded by its position in the stream.
+    caption = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
+    image = preprocess.decode_train_image(
+        element["image"], self.image_size, rng if self.random_crop else None,
+        self.crop_scale, self.crop_ratio)
+    return {"image": image, "caption": _to_str(caption), "key": _to_str(element["key"])}
+
+
+class _TokenizeAndNormalize(grain.transforms.Map):
+  """Batched: normalise images, tokenize captions; counts truncated captions."""
+
+  def __init__(self, tokenizer: Tokenizer, max_len: int):
+    self.tokenizer = tokenizer
+    self.max_len = max_len
+    self._next_report = 1
+
+  def map(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    text = self.tokenizer.tokenize(batch["caption"].tolist(), self.max_len)
+    truncated = self.tokenizer.num_truncated
+    if truncated >= self._next_report:  # log at 1, 2, 4, 8, ... so it is visible, not a flood
+      logging.warning("%d captions longer than config.model.text.max_len=%d were truncated so "
+                      "far (this process, pid %d)", truncated, self.max_len, os.getpid())
+      while self._next_report <= truncated:
+        self._next_report *= 2
+    return {"image": preprocess.normalize_images(batch["image"]), "text": text,
+            "key": batch["key"]}
+
+
+def _to_str(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def make_host_loader(options: DataOptions, *, shard_index: int, shard_count: int,
+                     split: str | None = None, tokenizer: Tokenizer | None = None,
+                     ) -> grain.DataLoader:
+  """The grain loader of one host: its shard of `split`, in per-host batches.
+
+  Args:
+    options: from `DataOptions.from_config`.
+    shard_index, shard_count: this host's position (jax.process_index(), jax.process_count()).
+    split: defaults to options.train_split.
+    tokenizer: defaults to loading options.tokenizer.
+
+  Returns:
+    A DataLoader whose iterator yields numpy dicts: "image" float32 [b, S, S, 3] (normalised),
+    "text" int32 [b, max_len], "key" str [b] (which stored example; for debugging and tests),
+    with b = global_batch_size / shard_count. It repeats epochs forever.
+  """
+  if options.global_batch_size % shard_count:
+    raise ValueError(f"config.train.batch_size={options.global_batch_size} is not divisible by "
+                     f"the {shard_count} hosts (jax.process_count()); use a multiple of "
+                     f"{shard_count}")
+  host_batch_size = options.global_batch_size // shard_count
+  source = builders.open_source(options.name, options.data_dir, split or options.train_split,
+                                decode_images=False)
+  if len(source) < shard_count:
+    raise ValueError(f"split {split or options.train_split!r} of {options.name!r} has "
+                     f"{len(source)} examples, fewer than the {shard_count} hosts")
+  tokenizer = tokenizer or Tokenizer.load(options.tokenizer)
+  shard_options = grain.sharding.ShardOptions(
+      shard_index=shard_index, shard_count=shard_count, drop_remainder=False)
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source), shard_options=shard_options, shuffle=True, num_epochs=None,
+      seed=options.seed)
+  operations = [
+      _DecodeExample(options),
+      grain.transforms.Batch(batch_size=host_batch_size, drop_remainder=True),
+      _TokenizeAndNormalize(tokenizer, options.max_len),
+  ]
+  if options.num_workers > 0 and not flags.FLAGS.is_parsed():
+    # Grain workers read absl flags; a program that never called app.run has not parsed them.
+    flags.FLAGS.mark_as_parsed()
+  return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
+                          worker_count=options.num_workers,
+                          worker_buffer_size=options.worker_buffer_size,
+                          shard_options=shard_options)
+
+
+class TrainIterator:
+  """Yields global batches {"image": float32 [B, S, S, 3], "text": int32 [B, L]} as jax.Arrays.
+
+  `get_state()` / `set_state()` give the grain iterator state (bytes); `checkpoint_args` wraps
+  the grain iterator for orbax. The state always describes the batches already returned.
+  """
+
+  def __init__(self, loader: grain.DataLoader, batch_sharding):
+    self.loader = loader
+    self.grain_iterator = iter(loader)
+    self.batch_sharding = batch_sharding
+
+  def __iter__(self) -> "TrainIterator":
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    host_batch = next(self.grain_iterator)
+    return {key: jax.make_array_from_process_local_data(self._sharding(key), host_batch[key])
+            for key in ("image", "text")}
+
+  def _sharding(self, key: str):
+    if isinstance(self.batch_sharding, Mapping):
+      return self.batch_sharding[key]
+    return self.batch_sharding
+
+  def get_state(self) -> bytes:
+    return self.grain_iterator.get_state()
+
+  def set_state(self, state: bytes) -> None:
+    self.grain_iterator.set_state(state)
+
+
+def make_train_iterator(config, mesh: jax.sharding.Mesh | None, batch_sharding) -> TrainIterator:
+  """The training input stream of this host, as global jax.Arrays.
+
+  Args:
+    config: experiment config (fields: see module docstring).
+    mesh: the device mesh (unused beyond documentation of intent: the sharding carries it).
+    batch_sharding: a `jax.sharding.Sharding` for the leading (batch) axis, applied to both
+      "image" [B, S, S, 3] and "text" [B, L]; or a dict {"image": ..., "text": ...}.
+
+  Returns:
+    A `TrainIterator`; each host reads only its shard (jax.process_index()).
+  """
+  del mesh
+  options = DataOptions.from_config(config)
+  loader = make_host_loader(options, shard_index=jax.process_index(),
+                            shard_count=jax.process_count())
+  return TrainIterator(loader, batch_sharding)
+
+
+def checkpoint_args(iterator: TrainIterator | grain.DataLoaderIterator, restore: bool = False):
+  """orbax args item for the iterator state: use as the "data" item of a Composite.
+
+  Each host writes its own `process_<i>-of-<n>.json`; restoring needs the same host count and
+  config.data.num_workers.
+  """
+  grain_iterator = getattr(iterator, "grain_iterator", iterator)
+  if restore:
+    return grain.checkpoint.CheckpointRestore(grain_iterator)
+  return grain.checkpoint.CheckpointSave(grain_iterator)
+
+
+class EvalSource:
+  """Decoded evaluation examples (whole split, same on every host), in stored order.
+
+  Item i: {"image": uint8 [S, S, 3] (shorter side resized to S, center crop),
+           "captions": list[str] (all captions of the image), "key": str,
+           "label": int (only for datasets with labels, e.g. the demo's "digits" split)}.
+  Normalise images with `preprocess.normalize_images` before the model.
+  """
+
+  def __init__(self, source, image_size: int, name: str, split: str):
+    self.source = source
+    self.image_size = image_size
+    self.name = name
+    self.split = split
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    if not -len(self) <= index < len(self):
+      raise IndexError(f"index {index} out of range for {self.name}/{self.split} "
+                       f"({len(self)} examples)")
+    element = self.source[index % len(self)]
+    example = {
+        "image": preprocess.decode_train_image(element["image"], self.image_size, None),
+        "captions": [_to_str(c) for c in element["captions"]],
+        "key": _to_str(element["key"]),
+    }
+    if "label" in element:
+      example["label"] = int(element["label"])
+    return example
+
+  def __iter__(self) -> Iterator[dict[str, Any]]:
+    for index in range(len(self)):
+      yield self[index]
+
+  def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, Any]]:
+    """Consecutive batches (the last may be smaller): "image" uint8 [b, S, S, 3],
+    "captions" list of b lists, "key" list of b, "label" int64 [b] when present."""
+    total = len(self) if limit is None else min(limit, len(self))
+    for start in range(0, total, batch_size):
+      examples = [self[i] for i in range(start, min(start + batch_size, total))]
+      batch = {"image": np.stack([e["image"] for e in examples]),
+               "captions": [e["captions"] for e in examples],
+               "key": [e["key"] for e in examples]}
+      if "label" in examples[0]:
+        batch["label"] = np.asarray([e["label"] for e in examples], np.int64)
+      yield batch
+
+
+def make_eval_source(config, split: str | None = None, name: str | None = None) -> EvalSource:
+  """Decoded examples of `split` (default config.data.eval_split) for evaluation.
+
+  Uses config.data.data_dir / image_size; `split` may name any built split (e.g. the demo's
+  "digits") or a TFDS slice ("test[:200]"); `name` reads a second dataset built into the same
+  data_dir (default config.data.name).
+  """
+  options = DataOptions.from_config(config)
+  split = split or options.eval_split
+  name = name or options.name
+  source = builders.open_source(name, options.data_dir, split, decode_images=False)
+  return EvalSource(source, options.image_size, name, split)

@@ -1,0 +1,202 @@
+"""Analytic model FLOPs, parameter counts, and the peak FLOP/s that MFU divides by.
+
+Model FLOPs follow the usual MFU convention: only matrix multiplies count (2 FLOPs per
+multiply-add), a training step costs 3x the forward pass (the backward pass does two matmuls per
+forward matmul), and rematerialisation is NOT counted (it is overhead, not model work). Attention
+counts the full score matrix even when causal, because that is what the kernels compute.
+
+Per example, for `CoCaConfig` c (P patches, T = max_len text positions):
+  image tower      patch embed, depth x (QKV/out projections + scores/values + MLP)
+  poolers          generative pooler (n_gen_queries over P tokens) and contrastive pooler
+                   (cascade: 1 query over the generative tokens; parallel: over P tokens)
+  unimodal text    n_uni x block over T-1 tokens + CLS
+  multimodal text  n_multi x (block + cross-attention to the pooled image tokens) over T-1 tokens
+  vocab head       (T-1) x width x vocab
+  contrastive      the [B, B] logits: 2 * B * embed_dim per example (grows with the global batch)
+Mixture-of-experts feed-forwards count only the experts a token is routed to (modality experts:
+exactly one), so a sparse model's FLOPs are those of its active parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coca_jax.models.coca import CoCa, CoCaConfig
+
+TRAIN_MULTIPLIER = 3  # forward + backward (2x forward).
+
+# Dense peak FLOP/s per device (per chip) for bf16 matmuls, from the vendors' spec sheets.
+# Matched against `device.device_kind` (lower-cased, substring).
+PEAK_FLOPS_BY_DEVICE_KIND = (
+    ("tpu v6", 918e12),
+    ("tpu v5p", 459e12),
+    ("tpu v5 lite", 197e12),
+    ("tpu v5e", 197e12),
+    ("tpu v5", 459e12),
+    ("tpu v4", 275e12),
+    ("tpu v3", 123e12),
+    ("tpu v2", 45e12),
+    ("h200", 989e12),
+    ("h100", 989e12),
+    ("a100", 312e12),
+    ("l4", 121e12),
+)
+
+
+# -- Model FLOPs -------------------------------------------------------------------------------
+
+
+def _attention_flops(q_len: int, kv_len: int, width: int, kv_width: int | None = None) -> int:
+  """One multi-head attention: Q/out projections on q_len tokens, K/V projections on kv_len
+  context tokens of width kv_width, plus scores (QK^T) and the weighted sum of values."""
+  kv_width = width if kv_width is None else kv_width
+  projections = 2 * q_len * width * width * 2 + 2 * kv_len * kv_width * width * 2
+  scores_and_values = 2 * q_len * kv_len * width * 2
+  return projections + scores_and_values
+
+
+def _mlp_flops(tokens: int, width: int, mlp_dim: int, active_experts: int = 1) -> int:
+  return 2 * tokens * width * mlp_dim * 2 * active_experts
+
+
+def _block_flops(tokens: int, width: int, mlp_dim: int, *, context_tokens: int = 0,
+                 context_width: int = 0, active_experts: int = 1) -> int:
+  flops = _attention_flops(tokens, tokens, width)
+  if context_tokens:
+    flops += _attention_flops(tokens, context_tokens, width, context_width)
+  return flops + _mlp_flops(tokens, width, mlp_dim, active_experts)
+
+
+def _active_experts(tower) -> int:
+  """Experts each token runs through: 1 for dense and modality routing, top_k for learned."""
+  if tower is None or int(tower.get("num_experts", 1)) <= 1:
+    return 1
+  if tower.get("routing", "modality") == "modality":
+    return 1
+  return int(tower.get("top_k", 1))
+
+
+def forward_flops_breakdown(config, batch_size: int | None = None) -> dict[str, int]:
+  """Forward-pass matmul FLOPs per example, by part. `config` is the experiment ConfigDict;
+  `batch_size` (default config.train.batch_size) is the GLOBAL batch the contrastive logits span."""
+  c = CoCaConfig.from_config(config.model)
+  batch_size = int(batch_size or config.train.batch_size)
+  vision_cfg, text_cfg = config.model.vision, config.model.text
+  patches, wv = c.num_patches, c.vision.width
+  parts: dict[str, int] = {}
+  parts["patch_embed"] = 2 * patches * (c.patch_size ** 2 * 3) * wv
+  parts["image_encoder"] = c.vision.depth * _block_flops(
+      patches, wv, c.vision.mlp_dim, active_experts=_active_experts(vision_cfg))
+  parts["generative_pooler"] = _attention_flops(c.n_gen_queries, patches, wv)
+  if c.pooling == "cascade":
+    parts["contrastive_pooler"] = _attention_flops(1, c.n_gen_queries, wv)
+  elif c.pooling == "parallel":
+    parts["contrastive_pooler"] = _attention_flops(1, patches, wv)
+  else:
+    parts["contrastive_pooler"] = 0
+  context_tokens = c.n_gen_queries - (1 if c.pooling == "open_clip" else 0)
+  parts["image_projection"] = 2 * wv * c.embed_dim
+  wt, inputs = c.text_width, c.max_len - 1
+  text_experts = _active_experts(text_cfg)
+  parts["unimodal_decoder"] = c.n_uni * _block_flops(
+      inputs + 1, wt, c.text_mlp_dim, active_experts=text_experts)
+  parts["text_projection"] = 2 * wt * c.embed_dim
+  parts["multimodal_decoder"] = c.n_multi * _block_flops(
+      inputs, wt, c.text_mlp_dim, context_tokens=context_tokens, context_width=wv,
+      active_experts=text_experts)
+  parts["vocab_head"] = 2 * inputs * wt * c.vocab_size
+  parts["contrastive_logits"] = 2 * batch_size * c.embed_dim
+  return parts
+
+
+def model_flops_per_example(config, batch_size: int | None = None, train: bool = True) -> int:
+  """Model FLOPs to process one example: forward only, or a full train step (3x forward)."""
+  forward = sum(forward_flops_breakdown(config, batch_size).values())
+  return forward * (TRAIN_MULTIPLIER if train else 1)
+
+
+# -- Parameter counts --------------------------------------------------------------------------
+
+
+def abstract_params(config) -> Any:
+  """Parameter ShapeDtypeStructs from `jax.eval_shape` (nothing allocated)."""
+  model = CoCa(CoCaConfig.from_config(config.model))
+  size, length = config.model.image_size, config.model.text.max_len
+  image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  text = jax.ShapeDtypeStruct((1, length), jnp.int32)
+  variables = jax.eval_shape(
+      lambda rng, i, t: model.init(rng, i, t), jax.random.key(0), image, text)
+  return nn.unbox(variables["params"])
+
+
+def param_counts(config) -> dict[str, int]:
+  """{'total': N, <top-level module>: n, ...}, e.g. vision, unimodal, multimodal, token_embed."""
+  counts: dict[str, int] = {}
+  for name, subtree in abstract_params(config).items():
+    counts[name] = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(subtree))
+  counts = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+  return {"total": sum(counts.values()), **counts}
+
+
+# -- Peak FLOP/s and MFU -----------------------------------------------------------------------
+
+
+def device_peak_flops(device: jax.Device | None = None) -> float | None:
+  """Spec-sheet dense bf16 peak FLOP/s of one accelerator, or None if unknown (e.g. CPU)."""
+  device = device or jax.devices()[0]
+  kind = device.device_kind.lower()
+  for key, peak in PEAK_FLOPS_BY_DEVICE_KIND:
+    if key in kind:
+      return peak
+  return None
+
+
+@functools.lru_cache(maxsize=None)
+def measure_cpu_peak_flops(size: int = 2048, dtype: str = "float32", repeats: int = 5) -> float:
+  """Measured matmul FLOP/s of this process's first device: best of `repeats` jitted
+  [size, size] @ [size, size] products. The CPU denominator for MFU (no spec sheet applies:
+  the number depends on cores, SIMD width and XLA's threading)."""
+  a = jnp.ones((size, size), dtype)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size ** 3 / best
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> float:
+  """The MFU denominator: the spec-sheet peak, or on CPU (or an unknown chip) a measured one."""
+  device = device or jax.devices()[0]
+  peak = device_peak_flops(device)
+  return peak if peak is not None else measure_cpu_peak_flops()
+
+
+def throughput_metrics(flops_per_example: float, examples_per_second: float, num_devices: int,
+                       peak_per_device: float) -> dict[str, float]:
+  """{'model_tflops_per_sec_per_device', 'mfu'} for a measured throughput."""
+  per_device = flops_per_example * examples_per_second / num_devices
+  return {"model_tflops_per_sec_per_device": per_device / 1e12,
+          "mfu": per_device / peak_per_device}
+
+
+def compiled_flops(compiled) -> float | None:
+  """FLOPs XLA reports for a compiled executable (per device), or None if unavailable."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # Some backends do not implement it.
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  if not analysis:
+    return None
+  return float(analysis.get("flops", 0.0))

@@ -1,0 +1,220 @@
+"""Losses. Each returns a scalar and never averages over padding.
+
+Contrastive negatives come from the GLOBAL batch: under `jax.jit` with a batch-sharded input the
+[B, B] similarity matrix spans every device's examples (XLA inserts the all-gather), so the
+simple ('gathered') form below is already global. At the paper's batch (65,536) that matrix is
+17 GB in f32, so `chunked_contrastive_loss` computes the same loss blockwise on a ring: each device
+keeps its own image embeddings and the text embeddings travel device to device (`ppermute`), so
+one device never holds more than a [local batch, local batch] block of logits. Both forms give
+the same loss and gradients (tests/test_losses_scale.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec as P
+
+# The mesh axes the batch is split over (same as coca_jax.sharding.BATCH_AXES; repeated here so
+# losses stay importable without the sharding module's dependencies).
+BATCH_AXES = ("data", "fsdp", "expert")
+CONTRASTIVE_IMPLS = ("gathered", "chunked")
+CONTRASTIVE_KINDS = ("softmax", "sigmoid")
+PAD_ID = 0
+
+
+def softmax_contrastive_loss(image_embed, text_embed, logit_scale):
+  """Symmetric InfoNCE over the batch.
+
+  image_embed, text_embed: [batch, D], L2-normalised; row i of each is a positive pair.
+  logit_scale: scalar multiplier (1 / temperature).
+  Returns (loss, metrics) with the image->text and text->image halves and in-batch accuracy.
+  """
+  logits = logit_scale * jnp.einsum("id,td->it", image_embed, text_embed,
+                                    preferred_element_type=jnp.float32)
+  labels = jnp.arange(logits.shape[0])
+  i2t = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  t2i = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
+  accuracy = (jnp.argmax(logits, axis=1) == labels).mean()
+  t2i_accuracy = (jnp.argmax(logits, axis=0) == labels).mean()
+  return (i2t + t2i) / 2, {"contrastive_i2t": i2t, "contrastive_t2i": t2i,
+                           "contrastive_accuracy": accuracy,
+                           "contrastive_t2i_accuracy": t2i_accuracy}
+
+
+def sigmoid_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias):
+  """Pairwise sigmoid loss (SigLIP): every (image, text) pair is an independent binary label.
+
+  Normalised by batch size, as in the SigLIP paper. Returns (loss, metrics).
+  """
+  logits = logit_scale * jnp.einsum("id,td->it", image_embed, text_embed,
+                                    preferred_element_type=jnp.float32) + logit_bias
+  labels = 2 * jnp.eye(logits.shape[0]) - 1
+  loss = -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / logits.shape[0]
+  return loss, {}
+
+
+def _ring_contrastive_shard(image_embed, text_embed, logit_scale, logit_bias, *, kind: str,
+                            axis_names: tuple[str, ...], num_shards: int, global_batch: int):
+  """The per-device body of `chunked_contrastive_loss` (runs inside shard_map).
+
+  image_embed, text_embed: this device's [local_batch, D]. Text blocks visit every device once
+  around the ring; a visiting block carries its own running column statistics (text->image
+  log-sum-exp and max), which arrive back home after the last hop. Each block's logits are
+  recomputed in the backward pass (checkpointed body), so memory stays O(local_batch^2).
+  Returns (loss, metrics), identical on every device.
+  """
+  image_embed = image_embed.astype(jnp.float32)
+  text_embed = text_embed.astype(jnp.float32)
+  perm = [(i, (i + 1) % num_shards) for i in range(num_shards)]
+  shift = (lambda x: jax.lax.ppermute(x, axis_names, perm)) if num_shards > 1 else (lambda x: x)
+  total = (lambda x: jax.lax.psum(x, axis_names)) if axis_names else (lambda x: x)
+  def block_logits(text_block):
+    logits = logit_scale * jnp.einsum("id,td->it", image_embed, text_block)
+    return logits if logit_bias is None else logits + logit_bias
+
+  if kind == "sigmoid":
+    # Only the home block holds positives (its diagonal); every other block is all negatives.
+    home = block_logits(text_embed)
+    labels = 2 * jnp.eye(home.shape[0]) - 1
+    home_sum = -jnp.sum(jax.nn.log_sigmoid(labels * home))
+
+    @jax.checkpoint
+    def visit(carry, _):
+      text_block, loss_sum = carry
+      text_block = shift(text_block)
+      loss_sum = loss_sum - jnp.sum(jax.nn.log_sigmoid(-block_logits(text_block)))
+      return (text_block, loss_sum), None
+
+    (_, loss_sum), _ = jax.lax.scan(visit, (text_embed, home_sum), None, length=num_shards - 1)
+    return total(loss_sum) / global_batch, {}
+
+  home = block_logits(text_embed)
+  # The diagonal of the same matmul (not a separate dot product) so that "positive >= max" is
+  # exact when the positive is the largest logit.
+  positives = jnp.diagonal(home)  # [local_batch]
+  row_lse, row_max = jax.nn.logsumexp(home, axis=1), jnp.max(home, axis=1)
+  col_lse, col_max = jax.nn.logsumexp(home, axis=0), jnp.max(home, axis=0)
+
+  @jax.checkpoint
+  def visit(carry, _):
+    text_block, col_lse, col_max, row_lse, row_max = carry
+    text_block, col_lse, col_max = shift(text_block), shift(col_lse), shift(col_max)
+    logits = block_logits(text_block)
+    row_lse = jnp.logaddexp(row_lse, jax.nn.logsumexp(logits, axis=1))
+    col_lse = jnp.logaddexp(col_lse, jax.nn.logsumexp(logits, axis=0))
+    row_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
+    col_max = jnp.maximum(col_max, jnp.max(logits, axis=0))
+    return (text_block, col_lse, col_max, row_lse, row_max), None
+
+  carry = (text_embed, col_lse, col_max, row_lse, row_max)
+  (_, col_lse, col_max, row_lse, row_max), _ = jax.lax.scan(
+      visit, carry, None, length=num_shards - 1)
+  # After num_shards - 1 hops a block sits one device short of home: one more hop returns its
+  # column statistics to the device that owns those texts.
+  col_lse, col_max = shift(col_lse), shift(col_max)
+  i2t = total(jnp.sum(row_lse - positives)) / global_batch
+  t2i = total(jnp.sum(col_lse - positives)) / global_batch
+  # Correct when the positive is the row's (column's) maximum, as argmax would say.
+  hits_i2t = jax.lax.stop_gradient(positives >= row_max).astype(jnp.float32)
+  hits_t2i = jax.lax.stop_gradient(positives >= col_max).astype(jnp.float32)
+  return (i2t + t2i) / 2, {"contrastive_i2t": i2t, "contrastive_t2i": t2i,
+                           "contrastive_accuracy": total(jnp.sum(hits_i2t)) / global_batch,
+                           "contrastive_t2i_accuracy": total(jnp.sum(hits_t2i)) / global_batch}
+
+
+def chunked_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias=None, *,
+                             kind: str = "softmax", mesh=None, axis_names=BATCH_AXES):
+  """Memory-bounded contrastive loss over the global batch (ring over the batch mesh axes).
+
+  image_embed, text_embed: [batch, D] L2-normalised, sharded on their batch axis over
+  `axis_names`; kind: 'softmax' (same value and gradients as `softmax_contrastive_loss`) or
+  'sigmoid' (as `sigmoid_contrastive_loss`, needs `logit_bias`). mesh: the device mesh; default
+  the one set by `jax.set_mesh` (no mesh: one device, one block). Returns (loss, metrics).
+  """
+  if kind not in ("softmax", "sigmoid"):
+    raise ValueError(f"kind={kind!r} is unknown; use 'softmax' or 'sigmoid'")
+  if kind == "sigmoid" and logit_bias is None:
+    raise ValueError("the sigmoid contrastive loss needs the model's logit_bias")
+  global_batch = image_embed.shape[0]
+  mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return _ring_contrastive_shard(image_embed, text_embed, logit_scale, logit_bias, kind=kind,
+                                   axis_names=(), num_shards=1, global_batch=global_batch)
+  axis_names = tuple(a for a in axis_names if a in mesh.shape)
+  num_shards = math.prod(mesh.shape[a] for a in axis_names)
+  if global_batch % num_shards:
+    raise ValueError(f"global batch {global_batch} is not divisible by the {num_shards} batch "
+                     f"shards of the mesh; use a multiple of {num_shards}")
+  has_bias = logit_bias is not None
+
+  def body(image_shard, text_shard, scale, bias):
+    return _ring_contrastive_shard(
+        image_shard, text_shard, scale, bias if has_bias else None, kind=kind,
+        axis_names=axis_names, num_shards=num_shards, global_batch=global_batch)
+
+  bias = logit_bias if has_bias else jnp.zeros((), jnp.float32)
+  return jax.shard_map(
+      body, mesh=mesh, in_specs=(P(axis_names), P(axis_names), P(), P()),
+      out_specs=P())(image_embed, text_embed, logit_scale, bias)
+
+
+def contrastive_loss(image_embed, text_embed, logit_scale, logit_bias=None, *,
+                     kind: str = "softmax", impl: str = "gathered", mesh=None):
+  """The contrastive term chosen by config.loss.contrastive (`kind`) and
+  config.loss.contrastive_impl (`impl`). Returns (loss, metrics)."""
+  if impl not in CONTRASTIVE_IMPLS:
+    raise ValueError(f"config.loss.contrastive_impl={impl!r} is unknown; use one of "
+                     f"{CONTRASTIVE_IMPLS}")
+  if kind not in CONTRASTIVE_KINDS:
+    raise ValueError(f"config.loss.contrastive={kind!r} is unknown; use one of "
+                     f"{CONTRASTIVE_KINDS}")
+  if kind == "sigmoid" and logit_bias is None:
+    raise ValueError("the sigmoid contrastive loss needs the model's logit_bias; build the model "
+                     "with step.build_model(config) so it follows config.loss.contrastive")
+  if impl == "chunked":
+    return chunked_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias, kind=kind,
+                                    mesh=mesh)
+  if kind == "softmax":
+    return softmax_contrastive_loss(image_embed, text_embed, logit_scale)
+  return sigmoid_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias)
+
+
+def caption_loss(logits, labels, pad_id: int = 0, label_smoothing: float = 0.0):
+  """Next-token cross-entropy averaged over non-pad labels.
+
+  logits: [batch, T, vocab] float32; labels: [batch, T] int32 (text[:, 1:]).
+  Returns (loss, metrics) with token accuracy and the number of counted tokens.
+  """
+  vocab = logits.shape[-1]
+  targets = jax.nn.one_hot(labels, vocab, dtype=jnp.float32)
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  per_token = optax.softmax_cross_entropy(logits, targets)
+  weights = (labels != pad_id).astype(jnp.float32)
+  count = jnp.maximum(weights.sum(), 1.0)
+  loss = jnp.sum(per_token * weights) / count
+  accuracy = jnp.sum((jnp.argmax(logits, -1) == labels) * weights) / count
+  return loss, {"caption_accuracy": accuracy, "caption_tokens": weights.sum()}
+
+
+def coca_loss(outputs, text, *, contrastive_weight: float = 1.0, caption_weight: float = 2.0,
+              label_smoothing: float = 0.0, contrastive: str = "softmax", pad_id: int = 0,
+              contrastive_impl: str = "gathered", mesh=None):
+  """CoCa objective: contrastive_weight * contrastive + caption_weight * caption (paper: 1, 2).
+
+  outputs: the model's dict (image_embed, text_embed, caption_logits, logit_scale[, logit_bias]).
+  contrastive_impl: 'gathered' (one [B, B] logits matrix) or 'chunked' (the ring of
+  `chunked_contrastive_loss`, over `mesh` or the `jax.set_mesh` one); same values.
+  Returns (loss, metrics) with the weighted total and both parts.
+  """
+  con, con_metrics = contrastive_loss(
+      outputs["image_embed"], outputs["text_embed"], outputs["logit_scale"],
+      outputs.get("logit_bias"), kind=contrastive, impl=contrastive_impl, mesh=mesh)
+  cap, cap_metrics = caption_loss(outputs["caption_logits"], text[:, 1:], pad_id, label_smoothing)
+  total = contrastive_weight * con + caption_weight * cap
+  return total, {"loss": total, "contrastive_loss": con, "caption_loss": cap,
+                 "logit_scale": outputs["logit_scale"], **con_metrics, **cap_metrics}

@@ -1,0 +1,94 @@
+"""The transformer block and the layer stack (scanned, optionally rematerialised).
+
+A `Block` is pre-LN: shared self-attention, optional cross-attention, then a `FeedForward`
+(dense, or modality experts). ViT encoder layers, CoCa's unimodal and multimodal text decoder
+layers, and a VLMo mixture-of-modality-experts layer are all this block with different settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from coca_jax.models.experts import FeedForward
+from coca_jax.models.layers import Attention, LayerNorm, constrain
+
+Dtype = Any
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nn.Module):
+  """x [batch, length, embed] -> [batch, length, embed].
+
+  Attributes:
+    cross_attention: attend to `context` [batch, ctx_len, embed] after self-attention.
+    decode: use the KV cache (autoregressive decoding; see `Attention`).
+  """
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  cross_attention: bool = False
+  num_experts: int = 1
+  decode: bool = False
+  cache_length: int = 0
+  segments: Sequence[tuple[int, int]] | None = None
+
+  @nn.compact
+  def __call__(self, x, mask, context):
+    x = constrain(x, ("batch", "length", "embed"))
+    h = LayerNorm(self.dtype, name="ln_attention")(x)
+    x = x + Attention(self.num_heads, self.dtype, self.cache_length, name="attention")(
+        h, mask=mask, decode=self.decode)
+    if self.cross_attention:
+      h = LayerNorm(self.dtype, name="ln_cross_attention")(x)
+      x = x + Attention(self.num_heads, self.dtype, name="cross_attention")(
+          h, context, decode=self.decode)
+    x = x + FeedForward(self.mlp_dim, self.dtype, self.num_experts, name="ffn")(x, self.segments)
+    return constrain(x, ("batch", "length", "embed")), None
+
+
+class Stack(nn.Module):
+  """`depth` Blocks. With `scan`, parameters are stacked on a leading "layers" axis and the
+  block is traced once, so compile time does not grow with depth."""
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  cross_attention: bool = False
+  num_experts: int = 1
+  segments: Sequence[tuple[int, int]] | None = None
+  scan: bool = True
+  remat: str = "none"
+  decode: bool = False
+  cache_length: int = 0
+
+  @nn.compact
+  def __call__(self, x, mask=None, context=None):
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r} is unknown; use one of {sorted(REMAT_POLICIES)}")
+    block_cls = Block
+    if self.remat != "none":
+      block_cls = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+    kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
+                  cross_attention=self.cross_attention, num_experts=self.num_experts,
+                  decode=self.decode, cache_length=self.cache_length,
+                  segments=tuple(self.segments) if self.segments else None)
+    if self.scan:
+      scanned = nn.scan(
+          block_cls, variable_axes={"params": 0, "cache": 0},
+          split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
+          length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = scanned(**kwargs, name="layers")(x, mask, context)
+    else:
+      for i in range(self.depth):
+        x, _ = block_cls(**kwargs, name=f"layer_{i}")(x, mask, context)
+    return x

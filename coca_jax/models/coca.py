@@ -1,0 +1,253 @@
+"""CoCa: a ViT image encoder, attentional poolers, and a text decoder split into a unimodal part
+(contrastive text embedding from a CLS token appended at the end) and a multimodal part
+(cross-attends to the image, predicts the next token).
+
+Shapes: image [batch, H, W, 3] (normalised float), text [batch, L] int32 = BOS .. EOS PAD...
+The decoder reads text[:, :-1] (teacher forcing); caption labels are text[:, 1:].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from coca_jax.models.backbone import Stack
+from coca_jax.models.layers import AttentionalPooler, LayerNorm, constrain, dense, embed_init, with_axes
+
+PAD_ID = 0
+POOLINGS = ("cascade", "parallel", "open_clip")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerConfig:
+  width: int
+  depth: int
+  heads: int
+  mlp_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CoCaConfig:
+  """Hashable model settings, built from `config.model` with `CoCaConfig.from_config`."""
+  image_size: int
+  patch_size: int
+  vision: TowerConfig
+  vocab_size: int
+  max_len: int
+  text_width: int
+  text_heads: int
+  text_mlp_dim: int
+  n_uni: int
+  n_multi: int
+  embed_dim: int
+  pooling: str = "cascade"
+  n_gen_queries: int = 256
+  pooler_heads: int = 8
+  dtype: str = "float32"
+  remat: str = "none"
+  scan_layers: bool = True
+  temperature_init: float = 0.07
+  max_logit_scale: float = 100.0
+  # 'sigmoid' (SigLIP) adds a learnable logit bias (init -10) and starts the scale at 10.
+  contrastive: str = "softmax"
+  # Share the token embedding with the vocab head (CoCa-2B's 2.1B count implies it; see
+  # experiments/coca_2b.py). Base/Large (383M / 787M) match Table 1 only with an untied head.
+  tie_embeddings: bool = False
+
+  @classmethod
+  def from_config(cls, model) -> "CoCaConfig":
+    v, t = model.vision, model.text
+    return cls(
+        image_size=model.image_size, patch_size=model.patch_size,
+        vision=TowerConfig(v.width, v.depth, v.heads, v.mlp_dim),
+        vocab_size=t.vocab_size, max_len=t.max_len, text_width=t.width, text_heads=t.heads,
+        text_mlp_dim=t.mlp_dim, n_uni=t.n_uni, n_multi=t.n_multi, embed_dim=model.embed_dim,
+        pooling=model.pooling, n_gen_queries=model.n_gen_queries,
+        pooler_heads=model.pooler_heads, dtype=model.dtype, remat=model.remat,
+        scan_layers=model.scan_layers, temperature_init=model.temperature_init,
+        max_logit_scale=model.max_logit_scale, contrastive=model.get("contrastive", "softmax"),
+        tie_embeddings=model.get("tie_embeddings", False))
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+
+def text_attention_mask(text_inputs):
+  """[batch, T+1] causal mask for T text inputs plus the CLS at the end.
+
+  Every position sees itself and earlier non-pad positions; so the CLS (last) sees every non-pad
+  token and itself. Pads only trail, so no real token ever loses a key to the pad mask.
+  Returns bool [batch, 1, T+1, T+1].
+  """
+  batch, length = text_inputs.shape
+  key_valid = jnp.concatenate(
+      [text_inputs != PAD_ID, jnp.ones((batch, 1), bool)], axis=1)  # CLS is always valid.
+  causal = jnp.tril(jnp.ones((length + 1, length + 1), bool))
+  return jnp.logical_and(causal[None, None], key_valid[:, None, None, :])
+
+
+def l2_normalize(x, eps=1e-6):
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+class CoCa(nn.Module):
+  """The CoCa model. `decode=True` builds the same parameter tree for KV-cached decoding."""
+  config: CoCaConfig
+  decode: bool = False
+
+  def setup(self):
+    c = self.config
+    if c.pooling not in POOLINGS:
+      raise ValueError(f"config.model.pooling={c.pooling!r} is unknown; use one of {POOLINGS}")
+    dt = c.compute_dtype
+    stack = lambda depth, heads, mlp, **kw: Stack(
+        depth=depth, num_heads=heads, mlp_dim=mlp, dtype=dt, scan=c.scan_layers,
+        remat="none" if self.decode else c.remat, **kw)
+    # Image tower.
+    self.patch_embed = dense(c.vision.width, ("patch", "embed"), dt, "patch_embed")
+    self.image_pos_embed = self.param(
+        "image_pos_embed", with_axes(embed_init, ("length", "embed")),
+        (c.num_patches, c.vision.width), jnp.float32)
+    self.vision = stack(c.vision.depth, c.vision.heads, c.vision.mlp_dim)
+    self.ln_vision = LayerNorm(dt)
+    n_queries = c.n_gen_queries
+    self.generative_pooler = AttentionalPooler(n_queries, c.pooler_heads, dt)
+    if c.pooling != "open_clip":
+      self.contrastive_pooler = AttentionalPooler(1, c.pooler_heads, dt)
+    self.ln_image_embed = LayerNorm(dt)
+    self.ln_image_context = LayerNorm(dt)
+    self.image_projection = dense(c.embed_dim, ("embed", "joint"), dt, "image_projection",
+                                  use_bias=False)
+    # Text tower.
+    self.token_embed = nn.Embed(
+        c.vocab_size, c.text_width, dtype=dt, param_dtype=jnp.float32,
+        embedding_init=with_axes(embed_init, ("vocab", "embed")))
+    self.text_pos_embed = self.param(
+        "text_pos_embed", with_axes(embed_init, ("length", "embed")),
+        (c.max_len, c.text_width), jnp.float32)
+    self.cls_token = self.param("cls_token", with_axes(embed_init, ("embed",)),
+                                (c.text_width,), jnp.float32)
+    cache_length = c.max_len - 1
+    self.unimodal = stack(c.n_uni, c.text_heads, c.text_mlp_dim, decode=self.decode,
+                          cache_length=cache_length)
+    self.ln_text_embed = LayerNorm(dt)
+    self.text_projection = dense(c.embed_dim, ("embed", "joint"), dt, "text_projection",
+                                 use_bias=False)
+    self.multimodal = stack(c.n_multi, c.text_heads, c.text_mlp_dim, cross_attention=True,
+                            decode=self.decode, cache_length=cache_length)
+    self.ln_decoder = LayerNorm(dt)
+    if not c.tie_embeddings:
+      self.vocab_head = dense(c.vocab_size, ("embed", "vocab"), dt, "vocab_head")
+    # SigLIP's initialisation (scale 10, bias -10) keeps the many negatives from swamping the
+    # few positives at the start; softmax uses the paper's temperature.
+    scale_init = math.log(10.0) if c.contrastive == "sigmoid" else math.log(1.0 / c.temperature_init)
+    self.logit_scale = self.param(
+        "logit_scale", nn.initializers.constant(scale_init), (), jnp.float32)
+    if c.contrastive == "sigmoid":
+      self.logit_bias = self.param("logit_bias", nn.initializers.constant(-10.0), (), jnp.float32)
+    if self.decode:  # Next text position to be written; lives beside the KV cache.
+      self.position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+
+  # -- Image ---------------------------------------------------------------------------------
+
+  def encode_image(self, image):
+    """image [batch, H, W, 3] -> (image_embed [batch, D] unit norm,
+    decoder context [batch, context_tokens, vision_width])."""
+    c = self.config
+    if image.shape[1:3] != (c.image_size, c.image_size):
+      raise ValueError(f"image shape {image.shape} does not match config.model.image_size="
+                       f"{c.image_size}")
+    patches = einops.rearrange(image.astype(c.compute_dtype), "b (h p) (w q) c -> b (h w) (p q c)",
+                               p=c.patch_size, q=c.patch_size)
+    x = self.patch_embed(patches) + self.image_pos_embed.astype(c.compute_dtype)
+    x = constrain(x, ("batch", "length", "embed"))
+    tokens = self.ln_vision(self.vision(x))
+    generative = self.generative_pooler(tokens)
+    if c.pooling == "cascade":
+      contrastive = self.contrastive_pooler(generative)[:, 0]
+    elif c.pooling == "parallel":
+      contrastive = self.contrastive_pooler(tokens)[:, 0]
+    else:  # open_clip: query 0 is the contrastive token, the rest feed the decoder.
+      contrastive, generative = generative[:, 0], generative[:, 1:]
+    image_embed = l2_normalize(self.image_projection(self.ln_image_embed(contrastive)))
+    return image_embed, self.ln_image_context(generative)
+
+  # -- Text ----------------------------------------------------------------------------------
+
+  def _unimodal(self, text):
+    """text [batch, L] -> (token states [batch, L-1, width], text_embed [batch, D])."""
+    c = self.config
+    if text.shape[1] != c.max_len:
+      raise ValueError(f"text length {text.shape[1]} != config.model.text.max_len={c.max_len}")
+    inputs = text[:, :-1]
+    x = self.token_embed(inputs)
+    cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+    x = jnp.concatenate([x, cls], axis=1) + self.text_pos_embed.astype(x.dtype)
+    x = self.unimodal(x, mask=text_attention_mask(inputs))
+    text_embed = l2_normalize(self.text_projection(self.ln_text_embed(x[:, -1])))
+    return x[:, :-1], text_embed
+
+  def encode_text(self, text):
+    """text [batch, L] -> text_embed [batch, D] unit norm."""
+    return self._unimodal(text)[1]
+
+  def caption_logits(self, token_states, text_inputs, context):
+    """Multimodal decoder: [batch, T, width] states -> float32 logits [batch, T, vocab]."""
+    mask = text_attention_mask(text_inputs)[:, :, :-1, :-1]
+    x = self.multimodal(token_states, mask=mask, context=context)
+    logits = self._vocab_logits(self.ln_decoder(x))
+    return constrain(logits, ("batch", "length", "vocab")).astype(jnp.float32)
+
+  def _vocab_logits(self, x):
+    """[batch, T, width] -> [batch, T, vocab] in the compute dtype."""
+    if self.config.tie_embeddings:
+      return self.token_embed.attend(x)
+    return self.vocab_head(x)
+
+  def __call__(self, image, text, train: bool = False):
+    """Returns dict(image_embed [B,D], text_embed [B,D], caption_logits [B,L-1,V],
+    logit_scale scalar (already exp'd and clamped))."""
+    del train  # No dropout: CoCa pretraining uses none.
+    image_embed, context = self.encode_image(image)
+    token_states, text_embed = self._unimodal(text)
+    logits = self.caption_logits(token_states, text[:, :-1], context)
+    outputs = {"image_embed": image_embed, "text_embed": text_embed, "caption_logits": logits,
+               "logit_scale": self.temperature_scale()}
+    if self.config.contrastive == "sigmoid":
+      outputs["logit_bias"] = self.logit_bias
+    return outputs
+
+  def temperature_scale(self):
+    return jnp.minimum(jnp.exp(self.logit_scale), self.config.max_logit_scale)
+
+  # -- Decoding (KV cache) -------------------------------------------------------------------
+
+  def decode_step(self, tokens, context):
+    """One or more new tokens with the KV cache (`decode=True` only).
+
+    tokens [batch, T] int32 at the next T positions; context [batch, Q, vision_width].
+    Returns float32 logits [batch, T, vocab] for the token after each input.
+    """
+    if not self.decode:
+      raise ValueError("decode_step needs a CoCa built with decode=True")
+    start = self.position.value
+    x = self.token_embed(tokens)
+    pos = jax.lax.dynamic_slice_in_dim(self.text_pos_embed, start, tokens.shape[1], axis=0)
+    x = x + pos.astype(x.dtype)
+    self.position.value = start + tokens.shape[1]
+    x = self.unimodal(x)
+    x = self.multimodal(x, context=context)
+    return self._vocab_logits(self.ln_decoder(x)).astype(jnp.float32)

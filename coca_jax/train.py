@@ -1,0 +1,268 @@
+r"""Trains a CoCa model from an experiment config.
+
+  python -m coca_jax.train --config experiments/demo.py --workdir /tmp/coca_demo \
+      [--config.train.steps=100 ...] [--dry_run]
+
+Re-running with the same --workdir resumes from the latest checkpoint (model, optimizer and
+data position). `--dry_run` validates the config, builds the state abstractly (no allocation),
+prints one JSON object (parameter counts, mesh, batch, FLOPs per example) and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+from coca_jax import checkpoint, config as config_lib, flops, optim, sharding, step as step_lib
+from coca_jax.data import builders, pipeline
+from coca_jax.data.tokenizer import Tokenizer
+from coca_jax.evaluation import evaluators
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
+                                lock_config=False)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer.")
+flags.DEFINE_bool("dry_run", False, "Validate + build abstractly, print a JSON summary, exit.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
+  """Joins a multi-process run. Explicit flags win; otherwise JAX auto-detects TPU pods and
+  SLURM; a lone process with nothing to detect stays single-process."""
+  if coordinator_address or (num_processes and num_processes > 1):
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize()
+  elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+    jax.distributed.initialize()
+
+
+class MetricsWriter:
+  """Appends one JSON object per call to DIR/metrics.jsonl (process 0 only)."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = jax.process_index() == 0
+
+  def write(self, record: dict) -> None:
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _to_python(tree) -> dict:
+  return {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+def prepare_data(config, workdir: str) -> Tokenizer:
+  """Builds the demo dataset if it is missing and trains the tokenizer if none is given.
+
+  Fills config.data.data_dir / config.data.tokenizer in place so the workdir's config.json
+  records exactly what the run used.
+  """
+  data = config.data
+  if not data.get("data_dir"):
+    data.data_dir = os.path.join(workdir, "tensorflow_datasets")
+  if data.get("build_demo", False) and not os.path.isdir(os.path.join(data.data_dir, data.name)):
+    if jax.process_index() == 0:
+      builders.make_builder("demo", data.name, data.data_dir, **dict(data.build_demo_options)
+                            ).download_and_prepare()
+    _sync("demo dataset built")
+  if not data.get("tokenizer"):
+    path = os.path.join(workdir, "tokenizer.model")
+    if not os.path.exists(path) and jax.process_index() == 0:
+      source = builders.open_source(data.name, data.data_dir, data.get("train_split", "train"),
+                                    decode_images=False)
+      captions = [c.decode() if isinstance(c, bytes) else str(c)
+                  for i in range(len(source)) for c in source[i]["captions"]]
+      Tokenizer.train(captions, path[:-len(".model")], vocab_size=data.tokenizer_vocab,
+                      model_type=data.get("tokenizer_type", "unigram"))
+    _sync("tokenizer trained")
+    data.tokenizer = path
+  tokenizer = Tokenizer.load(data.tokenizer)
+  if tokenizer.vocab_size > config.model.text.vocab_size:
+    raise config_lib.ConfigError(
+        f"config.model.text.vocab_size={config.model.text.vocab_size} is smaller than the "
+        f"tokenizer's {tokenizer.vocab_size} pieces ({data.tokenizer}); set it to at least "
+        f"{tokenizer.vocab_size}")
+  return tokenizer
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def dry_run_summary(config, mesh) -> dict:
+  return {
+      "params": flops.param_counts(config),
+      "mesh": dict(mesh.shape),
+      "devices": mesh.size,
+      "global_batch": config.train.batch_size,
+      "model_flops_per_example": flops.model_flops_per_example(config),
+  }
+
+
+def main(argv) -> None:
+  del argv
+  config, workdir = FLAGS.config, FLAGS.workdir
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config experiments/demo.py")
+  initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+
+  # ---- Validate -----------------------------------------------------------------------------
+  config_lib.validate(config, num_devices=jax.device_count())
+
+  # ---- Mesh ---------------------------------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_axis_rules(config)
+
+  # ---- Model, optimizer, abstract state -----------------------------------------------------
+  model = step_lib.build_model(config)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
+  abstract_state, state_shardings = step_lib.state_shardings(model, tx, config, mesh, rules)
+  if FLAGS.dry_run:
+    print(json.dumps(dry_run_summary(config, mesh), indent=2))
+    return
+  if workdir is None:
+    raise app.UsageError("--workdir is required (unless --dry_run)")
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)
+
+  # ---- Input --------------------------------------------------------------------------------
+  tokenizer = prepare_data(config, workdir)
+  batch_sharding = {"image": sharding.batch_sharding(mesh, 4),
+                    "text": sharding.batch_sharding(mesh, 2)}
+  train_iter = pipeline.make_train_iterator(config, mesh, batch_sharding)
+
+  # ---- Checkpoint: resume or initialise -----------------------------------------------------
+  ckpt = config.checkpoint
+  manager = checkpoint.make_manager(workdir, keep=ckpt.keep, every_steps=ckpt.every_steps,
+                                    async_save=ckpt.get("async_save", True))
+  if manager.latest_step() is not None:
+    state, resumed = checkpoint.restore(manager, abstract_state, state_shardings, train_iter)
+    logging.info("Resumed from step %d", resumed)
+  else:
+    state = step_lib.make_init_fn(model, tx, config, state_shardings)(
+        jax.random.key(config.train.seed))
+  if jax.process_index() == 0:
+    checkpoint.write_config(workdir, config)
+
+  # ---- Compile (ahead of time, so compile time and memory are logged, not mixed in) --------
+  train_step = step_lib.make_train_step(model, tx, config, schedule, mesh, state_shardings, rules)
+  with jax.set_mesh(mesh):
+    t0 = time.perf_counter()
+    compiled = train_step.lower(state, step_lib.dummy_batch(config, config.train.batch_size)
+                                ).compile()
+    compile_seconds = time.perf_counter() - t0
+  memory = compiled.memory_analysis()
+  logging.info("Compiled train step in %.1fs; temp bytes/device %s", compile_seconds,
+               getattr(memory, "temp_size_in_bytes", "n/a"))
+
+  # ---- Loop ---------------------------------------------------------------------------------
+  writer = MetricsWriter(workdir)
+  flops_per_example = flops.model_flops_per_example(config)
+  peak_flops = flops.peak_flops_per_device()  # On CPU: a matmul measured once, here.
+  first_step = int(jax.device_get(state.step))
+  pending = None  # (step, metrics) read back one step late so the host never stalls the device.
+  last_time, last_step = time.perf_counter(), first_step
+  progress = _Progress(config.train.steps, first_step)
+
+  def flush(pending):
+    nonlocal last_time, last_step
+    step_num, metrics = pending
+    now = time.perf_counter()
+    steps = step_num - last_step
+    record = {"step": step_num, **_to_python(metrics)}
+    if steps > 0:
+      sec_per_step = (now - last_time) / steps
+      examples_per_sec = config.train.batch_size / sec_per_step
+      record.update(examples_per_sec=examples_per_sec, step_seconds=sec_per_step,
+                    **flops.throughput_metrics(flops_per_example, examples_per_sec,
+                                               jax.device_count(), peak_flops))
+    writer.write(record)
+    progress.log(record)
+    last_time, last_step = now, step_num
+
+  with jax.set_mesh(mesh):
+    for step_num in range(first_step + 1, config.train.steps + 1):
+      batch = next(train_iter)
+      state, metrics = compiled(state, batch)
+      if pending is not None:
+        flush(pending)
+        pending = None
+      if step_num % config.train.log_every == 0 or step_num == config.train.steps:
+        pending = (step_num, metrics)
+      if checkpoint.should_save(manager, step_num, ckpt.every_steps):
+        checkpoint.save(manager, step_num, state, train_iter)
+      every = config.evals.get("every_steps", 0)
+      if every and step_num % every == 0 and step_num != config.train.steps:
+        writer.write({"step": step_num, **_evaluate(config, model, state, tokenizer)})
+    if pending is not None:
+      flush(pending)
+
+    # ---- Final checkpoint and evals ---------------------------------------------------------
+    final_step = int(jax.device_get(state.step))
+    if manager.latest_step() != final_step:
+      checkpoint.save(manager, final_step, state, train_iter, force=True)
+    manager.wait_until_finished()
+    results = _evaluate(config, model, state, tokenizer)
+  if results:
+    writer.write({"step": final_step, **results})
+    if jax.process_index() == 0:
+      print(json.dumps(results, indent=2, sort_keys=True))
+  manager.close()
+
+
+def _evaluate(config, model, state, tokenizer) -> dict:
+  if not (config.evals.get("zeroshot") or config.evals.get("retrieval")):
+    return {}
+  t0 = time.perf_counter()
+  params = state.params
+  embedder = evaluators.Embedder(model, params, tokenizer,
+                                 batch_size=config.evals.get("batch_size", 256))
+  results = evaluators.run_evals(
+      config, embedder, lambda split: pipeline.make_eval_source(config, split))
+  results["eval/seconds"] = time.perf_counter() - t0
+  return results
+
+
+class _Progress:
+  """One line per log step: step, loss parts, throughput, ETA."""
+
+  def __init__(self, total: int, start: int):
+    self.total, self.start, self.t0 = total, start, time.perf_counter()
+    self.enabled = jax.process_index() == 0
+
+  def log(self, record: dict) -> None:
+    if not self.enabled:
+      return
+    done = record["step"] - self.start
+    elapsed = time.perf_counter() - self.t0
+    eta = elapsed / max(done, 1) * (self.total - record["step"])
+    print(f"step {record['step']:>6}/{self.total}  loss {record['loss']:.4f}  "
+          f"contrastive {record['contrastive_loss']:.4f}  caption {record['caption_loss']:.4f}  "
+          f"{record.get('examples_per_sec', 0):.0f} ex/s  eta {eta:.0f}s", flush=True)
+
+
+def run() -> None:
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,93 @@
+"""CoCa-Base as in the paper (Table 1; 383M parameters) and the paper's pretraining recipe.
+
+  python -m coca_jax.train --config experiments/coca_base.py --workdir gs://BUCKET/coca_base
+  python -m coca_jax.bench --config experiments/coca_base.py:batch=4096 --mode compile --json
+
+The three paper sizes share this file's recipe; experiments/coca_large.py and coca_2b.py only
+change the model size. Args (comma-separated after ':'):
+  batch=N      global batch (paper: 65,536)
+  steps=N      train steps (paper: 500k)
+  dtype=D      compute dtype, bfloat16 (default) or float32
+  remat=R      none | full | dots | minimal (default: dots)
+  runlocal     shrink the data and step counts for a smoke run on one machine (model size kept)
+Model: 288px images, 18px patches (256 patches), 256 generative pooler queries, cascade pooling,
+64k SentencePiece vocabulary. Base and Large have an untied vocab head: with it their counts match
+Table 1's text decoders exactly (297M, 484M). For the 2.1B model an untied head would give a
+1.18B text decoder and 2.21B in all (+5%); sharing the token embedding gives 1.09B / 2.12B,
+matching Table 1's 1.1B / 2.1B, so CoCa-2B ties them (`model.tie_embeddings`).
+Optimizer: Adafactor (b1 0.9, b2 0.999), decoupled weight decay 0.01, peak lr 8e-4,
+2% linear warmup, then linear decay to 0.
+"""
+
+import ml_collections
+
+# Table 1 of the CoCa paper: (vision width, depth, mlp; text width, n_uni, n_multi, mlp; heads).
+PAPER_SIZES = {
+    "base": dict(vision=dict(width=768, depth=12, heads=12, mlp_dim=3072),
+                 text=dict(width=768, heads=12, mlp_dim=3072, n_uni=12, n_multi=12),
+                 embed_dim=768, pooler_heads=12),
+    "large": dict(vision=dict(width=1024, depth=24, heads=16, mlp_dim=4096),
+                  text=dict(width=1024, heads=16, mlp_dim=4096, n_uni=12, n_multi=12),
+                  embed_dim=1024, pooler_heads=16),
+    "2b": dict(vision=dict(width=1408, depth=40, heads=16, mlp_dim=6144),
+               text=dict(width=1408, heads=16, mlp_dim=5632, n_uni=18, n_multi=18),
+               embed_dim=1408, pooler_heads=16, tie_embeddings=True),
+}
+PAPER_PARAMS = {"base": 383e6, "large": 787e6, "2b": 2.1e9}
+VOCAB_SIZE = 64_000
+
+
+def _parse(arg: str) -> dict:
+  known = {"batch", "steps", "dtype", "remat", "runlocal"}
+  parsed = {}
+  for item in filter(None, arg.split(",")):
+    key, _, value = item.partition("=")
+    if key not in known:
+      raise ValueError(f"unknown config arg {key!r}; known: {sorted(known)}")
+    parsed[key] = value if value else True
+  return parsed
+
+
+def paper_config(size: str, arg: str = "") -> ml_collections.ConfigDict:
+  """The paper's recipe at `size` in PAPER_SIZES."""
+  args = _parse(arg)
+  s = PAPER_SIZES[size]
+  c = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict(dict(
+      image_size=288, patch_size=18, embed_dim=s["embed_dim"], pooling="cascade",
+      n_gen_queries=256, pooler_heads=s["pooler_heads"], dtype=args.get("dtype", "bfloat16"),
+      remat=args.get("remat", "dots"), scan_layers=True, temperature_init=0.07,
+      max_logit_scale=100.0, tie_embeddings=s.get("tie_embeddings", False),
+      vision=dict(s["vision"]),
+      text=dict(vocab_size=VOCAB_SIZE, max_len=64, **s["text"]),
+  ))
+  c.data = ml_collections.ConfigDict(dict(
+      source="tfds", name="", train_split="train", eval_examples=10_000,
+      tokenizer_vocab=VOCAB_SIZE, seed=0))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=int(args.get("steps", 500_000)), batch_size=int(args.get("batch", 65_536)), seed=0,
+      log_every=100, microbatches=1))
+  c.loss = ml_collections.ConfigDict(dict(
+      contrastive_weight=1.0, caption_weight=2.0, label_smoothing=0.0, contrastive="softmax",
+      contrastive_impl="chunked"))  # Memory-bounded logits: the [B, B] matrix never exists whole.
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adafactor", lr=8e-4, b1=0.9, b2=0.999, eps=1e-30, weight_decay=0.01,
+      warmup_fraction=0.02, decay="linear", end_lr_fraction=0.0, clip_norm=0.0,
+      freeze_regex=[]))
+  # Parameters and optimizer state fully sharded across every chip; batch over the same chips.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5_000, keep=3, async_save=True))
+  c.evals = ml_collections.ConfigDict(dict(
+      every_steps=10_000, zeroshot_examples=50_000, retrieval_examples=5_000,
+      caption_examples=5_000))
+  if args.get("runlocal"):
+    c.train.update(steps=10, log_every=1)
+    if "batch" not in args:
+      c.train.batch_size = 8
+    c.checkpoint.update(every_steps=0)
+    c.evals.update(every_steps=0, zeroshot_examples=64, retrieval_examples=64, caption_examples=8)
+  return c
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  return paper_config("base", arg)

@@ -1,0 +1,42 @@
+"""coca_jax: pretrain and serve CoCa-style image-text models in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="coca_jax",
+    version="0.1.0",
+    description="Contrastive Captioners (CoCa) with an optional modality-experts backbone, in JAX",
+    packages=find_packages(include=["coca_jax", "coca_jax.*"]),
+    python_requires=">=3.10",
+    # Lower bounds are the versions this project was tested with (see README), not tighter.
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "tensorflow-datasets>=4.9.10",
+        "grain>=0.2.18",
+        "ml_collections>=1.1",
+        "einops>=0.8",
+        "sentencepiece>=0.2",
+        "pillow>=10",
+        "numpy>=2",
+        "absl-py>=2",
+        "tqdm>=4",
+        "scikit-learn>=1.5",   # ships the real handwritten digits the demo is built from
+        "pycocoevalcap>=1.2",  # BLEU and CIDEr-D scorers
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3", "portpicker>=1.6"],
+    },
+    entry_points={
+        "console_scripts": [
+            "coca-train=coca_jax.train:run",
+            "coca-evaluate=coca_jax.evaluate:run",
+            "coca-caption=coca_jax.caption:run",
+            "coca-build-data=coca_jax.data.build:run",
+            "coca-bench=coca_jax.bench:run",
+            "coca-export=coca_jax.export:run",
+        ],
+    },
+)

@@ -1,0 +1,55 @@
+"""Shared fixtures: the tiny (smoke) demo config, a model built from it, and its parameters.
+
+Everything here is session-scoped so each shape compiles once for the whole suite.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from coca_jax import config as config_lib
+from coca_jax import step as step_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config():
+  """A fresh copy of experiments/demo.py:smoke (tests may mutate it)."""
+  return config_lib.load_config(os.path.join(REPO, "experiments", "demo.py") + ":smoke")
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+  return smoke_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config):
+  return step_lib.build_model(tiny_config)
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tiny_model, tiny_config):
+  image = jnp.zeros((1, tiny_config.model.image_size, tiny_config.model.image_size, 3))
+  text = jnp.zeros((1, tiny_config.model.text.max_len), jnp.int32)
+  variables = jax.jit(tiny_model.init)(jax.random.key(0), image, text)
+  import flax.linen as nn
+  return nn.unbox(variables)["params"]
+
+
+def random_batch(config, batch_size, seed=0, num_pads=(0, 3, 7)):
+  """Images ~N(0,1) and texts BOS w.. EOS PAD.. with varying pad counts (never a pad in the middle)."""
+  rng = np.random.default_rng(seed)
+  size, length = config.model.image_size, config.model.text.max_len
+  vocab = config.model.text.vocab_size
+  text = np.zeros((batch_size, length), np.int32)
+  for row in range(batch_size):
+    pads = num_pads[row % len(num_pads)]
+    words = rng.integers(4, vocab, length - 2 - pads)
+    seq = [2, *words, 3]
+    text[row, :len(seq)] = seq
+  image = rng.standard_normal((batch_size, size, size, 3)).astype(np.float32)
+  return {"image": jnp.asarray(image), "text": jnp.asarray(text)}

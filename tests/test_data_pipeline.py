@@ -1,0 +1,216 @@
+"""Pipeline spec: batch contract, exact host sharding, bitwise resume through one orbax checkpoint."""
+
+import io
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from PIL import Image
+import pytest
+
+from coca_jax.data import builders
+from coca_jax.data import pipeline
+from coca_jax.data import preprocess
+from coca_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+
+NUM_TRAIN = 30
+IMAGE_SIZE = 16
+MAX_LEN = 12
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  """A tiny demo build (30 train scenes, 24px) and a tokenizer trained on its captions."""
+  root = tmp_path_factory.mktemp("pipeline")
+  builder = builders.make_builder("demo", "tiny_scenes", str(root / "tfds"), num_train=NUM_TRAIN,
+                                  num_test=6, num_digits=5, image_size=24, show_progress=False)
+  builder.download_and_prepare()
+  source = builders.open_source("tiny_scenes", str(root / "tfds"), "train", decode_images=False)
+  captions = [c.decode() for i in range(len(source)) for c in source[i]["captions"]]
+  Tokenizer.train(captions, str(root / "sp"), vocab_size=100, model_type="bpe")
+  return root
+
+
+def _config(root, batch_size=6, **data):
+  return ml_collections.ConfigDict(dict(
+      data=dict(name="tiny_scenes", data_dir=str(root / "tfds"), image_size=IMAGE_SIZE,
+                tokenizer=str(root / "sp.model"), **data),
+      model=dict(text=dict(max_len=MAX_LEN)),
+      train=dict(batch_size=batch_size, seed=3)))
+
+
+def _host_loader(root, shard_index=0, shard_count=1, batch_size=6, **data):
+  options = pipeline.DataOptions.from_config(_config(root, batch_size, **data))
+  return pipeline.make_host_loader(options, shard_index=shard_index, shard_count=shard_count)
+
+
+def _batch_sharding():
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  return mesh, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+
+def test_batches_follow_the_contract(dataset):
+  mesh, sharding = _batch_sharding()
+  batch_size = 2 * jax.device_count()
+  iterator = pipeline.make_train_iterator(_config(dataset, batch_size), mesh, sharding)
+  batch = next(iterator)
+  assert set(batch) == {"image", "text"}
+  assert isinstance(batch["image"], jax.Array) and batch["image"].sharding == sharding
+  assert batch["image"].shape == (batch_size, IMAGE_SIZE, IMAGE_SIZE, 3)
+  assert batch["image"].dtype == jnp.float32
+  assert batch["text"].shape == (batch_size, MAX_LEN) and batch["text"].dtype == jnp.int32
+  text = np.asarray(batch["text"])
+  assert (text[:, 0] == BOS_ID).all()
+  for row in text:  # exactly one EOS, then only PAD
+    (eos,) = np.flatnonzero(row == EOS_ID)
+    assert (row[eos + 1:] == PAD_ID).all() and (row[1:eos] > EOS_ID).all()
+  # Normalised pixels: within the range uint8 maps to.
+  low = (0 - np.array(preprocess.IMAGE_MEAN)) / np.array(preprocess.IMAGE_STD)
+  high = (1 - np.array(preprocess.IMAGE_MEAN)) / np.array(preprocess.IMAGE_STD)
+  image = np.asarray(batch["image"])
+  assert (image >= low - 1e-5).all() and (image <= high + 1e-5).all()
+
+
+def test_without_crop_images_and_captions_equal_the_stored_example(dataset):
+  loader = _host_loader(dataset, random_resized_crop=False)
+  batch = next(iter(loader))
+  eval_source = pipeline.make_eval_source(_config(dataset), "train")
+  by_key = {eval_source[i]["key"]: eval_source[i] for i in range(len(eval_source))}
+  tokenizer = Tokenizer.load(str(dataset / "sp.model"))
+  for key, image, text in zip(batch["key"], batch["image"], batch["text"]):
+    example = by_key[str(key)]
+    np.testing.assert_array_equal(image, preprocess.normalize_images(example["image"]))
+    # Same ids as tokenizing the stored caption (MAX_LEN=12 truncates 3-digit scenes).
+    np.testing.assert_array_equal(text, tokenizer.tokenize(example["captions"], MAX_LEN)[0])
+
+
+def test_two_hosts_cover_each_example_exactly_once_per_epoch(dataset):
+  # 30 examples, global batch 6 -> each host reads 15 records = 5 batches of 3 per epoch.
+  keys = []
+  for host in (0, 1):
+    iterator = iter(_host_loader(dataset, shard_index=host, shard_count=2))
+    host_keys = [str(k) for _ in range(5) for k in next(iterator)["key"]]
+    next_epoch = [str(k) for _ in range(5) for k in next(iterator)["key"]]
+    assert sorted(next_epoch) == sorted(host_keys)  # same shard again ...
+    assert next_epoch != host_keys  # ... in a new order
+    keys.append(host_keys)
+  assert set(keys[0]).isdisjoint(keys[1])
+  all_keys = {f"train/{i:06d}" for i in range(NUM_TRAIN)}
+  assert sorted(keys[0] + keys[1]) == sorted(all_keys)
+
+
+def test_state_round_trip_reproduces_the_next_batches(dataset):
+  uninterrupted = iter(_host_loader(dataset))
+  for _ in range(4):
+    next(uninterrupted)
+  state = uninterrupted.get_state()
+  expected = [next(uninterrupted) for _ in range(3)]
+
+  resumed = iter(_host_loader(dataset))
+  resumed.set_state(state)
+  for want in expected:
+    got = next(resumed)
+    for key in ("image", "text", "key"):
+      np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_model_and_iterator_restore_from_one_orbax_checkpoint(dataset, tmp_path):
+  mesh, sharding = _batch_sharding()
+  batch_size = 2 * jax.device_count()
+  config = _config(dataset, batch_size)
+  train_state = {"params": {"w": jnp.arange(6.0).reshape(2, 3)}, "step": jnp.asarray(3)}
+
+  iterator = pipeline.make_train_iterator(config, mesh, sharding)
+  for _ in range(3):
+    next(iterator)
+  options = ocp.CheckpointManagerOptions(max_to_keep=2)
+  with ocp.CheckpointManager(tmp_path / "ckpt", options=options) as manager:
+    manager.save(3, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(train_state), data=pipeline.checkpoint_args(iterator)))
+    manager.wait_until_finished()
+  expected = [next(iterator) for _ in range(3)]
+
+  fresh = pipeline.make_train_iterator(config, mesh, sharding)
+  next(fresh)  # a fresh iterator that moved elsewhere must be rewound by the restore
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, train_state)
+  with ocp.CheckpointManager(tmp_path / "ckpt", options=options) as manager:
+    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract),
+        data=pipeline.checkpoint_args(fresh, restore=True)))
+  np.testing.assert_array_equal(restored["state"]["params"]["w"], train_state["params"]["w"])
+  for want in expected:
+    got = next(fresh)
+    for key in ("image", "text"):
+      np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
+
+
+def test_each_caption_of_an_image_is_used(tmp_path):
+  src = tmp_path / "photos"
+  src.mkdir()
+  buffer = io.BytesIO()
+  Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(buffer, format="PNG")
+  (src / "only.png").write_bytes(buffer.getvalue())
+  captions = ["a gray square", "a flat gray picture", "nothing but gray"]
+  (src / "captions.jsonl").write_text(
+      "\n".join(json.dumps({"image": "only.png", "caption": c}) for c in captions))
+  builder = builders.make_builder("folder", "one_image", str(tmp_path / "tfds"), src=str(src),
+                                  show_progress=False)
+  builder.download_and_prepare()
+  Tokenizer.train(captions * 10, str(tmp_path / "sp"), vocab_size=40, model_type="bpe")
+  config = _config(tmp_path, batch_size=1)
+  config.data.update(name="one_image", data_dir=str(tmp_path / "tfds"),
+                     tokenizer=str(tmp_path / "sp.model"))
+  options = pipeline.DataOptions.from_config(config)
+  tokenizer = Tokenizer.load(str(tmp_path / "sp.model"))
+  iterator = iter(pipeline.make_host_loader(options, shard_index=0, shard_count=1))
+  seen = {tokenizer.decode(next(iterator)["text"][0]) for _ in range(30)}
+  assert seen == set(captions)
+
+
+def test_eval_source_gives_uint8_images_captions_and_labels(dataset):
+  config = _config(dataset)
+  test = pipeline.make_eval_source(config)  # config.data.eval_split defaults to "test"
+  assert len(test) == 6
+  batches = list(test.batches(4))
+  assert [b["image"].shape for b in batches] == [(4, IMAGE_SIZE, IMAGE_SIZE, 3),
+                                                 (2, IMAGE_SIZE, IMAGE_SIZE, 3)]
+  assert batches[0]["image"].dtype == np.uint8
+  assert all(isinstance(c, list) and c and isinstance(c[0], str) for c in batches[0]["captions"])
+  np.testing.assert_array_equal(test[1]["image"], batches[0]["image"][1])
+  digits = pipeline.make_eval_source(config, "digits")
+  labels = next(digits.batches(5))["label"]
+  assert labels.shape == (5,) and ((labels >= 0) & (labels <= 9)).all()
+  for example in digits:
+    assert str(example["label"]) in example["captions"][0]
+
+
+def test_config_errors_name_the_field(dataset):
+  with pytest.raises(ValueError, match="config.train.batch_size=7"):
+    _host_loader(dataset, shard_index=0, shard_count=2, batch_size=7)
+  with pytest.raises(ValueError, match="config.data.crop_scale"):
+    _host_loader(dataset, crop_scale=(0.5, 1.5))
+  bad = _config(dataset)
+  del bad.data["name"]
+  with pytest.raises(ValueError, match="config.data.name"):
+    pipeline.DataOptions.from_config(bad)
+
+
+def test_worker_processes_resume_exactly(dataset):
+  # Grain worker processes (spawned) must give the same resumable stream as in-process decoding
+  # gives for itself: restore with the same num_workers reproduces the next batches.
+  uninterrupted = iter(_host_loader(dataset, num_workers=2))
+  for _ in range(3):
+    next(uninterrupted)
+  state = uninterrupted.get_state()
+  expected = [next(uninterrupted) for _ in range(2)]
+  resumed = iter(_host_loader(dataset, num_workers=2))
+  resumed.set_state(state)
+  for want in expected:
+    got = next(resumed)
+    np.testing.assert_array_equal(got["image"], want["image"])
+    np.testing.assert_array_equal(got["text"], want["text"])
+  with pytest.raises(ValueError, match="[Ww]orker count"):
+    iter(_host_loader(dataset, num_workers=0)).set_state(state)

@@ -1,0 +1,154 @@
+"""Model specs: causality, the CLS mask, padding, pooler variants, remat and dtype settings."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from coca_jax import step as step_lib
+from coca_jax.models.coca import CoCa, text_attention_mask
+from conftest import random_batch, smoke_config
+
+
+@pytest.fixture(scope="module")
+def apply_fn(tiny_model):
+  return jax.jit(lambda p, image, text: tiny_model.apply({"params": p}, image, text))
+
+
+def test_changing_a_later_token_never_changes_earlier_outputs(tiny_config, tiny_params, apply_fn):
+  batch = random_batch(tiny_config, 2, num_pads=(0,))
+  base = apply_fn(tiny_params, batch["image"], batch["text"])["caption_logits"]
+  length = batch["text"].shape[1]
+  for t in (1, 5, length - 3):
+    changed = batch["text"].at[:, t + 1].set((batch["text"][:, t + 1] + 7) % 60 + 4)
+    out = apply_fn(tiny_params, batch["image"], changed)["caption_logits"]
+    # Logits at input positions <= t predict tokens <= t+1 and must not see token t+1's value.
+    np.testing.assert_allclose(out[:, :t + 1], base[:, :t + 1], atol=1e-5)
+    assert not np.allclose(out[:, t + 1:], base[:, t + 1:], atol=1e-5)
+
+
+def test_cls_mask_sees_every_non_pad_token_and_itself_only():
+  text_inputs = jnp.array([[2, 9, 9, 9, 0, 0], [2, 9, 9, 9, 9, 9]])
+  mask = np.asarray(text_attention_mask(text_inputs))[:, 0]
+  assert mask.shape == (2, 7, 7)
+  np.testing.assert_array_equal(mask[0, -1], [1, 1, 1, 1, 0, 0, 1])
+  np.testing.assert_array_equal(mask[1, -1], [1, 1, 1, 1, 1, 1, 1])
+  # Real tokens are plain causal.
+  np.testing.assert_array_equal(mask[1, :-1, :-1], np.tril(np.ones((6, 6))))
+
+
+def test_text_embedding_depends_on_the_last_real_token(tiny_config, tiny_params, apply_fn):
+  """The CLS must see the final non-pad input token (the classic off-by-one misses it)."""
+  batch = random_batch(tiny_config, 3, num_pads=(4,))
+  text = batch["text"]
+  last_input = text.shape[1] - 1 - 4  # the EOS: last non-pad token of the inputs text[:, :-1]
+  assert int(text[0, last_input]) != 0 and int(text[0, last_input + 1]) == 0
+  changed = text.at[:, last_input].set((text[:, last_input] + 5) % 60 + 4)
+  base = apply_fn(tiny_params, batch["image"], text)["text_embed"]
+  out = apply_fn(tiny_params, batch["image"], changed)["text_embed"]
+  assert np.abs(np.asarray(out - base)).max() > 1e-4
+
+
+def test_pad_positions_do_not_leak(tiny_config, tiny_params, apply_fn):
+  """Changing the PAD embedding moves no text embedding and no logit at a real position."""
+  batch = random_batch(tiny_config, 3, num_pads=(0, 3, 7))
+  base = apply_fn(tiny_params, batch["image"], batch["text"])
+  params = jax.tree.map(lambda x: x, tiny_params)
+  params["token_embed"]["embedding"] = params["token_embed"]["embedding"].at[0].add(3.0)
+  out = apply_fn(params, batch["image"], batch["text"])
+  np.testing.assert_allclose(out["text_embed"], base["text_embed"], atol=1e-5)
+  real = np.asarray(batch["text"][:, :-1] != 0)
+  np.testing.assert_allclose(np.asarray(out["caption_logits"])[real],
+                             np.asarray(base["caption_logits"])[real], atol=1e-4)
+
+
+@pytest.mark.parametrize("pooling,context_tokens", [("cascade", 4), ("parallel", 4),
+                                                    ("open_clip", 3)])
+def test_pooler_variants_shapes(pooling, context_tokens):
+  config = smoke_config()
+  config.model.pooling = pooling
+  model = step_lib.build_model(config)
+  size, d = config.model.image_size, config.model.embed_dim
+  image = jnp.ones((2, size, size, 3))
+  params = jax.eval_shape(model.init, jax.random.key(0), image,
+                          jnp.zeros((2, config.model.text.max_len), jnp.int32))["params"]
+  assert ("contrastive_pooler" in params) == (pooling != "open_clip")
+  embed, context = jax.eval_shape(
+      lambda p: model.apply({"params": p}, image, method=CoCa.encode_image), nn.unbox(params))
+  assert embed.shape == (2, d)
+  assert context.shape == (2, context_tokens, config.model.vision.width)
+
+
+def test_embeddings_are_unit_norm_and_logit_scale_starts_at_paper_value(
+    tiny_config, tiny_params, apply_fn):
+  batch = random_batch(tiny_config, 2)
+  out = apply_fn(tiny_params, batch["image"], batch["text"])
+  np.testing.assert_allclose(np.linalg.norm(out["image_embed"], axis=-1), 1.0, atol=1e-4)
+  np.testing.assert_allclose(np.linalg.norm(out["text_embed"], axis=-1), 1.0, atol=1e-4)
+  np.testing.assert_allclose(float(out["logit_scale"]), 1 / 0.07, rtol=1e-5)
+
+
+def test_logit_scale_is_clamped(tiny_config, tiny_params, apply_fn):
+  batch = random_batch(tiny_config, 2)
+  params = {**tiny_params, "logit_scale": jnp.array(10.0)}  # exp(10) > 100
+  out = apply_fn(params, batch["image"], batch["text"])
+  assert float(out["logit_scale"]) == pytest.approx(tiny_config.model.max_logit_scale)
+
+
+def test_remat_changes_memory_not_math(tiny_config, tiny_params):
+  batch = random_batch(tiny_config, 2)
+
+  def loss_and_grads(remat):
+    config = smoke_config()
+    config.model.remat = remat
+    model = step_lib.build_model(config)
+    fn = lambda p: step_lib.loss_fn(p, model, batch, config.loss)[0]
+    return jax.jit(jax.value_and_grad(fn))(tiny_params)
+
+  loss, grads = loss_and_grads("none")
+  loss_r, grads_r = loss_and_grads("full")
+  np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads_r, grads)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  config = smoke_config()
+  config.model.dtype = "bfloat16"
+  model = step_lib.build_model(config)
+  batch = random_batch(config, 2)
+  variables = jax.jit(model.init)(jax.random.key(0), batch["image"], batch["text"])
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nn.unbox(variables)))
+  out = jax.jit(model.apply)(variables, batch["image"], batch["text"])
+  assert out["caption_logits"].dtype == jnp.float32
+  assert np.isfinite(np.asarray(out["caption_logits"])).all()
+
+
+def test_scanned_stack_compiles_once_for_any_depth():
+  """With scan the program holds one block body: it does not grow with depth (unrolled does)."""
+  def program_size(depth, scan):
+    config = smoke_config()
+    config.model.vision.depth = depth
+    config.model.scan_layers = scan
+    model = step_lib.build_model(config)
+    batch = random_batch(config, 1)
+    params = jax.eval_shape(model.init, jax.random.key(0), batch["image"], batch["text"])
+    return len(jax.jit(model.apply).lower(params, batch["image"], batch["text"]).as_text())
+
+  assert program_size(8, scan=True) == program_size(2, scan=True)
+  assert program_size(8, scan=False) > 1.5 * program_size(2, scan=False)
+
+
+def test_modality_experts_route_each_segment_to_its_own_expert():
+  from coca_jax.models.experts import FeedForward
+  ffn = FeedForward(mlp_dim=8, num_experts=2)
+  x = jax.random.normal(jax.random.key(1), (2, 5, 4))
+  segments = ((0, 3), (1, 2))
+  variables = ffn.init(jax.random.key(0), x, segments)
+  out = ffn.apply(variables, x, segments)
+  # Zeroing expert 1's output weights changes only the last two tokens.
+  params = nn.unbox(variables)["params"]
+  params = {**params, "wo": params["wo"].at[1].set(0.0), "bo": params["bo"].at[1].set(0.0)}
+  out2 = ffn.apply({"params": params}, x, segments)
+  np.testing.assert_allclose(out2[:, :3], out[:, :3], atol=1e-6)
+  np.testing.assert_allclose(out2[:, 3:], 0.0, atol=1e-6)
