@@ -121,7 +121,7 @@ def _train_rates(config, seconds: float, data_options_by_workers) -> dict[str, f
     loader = pipeline.make_host_loader(options, shard_index=0, shard_count=1)
     iterator = pipeline.TrainIterator(loader, {"image": sharding.batch_sharding(mesh, 4),
                                                "text": sharding.batch_sharding(mesh, 2)})
-    rates[f"pipeline, num_workers={workers}"] = run(lambda: next(iterator))
+    rates[f"pipeline, num_workers={workers}"] = run(lambda it=iterator: next(it))
     del iterator
   return rates
 

@@ -94,6 +94,12 @@ def validate(config, num_devices: int | None = None) -> None:
        f"config.optim.decay={config.optim.get('decay')!r} is unknown; use cosine, linear or constant")
   need(config.loss.get("contrastive", "softmax") in ("softmax", "sigmoid"),
        f"config.loss.contrastive={config.loss.get('contrastive')!r} is unknown; use softmax or sigmoid")
+  need(config.loss.get("contrastive_impl", "gathered") in ("gathered", "chunked"),
+       f"config.loss.contrastive_impl={config.loss.get('contrastive_impl')!r} is unknown; "
+       "use gathered or chunked")
+  microbatches = t.get("microbatches", 1)
+  need(isinstance(microbatches, int) and microbatches >= 1,
+       f"config.train.microbatches={microbatches!r} must be a positive integer")
   need(config.checkpoint.every_steps >= 0, "config.checkpoint.every_steps must be >= 0 (0 = off)")
   need(config.checkpoint.keep >= 1, f"config.checkpoint.keep={config.checkpoint.keep} must be >= 1")
 
@@ -104,10 +110,12 @@ def validate(config, num_devices: int | None = None) -> None:
       problems.append(str(e))
     else:
       shards = math.prod(sizes[a] for a in sharding.BATCH_AXES)
-      if isinstance(t.batch_size, int) and t.batch_size % shards:
+      per = shards * (microbatches if isinstance(microbatches, int) and microbatches > 0 else 1)
+      if isinstance(t.batch_size, int) and t.batch_size > 0 and t.batch_size % per:
+        split = f" x {microbatches} microbatches" if per != shards else ""
         problems.append(
             f"config.train.batch_size={t.batch_size} is not divisible by the {shards} batch "
-            f"shards of the mesh {sizes}; use a multiple of {shards}")
+            f"shards of the mesh {sizes}{split}; use a multiple of {per}")
       tensor = sizes["tensor"]
       for field, heads in (("vision.heads", m.vision.heads), ("text.heads", m.text.heads),
                            ("pooler_heads", m.pooler_heads)):

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coca_jax.models.coca import CoCa, CoCaConfig
+from coca_jax import step
+from coca_jax.models.coca import CoCaConfig
 
 TRAIN_MULTIPLIER = 3  # forward + backward (2x forward).
 
@@ -127,7 +128,7 @@ def model_flops_per_example(config, batch_size: int | None = None, train: bool =
 
 def abstract_params(config) -> Any:
   """Parameter ShapeDtypeStructs from `jax.eval_shape` (nothing allocated)."""
-  model = CoCa(CoCaConfig.from_config(config.model))
+  model = step.build_model(config)  # The full config decides extras (the sigmoid logit bias).
   size, length = config.model.image_size, config.model.text.max_len
   image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   text = jax.ShapeDtypeStruct((1, length), jnp.int32)

@@ -143,13 +143,12 @@ def filter_logits(logits, top_k=0, top_p=1.0):
   vocab = logits.shape[-1]
   sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
   k = jnp.where((top_k > 0) & (top_k < vocab), top_k, vocab)
-  kth = jax.lax.dynamic_index_in_dim(sorted_logits, k - 1, axis=1, keepdims=True)
-  sorted_logits = jnp.where(sorted_logits < kth, NEG_INF, sorted_logits)
-  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  in_top_k = jnp.arange(vocab)[None] < k
+  probs = jax.nn.softmax(jnp.where(in_top_k, sorted_logits, NEG_INF), axis=-1)
   # Mass strictly before each sorted token: a token is kept while that is still below top_p, so
   # the most likely token always stays.
   mass_before = jnp.cumsum(probs, axis=-1) - probs
-  kept = (mass_before < top_p) | (top_p >= 1.0)
+  kept = in_top_k & ((mass_before < top_p) | (top_p >= 1.0))
   threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
   return jnp.where(logits < threshold, NEG_INF, logits)
 
@@ -172,7 +171,7 @@ def _finish(tokens):
 def _sample_loop(model: CoCa, params, context, rng, d: Decoding, return_logits: bool):
   """Greedy (rng None) or sampling from the cache. -> dict(tokens [B, L], lengths [B],
   scores [B] = sum of the chosen tokens' log-probabilities under the unfiltered model,
-  [logits [B, max_new, V] raw step logits])."""
+  [logits [B, max_len - 1, V] raw step logits])."""
   batch, max_len = context.shape[0], model.config.max_len
   max_new = d.max_new_tokens
   logits, cache = _first_step(model, params, context)

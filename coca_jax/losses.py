@@ -189,11 +189,11 @@ def caption_loss(logits, labels, pad_id: int = 0, label_smoothing: float = 0.0):
   logits: [batch, T, vocab] float32; labels: [batch, T] int32 (text[:, 1:]).
   Returns (loss, metrics) with token accuracy and the number of counted tokens.
   """
-  vocab = logits.shape[-1]
-  targets = jax.nn.one_hot(labels, vocab, dtype=jnp.float32)
   if label_smoothing:
-    targets = optax.smooth_labels(targets, label_smoothing)
-  per_token = optax.softmax_cross_entropy(logits, targets)
+    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    per_token = optax.softmax_cross_entropy(logits, optax.smooth_labels(targets, label_smoothing))
+  else:  # No [batch, T, vocab] one-hot array: a gather of the label's logit is enough.
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   weights = (labels != pad_id).astype(jnp.float32)
   count = jnp.maximum(weights.sum(), 1.0)
   loss = jnp.sum(per_token * weights) / count

@@ -161,7 +161,7 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
   (con, con_metrics), con_grads = jax.value_and_grad(con_fn, argnums=(0, 1, 2, 3), has_aux=True)(
       image_embed, text_embed, scale, bias)
   g_image, g_text, g_scale, g_bias = con_grads
-  g_image_micro, g_text_micro = split_microbatches({"i": g_image, "t": g_text}, microbatches).values()
+  cached = split_microbatches({"image": g_image, "text": g_text}, microbatches)
 
   # 3. Backprop per microbatch: caption loss (normalised by the WHOLE batch's token count) plus
   # the linear surrogate whose gradient is the cached contrastive gradient.
@@ -187,7 +187,7 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   grads, (cap_shares, acc_shares) = jax.lax.scan(
-      backprop, zeros, (micro, g_image_micro, g_text_micro))
+      backprop, zeros, (micro, cached["image"], cached["text"]))
   cap = jnp.sum(cap_shares)
   total = con_weight * con + cap_weight * cap
   metrics = {"loss": total, "contrastive_loss": con, "caption_loss": cap,
@@ -209,18 +209,58 @@ def train_step(state: TrainState, batch, *, model: CoCa, tx: optax.GradientTrans
       (_, metrics), grads = grad_fn(state.params, model, batch, loss_config)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {**metrics, "grad_norm": optax.global_norm(grads),
-             "param_norm": optax.global_norm(state.params),
+  metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
+             "param_norm": optax.tree.norm(state.params),
              "learning_rate": schedule(state.step)}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def make_train_step(model, tx, config, schedule, mesh: Mesh, shardings: TrainState, rules):
   """The train step jitted with explicit in/out shardings; the old state is donated."""
+  microbatches = int(config.train.get("microbatches", 1))
+  shards = sharding.batch_shards(mesh)
+  if microbatches < 1 or config.train.batch_size % (shards * microbatches):
+    raise ValueError(
+        f"config.train.batch_size={config.train.batch_size} must be divisible by the "
+        f"{shards} batch shards of the mesh times config.train.microbatches={microbatches} "
+        f"(each device splits its rows into microbatches); use a multiple of "
+        f"{shards * max(microbatches, 1)}")
   step = functools.partial(train_step, model=model, tx=tx, loss_config=config.loss,
-                           schedule=schedule, rules=rules,
-                           microbatches=int(config.train.get("microbatches", 1)))
+                           schedule=schedule, rules=rules, microbatches=microbatches)
   batch_shardings = {"image": sharding.batch_sharding(mesh, 4),
                      "text": sharding.batch_sharding(mesh, 2)}
   return jax.jit(step, in_shardings=(shardings, batch_shardings),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """Everything built from a config before any array exists (config -> mesh, model, optimizer,
+  abstract state). The train loop, the benchmark and the tests all start from here."""
+  mesh: Mesh
+  rules: tuple
+  model: CoCa
+  tx: optax.GradientTransformation
+  schedule: Callable
+  abstract_state: TrainState
+  state_shardings: TrainState
+
+  def init_state(self, config, seed: int | None = None) -> TrainState:
+    seed = config.train.seed if seed is None else seed
+    return make_init_fn(self.model, self.tx, config, self.state_shardings)(jax.random.key(seed))
+
+  def train_step(self, config):
+    return make_train_step(self.model, self.tx, config, self.schedule, self.mesh,
+                           self.state_shardings, self.rules)
+
+
+def setup(config, devices=None) -> TrainSetup:
+  """Builds mesh, logical-axis rules, model, optimizer and the abstract sharded state."""
+  from coca_jax import optim  # optim imports nothing from here; kept local to stay light.
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.logical_axis_rules(config)
+  model = build_model(config)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
+  abstract, shardings = state_shardings(model, tx, config, mesh, rules)
+  return TrainSetup(mesh, rules, model, tx, schedule, abstract, shardings)
+

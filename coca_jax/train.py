@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+import signal
 import time
 
 from absl import app, flags, logging
 import jax
-import jax.numpy as jnp
-import numpy as np
 from ml_collections import config_flags
 
-from coca_jax import checkpoint, config as config_lib, flops, optim, sharding, step as step_lib
+from coca_jax import checkpoint, config as config_lib, flops, sharding, step as step_lib
 from coca_jax.data import builders, pipeline
 from coca_jax.data.tokenizer import Tokenizer
 from coca_jax.evaluation import evaluators
@@ -59,6 +57,21 @@ class MetricsWriter:
     if self.enabled:
       with open(self.path, "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+class StopRequest:
+  """Set by SIGTERM/SIGINT (e.g. SLURM's warning before the time limit, a spot VM going away):
+  the loop then saves a checkpoint at the current step and exits cleanly, and a re-run resumes."""
+
+  def __init__(self):
+    self.requested = False
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("Received signal %d: checkpointing and stopping after this step", signum)
+    self.requested = True
 
 
 def _to_python(tree) -> dict:
@@ -125,14 +138,10 @@ def main(argv) -> None:
   # ---- Validate -----------------------------------------------------------------------------
   config_lib.validate(config, num_devices=jax.device_count())
 
-  # ---- Mesh ---------------------------------------------------------------------------------
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_axis_rules(config)
-
-  # ---- Model, optimizer, abstract state -----------------------------------------------------
-  model = step_lib.build_model(config)
-  tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
-  abstract_state, state_shardings = step_lib.state_shardings(model, tx, config, mesh, rules)
+  # ---- Mesh, model, optimizer, abstract state (nothing allocated yet) ----------------------
+  built = step_lib.setup(config)
+  mesh, model = built.mesh, built.model
+  abstract_state, state_shardings = built.abstract_state, built.state_shardings
   if FLAGS.dry_run:
     print(json.dumps(dry_run_summary(config, mesh), indent=2))
     return
@@ -157,13 +166,12 @@ def main(argv) -> None:
     state, resumed = checkpoint.restore(manager, abstract_state, state_shardings, train_iter)
     logging.info("Resumed from step %d", resumed)
   else:
-    state = step_lib.make_init_fn(model, tx, config, state_shardings)(
-        jax.random.key(config.train.seed))
+    state = built.init_state(config)
   if jax.process_index() == 0:
     checkpoint.write_config(workdir, config)
 
   # ---- Compile (ahead of time, so compile time and memory are logged, not mixed in) --------
-  train_step = step_lib.make_train_step(model, tx, config, schedule, mesh, state_shardings, rules)
+  train_step = built.train_step(config)
   with jax.set_mesh(mesh):
     t0 = time.perf_counter()
     compiled = train_step.lower(state, step_lib.dummy_batch(config, config.train.batch_size)
@@ -198,6 +206,7 @@ def main(argv) -> None:
     progress.log(record)
     last_time, last_step = now, step_num
 
+  stop = StopRequest()
   with jax.set_mesh(mesh):
     for step_num in range(first_step + 1, config.train.steps + 1):
       batch = next(train_iter)
@@ -207,6 +216,14 @@ def main(argv) -> None:
         pending = None
       if step_num % config.train.log_every == 0 or step_num == config.train.steps:
         pending = (step_num, metrics)
+      if stop.requested:
+        checkpoint.save(manager, step_num, state, train_iter, force=True)
+        manager.wait_until_finished()
+        if pending is not None:
+          flush(pending)
+        logging.warning("Stopped at step %d; re-run with the same --workdir to resume", step_num)
+        manager.close()
+        return
       if checkpoint.should_save(manager, step_num, ckpt.every_steps):
         checkpoint.save(manager, step_num, state, train_iter)
       every = config.evals.get("every_steps", 0)
@@ -229,7 +246,7 @@ def main(argv) -> None:
 
 
 def _evaluate(config, model, state, tokenizer) -> dict:
-  if not (config.evals.get("zeroshot") or config.evals.get("retrieval")):
+  if not any(config.evals.get(name) for name in ("zeroshot", "retrieval", "captioning")):
     return {}
   t0 = time.perf_counter()
   params = state.params

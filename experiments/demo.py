@@ -52,6 +52,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       zeroshot=dict(split="digits", class_names=list(DIGIT_NAMES),
                     templates=list(ZERO_SHOT_TEMPLATES), examples=1_000),
       retrieval=dict(split="test", examples=1_000),
+      # Greedy captions of held-out scenes against their reference caption.
+      captioning=dict(split="test", examples=1_000, batch_size=250, method="greedy"),
   ))
 
   if smoke:
@@ -65,4 +67,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.evals.update(batch_size=32)
     c.evals.zeroshot.examples = 64
     c.evals.retrieval.examples = 64
+    c.evals.captioning.update(examples=32, batch_size=32)
   return c

@@ -1,5 +1,6 @@
 """Specs for caption decoding (coca_jax/generate.py) on a tiny random CoCa."""
 
+import functools
 import itertools
 
 import flax.linen as nn
@@ -25,8 +26,8 @@ def init(config: CoCaConfig, seed=0, logit_gain=4.0):
   decoding decisions are well separated, like a trained model's."""
   model = CoCa(config)
   images = jax.random.normal(jax.random.key(seed + 1), (3, 16, 16, 3))
-  params = model.init(jax.random.key(seed), images[:1],
-                      jnp.zeros((1, config.max_len), jnp.int32))["params"]
+  params = jax.jit(model.init)(jax.random.key(seed), images[:1],
+                               jnp.zeros((1, config.max_len), jnp.int32))["params"]
   params = nn.unbox(params)
   params["vocab_head"]["kernel"] = params["vocab_head"]["kernel"] * logit_gain
   return model, params, images
@@ -38,9 +39,10 @@ def tiny():
 
 
 def teacher_forced_logits(model, params, images, tokens):
-  return model.apply({"params": params}, images, tokens)["caption_logits"]
+  return jax.jit(model.apply)({"params": params}, images, tokens)["caption_logits"]
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def sequence_logprob(model, params, images, tokens):
   """Sum of log p(token) over the generated tokens (through the first EOS)."""
   logp = jax.nn.log_softmax(teacher_forced_logits(model, params, images, tokens))
@@ -95,9 +97,8 @@ def test_max_new_tokens_caps_length(tiny):
     gen.Decoding(max_new_tokens=8).validate(max_len=8)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_beam_search_with_one_beam_equals_greedy(scan_layers):
-  model, params, images = init(tiny_config(scan_layers=scan_layers), seed=3)
+def test_beam_search_with_one_beam_equals_greedy():
+  model, params, images = init(tiny_config(), seed=3)
   greedy = gen.generate(model, params, images, gen.Decoding())
   beam = gen.generate(model, params, images,
                       gen.Decoding(method="beam", num_beams=1, length_penalty=0.0))
@@ -108,8 +109,9 @@ def test_beam_search_with_one_beam_equals_greedy(scan_layers):
 def test_beam_search_is_exact_when_beams_cover_every_prefix():
   """With 4 ordinary tokens, 3 new tokens and 80 beams nothing is ever pruned, so beam search
   must return the best caption over ALL captions (brute force) — which also checks that the
-  cache is reordered correctly when beams swap parents."""
-  config = tiny_config(vocab_size=8, max_len=4)
+  cache is reordered correctly when beams swap parents (here with unscanned layers, whose cache
+  is laid out [batch, ...] rather than [layers, batch, ...])."""
+  config = tiny_config(vocab_size=8, max_len=4, scan_layers=False)
   model, params, images = init(config, seed=5, logit_gain=2.0)
   alpha = 0.7
   beam = gen.generate(model, params, images,
@@ -207,3 +209,16 @@ def test_decoding_validation_names_the_field():
     gen.Decoding(num_candidates=2).validate(8)
   with pytest.raises(ValueError, match="top_p"):
     gen.Decoding(method="sample", top_p=0.0).validate(8)
+
+
+@pytest.mark.parametrize("scan_layers, axis", [(True, 1), (False, 0)])
+def test_cache_batch_axes_follow_layer_layout(scan_layers, axis):
+  model, params, images = init(tiny_config(scan_layers=scan_layers))
+  context = jax.ShapeDtypeStruct((3, 4, 32), jnp.float32)
+  axes = gen.cache_batch_axes(model, params, context)
+  axes = jax.tree.map(lambda ax: -1 if ax is None else ax, axes, is_leaf=lambda x: x is None)
+  by_name = {}
+  for path, ax in jax.tree_util.tree_leaves_with_path(axes):
+    by_name.setdefault(jax.tree_util.keystr(path).split("'")[-2], set()).add(ax)
+  assert by_name["cached_key"] == by_name["cross_key"] == {axis}
+  assert by_name["cache_index"] == by_name["position"] == {-1}  # Counters are not per row.

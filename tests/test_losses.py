@@ -1,6 +1,5 @@
 """Losses against plain numpy references."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -124,8 +124,8 @@ def test_gradient_accumulation_equals_big_batch(sigmoid_model):
   # big-batch reference has the same 16 examples as negatives for every example.
   config, model, batch, params = sigmoid_model
   params = dict(params, logit_bias=jnp.float32(-3.0))  # Away from init: a non-trivial bias grad.
-  (big, big_metrics), big_grads = jax.jit(
-      lambda p: jax.value_and_grad(step.loss_fn, has_aux=True)(p, model, batch, config.loss))(params)
+  big_batch = lambda p: jax.value_and_grad(step.loss_fn, has_aux=True)(p, model, batch, config.loss)
+  (big, big_metrics), big_grads = jax.jit(big_batch)(params)
   (acc, acc_metrics), acc_grads = jax.jit(
       lambda p: step.accumulated_loss_and_grads(p, model, batch, config.loss, 4))(params)
   assert float(acc) == pytest.approx(float(big), rel=1e-6)

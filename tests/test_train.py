@@ -12,19 +12,14 @@ import numpy as np
 import optax
 import pytest
 
-from coca_jax import checkpoint, config as config_lib, optim, sharding, step as step_lib
+from coca_jax import checkpoint, config as config_lib, optim, step as step_lib
 from conftest import REPO, random_batch, smoke_config
 
 
 def _state_and_step(config):
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_axis_rules(config)
-  model = step_lib.build_model(config)
-  tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
-  abstract, shardings = step_lib.state_shardings(model, tx, config, mesh, rules)
-  state = step_lib.make_init_fn(model, tx, config, shardings)(jax.random.key(0))
-  train_step = step_lib.make_train_step(model, tx, config, schedule, mesh, shardings, rules)
-  return mesh, abstract, shardings, state, train_step
+  built = step_lib.setup(config)
+  return (built.mesh, built.abstract_state, built.state_shardings, built.init_state(config),
+          built.train_step(config))
 
 
 def test_loss_decreases_on_a_fixed_batch():

@@ -1,15 +1,18 @@
-"""Evaluators that run a model over evaluation sets: zero-shot classification and retrieval.
+"""Evaluators that run a model over evaluation sets: zero-shot classification, retrieval and
+captioning.
 
 Configured by `config.evals`:
   every_steps          0 = only after training; N = also every N steps.
   zeroshot             dict(split, class_names, templates, examples) or None
   retrieval            dict(split, examples) or None
+  captioning           dict(split, examples, batch_size?, enabled? (default True), and any
+                       `generate.Decoding` field: method, num_beams, length_penalty,
+                       max_new_tokens, min_len, ...) or None
 The train loop and the `evaluate` CLI both call `run_evals`.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import jax
@@ -79,6 +82,41 @@ def retrieval_eval(embedder: Embedder, source, limit=None) -> dict:
   return {f"eval/{k}": float(v) for k, v in result.items()}
 
 
+def captioning_eval(embedder: Embedder, source, decoding, limit=None, batch_size=None) -> dict:
+  """Greedy/beam/sampled captions of `source`'s images scored against its reference captions:
+  eval/caption_cider (CIDEr-D), eval/caption_bleu4, eval/caption_exact_match (fraction whose
+  normalised caption equals one of the references)."""
+  from coca_jax import generate as gen  # Imported here: generate imports this package's models.
+  batch_size = batch_size or embedder.batch_size
+  model, params, tokenizer = embedder.model, embedder.params, embedder.tokenizer
+  rng = jax.random.key(0)
+  predictions, references = {}, {}
+  for index, batch in enumerate(source.batches(batch_size, limit=limit)):
+    images = preprocess.normalize_images(batch["image"])
+    count = len(images)
+    if count < batch_size:  # Fixed batch: one compilation for the whole split.
+      images = np.concatenate([images, np.zeros((batch_size - count, *images.shape[1:]),
+                                                images.dtype)])
+    out = gen.generate(model, params, jnp.asarray(images), decoding,
+                       jax.random.fold_in(rng, index) if decoding.method == "sample" else None)
+    texts = gen.decode_texts(tokenizer, np.asarray(out["tokens"])[:count])
+    for key, text, refs in zip(batch["key"], texts, batch["captions"]):
+      predictions[key], references[key] = text, list(refs)
+  scores = metrics.caption_scores(predictions, references)
+  exact = np.mean([metrics.tokenize_caption(predictions[k]) in
+                   {metrics.tokenize_caption(r) for r in references[k]} for k in predictions])
+  return {"eval/caption_cider": scores["cider"], "eval/caption_bleu4": scores["bleu4"],
+          "eval/caption_exact_match": float(exact)}
+
+
+def decoding_from_config(captioning):
+  """The generate.Decoding named by the fields of config.evals.captioning (others ignored)."""
+  import dataclasses
+  from coca_jax import generate as gen
+  fields = {f.name for f in dataclasses.fields(gen.Decoding)}
+  return gen.Decoding(**{k: v for k, v in dict(captioning).items() if k in fields})
+
+
 def run_evals(config, embedder: Embedder, make_source) -> dict:
   """Runs each configured evaluator. `make_source(split)` returns an EvalSource."""
   results = {}
@@ -90,4 +128,8 @@ def run_evals(config, embedder: Embedder, make_source) -> dict:
   if evals.get("retrieval"):
     r = evals.retrieval
     results.update(retrieval_eval(embedder, make_source(r.split), r.get("examples")))
+  if evals.get("captioning") and evals.captioning.get("enabled", True):
+    c = evals.captioning
+    results.update(captioning_eval(embedder, make_source(c.split), decoding_from_config(c),
+                                   c.get("examples"), c.get("batch_size")))
   return results

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import einops
 import flax.linen as nn
@@ -153,7 +152,7 @@ class CoCa(nn.Module):
       self.vocab_head = dense(c.vocab_size, ("embed", "vocab"), dt, "vocab_head")
     # SigLIP's initialisation (scale 10, bias -10) keeps the many negatives from swamping the
     # few positives at the start; softmax uses the paper's temperature.
-    scale_init = math.log(10.0) if c.contrastive == "sigmoid" else math.log(1.0 / c.temperature_init)
+    scale_init = math.log(10.0 if c.contrastive == "sigmoid" else 1.0 / c.temperature_init)
     self.logit_scale = self.param(
         "logit_scale", nn.initializers.constant(scale_init), (), jnp.float32)
     if c.contrastive == "sigmoid":

@@ -1,0 +1,275 @@
+"""Using a trained model from Python.
+
+  import coca_jax
+  model = coca_jax.load("/path/to/workdir")          # or .../checkpoints/<step>, or an export
+  image_embeds = model.embed_images(["cat.jpg", ...])  # or uint8 [N, H, W, 3]; -> [N, D]
+  text_embeds = model.embed_texts(["a red 3", ...])    # -> [N, D]
+  model.caption(images, method="beam", num_beams=4)    # -> list of str
+  model.zero_shot(images, ["zero", "one"], ["a photo of a {}."])
+
+Embeddings are L2-normalised numpy float32 [N, D]. Inputs are processed in fixed-size batches
+(the last one padded), so each function compiles once per batch size.
+
+What `load` accepts:
+  * a training workdir: DIR/config.json, DIR/tokenizer.model, DIR/checkpoints/<step>/state
+    (the latest step unless `step=` is given);
+  * one checkpoint step directory DIR/checkpoints/<step> (config and tokenizer from DIR);
+  * an exported bundle (`python -m coca_jax.export`): OUT/export.json, OUT/config.json,
+    OUT/tokenizer.model, OUT/params.
+Only the parameters are read; the optimizer state in a training checkpoint is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from PIL import Image
+
+from coca_jax import checkpoint, generate as gen, step as step_lib
+from coca_jax.data import preprocess
+from coca_jax.data.tokenizer import Tokenizer
+from coca_jax.evaluation import evaluators, metrics
+from coca_jax.models.coca import CoCa
+
+EXPORT_MANIFEST = "export.json"
+EXPORT_PARAMS = "params"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def abstract_params(config):
+  """Unboxed parameter ShapeDtypeStructs of `config.model` (nothing allocated)."""
+  model = step_lib.build_model(config)
+  return model, nn.unbox(step_lib.abstract_params(model, config))
+
+
+def _on_device(abstract, device=None):
+  """Restore targets: each leaf placed whole on one device."""
+  sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                      abstract)
+
+
+def restore_params_from_state(state_dir: str, abstract):
+  """Reads only TrainState.params from an orbax StandardSave of the TrainState at state_dir."""
+  target = _on_device(abstract)
+  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    restored = ckptr.restore(
+        os.path.abspath(state_dir),
+        args=ocp.args.PyTreeRestore(item={"params": target},
+                                    restore_args={"params": restore_args}, partial_restore=True))
+  return restored["params"]
+
+
+def restore_exported_params(params_dir: str, abstract, dtype=None):
+  """Reads an exported params tree (saved in f32 or bf16) and casts it to `dtype` (default: the
+  abstract dtypes, i.e. float32 master weights)."""
+  with ocp.StandardCheckpointer() as ckptr:
+    stored = ckptr.metadata(os.path.abspath(params_dir)).item_metadata
+    target = jax.tree.map(lambda a, m: jax.ShapeDtypeStruct(a.shape, m.dtype),
+                          abstract, stored.tree if hasattr(stored, "tree") else stored)
+    params = ckptr.restore(os.path.abspath(params_dir), _on_device(target))
+  return jax.tree.map(lambda p, a: p.astype(dtype or a.dtype), params, abstract)
+
+
+def resolve(path: str, step: int | None = None) -> dict:
+  """Finds what `path` is. Returns dict(kind, root (where config.json lives), state_dir or
+  params_dir, step)."""
+  path = os.path.abspath(path)
+  if os.path.exists(os.path.join(path, EXPORT_MANIFEST)):
+    with open(os.path.join(path, EXPORT_MANIFEST)) as f:
+      manifest = json.load(f)
+    return dict(kind="export", root=path, params_dir=os.path.join(path, EXPORT_PARAMS),
+                step=manifest.get("step"))
+  if os.path.isdir(os.path.join(path, checkpoint.STATE)):  # DIR/checkpoints/<step>
+    root = os.path.dirname(os.path.dirname(path))
+    return dict(kind="checkpoint", root=root, state_dir=os.path.join(path, checkpoint.STATE),
+                step=int(os.path.basename(path)))
+  if os.path.exists(os.path.join(path, "config.json")):
+    ckpt_dir = checkpoint.checkpoint_dir(path)
+    steps = sorted(int(d) for d in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
+                   if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d, checkpoint.STATE)))
+    if not steps:
+      raise FileNotFoundError(f"{path} is a workdir without checkpoints under {ckpt_dir}; "
+                              "train it first (python -m coca_jax.train)")
+    if step is not None and step not in steps:
+      raise FileNotFoundError(f"step={step} is not among the checkpoints of {path}: {steps}")
+    step = steps[-1] if step is None else step
+    return dict(kind="workdir", root=path, step=step,
+                state_dir=os.path.join(ckpt_dir, str(step), checkpoint.STATE))
+  raise FileNotFoundError(
+      f"{path} is neither a training workdir (config.json + checkpoints/), a checkpoint step "
+      f"directory (checkpoints/<step>/state) nor an export ({EXPORT_MANIFEST}); pass one of those")
+
+
+def _find_tokenizer(root: str, config) -> Tokenizer:
+  beside = os.path.join(root, "tokenizer.model")
+  configured = config.data.get("tokenizer", "")
+  for candidate in (beside, configured):
+    if candidate and os.path.exists(candidate):
+      return Tokenizer.load(candidate)
+  raise FileNotFoundError(f"no tokenizer: neither {beside} nor config.data.tokenizer="
+                          f"{configured!r} exists; copy the run's tokenizer.model beside config.json")
+
+
+def load(path: str, *, step: int | None = None, batch_size: int = 64) -> "Model":
+  """Loads a trained CoCa from a workdir, a checkpoint step directory or an export bundle.
+
+  `step` picks a checkpoint of a workdir (default: the latest); `batch_size` is the fixed batch
+  every call is padded to (one compilation per function).
+  """
+  found = resolve(path, step)
+  config = checkpoint.read_config(found["root"])
+  tokenizer = _find_tokenizer(found["root"], config)
+  model, abstract = abstract_params(config)
+  if found["kind"] == "export":
+    params = restore_exported_params(found["params_dir"], abstract)
+  else:
+    params = restore_params_from_state(found["state_dir"], abstract)
+  return Model(model, params, tokenizer, config, batch_size=batch_size, step=found["step"])
+
+
+def read_image(path: str, size: int) -> np.ndarray:
+  """An image file -> uint8 [size, size, 3]: shorter side to `size`, center crop (evaluation
+  geometry of training)."""
+  with open(path, "rb") as f:
+    return preprocess.decode_train_image(f.read(), size, None)
+
+
+def image_files(paths_or_folders: Sequence[str]) -> list[str]:
+  """Expands folders (sorted, non-recursive) to their image files; keeps files as given."""
+  files = []
+  for p in paths_or_folders:
+    if os.path.isdir(p):
+      files += sorted(os.path.join(p, f) for f in os.listdir(p)
+                      if f.lower().endswith(IMAGE_SUFFIXES))
+    elif os.path.exists(p):
+      files.append(p)
+    else:
+      raise FileNotFoundError(f"image {p!r} does not exist")
+  return files
+
+
+class Model:
+  """A loaded CoCa with its tokenizer. Attributes: module (CoCa), params, tokenizer, config,
+  image_size, step (checkpoint step or None)."""
+
+  def __init__(self, module: CoCa, params, tokenizer: Tokenizer, config, *, batch_size: int = 64,
+               step: int | None = None):
+    self.module, self.params, self.tokenizer, self.config = module, params, tokenizer, config
+    self.image_size = module.config.image_size
+    self.batch_size = batch_size
+    self.step = step
+    self.embedder = evaluators.Embedder(module, params, tokenizer, batch_size=batch_size)
+
+  # -- Inputs ------------------------------------------------------------------------------------
+
+  def images_to_uint8(self, images) -> np.ndarray:
+    """File paths, or uint8 arrays ([N,H,W,3] or a list of [H,W,3]) of any size -> uint8
+    [N, S, S, 3] at the model's image size (shorter side resized, center crop)."""
+    if isinstance(images, str):
+      images = [images]
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+      if images.shape[1:3] == (self.image_size, self.image_size):
+        return images.astype(np.uint8)
+      images = list(images)
+    out = []
+    for image in images:
+      if isinstance(image, (str, os.PathLike)):
+        out.append(read_image(os.fspath(image), self.image_size))
+      else:
+        array = np.asarray(image)
+        if array.ndim != 3 or array.shape[-1] != 3:
+          raise ValueError(f"image of shape {array.shape}: expected uint8 [H, W, 3] or a path")
+        if array.shape[:2] != (self.image_size, self.image_size):
+          array = preprocess.resize_and_center_crop(Image.fromarray(array.astype(np.uint8)),
+                                                    self.image_size)
+        out.append(array.astype(np.uint8))
+    return np.stack(out) if out else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+
+  # -- Embeddings --------------------------------------------------------------------------------
+
+  def embed_images(self, images) -> np.ndarray:
+    """Paths or uint8 images -> L2-normalised float32 [N, D]."""
+    return self.embedder.embed_images(self.images_to_uint8(images))
+
+  def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+    """Strings -> L2-normalised float32 [N, D]."""
+    if isinstance(texts, str):
+      texts = [texts]
+    return self.embedder.embed_texts(list(texts))
+
+  # -- Captions ----------------------------------------------------------------------------------
+
+  def caption_tokens(self, images, decoding: gen.Decoding | None = None, seed: int = 0,
+                     **decoding_fields) -> dict:
+    """Like `caption` but returns generate's arrays (tokens [N, L], lengths, scores), numpy."""
+    decoding = decoding or gen.Decoding(**decoding_fields)
+    images = preprocess.normalize_images(self.images_to_uint8(images))
+    rng = jax.random.key(seed) if decoding.method == "sample" else None
+    results = []
+    for start in range(0, len(images), self.batch_size):
+      chunk = images[start:start + self.batch_size]
+      pad = self.batch_size - len(chunk)
+      if pad:  # Fixed batch: one compilation whatever the number of images.
+        chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+      step_rng = None if rng is None else jax.random.fold_in(rng, start)
+      out = gen.generate(self.module, self.params, jnp.asarray(chunk), decoding, step_rng)
+      results.append({k: np.asarray(v)[:len(chunk) - pad] for k, v in out.items()})
+    if not results:
+      return {"tokens": np.zeros((0, self.module.config.max_len), np.int32)}
+    return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
+
+  def caption(self, images, decoding: gen.Decoding | None = None, seed: int = 0,
+              **decoding_fields) -> list[str]:
+    """Captions for paths or uint8 images. Keyword arguments are `generate.Decoding` fields:
+    method ('greedy' | 'beam' | 'sample'), max_new_tokens, min_len, num_beams, length_penalty,
+    temperature, top_k, top_p, num_candidates (contrastive re-ranking of samples)."""
+    tokens = self.caption_tokens(images, decoding, seed, **decoding_fields)["tokens"]
+    return gen.decode_texts(self.tokenizer, tokens)
+
+  # -- Zero-shot and retrieval -------------------------------------------------------------------
+
+  def zero_shot_classifier(self, class_names: Sequence[str],
+                           templates: Sequence[str] = ("{}",)) -> np.ndarray:
+    """[C, D] class embeddings: each class's prompts embedded, averaged, re-normalised."""
+    return metrics.zero_shot_classifier(self.embed_texts, list(class_names), list(templates))
+
+  def zero_shot(self, images, class_names: Sequence[str],
+                templates: Sequence[str] = ("{}",)) -> dict:
+    """Classifies images among `class_names` (prompts from `templates`, '{}' = the name).
+
+    Returns dict(labels int [N] (index of the predicted class), names list[str], probs float32
+    [N, C] (softmax of the model's scaled cosine similarities)).
+    """
+    classifier = self.zero_shot_classifier(class_names, templates)
+    logits = self.logit_scale * self.embed_images(images) @ classifier.T
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+    labels = probs.argmax(-1)
+    return {"labels": labels, "names": [class_names[i] for i in labels], "probs": probs}
+
+  def similarity(self, images, texts: Sequence[str]) -> np.ndarray:
+    """Cosine similarities [num_images, num_texts]."""
+    return self.embed_images(images) @ self.embed_texts(texts).T
+
+  def retrieve(self, queries, gallery, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k search. queries/gallery: lists of strings (texts) or images (paths / uint8), in
+    either direction. Returns (indices int [Q, k] into gallery, cosine scores [Q, k])."""
+    embed = lambda xs: (self.embed_texts(xs) if len(xs) and isinstance(xs[0], str)
+                        and not os.path.exists(xs[0]) else self.embed_images(xs))
+    scores = embed(queries) @ embed(gallery).T
+    k = min(k, scores.shape[1])
+    index = np.argsort(-scores, axis=1)[:, :k]
+    return index, np.take_along_axis(scores, index, axis=1)
+
+  @property
+  def logit_scale(self) -> float:
+    return float(jnp.minimum(jnp.exp(self.params["logit_scale"]),
+                             self.module.config.max_logit_scale))

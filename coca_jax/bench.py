@@ -1,0 +1,163 @@
+r"""Train-step throughput / MFU, and compile-only memory planning, for an experiment config.
+
+  # Throughput and MFU of the real train step on this machine's devices (synthetic batch):
+  python -m coca_jax.bench --config experiments/demo.py --mode train --steps 10 --json
+  # Will CoCa-2.1B at 16 examples per chip fit 64 chips? Compile only, on 64 simulated CPU
+  # devices; prints per-device bytes from XLA's memory analysis, compile time and FLOPs:
+  python -m coca_jax.bench --config experiments/coca_2b.py:batch=1024 --mode compile \
+      --devices 64 --json
+
+`--devices N` simulates N CPU devices (compile mode, or a CPU train benchmark). Config overrides
+work as in training: --config.mesh.fsdp=8 --config.model.remat=full ...
+The compile-mode byte counts are those of the CPU compilation of the same sharded program: a
+planning estimate of a TPU/GPU's per-device footprint (same shapes and shardings; layouts and
+fusion differ), good for "fits or not by a wide margin" before booking hardware.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
+                                lock_config=False)
+flags.DEFINE_enum("mode", "train", ["train", "compile"],
+                  "train: time real steps; compile: lower + compile only, report memory.")
+flags.DEFINE_integer("devices", None, "Simulate this many CPU devices (before JAX starts).")
+flags.DEFINE_integer("steps", 10, "Timed steps (train mode), after one warm-up step.")
+flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+
+
+def _abstract_batch(config, mesh):
+  import jax
+  from coca_jax import sharding, step
+  return {name: jax.ShapeDtypeStruct(shape.shape, shape.dtype,
+                                     sharding=sharding.batch_sharding(mesh, len(shape.shape)))
+          for name, shape in step.dummy_batch(config, config.train.batch_size).items()}
+
+
+def _synthetic_batch(config, mesh, seed: int = 0):
+  """Random normalised images and BOS..EOS captions of random lengths, placed on the mesh."""
+  import jax
+  import numpy as np
+  from coca_jax import sharding
+  rng = np.random.default_rng(seed)
+  batch, size = config.train.batch_size, config.model.image_size
+  length, vocab = config.model.text.max_len, config.model.text.vocab_size
+  text = np.zeros((batch, length), np.int32)
+  for row, n in enumerate(rng.integers(1, length - 1, batch)):
+    text[row, 0], text[row, 1:n + 1], text[row, n + 1] = 2, rng.integers(4, vocab, n), 3
+  arrays = {"image": rng.standard_normal((batch, size, size, 3), dtype=np.float32), "text": text}
+  return {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in arrays.items()}
+
+
+def _memory_report(compiled) -> dict:
+  memory = compiled.memory_analysis()
+  if memory is None:
+    return {}
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+            "temp_size_in_bytes", "generated_code_size_in_bytes")
+  report = {name: int(getattr(memory, name, 0) or 0) for name in fields}
+  # Live at the peak: inputs + outputs (donated inputs alias outputs: counted once) + scratch.
+  report["bytes_per_device"] = (report["argument_size_in_bytes"] + report["output_size_in_bytes"]
+                                - report["alias_size_in_bytes"] + report["temp_size_in_bytes"])
+  return report
+
+
+def run(config, mode: str, steps: int = 10) -> dict:
+  """The benchmark as a dict (what `--json` prints)."""
+  import jax
+  from coca_jax import config as config_lib, flops, step
+
+  config_lib.validate(config, num_devices=jax.device_count())
+  built = step.setup(config)
+  mesh = built.mesh
+  abstract_state, state_shardings = built.abstract_state, built.state_shardings
+  train_step = built.train_step(config)
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+      state_shardings)
+  flops_per_example = flops.model_flops_per_example(config)
+  result = {
+      "mode": mode,
+      "params": flops.param_counts(config)["total"],
+      "devices": jax.device_count(),
+      "device_kind": jax.devices()[0].device_kind,
+      "mesh": dict(mesh.shape),
+      "global_batch": config.train.batch_size,
+      "batch_per_device": config.train.batch_size / jax.device_count(),
+      "microbatches": int(config.train.get("microbatches", 1)),
+      "dtype": config.model.dtype,
+      "remat": config.model.remat,
+      "contrastive_impl": config.loss.get("contrastive_impl", "gathered"),
+      "model_flops_per_example": flops_per_example,
+  }
+  with jax.set_mesh(mesh):
+    start = time.perf_counter()
+    compiled = train_step.lower(abstract_state, _abstract_batch(config, mesh)).compile()
+    result["compile_seconds"] = time.perf_counter() - start
+  result.update(_memory_report(compiled))
+  # XLA's count per device (a scanned layer stack is counted once, not per layer).
+  result["xla_flops_per_device"] = flops.compiled_flops(compiled)
+  if mode == "compile":
+    return result
+
+  with jax.set_mesh(mesh):
+    state = built.init_state(config, seed=0)
+    batch = _synthetic_batch(config, mesh)
+    state, metrics = compiled(state, batch)  # Warm-up (first-run allocations).
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+      start = time.perf_counter()
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+  step_seconds = statistics.median(times)
+  peak = flops.peak_flops_per_device()  # Spec sheet, or a matmul measured here on CPU.
+  result.update({
+      "step_seconds": step_seconds,
+      "step_seconds_min": min(times),
+      "examples_per_second": config.train.batch_size / step_seconds,
+      "peak_flops_per_device": peak,
+      "loss": float(metrics["loss"]),
+      **flops.throughput_metrics(flops_per_example, config.train.batch_size / step_seconds,
+                                 jax.device_count(), peak),
+  })
+  return result
+
+
+def _print_table(result: dict) -> None:
+  for key, value in result.items():
+    if isinstance(value, float):
+      value = f"{value:.4g}"
+    elif isinstance(value, int) and "bytes" in key:
+      value = f"{value:,} ({value / 2**30:.2f} GiB)"
+    print(f"{key:>32}: {value}")
+
+
+def main(argv) -> None:
+  del argv
+  if FLAGS.config is None:
+    raise app.UsageError("--config is required, e.g. --config experiments/demo.py")
+  if FLAGS.devices:
+    # Must happen before JAX creates its CPU client: simulated devices for planning/testing.
+    import jax
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", FLAGS.devices)
+  result = run(FLAGS.config, FLAGS.mode, FLAGS.steps)
+  if FLAGS.json:
+    print(json.dumps(result))
+  else:
+    _print_table(result)
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  app.run(main)

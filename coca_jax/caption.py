@@ -1,0 +1,62 @@
+r"""Captions images with a trained model.
+
+  python -m coca_jax.caption --model PATH IMAGE_OR_FOLDER... [--method beam --num_beams 4]
+      [--method sample --temperature 0.8 --top_p 0.9 --num_candidates 8] [--json]
+
+PATH: a training workdir, a checkpoints/<step> directory or an export bundle. Folders are
+expanded to their image files. Prints "path<TAB>caption" per image (or one JSON object per line
+with --json: path, caption, score).
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags
+
+from coca_jax import api, generate as gen
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "Workdir, checkpoint step directory or export bundle.")
+flags.DEFINE_enum("method", "greedy", list(gen.METHODS), "Decoding method.")
+flags.DEFINE_integer("num_beams", 4, "Beams (method=beam).")
+flags.DEFINE_float("length_penalty", 0.6, "Beam ranking: log p / length**length_penalty.")
+flags.DEFINE_integer("max_new_tokens", None, "Most generated tokens incl. EOS (default max).")
+flags.DEFINE_integer("min_len", 0, "No EOS before this many tokens.")
+flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
+flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = off).")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1.0 = off).")
+flags.DEFINE_integer("num_candidates", 1,
+                     "method=sample: draw N captions, keep the best image-text match.")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_integer("batch_size", 32, "Images per compiled batch.")
+flags.DEFINE_bool("json", False, "One JSON object per line instead of TSV.")
+
+
+def main(argv) -> None:
+  inputs = argv[1:]
+  if not FLAGS.model or not inputs:
+    raise app.UsageError("usage: python -m coca_jax.caption --model PATH IMAGE_OR_FOLDER...")
+  files = api.image_files(inputs)
+  if not files:
+    raise app.UsageError(f"no image files ({', '.join(api.IMAGE_SUFFIXES)}) in {inputs}")
+  decoding = gen.Decoding(
+      method=FLAGS.method, num_beams=FLAGS.num_beams, length_penalty=FLAGS.length_penalty,
+      max_new_tokens=FLAGS.max_new_tokens, min_len=FLAGS.min_len, temperature=FLAGS.temperature,
+      top_k=FLAGS.top_k, top_p=FLAGS.top_p, num_candidates=FLAGS.num_candidates)
+  model = api.load(FLAGS.model, batch_size=min(FLAGS.batch_size, len(files)))
+  out = model.caption_tokens(files, decoding, seed=FLAGS.seed)
+  captions = gen.decode_texts(model.tokenizer, out["tokens"])
+  for path, caption, score in zip(files, captions, out["scores"]):
+    if FLAGS.json:
+      print(json.dumps({"path": path, "caption": caption, "score": float(score)}))
+    else:
+      print(f"{path}\t{caption}")
+
+
+def run() -> None:
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

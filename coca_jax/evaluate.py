@@ -1,0 +1,96 @@
+r"""Runs the configured evaluations of a trained model and writes the results as JSON.
+
+  python -m coca_jax.evaluate --workdir DIR [--step N] [--out results.json] \
+      [--config.evals.captioning.enabled=True --config.evals.captioning.method=beam ...]
+  python -m coca_jax.evaluate --workdir DIR --config experiments/demo.py [--config.evals...]
+
+Without --config the run's own DIR/config.json is used (its data paths, model and `evals`), and
+`--config.<field>=value` overrides any field of it. With --config FILE[:args] the evals and data
+settings come from that file; the model always comes from the checkpoint's config.json.
+--workdir may also be a checkpoint step directory or an export bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from coca_jax import api, checkpoint
+from coca_jax.data import pipeline
+from coca_jax.evaluation import evaluators
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Training workdir, checkpoints/<step> dir, or export.")
+flags.DEFINE_integer("step", None, "Checkpoint step of a workdir (default: the latest).")
+flags.DEFINE_string("out", None, "Write the results JSON here (always printed to stdout).")
+
+
+def _flag_value(argv, name):
+  for i, arg in enumerate(argv):
+    if arg == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+    if arg.startswith(f"--{name}="):
+      return arg.split("=", 1)[1]
+  return None
+
+
+def define_config_flag(argv) -> None:
+  """--config is a file if one is given, else the workdir's config.json (overridable)."""
+  if _flag_value(argv, "config"):
+    config_flags.DEFINE_config_file("config", None, "Config file[:args] for evals/data.",
+                                    lock_config=False)
+    return
+  workdir = _flag_value(argv, "workdir")
+  if not workdir:
+    raise app.UsageError("--workdir is required")
+  root = api.resolve(workdir)["root"]
+  config_flags.DEFINE_config_dict("config", with_eval_defaults(checkpoint.read_config(root)),
+                                  "The run's config.", lock_config=False)
+
+
+def with_eval_defaults(config):
+  """Adds a disabled `evals.captioning` group to a run that has none, so it can be switched on
+  from the command line (--config.evals.captioning.enabled=True)."""
+  if not config.evals.get("captioning"):
+    config.evals.captioning = dict(
+        enabled=False, split=config.data.get("eval_split", "test"), examples=1000, batch_size=64,
+        method="greedy", num_beams=4, length_penalty=0.6, min_len=0, temperature=1.0, top_k=0,
+        top_p=1.0, num_candidates=1)
+  return config
+
+
+def evaluate(model: api.Model, config) -> dict:
+  """Runs config.evals on `model`; data from config.data. Returns {metric: value}."""
+  t0 = time.perf_counter()
+  embedder = evaluators.Embedder(model.module, model.params, model.tokenizer,
+                                 batch_size=config.evals.get("batch_size", 256))
+  results = evaluators.run_evals(config, embedder,
+                                 lambda split: pipeline.make_eval_source(config, split))
+  results["eval/seconds"] = time.perf_counter() - t0
+  return results
+
+
+def main(argv) -> None:
+  del argv
+  model = api.load(FLAGS.workdir, step=FLAGS.step)
+  results = {"step": model.step, **evaluate(model, FLAGS.config)}
+  text = json.dumps(results, indent=2, sort_keys=True)
+  print(text)
+  if FLAGS.out:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+      f.write(text + "\n")
+
+
+def run() -> None:
+  define_config_flag(sys.argv)
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

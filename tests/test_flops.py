@@ -1,0 +1,116 @@
+"""Spec: analytic FLOPs match what XLA compiles; parameter counts match the CoCa paper.
+
+The analytic count is what MFU divides by, so it must agree with XLA's own count of the
+compiled computation (`cost_analysis()`, which also counts elementwise work: a few % above the
+matmul-only model FLOPs), and the paper configs must have Table 1's sizes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import pytest
+
+from coca_jax import config as config_lib, flops, step
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _demo_config(**model):
+  config = config_lib.load_config(os.path.join(REPO, "experiments", "demo.py"))
+  # Unscanned: XLA's cost analysis counts a while loop's body once, not once per layer.
+  config.model.update(scan_layers=False, **model)
+  return config
+
+
+@pytest.fixture(scope="module")
+def xla_vs_analytic():
+  """(XLA forward FLOPs, XLA train FLOPs, analytic forward FLOPs) for 8 demo-sized examples."""
+  config, batch_size = _demo_config(), 8
+  model = step.build_model(config)
+  params = flops.abstract_params(config)
+  batch = step.dummy_batch(config, batch_size)
+
+  def forward(p, image, text):
+    out = model.apply({"params": p}, image, text)
+    # Uses every output so nothing is dead code; the [B, B] logits are the contrastive matmul.
+    return out["caption_logits"].sum() + (out["image_embed"] @ out["text_embed"].T).sum()
+
+  args = (params, batch["image"], batch["text"])
+  xla_forward = flops.compiled_flops(jax.jit(forward).lower(*args).compile())
+  xla_train = flops.compiled_flops(jax.jit(jax.grad(forward)).lower(*args).compile())
+  analytic = flops.model_flops_per_example(config, batch_size, train=False) * batch_size
+  return xla_forward, xla_train, analytic
+
+
+def test_forward_flops_match_xla_cost_analysis(xla_vs_analytic):
+  xla_forward, _, analytic = xla_vs_analytic
+  assert xla_forward is not None
+  # XLA also counts layer norms, softmax, GELU and adds: slightly above the matmul count.
+  assert 1.0 <= xla_forward / analytic < 1.06
+
+
+def test_train_flops_are_three_forwards(xla_vs_analytic):
+  _, xla_train, analytic = xla_vs_analytic
+  assert 0.97 <= xla_train / (3 * analytic) < 1.06
+
+
+@pytest.mark.parametrize("name,paper_params", [
+    ("coca_base", 383e6), ("coca_large", 787e6), ("coca_2b", 2.1e9)])
+def test_paper_configs_have_table1_parameter_counts(name, paper_params):
+  config = config_lib.load_config(os.path.join(REPO, "experiments", f"{name}.py"))
+  counts = flops.param_counts(config)
+  assert abs(counts["total"] / paper_params - 1) < 0.03, counts["total"]
+  assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
+  # Table 1's image encoders: 86M / 303M / 1B (patch embedding and positions included).
+  vision = counts["vision"] + counts["patch_embed"] + counts["image_pos_embed"]
+  expected_vision = {"coca_base": 86e6, "coca_large": 303e6, "coca_2b": 1.0e9}[name]
+  assert abs(vision / expected_vision - 1) < 0.03
+
+
+def test_paper_configs_use_the_paper_recipe():
+  config = config_lib.load_config(os.path.join(REPO, "experiments", "coca_2b.py"))
+  m = config.model
+  assert (m.image_size, m.patch_size, m.n_gen_queries) == (288, 18, 256)
+  assert config.train.batch_size == 65_536 and config.train.steps == 500_000
+  o = config.optim
+  assert (o.name, o.b1, o.b2, o.weight_decay, o.lr, o.warmup_fraction, o.decay) == (
+      "adafactor", 0.9, 0.999, 0.01, 8e-4, 0.02, "linear")
+  assert (config.loss.contrastive_weight, config.loss.caption_weight) == (1.0, 2.0)
+  config_lib.validate(config, num_devices=2048)
+
+
+def test_contrastive_flops_grow_with_global_batch_only():
+  config = _demo_config()
+  small = flops.forward_flops_breakdown(config, batch_size=128)
+  large = flops.forward_flops_breakdown(config, batch_size=1024)
+  assert large["contrastive_logits"] == 8 * small["contrastive_logits"]
+  assert {k: v for k, v in large.items() if k != "contrastive_logits"} == {
+      k: v for k, v in small.items() if k != "contrastive_logits"}
+
+
+def test_moe_counts_only_active_experts():
+  dense = _demo_config()
+  base = flops.forward_flops_breakdown(dense)
+  modality = _demo_config()
+  modality.model.text.num_experts, modality.model.text.routing = 3, "modality"
+  assert flops.forward_flops_breakdown(modality) == base  # One expert per token.
+  top2 = _demo_config()
+  top2.model.text.update(num_experts=8, routing="learned", top_k=2)
+  routed = flops.forward_flops_breakdown(top2)
+  t, w, mlp = dense.model.text.max_len, dense.model.text.width, dense.model.text.mlp_dim
+  extra_uni = dense.model.text.n_uni * 4 * t * w * mlp  # One more expert's MLP per token.
+  extra_multi = dense.model.text.n_multi * 4 * (t - 1) * w * mlp
+  assert routed["unimodal_decoder"] - base["unimodal_decoder"] == extra_uni
+  assert routed["multimodal_decoder"] - base["multimodal_decoder"] == extra_multi
+  assert routed["image_encoder"] == base["image_encoder"]
+
+
+def test_mfu_arithmetic_and_cpu_peak():
+  peak = flops.measure_cpu_peak_flops(size=256, repeats=2)
+  assert 1e8 < peak < 1e14
+  metrics = flops.throughput_metrics(flops_per_example=1e9, examples_per_second=100.0,
+                                     num_devices=4, peak_per_device=1e11)
+  assert metrics["model_tflops_per_sec_per_device"] == pytest.approx(0.025)
+  assert metrics["mfu"] == pytest.approx(0.25)

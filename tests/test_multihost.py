@@ -1,0 +1,99 @@
+"""Spec: two real processes (jax.distributed on localhost, CPU gloo collectives) train exactly
+what one process trains.
+
+Each process owns one CPU device and feeds only ITS half of every global batch
+(`jax.make_array_from_process_local_data`); the mesh is fsdp=2, so parameters and optimizer
+state are split across the two processes. After a few steps the parameters (gathered) equal a
+single-process run over the same global batches.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import portpicker
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 3
+
+
+def _train(out_path: str, coordinator: str | None, num_processes: int, process_id: int) -> None:
+  """Trains STEPS steps of the tiny config; process 0 writes the final parameters (npz)."""
+  import jax
+  if coordinator:
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+  from jax.experimental import multihost_utils
+  sys.path.insert(0, os.path.join(REPO, "tests"))
+  from coca_jax import optim, sharding, step
+  from test_sharding import tiny_batch, tiny_config
+
+  config = tiny_config()
+  config.mesh.update(data=1, fsdp=-1)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_axis_rules(config)
+  model = step.build_model(config)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
+  _, shardings = step.state_shardings(model, tx, config, mesh, rules)
+  with jax.set_mesh(mesh):
+    state = step.make_init_fn(model, tx, config, shardings)(jax.random.key(0))
+    train_step = step.make_train_step(model, tx, config, schedule, mesh, shardings, rules)
+    for i in range(STEPS):
+      batch = tiny_batch(config, seed=i)
+      rows = config.train.batch_size // jax.process_count()
+      local = {k: v[jax.process_index() * rows:(jax.process_index() + 1) * rows]
+               for k, v in batch.items()}
+      global_batch = {
+          k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v,
+                                                    batch[k].shape)
+          for k, v in local.items()}
+      state, metrics = train_step(state, global_batch)
+    params = multihost_utils.process_allgather(state.params, tiled=True)
+  if jax.process_index() == 0:
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    np.savez(out_path, loss=np.asarray(metrics["loss"]),
+             **{jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves})
+  if coordinator:
+    jax.distributed.shutdown()
+
+
+def _start(tmp_path, num_processes: int):
+  """Starts one run (1 or 2 processes); returns (processes, path of the parameters file)."""
+  out = str(tmp_path / f"params_{num_processes}.npz")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
+         # One process alone gets two devices, so its mesh (fsdp=2) is the same. Unoptimised
+         # CPU code generation: same arithmetic, faster compiles.
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={3 - num_processes} "
+                      "--xla_backend_optimization_level=0"}
+  coordinator = f"127.0.0.1:{portpicker.pick_unused_port()}" if num_processes > 1 else ""
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), out, coordinator, str(num_processes), str(i)],
+      env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(num_processes)]
+  return procs, out
+
+
+def _wait(procs, out) -> dict:
+  for proc in procs:
+    _, stderr = proc.communicate(timeout=400)
+    assert proc.returncode == 0, stderr[-4000:]
+  with np.load(out) as data:
+    return dict(data)
+
+
+def test_two_processes_train_like_one(tmp_path):
+  # Both runs at once: compiling is mostly single-threaded, so they overlap well on 2 cores.
+  single_run, multi_run = _start(tmp_path, 1), _start(tmp_path, 2)
+  single, multi = _wait(*single_run), _wait(*multi_run)
+  assert single.keys() == multi.keys() and len(single) > 10
+  for name, value in single.items():
+    np.testing.assert_allclose(multi[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+  assert np.isfinite(single["loss"])
+
+
+if __name__ == "__main__":
+  out_path, coordinator, num_processes, process_id = sys.argv[1:5]
+  _train(out_path, coordinator or None, int(num_processes), int(process_id))
