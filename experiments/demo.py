@@ -24,7 +24,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       pooler_heads=4, dtype="float32", remat="none", scan_layers=True,
       temperature_init=0.07, max_logit_scale=100.0,
       vision=dict(width=128, depth=4, heads=4, mlp_dim=512),
-      text=dict(vocab_size=64, max_len=20, width=128, heads=4, mlp_dim=512, n_uni=2, n_multi=2),
+      text=dict(vocab_size=64, max_len=12, width=128, heads=4, mlp_dim=512, n_uni=2, n_multi=2),
   ))
   # Digit scenes are built once into DIR/tensorflow_datasets (TFDS array_record) and read with
   # grain like any user dataset; the tokenizer is trained on the train captions into DIR.
@@ -36,7 +36,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       image_size=48, tokenizer="", tokenizer_vocab=64, tokenizer_type="bpe", num_workers=0,
       random_resized_crop=False,  # Crops could cut off a digit the caption names.
   ))
-  c.train = ml_collections.ConfigDict(dict(steps=1_200, batch_size=128, seed=0, log_every=50))
+  c.train = ml_collections.ConfigDict(dict(steps=1_000, batch_size=128, seed=0, log_every=50))
   c.loss = ml_collections.ConfigDict(dict(
       contrastive_weight=1.0, caption_weight=2.0, label_smoothing=0.0, contrastive="softmax"))
   c.optim = ml_collections.ConfigDict(dict(
@@ -53,7 +53,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                     templates=list(ZERO_SHOT_TEMPLATES), examples=1_000),
       retrieval=dict(split="test", examples=1_000),
       # Greedy captions of held-out scenes against their reference caption.
-      captioning=dict(split="test", examples=1_000, batch_size=250, method="greedy"),
+      captioning=dict(enabled=True, split="test", examples=1_000, batch_size=250, method="greedy"),
   ))
 
   if smoke:

@@ -127,7 +127,7 @@ def test_demo_matches_digit_scenes(tmp_path):
   for index in range(6):
     example = train[f"train/{index:06d}"]
     np.testing.assert_array_equal(example["image"], scenes["image"][index])
-    assert example["captions"][0].decode() == scenes["caption"][index]
+    assert [c.decode() for c in example["captions"]] == scenes["captions"][index]
     assert example["label"] == -1
   singles = digit_scenes.make_single_digits("test", 4, 5, image_size=24)
   digits = _read_split("digits_demo", tmp_path / "tfds", "digits")

@@ -260,7 +260,7 @@ class DemoBuilder(_CaptionBuilder, skip_registration=True):
       Image.fromarray(data["image"][index]).save(buffer, format="PNG")
       report.written += 1
       key = f"{split}/{index:06d}"
-      yield key, {"image": buffer.getvalue(), "captions": [data["caption"][index]], "key": key,
+      yield key, {"image": buffer.getvalue(), "captions": list(data["captions"][index]), "key": key,
                   "label": int(labels[index])}
 
 

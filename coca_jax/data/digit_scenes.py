@@ -1,9 +1,13 @@
 """Digit scenes: a small, real image-caption set made offline.
 
 Real handwritten digits (scikit-learn's bundled `load_digits`, 1,797 scans of 8x8 pixels, BSD-3)
-are upscaled, coloured and placed 1-3 per canvas, left to right. The caption names each digit with
-its colour in reading order, e.g. "a red 3 left of a blue 7". Train and test scenes draw digits from
-disjoint sets of scans, so held-out scenes show handwriting the model never saw.
+are upscaled, coloured and placed 1-2 per canvas (more with `max_digits`), left to right. The
+caption names each digit with its colour in reading order, e.g. "a red 3 left of a blue 7".
+Train and test scenes draw digits from disjoint sets of scans, so held-out scenes show handwriting
+the model never saw.
+
+(A second, digits-only caption per scene was tried and dropped: identical captions of different
+images within a batch are false negatives for the contrastive loss, and it learned slower.)
 
 Everything is deterministic in (split, num, seed): the same call returns the same pixels.
 """
@@ -15,12 +19,12 @@ import functools
 import numpy as np
 from PIL import Image
 
-# Three colours on purpose: with few colours, many scenes in a batch share their colour pattern,
-# so the contrastive loss can only tell them apart by the digits themselves.
 COLOURS = {
     "red": (235, 50, 50),
     "green": (50, 210, 70),
     "blue": (60, 110, 255),
+    "yellow": (240, 220, 40),
+    "white": (245, 245, 245),
 }
 COLOUR_NAMES = tuple(COLOURS)
 DIGIT_NAMES = tuple(str(d) for d in range(10))
@@ -58,10 +62,14 @@ def _glyph(scan: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(img, np.float32) / 255.0
 
 
+def _glyph_size(image_size: int, max_digits: int) -> int:
+  # Digits fill 40% of the canvas height: large enough to read, small enough to move around.
+  return max(8, min(int(image_size * 0.4), image_size // max_digits))
+
+
 def _render(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarray, count: int,
-            image_size: int) -> tuple[np.ndarray, str, list[int]]:
+            image_size: int, glyph_size: int) -> tuple[np.ndarray, str, list[int]]:
   """Draws one canvas with `count` digits left to right; returns (uint8 [H,W,3], caption, labels)."""
-  glyph_size = max(8, image_size // 3)
   canvas = rng.uniform(0, 30, size=(image_size, image_size, 3)).astype(np.float32)
   slot_width = image_size // count
   parts, digit_labels = [], []
@@ -80,43 +88,50 @@ def _render(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarray, cou
     digit = int(labels[index])
     parts.append(f"a {colour_name} {digit}")
     digit_labels.append(digit)
-  caption = " left of ".join(parts)
-  return np.clip(canvas, 0, 255).astype(np.uint8), caption, digit_labels
+  return np.clip(canvas, 0, 255).astype(np.uint8), " left of ".join(parts), digit_labels
 
 
 def make_scenes(split: str, num: int, seed: int, image_size: int = 48,
-                max_digits: int = 3) -> dict:
+                max_digits: int = 2) -> dict:
   """Scenes of 1..max_digits digits.
 
   Returns:
-    dict(image=uint8 [num, image_size, image_size, 3], caption=list[str] of length num).
+    dict(image=uint8 [num, image_size, image_size, 3], caption=list[str] of length num,
+         captions=list of [caption] per scene, the several-captions-per-image form).
   """
   scans, labels = _scans(split)
   rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+  glyph_size = _glyph_size(image_size, max_digits)
   images, captions = [], []
   for _ in range(num):
     count = int(rng.integers(1, max_digits + 1))
-    image, caption, _ = _render(rng, scans, labels, count, image_size)
+    image, caption, _ = _render(rng, scans, labels, count, image_size, glyph_size)
     images.append(image)
     captions.append(caption)
-  return {"image": np.stack(images), "caption": captions}
+  return {"image": np.stack(images), "caption": captions, "captions": [[c] for c in captions]}
 
 
-def make_single_digits(split: str, num: int, seed: int, image_size: int = 48) -> dict:
+def make_single_digits(split: str, num: int, seed: int, image_size: int = 48,
+                       max_digits: int = 2) -> dict:
   """Canvases with exactly one digit, for zero-shot digit classification.
 
+  `max_digits` only sets the glyph size, to match scenes made with the same value.
+
   Returns:
-    dict(image=uint8 [num, H, W, 3], label=int32 [num] (the digit), caption=list[str]).
+    dict(image=uint8 [num, H, W, 3], label=int32 [num] (the digit), caption=list[str],
+         captions=list of [caption]).
   """
   scans, labels = _scans(split)
   rng = np.random.default_rng([seed, 2 if split == "train" else 3])
+  glyph_size = _glyph_size(image_size, max_digits)
   images, captions, targets = [], [], []
   for _ in range(num):
-    image, caption, digit_labels = _render(rng, scans, labels, 1, image_size)
+    image, caption, digit_labels = _render(rng, scans, labels, 1, image_size, glyph_size)
     images.append(image)
     captions.append(caption)
     targets.append(digit_labels[0])
-  return {"image": np.stack(images), "label": np.asarray(targets, np.int32), "caption": captions}
+  return {"image": np.stack(images), "label": np.asarray(targets, np.int32), "caption": captions,
+          "captions": [[c] for c in captions]}
 
 
 # Prompt templates for zero-shot digit classification: one per colour, averaged (prompt ensembling).
