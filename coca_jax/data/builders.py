@@ -282,6 +282,18 @@ class _FileBuilder(_CaptionBuilder, skip_registration=True):
     self.max_image_side = max_image_side
     super().__init__(data_dir=data_dir, **kwargs)
 
+  def _encode_counted(self, raw: bytes, report: "SplitReport", where: str) -> bytes | None:
+    """Validated/converted image bytes, with the report's counts updated; None if skipped."""
+    try:
+      image_bytes, conversions = prepare_image(raw, self.max_image_side)
+    except SkipExample as e:
+      report.skip(e.reason, where)
+      return None
+    for conversion in conversions:
+      report.converted[conversion] += 1
+    report.written += 1
+    return image_bytes
+
   def _split_names(self):
     splits = ["train"]
     if self.eval_src or self.eval_fraction:
@@ -405,15 +417,9 @@ class FolderBuilder(_FileBuilder, skip_registration=True):
       except OSError as e:
         report.skip("unreadable image file", f"{where}: {e}")
         continue
-      try:
-        image_bytes, conversions = prepare_image(raw, self.max_image_side)
-      except SkipExample as e:
-        report.skip(e.reason, where)
-        continue
-      for conversion in conversions:
-        report.converted[conversion] += 1
-      report.written += 1
-      yield image, {"image": image_bytes, "captions": captions, "key": image}
+      image_bytes = self._encode_counted(raw, report, where)
+      if image_bytes is not None:
+        yield image, {"image": image_bytes, "captions": captions, "key": image}
 
 
 def _tar_paths(src: str) -> list[str]:
@@ -478,14 +484,12 @@ class WebDatasetBuilder(_FileBuilder, skip_registration=True):
           continue
         try:
           caption = clean_caption(parts["txt"])
-          image_bytes, conversions = prepare_image(parts[image_ext], self.max_image_side)
         except SkipExample as e:
           report.skip(e.reason, key)
           continue
-        for conversion in conversions:
-          report.converted[conversion] += 1
-        report.written += 1
-        yield key, {"image": image_bytes, "captions": [caption], "key": key}
+        image_bytes = self._encode_counted(parts[image_ext], report, key)
+        if image_bytes is not None:
+          yield key, {"image": image_bytes, "captions": [caption], "key": key}
 
 
 _BUILDER_CLASSES = {"demo": DemoBuilder, "folder": FolderBuilder, "webdataset": WebDatasetBuilder}
