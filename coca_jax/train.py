@@ -206,6 +206,8 @@ def main(argv) -> None:
     progress.log(record)
     last_time, last_step = now, step_num
 
+  embedder = evaluators.Embedder(model, state.params, tokenizer,
+                                 batch_size=config.evals.get("batch_size", 256))
   stop = StopRequest()
   with jax.set_mesh(mesh):
     for step_num in range(first_step + 1, config.train.steps + 1):
@@ -228,7 +230,9 @@ def main(argv) -> None:
         checkpoint.save(manager, step_num, state, train_iter)
       every = config.evals.get("every_steps", 0)
       if every and step_num % every == 0 and step_num != config.train.steps:
-        writer.write({"step": step_num, **_evaluate(config, model, state, tokenizer)})
+        results = _evaluate(config, embedder, state)
+        if results:
+          writer.write({"step": step_num, **results})
     if pending is not None:
       flush(pending)
 
@@ -237,7 +241,7 @@ def main(argv) -> None:
     if manager.latest_step() != final_step:
       checkpoint.save(manager, final_step, state, train_iter, force=True)
     manager.wait_until_finished()
-    results = _evaluate(config, model, state, tokenizer)
+    results = _evaluate(config, embedder, state)
   if results:
     writer.write({"step": final_step, **results})
     if jax.process_index() == 0:
@@ -245,16 +249,15 @@ def main(argv) -> None:
   manager.close()
 
 
-def _evaluate(config, model, state, tokenizer) -> dict:
-  if not any(config.evals.get(name) for name in ("zeroshot", "retrieval", "captioning")):
-    return {}
+def _evaluate(config, embedder: evaluators.Embedder, state) -> dict:
+  """Runs the configured evals on the current params. The embedder (and its compiled
+  functions) is built once per run, so periodic evals do not recompile."""
   t0 = time.perf_counter()
-  params = state.params
-  embedder = evaluators.Embedder(model, params, tokenizer,
-                                 batch_size=config.evals.get("batch_size", 256))
+  embedder.params = state.params
   results = evaluators.run_evals(
       config, embedder, lambda split: pipeline.make_eval_source(config, split))
-  results["eval/seconds"] = time.perf_counter() - t0
+  if results:
+    results["eval/seconds"] = time.perf_counter() - t0
   return results
 
 

@@ -163,3 +163,32 @@ def test_train_cli_rejects_bad_override_with_clear_message(tmp_path):
   assert result.returncode != 0
   assert "config.train.batch_size=0 must be a positive integer" in result.stderr
   assert "config.model.pooling='max' is unknown" in result.stderr
+
+
+def test_sigterm_checkpoints_and_a_rerun_resumes(tmp_path):
+  """A preempted run (SIGTERM, e.g. SLURM's warning) saves where it is and exits cleanly."""
+  import signal
+  import time
+  workdir = tmp_path / "run"
+  config = os.path.join(REPO, "experiments", "demo.py") + ":smoke"
+  args = [sys.executable, "-m", "coca_jax.train", "--config", config, "--workdir", str(workdir),
+          "--config.train.steps=100000", "--config.checkpoint.every_steps=0"]
+  proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 240
+  while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+  saved = [int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
+  assert len(saved) == 1 and 2 <= saved[0] < 100000
+  stopped = saved[0]
+
+  rerun = _train_cli("--config", config, "--workdir", str(workdir),
+                     f"--config.train.steps={stopped + 2}")
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  steps = [json.loads(line)["step"] for line in open(metrics) if "loss" in json.loads(line)]
+  assert steps[-1] == stopped + 2 and steps == sorted(steps)
