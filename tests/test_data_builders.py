@@ -120,16 +120,16 @@ def test_demo_matches_digit_scenes(tmp_path):
   from coca_jax.data import digit_scenes
 
   report = _build("demo", "digits_demo", tmp_path / "tfds", num_train=6, num_test=3,
-                  num_digits=4, image_size=24, seed=5)
+                  num_digits=4, image_size=24, seed=5, grid=4)
   assert {s: r.written for s, r in report.items()} == {"train": 6, "test": 3, "digits": 4}
-  scenes = digit_scenes.make_scenes("train", 6, 5, image_size=24)
+  scenes = digit_scenes.make_scenes("train", 6, 5, image_size=24, grid=4)
   train = _read_split("digits_demo", tmp_path / "tfds", "train")
   for index in range(6):
     example = train[f"train/{index:06d}"]
     np.testing.assert_array_equal(example["image"], scenes["image"][index])
     assert [c.decode() for c in example["captions"]] == scenes["captions"][index]
     assert example["label"] == -1
-  singles = digit_scenes.make_single_digits("test", 4, 5, image_size=24)
+  singles = digit_scenes.make_single_digits("test", 4, 5, image_size=24, grid=4)
   digits = _read_split("digits_demo", tmp_path / "tfds", "digits")
   assert [digits[f"digits/{i:06d}"]["label"] for i in range(4)] == singles["label"].tolist()
 
@@ -247,3 +247,20 @@ def test_names_and_missing_sources_fail_clearly(tmp_path):
     _build("folder", "empty_folder", tmp_path / "tfds", src=str(tmp_path))
   with pytest.raises(FileNotFoundError, match="coca_jax.data.build"):
     builders.open_source("never_built", str(tmp_path / "tfds"), "train")
+
+
+def _fits_an_aligned_box(image, glyph, grid):
+  """Whether every inked pixel lies in one glyph x glyph box whose corner is on the grid."""
+  ys, xs = np.nonzero(image.max(-1) > 60)  # The background noise stays below 30.
+  y0, x0 = ys.min() // grid * grid, xs.min() // grid * grid
+  return ys.max() < y0 + glyph and xs.max() < x0 + glyph
+
+
+def test_demo_grid_puts_digits_on_whole_patches():
+  from coca_jax.data import digit_scenes
+
+  aligned = digit_scenes.make_single_digits("train", 40, 0, image_size=48, grid=8)
+  assert all(_fits_an_aligned_box(image, 16, 8) for image in aligned["image"])
+  # Free placement (19-px glyphs here) does land off the grid: the check can fail.
+  free = digit_scenes.make_single_digits("train", 40, 0, image_size=48, grid=0)
+  assert not all(_fits_an_aligned_box(image, 19, 8) for image in free["image"])

@@ -232,9 +232,11 @@ class DemoBuilder(_CaptionBuilder, skip_registration=True):
   """Digit scenes (real scikit-learn digits, coloured, 1-3 per canvas) with position captions."""
 
   def __init__(self, *, data_dir: str, num_train: int = 5000, num_test: int = 500,
-               num_digits: int = 1000, image_size: int = 48, seed: int = 0, **kwargs):
+               num_digits: int = 1000, image_size: int = 48, seed: int = 0, grid: int = 0,
+               **kwargs):
     self.num_per_split = {"train": num_train, "test": num_test, "digits": num_digits}
     self.image_size = image_size
+    self.grid = grid
     self.seed = seed
     super().__init__(data_dir=data_dir, **kwargs)
 
@@ -250,10 +252,12 @@ class DemoBuilder(_CaptionBuilder, skip_registration=True):
     report = self._new_report(split)
     num = self.num_per_split[split]
     if split == "digits":
-      data = digit_scenes.make_single_digits("test", num, self.seed, image_size=self.image_size)
+      data = digit_scenes.make_single_digits("test", num, self.seed, image_size=self.image_size,
+                                                grid=self.grid)
       labels = data["label"]
     else:
-      data = digit_scenes.make_scenes(split, num, self.seed, image_size=self.image_size)
+      data = digit_scenes.make_scenes(split, num, self.seed, image_size=self.image_size,
+                                         grid=self.grid)
       labels = np.full((num,), -1)
     for index in self._progress(range(num), split, total=num):
       buffer = io.BytesIO()

@@ -65,8 +65,9 @@ class FeedForward(nn.Module):
       mean = piece.mean(-1, keepdims=True)
       var = jnp.square(piece - mean).mean(-1, keepdims=True)
       h = (piece - mean) * jax.lax.rsqrt(var + 1e-6) * ln_scale[expert] + ln_bias[expert]
-      h = h.astype(self.dtype)
+      h = h.astype(self.dtype).reshape(-1, width)  # 2-D around the GELU: see layers.MLP.
       h = nn.gelu(h @ wi[expert].astype(self.dtype) + bi[expert].astype(self.dtype))
-      outputs.append(h @ wo[expert].astype(self.dtype) + bo[expert].astype(self.dtype))
+      out = h @ wo[expert].astype(self.dtype) + bo[expert].astype(self.dtype)
+      outputs.append(out.reshape(piece.shape))
       start += length
     return jnp.concatenate(outputs, axis=1)

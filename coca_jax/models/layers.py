@@ -139,11 +139,14 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    width = x.shape[-1]
-    h = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "wi")(x)
-    h = nn.gelu(h)
-    h = constrain(h, ("batch", "length", "mlp"))
-    return dense(width, ("mlp", "embed"), self.dtype, "wo")(h)
+    shape = x.shape
+    # Tokens are flattened to [batch * length, embed] around the activation: XLA:CPU fuses the
+    # GELU derivative into a transpose for the weight gradient, and from a 3-D layout that fusion
+    # ran 4x slower than the whole 2-D MLP (61 ms vs 15 ms fwd+bwd at the demo's shapes).
+    h = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "wi")(x.reshape(-1, shape[-1]))
+    h = constrain(nn.gelu(h), ("batch", "mlp"))
+    y = dense(shape[-1], ("mlp", "embed"), self.dtype, "wo")(h)
+    return y.reshape(shape)
 
 
 class AttentionalPooler(nn.Module):
