@@ -4,9 +4,10 @@ nucleus), min/max length, EOS handling, and contrastive re-ranking of sampled ca
 Every method is one jitted function: the image is encoded once, the BOS step fills the
 self-attention cache and projects the image context for cross-attention once, then a
 `lax.while_loop` runs ONE decoder step per new token (`CoCa.decode_step` on a `[batch, 1]`
-input) and stops as soon as every caption has ended. `recompute_greedy` is the same greedy
-search re-running the decoder over the whole (padded) prefix each token: the reference that
-tests and benchmarks compare the cache against.
+input; the decoder's layers are unscanned, each updating its own cache in place) and stops as
+soon as every caption has ended. `recompute_greedy` is the same greedy search re-running the
+decoder over the whole (padded) prefix each token: the reference that tests and benchmarks
+compare the cache against.
 
 Token layout of the result (the training "text" layout): `tokens [batch, max_len]` int32 =
 BOS, generated tokens..., EOS, PAD... A caption that hits the length limit has no EOS.
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from coca_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from coca_jax.models.coca import CoCa, CoCaConfig
+from coca_jax.models.coca import CoCa, CoCaConfig, unscanned_layers
 
 METHODS = ("greedy", "beam", "sample")
 NEG_INF = -1e30  # Finite, so `0 * NEG_INF` and `NEG_INF - NEG_INF` never produce NaN.
@@ -103,21 +104,25 @@ class Decoding:
 # ---------------------------------------------------------------------------------------------
 
 
-def _decoder(config: CoCaConfig) -> CoCa:
-  return CoCa(config, decode=True)
+def _decoder(model: CoCa, params) -> tuple[CoCa, dict]:
+  """The KV-cached decoder of `model` and its parameters. Its layers are unscanned, each with its
+  own cache buffers updated in place (see `Stack`); a scanned model's stacked parameters are
+  sliced here, once per call, outside the token loop."""
+  config, params = unscanned_layers(model.config, params)
+  return CoCa(config, decode=True), params
 
 
-def _first_step(model: CoCa, params, context):
+def _first_step(decoder: CoCa, params, context):
   """BOS through the decoder: fills the cache (and the cross-attention K/V). -> (logits [B,V], cache)."""
   bos = jnp.full((context.shape[0], 1), BOS_ID, jnp.int32)
-  logits, variables = _decoder(model.config).apply(
+  logits, variables = decoder.apply(
       {"params": params}, bos, context, method=CoCa.decode_step, mutable=["cache"])
   return logits[:, 0], variables["cache"]
 
 
-def _next_step(model: CoCa, params, cache, tokens, context):
+def _next_step(decoder: CoCa, params, cache, tokens, context):
   """tokens [B] -> (logits [B, V] for the token after them, updated cache)."""
-  logits, variables = _decoder(model.config).apply(
+  logits, variables = decoder.apply(
       {"params": params, "cache": cache}, tokens[:, None], context, method=CoCa.decode_step,
       mutable=["cache"])
   return logits[:, 0], variables["cache"]
@@ -174,7 +179,8 @@ def _sample_loop(model: CoCa, params, context, rng, d: Decoding, return_logits: 
   [logits [B, max_len - 1, V] raw step logits])."""
   batch, max_len = context.shape[0], model.config.max_len
   max_new = d.max_new_tokens
-  logits, cache = _first_step(model, params, context)
+  decoder, decoder_params = _decoder(model, params)
+  logits, cache = _first_step(decoder, decoder_params, context)
   vocab = logits.shape[-1]
   tokens = jnp.full((batch, max_len), PAD_ID, jnp.int32).at[:, 0].set(BOS_ID)
   state = dict(i=jnp.array(0, jnp.int32), tokens=tokens, logits=logits, cache=cache,
@@ -207,7 +213,7 @@ def _sample_loop(model: CoCa, params, context, rng, d: Decoding, return_logits: 
     # Skip the decoder step whose logits nobody would read (the loop is about to end).
     more = (i + 1 < max_new) & ~jnp.all(out["done"])
     out["logits"], out["cache"] = jax.lax.cond(
-        more, lambda: _next_step(model, params, s["cache"], next_token, context),
+        more, lambda: _next_step(decoder, decoder_params, s["cache"], next_token, context),
         lambda: (s["logits"], s["cache"]))
     return out
 
@@ -226,10 +232,11 @@ def _sample_loop(model: CoCa, params, context, rng, d: Decoding, return_logits: 
 def cache_batch_axes(model: CoCa, params, context) -> Any:
   """For each cache leaf, the axis that indexes the batch (None for per-layer counters).
 
-  Found by comparing the cache's shapes at two batch sizes, so it holds with or without
-  scanned layers ([layers, batch, ...] vs [batch, ...]). Abstract: nothing is computed.
+  Found by comparing the cache's shapes at two batch sizes, so it holds for any cache layout.
+  Abstract: nothing is computed.
   """
-  shapes = [jax.eval_shape(lambda c: _first_step(model, params, c)[1],
+  decoder, decoder_params = _decoder(model, params)
+  shapes = [jax.eval_shape(lambda c: _first_step(decoder, decoder_params, c)[1],
                            jax.ShapeDtypeStruct((n, *context.shape[1:]), context.dtype))
             for n in (1, 2)]
 
@@ -256,9 +263,10 @@ def _beam_search(model: CoCa, params, context, d: Decoding):
   batch, max_len = context.shape[0], model.config.max_len
   beams, max_new, alpha = d.num_beams, d.max_new_tokens, d.length_penalty
   axes = cache_batch_axes(model, params, context)
+  decoder, decoder_params = _decoder(model, params)
   # Every beam starts as a copy of the BOS state; only beam 0 is live at first so the K copies
   # do not fill the first top-k with the same token.
-  logits, cache = _first_step(model, params, context)
+  logits, cache = _first_step(decoder, decoder_params, context)
   rows = jnp.repeat(jnp.arange(batch), beams)
   cache = _gather_cache(cache, axes, rows)
   logits = logits[rows]
@@ -317,7 +325,8 @@ def _beam_search(model: CoCa, params, context, d: Decoding):
     flat_parent = (jnp.arange(batch)[:, None] * beams + alive_parent).reshape(-1)
     cache = _gather_cache(s["cache"], axes, flat_parent)
     out["logits"], out["cache"] = jax.lax.cond(
-        i + 1 < max_new, lambda: _next_step(model, params, cache, alive_token.reshape(-1), ctx),
+        i + 1 < max_new,
+        lambda: _next_step(decoder, decoder_params, cache, alive_token.reshape(-1), ctx),
         lambda: (s["logits"], cache))
     return out
 

@@ -109,8 +109,7 @@ def test_beam_search_with_one_beam_equals_greedy():
 def test_beam_search_is_exact_when_beams_cover_every_prefix():
   """With 4 ordinary tokens, 3 new tokens and 80 beams nothing is ever pruned, so beam search
   must return the best caption over ALL captions (brute force) — which also checks that the
-  cache is reordered correctly when beams swap parents (here with unscanned layers, whose cache
-  is laid out [batch, ...] rather than [layers, batch, ...])."""
+  cache is reordered correctly when beams swap parents (here with unscanned layers)."""
   config = tiny_config(vocab_size=8, max_len=4, scan_layers=False)
   model, params, images = init(config, seed=5, logit_gain=2.0)
   alpha = 0.7
@@ -211,14 +210,33 @@ def test_decoding_validation_names_the_field():
     gen.Decoding(method="sample", top_p=0.0).validate(8)
 
 
-@pytest.mark.parametrize("scan_layers, axis", [(True, 1), (False, 0)])
-def test_cache_batch_axes_follow_layer_layout(scan_layers, axis):
-  model, params, images = init(tiny_config(scan_layers=scan_layers))
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_decoding_cache_is_per_layer_and_heads_major(scan_layers):
+  """Scanned or not, every layer keeps its own cache buffers [batch, heads, length, kv] (the
+  attention dots' layout, so a step updates them in place and never transposes them), and
+  cache_batch_axes finds their batch axis; counters are not per row."""
+  config = tiny_config(scan_layers=scan_layers)
+  model, params, images = init(config)
   context = jax.ShapeDtypeStruct((3, 4, 32), jnp.float32)
+  decoder, decoder_params = gen._decoder(model, params)
+  cache = jax.eval_shape(lambda c: gen._first_step(decoder, decoder_params, c)[1], context)
   axes = gen.cache_batch_axes(model, params, context)
-  axes = jax.tree.map(lambda ax: -1 if ax is None else ax, axes, is_leaf=lambda x: x is None)
-  by_name = {}
-  for path, ax in jax.tree_util.tree_leaves_with_path(axes):
-    by_name.setdefault(jax.tree_util.keystr(path).split("'")[-2], set()).add(ax)
-  assert by_name["cached_key"] == by_name["cross_key"] == {axis}
-  assert by_name["cache_index"] == by_name["position"] == {-1}  # Counters are not per row.
+  found = {}  # Leaf name -> [(shape, batch axis) of each layer's leaf]
+  for (path, leaf), ax in zip(jax.tree_util.tree_leaves_with_path(cache),
+                              jax.tree.leaves(axes, is_leaf=lambda x: x is None)):
+    found.setdefault(jax.tree_util.keystr(path).split("'")[-2], []).append((leaf.shape, ax))
+  heads, head_dim = config.text_heads, config.text_width // config.text_heads
+  layers = config.n_uni + config.n_multi
+  assert found["cached_key"] == found["cached_value"] == (
+      [((3, heads, config.max_len - 1, head_dim), 0)] * layers)
+  assert found["cross_key"] == found["cross_value"] == (
+      [((3, heads, 4, head_dim), 0)] * config.n_multi)
+  assert found["cache_index"] == [((), None)] * layers and found["position"] == [((), None)]
+
+
+def test_scanned_decoder_is_refused_with_the_fix():
+  model, params, _ = init(tiny_config(scan_layers=True))
+  context = jnp.zeros((3, 4, 32))
+  with pytest.raises(ValueError, match="scan_layers=False"):
+    CoCa(model.config, decode=True).apply({"params": params}, jnp.zeros((3, 1), jnp.int32),
+                                          context, method=CoCa.decode_step, mutable=["cache"])

@@ -58,7 +58,12 @@ class Block(nn.Module):
 
 class Stack(nn.Module):
   """`depth` Blocks. With `scan`, parameters are stacked on a leading "layers" axis and the
-  block is traced once, so compile time does not grow with depth."""
+  block is traced once, so compile time does not grow with depth.
+
+  `decode` (KV-cached decoding) needs `scan=False`: every layer then keeps its own cache buffers,
+  which a step updates in place; a scanned cache would be sliced per layer and re-stacked, a copy
+  of all of it every token. `unscanned_params` gives a scanned stack's parameters that layout.
+  """
   depth: int
   num_heads: int
   mlp_dim: int
@@ -75,6 +80,9 @@ class Stack(nn.Module):
   def __call__(self, x, mask=None, context=None):
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r} is unknown; use one of {sorted(REMAT_POLICIES)}")
+    if self.decode and self.scan:
+      raise ValueError("decoding runs unscanned layers: build the decoder with scan_layers=False "
+                       "and its parameters with unscanned_params (coca.unscanned_layers does both)")
     block_cls = Block
     if self.remat != "none":
       block_cls = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
@@ -84,7 +92,7 @@ class Stack(nn.Module):
                   segments=tuple(self.segments) if self.segments else None)
     if self.scan:
       scanned = nn.scan(
-          block_cls, variable_axes={"params": 0, "cache": 0},
+          block_cls, variable_axes={"params": 0},
           split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
           length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = scanned(**kwargs, name="layers")(x, mask, context)
@@ -92,3 +100,10 @@ class Stack(nn.Module):
       for i in range(self.depth):
         x, _ = block_cls(**kwargs, name=f"layer_{i}")(x, mask, context)
     return x
+
+
+def unscanned_params(stack_params, depth: int) -> dict:
+  """A scanned Stack's parameters, {"layers": tree of [depth, ...]}, in the unscanned layout,
+  {"layer_0": tree, ..., f"layer_{depth-1}": tree}: the same layers and values."""
+  return {f"layer_{i}": jax.tree.map(lambda p, i=i: p[i], stack_params["layers"])
+          for i in range(depth)}

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from coca_jax.models.backbone import Stack
+from coca_jax.models.backbone import Stack, unscanned_params
 from coca_jax.models.layers import AttentionalPooler, LayerNorm, constrain, dense, embed_init, with_axes
 
 PAD_ID = 0
@@ -102,8 +102,21 @@ def l2_normalize(x, eps=1e-6):
   return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
+def unscanned_layers(config: CoCaConfig, params) -> tuple[CoCaConfig, dict]:
+  """(config, params) of the same model with unscanned layer stacks (`scan_layers=False`), the
+  layout KV-cached decoding needs (see `Stack`). Slices each stacked parameter once."""
+  if not config.scan_layers:
+    return config, params
+  params = dict(nn.meta.unbox(params))
+  depths = {"vision": config.vision.depth, "unimodal": config.n_uni, "multimodal": config.n_multi}
+  for name, depth in depths.items():
+    params[name] = unscanned_params(params[name], depth)
+  return dataclasses.replace(config, scan_layers=False), params
+
+
 class CoCa(nn.Module):
-  """The CoCa model. `decode=True` builds the same parameter tree for KV-cached decoding."""
+  """The CoCa model. `decode=True` builds it for KV-cached decoding (`decode_step`); that needs
+  `scan_layers=False` (`unscanned_layers` converts a scanned model's config and parameters)."""
   config: CoCaConfig
   decode: bool = False
 
