@@ -32,6 +32,8 @@ class Block(nn.Module):
   Attributes:
     cross_attention: attend to `context` [batch, ctx_len, embed] after self-attention.
     decode: use the KV cache (autoregressive decoding; see `Attention`).
+    num_experts, segments, routing, top_k, capacity_factor: the feed-forward (see
+      `experts.FeedForward`).
   """
   num_heads: int
   mlp_dim: int
@@ -41,6 +43,9 @@ class Block(nn.Module):
   decode: bool = False
   cache_length: int = 0
   segments: Sequence[tuple[int, int]] | None = None
+  routing: str = "modality"
+  top_k: int = 1
+  capacity_factor: float = 1.0
 
   @nn.compact
   def __call__(self, x, mask, context):
@@ -52,7 +57,8 @@ class Block(nn.Module):
       h = LayerNorm(self.dtype, name="ln_cross_attention")(x)
       x = x + Attention(self.num_heads, self.dtype, name="cross_attention")(
           h, context, decode=self.decode)
-    x = x + FeedForward(self.mlp_dim, self.dtype, self.num_experts, name="ffn")(x, self.segments)
+    x = x + FeedForward(self.mlp_dim, self.dtype, self.num_experts, self.routing, self.top_k,
+                        self.capacity_factor, name="ffn")(x, self.segments)
     return constrain(x, ("batch", "length", "embed")), None
 
 
@@ -71,6 +77,9 @@ class Stack(nn.Module):
   cross_attention: bool = False
   num_experts: int = 1
   segments: Sequence[tuple[int, int]] | None = None
+  routing: str = "modality"
+  top_k: int = 1
+  capacity_factor: float = 1.0
   scan: bool = True
   remat: str = "none"
   decode: bool = False
@@ -89,10 +98,11 @@ class Stack(nn.Module):
     kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
                   cross_attention=self.cross_attention, num_experts=self.num_experts,
                   decode=self.decode, cache_length=self.cache_length,
-                  segments=tuple(self.segments) if self.segments else None)
+                  segments=tuple(self.segments) if self.segments else None,
+                  routing=self.routing, top_k=self.top_k, capacity_factor=self.capacity_factor)
     if self.scan:
       scanned = nn.scan(
-          block_cls, variable_axes={"params": 0},
+          block_cls, variable_axes={"params": 0, "intermediates": 0},
           split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
           length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = scanned(**kwargs, name="layers")(x, mask, context)
