@@ -229,7 +229,7 @@ class _CaptionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 class DemoBuilder(_CaptionBuilder, skip_registration=True):
-  """Digit scenes (real scikit-learn digits, coloured, 1-3 per canvas) with position captions."""
+  """Digit scenes (real scikit-learn digits, coloured, 1-2 per canvas) with position captions."""
 
   def __init__(self, *, data_dir: str, num_train: int = 5000, num_test: int = 500,
                num_digits: int = 1000, image_size: int = 48, seed: int = 0, grid: int = 0,

@@ -13,6 +13,7 @@ The train loop and the `evaluate` CLI both call `run_evals`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import jax
@@ -111,8 +112,7 @@ def captioning_eval(embedder: Embedder, source, decoding, limit=None, batch_size
 
 def decoding_from_config(captioning):
   """The generate.Decoding named by the fields of config.evals.captioning (others ignored)."""
-  import dataclasses
-  from coca_jax import generate as gen
+  from coca_jax import generate as gen  # See captioning_eval.
   fields = {f.name for f in dataclasses.fields(gen.Decoding)}
   return gen.Decoding(**{k: v for k, v in dict(captioning).items() if k in fields})
 
