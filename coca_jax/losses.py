@@ -256,7 +256,8 @@ def router_losses(statistics, *, router_balance_weight: float = 0.01,
                    sees one modality, so these are LIMoE's per-modality terms.
   Each term is averaged over layers and weighted. Returns (loss, metrics); metrics name each
   layer: router/<name>/{load_min, load_max} (an expert's share of the choices over the mean
-  share), dropped_fraction, entropy (mean token entropy), global_entropy, balance_loss.
+  share), dropped_fraction, entropy (mean token entropy), global_entropy, balance_loss; and
+  router_load_min, the smallest load_min of all layers.
   """
   if not statistics:
     return jnp.zeros((), jnp.float32), {}
@@ -280,6 +281,8 @@ def router_losses(statistics, *, router_balance_weight: float = 0.01,
         f"router/{name}/entropy": local[-1], f"router/{name}/global_entropy": global_entropy,
         f"router/{name}/balance_loss": balance[-1]})
   mean = lambda terms: jnp.mean(jnp.stack(terms))
+  metrics["router_load_min"] = jnp.min(jnp.stack(
+      [v for k, v in metrics.items() if k.endswith("/load_min")]))  # The most starved expert.
   parts = {"router_balance_loss": mean(balance), "router_local_entropy_loss": mean(local),
            "router_global_entropy_loss": mean(global_gap)}
   total = (router_balance_weight * parts["router_balance_loss"]

@@ -7,6 +7,9 @@ Args (comma-separated after ':'):
   smoke  shrinks everything to finish in well under a minute (most tests use it).
   mini   a small model that learns held-out digits well above chance in ~20 s of training
          (the zero-shot test uses it).
+  limoe  learned expert routing (LIMoE-style): 4 experts, top-1, in every other layer of the
+         image encoder (layers 1, 3) and of the text decoder (text layers 1, 3), with the
+         Switch balance loss and LIMoE's global-entropy loss. Combines with smoke / mini.
 """
 
 import ml_collections
@@ -16,12 +19,13 @@ from coca_jax.data.digit_scenes import DIGIT_NAMES, ZERO_SHOT_TEMPLATES
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   args = set(filter(None, arg.split(",")))
-  unknown = args - {"smoke", "mini"}
+  unknown = args - {"smoke", "mini", "limoe"}
   if unknown:
-    raise ValueError(f"experiments/demo.py: unknown args {sorted(unknown)}; known: mini, smoke")
-  if len(args) > 1:
+    raise ValueError(f"experiments/demo.py: unknown args {sorted(unknown)}; known: limoe, mini, "
+                     "smoke")
+  if {"smoke", "mini"} <= args:
     raise ValueError("experiments/demo.py: use one of the args 'mini' or 'smoke', not both")
-  smoke, mini = "smoke" in args, "mini" in args
+  smoke, mini, limoe = "smoke" in args, "mini" in args, "limoe" in args
   c = ml_collections.ConfigDict()
 
   c.model = ml_collections.ConfigDict(dict(
@@ -87,4 +91,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.optim.lr = 2e-3
     c.checkpoint.update(every_steps=300)
     c.evals.zeroshot.examples = 500
+  if limoe:
+    # Every other layer at full size; the smoke / mini stacks are 1-2 layers deep, so every
+    # layer there. capacity_factor 1.25: room for a 25% imbalance before tokens are dropped.
+    every = 1 if smoke or mini else 2
+    experts = dict(num_experts=4, top_k=1, capacity_factor=1.25, every=every)
+    c.model.vision.experts = dict(experts)
+    c.model.text.experts = dict(experts)
+    c.loss.update(router_balance_weight=0.01, router_local_entropy_weight=0.0,
+                  router_global_entropy_weight=0.01)
   return c

@@ -203,13 +203,17 @@ class FeedForward(nn.Module):
     combine = jnp.einsum("blke,blkc,blk->blec", choice, slot_hot, gates)
     wi, bi, wo, bo = self._expert_weights(width)
     cast = lambda a: a.astype(self.dtype)
-    # Expert parallelism: the buffers leave the batch's expert shards for the experts' devices.
-    buffer_axes = ("expert_batch", "expert", None, "embed")
-    expert_in = constrain(jnp.einsum("blec,blw->becw", cast(dispatch), cast(h)), buffer_axes)
-    hidden = nn.gelu(jnp.einsum("becw,ewm->becm", expert_in, cast(wi)) + cast(bi)[:, None])
-    hidden = constrain(hidden, ("expert_batch", "expert", None, "mlp"))
-    expert_out = jnp.einsum("becm,emw->becw", hidden, cast(wo)) + cast(bo)[:, None]
-    expert_out = constrain(expert_out, buffer_axes)
+    # Expert-major buffers [expert, batch, capacity, embed]: each expert's tokens are then one
+    # [batch * capacity, embed] matrix (a batched matmul over experts; XLA:CPU runs the GELU and
+    # its gradient far faster on that layout than on [batch, expert, capacity, mlp]). Expert
+    # parallelism: the constraint moves the buffers from the batch's shards to the experts'
+    # devices (an all-to-all over the mesh's `expert` axis) and back.
+    buffer_axes = ("expert", "expert_batch", None, "embed")
+    expert_in = constrain(jnp.einsum("blec,blw->ebcw", cast(dispatch), cast(h)), buffer_axes)
+    slots_in = expert_in.reshape(num, batch * capacity, width)
+    hidden = nn.gelu(jnp.einsum("enw,ewm->enm", slots_in, cast(wi)) + cast(bi)[:, None])
+    expert_out = jnp.einsum("enm,emw->enw", hidden, cast(wo)) + cast(bo)[:, None]
+    expert_out = constrain(expert_out.reshape(num, batch, capacity, width), buffer_axes)
     # Raw statistics as sums over the (valid) tokens, so microbatches add up exactly;
     # `losses.router_losses` combines them into losses and metrics.
     log_probs = jax.nn.log_softmax(logits, axis=-1)
@@ -221,4 +225,4 @@ class FeedForward(nn.Module):
         "dropped_count": jnp.sum(jnp.logical_and(chosen, ~kept).astype(jnp.float32)),
         "entropy_sum": -jnp.sum(jnp.sum(probs * log_probs, axis=-1) * valid),
     })
-    return jnp.einsum("blec,becw->blw", cast(combine), expert_out)
+    return jnp.einsum("blec,ebcw->blw", cast(combine), expert_out)
