@@ -245,3 +245,25 @@ def test_router_losses_reach_the_train_loss_and_the_router_gradient(routed_coca)
   for (name,) in routers:
     delta = g1[name]["layers"]["ffn"]["router"] - g0[name]["layers"]["ffn"]["router"]
     assert float(jnp.max(jnp.abs(delta))) > 0, name
+
+
+def test_experts_config_is_validated_with_field_names():
+  from conftest import smoke_config
+  from coca_jax import config as config_lib
+  c = smoke_config()
+  c.model.vision.experts = dict(num_experts=4, top_k=5, capacity_factor=0.0, every=1, k=2)
+  c.model.text.experts = dict(num_experts=4, top_k=1, capacity_factor=1.0, every=2)
+  c.loss.router_balance_weight = -1.0
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(c)
+  message = str(error.value)
+  for expected in ("config.model.vision.experts has unknown fields ['k']",
+                   "config.model.vision.experts.top_k=5 exceeds "
+                   "config.model.vision.experts.num_experts=4",
+                   "config.model.vision.experts.capacity_factor=0.0 must be > 0",
+                   # The smoke decoders are 1 + 1 layers deep and scanned.
+                   "config.model.text.n_uni=1 is not a multiple of config.model.text.experts.every=2",
+                   "config.loss.router_balance_weight=-1.0 must be a number >= 0"):
+    assert expected in message, message
+  config_lib.validate(config_lib.load_config("experiments/demo.py:limoe"))
+  config_lib.validate(config_lib.load_config("experiments/demo.py:limoe,smoke"))
