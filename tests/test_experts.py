@@ -267,3 +267,41 @@ def test_experts_config_is_validated_with_field_names():
     assert expected in message, message
   config_lib.validate(config_lib.load_config("experiments/demo.py:limoe"))
   config_lib.validate(config_lib.load_config("experiments/demo.py:limoe,smoke"))
+
+
+def test_accumulated_step_keeps_routing_and_router_metrics_of_the_whole_batch(routed_coca):
+  """Microbatches: capacity is per sequence, so routing, the caption and contrastive terms and
+  the router metrics (from summed statistics) equal the whole batch's; only the balance and
+  global-entropy terms are per-microbatch averages (documented in step.py)."""
+  import ml_collections
+  from conftest import smoke_config
+  model, params, _ = routed_coca
+  rng = np.random.default_rng(1)
+  text = np.concatenate([np.full((4, 1), 2), rng.integers(4, 32, (4, 7))], axis=1)
+  text[1, 5:] = 0  # Some padding.
+  batch = {"image": jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32),
+           "text": jnp.asarray(text, jnp.int32)}
+  loss_config = ml_collections.ConfigDict(smoke_config().loss.to_dict())
+
+  @jax.jit
+  def both(p):
+    whole = jax.value_and_grad(step.loss_fn, has_aux=True)(p, model, batch, loss_config)
+    return whole, step.accumulated_loss_and_grads(p, model, batch, loss_config, 2)
+
+  ((_, m1), g1), ((loss2, m2), g2) = both(params)
+  for key in ("contrastive_loss", "caption_loss"):
+    np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5)
+  for key in m1:
+    if key.startswith("router/") and not key.endswith(("balance_loss", "global_entropy")):
+      np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  assert float(m2["router_loss"]) > 0
+  np.testing.assert_allclose(
+      float(loss2), float(m2["contrastive_loss"] + 2 * m2["caption_loss"] + m2["router_loss"]),
+      rtol=1e-6)
+  # Batch statistics of 2 sequences vs 4: the per-microbatch balance term is close, not equal
+  # (8% apart here), and its weight (0.01) keeps the gradients within 1e-3 of the whole batch's.
+  np.testing.assert_allclose(float(m2["router_loss"]), float(m1["router_loss"]), rtol=0.2)
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g1))
+  worst = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(g2),
+                                                             jax.tree.leaves(g1)))
+  assert worst < 1e-3 * scale
