@@ -24,6 +24,8 @@ Optimizer: Adafactor (b1 0.9, b2 0.999), decoupled weight decay 0.01, peak lr 8e
 
 import ml_collections
 
+from coca_jax.metrics import PROFILE_DEFAULTS
+
 # Table 1 of the CoCa paper: (vision width, depth, mlp; text width, n_uni, n_multi, mlp; heads).
 PAPER_SIZES = {
     "base": dict(vision=dict(width=768, depth=12, heads=12, mlp_dim=3072),
@@ -80,6 +82,7 @@ def paper_config(size: str, arg: str = "") -> ml_collections.ConfigDict:
   # Parameters and optimizer state fully sharded across every chip; batch over the same chips.
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5_000, keep=3, async_save=True))
+  c.profile = ml_collections.ConfigDict(PROFILE_DEFAULTS)  # --config.profile.start_step=N traces
   c.evals = ml_collections.ConfigDict(dict(
       every_steps=10_000, zeroshot_examples=50_000, retrieval_examples=5_000,
       caption_examples=5_000))

@@ -12,6 +12,7 @@ Args (comma-separated after ':'):
 import ml_collections
 
 from coca_jax.data.digit_scenes import DIGIT_NAMES, ZERO_SHOT_TEMPLATES
+from coca_jax.metrics import PROFILE_DEFAULTS
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -55,6 +56,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       freeze_regex=[]))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=400, keep=2, async_save=True))
+  # A jax.profiler trace of a few steps into DIR/profile: --config.profile.start_step=100.
+  c.profile = ml_collections.ConfigDict(PROFILE_DEFAULTS)
   c.evals = ml_collections.ConfigDict(dict(
       every_steps=0,  # 0 = only at the end of training.
       batch_size=250,
