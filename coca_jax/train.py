@@ -60,8 +60,10 @@ def prepare_data(config, workdir: str) -> Tokenizer:
   data = config.data
   if not data.get("data_dir"):
     data.data_dir = os.path.join(workdir, "tensorflow_datasets")
-  if data.get("build_demo", False) and not os.path.isdir(os.path.join(data.data_dir, data.name)):
-    if jax.process_index() == 0:
+  if data.get("build_demo", False):
+    # Only process 0 looks and builds; every process syncs (another process could see the
+    # directory process 0 is still writing and skip the barrier).
+    if jax.process_index() == 0 and not os.path.isdir(os.path.join(data.data_dir, data.name)):
       builders.make_builder("demo", data.name, data.data_dir, **dict(data.build_demo_options)
                             ).download_and_prepare()
     _sync("demo dataset built")

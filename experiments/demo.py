@@ -91,3 +91,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.checkpoint.update(every_steps=300)
     c.evals.zeroshot.examples = 500
   return c
+
+
+def sweep():
+  """Peak learning rate x 2, e.g. on the smoke config:
+  python -m coca_jax.sweep --config experiments/demo.py:smoke --workdir /tmp/coca_sweep"""
+  from coca_jax.sweep import product
+  return product({"optim.lr": [1e-3, 3e-3]})
