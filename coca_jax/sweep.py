@@ -92,14 +92,16 @@ def _format_name_value(value) -> str:
 
 
 def trial_names(trials: list[dict]) -> list[str]:
-  """File-system-safe, unique names from the overrides: `key=value` joined by '_', where the key
-  is the last part of the dotted path unless two swept keys share it."""
-  keys = sorted({k for trial in trials for k in trial})
+  """File-system-safe, unique names from the overrides: `key=value` joined by '_' in the order the
+  sweep names the keys, each key the last part of its dotted path unless two swept keys share
+  it."""
+  keys = list(dict.fromkeys(k for trial in trials for k in trial))  # In the sweep's order.
   last = {k: k.rsplit(".", 1)[-1] for k in keys}
   short = {k: last[k] if list(last.values()).count(last[k]) == 1 else k for k in keys}
   names, seen = [], {}
   for trial in trials:
-    name = "_".join(f"{short[k]}={_format_name_value(trial[k])}" for k in sorted(trial)) or "base"
+    name = "_".join(f"{short[k]}={_format_name_value(trial[k])}" for k in keys if k in trial)
+    name = name or "base"
     name = re.sub(r"[^A-Za-z0-9._=+-]", "-", name)
     if len(name) > 100:  # File names stay short; the hash keeps them distinct.
       name = name[:90] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
@@ -314,7 +316,7 @@ def best_marks(columns: list[str], rows: list[dict]) -> dict[str, set[int]]:
     pick = _better(column)
     values = [(i, r[column]) for i, r in enumerate(rows) if isinstance(r.get(column), (int, float))
               and not isinstance(r.get(column), bool)]
-    if pick is None or len(values) < 2:
+    if pick is None or len({v for _, v in values}) < 2:  # All equal: nothing to point at.
       continue
     best = pick(v for _, v in values)
     marks[column] = {i for i, v in values if v == best}
