@@ -3,8 +3,8 @@ spent waiting for data, and a profiler trace of a few chosen steps.
 
 Layout in the workdir:
   DIR/metrics.jsonl    one JSON object per log step (and per evaluation), process 0 only
-  DIR/tensorboard/     TensorBoard event files with exactly the same keys (tensorboardX, no
-                       TensorFlow): `tensorboard --logdir DIR/tensorboard`
+  DIR/tensorboard/     TensorBoard event files with the same keys (tensorboardX, no TensorFlow;
+                       '@' becomes '_' in tags): `tensorboard --logdir DIR/tensorboard`
   DIR/profile/         a jax.profiler trace of steps [profile.start_step, + profile.num_steps)
                        (every process writes its own), viewable in TensorBoard's profile tab
                        or xprof
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import sys
 import time
@@ -51,13 +52,19 @@ class MetricsWriter:
     step = int(record["step"])
     for key, value in record.items():
       if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-        self._summary.add_scalar(key, value, global_step=step)
+        self._summary.add_scalar(tensorboard_tag(key), value, global_step=step)
     self._summary.flush()
 
   def close(self) -> None:
     if self._summary is not None:
       self._summary.close()
       self._summary = None
+
+
+def tensorboard_tag(key: str) -> str:
+  """A metrics.jsonl key as a TensorBoard tag: characters TensorBoard rejects become '_'
+  (`eval/i2t_recall@1` -> `eval/i2t_recall_1`); everything else is the same key."""
+  return re.sub(r"[^A-Za-z0-9_./-]", "_", key)
 
 
 def read_metrics(workdir: str) -> tuple[list[dict], int]:
@@ -96,7 +103,8 @@ def host_memory() -> dict:
       current = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
   except (OSError, ValueError, IndexError):
     pass
-  return {"host_memory_gb": current / 1e9, "host_memory_peak_gb": peak / 1e9}
+  # The kernel updates the peak lazily; it is never below the current value.
+  return {"host_memory_gb": current / 1e9, "host_memory_peak_gb": max(peak, current) / 1e9}
 
 
 class TimedIterator:
