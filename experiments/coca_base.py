@@ -1,7 +1,10 @@
-"""CoCa-Base as in the paper (Table 1; 383M parameters) and the paper's pretraining recipe.
+r"""CoCa-Base as in the paper (Table 1; 383M parameters) and the paper's pretraining recipe.
 
-  python -m coca_jax.train --config experiments/coca_base.py --workdir gs://BUCKET/coca_base
+  python -m coca_jax.train --config experiments/coca_base.py --dry_run     # sizes, FLOPs
   python -m coca_jax.bench --config experiments/coca_base.py:batch=4096 --mode compile --json
+  launch/tpu_pod.sh --tpu NAME --zone ZONE --config experiments/coca_base.py \
+      --workdir gs://BUCKET/coca_base [-- --config.data.name=YOUR_TFDS_DATASET ...]
+  python -m coca_jax.train --config experiments/coca_base.py:runlocal --workdir /tmp/coca_base
 
 The three paper sizes share this file's recipe; experiments/coca_large.py and coca_2b.py only
 change the model size. Args (comma-separated after ':'):

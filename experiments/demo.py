@@ -1,12 +1,20 @@
 """Demo: a small CoCa trained on digit scenes (real handwritten digits, coloured, 1-3 per image).
 
+Reproduces, on 2 CPU cores in ~7 minutes, what the paper's model is for: one image-text model
+that classifies held-out digits zero-shot (~0.97 top-1), retrieves scenes from captions and back,
+and captions them (README, "Measured figures"). The data set is built offline from scikit-learn's
+digits on the first run.
+
   python -m coca_jax.train --config experiments/demo.py --workdir /tmp/coca_demo
   python -m coca_jax.train --config experiments/demo.py:smoke --workdir /tmp/coca_smoke
+  python -m coca_jax.sweep --config experiments/demo.py:smoke --workdir /tmp/coca_sweep
+  python -m coca_jax.report --workdir /tmp/coca_demo
 
 Args (comma-separated after ':'):
   smoke  shrinks everything to finish in well under a minute (most tests use it).
   mini   a small model that learns held-out digits well above chance in ~20 s of training
          (the zero-shot test uses it).
+sweep() below: peak learning rate 1e-3 vs 3e-3, two trials.
 """
 
 import ml_collections

@@ -41,7 +41,7 @@ done
 [[ -n "$config" && -n "$workdir" ]] || { echo "local_multiprocess.sh: --config and --workdir are required" >&2; usage; }
 if [[ -z "$port" ]]; then
   if ((dry_run)); then port=PORT
-  else port="$("$python" -c 'import portpicker; print(portpicker.pick_unused_port())')"; fi
+  else port="$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"; fi
 fi
 
 command_for() {  # the command of process $1, into the array `cmd`
