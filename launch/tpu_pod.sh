@@ -12,8 +12,8 @@
 #   --zone ZONE             e.g. us-east5-a
 #   --project PROJECT       Google Cloud project (default: gcloud's configured one)
 #   --config FILE[:ARGS]    experiment config, a path inside the repo (required)
-#   --workdir gs://...      checkpoints, metrics, TensorBoard; must be reachable from every worker
-#                           (a GCS bucket)
+#   --workdir DIR           checkpoints, metrics, TensorBoard; every worker must reach it (a GCS
+#                           bucket, gs://... or mounted with gcsfuse)
 #   --accelerator_type T    e.g. v5p-64, v5litepod-256 (needed with --create)
 #   --runtime_version V     TPU software version for --create (default: tpu-ubuntu2204-base)
 #   --create                create the TPU VM (or, with --slices > 1, a queued resource of N
@@ -65,7 +65,6 @@ for name in tpu zone config workdir; do [[ -n "${!name}" ]] || missing+=("--$nam
 ((create == 0)) || [[ -n "$accel" ]] || die "--create needs --accelerator_type (e.g. v5p-64)"
 [[ "$slices" =~ ^[1-9][0-9]*$ ]] || die "--slices must be a positive integer, got '$slices'"
 [[ "$dcn_axis" == data || "$dcn_axis" == fsdp ]] || die "--dcn_axis must be data or fsdp"
-[[ "$workdir" == gs://* ]] || echo "tpu_pod.sh: warning: --workdir $workdir is not on GCS; every worker must be able to write it" >&2
 
 quote() {  # The arguments as one shell-quoted line (plain words stay as they are).
   local out=() a
