@@ -28,7 +28,7 @@
 #   -- ARGS...              passed to `python -m coca_jax.train` (config overrides)
 set -euo pipefail
 
-usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit "${1:-2}"; }
 die() { echo "gke_xpk.sh: $*" >&2; exit 2; }
 
 cluster="" zone="" project="" tpu_type="" workload="" config="" workdir="" slices=1 dcn_axis=data

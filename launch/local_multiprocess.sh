@@ -21,7 +21,7 @@
 # one checkpoint, and the same command resumes.
 set -euo pipefail
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit "${1:-2}"; }
 
 config="" workdir="" num=2 port="" python="python" dry_run=0 extra=()
 while (($#)); do

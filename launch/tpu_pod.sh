@@ -33,7 +33,7 @@
 # again to resume.
 set -euo pipefail
 
-usage() { sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit "${1:-2}"; }
 die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
 
 tpu="" zone="" project="" config="" workdir="" accel="" runtime="tpu-ubuntu2204-base"
