@@ -130,6 +130,7 @@ def main(argv) -> None:
     raise app.UsageError("--workdir is required (unless --dry_run)")
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  profiler = metrics_lib.Profiler(config, workdir)  # Checks config.profile before the long part.
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
 
@@ -167,7 +168,6 @@ def main(argv) -> None:
 
   # ---- Loop ---------------------------------------------------------------------------------
   writer = metrics_lib.MetricsWriter(workdir)
-  profiler = metrics_lib.Profiler(config, workdir)
   data_wait = metrics_lib.TimedIterator(train_iter)
   flops_per_example = flops.model_flops_per_example(config)
   peak_flops = flops.peak_flops_per_device()  # On CPU: a matmul measured once, here.

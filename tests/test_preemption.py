@@ -78,3 +78,18 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step_then_resumes(tmp_path
   assert any("eval/zeroshot_top1" in r for r in records)
   saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
   assert saved[-1] == step + 2
+
+
+def test_one_process_stops_on_sigterm_or_sigint():
+  from coca_jax import preemption
+  saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    for sig in saved:
+      stop = preemption.StopSignal(manager=None)  # One process: the manager is not asked.
+      assert not stop.reached(1)
+      os.kill(os.getpid(), sig)
+      time.sleep(0.1)  # Python runs the handler between bytecodes of the main thread.
+      assert stop.reached(2)
+  finally:
+    for sig, handler in saved.items():
+      signal.signal(sig, handler)
