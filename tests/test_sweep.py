@@ -126,3 +126,29 @@ def test_half_finished_sweep_rerun_finishes_only_what_is_missing(tmp_path):
     assert 0.0 <= float(row["eval/zeroshot_top1"]) <= 1.0
   assert float(rows["lr=0.003"]["optim.lr"]) == 0.003
   assert json.load(open(os.path.join(root, "lr=0.003", "config.json")))["optim"]["lr"] == 0.003
+
+
+def _scripted_trial(root, name, code, steps=2):
+  """A trial whose command is a tiny Python script instead of a training run."""
+  workdir = os.path.join(root, name)
+  return sweep.Trial(name, {}, workdir, steps, [sys.executable, "-c", code, workdir])
+
+
+def test_trials_run_in_parallel_and_a_failed_one_is_retried(tmp_path):
+  ok = ("import os, sys, time; d = sys.argv[1]; t0 = time.time(); time.sleep(1.0); "
+        "os.makedirs(os.path.join(d, 'checkpoints', '2')); "
+        "open(os.path.join(d, 'span'), 'w').write(f'{t0} {time.time()}')")
+  trials = [_scripted_trial(str(tmp_path), "a", ok), _scripted_trial(str(tmp_path), "b", ok),
+            _scripted_trial(str(tmp_path), "c", "import sys; sys.exit(3)")]
+  said = []
+  counts = sweep.run_trials(trials, parallel=3, say=said.append)
+  assert counts == {"skipped": 0, "finished": 2, "failed": 1}
+  spans = [tuple(map(float, open(tmp_path / n / "span").read().split())) for n in "ab"]
+  assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]  # They overlapped.
+  assert [t.status() for t in trials] == ["finished", "finished", "failed (exit 3)"]
+  assert any("c: FAILED (exit 3" in line for line in said)
+  # A re-run skips the finished trials and tries the failed one again.
+  said.clear()
+  counts = sweep.run_trials(trials, parallel=1, say=said.append)
+  assert counts == {"skipped": 2, "finished": 0, "failed": 1}
+  assert "a: finished before, skipped" in said
