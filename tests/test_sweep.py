@@ -5,6 +5,7 @@ only what is missing."""
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -111,6 +112,11 @@ def test_half_finished_sweep_rerun_finishes_only_what_is_missing(tmp_path):
 
   dry = _sweep_cli(root, "--dry_run")
   assert "lr=0.001  [finished]" in dry.stdout and "lr=0.003  [new]" in dry.stdout
+  (command,) = _sweep_cli(root, "--print_commands").stdout.splitlines()  # Unfinished ones only.
+  words = shlex.split(command)
+  assert words[1:3] == ["-m", "coca_jax.train"]
+  assert words[words.index("--workdir") + 1] == os.path.join(root, "lr=0.003")
+  assert words[-1] == "--config.optim.lr=0.003" and "--config.train.steps=2" in words
 
   second = _sweep_cli(root)
   assert second.returncode == 0, second.stdout + second.stderr[-3000:]
