@@ -105,3 +105,35 @@ def test_launch_scripts_name_missing_and_unknown_flags():
   result = subprocess.run(["bash", os.path.join(REPO, "launch", "tpu_pod.sh"), "--zonee", "z"],
                           capture_output=True, text=True, timeout=30)
   assert result.returncode == 2 and "unknown argument '--zonee'" in result.stderr
+
+
+def test_slurm_batch_shell_forwards_sigterm_to_srun(tmp_path):
+  """If only the batch shell is signalled (`--signal=B:TERM`, `scancel --batch`), srun still
+  gets SIGTERM (and srun passes it to the tasks). A stub `srun` records what reaches it."""
+  import signal
+  import time
+  stub = tmp_path / "srun"
+  stub.write_text("#!/usr/bin/env bash\n"
+                  f"trap 'echo TERM > {tmp_path}/got; exit 7' TERM\n"
+                  f"echo $$ > {tmp_path}/pid; echo \"$@\" > {tmp_path}/args\n"
+                  "while true; do sleep 0.1; done\n")
+  stub.chmod(0o755)
+  proc = subprocess.Popen(
+      ["bash", os.path.join(REPO, "launch", "slurm_gpu.sbatch"), "--config", "c.py",
+       "--workdir", "/w"], env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"})
+  try:
+    deadline = time.time() + 20
+    while not (tmp_path / "args").exists() and time.time() < deadline:
+      time.sleep(0.1)
+    assert "-m coca_jax.train --config c.py --workdir /w" in (tmp_path / "args").read_text()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 7          # The batch script ends with srun's exit status.
+    assert (tmp_path / "got").read_text().strip() == "TERM"
+  finally:
+    for pid in (proc.pid, int((tmp_path / "pid").read_text()) if (tmp_path / "pid").exists()
+                else None):
+      if pid is not None:
+        try:
+          os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+          pass
