@@ -129,11 +129,15 @@ def test_slurm_batch_shell_forwards_sigterm_to_srun(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 7          # The batch script ends with srun's exit status.
     assert (tmp_path / "got").read_text().strip() == "TERM"
-  finally:
-    for pid in (proc.pid, int((tmp_path / "pid").read_text()) if (tmp_path / "pid").exists()
-                else None):
-      if pid is not None:
-        try:
-          os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-          pass
+  finally:  # On failure, leave no stub behind (only the processes this test started).
+    if proc.poll() is None:
+      proc.kill()
+    if (tmp_path / "pid").exists():
+      pid = int((tmp_path / "pid").read_text())
+      try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+          ours = str(tmp_path).encode() in f.read()
+      except OSError:
+        ours = False
+      if ours:
+        os.kill(pid, signal.SIGKILL)
