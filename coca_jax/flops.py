@@ -76,10 +76,8 @@ def _block_flops(tokens: int, width: int, mlp_dim: int, *, context_tokens: int =
 
 
 def _active_experts(tower) -> int:
-  """Experts each token runs through: 1 for dense and modality routing, top_k for learned."""
+  """Experts each token runs through: 1 for dense, top_k for learned routing."""
   if tower is None or int(tower.get("num_experts", 1)) <= 1:
-    return 1
-  if tower.get("routing", "modality") == "modality":
     return 1
   return int(tower.get("top_k", 1))
 

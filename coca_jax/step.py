@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from coca_jax import losses, sharding
-from coca_jax.models.coca import CoCa, CoCaConfig
+from coca_jax import losses, models, sharding
+from coca_jax.models.coca import CoCa
 
 
 @flax.struct.dataclass
@@ -53,11 +53,16 @@ def dummy_batch(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def build_model(config) -> CoCa:
-  """The model for a full experiment config. The sigmoid contrastive loss needs a learnable
-  logit bias in the model, so the model's `contrastive` follows `config.loss.contrastive`."""
-  model_config = CoCaConfig.from_config(config.model)
-  contrastive = config.get("loss", {}).get("contrastive", model_config.contrastive)
-  return CoCa(dataclasses.replace(model_config, contrastive=contrastive))
+  """The model for a full experiment config (`config.model.backbone`: CoCa towers or MoME). The
+  sigmoid contrastive loss needs a learnable logit bias in the model, so the model's
+  `contrastive` follows `config.loss.contrastive`; a MoME gets its ITM head when
+  `config.loss.itm_weight` > 0."""
+  model_config = models.model_config(config.model)
+  loss = config.get("loss", {})
+  changes = {"contrastive": loss.get("contrastive", model_config.contrastive)}
+  if isinstance(model_config, models.MoMEConfig):
+    changes["itm"] = loss.get("itm_weight", 0.0) > 0
+  return models.build(dataclasses.replace(model_config, **changes))
 
 
 def _init_boxed_params(model: CoCa, config, rng):
@@ -95,15 +100,44 @@ def make_init_fn(model: CoCa, tx: optax.GradientTransformation, config, sharding
   return jax.jit(init, out_shardings=shardings)
 
 
-def loss_fn(params, model: CoCa, batch, loss_config):
+def loss_fn(params, model: CoCa, batch, loss_config, rng=None):
+  """(loss, metrics) of one batch. `rng` draws the ITM hard negatives (config.loss.itm_weight >
+  0, MoME only)."""
   outputs = model.apply({"params": params}, batch["image"], batch["text"], train=True)
-  return losses.coca_loss(
+  total, metrics = losses.coca_loss(
       outputs, batch["text"],
       contrastive_weight=loss_config.contrastive_weight,
       caption_weight=loss_config.caption_weight,
       label_smoothing=loss_config.get("label_smoothing", 0.0),
       contrastive=loss_config.get("contrastive", "softmax"),
       contrastive_impl=loss_config.get("contrastive_impl", "gathered"))
+  itm_weight = loss_config.get("itm_weight", 0.0)
+  if itm_weight > 0:
+    itm, itm_metrics = image_text_matching(params, model, batch, outputs, rng)
+    total = total + itm_weight * itm
+    metrics = {**metrics, **itm_metrics, "loss": total}
+  return total, metrics
+
+
+def image_text_matching(params, model, batch, outputs, rng):
+  """VLMo's ITM term: the B positive pairs, each image with a hard negative text and each text
+  with a hard negative image (sampled from the global-batch contrastive similarities, see
+  `losses.hard_negatives`): 3B pairs through the bidirectional fused pass.
+  Returns (loss, metrics: itm_loss, itm_accuracy)."""
+  if rng is None:
+    raise ValueError("config.loss.itm_weight > 0 needs an rng for the hard negatives")
+  image, text = batch["image"], batch["text"]
+  neg_text, neg_image, (text_ok, image_ok) = losses.hard_negatives(
+      outputs["image_embed"], outputs["text_embed"], outputs["logit_scale"], rng)
+  images = jnp.concatenate([image, image, image[neg_image]], axis=0)
+  texts = jnp.concatenate([text, text[neg_text], text], axis=0)
+  batch_size = image.shape[0]
+  labels = jnp.concatenate([jnp.ones((batch_size,), jnp.int32),
+                            jnp.zeros((2 * batch_size,), jnp.int32)])
+  weights = jnp.concatenate([jnp.ones((batch_size,)), text_ok, image_ok]).astype(jnp.float32)
+  logits = model.apply({"params": params}, images, texts, method="itm_logits")
+  loss, metrics = losses.itm_loss(logits, labels, weights)
+  return loss, {"itm_loss": loss, **metrics}
 
 
 def _contrastive(image_embed, text_embed, logit_scale, logit_bias, loss_config):
@@ -148,13 +182,13 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
 
   # 1. Embeddings of every example, one microbatch at a time.
   def embed(_, mb):
-    image_embed, _ = model.apply(variables, mb["image"], method=CoCa.encode_image)
-    return None, (image_embed, model.apply(variables, mb["text"], method=CoCa.encode_text))
+    image_embed, _ = model.apply(variables, mb["image"], method="encode_image")
+    return None, (image_embed, model.apply(variables, mb["text"], method="encode_text"))
   _, (image_embed, text_embed) = jax.lax.scan(embed, None, micro)
   image_embed, text_embed = merge_microbatches(image_embed), merge_microbatches(text_embed)
 
   # 2. The global contrastive loss and its gradient w.r.t. the embeddings and temperature.
-  scale_and_bias = lambda p: (model.apply({"params": p}, method=CoCa.temperature_scale),
+  scale_and_bias = lambda p: (model.apply({"params": p}, method="temperature_scale"),
                               p.get("logit_bias", jnp.zeros((), jnp.float32)))
   scale, bias = scale_and_bias(params)
   con_fn = lambda i, t, s, b: _contrastive(i, t, s, b, loss_config)
@@ -197,16 +231,20 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
 
 
 def train_step(state: TrainState, batch, *, model: CoCa, tx: optax.GradientTransformation,
-               loss_config, schedule: Callable, rules,
-               microbatches: int = 1) -> tuple[TrainState, dict]:
-  """One optimizer update. Pure: (state, batch) -> (new state, metrics)."""
+               loss_config, schedule: Callable, rules, microbatches: int = 1,
+               seed: int = 0) -> tuple[TrainState, dict]:
+  """One optimizer update. Pure: (state, batch) -> (new state, metrics). Randomness (ITM hard
+  negatives) comes from (seed, state.step), so a resumed run draws what it would have drawn."""
+  rng = jax.random.fold_in(jax.random.key(seed), state.step)
   with nn.logical_axis_rules(rules):
     if microbatches > 1:
+      if loss_config.get("itm_weight", 0.0) > 0:
+        raise ValueError("config.loss.itm_weight > 0 needs config.train.microbatches=1")
       (_, metrics), grads = accumulated_loss_and_grads(
           state.params, model, batch, loss_config, microbatches)
     else:
       grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-      (_, metrics), grads = grad_fn(state.params, model, batch, loss_config)
+      (_, metrics), grads = grad_fn(state.params, model, batch, loss_config, rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
@@ -226,7 +264,8 @@ def make_train_step(model, tx, config, schedule, mesh: Mesh, shardings: TrainSta
         f"(each device splits its rows into microbatches); use a multiple of "
         f"{shards * max(microbatches, 1)}")
   step = functools.partial(train_step, model=model, tx=tx, loss_config=config.loss,
-                           schedule=schedule, rules=rules, microbatches=microbatches)
+                           schedule=schedule, rules=rules, microbatches=microbatches,
+                           seed=int(config.train.seed))
   batch_shardings = {"image": sharding.batch_sharding(mesh, 4),
                      "text": sharding.batch_sharding(mesh, 2)}
   return jax.jit(step, in_shardings=(shardings, batch_shardings),

@@ -245,6 +245,12 @@ class CoCa(nn.Module):
   def temperature_scale(self):
     return jnp.minimum(jnp.exp(self.logit_scale), self.config.max_logit_scale)
 
+  def teacher_forced_logits(self, text, context):
+    """Decoder logits [B, L-1, V] for text [B, L] given `encode_image`'s context (the reference
+    that cached decoding is compared against)."""
+    states, _ = self._unimodal(text)
+    return self.caption_logits(states, text[:, :-1], context)
+
   # -- Decoding (KV cache) -------------------------------------------------------------------
 
   def decode_step(self, tokens, context):
