@@ -13,8 +13,19 @@ Per example, for `CoCaConfig` c (P patches, T = max_len text positions):
   multimodal text  n_multi x (block + cross-attention to the pooled image tokens) over T-1 tokens
   vocab head       (T-1) x width x vocab
   contrastive      the [B, B] logits: 2 * B * embed_dim per example (grows with the global batch)
-Mixture-of-experts feed-forwards count only the experts a token is routed to (modality experts:
-exactly one), so a sparse model's FLOPs are those of its active parameters.
+Mixture-of-experts feed-forwards count only the experts a token is routed to, so a sparse
+model's FLOPs are those of its active parameters.
+
+MoME (config.model.backbone='mome', `MoMEConfig` m: L layers, F fusion layers, width W): each
+token runs ONE feed-forward per layer (its modality's expert), so a layer costs what a dense
+layer costs. Per example:
+  image-only       L x block over P patches (the bottom L-F layers' keys/values are reused
+                   by the fused pass, not recomputed), attentional pooler, projection
+  fused image      F x block over P patches (the top layers' image states through ffn_fusion)
+  text-only        L x block over T-1 tokens + CLS
+  fused text       L x block over T-1 tokens whose attention also reads P image keys/values
+  vocab head       (T-1) x W x vocab
+  itm (if on)      3 pairs per ITM example x L x block over P + T tokens, bidirectional, + head
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import numpy as np
 
 from coca_jax import step
 from coca_jax.models.coca import CoCaConfig
+from coca_jax.models.mome import MoMEConfig
 
 TRAIN_MULTIPLIER = 3  # forward + backward (2x forward).
 
@@ -82,11 +94,42 @@ def _active_experts(tower) -> int:
   return int(tower.get("top_k", 1))
 
 
+def _mome_flops_breakdown(config, batch_size: int) -> dict[str, int]:
+  """`forward_flops_breakdown` of a MoME (see the module docstring)."""
+  m = MoMEConfig.from_config(config.model)
+  patches, width, inputs = m.image_tokens, m.width, m.max_len - 1
+  text_ffn = _mlp_flops(inputs, width, m.mlp_dim)
+  # The fused text tokens' attention: their own Q/K/V/out projections, scores and values over
+  # P image keys plus the text keys.
+  fused_text_layer = (2 * inputs * width * width * 4 + 2 * inputs * (patches + inputs) * width * 2
+                      + text_ffn)
+  parts = {
+      "patch_embed": 2 * m.num_patches * (m.patch_size ** 2 * 3) * width,
+      "image_only": m.depth * _block_flops(patches, width, m.mlp_dim),
+      "contrastive_pooler": _attention_flops(1, patches, width) if m.pooling == "attention" else 0,
+      "image_projection": 2 * width * m.embed_dim,
+      "fused_image": m.fusion_layers * _block_flops(patches, width, m.mlp_dim),
+      "text_only": m.depth * _block_flops(inputs + 1, width, m.mlp_dim),
+      "text_projection": 2 * width * m.embed_dim,
+      "fused_text": m.depth * fused_text_layer,
+      "vocab_head": 2 * inputs * width * m.vocab_size,
+      "contrastive_logits": 2 * batch_size * m.embed_dim,
+  }
+  loss = config.get("loss", {})
+  if loss.get("itm_weight", 0.0) > 0:
+    share = (loss.get("itm_examples", 0) or batch_size) / batch_size
+    pair = m.depth * _block_flops(patches + inputs + 1, width, m.mlp_dim) + 2 * width * 2
+    parts["itm"] = int(3 * share * (pair + 2 * m.num_patches * (m.patch_size ** 2 * 3) * width))
+  return parts
+
+
 def forward_flops_breakdown(config, batch_size: int | None = None) -> dict[str, int]:
   """Forward-pass matmul FLOPs per example, by part. `config` is the experiment ConfigDict;
   `batch_size` (default config.train.batch_size) is the GLOBAL batch the contrastive logits span."""
-  c = CoCaConfig.from_config(config.model)
   batch_size = int(batch_size or config.train.batch_size)
+  if config.model.get("backbone", "towers") == "mome":
+    return _mome_flops_breakdown(config, batch_size)
+  c = CoCaConfig.from_config(config.model)
   vision_cfg, text_cfg = config.model.vision, config.model.text
   patches, wv = c.num_patches, c.vision.width
   parts: dict[str, int] = {}
@@ -136,12 +179,26 @@ def abstract_params(config) -> Any:
 
 
 def param_counts(config) -> dict[str, int]:
-  """{'total': N, <top-level module>: n, ...}, e.g. vision, unimodal, multimodal, token_embed."""
+  """{'total': N, <top-level module>: n, ...}, e.g. vision, unimodal, multimodal, token_embed.
+
+  A MoME also reports 'active': the parameters one token runs through in one pass (the shared
+  weights plus ONE feed-forward expert per layer), and its layers are summed as 'layers'."""
+  params = abstract_params(config)
+  size = lambda tree: sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
   counts: dict[str, int] = {}
-  for name, subtree in abstract_params(config).items():
-    counts[name] = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(subtree))
+  for name, subtree in params.items():
+    counts[name] = size(subtree)
+  mome = config.model.get("backbone", "towers") == "mome"
+  idle = 0
+  if mome:
+    layers = [name for name in counts if name.startswith("layers_")]
+    counts["layers"] = sum(counts.pop(name) for name in layers)
+    for name in layers:
+      experts = [size(tree) for key, tree in params[name].items() if key.startswith("ffn_")]
+      idle += sum(experts) - max(experts)
   counts = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
-  return {"total": sum(counts.values()), **counts}
+  total = sum(counts.values())
+  return {"total": total, **({"active": total - idle} if mome else {}), **counts}
 
 
 # -- Peak FLOP/s and MFU -----------------------------------------------------------------------

@@ -113,24 +113,35 @@ def loss_fn(params, model: CoCa, batch, loss_config, rng=None):
       contrastive_impl=loss_config.get("contrastive_impl", "gathered"))
   itm_weight = loss_config.get("itm_weight", 0.0)
   if itm_weight > 0:
-    itm, itm_metrics = image_text_matching(params, model, batch, outputs, rng)
+    itm, itm_metrics = image_text_matching(params, model, batch, outputs, rng,
+                                           loss_config.get("itm_examples", 0))
     total = total + itm_weight * itm
     metrics = {**metrics, **itm_metrics, "loss": total}
   return total, metrics
 
 
-def image_text_matching(params, model, batch, outputs, rng):
-  """VLMo's ITM term: the B positive pairs, each image with a hard negative text and each text
+def image_text_matching(params, model, batch, outputs, rng, examples: int = 0):
+  """VLMo's ITM term: the positive pairs, each image with a hard negative text and each text
   with a hard negative image (sampled from the global-batch contrastive similarities, see
-  `losses.hard_negatives`): 3B pairs through the bidirectional fused pass.
-  Returns (loss, metrics: itm_loss, itm_accuracy)."""
+  `losses.hard_negatives`): 3 pairs per example through the bidirectional fused pass.
+  `examples` > 0 (config.loss.itm_examples) runs ITM on that many examples only, every
+  (B / examples)-th row so each device keeps an equal share; their negatives still come from
+  the whole batch. Returns (loss, metrics: itm_loss, itm_accuracy)."""
   if rng is None:
     raise ValueError("config.loss.itm_weight > 0 needs an rng for the hard negatives")
   image, text = batch["image"], batch["text"]
   neg_text, neg_image, (text_ok, image_ok) = losses.hard_negatives(
       outputs["image_embed"], outputs["text_embed"], outputs["logit_scale"], rng)
-  images = jnp.concatenate([image, image, image[neg_image]], axis=0)
-  texts = jnp.concatenate([text, text[neg_text], text], axis=0)
+  if examples:
+    if image.shape[0] % examples:
+      raise ValueError(f"config.loss.itm_examples={examples} must divide the batch "
+                       f"{image.shape[0]}")
+    rows = jnp.arange(examples) * (image.shape[0] // examples)
+    image, text = image[rows], text[rows]
+    neg_text, neg_image = neg_text[rows], neg_image[rows]
+    text_ok, image_ok = text_ok[rows], image_ok[rows]
+  images = jnp.concatenate([image, image, batch["image"][neg_image]], axis=0)
+  texts = jnp.concatenate([text, batch["text"][neg_text], text], axis=0)
   batch_size = image.shape[0]
   labels = jnp.concatenate([jnp.ones((batch_size,), jnp.int32),
                             jnp.zeros((2 * batch_size,), jnp.int32)])

@@ -7,6 +7,10 @@ Args (comma-separated after ':'):
   smoke  shrinks everything to finish in well under a minute (most tests use it).
   mini   a small model that learns held-out digits well above chance in ~20 s of training
          (the zero-shot test uses it).
+  mome   the same task with a VLMo-style mixture-of-modality-experts backbone
+         (config.model.backbone='mome'): one shared stack, ffn_image/ffn_text experts in every
+         layer, ffn_fusion in the top layer, an ITM head trained on hard negatives. Combines
+         with smoke (`demo.py:mome,smoke`).
 """
 
 import ml_collections
@@ -16,12 +20,13 @@ from coca_jax.data.digit_scenes import DIGIT_NAMES, ZERO_SHOT_TEMPLATES
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   args = set(filter(None, arg.split(",")))
-  unknown = args - {"smoke", "mini"}
+  unknown = args - {"smoke", "mini", "mome"}
   if unknown:
-    raise ValueError(f"experiments/demo.py: unknown args {sorted(unknown)}; known: mini, smoke")
-  if len(args) > 1:
+    raise ValueError(f"experiments/demo.py: unknown args {sorted(unknown)}; known: mini, mome, "
+                     "smoke")
+  if {"smoke", "mini"} <= args:
     raise ValueError("experiments/demo.py: use one of the args 'mini' or 'smoke', not both")
-  smoke, mini = "smoke" in args, "mini" in args
+  smoke, mini, mome = "smoke" in args, "mini" in args, "mome" in args
   c = ml_collections.ConfigDict()
 
   c.model = ml_collections.ConfigDict(dict(
@@ -87,4 +92,21 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.optim.lr = 2e-3
     c.checkpoint.update(every_steps=300)
     c.evals.zeroshot.examples = 500
+  if mome:
+    _use_mome(c, smoke)
   return c
+
+
+def _use_mome(c: ml_collections.ConfigDict, smoke: bool) -> None:
+  """The demo with one shared MoME stack instead of CoCa's towers (tower-only fields removed)."""
+  vision, text = c.model.vision, c.model.text
+  mome = dict(depth=4, width=vision.width, heads=vision.heads, mlp_dim=vision.mlp_dim,
+              fusion_layers=1)
+  if smoke:
+    mome.update(depth=2, fusion_layers=1)
+  for name in ("vision", "pooling", "n_gen_queries", "remat", "scan_layers"):
+    del c.model[name]
+  c.model.text = ml_collections.ConfigDict(dict(vocab_size=text.vocab_size, max_len=text.max_len))
+  c.model.backbone = "mome"
+  c.model.mome = ml_collections.ConfigDict(mome)
+  c.loss.itm_weight = 1.0

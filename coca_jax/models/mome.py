@@ -45,6 +45,7 @@ from coca_jax.models.coca import DTYPES, PAD_ID, l2_normalize, text_attention_ma
 from coca_jax.models.layers import AttentionalPooler, LayerNorm, constrain, dense, embed_init, with_axes
 
 IMAGE, TEXT, FUSION = "image", "text", "fusion"
+POOLINGS = ("attention", "cls")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,9 @@ class MoMEConfig:
   fusion_layers: int
   embed_dim: int
   pooler_heads: int = 8
+  # The contrastive image embedding: 'attention' (an attentional pooler over the image tokens,
+  # as in CoCa) or 'cls' (a learned [CLS] token prepended to the patches, as in VLMo).
+  pooling: str = "attention"
   itm: bool = False  # Build the image-text matching head (config.loss.itm_weight > 0).
   dtype: str = "float32"
   temperature_init: float = 0.07
@@ -77,7 +81,8 @@ class MoMEConfig:
         image_size=model.image_size, patch_size=model.patch_size,
         vocab_size=model.text.vocab_size, max_len=model.text.max_len, width=m.width,
         depth=m.depth, heads=m.heads, mlp_dim=m.mlp_dim, fusion_layers=m.fusion_layers,
-        embed_dim=model.embed_dim, pooler_heads=model.pooler_heads, dtype=model.dtype,
+        embed_dim=model.embed_dim, pooler_heads=model.pooler_heads,
+        pooling=model.get("pooling", "attention"), dtype=model.dtype,
         temperature_init=model.temperature_init, max_logit_scale=model.max_logit_scale,
         contrastive=model.get("contrastive", "softmax"),
         tie_embeddings=model.get("tie_embeddings", False))
@@ -85,6 +90,11 @@ class MoMEConfig:
   @property
   def num_patches(self) -> int:
     return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def image_tokens(self) -> int:
+    """Image tokens of every pass: the patches, and the [CLS] first with pooling='cls'."""
+    return self.num_patches + (self.pooling == "cls")
 
   @property
   def bottom_layers(self) -> int:
@@ -123,11 +133,17 @@ class MoME(nn.Module):
     if not 0 <= c.fusion_layers <= c.depth:
       raise ValueError(f"config.model.mome.fusion_layers={c.fusion_layers} must be in "
                        f"[0, depth={c.depth}]")
+    if c.pooling not in POOLINGS:
+      raise ValueError(f"config.model.pooling={c.pooling!r} is unknown for a MoME; use one of "
+                       f"{POOLINGS}")
     dt = c.compute_dtype
     self.patch_embed = dense(c.width, ("patch", "embed"), dt, "patch_embed")
     self.image_pos_embed = self.param(
         "image_pos_embed", with_axes(embed_init, ("length", "embed")),
-        (c.num_patches, c.width), jnp.float32)
+        (c.image_tokens, c.width), jnp.float32)
+    if c.pooling == "cls":
+      self.image_cls_token = self.param("image_cls_token", with_axes(embed_init, ("embed",)),
+                                        (c.width,), jnp.float32)
     self.token_embed = nn.Embed(
         c.vocab_size, c.width, dtype=dt, param_dtype=jnp.float32,
         embedding_init=with_axes(embed_init, ("vocab", "embed")))
@@ -137,11 +153,12 @@ class MoME(nn.Module):
     self.cls_token = self.param("cls_token", with_axes(embed_init, ("embed",)), (c.width,),
                                 jnp.float32)
     # Decoding caches the image prefix and the text positions of every layer.
-    cache_length = c.num_patches + c.max_len - 1
+    cache_length = c.image_tokens + c.max_len - 1
     self.layers = [Block(c.heads, c.mlp_dim, dt, decode=self.decode, cache_length=cache_length,
                          modality_experts=c.layer_experts(i)) for i in range(c.depth)]
     self.ln_image = LayerNorm(dt)
-    self.contrastive_pooler = AttentionalPooler(1, c.pooler_heads, dt)
+    if c.pooling == "attention":
+      self.contrastive_pooler = AttentionalPooler(1, c.pooler_heads, dt)
     self.ln_image_embed = LayerNorm(dt)
     self.image_projection = dense(c.embed_dim, ("embed", "joint"), dt, "image_projection",
                                   use_bias=False)
@@ -164,14 +181,19 @@ class MoME(nn.Module):
   # -- Inputs --------------------------------------------------------------------------------
 
   def _image_tokens(self, image):
-    """image [batch, H, W, 3] -> embedded patches [batch, P, width]."""
+    """image [batch, H, W, 3] -> embedded image tokens [batch, image_tokens, width] (the
+    [CLS] first with pooling='cls', then the patches)."""
     c = self.config
     if image.shape[1:3] != (c.image_size, c.image_size):
       raise ValueError(f"image shape {image.shape} does not match config.model.image_size="
                        f"{c.image_size}")
     patches = einops.rearrange(image.astype(c.compute_dtype), "b (h p) (w q) c -> b (h w) (p q c)",
                                p=c.patch_size, q=c.patch_size)
-    x = self.patch_embed(patches) + self.image_pos_embed.astype(c.compute_dtype)
+    x = self.patch_embed(patches)
+    if c.pooling == "cls":
+      cls = jnp.broadcast_to(self.image_cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+      x = jnp.concatenate([cls, x], axis=1)
+    x = x + self.image_pos_embed.astype(c.compute_dtype)
     return constrain(x, ("batch", "length", "embed"))
 
   def _text_tokens(self, text, with_cls: bool):
@@ -202,7 +224,8 @@ class MoME(nn.Module):
       x, kv = layer(x, None, None, segments, return_kv=True)
       if i < c.bottom_layers:  # Same states, so same keys/values, as in the fused pass.
         prefix_kv.append(kv)
-    pooled = self.contrastive_pooler(self.ln_image(x))[:, 0]
+    tokens = self.ln_image(x)
+    pooled = tokens[:, 0] if c.pooling == "cls" else self.contrastive_pooler(tokens)[:, 0]
     image_embed = l2_normalize(self.image_projection(self.ln_image_embed(pooled)))
     # The top layers of the fused pass see image tokens through ffn_fusion; they still attend to
     # image tokens only. (Unused outputs, e.g. when only the embedding is wanted, are dropped by
