@@ -194,6 +194,10 @@ def validate(config, num_devices: int | None = None) -> None:
   microbatches = t.get("microbatches", 1)
   need(isinstance(microbatches, int) and microbatches >= 1,
        f"config.train.microbatches={microbatches!r} must be a positive integer")
+  source = config.get("init", {}).get("source", "")
+  need(not source or os.path.exists(source),
+       f"config.init.source={source!r} does not exist; give a previous run's workdir or one of "
+       "its checkpoint step directories (DIR/checkpoints/<step>)")
   need(config.checkpoint.every_steps >= 0, "config.checkpoint.every_steps must be >= 0 (0 = off)")
   need(config.checkpoint.keep >= 1, f"config.checkpoint.keep={config.checkpoint.keep} must be >= 1")
 

@@ -245,3 +245,73 @@ def test_experiment_configs_validate_and_build_abstractly(spec):
   assert flops.model_flops_per_example(config) > 0
   if spec.startswith("vlmo_base"):
     assert abs(counts["total"] - 175e6) / 175e6 < 0.02, counts["total"]
+
+
+# -- End to end: train CLI -> coca_jax.load ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mome_workdir(tmp_path_factory):
+  import subprocess
+  import sys
+  workdir = str(tmp_path_factory.mktemp("mome") / "run")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-m", "coca_jax.train", "--config",
+       os.path.join(REPO, "experiments", "demo.py") + ":mome,smoke", "--workdir", workdir],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_mome_trains_from_the_cli_and_loads_for_inference(mome_workdir):
+  import json
+  from coca_jax import api
+  from coca_jax.data import digit_scenes
+  records = [json.loads(line) for line in open(os.path.join(mome_workdir, "metrics.jsonl"))]
+  train = [r for r in records if "loss" in r]
+  for key in ("itm_loss", "itm_accuracy", "caption_loss", "contrastive_loss"):
+    assert np.isfinite(train[-1][key]), key
+  for key in ("eval/zeroshot_top1", "eval/i2t_recall@1"):
+    assert 0.0 <= records[-1][key] <= 1.0
+  model = api.load(mome_workdir, batch_size=4)
+  assert isinstance(model.module, MoME)
+  scenes = digit_scenes.make_scenes("test", 3, seed=1, image_size=32)
+  images = scenes["image"]
+  captions = model.caption(images)
+  assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+  # Cached captions equal the uncached reference on the trained model too.
+  out = model.caption_tokens(images)
+  from coca_jax.data import preprocess
+  reference = gen.recompute_greedy(model.module, model.params,
+                                   jnp.asarray(preprocess.normalize_images(images)))
+  np.testing.assert_array_equal(out["tokens"], np.asarray(reference["tokens"]))
+  scores = model.itm_score(images, [scenes["caption"][0], "a blue seven"])
+  assert scores.shape == (3, 2) and np.all((scores >= 0) & (scores <= 1))
+  # Same pair scored alone or among others: batching does not change it.
+  np.testing.assert_allclose(model.itm_score(images[1:2], ["a blue seven"])[0, 0],
+                             scores[1, 1], atol=1e-5)
+  assert model.embed_images(images).shape == (3, 32)
+
+
+def test_init_source_loads_another_stage_and_names_what_differs(mome_workdir):
+  from coca_jax import checkpoint
+  config = mome_smoke_config()
+  config.loss.itm_weight = 0.0  # This stage has no ITM head: the source's is ignored.
+  built = step_lib.setup(config)
+  fresh = built.init_state(config).params
+  params, report = checkpoint.load_params_for_init(mome_workdir, fresh,
+                                                   built.state_shardings.params)
+  assert report["ignored"] == ["itm_head/bias", "itm_head/kernel"] and not report["kept_fresh"]
+  from coca_jax import api
+  trained = api.load(mome_workdir).params
+  same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), params,
+                      {k: v for k, v in trained.items() if k != "itm_head"})
+  assert all(jax.tree.leaves(same))
+  wider = mome_smoke_config()
+  wider.model.mome.mlp_dim = 128
+  built = step_lib.setup(wider)
+  with pytest.raises(ValueError, match=r"layers_0/ffn_image/mlp/wi/kernel: checkpoint \(32, 64\) "
+                                       r"vs model \(32, 128\)"):
+    checkpoint.load_params_for_init(mome_workdir, built.abstract_state.params,
+                                    built.state_shardings.params)
