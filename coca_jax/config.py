@@ -95,7 +95,8 @@ def _validate_mome(config, need, positive):
   _validate_common_model(m, need, positive)
   unused = [f"config.model.{f}" for f in TOWER_ONLY_MODEL_FIELDS if f in m]
   unused += [f"config.model.text.{f}" for f in TOWER_ONLY_TEXT_FIELDS if f in m.text]
-  need(not unused, f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} only read by CoCa towers; with "
+  verb = "is" if len(unused) == 1 else "are"
+  need(not unused, f"{', '.join(unused)} {verb} only read by CoCa towers; with "
        "config.model.backbone='mome' the shared stack is config.model.mome: remove them")
   pooling = m.get("pooling", "attention")
   need(pooling in ("attention", "cls"), f"config.model.pooling={pooling!r} is not a MoME "

@@ -33,9 +33,9 @@ VLMo's layer-scale (init 0.1; 2 x 768 parameters a layer), its relative position
 image self-attention (732 x 12 a layer; learned absolute positions instead), the query/value-only
 biases of its attention (ours also have a key bias), its ITC/ITM poolers' extra dense layers
 and its masked-language-model objective (captioning, i.e. prefix-causal next-token prediction
-on the fused stack, takes its place). Stages 1 and 2 of VLMo train with masked image modelling on images alone and masked
-language modelling on text alone; here every stage trains on image-text pairs with this
-framework's losses, so only the freezing schedule is VLMo's.
+on the fused stack, takes its place). Stages 1 and 2 of VLMo train with masked image modelling
+on images alone and masked language modelling on text alone; here every stage trains on
+image-text pairs with this framework's losses, so only the freezing schedule is VLMo's.
 Optimizer (VLMo's stage 3): AdamW, peak lr 2e-4, weight decay 0.01, b2 0.98, 2.5% warmup
 then linear decay; batch 1024.
 """

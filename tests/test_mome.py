@@ -200,21 +200,21 @@ def test_freezing_one_expert_leaves_it_bit_identical_while_the_rest_trains():
   config = mome_smoke_config()
   config.optim.freeze_regex = [".*/ffn_image/.*"]
   config.optim.warmup_fraction = 0.0
+  config.loss.itm_weight = 0.0  # ITM in a train step: the CLI test below.
   built = step_lib.setup(config)
   state = built.init_state(config)
   before = jax.tree.map(np.asarray, state.params)
   train_step = built.train_step(config)
   with jax.set_mesh(built.mesh):
-    for seed in range(3):
-      state, metrics = train_step(state, random_batch(config, config.train.batch_size, seed))
-  assert np.isfinite(float(metrics["itm_loss"])) and 0 <= float(metrics["itm_accuracy"]) <= 1
+    for seed in range(2):
+      state, _ = train_step(state, random_batch(config, config.train.batch_size, seed))
   paths = jax.tree.leaves(optim.param_paths(before))
   changed = dict(zip(paths, jax.tree.leaves(jax.tree.map(
       lambda a, b: not np.array_equal(a, np.asarray(b)), before, state.params))))
   frozen = [p for p in paths if "/ffn_image/" in p]
   assert frozen and not any(changed[p] for p in frozen)
   for path in ("layers_0/ffn_text/mlp/wi/kernel", "layers_1/ffn_fusion/mlp/wi/kernel",
-               "layers_0/attention/query/kernel", "itm_head/kernel"):
+               "layers_0/attention/query/kernel", "patch_embed/kernel"):
     assert changed[path], path
 
 
@@ -315,3 +315,23 @@ def test_init_source_loads_another_stage_and_names_what_differs(mome_workdir):
                                        r"vs model \(32, 128\)"):
     checkpoint.load_params_for_init(mome_workdir, built.abstract_state.params,
                                     built.state_shardings.params)
+
+
+def test_vlmo_stages_freeze_what_vlmo_freezes():
+  def frozen_paths(stage):
+    config = config_lib.load_config(os.path.join(REPO, "experiments", "vlmo_base.py") +
+                                    f":stage={stage}")
+    params = flops.abstract_params(config)
+    mask = optim._mask_from_regex(params, config.optim.freeze_regex, match_means=True)
+    return {p for p, f in zip(jax.tree.leaves(optim.param_paths(params)), jax.tree.leaves(mask))
+            if f}, set(jax.tree.leaves(optim.param_paths(params)))
+
+  frozen, every = frozen_paths("text")  # VLMo stage 2: shared attention and V-FFN frozen.
+  assert {p for p in every if "/attention/" in p or "/ffn_image/" in p or "/ln_attention/" in p
+          } == frozen
+  frozen, every = frozen_paths("image")  # Stage 1: the text side waits.
+  assert all("/ffn_text/" in p or "/ffn_fusion/" in p or not p.startswith("layers_")
+             for p in frozen)
+  assert not any("/ffn_image/" in p or "/attention/" in p for p in frozen)
+  assert "token_embed/embedding" in frozen and "patch_embed/kernel" not in frozen
+  assert not frozen_paths("image_text")[0]

@@ -42,7 +42,8 @@ import jax.numpy as jnp
 
 from coca_jax.models.backbone import Block
 from coca_jax.models.coca import DTYPES, PAD_ID, l2_normalize, text_attention_mask
-from coca_jax.models.layers import AttentionalPooler, LayerNorm, constrain, dense, embed_init, with_axes
+from coca_jax.models.layers import (AttentionalPooler, LayerNorm, constrain, dense, embed_init,
+                                    with_axes)
 
 IMAGE, TEXT, FUSION = "image", "text", "fusion"
 POOLINGS = ("attention", "cls")
