@@ -245,6 +245,9 @@ def test_experiment_configs_validate_and_build_abstractly(spec):
   assert flops.model_flops_per_example(config) > 0
   if spec.startswith("vlmo_base"):
     assert abs(counts["total"] - 175e6) / 175e6 < 0.02, counts["total"]
+    # A token runs one of the 2 experts in the 10 bottom layers and one of 3 in the top 2.
+    ffn = 2 * 768 * 3072 + 3072 + 768 + 2 * 768  # MLP weights and biases, LayerNorm.
+    assert counts["total"] - counts["active"] == (10 * 1 + 2 * 2) * ffn
 
 
 # -- End to end: train CLI -> coca_jax.load ------------------------------------------------------
