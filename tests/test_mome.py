@@ -35,10 +35,13 @@ def _forward(model, params, image, text):
 
 
 def _perturb(params, layer: int, expert: str):
-  """params with layer `layer`'s ffn_<expert> output weights shifted (a different function)."""
+  """params with layer `layer`'s ffn_<expert> output weights perturbed (a different function;
+  random, since the next LayerNorm would cancel a uniform shift)."""
   params = jax.tree.map(lambda x: x, params)  # Shallow copy of the dicts.
   mlp = params[f"layers_{layer}"][f"ffn_{expert}"]["mlp"]
-  mlp["wo"] = {**mlp["wo"], "kernel": mlp["wo"]["kernel"] + 0.5}
+  kernel = mlp["wo"]["kernel"]
+  noise = jax.random.normal(jax.random.key(layer), kernel.shape, kernel.dtype)
+  mlp["wo"] = {**mlp["wo"], "kernel": kernel + 0.5 * noise}
   return params
 
 
