@@ -30,8 +30,14 @@ def tiny():
   return model, params, image, text
 
 
+_JITTED = {}
+
+
 def _forward(model, params, image, text):
-  return jax.jit(model.apply)({"params": params}, image, text)
+  """model(image, text) outputs, compiled once per model (the tests call it many times)."""
+  if id(model) not in _JITTED:
+    _JITTED[id(model)] = (model, jax.jit(model.apply))
+  return _JITTED[id(model)][1]({"params": params}, image, text)
 
 
 def _perturb(params, layer: int, expert: str):
