@@ -6,6 +6,7 @@
   text_embeds = model.embed_texts(["a red 3", ...])    # -> [N, D]
   model.caption(images, method="beam", num_beams=4)    # -> list of str
   model.zero_shot(images, ["zero", "one"], ["a photo of a {}."])
+  model.itm_score(images, ["a red 3", ...])           # MoME with ITM: P(match) [N, M]
 
 Embeddings are L2-normalised numpy float32 [N, D]. Inputs are processed in fixed-size batches
 (the last one padded), so each function compiles once per batch size.
@@ -158,7 +159,8 @@ def image_files(paths_or_folders: Sequence[str]) -> list[str]:
 
 
 class Model:
-  """A loaded CoCa with its tokenizer. Attributes: module (CoCa), params, tokenizer, config,
+  """A loaded model (CoCa towers or MoME) with its tokenizer. Attributes: module (CoCa or
+  MoME), params, tokenizer, config,
   image_size, step (checkpoint step or None)."""
 
   def __init__(self, module: CoCa, params, tokenizer: Tokenizer, config, *, batch_size: int = 64,
@@ -168,6 +170,7 @@ class Model:
     self.batch_size = batch_size
     self.step = step
     self.embedder = evaluators.Embedder(module, params, tokenizer, batch_size=batch_size)
+    self._itm_fn = None
 
   # -- Inputs ------------------------------------------------------------------------------------
 
@@ -268,6 +271,39 @@ class Model:
     k = min(k, scores.shape[1])
     index = np.argsort(-scores, axis=1)[:, :k]
     return index, np.take_along_axis(scores, index, axis=1)
+
+  # -- Image-text matching (MoME trained with config.loss.itm_weight > 0) ---------------------
+
+  def itm_score(self, images, texts: Sequence[str]) -> np.ndarray:
+    """Probability that each image matches each text, float32 [num_images, num_texts], from
+    the ITM head on the bidirectional fused pass (one pass per pair: use it to re-rank a short
+    list, e.g. the top candidates of `retrieve` or of sampled captions)."""
+    if not getattr(self.module.config, "itm", False):
+      raise ValueError("this model has no image-text matching head: itm_score needs a MoME "
+                       "(config.model.backbone='mome') trained with config.loss.itm_weight > 0")
+    if isinstance(texts, str):
+      texts = [texts]
+    images = preprocess.normalize_images(self.images_to_uint8(images))
+    tokens = self.tokenizer.tokenize(list(texts), self.module.config.max_len)
+    num_images, num_texts = len(images), len(tokens)
+    pair_image = np.repeat(np.arange(num_images), num_texts)
+    pair_text = np.tile(np.arange(num_texts), num_images)
+    if self._itm_fn is None:
+      self._itm_fn = jax.jit(lambda p, i, t: jax.nn.softmax(self.module.apply(
+          {"params": p}, i, t, method="itm_logits"), axis=-1)[:, 1])
+    scores = []
+    for start in range(0, len(pair_image), self.batch_size):
+      rows = slice(start, start + self.batch_size)
+      chunk_image, chunk_text = images[pair_image[rows]], tokens[pair_text[rows]]
+      pad = self.batch_size - len(chunk_image)
+      if pad:  # Fixed batch: one compilation whatever the number of pairs.
+        chunk_image = np.concatenate([chunk_image, np.zeros((pad, *chunk_image.shape[1:]),
+                                                            chunk_image.dtype)])
+        chunk_text = np.concatenate([chunk_text, np.repeat(chunk_text[:1], pad, axis=0)])
+      out = self._itm_fn(self.params, jnp.asarray(chunk_image), jnp.asarray(chunk_text))
+      scores.append(np.asarray(out)[:self.batch_size - pad])
+    flat = np.concatenate(scores) if scores else np.zeros((0,), np.float32)
+    return flat.reshape(num_images, num_texts)
 
   @property
   def logit_scale(self) -> float:

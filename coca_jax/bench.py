@@ -99,7 +99,7 @@ def run(config, mode: str, steps: int = 10) -> dict:
       "batch_per_device": config.train.batch_size / jax.device_count(),
       "microbatches": int(config.train.get("microbatches", 1)),
       "dtype": config.model.dtype,
-      "remat": config.model.remat,
+      "remat": config.model.get("remat", "none"),
       "contrastive_impl": config.loss.get("contrastive_impl", "gathered"),
       "model_flops_per_example": flops_per_example,
   }

@@ -33,6 +33,120 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg else module.get_config()
 
 
+
+# Fields of config.model that only CoCa towers read: a MoME config must not set them (they would
+# be silently ignored).
+TOWER_ONLY_MODEL_FIELDS = ("vision", "n_gen_queries", "remat", "scan_layers")
+TOWER_ONLY_TEXT_FIELDS = ("width", "heads", "mlp_dim", "n_uni", "n_multi")
+MOME_FIELDS = ("depth", "width", "heads", "mlp_dim", "fusion_layers")
+
+
+def _validate_common_model(m, need, positive):
+  for name in ("image_size", "patch_size", "embed_dim", "pooler_heads"):
+    positive("model", m, name)
+  for name in ("vocab_size", "max_len"):
+    positive("model.text", m.text, name)
+  if isinstance(m.image_size, int) and isinstance(m.patch_size, int) and m.patch_size > 0:
+    need(m.image_size % m.patch_size == 0,
+         f"config.model.image_size={m.image_size} is not divisible by config.model.patch_size="
+         f"{m.patch_size}; pick a patch size that divides the image size")
+  if isinstance(m.text.max_len, int):
+    need(m.text.max_len >= 3, f"config.model.text.max_len={m.text.max_len} must be >= 3 "
+         "(BOS, at least one token, EOS)")
+  need(m.dtype in ("float32", "bfloat16"),
+       f"config.model.dtype={m.dtype!r} is unknown; use float32 or bfloat16")
+  need(0 < m.temperature_init < 1, f"config.model.temperature_init={m.temperature_init} must be "
+       "in (0, 1); the paper uses 0.07")
+
+
+def _validate_towers(config, need, positive, problems):
+  m = config.model
+  _validate_common_model(m, need, positive)
+  positive("model", m, "n_gen_queries")
+  for name in ("width", "depth", "heads", "mlp_dim"):
+    positive("model.vision", m.vision, name)
+  for name in ("width", "heads", "mlp_dim", "n_uni", "n_multi"):
+    positive("model.text", m.text, name)
+  need("mome" not in m, "config.model.mome is only read with config.model.backbone='mome'; "
+       "remove it or set the backbone")
+  if not problems:
+    need(m.vision.width % m.vision.heads == 0,
+         f"config.model.vision.width={m.vision.width} is not divisible by "
+         f"config.model.vision.heads={m.vision.heads}")
+    need(m.text.width % m.text.heads == 0,
+         f"config.model.text.width={m.text.width} is not divisible by "
+         f"config.model.text.heads={m.text.heads}")
+    need(m.vision.width % m.pooler_heads == 0,
+         f"config.model.vision.width={m.vision.width} is not divisible by "
+         f"config.model.pooler_heads={m.pooler_heads}")
+    need(not (m.pooling == "open_clip" and m.n_gen_queries < 2),
+         "config.model.pooling='open_clip' needs config.model.n_gen_queries >= 2 "
+         "(query 0 is contrastive, the rest feed the decoder)")
+  need(m.pooling in ("cascade", "parallel", "open_clip"),
+       f"config.model.pooling={m.pooling!r} is unknown; use cascade, parallel or open_clip")
+  need(m.remat in ("none", "full", "dots", "minimal"),
+       f"config.model.remat={m.remat!r} is unknown; use none, full, dots or minimal")
+
+
+def _validate_mome(config, need, positive):
+  """backbone='mome': config.model.mome = dict(depth, width, heads, mlp_dim, fusion_layers);
+  image/patch size, vocabulary and text length from the usual fields; nothing tower-only."""
+  m = config.model
+  _validate_common_model(m, need, positive)
+  unused = [f"config.model.{f}" for f in TOWER_ONLY_MODEL_FIELDS if f in m]
+  unused += [f"config.model.text.{f}" for f in TOWER_ONLY_TEXT_FIELDS if f in m.text]
+  verb = "is" if len(unused) == 1 else "are"
+  need(not unused, f"{', '.join(unused)} {verb} only read by CoCa towers; with "
+       "config.model.backbone='mome' the shared stack is config.model.mome: remove them")
+  pooling = m.get("pooling", "attention")
+  need(pooling in ("attention", "cls"), f"config.model.pooling={pooling!r} is not a MoME "
+       "pooling; use 'attention' (an attentional pooler, as CoCa) or 'cls' (an image [CLS] "
+       "token, as VLMo)")
+  if "mome" not in m:
+    need(False, "config.model.backbone='mome' needs config.model.mome = dict(depth, width, "
+         "heads, mlp_dim, fusion_layers)")
+    return
+  s = m.mome
+  missing = [f for f in MOME_FIELDS if f not in s]
+  extra = sorted(set(s.keys()) - set(MOME_FIELDS))
+  need(not missing, f"config.model.mome is missing {missing}; it needs {list(MOME_FIELDS)}")
+  need(not extra, f"config.model.mome has unknown fields {extra}; known: {list(MOME_FIELDS)}")
+  if missing:
+    return
+  for name in ("depth", "width", "heads", "mlp_dim"):
+    positive("model.mome", s, name)
+  need(isinstance(s.fusion_layers, int) and 0 <= s.fusion_layers,
+       f"config.model.mome.fusion_layers={s.fusion_layers!r} must be an integer >= 0")
+  ints = all(isinstance(s[f], int) and s[f] > 0 for f in ("depth", "width", "heads"))
+  if ints and isinstance(s.fusion_layers, int):
+    need(s.fusion_layers <= s.depth,
+         f"config.model.mome.fusion_layers={s.fusion_layers} exceeds config.model.mome.depth="
+         f"{s.depth}; the VL-FFN sits in the top fusion_layers of the stack: use at most "
+         f"{s.depth}")
+    need(s.width % s.heads == 0, f"config.model.mome.width={s.width} is not divisible by "
+         f"config.model.mome.heads={s.heads}")
+    if isinstance(m.pooler_heads, int) and m.pooler_heads > 0:
+      need(s.width % m.pooler_heads == 0, f"config.model.mome.width={s.width} is not divisible "
+           f"by config.model.pooler_heads={m.pooler_heads}")
+  need(config.train.get("microbatches", 1) == 1 or not config.loss.get("itm_weight", 0.0),
+       "config.loss.itm_weight > 0 (image-text matching) needs config.train.microbatches=1")
+  itm_examples = config.loss.get("itm_examples", 0)
+  batch = config.train.batch_size
+  need(isinstance(itm_examples, int) and itm_examples >= 0
+       and (not itm_examples or (isinstance(batch, int) and batch % itm_examples == 0)),
+       f"config.loss.itm_examples={itm_examples!r} must be 0 (the whole batch) or divide "
+       f"config.train.batch_size={batch}")
+
+
+def heads_of(config) -> tuple[tuple[str, int], ...]:
+  """(field, head count) of every attention in the model, for the tensor-parallel check."""
+  m = config.model
+  if m.get("backbone", "towers") == "mome":
+    return (("mome.heads", m.get("mome", {}).get("heads")), ("pooler_heads", m.pooler_heads))
+  return (("vision.heads", m.vision.heads), ("text.heads", m.text.heads),
+          ("pooler_heads", m.pooler_heads))
+
+
 def _validate_experts(config, need) -> None:
   """config.model.{vision,text}.experts: learned routing per side (absent = dense)."""
   from coca_jax.models.experts import EXPERTS_FIELDS  # Light: flax only, no model built.
@@ -89,39 +203,20 @@ def validate(config, num_devices: int | None = None) -> None:
          f"config.{prefix}.{name}={value!r} must be a positive integer")
 
   m = config.model
-  for name in ("image_size", "patch_size", "embed_dim", "n_gen_queries", "pooler_heads"):
-    positive("model", m, name)
-  for name in ("width", "depth", "heads", "mlp_dim"):
-    positive("model.vision", m.vision, name)
-  for name in ("vocab_size", "max_len", "width", "heads", "mlp_dim", "n_uni", "n_multi"):
-    positive("model.text", m.text, name)
-  if not problems:
-    need(m.image_size % m.patch_size == 0,
-         f"config.model.image_size={m.image_size} is not divisible by config.model.patch_size="
-         f"{m.patch_size}; pick a patch size that divides the image size")
-    need(m.vision.width % m.vision.heads == 0,
-         f"config.model.vision.width={m.vision.width} is not divisible by "
-         f"config.model.vision.heads={m.vision.heads}")
-    need(m.text.width % m.text.heads == 0,
-         f"config.model.text.width={m.text.width} is not divisible by "
-         f"config.model.text.heads={m.text.heads}")
-    need(m.vision.width % m.pooler_heads == 0,
-         f"config.model.vision.width={m.vision.width} is not divisible by "
-         f"config.model.pooler_heads={m.pooler_heads}")
-    need(m.text.max_len >= 3, f"config.model.text.max_len={m.text.max_len} must be >= 3 "
-         "(BOS, at least one token, EOS)")
-    need(not (m.pooling == "open_clip" and m.n_gen_queries < 2),
-         "config.model.pooling='open_clip' needs config.model.n_gen_queries >= 2 "
-         "(query 0 is contrastive, the rest feed the decoder)")
-  need(m.pooling in ("cascade", "parallel", "open_clip"),
-       f"config.model.pooling={m.pooling!r} is unknown; use cascade, parallel or open_clip")
-  need(m.dtype in ("float32", "bfloat16"),
-       f"config.model.dtype={m.dtype!r} is unknown; use float32 or bfloat16")
-  need(m.remat in ("none", "full", "dots", "minimal"),
-       f"config.model.remat={m.remat!r} is unknown; use none, full, dots or minimal")
-  _validate_experts(config, need)
-  need(0 < m.temperature_init < 1, f"config.model.temperature_init={m.temperature_init} must be "
-       "in (0, 1); the paper uses 0.07")
+  backbone = m.get("backbone", "towers")
+  need(backbone in ("towers", "mome"),
+       f"config.model.backbone={backbone!r} is unknown; use 'towers' (CoCa) or 'mome' "
+       "(one shared stack with modality experts)")
+  itm_weight = config.loss.get("itm_weight", 0.0)
+  need(isinstance(itm_weight, (int, float)) and itm_weight >= 0,
+       f"config.loss.itm_weight={itm_weight!r} must be a number >= 0 (0 = off)")
+  if backbone == "mome":
+    _validate_mome(config, need, positive)
+  elif backbone == "towers":
+    _validate_towers(config, need, positive, problems)
+    _validate_experts(config, need)
+    need(not itm_weight, f"config.loss.itm_weight={itm_weight} needs a fused image-text pass, "
+         "which CoCa towers do not have; set it to 0 or use config.model.backbone='mome'")
 
   t = config.train
   for name in ("steps", "batch_size", "log_every"):
@@ -139,6 +234,10 @@ def validate(config, num_devices: int | None = None) -> None:
   microbatches = t.get("microbatches", 1)
   need(isinstance(microbatches, int) and microbatches >= 1,
        f"config.train.microbatches={microbatches!r} must be a positive integer")
+  source = config.get("init", {}).get("source", "")
+  need(not source or os.path.exists(source),
+       f"config.init.source={source!r} does not exist; give a previous run's workdir or one of "
+       "its checkpoint step directories (DIR/checkpoints/<step>)")
   need(config.checkpoint.every_steps >= 0, "config.checkpoint.every_steps must be >= 0 (0 = off)")
   need(config.checkpoint.keep >= 1, f"config.checkpoint.keep={config.checkpoint.keep} must be >= 1")
 
@@ -156,7 +255,7 @@ def validate(config, num_devices: int | None = None) -> None:
             f"config.train.batch_size={t.batch_size} is not divisible by the {shards} batch "
             f"shards of the mesh {sizes}{split}; use a multiple of {per}")
       expert_axis = sizes["expert"]
-      for side in ("vision", "text"):
+      for side in ("vision", "text") if backbone == "towers" else ():
         experts = m[side].get("experts") or {}
         num = experts.get("num_experts", 1)
         if isinstance(num, int) and num > 1 and num % expert_axis:
@@ -165,8 +264,7 @@ def validate(config, num_devices: int | None = None) -> None:
               f"config.mesh.expert={expert_axis}; use a multiple of {expert_axis} experts or "
               "a mesh expert size that divides it")
       tensor = sizes["tensor"]
-      for field, heads in (("vision.heads", m.vision.heads), ("text.heads", m.text.heads),
-                           ("pooler_heads", m.pooler_heads)):
+      for field, heads in heads_of(config):
         if isinstance(heads, int) and heads % tensor:
           problems.append(f"config.model.{field}={heads} is not divisible by config.mesh.tensor="
                           f"{tensor}; use a tensor size that divides every head count")

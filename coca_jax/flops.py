@@ -18,6 +18,17 @@ a token runs through plus its router (tokens x width x num_experts), so a sparse
 are those of its active parameters. Not counted, like remat: the one-hot dispatch/combine
 einsums, and the capacity slack (experts compute capacity_factor x the routed tokens, empty
 slots included). `param_counts` reports total and active parameters.
+
+MoME (config.model.backbone='mome', `MoMEConfig` m: L layers, F fusion layers, width W): each
+token runs ONE feed-forward per layer (its modality's expert), so a layer costs what a dense
+layer costs. Per example:
+  image-only       L x block over P patches (the bottom L-F layers' keys/values are reused
+                   by the fused pass, not recomputed), attentional pooler, projection
+  fused image      F x block over P patches (the top layers' image states through ffn_fusion)
+  text-only        L x block over T-1 tokens + CLS
+  fused text       L x block over T-1 tokens whose attention also reads P image keys/values
+  vocab head       (T-1) x W x vocab
+  itm (if on)      3 pairs per ITM example x L x block over P + T tokens, bidirectional, + head
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ import numpy as np
 from coca_jax import step
 from coca_jax.models.coca import CoCaConfig
 from coca_jax.models.experts import RoutedExperts
+from coca_jax.models.mome import MoMEConfig
 
 TRAIN_MULTIPLIER = 3  # forward + backward (2x forward).
 
@@ -92,11 +104,42 @@ def _stack_flops(depth: int, tokens: int, width: int, mlp_dim: int,
   return flops
 
 
+def _mome_flops_breakdown(config, batch_size: int) -> dict[str, int]:
+  """`forward_flops_breakdown` of a MoME (see the module docstring)."""
+  m = MoMEConfig.from_config(config.model)
+  patches, width, inputs = m.image_tokens, m.width, m.max_len - 1
+  text_ffn = _mlp_flops(inputs, width, m.mlp_dim)
+  # The fused text tokens' attention: their own Q/K/V/out projections, scores and values over
+  # P image keys plus the text keys.
+  fused_text_layer = (2 * inputs * width * width * 4 + 2 * inputs * (patches + inputs) * width * 2
+                      + text_ffn)
+  parts = {
+      "patch_embed": 2 * m.num_patches * (m.patch_size ** 2 * 3) * width,
+      "image_only": m.depth * _block_flops(patches, width, m.mlp_dim),
+      "contrastive_pooler": _attention_flops(1, patches, width) if m.pooling == "attention" else 0,
+      "image_projection": 2 * width * m.embed_dim,
+      "fused_image": m.fusion_layers * _block_flops(patches, width, m.mlp_dim),
+      "text_only": m.depth * _block_flops(inputs + 1, width, m.mlp_dim),
+      "text_projection": 2 * width * m.embed_dim,
+      "fused_text": m.depth * fused_text_layer,
+      "vocab_head": 2 * inputs * width * m.vocab_size,
+      "contrastive_logits": 2 * batch_size * m.embed_dim,
+  }
+  loss = config.get("loss", {})
+  if loss.get("itm_weight", 0.0) > 0:
+    share = (loss.get("itm_examples", 0) or batch_size) / batch_size
+    pair = m.depth * _block_flops(patches + inputs + 1, width, m.mlp_dim) + 2 * width * 2
+    parts["itm"] = int(3 * share * (pair + 2 * m.num_patches * (m.patch_size ** 2 * 3) * width))
+  return parts
+
+
 def forward_flops_breakdown(config, batch_size: int | None = None) -> dict[str, int]:
   """Forward-pass matmul FLOPs per example, by part. `config` is the experiment ConfigDict;
   `batch_size` (default config.train.batch_size) is the GLOBAL batch the contrastive logits span."""
-  c = CoCaConfig.from_config(config.model)
   batch_size = int(batch_size or config.train.batch_size)
+  if config.model.get("backbone", "towers") == "mome":
+    return _mome_flops_breakdown(config, batch_size)
+  c = CoCaConfig.from_config(config.model)
   patches, wv = c.num_patches, c.vision.width
   parts: dict[str, int] = {}
   parts["patch_embed"] = 2 * patches * (c.patch_size ** 2 * 3) * wv
@@ -148,23 +191,32 @@ EXPERT_WEIGHTS = ("wi", "bi", "wo", "bo")
 
 def param_counts(config) -> dict[str, int]:
   """{'total': N, <top-level module>: n, ...}, e.g. vision, unimodal, multimodal, token_embed.
-  With learned routing also 'active': the parameters one token runs through (top_k of each
-  routed layer's num_experts experts; everything else counts whole)."""
-  c = CoCaConfig.from_config(config.model)
-  side_experts = {"vision": c.vision_experts, "unimodal": c.text_experts,
-                  "multimodal": c.text_experts}
-  counts: dict[str, int] = {}
+  With learned routing, or a MoME, also 'active': the parameters one token runs through (top_k
+  of each routed layer's num_experts experts; for a MoME the shared weights plus ONE feed-forward
+  expert per layer, whose layers are summed as 'layers'; everything else counts whole)."""
+  params = abstract_params(config)
+  size = lambda tree: sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+  counts: dict[str, int] = {name: size(subtree) for name, subtree in params.items()}
   inactive = 0
-  for name, subtree in abstract_params(config).items():
-    counts[name] = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(subtree))
-    experts = side_experts.get(name)
-    if experts is None:
-      continue
-    for path, leaf in jax.tree_util.tree_flatten_with_path(subtree)[0]:
-      keys = [str(getattr(k, "key", k)) for k in path]
-      if "ffn" in keys and keys[-1] in EXPERT_WEIGHTS:
-        inactive += int(np.prod(leaf.shape)) * (experts.num_experts - experts.top_k) // (
-            experts.num_experts)
+  if config.model.get("backbone", "towers") == "mome":
+    layers = [name for name in counts if name.startswith("layers_")]
+    counts["layers"] = sum(counts.pop(name) for name in layers)
+    for name in layers:
+      experts = [size(tree) for key, tree in params[name].items() if key.startswith("ffn_")]
+      inactive += sum(experts) - max(experts)
+  else:
+    c = CoCaConfig.from_config(config.model)
+    side_experts = {"vision": c.vision_experts, "unimodal": c.text_experts,
+                    "multimodal": c.text_experts}
+    for name, subtree in params.items():
+      experts = side_experts.get(name)
+      if experts is None:
+        continue
+      for path, leaf in jax.tree_util.tree_flatten_with_path(subtree)[0]:
+        keys = [str(getattr(k, "key", k)) for k in path]
+        if "ffn" in keys and keys[-1] in EXPERT_WEIGHTS:
+          inactive += int(np.prod(leaf.shape)) * (experts.num_experts - experts.top_k) // (
+              experts.num_experts)
   counts = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
   total = sum(counts.values())
   return {"total": total, **({"active": total - inactive} if inactive else {}), **counts}

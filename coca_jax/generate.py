@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from coca_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from coca_jax.models.coca import CoCa, CoCaConfig, unscanned_layers
+from coca_jax import models
+from coca_jax.models.coca import CoCa, CoCaConfig
 
 METHODS = ("greedy", "beam", "sample")
 NEG_INF = -1e30  # Finite, so `0 * NEG_INF` and `NEG_INF - NEG_INF` never produce NaN.
@@ -108,22 +109,22 @@ def _decoder(model: CoCa, params) -> tuple[CoCa, dict]:
   """The KV-cached decoder of `model` and its parameters. Its layers are unscanned, each with its
   own cache buffers updated in place (see `Stack`); a scanned model's stacked parameters are
   sliced here, once per call, outside the token loop."""
-  config, params = unscanned_layers(model.config, params)
-  return CoCa(config, decode=True), params
+  config, params = models.unscanned_layers(model.config, params)
+  return models.build(config, decode=True), params
 
 
 def _first_step(decoder: CoCa, params, context):
   """BOS through the decoder: fills the cache (and the cross-attention K/V). -> (logits [B,V], cache)."""
   bos = jnp.full((context.shape[0], 1), BOS_ID, jnp.int32)
   logits, variables = decoder.apply(
-      {"params": params}, bos, context, method=CoCa.decode_step, mutable=["cache"])
+      {"params": params}, bos, context, method="decode_step", mutable=["cache"])
   return logits[:, 0], variables["cache"]
 
 
 def _next_step(decoder: CoCa, params, cache, tokens, context):
   """tokens [B] -> (logits [B, V] for the token after them, updated cache)."""
   logits, variables = decoder.apply(
-      {"params": params, "cache": cache}, tokens[:, None], context, method=CoCa.decode_step,
+      {"params": params, "cache": cache}, tokens[:, None], context, method="decode_step",
       mutable=["cache"])
   return logits[:, 0], variables["cache"]
 
@@ -360,7 +361,7 @@ def _rerank(model: CoCa, params, image_embed, result, num_candidates: int):
   """Keeps, per image, the candidate whose text embedding is most similar to the image's.
   result leaves are [B * N, ...] with the N candidates of image b at rows b*N .. b*N+N-1."""
   text_embed = model.apply({"params": params}, ensure_eos(result["tokens"]),
-                           method=CoCa.encode_text)
+                           method="encode_text")
   batch = image_embed.shape[0]
   similarity = jnp.einsum("bd,bnd->bn", image_embed,
                           text_embed.reshape(batch, num_candidates, -1))
@@ -373,7 +374,7 @@ def _rerank(model: CoCa, params, image_embed, result, num_candidates: int):
 
 def _generate(model: CoCa, params, images, d: Decoding, rng, return_logits: bool) -> dict:
   """The traced decoder (d validated; its TRACED_FIELDS may be tracers)."""
-  image_embed, context = model.apply({"params": params}, images, method=CoCa.encode_image)
+  image_embed, context = model.apply({"params": params}, images, method="encode_image")
   if d.num_candidates > 1:
     rows = jnp.repeat(jnp.arange(images.shape[0]), d.num_candidates)
     context = context[rows]
@@ -389,7 +390,7 @@ def _generate(model: CoCa, params, images, d: Decoding, rng, return_logits: bool
 
 @functools.lru_cache(maxsize=64)
 def _compiled_generate(config: CoCaConfig, static: Decoding, return_logits: bool):
-  model = CoCa(config)
+  model = models.build(config)
 
   def run(params, images, knobs, rng):
     return _generate(model, params, images, dataclasses.replace(static, **knobs), rng,
@@ -424,12 +425,6 @@ def generate(model: CoCa, params, images, decoding: Decoding = Decoding(), rng=N
 # ---------------------------------------------------------------------------------------------
 
 
-def _prefix_logits(module: CoCa, text, context):
-  """Teacher-forced decoder logits for text [B, L] (L = max_len): [B, L-1, V]."""
-  states, _ = module._unimodal(text)
-  return module.caption_logits(states, text[:, :-1], context)
-
-
 def recompute_greedy(model: CoCa, params, images, max_new_tokens: int | None = None,
                      min_len: int = 0, return_logits: bool = False) -> dict:
   """Greedy decoding WITHOUT a cache: each token re-runs both text decoders over the full
@@ -442,12 +437,13 @@ def recompute_greedy(model: CoCa, params, images, max_new_tokens: int | None = N
 
 @functools.lru_cache(maxsize=8)
 def _compiled_recompute(config: CoCaConfig, return_logits: bool):
-  return jax.jit(functools.partial(_recompute_greedy, CoCa(config), return_logits=return_logits))
+  return jax.jit(functools.partial(_recompute_greedy, models.build(config),
+                                   return_logits=return_logits))
 
 
 def _recompute_greedy(model: CoCa, params, images, max_new_tokens, min_len, return_logits):
   d = Decoding(max_new_tokens=max_new_tokens, min_len=min_len)
-  _, context = model.apply({"params": params}, images, method=CoCa.encode_image)
+  _, context = model.apply({"params": params}, images, method="encode_image")
   batch, max_len = images.shape[0], model.config.max_len
   tokens = jnp.full((batch, max_len), PAD_ID, jnp.int32).at[:, 0].set(BOS_ID)
   vocab = model.config.vocab_size
@@ -457,7 +453,8 @@ def _recompute_greedy(model: CoCa, params, images, max_new_tokens, min_len, retu
 
   def body(s):
     i = s["i"]
-    all_step_logits = model.apply({"params": params}, s["tokens"], context, method=_prefix_logits)
+    all_step_logits = model.apply({"params": params}, s["tokens"], context,
+                                  method="teacher_forced_logits")
     logits = jax.lax.dynamic_index_in_dim(all_step_logits, i, axis=1, keepdims=False)
     next_token = jnp.argmax(allowed_logits(logits, i, d.min_len), axis=-1).astype(jnp.int32)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), next_token[:, None], 1)[:, 0]

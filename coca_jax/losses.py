@@ -289,3 +289,45 @@ def router_losses(statistics, *, router_balance_weight: float = 0.01,
            + router_local_entropy_weight * parts["router_local_entropy_loss"]
            + router_global_entropy_weight * parts["router_global_entropy_loss"])
   return total, {"router_loss": total, **parts, **metrics}
+
+
+# -- Image-text matching (VLMo) ----------------------------------------------------------------
+
+
+def hard_negatives(image_embed, text_embed, logit_scale, rng, duplicate_cosine: float = 1 - 1e-4):
+  """One hard negative text per image and one hard negative image per text (VLMo).
+
+  Row i's negative text is drawn with probability softmax(logit_scale * image_i . text_j) over
+  the global batch with j = i masked out, and likewise for images; candidates that duplicate
+  the positive (cosine >= `duplicate_cosine` to it, e.g. the same caption twice in a batch) are
+  masked too, since labelling them "no match" would be wrong. image_embed, text_embed [B, D]
+  unit norm (no gradient flows: sampling only); rng: a PRNG key.
+  Returns (negative_text [B] int32, negative_image [B] int32 indices into the batch, valid [B]
+  bool per kind: (text_valid, image_valid), False where every candidate was masked, e.g. a
+  batch of one caption repeated, in which case the index is meaningless and must be ignored).
+  """
+  image_embed = jax.lax.stop_gradient(image_embed.astype(jnp.float32))
+  text_embed = jax.lax.stop_gradient(text_embed.astype(jnp.float32))
+  logits = jax.lax.stop_gradient(logit_scale) * (image_embed @ text_embed.T)  # [image, text]
+  batch = logits.shape[0]
+  not_self = ~jnp.eye(batch, dtype=bool)
+  # Candidate text j for image i must differ from text i; candidate image j for text i must
+  # differ from image i.
+  text_allowed = not_self & ((text_embed @ text_embed.T) < duplicate_cosine)
+  image_allowed = not_self & ((image_embed @ image_embed.T) < duplicate_cosine)
+  rng_text, rng_image = jax.random.split(rng)
+  neg_text = jax.random.categorical(rng_text, jnp.where(text_allowed, logits, -jnp.inf), axis=1)
+  neg_image = jax.random.categorical(rng_image, jnp.where(image_allowed, logits.T, -jnp.inf),
+                                     axis=1)
+  return (neg_text.astype(jnp.int32), neg_image.astype(jnp.int32),
+          (text_allowed.any(1), image_allowed.any(1)))
+
+
+def itm_loss(logits, labels, weights):
+  """Weighted 2-way cross-entropy. logits [N, 2] float32, labels [N] int (1 = match),
+  weights [N] float (0 drops a pair). Returns (loss, metrics: itm_accuracy)."""
+  per_pair = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  count = jnp.maximum(jnp.sum(weights), 1.0)
+  loss = jnp.sum(per_pair * weights) / count
+  accuracy = jnp.sum((jnp.argmax(logits, -1) == labels) * weights) / count
+  return loss, {"itm_accuracy": accuracy}

@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from coca_jax import losses, sharding
-from coca_jax.models.coca import CoCa, CoCaConfig, router_statistics
+from coca_jax import losses, models, sharding
+from coca_jax.models.coca import CoCa, router_statistics
 
 
 @flax.struct.dataclass
@@ -61,11 +61,16 @@ def dummy_batch(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def build_model(config) -> CoCa:
-  """The model for a full experiment config. The sigmoid contrastive loss needs a learnable
-  logit bias in the model, so the model's `contrastive` follows `config.loss.contrastive`."""
-  model_config = CoCaConfig.from_config(config.model)
-  contrastive = config.get("loss", {}).get("contrastive", model_config.contrastive)
-  return CoCa(dataclasses.replace(model_config, contrastive=contrastive))
+  """The model for a full experiment config (`config.model.backbone`: CoCa towers or MoME). The
+  sigmoid contrastive loss needs a learnable logit bias in the model, so the model's
+  `contrastive` follows `config.loss.contrastive`; a MoME gets its ITM head when
+  `config.loss.itm_weight` > 0."""
+  model_config = models.model_config(config.model)
+  loss = config.get("loss", {})
+  changes = {"contrastive": loss.get("contrastive", model_config.contrastive)}
+  if isinstance(model_config, models.MoMEConfig):
+    changes["itm"] = loss.get("itm_weight", 0.0) > 0
+  return models.build(dataclasses.replace(model_config, **changes))
 
 
 def _init_boxed_params(model: CoCa, config, rng):
@@ -111,7 +116,9 @@ def apply_with_router_statistics(model: CoCa, params, image, text):
   return outputs, router_statistics(state.get("intermediates", {}), model.config)
 
 
-def loss_fn(params, model: CoCa, batch, loss_config):
+def loss_fn(params, model: CoCa, batch, loss_config, rng=None):
+  """(loss, metrics) of one batch. `rng` draws the ITM hard negatives (config.loss.itm_weight >
+  0, MoME only)."""
   outputs, stats = apply_with_router_statistics(model, params, batch["image"], batch["text"])
   total, metrics = losses.coca_loss(
       outputs, batch["text"],
@@ -124,7 +131,44 @@ def loss_fn(params, model: CoCa, batch, loss_config):
     router, router_metrics = losses.router_losses(stats, **losses.router_loss_settings(loss_config))
     total = total + router
     metrics = {**metrics, **router_metrics, "loss": total}
+  itm_weight = loss_config.get("itm_weight", 0.0)
+  if itm_weight > 0:
+    itm, itm_metrics = image_text_matching(params, model, batch, outputs, rng,
+                                           loss_config.get("itm_examples", 0))
+    total = total + itm_weight * itm
+    metrics = {**metrics, **itm_metrics, "loss": total}
   return total, metrics
+
+
+def image_text_matching(params, model, batch, outputs, rng, examples: int = 0):
+  """VLMo's ITM term: the positive pairs, each image with a hard negative text and each text
+  with a hard negative image (sampled from the global-batch contrastive similarities, see
+  `losses.hard_negatives`): 3 pairs per example through the bidirectional fused pass.
+  `examples` > 0 (config.loss.itm_examples) runs ITM on that many examples only, every
+  (B / examples)-th row so each device keeps an equal share; their negatives still come from
+  the whole batch. Returns (loss, metrics: itm_loss, itm_accuracy)."""
+  if rng is None:
+    raise ValueError("config.loss.itm_weight > 0 needs an rng for the hard negatives")
+  image, text = batch["image"], batch["text"]
+  neg_text, neg_image, (text_ok, image_ok) = losses.hard_negatives(
+      outputs["image_embed"], outputs["text_embed"], outputs["logit_scale"], rng)
+  if examples:
+    if image.shape[0] % examples:
+      raise ValueError(f"config.loss.itm_examples={examples} must divide the batch "
+                       f"{image.shape[0]}")
+    rows = jnp.arange(examples) * (image.shape[0] // examples)
+    image, text = image[rows], text[rows]
+    neg_text, neg_image = neg_text[rows], neg_image[rows]
+    text_ok, image_ok = text_ok[rows], image_ok[rows]
+  images = jnp.concatenate([image, image, batch["image"][neg_image]], axis=0)
+  texts = jnp.concatenate([text, batch["text"][neg_text], text], axis=0)
+  batch_size = image.shape[0]
+  labels = jnp.concatenate([jnp.ones((batch_size,), jnp.int32),
+                            jnp.zeros((2 * batch_size,), jnp.int32)])
+  weights = jnp.concatenate([jnp.ones((batch_size,)), text_ok, image_ok]).astype(jnp.float32)
+  logits = model.apply({"params": params}, images, texts, method="itm_logits")
+  loss, metrics = losses.itm_loss(logits, labels, weights)
+  return loss, {"itm_loss": loss, **metrics}
 
 
 def _contrastive(image_embed, text_embed, logit_scale, logit_bias, loss_config):
@@ -169,13 +213,13 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
 
   # 1. Embeddings of every example, one microbatch at a time.
   def embed(_, mb):
-    image_embed, _ = model.apply(variables, mb["image"], method=CoCa.encode_image)
-    return None, (image_embed, model.apply(variables, mb["text"], method=CoCa.encode_text))
+    image_embed, _ = model.apply(variables, mb["image"], method="encode_image")
+    return None, (image_embed, model.apply(variables, mb["text"], method="encode_text"))
   _, (image_embed, text_embed) = jax.lax.scan(embed, None, micro)
   image_embed, text_embed = merge_microbatches(image_embed), merge_microbatches(text_embed)
 
   # 2. The global contrastive loss and its gradient w.r.t. the embeddings and temperature.
-  scale_and_bias = lambda p: (model.apply({"params": p}, method=CoCa.temperature_scale),
+  scale_and_bias = lambda p: (model.apply({"params": p}, method="temperature_scale"),
                               p.get("logit_bias", jnp.zeros((), jnp.float32)))
   scale, bias = scale_and_bias(params)
   con_fn = lambda i, t, s, b: _contrastive(i, t, s, b, loss_config)
@@ -231,16 +275,20 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
 
 
 def train_step(state: TrainState, batch, *, model: CoCa, tx: optax.GradientTransformation,
-               loss_config, schedule: Callable, rules,
-               microbatches: int = 1) -> tuple[TrainState, dict]:
-  """One optimizer update. Pure: (state, batch) -> (new state, metrics)."""
+               loss_config, schedule: Callable, rules, microbatches: int = 1,
+               seed: int = 0) -> tuple[TrainState, dict]:
+  """One optimizer update. Pure: (state, batch) -> (new state, metrics). Randomness (ITM hard
+  negatives) comes from (seed, state.step), so a resumed run draws what it would have drawn."""
+  rng = jax.random.fold_in(jax.random.key(seed), state.step)
   with nn.logical_axis_rules(rules):
     if microbatches > 1:
+      if loss_config.get("itm_weight", 0.0) > 0:
+        raise ValueError("config.loss.itm_weight > 0 needs config.train.microbatches=1")
       (_, metrics), grads = accumulated_loss_and_grads(
           state.params, model, batch, loss_config, microbatches)
     else:
       grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-      (_, metrics), grads = grad_fn(state.params, model, batch, loss_config)
+      (_, metrics), grads = grad_fn(state.params, model, batch, loss_config, rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
@@ -260,7 +308,8 @@ def make_train_step(model, tx, config, schedule, mesh: Mesh, shardings: TrainSta
         f"(each device splits its rows into microbatches); use a multiple of "
         f"{shards * max(microbatches, 1)}")
   step = functools.partial(train_step, model=model, tx=tx, loss_config=config.loss,
-                           schedule=schedule, rules=rules, microbatches=microbatches)
+                           schedule=schedule, rules=rules, microbatches=microbatches,
+                           seed=int(config.train.seed))
   batch_shardings = {"image": sharding.batch_sharding(mesh, 4),
                      "text": sharding.batch_sharding(mesh, 2)}
   return jax.jit(step, in_shardings=(shardings, batch_shardings),

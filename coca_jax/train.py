@@ -152,6 +152,14 @@ def main(argv) -> None:
     logging.info("Resumed from step %d", resumed)
   else:
     state = built.init_state(config)
+    source = config.get("init", {}).get("source", "")
+    if source:  # A previous stage's parameters; optimizer state and step start fresh.
+      params, report = checkpoint.load_params_for_init(source, state.params,
+                                                       state_shardings.params)
+      state = state.replace(params=params)
+      logging.info("Initialised %d parameter arrays from %s; kept fresh (not in the source): "
+                   "%s; ignored (not in this model): %s", report["loaded"], source,
+                   report["kept_fresh"] or "none", report["ignored"] or "none")
   if jax.process_index() == 0:
     checkpoint.write_config(workdir, config)
 

@@ -24,7 +24,7 @@ def _routed(top_k, capacity_factor, causal=False, seed=0, token_mask=None):
   params = nn.unbox(module.init(jax.random.key(1), x))["params"]
   # A router strong enough that its choices are not near-ties.
   params["router"] = 3.0 * jax.random.normal(jax.random.key(2), params["router"].shape)
-  y, state = module.apply({"params": params}, x, None, token_mask, mutable=["intermediates"])
+  y, state = module.apply({"params": params}, x, token_mask, mutable=["intermediates"])
   return module, params, x, np.asarray(y), state["intermediates"]["router"][0]
 
 

@@ -137,18 +137,3 @@ def test_scanned_stack_compiles_once_for_any_depth():
 
   assert program_size(8, scan=True) == program_size(2, scan=True)
   assert program_size(8, scan=False) > 1.5 * program_size(2, scan=False)
-
-
-def test_modality_experts_route_each_segment_to_its_own_expert():
-  from coca_jax.models.experts import FeedForward
-  ffn = FeedForward(mlp_dim=8, num_experts=2)
-  x = jax.random.normal(jax.random.key(1), (2, 5, 4))
-  segments = ((0, 3), (1, 2))
-  variables = ffn.init(jax.random.key(0), x, segments)
-  out = ffn.apply(variables, x, segments)
-  # Zeroing expert 1's output weights changes only the last two tokens.
-  params = nn.unbox(variables)["params"]
-  params = {**params, "wo": params["wo"].at[1].set(0.0), "bo": params["bo"].at[1].set(0.0)}
-  out2 = ffn.apply({"params": params}, x, segments)
-  np.testing.assert_allclose(out2[:, :3], out[:, :3], atol=1e-6)
-  np.testing.assert_allclose(out2[:, 3:], 0.0, atol=1e-6)

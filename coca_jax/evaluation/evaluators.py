@@ -34,8 +34,8 @@ class Embedder:
     self.batch_size = batch_size
     self.max_len = model.config.max_len
     self._image_fn = jax.jit(lambda p, x: model.apply({"params": p}, x,
-                                                      method=CoCa.encode_image)[0])
-    self._text_fn = jax.jit(lambda p, t: model.apply({"params": p}, t, method=CoCa.encode_text))
+                                                      method="encode_image")[0])
+    self._text_fn = jax.jit(lambda p, t: model.apply({"params": p}, t, method="encode_text"))
 
   def _batched(self, fn, array: np.ndarray) -> np.ndarray:
     out = []

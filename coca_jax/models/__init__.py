@@ -1,4 +1,37 @@
-"""Model code: layers, feed-forward experts, the block stack, and the CoCa model."""
-from coca_jax.models.coca import CoCa, CoCaConfig, TowerConfig
+"""Model code: layers, feed-forward experts, the block stack, and the model families.
 
-__all__ = ["CoCa", "CoCaConfig", "TowerConfig"]
+`config.model.backbone` picks the family: 'towers' (CoCa: image encoder + text decoders,
+`coca.CoCa`) or 'mome' (one shared stack with modality experts, `mome.MoME`). Both have the same
+model-facing interface; `model_config`, `build` and `unscanned_layers` dispatch on it.
+"""
+from coca_jax.models.coca import CoCa, CoCaConfig, TowerConfig
+from coca_jax.models.coca import unscanned_layers as _coca_unscanned_layers
+from coca_jax.models.mome import MoME, MoMEConfig
+
+BACKBONES = ("towers", "mome")
+
+
+def model_config(model) -> CoCaConfig | MoMEConfig:
+  """The hashable model settings of `config.model`, for its backbone."""
+  backbone = model.get("backbone", "towers")
+  if backbone == "mome":
+    return MoMEConfig.from_config(model)
+  if backbone != "towers":
+    raise ValueError(f"config.model.backbone={backbone!r} is unknown; use one of {BACKBONES}")
+  return CoCaConfig.from_config(model)
+
+
+def build(config: CoCaConfig | MoMEConfig, decode: bool = False) -> CoCa | MoME:
+  """The model for `config` (`decode=True`: built for KV-cached `decode_step`)."""
+  return (MoME if isinstance(config, MoMEConfig) else CoCa)(config, decode=decode)
+
+
+def unscanned_layers(config, params):
+  """(config, params) in the layer layout KV-cached decoding needs (MoME never scans)."""
+  if isinstance(config, MoMEConfig):
+    return config, params
+  return _coca_unscanned_layers(config, params)
+
+
+__all__ = ["BACKBONES", "CoCa", "CoCaConfig", "MoME", "MoMEConfig", "TowerConfig", "build",
+           "model_config", "unscanned_layers"]

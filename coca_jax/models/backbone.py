@@ -1,8 +1,9 @@
 """The transformer block and the layer stack (scanned, optionally rematerialised).
 
 A `Block` is pre-LN: shared self-attention, optional cross-attention, then a `FeedForward`
-(dense, or modality experts). ViT encoder layers, CoCa's unimodal and multimodal text decoder
-layers, and a VLMo mixture-of-modality-experts layer are all this block with different settings.
+(dense or routed), or, with `modality_experts`, one named `FeedForward` per modality. ViT
+encoder layers, CoCa's unimodal and multimodal text decoder layers, and a VLMo
+mixture-of-modality-experts layer are all this block with different settings.
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ class Block(nn.Module):
   Attributes:
     cross_attention: attend to `context` [batch, ctx_len, embed] after self-attention.
     decode: use the KV cache (autoregressive decoding; see `Attention`).
-    num_experts, segments, routing, top_k, capacity_factor, causal, capacity_length: the
-      feed-forward (see `experts.FeedForward`).
+    num_experts, routing, top_k, capacity_factor, causal, capacity_length: the feed-forward
+      (see `experts.FeedForward`).
+    modality_experts: names of per-modality feed-forwards (VLMo), e.g. ("image", "text",
+      "fusion"): each is its own `FeedForward` (own LayerNorm) named `ffn_<name>`, so one can be
+      frozen or loaded alone by its path. Empty: one feed-forward named `ffn`.
   """
   num_heads: int
   mlp_dim: int
@@ -42,29 +46,56 @@ class Block(nn.Module):
   num_experts: int = 1
   decode: bool = False
   cache_length: int = 0
-  segments: Sequence[tuple[int, int]] | None = None
-  routing: str = "modality"
+  routing: str = "topk"
   top_k: int = 1
   capacity_factor: float = 1.0
   causal: bool = False
   capacity_length: int = 0
+  modality_experts: tuple[str, ...] = ()
 
   @nn.compact
-  def __call__(self, x, mask, context):
+  def __call__(self, x, mask, context, segments: Sequence[tuple[str, int]] | None = None,
+               prefix_kv=None, return_kv: bool = False):
+    """x [batch, length, embed] -> (x', None), or (x', (keys, values) of x) with `return_kv`.
+
+    segments: with modality experts, static ((expert name, length), ...) covering the length
+      axis in order: the tokens of each segment go through `ffn_<name>` (no gather, no router).
+    prefix_kv: keys and values [batch, prefix_len, heads, kv] the self-attention also attends
+      to (see `Attention`).
+    """
     x = constrain(x, ("batch", "length", "embed"))
     h = LayerNorm(self.dtype, name="ln_attention")(x)
-    x = x + Attention(self.num_heads, self.dtype, self.cache_length, name="attention")(
-        h, mask=mask, decode=self.decode)
+    update, kv = Attention(self.num_heads, self.dtype, self.cache_length, name="attention")(
+        h, mask=mask, decode=self.decode, prefix_kv=prefix_kv, return_kv=True)
+    x = x + update
     if self.cross_attention:
       h = LayerNorm(self.dtype, name="ln_cross_attention")(x)
       x = x + Attention(self.num_heads, self.dtype, name="cross_attention")(
           h, context, decode=self.decode)
-    # A token may attend to itself exactly when it is not padding: the mask's diagonal.
-    token_mask = None if mask is None else jnp.diagonal(mask[:, 0], axis1=-2, axis2=-1)
-    x = x + FeedForward(self.mlp_dim, self.dtype, self.num_experts, self.routing, self.top_k,
-                        self.capacity_factor, self.causal, self.decode, self.capacity_length,
-                        name="ffn")(x, self.segments, token_mask)
-    return constrain(x, ("batch", "length", "embed")), None
+    if self.modality_experts:
+      x = x + self._modality_ffn(x, segments)
+    else:
+      # A token may attend to itself exactly when it is not padding: the mask's diagonal.
+      token_mask = None if mask is None else jnp.diagonal(mask[:, 0], axis1=-2, axis2=-1)
+      x = x + FeedForward(self.mlp_dim, self.dtype, self.num_experts, self.routing, self.top_k,
+                          self.capacity_factor, self.causal, self.decode, self.capacity_length,
+                          name="ffn")(x, token_mask)
+    return constrain(x, ("batch", "length", "embed")), (kv if return_kv else None)
+
+  def _modality_ffn(self, x, segments):
+    """Each static segment of the length axis through its modality's own feed-forward."""
+    if not segments or sum(length for _, length in segments) != x.shape[1]:
+      raise ValueError(f"segments {segments} must cover the {x.shape[1]} tokens with "
+                       "((expert name, length), ...)")
+    outputs, start = [], 0
+    for name, length in segments:
+      if name not in self.modality_experts:
+        raise ValueError(f"segment expert {name!r} is not among this layer's modality experts "
+                         f"{self.modality_experts}")
+      outputs.append(FeedForward(self.mlp_dim, self.dtype, name=f"ffn_{name}")(
+          x[:, start:start + length]))
+      start += length
+    return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)
 
 
 class Stack(nn.Module):
@@ -86,8 +117,7 @@ class Stack(nn.Module):
   dtype: Dtype = jnp.float32
   cross_attention: bool = False
   num_experts: int = 1
-  segments: Sequence[tuple[int, int]] | None = None
-  routing: str = "modality"
+  routing: str = "topk"
   top_k: int = 1
   capacity_factor: float = 1.0
   experts: RoutedExperts | None = None
@@ -112,7 +142,6 @@ class Stack(nn.Module):
     kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
                   cross_attention=self.cross_attention, num_experts=self.num_experts,
                   decode=self.decode, cache_length=self.cache_length,
-                  segments=tuple(self.segments) if self.segments else None,
                   routing=self.routing, top_k=self.top_k, capacity_factor=self.capacity_factor,
                   causal=self.causal, capacity_length=self.capacity_length)
     experts = self.experts

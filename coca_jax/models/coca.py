@@ -124,6 +124,8 @@ def router_statistics(intermediates, config: CoCaConfig) -> dict[str, dict]:
   """The sown 'intermediates' of a CoCa apply -> {"<stack>/layer_<i>": router statistics}, one
   entry per routed feed-forward (stack: vision, unimodal, multimodal; i counts within the
   stack), whether the stacks were scanned or not. Statistics: see `experts.FeedForward._routed`."""
+  if not intermediates:  # A dense model (or MoME, whose experts are not routed) sows nothing.
+    return {}
   found = {}
   depths = {"vision": config.vision.depth, "unimodal": config.n_uni, "multimodal": config.n_multi}
   for stack_name, depth in depths.items():
@@ -273,6 +275,12 @@ class CoCa(nn.Module):
 
   def temperature_scale(self):
     return jnp.minimum(jnp.exp(self.logit_scale), self.config.max_logit_scale)
+
+  def teacher_forced_logits(self, text, context):
+    """Decoder logits [B, L-1, V] for text [B, L] given `encode_image`'s context (the reference
+    that cached decoding is compared against)."""
+    states, _ = self._unimodal(text)
+    return self.caption_logits(states, text[:, :-1], context)
 
   # -- Decoding (KV cache) -------------------------------------------------------------------
 

@@ -1,11 +1,9 @@
 """Feed-forward sub-layer of a block: one dense FFN, or feed-forward experts chosen per token.
 
-One implementation serves three model families by configuration:
-  * `num_experts=1`: the dense FFN of CoCa / ViT (LayerNorm + MLP).
-  * `routing='modality'`: VLMo-style modality experts. Tokens arrive as static segments
-    (e.g. image tokens then text tokens); each segment goes to the expert named for its modality
-    (V-FFN, L-FFN, VL-FFN), and each expert has its own LayerNorm. No router, no waste: every
-    token runs through exactly one expert.
+One implementation serves the model families by configuration:
+  * `num_experts=1`: the dense FFN of CoCa / ViT (LayerNorm + MLP). VLMo's modality experts
+    (V-FFN, L-FFN, VL-FFN) are several of these, one named sub-module per modality, chosen by
+    static sequence segments in `backbone.Block` (no router).
   * `routing='topk'`: a learned router (LIMoE / V-MoE style). Each token goes to its `top_k`
     most probable experts, weighted by the router's softmax probability; each expert takes at
     most `capacity` tokens per sequence; a (token, choice) over capacity skips that expert (the
@@ -30,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -88,8 +86,7 @@ class FeedForward(nn.Module):
   Attributes:
     mlp_dim: hidden width of each expert.
     num_experts: 1 for a dense FFN.
-    routing: 'modality' (static segments) or 'topk' (learned router); only used when
-      num_experts > 1.
+    routing: 'topk' (learned router); only used when num_experts > 1.
     top_k: experts per token ('topk').
     capacity_factor: each expert's capacity per sequence is
       ceil(top_k * length * capacity_factor / num_experts) tokens ('topk').
@@ -102,7 +99,7 @@ class FeedForward(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   num_experts: int = 1
-  routing: str = "modality"
+  routing: str = "topk"
   top_k: int = 1
   capacity_factor: float = 1.0
   causal: bool = False
@@ -110,40 +107,15 @@ class FeedForward(nn.Module):
   capacity_length: int = 0
 
   @nn.compact
-  def __call__(self, x, segments: Sequence[tuple[int, int]] | None = None, token_mask=None):
-    """`segments`: static ((expert_index, length), ...) covering the length axis in order.
-    `token_mask` [batch, length] bool ('topk'): False marks padding, which takes no expert slot
+  def __call__(self, x, token_mask=None):
+    """`token_mask` [batch, length] bool ('topk'): False marks padding, which takes no expert slot
     and is left out of the router statistics."""
     if self.num_experts == 1:
       return MLP(self.mlp_dim, self.dtype, name="mlp")(LayerNorm(self.dtype, name="ln")(x))
-    if self.routing == "topk":
-      return self._routed(x, token_mask)
-    if self.routing != "modality":
-      raise ValueError(f"routing={self.routing!r} is unknown; use 'modality' or 'topk'")
-    if segments is None:
-      raise ValueError("modality experts need `segments`: ((expert, length), ...) per modality")
-    if sum(length for _, length in segments) != x.shape[1]:
-      raise ValueError(f"segments {segments} do not cover the {x.shape[1]} tokens")
-    width = x.shape[-1]
-    num = self.num_experts
-    ln_scale = self._param("ln_scale", nn.initializers.ones_init(), (num, width),
-                           ("expert", "embed"))
-    ln_bias = self._param("ln_bias", nn.initializers.zeros_init(), (num, width),
-                          ("expert", "embed"))
-    wi, bi, wo, bo = self._expert_weights(width)
-    outputs, start = [], 0
-    for expert, length in segments:
-      # Static slicing: each token runs through exactly the one expert of its modality.
-      piece = x[:, start:start + length].astype(jnp.float32)
-      mean = piece.mean(-1, keepdims=True)
-      var = jnp.square(piece - mean).mean(-1, keepdims=True)
-      h = (piece - mean) * jax.lax.rsqrt(var + 1e-6) * ln_scale[expert] + ln_bias[expert]
-      h = h.astype(self.dtype).reshape(-1, width)  # 2-D around the GELU: see layers.MLP.
-      h = nn.gelu(h @ wi[expert].astype(self.dtype) + bi[expert].astype(self.dtype))
-      out = h @ wo[expert].astype(self.dtype) + bo[expert].astype(self.dtype)
-      outputs.append(out.reshape(piece.shape))
-      start += length
-    return jnp.concatenate(outputs, axis=1)
+    if self.routing != "topk":
+      raise ValueError(f"routing={self.routing!r} is unknown; use 'topk' (modality experts are "
+                       "named feed-forwards of backbone.Block)")
+    return self._routed(x, token_mask)
 
   def _param(self, name, init, shape, axes):
     return self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)

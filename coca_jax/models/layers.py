@@ -91,7 +91,13 @@ class Attention(nn.Module):
   cache_length: int = 0
 
   @nn.compact
-  def __call__(self, x, context=None, mask=None, decode: bool = False):
+  def __call__(self, x, context=None, mask=None, decode: bool = False, prefix_kv=None,
+               return_kv: bool = False):
+    """`prefix_kv` (keys, values), each [batch, prefix_len, heads, kv] (self-attention only):
+    already projected tokens every query also attends to, placed before x (a modality-experts
+    layer's image tokens, for its text tokens). The mask then covers [.., prefix_len + kv_len]
+    keys. With `decode`, they are written once into the head of the cache (its `cache_length`
+    counts them) on the first step. `return_kv`: also return this call's own (keys, values)."""
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
@@ -99,18 +105,27 @@ class Attention(nn.Module):
     proj = lambda name: dense((self.num_heads, head_dim), ("embed", "heads", "kv"), self.dtype, name)
     query = constrain(proj("query")(x), ("batch", "length", "heads", "kv"))
     is_cross = context is not None
+    if is_cross and prefix_kv is not None:
+      raise ValueError("prefix_kv extends self-attention; cross-attention takes `context` only")
+    own_kv = None
     if decode:
       if is_cross:
         key, value = self._cached_cross_kv(context, proj)
       else:
-        key, value, mask = self._append_to_cache(proj("key")(x), proj("value")(x), mask)
+        own_kv = (proj("key")(x), proj("value")(x))
+        key, value, mask = self._append_to_cache(*own_kv, mask, prefix_kv)
       out = attend_heads_major(query, key, value, mask)
     else:
       source = context if is_cross else x
       key = constrain(proj("key")(source), ("batch", "length", "heads", "kv"))
       value = constrain(proj("value")(source), ("batch", "length", "heads", "kv"))
+      own_kv = (key, value)
+      if prefix_kv is not None:
+        key = jnp.concatenate([prefix_kv[0].astype(key.dtype), key], axis=1)
+        value = jnp.concatenate([prefix_kv[1].astype(value.dtype), value], axis=1)
       out = jax.nn.dot_product_attention(query, key, value, mask=mask)
-    return dense(width, ("heads", "kv", "embed"), self.dtype, "out", in_dims=2)(out)
+    out = dense(width, ("heads", "kv", "embed"), self.dtype, "out", in_dims=2)(out)
+    return (out, own_kv) if return_kv else out
 
   def _cached_cross_kv(self, context, proj):
     # The context never changes while decoding: project it on the first step, then reuse it.
@@ -119,14 +134,27 @@ class Attention(nn.Module):
                                 lambda: heads_major(proj("value")(context)))
     return cross_key.value, cross_value.value
 
-  def _append_to_cache(self, key, value, mask):
+  def _append_to_cache(self, key, value, mask, prefix_kv=None):
     """key, value [batch, q_len, heads, kv] at the next q_len positions -> (all cached keys and
-    values [batch, heads, cache_length, kv], mask [.., q_len, cache_length])."""
+    values [batch, heads, cache_length, kv], mask [.., q_len, cache_length]). `prefix_kv` fills
+    the first prefix_len slots when the cache is created; positions count on from there."""
     batch, q_len, heads, head_dim = key.shape
     shape = (batch, heads, self.cache_length, head_dim)
-    cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, key.dtype)
-    cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype)
-    index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    prefix_len = 0 if prefix_kv is None else prefix_kv[0].shape[1]
+    if prefix_len >= self.cache_length:
+      raise ValueError(f"cache_length={self.cache_length} leaves no room after the "
+                       f"{prefix_len} prefix tokens")
+
+    def buffer(which, dtype):
+      zeros = jnp.zeros(shape, dtype)
+      if prefix_kv is None:
+        return zeros
+      return jax.lax.dynamic_update_slice(zeros, heads_major(prefix_kv[which]).astype(dtype),
+                                          (0, 0, 0, 0))
+
+    cached_key = self.variable("cache", "cached_key", buffer, 0, key.dtype)
+    cached_value = self.variable("cache", "cached_value", buffer, 1, value.dtype)
+    index = self.variable("cache", "cache_index", lambda: jnp.array(prefix_len, jnp.int32))
     start = index.value
     cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, heads_major(key),
                                                     (0, 0, start, 0))

@@ -1,0 +1,30 @@
+"""MoME-CoCa at CoCa-Base width: CoCa's objectives (contrastive + captioning, weights 1 and 2)
+and its Base sizes (width 768, 12 heads, MLP 3072, 288px images in 18px patches, 64k vocabulary,
+64 text positions) on ONE mixture-of-modality-experts stack instead of CoCa's towers. CoCa-Base
+has 12 image layers and 12 + 12 text layers; here 12 shared layers carry ffn_image and ffn_text,
+and the top 4 also ffn_fusion (the multimodal layers' share of the depth, as in VLMo's 2 of 12
+scaled to CoCa's deeper fusion). ITM is on (VLMo's third loss).
+
+  python -m coca_jax.train --config experiments/mome_coca_base.py --dry_run
+  python -m coca_jax.train --config experiments/mome_coca_base.py:batch=4096 --workdir W
+
+Args: as experiments/vlmo_base.py (stage=, init=, batch=, steps=, runlocal).
+Parameters (--dry_run): 263.6M total (CoCa-Base: 383M), 188.0M active per token (a token runs one
+expert per layer). The token embedding is untied from the vocab head, as in CoCa-Base.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vlmo_base import mome_config  # noqa: E402  (experiments/ is not a package)
+
+
+def get_config(arg: str = ""):
+  c = mome_config(width=768, depth=12, heads=12, mlp_dim=3072, fusion_layers=4, arg=arg,
+                  image_size=288, patch_size=18, tie_embeddings=False, pooling="attention")
+  c.model.text.update(vocab_size=64_000, max_len=64)
+  c.data.tokenizer_vocab = 64_000
+  c.loss.update(caption_weight=2.0, itm_weight=c.loss.itm_weight)
+  c.optim.update(name="adafactor", lr=8e-4, b1=0.9, b2=0.999, eps=1e-30, warmup_fraction=0.02)
+  return c
