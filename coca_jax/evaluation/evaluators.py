@@ -49,7 +49,7 @@ class Embedder:
     return np.concatenate(out) if out else np.zeros((0, self.model.config.embed_dim), np.float32)
 
   def embed_images(self, images: np.ndarray) -> np.ndarray:
-    """images: uint8 [N, H, W, 3] at the model's image size."""
+    """images: uint8 [N, H, W, 3] (or float pixel values in [0, 255]) at the model's size."""
     return self._batched(self._image_fn, preprocess.normalize_images(images))
 
   def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
