@@ -40,7 +40,7 @@ def build(format: str, name: str, data_dir: str, overwrite: bool = False,  # pyl
     if not overwrite:
       raise FileExistsError(f"{version_dir} already holds a built dataset; pass --overwrite to "
                             "rebuild it or choose another --name")
-    shutil.rmtree(version_dir)
+    shutil.rmtree(os.path.dirname(version_dir))
   return builders.build_atomically(format, name, data_dir, **options)
 
 
