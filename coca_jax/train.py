@@ -154,8 +154,10 @@ class NonFiniteWatch:
   def __init__(self, policy: str, max_consecutive: int, mesh):
     self.policy, self.max_consecutive = policy, max_consecutive
     replicated = sharding.replicated(mesh)
-    zeros = {"total": 0, "consecutive": 0, "longest": 0, "first": -1, "last": -1}
-    self.counters = {k: jax.device_put(jnp.int32(v), replicated) for k, v in zeros.items()}
+    start = {"total": 0, "consecutive": 0, "longest": 0, "first": -1, "last": -1}
+    # Made by a jitted function so that it also works on a mesh that spans processes.
+    self.counters = jax.jit(lambda: {k: jnp.int32(v) for k, v in start.items()},
+                            out_shardings=replicated)()
     self._update = jax.jit(_count_nonfinite, out_shardings=replicated)
 
   def observe(self, metrics: dict, step: int) -> None:
