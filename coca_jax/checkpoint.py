@@ -234,8 +234,8 @@ def changed_model_fields(saved, config) -> list[str]:
 def check_resume_config(workdir: str, config) -> None:
   """Raises CheckpointError naming each model field that differs from DIR/config.json (the
   checkpoint's parameters would not fit this model)."""
-  if not os.path.exists(os.path.join(workdir, "config.json")):
-    return
+  if not os.path.exists(os.path.join(workdir, "config.json")) or not step_dirs(workdir)[0]:
+    return  # nothing saved yet: any model may start here
   changed = changed_model_fields(read_config(workdir), config)
   if changed:
     raise CheckpointError(

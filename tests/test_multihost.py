@@ -102,6 +102,8 @@ def _train_cli(workdir, num_processes: int, devices_per_process: int, steps: int
   args = [sys.executable, "-m", "coca_jax.train", "--config",
           os.path.join(REPO, "experiments", "demo.py") + ":smoke", "--workdir", str(workdir),
           "--config.train.log_every=1", f"--config.train.steps={steps}",
+          # Constant learning rate: a 2-step and a 4-step run train their common steps alike.
+          "--config.optim.decay=constant", "--config.optim.warmup_fraction=0.0",
           "--config.checkpoint.every_steps=2", "--config.evals.zeroshot.examples=16",
           "--config.evals.retrieval.examples=16", "--config.evals.captioning.enabled=False"]
   if num_processes > 1:

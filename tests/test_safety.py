@@ -31,7 +31,10 @@ SMOKE = os.path.join(REPO, "experiments", "demo.py") + ":smoke"
 def _train(workdir, *overrides, timeout=300):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   return subprocess.run([sys.executable, "-m", "coca_jax.train", "--config", SMOKE, "--workdir",
-                         str(workdir), "--config.train.log_every=1", *overrides], cwd=REPO,
+                         # A constant learning rate: runs of different lengths then train
+                         # the same steps alike, so their losses compare step by step.
+                         str(workdir), "--config.train.log_every=1", "--config.optim.decay="
+                         "constant", "--config.optim.warmup_fraction=0.0", *overrides], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -278,7 +281,8 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_losses(
   rng = np.random.default_rng(int(time.time()))
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   args = [sys.executable, "-m", "coca_jax.train", "--config", SMOKE, "--workdir", str(workdir),
-          "--config.train.log_every=1", "--config.train.steps=6",
+          "--config.train.log_every=1", "--config.train.steps=6", "--config.optim.decay=constant",
+          "--config.optim.warmup_fraction=0.0",
           "--config.checkpoint.every_steps=1"]
   for _ in range(2):
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,

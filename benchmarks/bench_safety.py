@@ -1,0 +1,107 @@
+r"""Step-time cost of the safety machinery on the demo model (experiments/demo.py).
+
+  python benchmarks/bench_safety.py [--blocks 3] [--steps 50] [--config experiments/demo.py]
+
+Times blocks of `--steps` train steps on a fixed batch (no input pipeline), the variants
+interleaved block by block so that load on the machine hits them alike:
+  unguarded   the train step without the non-finite check (the check patched out)
+  halt        the default: the step's finite flag + the loop's on-device counters
+  skip        the flag, the counters, and the state kept when the flag is set (a select)
+  halt+ckpt   halt, plus one asynchronous orbax checkpoint (state + nothing else) per block,
+              i.e. every `--steps` steps; the block waits for the write to finish, so the
+              whole cost of the save is inside it
+Prints the median ms/step of each and its overhead against `unguarded`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from coca_jax import checkpoint, config as config_lib, step as step_lib  # noqa: E402
+from coca_jax import train as train_lib  # noqa: E402
+
+
+def _random_batch(config):
+  import numpy as np
+  rng = np.random.default_rng(0)
+  b, size, length = config.train.batch_size, config.model.image_size, config.model.text.max_len
+  text = rng.integers(4, config.model.text.vocab_size, (b, length)).astype("int32")
+  text[:, 0], text[:, -1] = 2, 3
+  image = rng.standard_normal((b, size, size, 3)).astype("float32")
+  return {"image": jax.numpy.asarray(image), "text": jax.numpy.asarray(text)}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--config", default=os.path.join(REPO, "experiments", "demo.py"))
+  parser.add_argument("--blocks", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=50)
+  args = parser.parse_args()
+
+  config = config_lib.load_config(args.config)
+  built = step_lib.setup(config)
+  batch = _random_batch(config)
+  steps = {}
+  guard = step_lib.guard_nonfinite
+  for name, policy in (("unguarded", "halt"), ("halt", "halt"), ("skip", "skip")):
+    config.train.nonfinite = policy
+    step_lib.guard_nonfinite = (
+        (lambda old, new, metrics, policy: (new, {**metrics, "nonfinite": jax.numpy.int32(0)}))
+        if name == "unguarded" else guard)
+    steps[name] = built.train_step(config).lower(
+        built.abstract_state, step_lib.dummy_batch(config, config.train.batch_size)).compile()
+  step_lib.guard_nonfinite = guard
+
+  state = built.init_state(config)
+  workdir = tempfile.mkdtemp()
+  manager = checkpoint.make_manager(workdir, keep=2, async_save=True)
+  variants = ("unguarded", "halt", "skip", "halt+ckpt")
+  times = {v: [] for v in variants}
+  saved = 0
+  with jax.set_mesh(built.mesh):
+    for name in ("unguarded", "halt", "skip"):  # warm-up
+      state, metrics = steps[name](state, batch)
+    jax.block_until_ready(state)
+    for _ in range(args.blocks):
+      for variant in variants:
+        compiled = steps["halt" if variant == "halt+ckpt" else variant]
+        watch = None if variant == "unguarded" else train_lib.NonFiniteWatch(
+            "halt", 10, built.mesh)
+        t0 = time.perf_counter()
+        for i in range(args.steps):
+          state, metrics = compiled(state, batch)
+          if watch is not None:
+            watch.observe(metrics, i)
+          if variant == "halt+ckpt" and i == 0:
+            watch.check()
+            saved += 1
+            checkpoint.save(manager, saved, state, force=True)
+        jax.block_until_ready((state, metrics))
+        if watch is not None:
+          watch.check()
+        manager.wait_until_finished()
+        times[variant].append((time.perf_counter() - t0) / args.steps)
+  manager.close()
+
+  base = statistics.median(times["unguarded"])
+  print(f"{jax.devices()[0].platform}, {jax.device_count()} device(s), batch "
+        f"{config.train.batch_size}, {args.blocks} blocks of {args.steps} steps, interleaved")
+  for variant in variants:
+    median = statistics.median(times[variant])
+    runs = ", ".join(f"{t * 1e3:.1f}" for t in times[variant])
+    print(f"{variant:>10}: median {median * 1e3:7.1f} ms/step  ({runs})  "
+          f"overhead {100 * (median / base - 1):+.1f}%")
+
+
+if __name__ == "__main__":
+  main()
