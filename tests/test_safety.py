@@ -189,8 +189,9 @@ def test_corrupted_latest_checkpoint_and_junk_dirs_fall_back_to_the_previous_ste
   workdir = _copy(four_steps, tmp_path)
   step_dir = workdir / "checkpoints" / "4" / "state"
   data_files = [os.path.join(root, name) for root, _, names in os.walk(step_dir)
-                for name in names if os.path.getsize(os.path.join(root, name)) > 1000]
-  for path in data_files:  # truncate every array file of the latest step
+                for name in names if os.path.basename(root) == "d"]
+  assert data_files
+  for path in data_files:  # truncate every array data file of the latest step
     with open(path, "r+b") as f:
       f.truncate(os.path.getsize(path) // 2)
   (workdir / "checkpoints" / "999").mkdir()
