@@ -11,6 +11,11 @@ it on stderr; the exit code is then 1 (after the other images are captioned).
 
 from __future__ import annotations
 
+from coca_jax import runtime
+
+if __name__ == "__main__":  # Before JAX starts (python -m); see coca_jax/runtime.py.
+  runtime.preload_allocator()
+
 import json
 import sys
 
@@ -70,6 +75,7 @@ def main(argv) -> None:
 
 
 def run() -> None:
+  runtime.preload_allocator()  # Console scripts.
   app.run(main)
 
 

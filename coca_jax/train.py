@@ -17,6 +17,11 @@ discarded and counted (`nonfinite_steps` in metrics.jsonl) and the run stops aft
 
 from __future__ import annotations
 
+from coca_jax import runtime
+
+if __name__ == "__main__":  # Before JAX starts (python -m); see coca_jax/runtime.py.
+  runtime.preload_allocator()
+
 import json
 import os
 import signal
@@ -405,6 +410,7 @@ class _Progress:
 
 
 def run() -> None:
+  runtime.preload_allocator()  # Console scripts.
   flags.mark_flags_as_required(["config"])
   app.run(main)
 
