@@ -421,8 +421,26 @@ def test_an_all_bad_build_prints_its_skip_report(tmp_path, capsys):
 def test_eval_splits_and_prompts_are_checked_before_training(tmp_path):
   result = _train(tmp_path / "run", "--config.train.steps=2",
                   "--config.evals.retrieval.split=validation",
-                  "--config.evals.zeroshot.templates=['a {} digit', 'no placeholder']")
+                  "--config.evals.zeroshot.split=test")  # scenes: no digit labels
   assert result.returncode == 2, result.stderr[-3000:]
   assert "config.evals.retrieval.split='validation' cannot be read" in result.stderr
-  assert "no placeholder" in result.stderr
+  assert "config.evals.zeroshot.split='test' has label -1, outside the 10" in result.stderr
   assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained
+
+
+def test_zero_shot_names_and_templates_are_checked():
+  from coca_jax import config as config_lib
+  config = smoke_config()
+  config.evals.zeroshot.update(class_names=["zero", "zero", "one"],
+                               templates=["a {} digit", "no placeholder"])
+
+  class Source:
+    def __len__(self):
+      return 3
+
+    def __getitem__(self, index):
+      return {"label": 2}
+
+  with pytest.raises(config_lib.ConfigError) as err:
+    evaluators.check_evals(config, lambda split: Source())
+  assert "repeats ['zero']" in str(err.value) and "'no placeholder'" in str(err.value)
