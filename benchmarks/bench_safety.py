@@ -1,16 +1,18 @@
 r"""Step-time cost of the safety machinery on the demo model (experiments/demo.py).
 
-  python benchmarks/bench_safety.py [--blocks 3] [--steps 50] [--config experiments/demo.py]
+  python benchmarks/bench_safety.py [--reps 8] [--steps 10] [--ckpt_every 50]
 
-Times blocks of `--steps` train steps on a fixed batch (no input pipeline), the variants
-interleaved block by block so that load on the machine hits them alike:
+Times blocks of `--steps` train steps on a fixed batch (no input pipeline). Each repetition
+runs one block of every variant back to back (the order rotating), and each variant is compared
+with the `unguarded` block of the same repetition, so slow swings of a shared machine's load
+cancel out; the figure is the median of those paired ratios.
   unguarded   the train step without the non-finite check (the check patched out)
   halt        the default: the step's finite flag + the loop's on-device counters
   skip        the flag, the counters, and the state kept when the flag is set (a select)
-  halt+ckpt   halt, plus one asynchronous orbax checkpoint (state + nothing else) per block,
-              i.e. every `--steps` steps; the block waits for the write to finish, so the
-              whole cost of the save is inside it
-Prints the median ms/step of each and its overhead against `unguarded`.
+  halt+save   halt, plus one asynchronous orbax checkpoint at the block's first step; the block
+              waits for the write to finish, so the whole cost of the save is inside it. Its
+              extra time over the paired `halt` block, spread over `--ckpt_every` steps, is the
+              overhead of checkpointing every `--ckpt_every` steps.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ def _random_batch(config):
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--config", default=os.path.join(REPO, "experiments", "demo.py"))
-  parser.add_argument("--blocks", type=int, default=3)
-  parser.add_argument("--steps", type=int, default=50)
+  parser.add_argument("--reps", type=int, default=8)
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--ckpt_every", type=int, default=50)
   args = parser.parse_args()
 
   config = config_lib.load_config(args.config)
@@ -65,16 +68,16 @@ def main() -> None:
   state = built.init_state(config)
   workdir = tempfile.mkdtemp()
   manager = checkpoint.make_manager(workdir, keep=2, async_save=True)
-  variants = ("unguarded", "halt", "skip", "halt+ckpt")
+  variants = ["unguarded", "halt", "skip", "halt+save"]
   times = {v: [] for v in variants}
   saved = 0
   with jax.set_mesh(built.mesh):
     for name in ("unguarded", "halt", "skip"):  # warm-up
       state, metrics = steps[name](state, batch)
     jax.block_until_ready(state)
-    for _ in range(args.blocks):
-      for variant in variants:
-        compiled = steps["halt" if variant == "halt+ckpt" else variant]
+    for rep in range(args.reps):
+      for variant in variants[rep % 4:] + variants[:rep % 4]:
+        compiled = steps["halt" if variant == "halt+save" else variant]
         watch = None if variant == "unguarded" else train_lib.NonFiniteWatch(
             "halt", 10, built.mesh)
         t0 = time.perf_counter()
@@ -82,7 +85,7 @@ def main() -> None:
           state, metrics = compiled(state, batch)
           if watch is not None:
             watch.observe(metrics, i)
-          if variant == "halt+ckpt" and i == 0:
+          if variant == "halt+save" and i == 0:
             watch.check()
             saved += 1
             checkpoint.save(manager, saved, state, force=True)
@@ -90,17 +93,23 @@ def main() -> None:
         if watch is not None:
           watch.check()
         manager.wait_until_finished()
-        times[variant].append((time.perf_counter() - t0) / args.steps)
+        times[variant].append(time.perf_counter() - t0)
   manager.close()
 
-  base = statistics.median(times["unguarded"])
+  step_time = statistics.median(times["unguarded"]) / args.steps
   print(f"{jax.devices()[0].platform}, {jax.device_count()} device(s), batch "
-        f"{config.train.batch_size}, {args.blocks} blocks of {args.steps} steps, interleaved")
-  for variant in variants:
-    median = statistics.median(times[variant])
-    runs = ", ".join(f"{t * 1e3:.1f}" for t in times[variant])
-    print(f"{variant:>10}: median {median * 1e3:7.1f} ms/step  ({runs})  "
-          f"overhead {100 * (median / base - 1):+.1f}%")
+        f"{config.train.batch_size}, {args.reps} repetitions of {args.steps}-step blocks; "
+        f"unguarded median {step_time * 1e3:.0f} ms/step")
+  for variant in ("halt", "skip"):
+    ratios = [t / b for t, b in zip(times[variant], times["unguarded"])]
+    print(f"{variant:>10}: step time {100 * (statistics.median(ratios) - 1):+.1f}% vs unguarded "
+          f"(median of paired ratios; range {100 * (min(ratios) - 1):+.0f}% .. "
+          f"{100 * (max(ratios) - 1):+.0f}%)")
+  extra = [t - b for t, b in zip(times["halt+save"], times["halt"])]
+  per_save = statistics.median(extra)
+  print(f"async save: {per_save * 1e3:+.0f} ms per save (median of paired differences); every "
+        f"{args.ckpt_every} steps: {100 * per_save / (args.ckpt_every * step_time):+.1f}% "
+        "of step time")
 
 
 if __name__ == "__main__":
