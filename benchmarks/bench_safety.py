@@ -70,6 +70,7 @@ def main() -> None:
   manager = checkpoint.make_manager(workdir, keep=2, async_save=True)
   variants = ["unguarded", "halt", "skip", "halt+save"]
   times = {v: [] for v in variants}
+  cpu = {v: [] for v in variants}  # process CPU time (all threads): less sensitive to load
   saved = 0
   with jax.set_mesh(built.mesh):
     for name in ("unguarded", "halt", "skip"):  # warm-up
@@ -80,7 +81,7 @@ def main() -> None:
         compiled = steps["halt" if variant == "halt+save" else variant]
         watch = None if variant == "unguarded" else train_lib.NonFiniteWatch(
             "halt", 10, built.mesh)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i in range(args.steps):
           state, metrics = compiled(state, batch)
           if watch is not None:
@@ -94,6 +95,7 @@ def main() -> None:
           watch.check()
         manager.wait_until_finished()
         times[variant].append(time.perf_counter() - t0)
+        cpu[variant].append(time.process_time() - c0)
   manager.close()
 
   step_time = statistics.median(times["unguarded"]) / args.steps
@@ -105,6 +107,15 @@ def main() -> None:
     print(f"{variant:>10}: step time {100 * (statistics.median(ratios) - 1):+.1f}% vs unguarded "
           f"(median of paired ratios; range {100 * (min(ratios) - 1):+.0f}% .. "
           f"{100 * (max(ratios) - 1):+.0f}%)")
+  for variant in ("halt", "skip"):
+    ratios = [t / b for t, b in zip(cpu[variant], cpu["unguarded"])]
+    print(f"{variant:>10}: CPU time  {100 * (statistics.median(ratios) - 1):+.1f}% vs unguarded "
+          f"(median of paired ratios; range {100 * (min(ratios) - 1):+.0f}% .. "
+          f"{100 * (max(ratios) - 1):+.0f}%)")
+  cpu_step = statistics.median(cpu["unguarded"]) / args.steps
+  cpu_save = statistics.median([t - b for t, b in zip(cpu["halt+save"], cpu["halt"])])
+  print(f"async save CPU time: {cpu_save * 1e3:+.0f} ms per save; every {args.ckpt_every} steps: "
+        f"{100 * cpu_save / (args.ckpt_every * cpu_step):+.1f}% of step CPU time")
   extra = [t - b for t, b in zip(times["halt+save"], times["halt"])]
   per_save = statistics.median(extra)
   print(f"async save: {per_save * 1e3:+.0f} ms per save (median of paired differences); every "
