@@ -25,6 +25,8 @@ setup(
         "tqdm>=4",
         "scikit-learn>=1.5",   # ships the real handwritten digits the demo is built from
         "pycocoevalcap>=1.2",  # BLEU and CIDEr-D scorers
+        "tensorboardX>=2.6",   # TensorBoard event files without TensorFlow
+        "matplotlib>=3.8",     # report and sweep curves (Agg backend, no display)
         # XLA:CPU scratch memory is reused instead of page-faulted every step (coca_jax/runtime.py).
         "cmeel-mimalloc>=3.4; sys_platform == 'linux'",
     ],
@@ -40,6 +42,8 @@ setup(
             "coca-tokenizer=coca_jax.data.tokenizer:main",
             "coca-bench=coca_jax.bench:run",
             "coca-export=coca_jax.export:run",
+            "coca-sweep=coca_jax.sweep:run",
+            "coca-report=coca_jax.report:run",
         ],
     },
 )

@@ -33,6 +33,44 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg else module.get_config()
 
 
+def _validate_experts(config, need) -> None:
+  """config.model.{vision,text}.experts: learned routing per side (absent = dense)."""
+  from coca_jax.models.experts import EXPERTS_FIELDS  # Light: flax only, no model built.
+  for side in ("vision", "text"):
+    experts = config.model[side].get("experts")
+    if not experts:
+      continue
+    prefix = f"config.model.{side}.experts"
+    unknown = sorted(set(experts) - set(EXPERTS_FIELDS))
+    need(not unknown, f"{prefix} has unknown fields {unknown}; known: {', '.join(EXPERTS_FIELDS)}")
+    num, top_k = experts.get("num_experts", 1), experts.get("top_k", 1)
+    factor, every = experts.get("capacity_factor", 1.0), experts.get("every", 1)
+    need(isinstance(num, int) and num >= 1,
+         f"{prefix}.num_experts={num!r} must be a positive integer (1 = dense)")
+    need(isinstance(top_k, int) and top_k >= 1,
+         f"{prefix}.top_k={top_k!r} must be a positive integer")
+    if isinstance(num, int) and isinstance(top_k, int):
+      need(top_k <= num, f"{prefix}.top_k={top_k} exceeds {prefix}.num_experts={num}; use "
+           f"top_k <= num_experts")
+    need(isinstance(factor, (int, float)) and factor > 0,
+         f"{prefix}.capacity_factor={factor!r} must be > 0 (1.0 = an even share per expert)")
+    need(isinstance(every, int) and every >= 1,
+         f"{prefix}.every={every!r} must be a positive integer (1 = every layer routed)")
+    if isinstance(every, int) and every >= 1 and config.model.get("scan_layers", True) and every > 1:
+      depths = ({"vision": config.model.vision.depth} if side == "vision" else
+                {"text.n_uni": config.model.text.n_uni, "text.n_multi": config.model.text.n_multi})
+      for field, depth in depths.items():
+        need(not isinstance(depth, int) or depth % every == 0,
+             f"config.model.{field}={depth} is not a multiple of {prefix}.every={every}: a "
+             "scanned stack repeats groups of `every` layers; set config.model.scan_layers=False "
+             "or change one of them")
+  for name in ("router_balance_weight", "router_local_entropy_weight",
+               "router_global_entropy_weight"):
+    weight = config.loss.get(name, 0.0)
+    need(isinstance(weight, (int, float)) and weight >= 0,
+         f"config.loss.{name}={weight!r} must be a number >= 0")
+
+
 def validate(config, num_devices: int | None = None) -> None:
   """Raises ConfigError listing every problem found. `num_devices` enables mesh checks."""
   problems: list[str] = []
@@ -81,6 +119,7 @@ def validate(config, num_devices: int | None = None) -> None:
        f"config.model.dtype={m.dtype!r} is unknown; use float32 or bfloat16")
   need(m.remat in ("none", "full", "dots", "minimal"),
        f"config.model.remat={m.remat!r} is unknown; use none, full, dots or minimal")
+  _validate_experts(config, need)
   need(0 < m.temperature_init < 1, f"config.model.temperature_init={m.temperature_init} must be "
        "in (0, 1); the paper uses 0.07")
 
@@ -122,6 +161,15 @@ def validate(config, num_devices: int | None = None) -> None:
         problems.append(
             f"config.train.batch_size={t.batch_size} is not divisible by the {shards} batch "
             f"shards of the mesh {sizes}{split}; use a multiple of {per}")
+      expert_axis = sizes["expert"]
+      for side in ("vision", "text"):
+        experts = m[side].get("experts") or {}
+        num = experts.get("num_experts", 1)
+        if isinstance(num, int) and num > 1 and num % expert_axis:
+          problems.append(
+              f"config.model.{side}.experts.num_experts={num} is not divisible by "
+              f"config.mesh.expert={expert_axis}; use a multiple of {expert_axis} experts or "
+              "a mesh expert size that divides it")
       tensor = sizes["tensor"]
       for field, heads in (("vision.heads", m.vision.heads), ("text.heads", m.text.heads),
                            ("pooler_heads", m.pooler_heads)):

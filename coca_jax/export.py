@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from coca_jax import api
+from coca_jax import api, console
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir or checkpoints/<step> directory.")
@@ -54,6 +54,7 @@ def export(source: str, out: str, *, step: int | None = None, dtype: str = "floa
 
 def main(argv) -> None:
   del argv
+  console.setup()
   if not FLAGS.workdir or not FLAGS.out:
     raise app.UsageError("--workdir and --out are required")
   print(export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype))

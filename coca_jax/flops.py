@@ -13,8 +13,11 @@ Per example, for `CoCaConfig` c (P patches, T = max_len text positions):
   multimodal text  n_multi x (block + cross-attention to the pooled image tokens) over T-1 tokens
   vocab head       (T-1) x width x vocab
   contrastive      the [B, B] logits: 2 * B * embed_dim per example (grows with the global batch)
-Mixture-of-experts feed-forwards count only the experts a token is routed to (modality experts:
-exactly one), so a sparse model's FLOPs are those of its active parameters.
+Learned routing (`config.model.<side>.experts`): a routed feed-forward counts the top_k experts
+a token runs through plus its router (tokens x width x num_experts), so a sparse model's FLOPs
+are those of its active parameters. Not counted, like remat: the one-hot dispatch/combine
+einsums, and the capacity slack (experts compute capacity_factor x the routed tokens, empty
+slots included). `param_counts` reports total and active parameters.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 
 from coca_jax import step
 from coca_jax.models.coca import CoCaConfig
+from coca_jax.models.experts import RoutedExperts
 
 TRAIN_MULTIPLIER = 3  # forward + backward (2x forward).
 
@@ -75,13 +79,17 @@ def _block_flops(tokens: int, width: int, mlp_dim: int, *, context_tokens: int =
   return flops + _mlp_flops(tokens, width, mlp_dim, active_experts)
 
 
-def _active_experts(tower) -> int:
-  """Experts each token runs through: 1 for dense and modality routing, top_k for learned."""
-  if tower is None or int(tower.get("num_experts", 1)) <= 1:
-    return 1
-  if tower.get("routing", "modality") == "modality":
-    return 1
-  return int(tower.get("top_k", 1))
+def _stack_flops(depth: int, tokens: int, width: int, mlp_dim: int,
+                 experts: RoutedExperts | None, layer_offset: int = 0, **block) -> int:
+  """A stack's blocks; routed layers run top_k experts per token plus the router."""
+  flops = 0
+  for i in range(depth):
+    routed = experts is not None and experts.routed(layer_offset + i)
+    flops += _block_flops(tokens, width, mlp_dim, active_experts=experts.top_k if routed else 1,
+                          **block)
+    if routed:
+      flops += 2 * tokens * width * experts.num_experts
+  return flops
 
 
 def forward_flops_breakdown(config, batch_size: int | None = None) -> dict[str, int]:
@@ -89,12 +97,11 @@ def forward_flops_breakdown(config, batch_size: int | None = None) -> dict[str, 
   `batch_size` (default config.train.batch_size) is the GLOBAL batch the contrastive logits span."""
   c = CoCaConfig.from_config(config.model)
   batch_size = int(batch_size or config.train.batch_size)
-  vision_cfg, text_cfg = config.model.vision, config.model.text
   patches, wv = c.num_patches, c.vision.width
   parts: dict[str, int] = {}
   parts["patch_embed"] = 2 * patches * (c.patch_size ** 2 * 3) * wv
-  parts["image_encoder"] = c.vision.depth * _block_flops(
-      patches, wv, c.vision.mlp_dim, active_experts=_active_experts(vision_cfg))
+  parts["image_encoder"] = _stack_flops(c.vision.depth, patches, wv, c.vision.mlp_dim,
+                                        c.vision_experts)
   parts["generative_pooler"] = _attention_flops(c.n_gen_queries, patches, wv)
   if c.pooling == "cascade":
     parts["contrastive_pooler"] = _attention_flops(1, c.n_gen_queries, wv)
@@ -105,13 +112,12 @@ def forward_flops_breakdown(config, batch_size: int | None = None) -> dict[str, 
   context_tokens = c.n_gen_queries - (1 if c.pooling == "open_clip" else 0)
   parts["image_projection"] = 2 * wv * c.embed_dim
   wt, inputs = c.text_width, c.max_len - 1
-  text_experts = _active_experts(text_cfg)
-  parts["unimodal_decoder"] = c.n_uni * _block_flops(
-      inputs + 1, wt, c.text_mlp_dim, active_experts=text_experts)
+  parts["unimodal_decoder"] = _stack_flops(c.n_uni, inputs + 1, wt, c.text_mlp_dim,
+                                           c.text_experts)
   parts["text_projection"] = 2 * wt * c.embed_dim
-  parts["multimodal_decoder"] = c.n_multi * _block_flops(
-      inputs, wt, c.text_mlp_dim, context_tokens=context_tokens, context_width=wv,
-      active_experts=text_experts)
+  parts["multimodal_decoder"] = _stack_flops(
+      c.n_multi, inputs, wt, c.text_mlp_dim, c.text_experts, layer_offset=c.n_uni,
+      context_tokens=context_tokens, context_width=wv)
   parts["vocab_head"] = 2 * inputs * wt * c.vocab_size
   parts["contrastive_logits"] = 2 * batch_size * c.embed_dim
   return parts
@@ -137,13 +143,31 @@ def abstract_params(config) -> Any:
   return nn.unbox(variables["params"])
 
 
+EXPERT_WEIGHTS = ("wi", "bi", "wo", "bo")
+
+
 def param_counts(config) -> dict[str, int]:
-  """{'total': N, <top-level module>: n, ...}, e.g. vision, unimodal, multimodal, token_embed."""
+  """{'total': N, <top-level module>: n, ...}, e.g. vision, unimodal, multimodal, token_embed.
+  With learned routing also 'active': the parameters one token runs through (top_k of each
+  routed layer's num_experts experts; everything else counts whole)."""
+  c = CoCaConfig.from_config(config.model)
+  side_experts = {"vision": c.vision_experts, "unimodal": c.text_experts,
+                  "multimodal": c.text_experts}
   counts: dict[str, int] = {}
+  inactive = 0
   for name, subtree in abstract_params(config).items():
     counts[name] = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(subtree))
+    experts = side_experts.get(name)
+    if experts is None:
+      continue
+    for path, leaf in jax.tree_util.tree_flatten_with_path(subtree)[0]:
+      keys = [str(getattr(k, "key", k)) for k in path]
+      if "ffn" in keys and keys[-1] in EXPERT_WEIGHTS:
+        inactive += int(np.prod(leaf.shape)) * (experts.num_experts - experts.top_k) // (
+            experts.num_experts)
   counts = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
-  return {"total": sum(counts.values()), **counts}
+  total = sum(counts.values())
+  return {"total": total, **({"active": total - inactive} if inactive else {}), **counts}
 
 
 # -- Peak FLOP/s and MFU -----------------------------------------------------------------------

@@ -218,3 +218,74 @@ def coca_loss(outputs, text, *, contrastive_weight: float = 1.0, caption_weight:
   total = contrastive_weight * con + caption_weight * cap
   return total, {"loss": total, "contrastive_loss": con, "caption_loss": cap,
                  "logit_scale": outputs["logit_scale"], **con_metrics, **cap_metrics}
+
+
+# -- Router (learned expert routing) --------------------------------------------------------
+
+# config.loss fields of the router terms and their defaults (one home for both). Switch
+# Transformer's balance weight is 0.01; LIMoE's entropy terms are off unless asked for. The
+# global-entropy threshold is in nats; None = log(num_experts), i.e. the term acts whenever the
+# mean routing distribution is less than uniform.
+ROUTER_LOSS_DEFAULTS = dict(router_balance_weight=0.01, router_local_entropy_weight=0.0,
+                            router_global_entropy_weight=0.0,
+                            router_global_entropy_threshold=None)
+
+
+def router_loss_settings(loss_config) -> dict:
+  """The router terms' settings from `config.loss` (defaults: ROUTER_LOSS_DEFAULTS)."""
+  return {name: loss_config.get(name, default) for name, default in ROUTER_LOSS_DEFAULTS.items()}
+
+
+def router_losses(statistics, *, router_balance_weight: float = 0.01,
+                  router_local_entropy_weight: float = 0.0,
+                  router_global_entropy_weight: float = 0.0,
+                  router_global_entropy_threshold: float | None = None):
+  """Auxiliary losses and metrics of learned routers from their sown statistics.
+
+  statistics: {name: stats} per routed feed-forward (e.g. "vision/layer_1"), each the sums a
+  router sows over its valid tokens: tokens (n), prob_sum [E] (sum of router probabilities),
+  first_choice_count [E], choice_count [E] (all top-k choices, before capacity),
+  dropped_count (choices over capacity), entropy_sum (sum of per-token router entropies).
+
+  Per layer, with importance P_e = prob_sum_e / n and first-choice share f_e:
+    balance        E * sum_e f_e P_e (Switch Transformer): 1 when balanced, E when one expert
+                   takes every token; f_e is a count, so the gradient flows through P_e.
+    local entropy  mean over tokens of H(p(token)) (LIMoE, minimised: confident routing).
+    global entropy max(0, threshold - H(P)) (LIMoE, i.e. H(P) maximised up to the threshold:
+                   every expert used across the batch). In the towers model each routed layer
+                   sees one modality, so these are LIMoE's per-modality terms.
+  Each term is averaged over layers and weighted. Returns (loss, metrics); metrics name each
+  layer: router/<name>/{load_min, load_max} (an expert's share of the choices over the mean
+  share), dropped_fraction, entropy (mean token entropy), global_entropy, balance_loss; and
+  router_load_min, the smallest load_min of all layers.
+  """
+  if not statistics:
+    return jnp.zeros((), jnp.float32), {}
+  balance, local, global_gap, metrics = [], [], [], {}
+  for name, s in statistics.items():
+    num = s["prob_sum"].shape[-1]
+    tokens = jnp.maximum(s["tokens"], 1.0)
+    importance = s["prob_sum"] / tokens
+    first_share = jax.lax.stop_gradient(s["first_choice_count"] / tokens)
+    balance.append(num * jnp.sum(first_share * importance))
+    local.append(s["entropy_sum"] / tokens)
+    global_entropy = -jnp.sum(importance * jnp.log(jnp.maximum(importance, 1e-9)))
+    threshold = (math.log(num) if router_global_entropy_threshold is None
+                 else router_global_entropy_threshold)
+    global_gap.append(jnp.maximum(0.0, threshold - global_entropy))
+    choices = jnp.sum(s["choice_count"])
+    share = s["choice_count"] / jnp.maximum(choices / num, 1e-9)
+    metrics.update({
+        f"router/{name}/load_min": jnp.min(share), f"router/{name}/load_max": jnp.max(share),
+        f"router/{name}/dropped_fraction": s["dropped_count"] / jnp.maximum(choices, 1.0),
+        f"router/{name}/entropy": local[-1], f"router/{name}/global_entropy": global_entropy,
+        f"router/{name}/balance_loss": balance[-1]})
+  mean = lambda terms: jnp.mean(jnp.stack(terms))
+  metrics["router_load_min"] = jnp.min(jnp.stack(
+      [v for k, v in metrics.items() if k.endswith("/load_min")]))  # The most starved expert.
+  parts = {"router_balance_loss": mean(balance), "router_local_entropy_loss": mean(local),
+           "router_global_entropy_loss": mean(global_gap)}
+  total = (router_balance_weight * parts["router_balance_loss"]
+           + router_local_entropy_weight * parts["router_local_entropy_loss"]
+           + router_global_entropy_weight * parts["router_global_entropy_loss"])
+  return total, {"router_loss": total, **parts, **metrics}

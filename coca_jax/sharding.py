@@ -22,8 +22,12 @@ BATCH_AXES = ("data", "fsdp", "expert")
 # (logical axis, mesh axes). Within one array a mesh axis is used at most once, first rule wins:
 # activations [batch, length, embed] put batch on (data, fsdp) so `embed` stays whole there, while
 # parameters [embed, mlp] are split over fsdp (embed) and tensor (mlp).
+# Routed experts' dispatched buffers [expert_batch, expert, capacity, embed] keep the batch on
+# (data, fsdp) and put experts on `expert`: the constraint makes XLA move each token from its
+# batch shard to its expert's device (an all-to-all over `expert`) and back.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
+    ("expert_batch", ("data", "fsdp")),
     ("expert", "expert"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),

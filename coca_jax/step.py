@@ -17,6 +17,14 @@ phases (the "gradient cache" scheme):
 Cost: one extra forward pass of the image encoder and unimodal decoder per step (about +20% of
 a step's FLOPs); memory: activations of one microbatch. Captions are normalised by the token
 count of the whole batch, so the caption term is exact too.
+
+With learned routing, the router terms (`losses.router_losses`) are computed per microbatch and
+averaged. The local-entropy term is a mean over tokens, so (with equal token counts per
+microbatch) it is exact; the balance and global-entropy terms are products / entropies of
+batch means, so they are the microbatch average of the per-microbatch values: approximated, the
+way MoE trainers compute them per device group anyway. Capacity is per sequence, so routing
+itself is unchanged by the split. The logged router metrics (load, dropped fraction, entropy)
+are computed from statistics summed over microbatches: those of the whole batch.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from coca_jax import losses, sharding
-from coca_jax.models.coca import CoCa, CoCaConfig
+from coca_jax.models.coca import CoCa, CoCaConfig, router_statistics
 
 
 @flax.struct.dataclass
@@ -95,15 +103,28 @@ def make_init_fn(model: CoCa, tx: optax.GradientTransformation, config, sharding
   return jax.jit(init, out_shardings=shardings)
 
 
+def apply_with_router_statistics(model: CoCa, params, image, text):
+  """The training forward pass -> (outputs, {layer: router statistics}). The statistics come
+  from the 'intermediates' collection routed feed-forwards sow into (empty for a dense model)."""
+  outputs, state = model.apply({"params": params}, image, text, train=True,
+                               mutable=["intermediates"])
+  return outputs, router_statistics(state.get("intermediates", {}), model.config)
+
+
 def loss_fn(params, model: CoCa, batch, loss_config):
-  outputs = model.apply({"params": params}, batch["image"], batch["text"], train=True)
-  return losses.coca_loss(
+  outputs, stats = apply_with_router_statistics(model, params, batch["image"], batch["text"])
+  total, metrics = losses.coca_loss(
       outputs, batch["text"],
       contrastive_weight=loss_config.contrastive_weight,
       caption_weight=loss_config.caption_weight,
       label_smoothing=loss_config.get("label_smoothing", 0.0),
       contrastive=loss_config.get("contrastive", "softmax"),
       contrastive_impl=loss_config.get("contrastive_impl", "gathered"))
+  if stats:
+    router, router_metrics = losses.router_losses(stats, **losses.router_loss_settings(loss_config))
+    total = total + router
+    metrics = {**metrics, **router_metrics, "loss": total}
+  return total, metrics
 
 
 def _contrastive(image_embed, text_embed, logit_scale, logit_bias, loss_config):
@@ -168,7 +189,7 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
   total_tokens = jnp.maximum(jnp.sum((text[:, 1:] != losses.PAD_ID).astype(jnp.float32)), 1.0)
 
   def surrogate(p, mb, g_i, g_t):
-    outputs = model.apply({"params": p}, mb["image"], mb["text"], train=True)
+    outputs, stats = apply_with_router_statistics(model, p, mb["image"], mb["text"])
     cap, cap_metrics = losses.caption_loss(outputs["caption_logits"], mb["text"][:, 1:],
                                            label_smoothing=smoothing)
     tokens = cap_metrics["caption_tokens"]
@@ -177,22 +198,35 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
     linear = (jnp.sum(g_i * outputs["image_embed"]) + jnp.sum(g_t * outputs["text_embed"])
               + (g_scale * s + g_bias * b) / microbatches)
     acc_share = cap_metrics["caption_accuracy"] * jnp.maximum(tokens, 1.0) / total_tokens
-    return con_weight * linear + cap_weight * cap_share, (cap_share, acc_share)
+    # Router terms per microbatch, averaged (see the module docstring).
+    router, _ = losses.router_losses(stats, **router_settings)
+    router_share = router / microbatches
+    return (con_weight * linear + cap_weight * cap_share + router_share,
+            (cap_share, acc_share, router_share, stats))
 
   def backprop(grads, xs):
     mb, g_i, g_t = xs
-    (_, (cap_share, acc_share)), g = jax.value_and_grad(surrogate, has_aux=True)(
-        params, mb, g_i, g_t)
-    return jax.tree.map(jnp.add, grads, g), (cap_share, acc_share)
+    (_, (cap_share, acc_share, router_share, stats)), g = jax.value_and_grad(
+        surrogate, has_aux=True)(params, mb, g_i, g_t)
+    return jax.tree.map(jnp.add, grads, g), (cap_share, acc_share, router_share, stats)
 
+  router_settings = losses.router_loss_settings(loss_config)
   zeros = jax.tree.map(jnp.zeros_like, params)
-  grads, (cap_shares, acc_shares) = jax.lax.scan(
+  grads, (cap_shares, acc_shares, router_shares, stats) = jax.lax.scan(
       backprop, zeros, (micro, cached["image"], cached["text"]))
   cap = jnp.sum(cap_shares)
   total = con_weight * con + cap_weight * cap
-  metrics = {"loss": total, "contrastive_loss": con, "caption_loss": cap,
+  metrics = {"contrastive_loss": con, "caption_loss": cap,
              "logit_scale": scale, **con_metrics, "caption_accuracy": jnp.sum(acc_shares),
              "caption_tokens": jnp.sum((text[:, 1:] != losses.PAD_ID).astype(jnp.float32))}
+  if stats:
+    # Metrics from the statistics summed over microbatches: those of the whole batch.
+    _, router_metrics = losses.router_losses(jax.tree.map(lambda a: jnp.sum(a, axis=0), stats),
+                                             **router_settings)
+    router = jnp.sum(router_shares)
+    total = total + router
+    metrics.update({**router_metrics, "router_loss": router})
+  metrics["loss"] = total
   return (total, metrics), grads
 
 

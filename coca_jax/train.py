@@ -24,7 +24,6 @@ if __name__ == "__main__":  # Before JAX starts (python -m); see coca_jax/runtim
 
 import json
 import os
-import signal
 import sys
 import time
 
@@ -33,7 +32,8 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
-from coca_jax import checkpoint, config as config_lib, flops, sharding, step as step_lib
+from coca_jax import checkpoint, config as config_lib, console, flops, sharding, step as step_lib
+from coca_jax import metrics as metrics_lib, preemption
 from coca_jax.data import builders, pipeline
 from coca_jax.data.tokenizer import Tokenizer
 from coca_jax.evaluation import evaluators
@@ -46,6 +46,7 @@ flags.DEFINE_bool("dry_run", False, "Validate + build abstractly, print a JSON s
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+flags.DEFINE_bool("verbose", False, "Also print the INFO logs of orbax, TFDS, JAX (debugging).")
 flags.DEFINE_integer("resume_step", None, "Resume from this checkpoint step (default: the "
                      "newest readable one). Newer steps are moved to DIR/checkpoints_set_aside.")
 
@@ -64,34 +65,6 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
     jax.distributed.initialize()
 
 
-class MetricsWriter:
-  """Appends one JSON object per call to DIR/metrics.jsonl (process 0 only)."""
-
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.enabled = jax.process_index() == 0
-
-  def write(self, record: dict) -> None:
-    if self.enabled:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-class StopRequest:
-  """Set by SIGTERM/SIGINT (e.g. SLURM's warning before the time limit, a spot VM going away):
-  the loop then saves a checkpoint at the current step and exits cleanly, and a re-run resumes."""
-
-  def __init__(self):
-    self.requested = False
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      signal.signal(sig, self._handle)
-
-  def _handle(self, signum, frame):
-    del frame
-    logging.warning("Received signal %d: checkpointing and stopping after this step", signum)
-    self.requested = True
-
-
 def _to_python(tree) -> dict:
   return {k: float(v) for k, v in jax.device_get(tree).items()}
 
@@ -105,8 +78,10 @@ def prepare_data(config, workdir: str) -> Tokenizer:
   data = config.data
   if not data.get("data_dir"):
     data.data_dir = os.path.join(workdir, "tensorflow_datasets")
-  if data.get("build_demo", False) and not builders.is_built(data.name, data.data_dir):
-    if jax.process_index() == 0:
+  if data.get("build_demo", False):
+    # Only process 0 looks and builds; every process syncs (another process could see the
+    # directory process 0 is still writing and skip the barrier).
+    if jax.process_index() == 0 and not builders.is_built(data.name, data.data_dir):
       builders.build_atomically("demo", data.name, data.data_dir,
                                 **dict(data.build_demo_options))
     _sync("demo dataset built")
@@ -199,6 +174,7 @@ def dry_run_summary(config, mesh) -> dict:
 def main(argv) -> None:
   del argv
   config, workdir = FLAGS.config, FLAGS.workdir
+  console.setup(FLAGS.verbose)
   if config is None:
     raise app.UsageError("--config is required, e.g. --config experiments/demo.py")
   initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -208,8 +184,7 @@ def main(argv) -> None:
 
   # ---- Mesh, model, optimizer, abstract state (nothing allocated yet) ----------------------
   built = step_lib.setup(config)
-  mesh, model = built.mesh, built.model
-  abstract_state, state_shardings = built.abstract_state, built.state_shardings
+  mesh = built.mesh
   if FLAGS.dry_run:
     print(json.dumps(dry_run_summary(config, mesh), indent=2))
     return
@@ -217,10 +192,11 @@ def main(argv) -> None:
     raise app.UsageError("--workdir is required (unless --dry_run)")
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  profiler = metrics_lib.Profiler(config, workdir)  # Checks config.profile before the long part.
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
   try:
-    _train(config, workdir, built)
+    _train(config, workdir, built, profiler)
   except (checkpoint.CheckpointError, config_lib.ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -229,7 +205,7 @@ def main(argv) -> None:
     sys.exit(NONFINITE_EXIT_CODE)
 
 
-def _train(config, workdir: str, built: step_lib.TrainSetup) -> None:
+def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
   mesh, model = built.mesh, built.model
   abstract_state, state_shardings = built.abstract_state, built.state_shardings
   # ---- Workdir: one writer; the checkpointed model must be this one ------------------------
@@ -239,7 +215,10 @@ def _train(config, workdir: str, built: step_lib.TrainSetup) -> None:
   checkpoint.check_resume_config(workdir, config)
 
   # ---- Input (and every eval split checked now, not after training) -------------------------
-  tokenizer = prepare_data(config, workdir)
+  t0 = time.perf_counter()
+  with console.quiet_stdout(FLAGS.verbose):
+    tokenizer = prepare_data(config, workdir)
+  logging.info("Data %r and tokenizer ready (%.1fs)", config.data.name, time.perf_counter() - t0)
   evaluators.check_evals(config, lambda split: pipeline.make_eval_source(config, split))
   batch_sharding = {"image": sharding.batch_sharding(mesh, 4),
                     "text": sharding.batch_sharding(mesh, 2)}
@@ -285,7 +264,8 @@ def _train(config, workdir: str, built: step_lib.TrainSetup) -> None:
                getattr(memory, "temp_size_in_bytes", "n/a"))
 
   # ---- Loop ---------------------------------------------------------------------------------
-  writer = MetricsWriter(workdir)
+  writer = metrics_lib.MetricsWriter(workdir)
+  data_wait = metrics_lib.TimedIterator(train_iter)
   flops_per_example = flops.model_flops_per_example(config)
   peak_flops = flops.peak_flops_per_device()  # On CPU: a matmul measured once, here.
   # (step, metrics, non-finite counters) read back one step late so the host never stalls.
@@ -300,11 +280,13 @@ def _train(config, workdir: str, built: step_lib.TrainSetup) -> None:
     step_num, metrics, counters = pending
     now = time.perf_counter()
     steps = step_num - last_step
-    record = {"step": step_num, **_to_python(metrics)}
+    record = {"step": step_num, **_to_python(metrics), **metrics_lib.host_memory()}
+    waited = data_wait.take()
     if steps > 0:
       sec_per_step = (now - last_time) / steps
       examples_per_sec = config.train.batch_size / sec_per_step
       record.update(examples_per_sec=examples_per_sec, step_seconds=sec_per_step,
+                    data_wait_seconds=waited, data_wait_fraction=waited / (now - last_time),
                     **flops.throughput_metrics(flops_per_example, examples_per_sec,
                                                jax.device_count(), peak_flops))
     try:
@@ -323,27 +305,30 @@ def _train(config, workdir: str, built: step_lib.TrainSetup) -> None:
 
   embedder = evaluators.Embedder(model, state.params, tokenizer,
                                  batch_size=config.evals.get("batch_size", 256))
-  stop = StopRequest()
+  stop = preemption.StopSignal(manager)
   step_num = first_step
   try:
     with jax.set_mesh(mesh):
       for step_num in range(first_step + 1, config.train.steps + 1):
-        batch = next(train_iter)
+        batch = next(data_wait)
+        profiler.before(step_num)
         state, metrics = compiled(state, batch)
+        profiler.after(step_num, state)
         watch.observe(metrics, step_num)
         if pending is not None:
           late, pending = pending, None
           flush(late)
         if step_num % config.train.log_every == 0 or step_num == config.train.steps:
           pending = (step_num, metrics, watch.counters)
-        if stop.requested:
+        if stop.reached(step_num):
+          profiler.stop(state)
           save(step_num, force=True)
           manager.wait_until_finished()
           if pending is not None:
             late, pending = pending, None
             flush(late)
-          logging.warning("Stopped at step %d; re-run with the same --workdir to resume",
-                          step_num)
+          logging.warning("Process %d/%d stopped at step %d; re-run with the same --workdir "
+                          "to resume", jax.process_index(), jax.process_count(), step_num)
           return
         if checkpoint.should_save(manager, step_num, ckpt.every_steps):
           save(step_num)
@@ -356,6 +341,7 @@ def _train(config, workdir: str, built: step_lib.TrainSetup) -> None:
       if pending is not None:
         late, pending = pending, None
         flush(late)
+      profiler.stop(state)
 
       # ---- Final checkpoint and evals -------------------------------------------------------
       if manager.latest_step() != step_num:
@@ -372,6 +358,7 @@ def _train(config, workdir: str, built: step_lib.TrainSetup) -> None:
     raise
   finally:
     manager.close()
+    writer.close()
     lock.release()
   if results:
     writer.write({"step": step_num, **results})

@@ -1,4 +1,6 @@
-"""The learned top-k router of `FeedForward` against a per-token reference."""
+"""Learned expert routing: `FeedForward`'s top-k router against a per-token reference, causal
+safety (no token sees a later one; cached decoding equals the full pass), mixed dense/routed
+stacks, and the router's auxiliary losses reaching the train loss and its gradient."""
 
 import flax.linen as nn
 import jax
@@ -6,29 +8,36 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coca_jax.models.backbone import Stack
-from coca_jax.models.experts import FeedForward
+from coca_jax import generate as gen
+from coca_jax import losses, step
+from coca_jax.models.backbone import Stack, unscanned_params
+from coca_jax.models.coca import CoCa, CoCaConfig, TowerConfig, router_statistics
+from coca_jax.models.experts import FeedForward, RoutedExperts
 
 BATCH, LENGTH, WIDTH, MLP, EXPERTS = 2, 6, 8, 16, 4
 
 
-def _routed(top_k, capacity_factor, seed=0):
+def _routed(top_k, capacity_factor, causal=False, seed=0, token_mask=None):
   module = FeedForward(MLP, num_experts=EXPERTS, routing="topk", top_k=top_k,
-                       capacity_factor=capacity_factor)
+                       capacity_factor=capacity_factor, causal=causal)
   x = jax.random.normal(jax.random.key(seed), (BATCH, LENGTH, WIDTH))
   params = nn.unbox(module.init(jax.random.key(1), x))["params"]
   # A router strong enough that its choices are not near-ties.
   params["router"] = 3.0 * jax.random.normal(jax.random.key(2), params["router"].shape)
-  y, state = module.apply({"params": params}, x, mutable=["intermediates"])
-  return module, params, x, np.asarray(y), state["intermediates"]
+  y, state = module.apply({"params": params}, x, None, token_mask, mutable=["intermediates"])
+  return module, params, x, np.asarray(y), state["intermediates"]["router"][0]
 
 
-def _reference(params, x, top_k, capacity):
-  """Loops over tokens: the expected output, and which (token, choice) pairs fit."""
+def _reference(params, x, top_k, capacity, causal, token_mask=None):
+  """Loops over tokens: the expected output, which (token, choice) pairs fit, the probs.
+  Slots go in position order within each choice rank (causal=False: all first choices first) or
+  in choice order within each position (causal=True: token-major)."""
   p = jax.tree.map(np.asarray, params)
   x = np.asarray(x, np.float64)
+  valid = np.ones(x.shape[:2], bool) if token_mask is None else np.asarray(token_mask)
   mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-  h = (x - mean) / np.sqrt(var + 1e-6) * p["ln"]["LayerNorm_0"]["scale"] + p["ln"]["LayerNorm_0"]["bias"]
+  ln = p["ln"]["LayerNorm_0"]
+  h = (x - mean) / np.sqrt(var + 1e-6) * ln["scale"] + ln["bias"]
   logits = h @ p["router"]
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
@@ -38,62 +47,98 @@ def _reference(params, x, top_k, capacity):
   for b in range(x.shape[0]):
     load = np.zeros(EXPERTS, int)
     order = np.argsort(-probs[b], axis=-1, kind="stable")[:, :top_k]
-    for j in range(top_k):  # First choices before second choices, then by position.
-      for t in range(x.shape[1]):
-        e = order[t, j]
-        if load[e] < capacity:
-          load[e] += 1
-          kept[b, t, j] = True
-          hidden = gelu(h[b, t] @ p["wi"][e] + p["bi"][e])
-          out[b, t] += probs[b, t, e] * (hidden @ p["wo"][e] + p["bo"][e])
+    pairs = ([(t, j) for t in range(x.shape[1]) for j in range(top_k)] if causal else
+             [(t, j) for j in range(top_k) for t in range(x.shape[1])])
+    for t, j in pairs:
+      e = order[t, j]
+      if valid[b, t] and load[e] < capacity:
+        load[e] += 1
+        kept[b, t, j] = True
+        hidden = gelu(h[b, t] @ p["wi"][e] + p["bi"][e])
+        out[b, t] += probs[b, t, e] * (hidden @ p["wo"][e] + p["bo"][e])
   return out, kept, probs
 
 
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_each_token_gets_its_top_k_experts_weighted_by_the_router(top_k):
+def test_each_token_gets_its_top_k_experts_weighted_by_the_router(top_k, causal):
   # capacity_factor = EXPERTS / top_k: every expert can take every token, nothing is dropped.
-  _, params, x, y, inter = _routed(top_k, EXPERTS / top_k)
-  expected, kept, _ = _reference(params, x, top_k, capacity=LENGTH)
+  _, params, x, y, stats = _routed(top_k, EXPERTS / top_k, causal)
+  expected, kept, _ = _reference(params, x, top_k, LENGTH, causal)
   assert kept.all()
   np.testing.assert_allclose(y, expected, rtol=2e-4, atol=2e-5)
-  assert float(inter["router_dropped_fraction"][0]) == 0.0
+  assert float(stats["dropped_count"]) == 0.0
 
 
-def test_tokens_over_capacity_skip_the_expert_and_are_counted():
+@pytest.mark.parametrize("causal", [False, True])
+def test_tokens_over_capacity_skip_the_expert_and_are_counted(causal):
   top_k, factor = 2, 0.5
   capacity = int(np.ceil(top_k * LENGTH * factor / EXPERTS))
-  _, params, x, y, inter = _routed(top_k, factor)
-  expected, kept, probs = _reference(params, x, top_k, capacity)
+  _, params, x, y, stats = _routed(top_k, factor, causal)
+  expected, kept, probs = _reference(params, x, top_k, capacity, causal)
   assert 0 < kept.sum() < kept.size  # The setting does drop some choices.
   np.testing.assert_allclose(y, expected, rtol=2e-4, atol=2e-5)
-  np.testing.assert_allclose(float(inter["router_dropped_fraction"][0]), 1 - kept.mean(),
-                             rtol=1e-6)
+  np.testing.assert_allclose(float(stats["dropped_count"]), (~kept).sum())
+  order = np.argsort(-probs, axis=-1, kind="stable")[..., :top_k]
+  np.testing.assert_array_equal(stats["choice_count"],
+                                np.bincount(order.ravel(), minlength=EXPERTS))
+  np.testing.assert_allclose(stats["prob_sum"], probs.sum((0, 1)), rtol=1e-5)
+  np.testing.assert_allclose(float(stats["entropy_sum"]),
+                             -np.sum(probs * np.log(probs)), rtol=1e-4)
   # Switch balance loss: EXPERTS * sum_e share of first choices * mean probability.
-  share = np.bincount(probs.argmax(-1).ravel(), minlength=EXPERTS) / probs[..., 0].size
-  np.testing.assert_allclose(float(inter["router_balance_loss"][0]),
+  _, metrics = losses.router_losses({"ffn": stats})
+  share = np.bincount(order[..., 0].ravel(), minlength=EXPERTS) / order[..., 0].size
+  np.testing.assert_allclose(float(metrics["router_balance_loss"]),
                              EXPERTS * np.sum(share * probs.mean((0, 1))), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["router/ffn/dropped_fraction"]), 1 - kept.mean(),
+                             rtol=1e-5)
 
 
-def test_router_is_trained_through_the_output_and_the_balance_loss():
-  module, params, x, _, _ = _routed(2, 1.0)
-
-  def loss(p):
-    y, state = module.apply({"params": p}, x, mutable=["intermediates"])
-    return jnp.mean(y ** 2) + state["intermediates"]["router_balance_loss"][0]
-
-  grads = jax.grad(loss)(params)
-  assert float(jnp.abs(grads["router"]).max()) > 0
-  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+def test_padding_takes_no_slot_and_is_left_out_of_the_statistics():
+  mask = np.ones((BATCH, LENGTH), bool)
+  mask[0, 2:] = False
+  _, params, x, y, stats = _routed(2, 0.5, causal=True, token_mask=jnp.asarray(mask))
+  expected, kept, _ = _reference(params, x, 2, 2, True, token_mask=mask)
+  np.testing.assert_allclose(y, expected, rtol=2e-4, atol=2e-5)
+  assert float(stats["tokens"]) == mask.sum()
+  assert float(stats["dropped_count"]) == (~kept[mask]).sum()
 
 
-def test_scanned_stack_sows_the_router_losses_per_layer():
-  stack = Stack(depth=3, num_heads=2, mlp_dim=MLP, num_experts=EXPERTS, routing="topk",
-                top_k=2, scan=True)
+def test_causal_routing_never_lets_a_later_token_change_an_earlier_output():
+  """Token-major slots: perturbing token t leaves every output before t bit-identical. The
+  choice-rank order (bidirectional layers) does not have this property: a later token's first
+  choice can evict an earlier token's second choice."""
+  leaks = {False: 0, True: 0}
+  for causal in (False, True):
+    module, params, x, y, _ = _routed(2, 0.5, causal)
+    for trial in range(8):
+      t = 2 + trial % (LENGTH - 2)
+      noise = 3.0 * jax.random.normal(jax.random.key(10 + trial), (BATCH, LENGTH - t, WIDTH))
+      y2 = np.asarray(module.apply({"params": params}, x.at[:, t:].set(noise)))
+      leaks[causal] += int(not np.array_equal(y2[:, :t], y[:, :t]))
+  assert leaks[True] == 0
+  assert leaks[False] > 0  # The test setting is one where the old order does leak.
+
+
+def test_mixed_stack_scanned_in_groups_equals_unscanned_and_sows_per_layer():
+  experts = RoutedExperts(num_experts=EXPERTS, top_k=2, capacity_factor=1.0, every=2)
+  kwargs = dict(depth=4, num_heads=2, mlp_dim=MLP, experts=experts)
   x = jax.random.normal(jax.random.key(0), (BATCH, LENGTH, WIDTH))
-  variables = stack.init(jax.random.key(1), x)
-  _, state = stack.apply({"params": variables["params"]}, x, mutable=["intermediates"])
-  losses = jax.tree.leaves(state["intermediates"])
-  assert losses and all(leaf.shape[0] == 3 for leaf in losses)  # One value per layer.
+  scanned = Stack(**kwargs, scan=True)
+  params = nn.unbox(scanned.init(jax.random.key(1), x))["params"]
+  y, state = scanned.apply({"params": params}, x, mutable=["intermediates"])
+  flat = unscanned_params(params)
+  # Layers 1 and 3 are routed (a router), 0 and 2 dense (an MLP).
+  assert [("router" in flat[f"layer_{i}"]["ffn"]) for i in range(4)] == [False, True, False, True]
+  y2, state2 = Stack(**kwargs, scan=False).apply({"params": flat}, x, mutable=["intermediates"])
+  np.testing.assert_allclose(y, y2, rtol=1e-5, atol=1e-6)
+  config = routed_coca_config()
+  config = config.__class__(**{**config.__dict__, "vision": TowerConfig(WIDTH, 4, 2, MLP)})
+  stats = router_statistics({"vision": state["intermediates"]}, config)
+  stats2 = router_statistics({"vision": state2["intermediates"]}, config)
+  assert sorted(stats) == sorted(stats2) == ["vision/layer_1", "vision/layer_3"]
+  for name in stats:
+    np.testing.assert_allclose(stats[name]["prob_sum"], stats2[name]["prob_sum"], rtol=1e-5)
 
 
 def test_bad_router_settings_fail_clearly():
@@ -102,3 +147,161 @@ def test_bad_router_settings_fail_clearly():
     FeedForward(MLP, num_experts=EXPERTS, routing="topk", top_k=5).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="routing='learned' is unknown"):
     FeedForward(MLP, num_experts=EXPERTS, routing="learned").init(jax.random.key(0), x)
+
+
+# -- A CoCa with routed text decoders ---------------------------------------------------------
+
+
+def routed_coca_config(capacity_factor=0.5) -> CoCaConfig:
+  """Tiny CoCa, every text layer routed (4 experts, top-2) with a capacity that drops choices;
+  the image encoder routed too (bidirectional, choice-rank priority)."""
+  text = RoutedExperts(num_experts=4, top_k=2, capacity_factor=capacity_factor, every=1)
+  vision = RoutedExperts(num_experts=4, top_k=1, capacity_factor=1.0, every=1)
+  return CoCaConfig(
+      image_size=16, patch_size=8, vision=TowerConfig(32, 1, 2, 64), vocab_size=32, max_len=8,
+      text_width=32, text_heads=2, text_mlp_dim=64, n_uni=1, n_multi=2, embed_dim=16,
+      n_gen_queries=4, pooler_heads=2, scan_layers=True, vision_experts=vision,
+      text_experts=text)
+
+
+@pytest.fixture(scope="module")
+def routed_coca():
+  config = routed_coca_config()
+  model = CoCa(config)
+  images = jax.random.normal(jax.random.key(1), (3, 16, 16, 3))
+  params = nn.unbox(jax.jit(model.init)(
+      jax.random.key(0), images[:1], jnp.zeros((1, config.max_len), jnp.int32))["params"])
+  params["vocab_head"]["kernel"] = params["vocab_head"]["kernel"] * 4.0  # Peaked next tokens.
+  # Routers strong enough to make decisive (and capacity-limited) choices.
+  for name in ("unimodal", "multimodal"):
+    router = params[name]["layers"]["ffn"]["router"]
+    params[name]["layers"]["ffn"]["router"] = 20.0 * router
+  return model, params, images
+
+
+def test_routed_decoder_is_causal(routed_coca):
+  model, params, images = routed_coca
+  rng = np.random.default_rng(0)
+  text = np.concatenate([np.full((3, 1), 2), rng.integers(4, 32, (3, 7))], axis=1)
+  apply = jax.jit(lambda t: model.apply({"params": params}, images, t, train=True,
+                                        mutable=["intermediates"]))
+  out, state = apply(jnp.asarray(text, jnp.int32))
+  stats = router_statistics(state["intermediates"], model.config)
+  assert any(float(s["dropped_count"]) > 0 for name, s in stats.items()
+             if not name.startswith("vision"))  # Capacity binds in the text decoders.
+  for t in range(2, 7):
+    changed = text.copy()
+    changed[:, t:] = rng.integers(4, 32, (3, 8 - t))
+    out2, _ = apply(jnp.asarray(changed, jnp.int32))
+    # Logits predicting tokens 1..t depend only on inputs 0..t-1.
+    np.testing.assert_array_equal(out2["caption_logits"][:, :t], out["caption_logits"][:, :t])
+
+
+def test_routed_cached_greedy_equals_full_recomputation(routed_coca):
+  model, params, images = routed_coca
+  cached = gen.generate(model, params, images, gen.Decoding(), return_logits=True)
+  recomputed = gen.recompute_greedy(model, params, images, return_logits=True)
+  np.testing.assert_array_equal(cached["tokens"], recomputed["tokens"])
+  np.testing.assert_array_equal(cached["lengths"], recomputed["lengths"])
+  assert int(np.max(cached["lengths"])) >= 4  # Long enough for capacity to matter.
+  for row, length in enumerate(np.asarray(cached["lengths"])):
+    np.testing.assert_allclose(cached["logits"][row, :length], recomputed["logits"][row, :length],
+                               rtol=1e-4, atol=1e-4)
+
+
+# -- Router losses in the train step ----------------------------------------------------------
+
+
+def test_router_losses_reach_the_train_loss_and_the_router_gradient(routed_coca):
+  """Fails if the train step drops the 'intermediates' again: the weighted balance loss must be
+  in the total and in every router kernel's gradient."""
+  import ml_collections
+  from conftest import smoke_config
+  model, params, _ = routed_coca
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32),
+           "text": jnp.asarray(np.concatenate([np.full((4, 1), 2), rng.integers(4, 32, (4, 7))],
+                                              axis=1), jnp.int32)}
+  configs = []
+  for weight in (0.0, 1.0):
+    loss_config = ml_collections.ConfigDict(smoke_config().loss.to_dict())
+    loss_config.router_balance_weight = weight
+    configs.append(loss_config)
+
+  @jax.jit
+  def both(p):
+    grad = lambda c: jax.value_and_grad(step.loss_fn, has_aux=True)(p, model, batch, c)
+    return grad(configs[0]), grad(configs[1])
+
+  ((loss0, m0), g0), ((loss1, m1), g1) = both(params)
+  # The total includes the weighted balance loss (averaged over routed layers).
+  np.testing.assert_allclose(float(loss1 - loss0), float(m1["router_balance_loss"]), rtol=1e-4)
+  assert float(m1["router_balance_loss"]) >= 1.0  # Its minimum, reached when balanced.
+  assert m1["router/vision/layer_0/load_min"] <= 1.0 <= m1["router/vision/layer_0/load_max"]
+  assert 0.0 < m1["router/unimodal/layer_0/dropped_fraction"] < 1.0
+  assert "router/multimodal/layer_1/entropy" in m1
+  # ... and its gradient reaches each router kernel.
+  routers = [(("vision",)), ("unimodal",), ("multimodal",)]
+  for (name,) in routers:
+    delta = g1[name]["layers"]["ffn"]["router"] - g0[name]["layers"]["ffn"]["router"]
+    assert float(jnp.max(jnp.abs(delta))) > 0, name
+
+
+def test_experts_config_is_validated_with_field_names():
+  from conftest import smoke_config
+  from coca_jax import config as config_lib
+  c = smoke_config()
+  c.model.vision.experts = dict(num_experts=4, top_k=5, capacity_factor=0.0, every=1, k=2)
+  c.model.text.experts = dict(num_experts=4, top_k=1, capacity_factor=1.0, every=2)
+  c.loss.router_balance_weight = -1.0
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(c)
+  message = str(error.value)
+  for expected in ("config.model.vision.experts has unknown fields ['k']",
+                   "config.model.vision.experts.top_k=5 exceeds "
+                   "config.model.vision.experts.num_experts=4",
+                   "config.model.vision.experts.capacity_factor=0.0 must be > 0",
+                   # The smoke decoders are 1 + 1 layers deep and scanned.
+                   "config.model.text.n_uni=1 is not a multiple of config.model.text.experts.every=2",
+                   "config.loss.router_balance_weight=-1.0 must be a number >= 0"):
+    assert expected in message, message
+  config_lib.validate(config_lib.load_config("experiments/demo.py:limoe"))
+  config_lib.validate(config_lib.load_config("experiments/demo.py:limoe,smoke"))
+
+
+def test_accumulated_step_keeps_routing_and_router_metrics_of_the_whole_batch(routed_coca):
+  """Microbatches: capacity is per sequence, so routing, the caption and contrastive terms and
+  the router metrics (from summed statistics) equal the whole batch's; only the balance and
+  global-entropy terms are per-microbatch averages (documented in step.py)."""
+  import ml_collections
+  from conftest import smoke_config
+  model, params, _ = routed_coca
+  rng = np.random.default_rng(1)
+  text = np.concatenate([np.full((4, 1), 2), rng.integers(4, 32, (4, 7))], axis=1)
+  text[1, 5:] = 0  # Some padding.
+  batch = {"image": jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32),
+           "text": jnp.asarray(text, jnp.int32)}
+  loss_config = ml_collections.ConfigDict(smoke_config().loss.to_dict())
+
+  @jax.jit
+  def both(p):
+    whole = jax.value_and_grad(step.loss_fn, has_aux=True)(p, model, batch, loss_config)
+    return whole, step.accumulated_loss_and_grads(p, model, batch, loss_config, 2)
+
+  ((_, m1), g1), ((loss2, m2), g2) = both(params)
+  for key in ("contrastive_loss", "caption_loss"):
+    np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5)
+  for key in m1:
+    if key.startswith("router/") and not key.endswith(("balance_loss", "global_entropy")):
+      np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  assert float(m2["router_loss"]) > 0
+  np.testing.assert_allclose(
+      float(loss2), float(m2["contrastive_loss"] + 2 * m2["caption_loss"] + m2["router_loss"]),
+      rtol=1e-6)
+  # Batch statistics of 2 sequences vs 4: the per-microbatch balance term is close, not equal
+  # (8% apart here), and its weight (0.01) keeps the gradients within 1e-3 of the whole batch's.
+  np.testing.assert_allclose(float(m2["router_loss"]), float(m1["router_loss"]), rtol=0.2)
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g1))
+  worst = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(g2),
+                                                             jax.tree.leaves(g1)))
+  assert worst < 1e-3 * scale

@@ -90,21 +90,27 @@ def test_contrastive_flops_grow_with_global_batch_only():
       k: v for k, v in small.items() if k != "contrastive_logits"}
 
 
-def test_moe_counts_only_active_experts():
+def test_routed_layers_count_only_active_experts_and_params():
   dense = _demo_config()
   base = flops.forward_flops_breakdown(dense)
-  modality = _demo_config()
-  modality.model.text.num_experts, modality.model.text.routing = 3, "modality"
-  assert flops.forward_flops_breakdown(modality) == base  # One expert per token.
-  top2 = _demo_config()
-  top2.model.text.update(num_experts=8, routing="learned", top_k=2)
-  routed = flops.forward_flops_breakdown(top2)
+  routed_config = _demo_config()
+  # 8 experts, top-2, in every other text layer (text layers 1 and 3 of 2 + 2).
+  routed_config.model.text.experts = dict(num_experts=8, top_k=2, capacity_factor=1.0, every=2)
+  routed = flops.forward_flops_breakdown(routed_config)
   t, w, mlp = dense.model.text.max_len, dense.model.text.width, dense.model.text.mlp_dim
-  extra_uni = dense.model.text.n_uni * 4 * t * w * mlp  # One more expert's MLP per token.
-  extra_multi = dense.model.text.n_multi * 4 * (t - 1) * w * mlp
-  assert routed["unimodal_decoder"] - base["unimodal_decoder"] == extra_uni
-  assert routed["multimodal_decoder"] - base["multimodal_decoder"] == extra_multi
+  assert dense.model.text.n_uni == dense.model.text.n_multi == 2
+  # One routed layer per decoder: one more expert's MLP per token, plus the router.
+  assert routed["unimodal_decoder"] - base["unimodal_decoder"] == 4 * t * w * mlp + 2 * t * w * 8
+  assert (routed["multimodal_decoder"] - base["multimodal_decoder"]
+          == 4 * (t - 1) * w * mlp + 2 * (t - 1) * w * 8)
   assert routed["image_encoder"] == base["image_encoder"]
+  # Parameters: 7 more experts in each of the 2 routed layers; a token uses 2 of 8.
+  counts, dense_counts = flops.param_counts(routed_config), flops.param_counts(dense)
+  expert = 2 * w * mlp + mlp + w
+  router = w * 8
+  assert counts["total"] - dense_counts["total"] == 2 * (7 * expert + router)
+  assert counts["total"] - counts["active"] == 2 * 6 * expert
+  assert "active" not in dense_counts
 
 
 def test_mfu_arithmetic_and_cpu_peak():

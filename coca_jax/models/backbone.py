@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from coca_jax.models.experts import FeedForward
+from coca_jax.models.experts import FeedForward, RoutedExperts
 from coca_jax.models.layers import Attention, LayerNorm, constrain
 
 Dtype = Any
@@ -32,8 +32,8 @@ class Block(nn.Module):
   Attributes:
     cross_attention: attend to `context` [batch, ctx_len, embed] after self-attention.
     decode: use the KV cache (autoregressive decoding; see `Attention`).
-    num_experts, segments, routing, top_k, capacity_factor: the feed-forward (see
-      `experts.FeedForward`).
+    num_experts, segments, routing, top_k, capacity_factor, causal, capacity_length: the
+      feed-forward (see `experts.FeedForward`).
   """
   num_heads: int
   mlp_dim: int
@@ -46,6 +46,8 @@ class Block(nn.Module):
   routing: str = "modality"
   top_k: int = 1
   capacity_factor: float = 1.0
+  causal: bool = False
+  capacity_length: int = 0
 
   @nn.compact
   def __call__(self, x, mask, context):
@@ -57,8 +59,11 @@ class Block(nn.Module):
       h = LayerNorm(self.dtype, name="ln_cross_attention")(x)
       x = x + Attention(self.num_heads, self.dtype, name="cross_attention")(
           h, context, decode=self.decode)
+    # A token may attend to itself exactly when it is not padding: the mask's diagonal.
+    token_mask = None if mask is None else jnp.diagonal(mask[:, 0], axis1=-2, axis2=-1)
     x = x + FeedForward(self.mlp_dim, self.dtype, self.num_experts, self.routing, self.top_k,
-                        self.capacity_factor, name="ffn")(x, self.segments)
+                        self.capacity_factor, self.causal, self.decode, self.capacity_length,
+                        name="ffn")(x, self.segments, token_mask)
     return constrain(x, ("batch", "length", "embed")), None
 
 
@@ -69,6 +74,11 @@ class Stack(nn.Module):
   `decode` (KV-cached decoding) needs `scan=False`: every layer then keeps its own cache buffers,
   which a step updates in place; a scanned cache would be sliced per layer and re-stacked, a copy
   of all of it every token. `unscanned_params` gives a scanned stack's parameters that layout.
+
+  `experts` (learned routing) makes layer i routed when `experts.routed(layer_offset + i)`; the
+  others stay dense. A scanned stack with both kinds scans over groups of `experts.every` layers
+  (parameters {"layers": {"block_0": ..., "block_<every-1>": ...}}, each [depth / every, ...]).
+  `causal` and `capacity_length` go to routed feed-forwards (see `experts.FeedForward`).
   """
   depth: int
   num_heads: int
@@ -80,6 +90,10 @@ class Stack(nn.Module):
   routing: str = "modality"
   top_k: int = 1
   capacity_factor: float = 1.0
+  experts: RoutedExperts | None = None
+  layer_offset: int = 0
+  causal: bool = False
+  capacity_length: int = 0
   scan: bool = True
   remat: str = "none"
   decode: bool = False
@@ -99,21 +113,61 @@ class Stack(nn.Module):
                   cross_attention=self.cross_attention, num_experts=self.num_experts,
                   decode=self.decode, cache_length=self.cache_length,
                   segments=tuple(self.segments) if self.segments else None,
-                  routing=self.routing, top_k=self.top_k, capacity_factor=self.capacity_factor)
-    if self.scan:
+                  routing=self.routing, top_k=self.top_k, capacity_factor=self.capacity_factor,
+                  causal=self.causal, capacity_length=self.capacity_length)
+    experts = self.experts
+    layer_kwargs = [{**kwargs, **(experts.ffn_kwargs(self.layer_offset + i) if experts else {})}
+                    for i in range(self.depth)]
+    if self.scan and any(kw != layer_kwargs[0] for kw in layer_kwargs):
+      every = experts.every
+      if self.depth % every:
+        raise ValueError(
+            f"a scanned stack of {self.depth} layers cannot repeat groups of experts.every="
+            f"{every} layers; make the depth a multiple of {every} or set "
+            "config.model.scan_layers=False")
+      group = tuple(tuple(sorted(kw.items())) for kw in layer_kwargs[:every])
+      scanned = nn.scan(
+          _Group, variable_axes={"params": 0, "intermediates": 0},
+          split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
+          length=self.depth // every, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = scanned(block_cls, group, name="layers")(x, mask, context)
+    elif self.scan:
       scanned = nn.scan(
           block_cls, variable_axes={"params": 0, "intermediates": 0},
           split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
           length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(**kwargs, name="layers")(x, mask, context)
+      x, _ = scanned(**layer_kwargs[0], name="layers")(x, mask, context)
     else:
       for i in range(self.depth):
-        x, _ = block_cls(**kwargs, name=f"layer_{i}")(x, mask, context)
+        x, _ = block_cls(**layer_kwargs[i], name=f"layer_{i}")(x, mask, context)
     return x
 
 
-def unscanned_params(stack_params, depth: int) -> dict:
-  """A scanned Stack's parameters, {"layers": tree of [depth, ...]}, in the unscanned layout,
-  {"layer_0": tree, ..., f"layer_{depth-1}": tree}: the same layers and values."""
-  return {f"layer_{i}": jax.tree.map(lambda p, i=i: p[i], stack_params["layers"])
-          for i in range(depth)}
+class _Group(nn.Module):
+  """`len(layer_kwargs)` consecutive Blocks (dense and routed): the unit a mixed stack scans."""
+  block_cls: Any
+  layer_kwargs: tuple  # Per block: sorted (name, value) pairs of its Block settings.
+
+  @nn.compact
+  def __call__(self, x, mask, context):
+    for j, kwargs in enumerate(self.layer_kwargs):
+      x, _ = self.block_cls(**dict(kwargs), name=f"block_{j}")(x, mask, context)
+    return x, None
+
+
+def unscanned_params(stack_params, depth: int | None = None) -> dict:
+  """A scanned Stack's parameters, {"layers": tree of [depth, ...]} (or, for a mixed stack,
+  {"layers": {"block_j": tree of [depth / every, ...]}}), in the unscanned layout,
+  {"layer_0": tree, ..., f"layer_{depth-1}": tree}: the same layers and values. Also maps any
+  collection with that layout (e.g. sown 'intermediates', where a mixed stack's dense blocks
+  may be absent: then `depth` is needed). An unscanned tree is returned as it is."""
+  if "layers" not in stack_params:
+    return dict(stack_params)
+  layers = stack_params["layers"]
+  steps = jax.tree.leaves(layers)[0].shape[0]
+  blocks = sorted(int(name.split("_")[1]) for name in layers if name.startswith("block_"))
+  if not blocks:
+    return {f"layer_{i}": jax.tree.map(lambda p, i=i: p[i], layers) for i in range(steps)}
+  per = (blocks[-1] + 1) if depth is None else depth // steps
+  return {f"layer_{g * per + j}": jax.tree.map(lambda p, g=g: p[g], layers[f"block_{j}"])
+          for g in range(steps) for j in blocks}

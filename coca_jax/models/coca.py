@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from coca_jax.models.backbone import Stack, unscanned_params
+from coca_jax.models.experts import RoutedExperts
 from coca_jax.models.layers import AttentionalPooler, LayerNorm, constrain, dense, embed_init, with_axes
 
 PAD_ID = 0
@@ -59,6 +60,9 @@ class CoCaConfig:
   # Share the token embedding with the vocab head (CoCa-2B's 2.1B count implies it; see
   # experiments/coca_2b.py). Base/Large (383M / 787M) match Table 1 only with an untied head.
   tie_embeddings: bool = False
+  # Learned routing (config.model.vision.experts / config.model.text.experts); None = dense.
+  vision_experts: RoutedExperts | None = None
+  text_experts: RoutedExperts | None = None
 
   @classmethod
   def from_config(cls, model) -> "CoCaConfig":
@@ -72,7 +76,9 @@ class CoCaConfig:
         pooler_heads=model.pooler_heads, dtype=model.dtype, remat=model.remat,
         scan_layers=model.scan_layers, temperature_init=model.temperature_init,
         max_logit_scale=model.max_logit_scale, contrastive=model.get("contrastive", "softmax"),
-        tie_embeddings=model.get("tie_embeddings", False))
+        tie_embeddings=model.get("tie_embeddings", False),
+        vision_experts=RoutedExperts.from_config(v.get("experts")),
+        text_experts=RoutedExperts.from_config(t.get("experts")))
 
   @property
   def num_patches(self) -> int:
@@ -114,6 +120,23 @@ def unscanned_layers(config: CoCaConfig, params) -> tuple[CoCaConfig, dict]:
   return dataclasses.replace(config, scan_layers=False), params
 
 
+def router_statistics(intermediates, config: CoCaConfig) -> dict[str, dict]:
+  """The sown 'intermediates' of a CoCa apply -> {"<stack>/layer_<i>": router statistics}, one
+  entry per routed feed-forward (stack: vision, unimodal, multimodal; i counts within the
+  stack), whether the stacks were scanned or not. Statistics: see `experts.FeedForward._routed`."""
+  found = {}
+  depths = {"vision": config.vision.depth, "unimodal": config.n_uni, "multimodal": config.n_multi}
+  for stack_name, depth in depths.items():
+    if stack_name not in intermediates:
+      continue
+    for layer_name, layer in unscanned_params(intermediates[stack_name], depth).items():
+      stats = layer.get("ffn", {}).get("router")
+      if stats is not None:
+        found[f"{stack_name}/{layer_name}"] = stats[0]  # sow keeps a tuple of values.
+  return dict(sorted(found.items(), key=lambda kv: (kv[0].split("/")[0],
+                                                    int(kv[0].rsplit("_", 1)[1]))))
+
+
 class CoCa(nn.Module):
   """The CoCa model. `decode=True` builds it for KV-cached decoding (`decode_step`); that needs
   `scan_layers=False` (`unscanned_layers` converts a scanned model's config and parameters)."""
@@ -133,7 +156,7 @@ class CoCa(nn.Module):
     self.image_pos_embed = self.param(
         "image_pos_embed", with_axes(embed_init, ("length", "embed")),
         (c.num_patches, c.vision.width), jnp.float32)
-    self.vision = stack(c.vision.depth, c.vision.heads, c.vision.mlp_dim)
+    self.vision = stack(c.vision.depth, c.vision.heads, c.vision.mlp_dim, experts=c.vision_experts)
     self.ln_vision = LayerNorm(dt)
     n_queries = c.n_gen_queries
     self.generative_pooler = AttentionalPooler(n_queries, c.pooler_heads, dt)
@@ -153,13 +176,19 @@ class CoCa(nn.Module):
     self.cls_token = self.param("cls_token", with_axes(embed_init, ("embed",)),
                                 (c.text_width,), jnp.float32)
     cache_length = c.max_len - 1
+    # Routed text layers are causal (token-major slots); their capacity comes from the training
+    # length (T-1 inputs + CLS, and T-1) so decoding a token at a time routes as training does.
+    # `every` counts text layers across both decoders.
+    text_routing = lambda offset, length: dict(experts=c.text_experts, layer_offset=offset,
+                                               causal=True, capacity_length=length)
     self.unimodal = stack(c.n_uni, c.text_heads, c.text_mlp_dim, decode=self.decode,
-                          cache_length=cache_length)
+                          cache_length=cache_length, **text_routing(0, c.max_len))
     self.ln_text_embed = LayerNorm(dt)
     self.text_projection = dense(c.embed_dim, ("embed", "joint"), dt, "text_projection",
                                  use_bias=False)
     self.multimodal = stack(c.n_multi, c.text_heads, c.text_mlp_dim, cross_attention=True,
-                            decode=self.decode, cache_length=cache_length)
+                            decode=self.decode, cache_length=cache_length,
+                            **text_routing(c.n_uni, c.max_len - 1))
     self.ln_decoder = LayerNorm(dt)
     if not c.tie_embeddings:
       self.vocab_head = dense(c.vocab_size, ("embed", "vocab"), dt, "vocab_head")

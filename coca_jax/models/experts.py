@@ -8,15 +8,27 @@ One implementation serves three model families by configuration:
     token runs through exactly one expert.
   * `routing='topk'`: a learned router (LIMoE / V-MoE style). Each token goes to its `top_k`
     most probable experts, weighted by the router's softmax probability; each expert takes at
-    most `capacity` tokens per sequence, first choices before second choices, earlier positions
-    first; a token over capacity skips that expert (the residual carries it). The Switch-style
-    load-balancing loss and the dropped fraction are sown into the 'intermediates' collection.
+    most `capacity` tokens per sequence; a (token, choice) over capacity skips that expert (the
+    residual carries it). Who gets a slot first:
+      - bidirectional (`causal=False`, the image encoder): choice-rank priority, all first
+        choices (in position order) before any second choice, so second choices never evict a
+        first choice;
+      - causal (`causal=True`, the text decoders): token-major priority, position first, then
+        choice rank. A token's slots then depend only on itself and EARLIER tokens, so no output
+        depends on a later token, and KV-cached decoding (`decode=True`) reproduces the full pass
+        by carrying each sequence's per-expert counts in the 'cache' collection.
+    The router's raw statistics (sums over tokens, see `_routed`) are sown into the
+    'intermediates' collection; `coca_jax.losses.router_losses` turns them into the auxiliary
+    losses and metrics.
 Expert parameters are stacked on a leading logical axis "expert", so `sharding.py` can place
-experts on the mesh's `expert` axis.
+experts on the mesh's `expert` axis; the dispatched [expert, batch, capacity, embed] buffers are
+constrained to ("expert", "expert_batch", ...), so with mesh `expert` > 1 XLA moves tokens to
+their experts' devices (an all-to-all) and back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -24,9 +36,50 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from coca_jax.models.layers import MLP, LayerNorm
+from coca_jax.models.layers import MLP, LayerNorm, constrain
 
 Dtype = Any
+EXPERTS_FIELDS = ("num_experts", "top_k", "capacity_factor", "every")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutedExperts:
+  """Learned-routing settings of one side of the model (`config.model.<side>.experts`).
+
+  num_experts: experts per routed feed-forward (1 = every layer dense).
+  top_k: experts each token runs through.
+  capacity_factor: each expert takes ceil(top_k * length * capacity_factor / num_experts)
+    tokens per sequence; the rest skip it.
+  every: layer i (0-based, counted over the side's whole stack) is routed when
+    (i + 1) % every == 0: 1 = every layer, 2 = layers 1, 3, 5, ... (V-MoE's "every other").
+  """
+  num_experts: int = 1
+  top_k: int = 1
+  capacity_factor: float = 1.0
+  every: int = 1
+
+  @classmethod
+  def from_config(cls, group) -> "RoutedExperts | None":
+    """None for an absent group or num_experts <= 1 (dense)."""
+    if not group:
+      return None
+    experts = cls(**{k: group[k] for k in EXPERTS_FIELDS if k in group})
+    return experts if experts.num_experts > 1 else None
+
+  def routed(self, layer: int) -> bool:
+    return self.num_experts > 1 and (layer + 1) % self.every == 0
+
+  def ffn_kwargs(self, layer: int) -> dict:
+    """`FeedForward` settings of layer `layer`: routed, or {} (dense)."""
+    if not self.routed(layer):
+      return {}
+    return dict(num_experts=self.num_experts, routing="topk", top_k=self.top_k,
+                capacity_factor=self.capacity_factor)
+
+
+def expert_capacity(length: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+  """Slots per expert per sequence of `length` tokens."""
+  return max(1, math.ceil(top_k * length * capacity_factor / num_experts))
 
 
 class FeedForward(nn.Module):
@@ -40,6 +93,11 @@ class FeedForward(nn.Module):
     top_k: experts per token ('topk').
     capacity_factor: each expert's capacity per sequence is
       ceil(top_k * length * capacity_factor / num_experts) tokens ('topk').
+    causal: token-major slot priority, so routing never looks at later tokens ('topk').
+    decode: KV-cached decoding ('topk' needs `causal`): per-sequence expert counts live in the
+      'cache' collection and each call routes the next tokens after those already decoded.
+    capacity_length: the full sequence length the capacity is computed from; 0 = the input's
+      length. Decoding feeds a token at a time, so a causal decoder passes its training length.
   """
   mlp_dim: int
   dtype: Dtype = jnp.float32
@@ -47,14 +105,19 @@ class FeedForward(nn.Module):
   routing: str = "modality"
   top_k: int = 1
   capacity_factor: float = 1.0
+  causal: bool = False
+  decode: bool = False
+  capacity_length: int = 0
 
   @nn.compact
-  def __call__(self, x, segments: Sequence[tuple[int, int]] | None = None):
-    """`segments`: static ((expert_index, length), ...) covering the length axis in order."""
+  def __call__(self, x, segments: Sequence[tuple[int, int]] | None = None, token_mask=None):
+    """`segments`: static ((expert_index, length), ...) covering the length axis in order.
+    `token_mask` [batch, length] bool ('topk'): False marks padding, which takes no expert slot
+    and is left out of the router statistics."""
     if self.num_experts == 1:
       return MLP(self.mlp_dim, self.dtype, name="mlp")(LayerNorm(self.dtype, name="ln")(x))
     if self.routing == "topk":
-      return self._routed(x)
+      return self._routed(x, token_mask)
     if self.routing != "modality":
       raise ValueError(f"routing={self.routing!r} is unknown; use 'modality' or 'topk'")
     if segments is None:
@@ -95,26 +158,44 @@ class FeedForward(nn.Module):
     bo = self._param("bo", nn.initializers.zeros_init(), (num, width), ("expert", "embed"))
     return wi, bi, wo, bo
 
-  def _routed(self, x):
+  def _routed(self, x, token_mask=None):
+    """x [batch, length, embed] -> [batch, length, embed]; sows 'router' statistics."""
     batch, length, width = x.shape
     num, k = self.num_experts, self.top_k
     if not 1 <= k <= num:
       raise ValueError(f"top_k={k} must be between 1 and num_experts={num}")
     if self.capacity_factor <= 0:
       raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0")
-    capacity = max(1, math.ceil(k * length * self.capacity_factor / num))
+    if self.decode and not self.causal:
+      raise ValueError("cached decoding with routed experts needs causal=True (token-major "
+                       "priority); choice-rank priority looks at later tokens")
+    capacity = expert_capacity(self.capacity_length or length, num, k, self.capacity_factor)
     h = LayerNorm(self.dtype, name="ln")(x)
     router = self._param("router", nn.initializers.normal(stddev=0.02), (width, num),
                          ("embed", None))
-    probs = jax.nn.softmax(jnp.einsum("blw,we->ble", h.astype(jnp.float32), router), axis=-1)
+    logits = jnp.einsum("blw,we->ble", h.astype(jnp.float32), router)
+    probs = jax.nn.softmax(logits, axis=-1)
     gates, index = jax.lax.top_k(probs, k)  # [batch, length, k]
-    choice = jax.nn.one_hot(index, num, dtype=jnp.int32)  # [batch, length, k, E]
-    # Slot of each (token, choice) in its expert's buffer: all first choices in position order,
-    # then all second choices, ...
-    by_priority = choice.transpose(0, 2, 1, 3).reshape(batch, k * length, num)
-    slots = (jnp.cumsum(by_priority, axis=1) - 1).reshape(batch, k, length, num)
-    slot = jnp.sum(slots.transpose(0, 2, 1, 3) * choice, axis=-1)  # [batch, length, k]
-    kept = slot < capacity
+    valid = (jnp.ones((batch, length), jnp.float32) if token_mask is None
+             else token_mask.astype(jnp.float32))
+    choice = jax.nn.one_hot(index, num, dtype=jnp.int32) * valid[:, :, None, None].astype(jnp.int32)
+    if self.causal:
+      # Token-major: (token t, choice j) queues behind every choice of tokens < t and behind
+      # choices < j of token t; nothing later can take its slot.
+      order = choice.reshape(batch, length * k, num)
+      slots = (jnp.cumsum(order, axis=1) - order).reshape(batch, length, k, num)
+      if self.decode:
+        counts = self.variable("cache", "expert_counts", jnp.zeros, (batch, num), jnp.int32)
+        slots = slots + counts.value[:, None, None, :]
+        counts.value = counts.value + jnp.sum(choice, axis=(1, 2))
+    else:
+      # Choice-rank: all first choices in position order, then all second choices, ...
+      order = choice.transpose(0, 2, 1, 3).reshape(batch, k * length, num)
+      slots = (jnp.cumsum(order, axis=1) - order).reshape(batch, k, length, num)
+      slots = slots.transpose(0, 2, 1, 3)
+    slot = jnp.sum(slots * choice, axis=-1)  # [batch, length, k]
+    chosen = jnp.sum(choice, axis=-1) > 0  # False for padding.
+    kept = jnp.logical_and(chosen, slot < capacity)
     # one_hot of an out-of-range slot is all zeros: a dropped choice dispatches nothing.
     slot_hot = jax.nn.one_hot(jnp.where(kept, slot, capacity), capacity, dtype=jnp.float32)
     choice = choice.astype(jnp.float32)
@@ -122,13 +203,26 @@ class FeedForward(nn.Module):
     combine = jnp.einsum("blke,blkc,blk->blec", choice, slot_hot, gates)
     wi, bi, wo, bo = self._expert_weights(width)
     cast = lambda a: a.astype(self.dtype)
-    expert_in = jnp.einsum("blec,blw->becw", cast(dispatch), cast(h))
-    hidden = nn.gelu(jnp.einsum("becw,ewm->becm", expert_in, cast(wi)) + cast(bi)[:, None])
-    expert_out = jnp.einsum("becm,emw->becw", hidden, cast(wo)) + cast(bo)[:, None]
-    # Switch-Transformer balance loss: num * sum_e (share of first choices) * (mean probability);
-    # 1 when balanced, num when one expert takes everything.
-    first_share = jnp.mean(choice[:, :, 0], axis=(0, 1))
-    self.sow("intermediates", "router_balance_loss",
-             num * jnp.sum(first_share * jnp.mean(probs, axis=(0, 1))))
-    self.sow("intermediates", "router_dropped_fraction", 1.0 - jnp.mean(kept))
-    return jnp.einsum("blec,becw->blw", cast(combine), expert_out)
+    # Expert-major buffers [expert, batch, capacity, embed]: each expert's tokens are then one
+    # [batch * capacity, embed] matrix (a batched matmul over experts; on XLA:CPU the routed
+    # layer's fwd+bwd ran 1.5x faster so than from [batch, expert, capacity, mlp]). Expert
+    # parallelism: the constraint moves the buffers from the batch's shards to the experts'
+    # devices (an all-to-all over the mesh's `expert` axis) and back.
+    buffer_axes = ("expert", "expert_batch", None, "embed")
+    expert_in = constrain(jnp.einsum("blec,blw->ebcw", cast(dispatch), cast(h)), buffer_axes)
+    slots_in = expert_in.reshape(num, batch * capacity, width)
+    hidden = nn.gelu(jnp.einsum("enw,ewm->enm", slots_in, cast(wi)) + cast(bi)[:, None])
+    expert_out = jnp.einsum("enm,emw->enw", hidden, cast(wo)) + cast(bo)[:, None]
+    expert_out = constrain(expert_out.reshape(num, batch, capacity, width), buffer_axes)
+    # Raw statistics as sums over the (valid) tokens, so microbatches add up exactly;
+    # `losses.router_losses` combines them into losses and metrics.
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    self.sow("intermediates", "router", {
+        "tokens": jnp.sum(valid),
+        "prob_sum": jnp.einsum("ble,bl->e", probs, valid),  # Importance.
+        "first_choice_count": jnp.sum(choice[:, :, 0], axis=(0, 1)),
+        "choice_count": jnp.sum(choice, axis=(0, 1, 2)),  # Load, before capacity.
+        "dropped_count": jnp.sum(jnp.logical_and(chosen, ~kept).astype(jnp.float32)),
+        "entropy_sum": -jnp.sum(jnp.sum(probs * log_probs, axis=-1) * valid),
+    })
+    return jnp.einsum("blec,ebcw->blw", cast(combine), expert_out)
