@@ -11,6 +11,11 @@
 Embeddings are L2-normalised numpy float32 [N, D]. Inputs are processed in fixed-size batches
 (the last one padded), so each function compiles once per batch size.
 
+Images: file paths, or arrays [H, W, 3] / [N, H, W, 3] that are either uint8 in [0, 255] or
+float in [0, 1] (a float image embeds like its uint8 equivalent x * 255). Anything else (other
+dtypes, floats outside [0, 1], NaN) is rejected with the accepted ranges in the message; errors
+about a file name the file.
+
 What `load` accepts:
   * a training workdir: DIR/config.json, DIR/tokenizer.model, DIR/checkpoints/<step>/state
     (the latest step unless `step=` is given);
@@ -95,16 +100,11 @@ def resolve(path: str, step: int | None = None) -> dict:
                 step=int(os.path.basename(path)))
   if os.path.exists(os.path.join(path, "config.json")):
     ckpt_dir = checkpoint.checkpoint_dir(path)
-    steps = sorted(int(d) for d in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
-                   if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d, checkpoint.STATE)))
-    if not steps:
+    if not checkpoint.step_dirs(path)[0]:
       raise FileNotFoundError(f"{path} is a workdir without checkpoints under {ckpt_dir}; "
                               "train it first (python -m coca_jax.train)")
-    if step is not None and step not in steps:
-      raise FileNotFoundError(f"step={step} is not among the checkpoints of {path}: {steps}")
-    step = steps[-1] if step is None else step
-    return dict(kind="workdir", root=path, step=step,
-                state_dir=os.path.join(ckpt_dir, str(step), checkpoint.STATE))
+    # The step is chosen when the parameters are read (`load`), by the rule train uses.
+    return dict(kind="workdir", root=path, step=step, state_dir=None)
   raise FileNotFoundError(
       f"{path} is neither a training workdir (config.json + checkpoints/), a checkpoint step "
       f"directory (checkpoints/<step>/state) nor an export ({EXPORT_MANIFEST}); pass one of those")
@@ -132,16 +132,50 @@ def load(path: str, *, step: int | None = None, batch_size: int = 64) -> "Model"
   model, abstract = abstract_params(config)
   if found["kind"] == "export":
     params = restore_exported_params(found["params_dir"], abstract)
+  elif found["kind"] == "workdir":
+    # The same rule as `train`: the requested step, else the newest readable one.
+    root = found["root"]
+    params, found["step"], _ = checkpoint.restore_newest_readable(
+        root, lambda s: restore_params_from_state(
+            os.path.join(checkpoint.checkpoint_dir(root), str(s), checkpoint.STATE), abstract),
+        step=step)
   else:
     params = restore_params_from_state(found["state_dir"], abstract)
   return Model(model, params, tokenizer, config, batch_size=batch_size, step=found["step"])
 
 
+class ImageFileError(ValueError):
+  """An image file that cannot be read or decoded; the message names the file."""
+
+
 def read_image(path: str, size: int) -> np.ndarray:
   """An image file -> uint8 [size, size, 3]: shorter side to `size`, center crop (evaluation
-  geometry of training)."""
-  with open(path, "rb") as f:
-    return preprocess.decode_train_image(f.read(), size, None)
+  geometry of training). Raises ImageFileError naming the file."""
+  try:
+    with open(path, "rb") as f:
+      return preprocess.decode_train_image(f.read(), size, None)
+  except Exception as e:  # pylint: disable=broad-except  # Pillow raises many types on bad data
+    raise ImageFileError(f"cannot read image {path!r}: {type(e).__name__}: {e}") from e
+
+
+def as_pixels(image, what: str = "image") -> np.ndarray:
+  """Checks one image array [H, W, 3] against the input contract; returns it as float32 pixel
+  values in [0, 255] (uint8 as is, float in [0, 1] times 255)."""
+  array = np.asarray(image)
+  if array.ndim != 3 or array.shape[-1] != 3:
+    raise ValueError(f"{what} has shape {array.shape}: expected [H, W, 3] (RGB), a batch "
+                     "[N, H, W, 3], or a file path")
+  if array.dtype == np.uint8:
+    return array.astype(np.float32)
+  if np.issubdtype(array.dtype, np.floating):
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if not np.isfinite(array).all() or low < 0.0 or high > 1.0:
+      raise ValueError(f"{what} is {array.dtype} with values in [{low}, {high}]: float images "
+                       "must lie in [0, 1] (uint8 images in [0, 255]); divide by 255 or cast "
+                       "to uint8")
+    return array.astype(np.float32) * 255.0
+  raise ValueError(f"{what} has dtype {array.dtype}: images must be uint8 in [0, 255] or float "
+                   "in [0, 1]")
 
 
 def image_files(paths_or_folders: Sequence[str]) -> list[str]:
@@ -175,32 +209,34 @@ class Model:
   # -- Inputs ------------------------------------------------------------------------------------
 
   def images_to_uint8(self, images) -> np.ndarray:
-    """File paths, or uint8 arrays ([N,H,W,3] or a list of [H,W,3]) of any size -> uint8
-    [N, S, S, 3] at the model's image size (shorter side resized, center crop)."""
-    if isinstance(images, str):
+    """File paths, or arrays (uint8 in [0, 255] or float in [0, 1]; [N,H,W,3] or a list of
+    [H,W,3]) of any size -> float32 pixel values in [0, 255], [N, S, S, 3], at the model's image
+    size (shorter side resized, center crop; images of another size are resized in 8 bits).
+    (The name is historical: uint8 inputs stay exact integers.)"""
+    if isinstance(images, (str, os.PathLike)):
       images = [images]
-    if isinstance(images, np.ndarray) and images.ndim == 4:
-      if images.shape[1:3] == (self.image_size, self.image_size):
-        return images.astype(np.uint8)
-      images = list(images)
+    if isinstance(images, np.ndarray) and images.ndim != 4 and images.dtype != object:
+      raise ValueError(f"images of shape {images.shape}: expected [N, H, W, 3], a list of "
+                       "[H, W, 3] arrays, or file paths")
     out = []
-    for image in images:
+    for index, image in enumerate(images):
       if isinstance(image, (str, os.PathLike)):
-        out.append(read_image(os.fspath(image), self.image_size))
-      else:
-        array = np.asarray(image)
-        if array.ndim != 3 or array.shape[-1] != 3:
-          raise ValueError(f"image of shape {array.shape}: expected uint8 [H, W, 3] or a path")
-        if array.shape[:2] != (self.image_size, self.image_size):
-          array = preprocess.resize_and_center_crop(Image.fromarray(array.astype(np.uint8)),
-                                                    self.image_size)
-        out.append(array.astype(np.uint8))
-    return np.stack(out) if out else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+        out.append(read_image(os.fspath(image), self.image_size).astype(np.float32))
+        continue
+      pixels = as_pixels(image, f"image {index}")
+      if pixels.shape[:2] != (self.image_size, self.image_size):
+        resized = preprocess.resize_and_center_crop(
+            Image.fromarray(np.round(pixels).astype(np.uint8)), self.image_size)
+        pixels = np.asarray(resized, np.float32)
+      out.append(pixels)
+    if not out:
+      return np.zeros((0, self.image_size, self.image_size, 3), np.float32)
+    return np.stack(out)
 
   # -- Embeddings --------------------------------------------------------------------------------
 
   def embed_images(self, images) -> np.ndarray:
-    """Paths or uint8 images -> L2-normalised float32 [N, D]."""
+    """Paths, uint8 [0, 255] or float [0, 1] images -> L2-normalised float32 [N, D]."""
     return self.embedder.embed_images(self.images_to_uint8(images))
 
   def embed_texts(self, texts: Sequence[str]) -> np.ndarray:

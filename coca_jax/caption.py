@@ -5,7 +5,8 @@ r"""Captions images with a trained model.
 
 PATH: a training workdir, a checkpoints/<step> directory or an export bundle. Folders are
 expanded to their image files. Prints "path<TAB>caption" per image (or one JSON object per line
-with --json: path, caption, score).
+with --json: path, caption, score). A file that cannot be read is skipped with a message naming
+it on stderr; the exit code is then 1 (after the other images are captioned).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ if __name__ == "__main__":  # Before JAX starts (python -m); see coca_jax/runtim
   runtime.preload_allocator()
 
 import json
+import sys
 
 from absl import app, flags
 
@@ -51,13 +53,26 @@ def main(argv) -> None:
       max_new_tokens=FLAGS.max_new_tokens, min_len=FLAGS.min_len, temperature=FLAGS.temperature,
       top_k=FLAGS.top_k, top_p=FLAGS.top_p, num_candidates=FLAGS.num_candidates)
   model = api.load(FLAGS.model, batch_size=min(FLAGS.batch_size, len(files)))
-  out = model.caption_tokens(files, decoding, seed=FLAGS.seed)
-  captions = gen.decode_texts(model.tokenizer, out["tokens"])
-  for path, caption, score in zip(files, captions, out["scores"]):
-    if FLAGS.json:
-      print(json.dumps({"path": path, "caption": caption, "score": float(score)}))
-    else:
-      print(f"{path}\t{caption}")
+  images, readable, failed = [], [], []
+  for path in files:
+    try:
+      images.append(api.read_image(path, model.image_size))
+      readable.append(path)
+    except api.ImageFileError as e:
+      failed.append(path)
+      print(f"skipped: {e}", file=sys.stderr)
+  if readable:
+    out = model.caption_tokens(images, decoding, seed=FLAGS.seed)
+    captions = gen.decode_texts(model.tokenizer, out["tokens"])
+    for path, caption, score in zip(readable, captions, out["scores"]):
+      if FLAGS.json:
+        print(json.dumps({"path": path, "caption": caption, "score": float(score)}))
+      else:
+        print(f"{path}\t{caption}")
+  if failed:
+    print(f"error: {len(failed)} of {len(files)} images could not be read (listed above)",
+          file=sys.stderr)
+    sys.exit(1)
 
 
 def run() -> None:

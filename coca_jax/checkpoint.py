@@ -6,23 +6,43 @@ Layout of a workdir:
   DIR/tokenizer.model      the SentencePiece model the run used
   DIR/metrics.jsonl        one JSON object per log step (and per eval)
   DIR/checkpoints/<step>/{state,data}
+  DIR/checkpoints_set_aside/<step>   unreadable steps, or steps newer than --resume_step, moved
+                           out of the way by the trainer (never deleted)
+  DIR/LOCK                 {pid, host, started} of the training that writes here
 
 Restoring takes an abstract TrainState whose leaves carry the TARGET shardings, so a checkpoint
 written on one mesh restores onto any other (orbax reshards on read).
+
+Which step is used (one rule for `train` and `coca_jax.load`, `restore_newest_readable`): the
+requested step if one is given (an error if it cannot be read), else the newest step that can be
+read; each newer step that cannot (no state/_METADATA, no data position, a truncated or
+corrupted file) is reported with its step and reason. Directories under checkpoints/ that are
+not steps are ignored with a warning.
 """
 
 from __future__ import annotations
 
+import atexit
+import datetime
 import json
 import os
-from typing import Any
+import shutil
+import socket
+from typing import Any, Callable
 
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
 from coca_jax.data import pipeline
 
 STATE, DATA = "state", "data"
+SET_ASIDE = "checkpoints_set_aside"
+LOCK_FILE = "LOCK"
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint, or a checkpoint that does not fit this run; says why."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -63,6 +83,113 @@ def abstract_with_shardings(abstract_state, shardings) -> Any:
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
 
 
+# ----------------------------------------------------------------------------------------------
+# Which step: one rule for train and load.
+# ----------------------------------------------------------------------------------------------
+
+def step_dirs(workdir: str) -> tuple[list[int], list[str]]:
+  """(step numbers found under DIR/checkpoints, ascending; names there that are not steps).
+  orbax's own in-progress directories (`*.orbax-checkpoint-tmp-*`) are in neither list."""
+  root = checkpoint_dir(workdir)
+  if not os.path.isdir(root):
+    return [], []
+  steps, junk = [], []
+  for name in sorted(os.listdir(root)):
+    if "orbax-checkpoint-tmp" in name:
+      continue
+    if name.isdigit() and os.path.isdir(os.path.join(root, name)):
+      steps.append(int(name))
+    else:
+      junk.append(name)
+  return sorted(steps), junk
+
+
+def unreadable_reason(workdir: str, step: int, need_data: bool = True) -> str | None:
+  """Why DIR/checkpoints/<step> is not a complete checkpoint (None if it looks complete).
+  Cheap checks of the layout; a truncated or corrupted array file shows only when read."""
+  directory = os.path.join(checkpoint_dir(workdir), str(step))
+  state = os.path.join(directory, STATE)
+  if not os.path.isdir(state):
+    return f"no {STATE}/ directory (not a checkpoint written by coca_jax)"
+  metadata = os.path.join(state, "_METADATA")
+  if not os.path.isfile(metadata):
+    return f"{STATE}/_METADATA is missing (an interrupted save or deleted files)"
+  try:
+    with open(metadata) as f:
+      json.load(f)
+  except (OSError, ValueError) as e:
+    return f"{STATE}/_METADATA is unreadable ({type(e).__name__}: {e})"
+  if need_data and not os.path.isfile(os.path.join(directory, DATA, pipeline.POSITION_FILE)):
+    return f"{DATA}/{pipeline.POSITION_FILE} (the data iterator's position) is missing"
+  return None
+
+
+def _short(error: Exception) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0][:300] if text else ''}"
+
+
+def restore_newest_readable(workdir: str, restore_fn: Callable[[int], Any],
+                            step: int | None = None, need_data: bool = True,
+                            ) -> tuple[Any, int, list[tuple[int, str]]]:
+  """The shared step rule. Calls `restore_fn(step)` on the requested step, or on each step from
+  the newest down until one restores.
+
+  Returns:
+    (what restore_fn returned, the step used, [(step, reason)] of the newer steps skipped).
+
+  Raises:
+    CheckpointError: the requested step, or every step, cannot be read (each reason listed).
+  """
+  steps, junk = step_dirs(workdir)
+  root = checkpoint_dir(workdir)
+  for name in junk:
+    logging.warning("Ignoring %s: not a checkpoint step (step directories are named by their "
+                    "step number)", os.path.join(root, name))
+  if step is not None:
+    if step not in steps:
+      raise CheckpointError(f"--resume_step / step={step} is not among the checkpoints under "
+                            f"{root}: {steps or 'none'}")
+    candidates = [step]
+  else:
+    candidates = sorted(steps, reverse=True)
+  skipped = []
+  for candidate in candidates:
+    reason = unreadable_reason(workdir, candidate, need_data)
+    if reason is None:
+      try:
+        return restore_fn(candidate), candidate, skipped
+      except Exception as e:  # pylint: disable=broad-except  # any failure: try the next step
+        reason = f"restoring failed: {_short(e)}"
+    skipped.append((candidate, reason))
+    logging.warning("Checkpoint step %d under %s cannot be read: %s", candidate, root, reason)
+  listing = "; ".join(f"step {s}: {r}" for s, r in skipped)
+  if step is not None:
+    raise CheckpointError(f"checkpoint step {step} under {root} cannot be read ({listing}); "
+                          f"readable steps are tried newest first when no step is given")
+  raise CheckpointError(f"no readable checkpoint under {root} ({listing or 'no steps'})")
+
+
+def set_aside(workdir: str, steps: list[int], why: str) -> list[str]:
+  """Moves DIR/checkpoints/<step> to DIR/checkpoints_set_aside/<step>[.N] (never deletes), so
+  that neither resuming nor orbax's rotation (`keep`) mistakes them for this run's steps.
+  Returns the new paths."""
+  moved = []
+  for step in steps:
+    source = os.path.join(checkpoint_dir(workdir), str(step))
+    if not os.path.exists(source):
+      continue
+    target_dir = os.path.join(os.path.abspath(workdir), SET_ASIDE)
+    os.makedirs(target_dir, exist_ok=True)
+    target, n = os.path.join(target_dir, str(step)), 1
+    while os.path.exists(target):
+      target, n = os.path.join(target_dir, f"{step}.{n}"), n + 1
+    shutil.move(source, target)
+    logging.warning("Moved checkpoint step %d to %s (%s)", step, target, why)
+    moved.append(target)
+  return moved
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state, shardings, data_iterator=None,
             step: int | None = None) -> tuple[Any, int]:
   """Returns (state, step) from `step` (default: the latest); with `data_iterator`, also moves
@@ -75,6 +202,134 @@ def restore(manager: ocp.CheckpointManager, abstract_state, shardings, data_iter
     items[DATA] = pipeline.checkpoint_args(data_iterator, restore=True)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   return restored[STATE], step
+
+
+def changed_model_fields(saved, config) -> list[str]:
+  """'config.model.<field>: <saved> in config.json, <now> now' for each field that shapes the
+  parameters and differs between the workdir's config.json and this run (model group, and the
+  contrastive loss kind, which adds a logit bias)."""
+  def flat(tree, prefix):
+    if isinstance(tree, dict):
+      out = {}
+      for key, value in tree.items():
+        out.update(flat(value, f"{prefix}.{key}"))
+      return out
+    return {prefix: tree}
+
+  def as_json(c):
+    c = c.to_dict() if hasattr(c, "to_dict") else c
+    return json.loads(json.dumps(c, default=str))
+
+  saved, now = as_json(saved), as_json(config)
+  old = flat(saved.get("model", {}), "config.model")
+  new = flat(now.get("model", {}), "config.model")
+  old["config.loss.contrastive"] = saved.get("loss", {}).get("contrastive", "softmax")
+  new["config.loss.contrastive"] = now.get("loss", {}).get("contrastive", "softmax")
+  missing = object()
+  return [f"{name}: {old.get(name, 'absent')!r} in config.json, {new.get(name, 'absent')!r} now"
+          for name in sorted(set(old) | set(new))
+          if old.get(name, missing) != new.get(name, missing)]
+
+
+def check_resume_config(workdir: str, config) -> None:
+  """Raises CheckpointError naming each model field that differs from DIR/config.json (the
+  checkpoint's parameters would not fit this model)."""
+  if not os.path.exists(os.path.join(workdir, "config.json")) or not step_dirs(workdir)[0]:
+    return  # nothing saved yet: any model may start here
+  changed = changed_model_fields(read_config(workdir), config)
+  if changed:
+    raise CheckpointError(
+        f"this run's model differs from the one checkpointed in {workdir}:\n  - " +
+        "\n  - ".join(changed) + "\nUse a new --workdir for a different model, or drop the "
+        "overrides to resume this one.")
+
+
+# ----------------------------------------------------------------------------------------------
+# One writer per workdir.
+# ----------------------------------------------------------------------------------------------
+
+class WorkdirLock:
+  """DIR/LOCK holds {pid, host, started} of the one training that writes the workdir.
+
+  `acquire()` creates it atomically (O_EXCL). If it exists: held by a live process, or by one
+  on another host (whose liveness cannot be checked from here), the run is refused with a
+  message naming the holder; left by a dead process on this host (a SIGKILL, a crash, a lost
+  machine), it is taken over with a warning. In a multi-process run only process 0 holds it.
+  Released on `release()` and at interpreter exit.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+    self.held = False
+
+  def _record(self) -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+  def _create(self) -> bool:
+    try:
+      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "w") as f:
+      json.dump(self._record(), f)
+    return True
+
+  def acquire(self) -> "WorkdirLock":
+    for _ in range(3):  # a lock removed between our attempts is simply tried again
+      if self._create():
+        self.held = True
+        atexit.register(self.release)
+        return self
+      try:
+        with open(self.path) as f:
+          holder = json.load(f)
+      except FileNotFoundError:
+        continue
+      except (OSError, ValueError):
+        holder = {}
+      pid, host = holder.get("pid"), holder.get("host")
+      described = f"pid {pid} on host {host}, started {holder.get('started', '?')}"
+      if host != socket.gethostname() or not isinstance(pid, int):
+        raise CheckpointError(
+            f"{os.path.dirname(self.path)} is in use by another training ({described}; "
+            f"{self.path}). Wait for it to finish, or use another --workdir. If that run is "
+            f"gone, delete {self.path}.")
+      if _alive(pid):
+        raise CheckpointError(
+            f"{os.path.dirname(self.path)} is in use by another training ({described}): two "
+            f"runs would interleave metrics and overwrite each other's checkpoints. Wait for it "
+            f"to finish (or stop it), or use another --workdir.")
+      logging.warning("Taking over the stale lock %s of a process that no longer runs (%s)",
+                      self.path, described)
+      try:
+        os.remove(self.path)
+      except FileNotFoundError:
+        pass
+    raise CheckpointError(f"could not take the lock {self.path}; another run is starting "
+                          "in the same --workdir")
+
+  def release(self) -> None:
+    if not self.held:
+      return
+    self.held = False
+    try:
+      with open(self.path) as f:
+        mine = json.load(f).get("pid") == os.getpid()
+    except (OSError, ValueError):
+      mine = False
+    if mine:
+      os.remove(self.path)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, owned by someone else
+    return True
+  return True
 
 
 def write_config(workdir: str, config) -> None:

@@ -231,6 +231,12 @@ def validate(config, num_devices: int | None = None) -> None:
   need(config.loss.get("contrastive_impl", "gathered") in ("gathered", "chunked"),
        f"config.loss.contrastive_impl={config.loss.get('contrastive_impl')!r} is unknown; "
        "use gathered or chunked")
+  need(t.get("nonfinite", "halt") in ("halt", "skip"),
+       f"config.train.nonfinite={t.get('nonfinite')!r} is unknown; use halt (stop at the first "
+       "NaN/inf loss or gradient) or skip (discard that update and go on)")
+  skips = t.get("max_consecutive_skips", 10)
+  need(isinstance(skips, int) and skips >= 1,
+       f"config.train.max_consecutive_skips={skips!r} must be a positive integer")
   microbatches = t.get("microbatches", 1)
   need(isinstance(microbatches, int) and microbatches >= 1,
        f"config.train.microbatches={microbatches!r} must be a positive integer")

@@ -274,11 +274,30 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
   return (total, metrics), grads
 
 
+NONFINITE_POLICIES = ("halt", "skip")
+
+
+def guard_nonfinite(state: TrainState, new_state: TrainState, metrics: dict,
+                    policy: str) -> tuple[TrainState, dict]:
+  """Adds metrics["nonfinite"] (int32 0/1: the loss or the gradient norm is NaN/inf) and, with
+  policy "skip", returns the old state unchanged (bit for bit, step counter included) when it is
+  set. The flag is computed inside the step, so the host learns of it with the metrics it reads
+  anyway, one step late; what to do then (halt, or count the skip) is the train loop's job."""
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+  if policy == "skip":
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  elif policy != "halt":
+    raise ValueError(f"config.train.nonfinite={policy!r} is unknown; use one of "
+                     f"{NONFINITE_POLICIES}")
+  return new_state, {**metrics, "nonfinite": (~finite).astype(jnp.int32)}
+
+
 def train_step(state: TrainState, batch, *, model: CoCa, tx: optax.GradientTransformation,
                loss_config, schedule: Callable, rules, microbatches: int = 1,
-               seed: int = 0) -> tuple[TrainState, dict]:
+               seed: int = 0, nonfinite: str = "halt") -> tuple[TrainState, dict]:
   """One optimizer update. Pure: (state, batch) -> (new state, metrics). Randomness (ITM hard
-  negatives) comes from (seed, state.step), so a resumed run draws what it would have drawn."""
+  negatives) comes from (seed, state.step), so a resumed run draws what it would have drawn.
+  `nonfinite`: see `guard_nonfinite`."""
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
   with nn.logical_axis_rules(rules):
     if microbatches > 1:
@@ -294,7 +313,8 @@ def train_step(state: TrainState, batch, *, model: CoCa, tx: optax.GradientTrans
   metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
              "param_norm": optax.tree.norm(state.params),
              "learning_rate": schedule(state.step)}
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+  return guard_nonfinite(state, new_state, metrics, nonfinite)
 
 
 def make_train_step(model, tx, config, schedule, mesh: Mesh, shardings: TrainState, rules):
@@ -309,7 +329,8 @@ def make_train_step(model, tx, config, schedule, mesh: Mesh, shardings: TrainSta
         f"{shards * max(microbatches, 1)}")
   step = functools.partial(train_step, model=model, tx=tx, loss_config=config.loss,
                            schedule=schedule, rules=rules, microbatches=microbatches,
-                           seed=int(config.train.seed))
+                           seed=int(config.train.seed),
+                           nonfinite=config.train.get("nonfinite", "halt"))
   batch_shardings = {"image": sharding.batch_sharding(mesh, 4),
                      "text": sharding.batch_sharding(mesh, 2)}
   return jax.jit(step, in_shardings=(shardings, batch_shardings),

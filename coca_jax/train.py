@@ -3,9 +3,16 @@ r"""Trains a CoCa model from an experiment config.
   python -m coca_jax.train --config experiments/demo.py --workdir /tmp/coca_demo \
       [--config.train.steps=100 ...] [--dry_run]
 
-Re-running with the same --workdir resumes from the latest checkpoint (model, optimizer and
-data position). `--dry_run` validates the config, builds the state abstractly (no allocation),
-prints one JSON object (parameter counts, mesh, batch, FLOPs per example) and exits.
+Re-running with the same --workdir resumes from the newest readable checkpoint (model,
+optimizer and data position; `--resume_step N` picks one), after checking that the model in
+the config is the one checkpointed. One training at a time per workdir (DIR/LOCK).
+`--dry_run` validates the config, builds the state abstractly (no allocation), prints one JSON
+object (parameter counts, mesh, batch, FLOPs per example) and exits.
+
+A NaN/inf loss or gradient norm stops the run with exit code 3 (`config.train.nonfinite=
+"halt"`, the default), before any non-finite state is saved; with "skip" the update is
+discarded and counted (`nonfinite_steps` in metrics.jsonl) and the run stops after
+`config.train.max_consecutive_skips` such steps in a row.
 """
 
 from __future__ import annotations
@@ -17,10 +24,12 @@ if __name__ == "__main__":  # Before JAX starts (python -m); see coca_jax/runtim
 
 import json
 import os
+import sys
 import time
 
 from absl import app, flags, logging
 import jax
+import jax.numpy as jnp
 from ml_collections import config_flags
 
 from coca_jax import checkpoint, config as config_lib, console, flops, sharding, step as step_lib
@@ -38,6 +47,10 @@ flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 flags.DEFINE_bool("verbose", False, "Also print the INFO logs of orbax, TFDS, JAX (debugging).")
+flags.DEFINE_integer("resume_step", None, "Resume from this checkpoint step (default: the "
+                     "newest readable one). Newer steps are moved to DIR/checkpoints_set_aside.")
+
+NONFINITE_EXIT_CODE = 3
 
 
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
@@ -68,9 +81,9 @@ def prepare_data(config, workdir: str) -> Tokenizer:
   if data.get("build_demo", False):
     # Only process 0 looks and builds; every process syncs (another process could see the
     # directory process 0 is still writing and skip the barrier).
-    if jax.process_index() == 0 and not os.path.isdir(os.path.join(data.data_dir, data.name)):
-      builders.make_builder("demo", data.name, data.data_dir, **dict(data.build_demo_options)
-                            ).download_and_prepare()
+    if jax.process_index() == 0 and not builders.is_built(data.name, data.data_dir):
+      builders.build_atomically("demo", data.name, data.data_dir,
+                                **dict(data.build_demo_options))
     _sync("demo dataset built")
   if not data.get("tokenizer"):
     path = os.path.join(workdir, "tokenizer.model")
@@ -98,6 +111,56 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+class NonFiniteError(RuntimeError):
+  """The run met a NaN/inf loss or gradient norm and its policy says stop."""
+
+
+def _count_nonfinite(counters: dict, flag, step) -> dict:
+  bad = flag > 0
+  consecutive = jnp.where(bad, counters["consecutive"] + 1, 0)
+  return {"total": counters["total"] + flag, "consecutive": consecutive,
+          "longest": jnp.maximum(counters["longest"], consecutive),
+          "first": jnp.where(bad & (counters["first"] < 0), step, counters["first"]),
+          "last": jnp.where(bad, step, counters["last"])}
+
+
+class NonFiniteWatch:
+  """Counts the step's `nonfinite` flags on the device (one tiny fused update per step, no host
+  sync) and reads the counts only where the host reads anyway: with the metrics of a log step
+  (one step late) and before every checkpoint or evaluation (which wait for the step anyway).
+  `check` raises NonFiniteError per the policy: "halt" at any non-finite step (the state after it
+  is never saved), "skip" after `max_consecutive` in a row."""
+
+  def __init__(self, policy: str, max_consecutive: int, mesh):
+    self.policy, self.max_consecutive = policy, max_consecutive
+    replicated = sharding.replicated(mesh)
+    start = {"total": 0, "consecutive": 0, "longest": 0, "first": -1, "last": -1}
+    # Made by a jitted function so that it also works on a mesh that spans processes.
+    self.counters = jax.jit(lambda: {k: jnp.int32(v) for k, v in start.items()},
+                            out_shardings=replicated)()
+    self._update = jax.jit(_count_nonfinite, out_shardings=replicated)
+
+  def observe(self, metrics: dict, step: int) -> None:
+    self.counters = self._update(self.counters, metrics["nonfinite"], step)
+
+  def check(self, counters: dict | None = None) -> dict:
+    """Reads the counters (default: the current ones); returns {"nonfinite_steps": total}."""
+    c = {k: int(v) for k, v in jax.device_get(counters or self.counters).items()}
+    if self.policy == "halt" and c["first"] >= 0:
+      raise NonFiniteError(
+          f"non-finite loss or gradient norm at step {c['first']} (config.train.nonfinite="
+          f"'halt'). No state from step {c['first']} on was saved; the checkpoints in the "
+          "workdir are intact. Lower config.optim.lr, check the data, or set "
+          "--config.train.nonfinite=skip to discard such updates.")
+    if self.policy == "skip" and c["longest"] >= self.max_consecutive:
+      raise NonFiniteError(
+          f"{c['longest']} consecutive steps with a non-finite loss or gradient norm (the last "
+          f"at step {c['last']}; config.train.max_consecutive_skips={self.max_consecutive}). "
+          "Their updates were discarded, so the saved state is finite; the run is diverging: "
+          "lower config.optim.lr or check the data.")
+    return {"nonfinite_steps": c["total"]}
+
+
 def dry_run_summary(config, mesh) -> dict:
   return {
       "params": flops.param_counts(config),
@@ -121,8 +184,7 @@ def main(argv) -> None:
 
   # ---- Mesh, model, optimizer, abstract state (nothing allocated yet) ----------------------
   built = step_lib.setup(config)
-  mesh, model = built.mesh, built.model
-  abstract_state, state_shardings = built.abstract_state, built.state_shardings
+  mesh = built.mesh
   if FLAGS.dry_run:
     print(json.dumps(dry_run_summary(config, mesh), indent=2))
     return
@@ -133,23 +195,58 @@ def main(argv) -> None:
   profiler = metrics_lib.Profiler(config, workdir)  # Checks config.profile before the long part.
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
+  try:
+    _train(config, workdir, built, profiler)
+  except (checkpoint.CheckpointError, config_lib.ConfigError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except NonFiniteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(NONFINITE_EXIT_CODE)
 
-  # ---- Input --------------------------------------------------------------------------------
+
+def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
+  mesh, model = built.mesh, built.model
+  abstract_state, state_shardings = built.abstract_state, built.state_shardings
+  # ---- Workdir: one writer; the checkpointed model must be this one ------------------------
+  lock = checkpoint.WorkdirLock(workdir)
+  if jax.process_index() == 0:
+    lock.acquire()
+  checkpoint.check_resume_config(workdir, config)
+
+  # ---- Input (and every eval split checked now, not after training) -------------------------
   t0 = time.perf_counter()
   with console.quiet_stdout(FLAGS.verbose):
     tokenizer = prepare_data(config, workdir)
   logging.info("Data %r and tokenizer ready (%.1fs)", config.data.name, time.perf_counter() - t0)
+  evaluators.check_evals(config, lambda split: pipeline.make_eval_source(config, split))
   batch_sharding = {"image": sharding.batch_sharding(mesh, 4),
                     "text": sharding.batch_sharding(mesh, 2)}
   train_iter = pipeline.make_train_iterator(config, mesh, batch_sharding)
 
-  # ---- Checkpoint: resume or initialise -----------------------------------------------------
+  # ---- Checkpoint: resume from the newest readable step, or initialise ----------------------
   ckpt = config.checkpoint
   manager = checkpoint.make_manager(workdir, keep=ckpt.keep, every_steps=ckpt.every_steps,
                                     async_save=ckpt.get("async_save", True))
-  if manager.latest_step() is not None:
-    state, resumed = checkpoint.restore(manager, abstract_state, state_shardings, train_iter)
-    logging.info("Resumed from step %d", resumed)
+  steps, _ = checkpoint.step_dirs(workdir)
+  first_step = 0
+  if steps or FLAGS.resume_step is not None:
+    state, first_step, skipped = checkpoint.restore_newest_readable(
+        workdir, lambda s: checkpoint.restore(manager, abstract_state, state_shardings,
+                                              train_iter, step=s)[0], FLAGS.resume_step)
+    newer = [s for s in steps if s > first_step and s not in dict(skipped)]
+    if jax.process_index() == 0:
+      # Out of the way, never deleted: orbax would otherwise keep them as the newest steps and
+      # rotate this run's good checkpoints away, or refuse to save those steps again.
+      checkpoint.set_aside(workdir, [s for s, _ in skipped], "cannot be read")
+      checkpoint.set_aside(workdir, newer, f"newer than the resumed step {first_step}")
+    _sync("checkpoints set aside")
+    manager.reload()
+    logging.info("Resumed from step %d", first_step)
+    if skipped and jax.process_index() == 0:
+      print(f"Resumed from step {first_step}; unreadable newer steps were moved to "
+            f"{os.path.join(workdir, checkpoint.SET_ASIDE)}: " +
+            "; ".join(f"step {s}: {r}" for s, r in skipped), file=sys.stderr)
   else:
     state = built.init_state(config)
     source = config.get("init", {}).get("source", "")
@@ -179,14 +276,16 @@ def main(argv) -> None:
   data_wait = metrics_lib.TimedIterator(train_iter)
   flops_per_example = flops.model_flops_per_example(config)
   peak_flops = flops.peak_flops_per_device()  # On CPU: a matmul measured once, here.
-  first_step = int(jax.device_get(state.step))
-  pending = None  # (step, metrics) read back one step late so the host never stalls the device.
+  # (step, metrics, non-finite counters) read back one step late so the host never stalls.
+  pending = None
   last_time, last_step = time.perf_counter(), first_step
   progress = _Progress(config.train.steps, first_step)
+  watch = NonFiniteWatch(config.train.get("nonfinite", "halt"),
+                         config.train.get("max_consecutive_skips", 10), mesh)
 
   def flush(pending):
     nonlocal last_time, last_step
-    step_num, metrics = pending
+    step_num, metrics, counters = pending
     now = time.perf_counter()
     steps = step_num - last_step
     record = {"step": step_num, **_to_python(metrics), **metrics_lib.host_memory()}
@@ -198,58 +297,81 @@ def main(argv) -> None:
                     data_wait_seconds=waited, data_wait_fraction=waited / (now - last_time),
                     **flops.throughput_metrics(flops_per_example, examples_per_sec,
                                                jax.device_count(), peak_flops))
-    writer.write(record)
-    progress.log(record)
+    try:
+      record.update(watch.check(counters))
+    finally:  # The record of a bad step is written too: it shows where the loss went.
+      writer.write(record)
+      progress.log(record)
     last_time, last_step = now, step_num
+
+  def save(step_num, force=False):
+    """Saves only a state the watch has cleared: the counters include this step's flag (the
+    save would wait for the step anyway), so no non-finite state ever reaches the disk and
+    orbax's rotation never replaces good checkpoints with bad ones."""
+    watch.check()
+    checkpoint.save(manager, step_num, state, train_iter, force=force)
 
   embedder = evaluators.Embedder(model, state.params, tokenizer,
                                  batch_size=config.evals.get("batch_size", 256))
   stop = preemption.StopSignal(manager)
-  with jax.set_mesh(mesh):
-    for step_num in range(first_step + 1, config.train.steps + 1):
-      batch = next(data_wait)
-      profiler.before(step_num)
-      state, metrics = compiled(state, batch)
-      profiler.after(step_num, state)
-      if pending is not None:
-        flush(pending)
-        pending = None
-      if step_num % config.train.log_every == 0 or step_num == config.train.steps:
-        pending = (step_num, metrics)
-      if stop.reached(step_num):
-        profiler.stop(state)
-        checkpoint.save(manager, step_num, state, train_iter, force=True)
-        manager.wait_until_finished()
+  step_num = first_step
+  try:
+    with jax.set_mesh(mesh):
+      for step_num in range(first_step + 1, config.train.steps + 1):
+        batch = next(data_wait)
+        profiler.before(step_num)
+        state, metrics = compiled(state, batch)
+        profiler.after(step_num, state)
+        watch.observe(metrics, step_num)
         if pending is not None:
-          flush(pending)
-        logging.warning("Process %d/%d stopped at step %d; re-run with the same --workdir to "
-                        "resume", jax.process_index(), jax.process_count(), step_num)
-        manager.close()
-        writer.close()
-        return
-      if checkpoint.should_save(manager, step_num, ckpt.every_steps):
-        checkpoint.save(manager, step_num, state, train_iter)
-      every = config.evals.get("every_steps", 0)
-      if every and step_num % every == 0 and step_num != config.train.steps:
-        results = _evaluate(config, embedder, state)
-        if results:
-          writer.write({"step": step_num, **results})
-    if pending is not None:
-      flush(pending)
-    profiler.stop(state)
+          late, pending = pending, None
+          flush(late)
+        if step_num % config.train.log_every == 0 or step_num == config.train.steps:
+          pending = (step_num, metrics, watch.counters)
+        if stop.reached(step_num):
+          profiler.stop(state)
+          save(step_num, force=True)
+          manager.wait_until_finished()
+          if pending is not None:
+            late, pending = pending, None
+            flush(late)
+          logging.warning("Process %d/%d stopped at step %d; re-run with the same --workdir "
+                          "to resume", jax.process_index(), jax.process_count(), step_num)
+          return
+        if checkpoint.should_save(manager, step_num, ckpt.every_steps):
+          save(step_num)
+        every = config.evals.get("every_steps", 0)
+        if every and step_num % every == 0 and step_num != config.train.steps:
+          watch.check()
+          results = _evaluate(config, embedder, state)
+          if results:
+            writer.write({"step": step_num, **results})
+      if pending is not None:
+        late, pending = pending, None
+        flush(late)
+      profiler.stop(state)
 
-    # ---- Final checkpoint and evals ---------------------------------------------------------
-    final_step = int(jax.device_get(state.step))
-    if manager.latest_step() != final_step:
-      checkpoint.save(manager, final_step, state, train_iter, force=True)
-    manager.wait_until_finished()
-    results = _evaluate(config, embedder, state)
+      # ---- Final checkpoint and evals -------------------------------------------------------
+      if manager.latest_step() != step_num:
+        save(step_num, force=True)
+      manager.wait_until_finished()
+      results = _evaluate(config, embedder, state)
+  except NonFiniteError:
+    if pending is not None:
+      try:  # the record of the step being logged: it shows where the loss went
+        flush(pending)
+      except NonFiniteError:
+        pass
+    manager.wait_until_finished()  # finish writing the good checkpoints already started
+    raise
+  finally:
+    manager.close()
+    writer.close()
+    lock.release()
   if results:
-    writer.write({"step": final_step, **results})
+    writer.write({"step": step_num, **results})
     if jax.process_index() == 0:
       print(json.dumps(results, indent=2, sort_keys=True))
-  manager.close()
-  writer.close()
 
 
 def _evaluate(config, embedder: evaluators.Embedder, state) -> dict:

@@ -74,7 +74,7 @@ def paper_config(size: str, arg: str = "") -> ml_collections.ConfigDict:
       tokenizer_vocab=VOCAB_SIZE, seed=0))
   c.train = ml_collections.ConfigDict(dict(
       steps=int(args.get("steps", 500_000)), batch_size=int(args.get("batch", 65_536)), seed=0,
-      log_every=100, microbatches=1))
+      log_every=100, microbatches=1, nonfinite="halt", max_consecutive_skips=10))
   c.loss = ml_collections.ConfigDict(dict(
       contrastive_weight=1.0, caption_weight=2.0, label_smoothing=0.0, contrastive="softmax",
       contrastive_impl="chunked"))  # Memory-bounded logits: the [B, B] matrix never exists whole.

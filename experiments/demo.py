@@ -68,7 +68,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       image_size=48, tokenizer="", tokenizer_vocab=64, tokenizer_type="bpe", num_workers=0,
       random_resized_crop=False,  # Crops could cut off a digit the caption names.
   ))
-  c.train = ml_collections.ConfigDict(dict(steps=1_000, batch_size=128, seed=0, log_every=50))
+  # nonfinite: "halt" stops at the first NaN/inf loss or gradient norm (nothing non-finite is
+  # ever saved); "skip" discards such updates and halts after max_consecutive_skips in a row.
+  c.train = ml_collections.ConfigDict(dict(steps=1_000, batch_size=128, seed=0, log_every=50,
+                                           nonfinite="halt", max_consecutive_skips=10))
   c.loss = ml_collections.ConfigDict(dict(
       contrastive_weight=1.0, caption_weight=2.0, label_smoothing=0.0, contrastive="softmax"))
   c.optim = ml_collections.ConfigDict(dict(

@@ -110,8 +110,14 @@ def test_caption_and_evaluate_clis(smoke_workdir, scenes, tmp_path):
   folder.mkdir()
   for i, image in enumerate(scenes["image"][:3]):
     Image.fromarray(image).save(folder / f"{i}.png")
-  lines = _run("coca_jax.caption", "--model", smoke_workdir, "--json", str(folder)).splitlines()
-  records = [json.loads(line) for line in lines if line.startswith("{")]
+  (folder / "1b.png").write_bytes(b"\x89PNG not really")  # unreadable: skipped, named, exit 1
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-m", "coca_jax.caption", "--model", smoke_workdir,
+                           "--json", str(folder)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "1b.png" in result.stderr and "1 of 4 images could not be read" in result.stderr
+  records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
   assert [os.path.basename(r["path"]) for r in records] == ["0.png", "1.png", "2.png"]
   out = tmp_path / "evals.json"
   _run("coca_jax.evaluate", "--workdir", smoke_workdir, "--out", str(out),
@@ -122,6 +128,47 @@ def test_caption_and_evaluate_clis(smoke_workdir, scenes, tmp_path):
   for key in ("eval/caption_cider", "eval/caption_bleu4", "eval/caption_exact_match",
               "eval/zeroshot_top1", "eval/i2t_recall@1"):
     assert key in results
+
+
+def test_float_images_embed_like_uint8_and_bad_ranges_are_rejected(model, scenes):
+  uint8 = scenes["image"][:4]
+  as_float = uint8.astype(np.float32) / 255.0
+  np.testing.assert_allclose(model.embed_images(as_float), model.embed_images(uint8), atol=1e-5)
+  # A float image of another size goes through the same resize as its uint8 twin.
+  big = np.kron(uint8[0], np.ones((2, 2, 1), np.uint8))
+  np.testing.assert_allclose(model.embed_images([big / 255.0]), model.embed_images([big]),
+                             atol=1e-5)
+  with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+    model.embed_images(uint8.astype(np.float32))  # 0..255 floats: the old silent black image
+  with pytest.raises(ValueError, match="uint8 in \\[0, 255\\] or float in \\[0, 1\\]"):
+    model.embed_images(uint8.astype(np.int64))
+  with pytest.raises(ValueError, match="must lie in"):
+    model.embed_images(np.full_like(as_float, np.nan))
+
+
+def test_unreadable_image_file_error_names_the_file(model, tmp_path):
+  bad = tmp_path / "broken.jpg"
+  bad.write_bytes(b"not a jpeg")
+  with pytest.raises(api.ImageFileError, match="broken.jpg"):
+    model.embed_images([str(bad)])
+
+
+def test_load_picks_the_step_train_would_and_skips_unreadable_ones(smoke_workdir, tmp_path):
+  import shutil
+  from coca_jax import checkpoint
+  workdir = tmp_path / "run"
+  shutil.copytree(smoke_workdir, workdir)
+  steps, _ = checkpoint.step_dirs(str(workdir))
+  assert len(steps) == 2
+  (workdir / "checkpoints" / "999").mkdir()  # junk: ignored
+  (workdir / "checkpoints" / "999" / "garbage").write_text("x")
+  os.remove(workdir / "checkpoints" / str(steps[-1]) / "state" / "_METADATA")
+  assert api.load(str(workdir), batch_size=2).step == steps[0]
+  chosen = checkpoint.restore_newest_readable(str(workdir), lambda s: s)
+  assert chosen[:2] == (steps[0], steps[0])
+  assert [s for s, _ in chosen[2]] == [999, steps[-1]]
+  with pytest.raises(checkpoint.CheckpointError, match="_METADATA is missing"):
+    api.load(str(workdir), step=steps[-1])
 
 
 @pytest.fixture(scope="module")

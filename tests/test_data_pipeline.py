@@ -87,19 +87,41 @@ def test_without_crop_images_and_captions_equal_the_stored_example(dataset):
     np.testing.assert_array_equal(text, tokenizer.tokenize(example["captions"], MAX_LEN)[0])
 
 
-def test_two_hosts_cover_each_example_exactly_once_per_epoch(dataset):
-  # 30 examples, global batch 6 -> each host reads 15 records = 5 batches of 3 per epoch.
-  keys = []
-  for host in (0, 1):
-    iterator = iter(_host_loader(dataset, shard_index=host, shard_count=2))
-    host_keys = [str(k) for _ in range(5) for k in next(iterator)["key"]]
-    next_epoch = [str(k) for _ in range(5) for k in next(iterator)["key"]]
-    assert sorted(next_epoch) == sorted(host_keys)  # same shard again ...
-    assert next_epoch != host_keys  # ... in a new order
-    keys.append(host_keys)
-  assert set(keys[0]).isdisjoint(keys[1])
-  all_keys = {f"train/{i:06d}" for i in range(NUM_TRAIN)}
-  assert sorted(keys[0] + keys[1]) == sorted(all_keys)
+def _host_keys(root, host, hosts, batches, num_workers=0, start=0):
+  """Keys of `batches` host batches of host `host` of `hosts`, from global batch `start`."""
+  options = pipeline.DataOptions.from_config(_config(root, num_workers=num_workers))
+  iterator = pipeline.TrainIterator(
+      pipeline.make_host_loader(options, shard_index=host, shard_count=hosts), None)
+  if start:
+    iterator.set_position(start)
+  return [[str(k) for k in next(iterator.grain_iterator)["key"]] for _ in range(batches)]
+
+
+def test_hosts_read_their_slices_of_the_same_global_batches(dataset):
+  # The global batch sequence does not depend on the number of hosts: with 2 hosts, host 0's
+  # batch s followed by host 1's is the 1-host batch s (30 examples, global batch 6).
+  one = _host_keys(dataset, 0, 1, 10)
+  hosts = [_host_keys(dataset, h, 2, 10) for h in (0, 1)]
+  assert [hosts[0][s] + hosts[1][s] for s in range(10)] == one
+  # Each epoch (5 global batches) covers every example once, in a new order each epoch.
+  first, second = sum(one[:5], []), sum(one[5:], [])
+  assert sorted(first) == sorted(second) == sorted(f"train/{i:06d}" for i in range(NUM_TRAIN))
+  assert first != second
+
+
+def test_position_resumes_on_another_number_of_hosts(dataset):
+  # A position (global batches consumed) written by 2 hosts resumes on 1 host, and vice versa,
+  # at the same next global batch as an uninterrupted run.
+  one = _host_keys(dataset, 0, 1, 7)
+  resumed_on_two = [_host_keys(dataset, h, 2, 3, start=4) for h in (0, 1)]
+  assert [resumed_on_two[0][s] + resumed_on_two[1][s] for s in range(3)] == one[4:]
+  assert _host_keys(dataset, 0, 1, 2, start=5) == one[5:]
+
+
+def test_global_order_is_independent_of_worker_processes(dataset):
+  in_process = _host_keys(dataset, 1, 2, 4)
+  assert _host_keys(dataset, 1, 2, 4, num_workers=2) == in_process
+  assert _host_keys(dataset, 1, 2, 2, num_workers=2, start=2) == in_process[2:]
 
 
 def test_state_round_trip_reproduces_the_next_batches(dataset):

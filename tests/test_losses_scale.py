@@ -72,6 +72,19 @@ for kind in ("softmax", "sigmoid"):
       value, grads = jax.jit(jax.value_and_grad(loss("chunked"), argnums=(0, 1, 2, 3)))(
           put(image), put(text), scale, bias)
     out[kind + str(sizes)] = [_max_rel_diff(value, ref), _max_rel_diff(grads, ref_grads)]
+# Accuracies: low-dimensional embeddings so that some pairs are misranked (accuracy < 1); the
+# ring's i2t and t2i hits must equal the gathered ones on every mesh shape.
+image, text = _embeddings(batch=32, dim=3, seed=1)
+accuracy = lambda impl: lambda i, t: {{k: v for k, v in losses.contrastive_loss(
+    i, t, scale, None, kind="softmax", impl=impl)[1].items() if "accuracy" in k}}
+ref = accuracy("gathered")(image, text)
+out["reference_accuracy"] = {{k: float(v) for k, v in ref.items()}}
+for sizes in (dict(data=8), dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2)):
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(sizes))
+  with jax.set_mesh(mesh):
+    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, 2))
+    got = jax.jit(accuracy("chunked"))(put(image), put(text))
+  out["accuracy" + str(sizes)] = {{k: float(v) for k, v in got.items()}}
 print(json.dumps(out))
 """
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
@@ -80,10 +93,16 @@ print(json.dumps(out))
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert len(results) == 6
+  reference = results.pop("reference_accuracy")
+  accuracies = {k: results.pop(k) for k in list(results) if k.startswith("accuracy")}
+  assert len(results) == 6 and len(accuracies) == 3
   for name, (value_diff, grad_diff) in results.items():
     assert value_diff < 1e-6, name
     assert grad_diff < 1e-5, name
+  assert set(reference) == {"contrastive_accuracy", "contrastive_t2i_accuracy"}
+  assert all(0.0 < v < 1.0 for v in reference.values()), reference  # not trivially all right
+  for name, got in accuracies.items():
+    assert got == pytest.approx(reference, abs=1e-6), name
 
 
 def test_chunked_accuracy_metrics_match_gathered():

@@ -94,6 +94,52 @@ def test_two_processes_train_like_one(tmp_path):
   assert np.isfinite(single["loss"])
 
 
+def _train_cli(workdir, num_processes: int, devices_per_process: int, steps: int):
+  """The train CLI on `num_processes` local processes with `devices_per_process` CPU devices
+  each (smoke config, a loss logged every step, a checkpoint every 2 steps)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+  args = [sys.executable, "-m", "coca_jax.train", "--config",
+          os.path.join(REPO, "experiments", "demo.py") + ":smoke", "--workdir", str(workdir),
+          "--config.train.log_every=1", f"--config.train.steps={steps}",
+          # Constant learning rate: a 2-step and a 4-step run train their common steps alike.
+          "--config.optim.decay=constant", "--config.optim.warmup_fraction=0.0",
+          "--config.checkpoint.every_steps=2", "--config.evals.zeroshot.examples=16",
+          "--config.evals.retrieval.examples=16", "--config.evals.captioning.enabled=False"]
+  if num_processes > 1:
+    coordinator = f"127.0.0.1:{portpicker.pick_unused_port()}"
+    args += ["--coordinator_address", coordinator, f"--num_processes={num_processes}"]
+  procs = [subprocess.Popen(args + ([f"--process_id={i}"] if num_processes > 1 else []),
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(num_processes)]
+  for proc in procs:
+    _, stderr = proc.communicate(timeout=500)
+    assert proc.returncode == 0, stderr[-4000:]
+
+
+def _logged_losses(workdir) -> dict:
+  import json
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_data_order_does_not_depend_on_the_number_of_processes(tmp_path):
+  # 2 processes x 2 devices train on the same global batches as 1 process x 4 devices (each
+  # process reads its rows of every global batch), and the 2-process checkpoint resumes in 1
+  # process on the same next batch.
+  one, two = tmp_path / "one", tmp_path / "two"
+  _train_cli(one, 1, 4, steps=4)
+  _train_cli(two, 2, 2, steps=2)
+  reference, first = _logged_losses(one), _logged_losses(two)
+  assert sorted(first) == [1, 2]
+  for step in (1, 2):
+    np.testing.assert_allclose(first[step], reference[step], rtol=1e-5, err_msg=str(step))
+  _train_cli(two, 1, 4, steps=4)  # resumed from the 2-process checkpoint at step 2
+  resumed = _logged_losses(two)
+  for step in (3, 4):
+    np.testing.assert_allclose(resumed[step], reference[step], rtol=1e-5, err_msg=str(step))
+
+
 if __name__ == "__main__":
   out_path, coordinator, num_processes, process_id = sys.argv[1:5]
   _train(out_path, coordinator or None, int(num_processes), int(process_id))

@@ -14,7 +14,6 @@ as `build_report.json` next to the data. See `coca_jax/data/builders.py` for the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -23,42 +22,26 @@ from typing import Sequence
 from coca_jax.data import builders
 
 
-def format_report(name: str, report: dict[str, builders.SplitReport]) -> str:
-  """Human-readable summary of a build."""
-  lines = [f"Built {name}:"]
-  for split, split_report in report.items():
-    lines.append(f"  {split}: {split_report.written} examples written")
-    for title, counter in (("skipped", split_report.skipped),
-                           ("converted", split_report.converted),
-                           ("captions dropped", split_report.dropped_captions)):
-      if not counter:
-        continue
-      lines.append(f"    {title}: {sum(counter.values())}")
-      for reason, count in counter.most_common():
-        examples = split_report.skipped_examples.get(reason, []) if title == "skipped" else []
-        shown = f"  e.g. {', '.join(examples)}" if examples else ""
-        lines.append(f"      {count:>8}  {reason}{shown}")
-  return "\n".join(lines)
+format_report = builders.format_report
 
 
 def build(format: str, name: str, data_dir: str, overwrite: bool = False,  # pylint: disable=redefined-builtin
           **options) -> tuple[str, dict[str, builders.SplitReport]]:
-  """Builds the dataset; returns (dataset version folder, per-split report).
+  """Builds the dataset (atomically: see `builders.build_atomically`); returns (dataset version
+  folder, per-split report).
 
   Raises:
     FileExistsError: the dataset version exists and `overwrite` is False.
+    builders.EmptyBuildError: every input of a split was skipped (the message has the report).
   """
-  builder = builders.make_builder(format, name, data_dir, **options)
-  version_dir = os.fspath(builder.data_path)
-  if os.path.exists(os.path.join(version_dir, "dataset_info.json")):
+  version_dir = os.path.join(os.path.abspath(os.path.expanduser(data_dir)), name,
+                             builders.VERSION)
+  if builders.is_built(name, data_dir):
     if not overwrite:
       raise FileExistsError(f"{version_dir} already holds a built dataset; pass --overwrite to "
                             "rebuild it or choose another --name")
-    shutil.rmtree(version_dir)
-  builder.download_and_prepare()
-  with open(os.path.join(version_dir, "build_report.json"), "w") as f:
-    json.dump({split: r.to_json() for split, r in builder.report.items()}, f, indent=2)
-  return version_dir, builder.report
+    shutil.rmtree(os.path.dirname(version_dir))
+  return builders.build_atomically(format, name, data_dir, **options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--eval_split", default="test", help="name of the eval split")
   parser.add_argument("--max_image_side", type=int, default=0,
                       help="downscale images whose longer side exceeds this (0: keep size)")
+  parser.add_argument("--allow_outside_src", action="store_true",
+                      help="folder: read image paths of the captions file that lead outside "
+                      "--src (absolute, ../, links); skipped and counted by default")
   parser.add_argument("--num_train", type=int, default=5000, help="demo: train scenes")
   parser.add_argument("--num_test", type=int, default=500, help="demo: test scenes")
   parser.add_argument("--num_digits", type=int, default=1000,
@@ -94,7 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.src:
       parser.error(f"--format {args.format} needs --src")
     options = dict(src=args.src, eval_src=args.eval_src, eval_fraction=args.eval_fraction,
-                   eval_split=args.eval_split, max_image_side=args.max_image_side)
+                   eval_split=args.eval_split, max_image_side=args.max_image_side,
+                   allow_outside_src=args.allow_outside_src)
   # Our own bars have totals; the TFDS ones would interleave with them.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()

@@ -39,10 +39,13 @@ import io
 import json
 import os
 import posixpath
+import shutil
+import socket
 import tarfile
 import types
 from typing import Any, Iterator
 
+from absl import logging
 import numpy as np
 from PIL import Image, ImageOps
 import tensorflow_datasets as tfds
@@ -273,7 +276,7 @@ class _FileBuilder(_CaptionBuilder, skip_registration=True):
 
   def __init__(self, *, data_dir: str, src: str, eval_src: str | None = None,
                eval_fraction: float = 0.0, eval_split: str = "test",
-               max_image_side: int = 0, **kwargs):
+               max_image_side: int = 0, allow_outside_src: bool = False, **kwargs):
     if eval_src and eval_fraction:
       raise ValueError("give either eval_src (a second folder/shards for the eval split) or "
                        "eval_fraction (hold out part of src), not both")
@@ -284,6 +287,7 @@ class _FileBuilder(_CaptionBuilder, skip_registration=True):
     self.eval_fraction = eval_fraction
     self.eval_split = eval_split
     self.max_image_side = max_image_side
+    self.allow_outside_src = allow_outside_src
     super().__init__(data_dir=data_dir, **kwargs)
 
   def _encode_counted(self, raw: bytes, report: "SplitReport", where: str) -> bytes | None:
@@ -412,6 +416,12 @@ class FolderBuilder(_FileBuilder, skip_registration=True):
         report.skip(reason, where)
         continue
       path = os.path.join(root, image)
+      real_root = os.path.realpath(root)
+      if not self.allow_outside_src and os.path.commonpath(
+          [real_root, os.path.realpath(path)]) != real_root:
+        # "../x.png", "/etc/...", or a link out of the folder: not read unless allowed.
+        report.skip("image path outside --src (pass --allow_outside_src to allow)", where)
+        continue
       try:
         with open(path, "rb") as f:
           raw = f.read()
@@ -475,10 +485,15 @@ class WebDatasetBuilder(_FileBuilder, skip_registration=True):
     report = self._new_report(split)
     source, keep = self._source_and_filter(split)
     shards = _tar_paths(source)
+    seen = collections.Counter()
     for shard in self._progress(shards, split, total=len(shards), unit="shards"):
       for key, parts in _iter_tar_samples(shard, report):
         if not keep(key):
           continue
+        seen[key] += 1
+        if seen[key] > 1:  # e.g. two folders' shards with the same file names, or a repeated key
+          report.converted["duplicate key renamed KEY#N"] += 1
+          key = f"{key}#{seen[key]}"
         image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in parts), None)
         if image_ext is None:
           report.skip("missing image in sample", key)
@@ -497,6 +512,112 @@ class WebDatasetBuilder(_FileBuilder, skip_registration=True):
 
 
 _BUILDER_CLASSES = {"demo": DemoBuilder, "folder": FolderBuilder, "webdataset": WebDatasetBuilder}
+VERSION = str(_CaptionBuilder.VERSION)
+
+
+class EmptyBuildError(ValueError):
+  """A split ended with no usable example; the message holds the skip report."""
+
+
+def format_report(name: str, report: dict[str, SplitReport]) -> str:
+  """Human-readable summary of a build."""
+  lines = [f"Built {name}:"]
+  for split, split_report in report.items():
+    lines.append(f"  {split}: {split_report.written} examples written")
+    for title, counter in (("skipped", split_report.skipped),
+                           ("converted", split_report.converted),
+                           ("captions dropped", split_report.dropped_captions)):
+      if not counter:
+        continue
+      lines.append(f"    {title}: {sum(counter.values())}")
+      for reason, count in counter.most_common():
+        examples = split_report.skipped_examples.get(reason, []) if title == "skipped" else []
+        shown = f"  e.g. {', '.join(examples)}" if examples else ""
+        lines.append(f"      {count:>8}  {reason}{shown}")
+  return "\n".join(lines)
+
+
+def is_built(name: str, data_dir: str) -> bool:
+  """True when `data_dir/name/<version>/` holds a finished build (an interrupted one never
+  does: `build_atomically` moves a version directory there only once it is complete)."""
+  return os.path.isfile(os.path.join(os.path.abspath(os.path.expanduser(data_dir)), name,
+                                     VERSION, "dataset_info.json"))
+
+
+def _building_dir(data_dir: str, name: str) -> str:
+  return os.path.join(data_dir, f".building-{name}-{socket.gethostname()}-{os.getpid()}")
+
+
+def _remove_interrupted_builds(data_dir: str, name: str) -> None:
+  """Removes what interrupted builds of `name` left: our own temporary directories whose
+  process is gone (on this host), and TFDS's `*.incomplete*` directories beside no finished
+  version. Each is reported."""
+  prefix = f".building-{name}-{socket.gethostname()}-"
+  for entry in os.listdir(data_dir) if os.path.isdir(data_dir) else []:
+    if entry.startswith(prefix) and entry[len(prefix):].isdigit():
+      pid = int(entry[len(prefix):])
+      try:
+        os.kill(pid, 0)
+        continue  # a build running now, in another process
+      except ProcessLookupError:
+        pass
+      except PermissionError:
+        continue
+      logging.warning("Removing the half-built dataset %s left by an interrupted build "
+                      "(process %d); building %r again", os.path.join(data_dir, entry), pid, name)
+      shutil.rmtree(os.path.join(data_dir, entry), ignore_errors=True)
+  dataset_dir = os.path.join(data_dir, name)
+  if os.path.isdir(dataset_dir) and not is_built(name, data_dir):
+    logging.warning("%s holds no finished build (an interrupted build?): removing it and "
+                    "building %r again", dataset_dir, name)
+    shutil.rmtree(dataset_dir, ignore_errors=True)
+
+
+def build_atomically(format: str, name: str, data_dir: str,  # pylint: disable=redefined-builtin
+                     **options) -> tuple[str, dict[str, SplitReport]]:
+  """Builds `name` into a private temporary directory and moves the finished version directory
+  to `data_dir/name/<version>` with one rename, so an interrupted build (Ctrl-C, a killed job)
+  never leaves something that looks like a dataset, and two processes building at once do not
+  corrupt each other (the first to finish wins; the other's copy is discarded). Leftovers of
+  interrupted builds are detected and removed with a message. Also writes `build_report.json`.
+
+  Returns:
+    (the version directory, the per-split report).
+
+  Raises:
+    EmptyBuildError: a split had no usable example (the message holds the skip report).
+  """
+  data_dir = os.path.abspath(os.path.expanduser(data_dir))
+  os.makedirs(data_dir, exist_ok=True)
+  _remove_interrupted_builds(data_dir, name)
+  temporary = _building_dir(data_dir, name)
+  shutil.rmtree(temporary, ignore_errors=True)
+  final = os.path.join(data_dir, name, VERSION)
+  try:
+    builder = make_builder(format, name, temporary, **options)
+    try:
+      builder.download_and_prepare()
+    except Exception as e:  # pylint: disable=broad-except  # TFDS: "No examples were yielded"
+      empty = [split for split, r in builder.report.items() if r.written == 0]
+      if empty:
+        raise EmptyBuildError(
+            f"no usable example in split(s) {', '.join(empty)} of {name!r}: every input was "
+            f"skipped. What was skipped and why:\n{format_report(name, builder.report)}"
+        ) from e
+      raise
+    built = os.fspath(builder.data_path)
+    with open(os.path.join(built, "build_report.json"), "w") as f:
+      json.dump({split: r.to_json() for split, r in builder.report.items()}, f, indent=2)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    try:
+      os.rename(built, final)
+    except OSError:
+      if not is_built(name, data_dir):
+        raise
+      logging.warning("%s was built by another process at the same time; using that one", final)
+  finally:
+    shutil.rmtree(temporary, ignore_errors=True)
+  return final, builder.report
 
 
 def make_builder(format: str, name: str, data_dir: str, **options) -> _CaptionBuilder:  # pylint: disable=redefined-builtin
@@ -507,8 +628,8 @@ def make_builder(format: str, name: str, data_dir: str, **options) -> _CaptionBu
     name: TFDS dataset name (lower_snake_case); read it back with the same name.
     data_dir: TFDS data_dir; the data lands in `data_dir/name/1.0.0/`.
     **options: the format's options: demo (num_train, num_test, num_digits, image_size, seed);
-      folder/webdataset (src, eval_src, eval_fraction, eval_split, max_image_side);
-      all (show_progress).
+      folder/webdataset (src, eval_src, eval_fraction, eval_split, max_image_side,
+      allow_outside_src: read caption-file image paths outside `src`); all (show_progress).
   """
   if format not in _BUILDER_CLASSES:
     raise ValueError(f"format={format!r} is unknown; use one of {FORMATS}")
@@ -535,6 +656,12 @@ def open_source(name: str, data_dir: str, split: str, decode_images: bool = True
   decoders = None if decode_images else {"image": tfds.decode.SkipDecoding()}
   data_dir = os.path.abspath(os.path.expanduser(data_dir))
   base_name = name.split(":")[0]
+  if os.path.isdir(os.path.join(data_dir, base_name)) and ":" not in name and not is_built(
+      base_name, data_dir):
+    raise FileNotFoundError(
+        f"dataset {name!r} in data_dir {data_dir!r} has no finished build (an interrupted "
+        f"build?); build it again with `python -m coca_jax.data.build ... --name {base_name} "
+        f"--data_dir {data_dir} --overwrite` (train rebuilds the demo set by itself)")
   if not os.path.isdir(os.path.join(data_dir, base_name)):
     raise FileNotFoundError(
         f"dataset {name!r} not found in data_dir {data_dir!r} (config.data.name / "

@@ -1,17 +1,21 @@
 """Input pipeline: TFDS array_record source -> grain -> global `jax.Array` batches.
 
 Per host, for training:
-  read this host's shard of the split (jax.process_index() of jax.process_count(), records split
-  evenly, every record read by exactly one host per epoch) -> global shuffle per epoch (grain
-  IndexSampler, a full permutation, so no shuffle buffer is needed) -> pick one of the image's
-  captions at random -> decode + random-resized-crop (or resize + center crop) -> batch of
-  B / process_count -> normalise images, tokenize captions (BOS .. EOS PAD, truncated to max_len
-  and counted) -> `jax.make_array_from_process_local_data(batch_sharding, ...)`.
+  one global order of the split (a full permutation per epoch from grain's IndexSampler, so no
+  shuffle buffer is needed; epochs follow each other without a gap) cut into global batches of
+  B; host p of P reads rows [p * B/P, (p+1) * B/P) of every global batch -> pick one of the
+  image's captions at random -> decode + random-resized-crop (or resize + center crop) ->
+  normalise images, tokenize captions (BOS .. EOS PAD, truncated to max_len and counted) ->
+  `jax.make_array_from_process_local_data(batch_sharding, ...)`.
 
-Every random choice comes from a per-record generator seeded by (seed, record position), so the
-stream is a pure function of (dataset, seed, host, position). The iterator state (a few
-integers, JSON) is saved next to the model in one orbax checkpoint; restoring it resumes with
-exactly the batches the uninterrupted run would have produced:
+The sequence of global batches is therefore the same whatever the number of processes (and of
+grain workers): a 1-process debug run sees a pod run's batches, and a run resumed on a
+different number of hosts continues the same order. Every random choice comes from a
+per-record generator seeded by (seed, global position), so the stream is a pure function of
+(dataset, seed, global position). The checkpointed iterator state is one number, the global
+batches consumed (`DIR/checkpoints/<step>/data/position.json`), saved next to the model in one
+orbax checkpoint; restoring it resumes with exactly the batches the uninterrupted run would
+have produced, on any number of hosts:
 
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(train_state), data=checkpoint_args(train_iter)))
@@ -27,9 +31,8 @@ Config fields read (config.data.<field>, default when the field is absent):
   image_size           output height = width in pixels (224)
   tokenizer            path to the SentencePiece .model (required)
   num_workers          grain worker processes; 0 = decode in the training process (0).
-                       The batch order depends on it (workers take records round-robin), so
-                       a checkpoint must be restored with the same value. On a 2-core machine
-                       0 is fastest: workers compete with the train step for the cores.
+                       The batches do not depend on it. On a 2-core machine 0 is fastest:
+                       workers compete with the train step for the cores.
   worker_buffer_size   batches each worker prepares ahead (2)
   random_resized_crop  True: random crop of area fraction in crop_scale, aspect in crop_ratio;
                        False: resize shorter side + center crop (True)
@@ -46,14 +49,18 @@ workers that re-import the main module).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import sys
 from typing import Any, Iterator, Mapping
 
 from absl import flags
 from absl import logging
+from etils import epath
 import grain
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from coca_jax.data import builders
 from coca_jax.data import preprocess
@@ -167,6 +174,50 @@ def _to_str(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+class GlobalOrderSampler:
+  """A grain sampler that gives host `shard_index` its rows of each global batch.
+
+  grain's DataLoader asks the sampler of host p (of P) for indices `k = j * P + p`, j = 0, 1, ...
+  (the j-th record this host reads); with W worker processes, worker j % W reads it and batches
+  its records in order, and the host's batches come from workers 0, 1, ..., W-1 in turn. This
+  sampler inverts that bookkeeping: the j-th record lands in row r of the host's batch s, and is
+  the record at global position s * B + p * b + r of one global order (b = B / P). The record
+  key and its random generator are those of that global position, so the batch contents do not
+  depend on P or W.
+  """
+
+  def __init__(self, num_records: int, seed: int, global_batch_size: int, shard_index: int,
+               shard_count: int, num_workers: int):
+    self.global_order = grain.samplers.IndexSampler(
+        num_records=num_records, shard_options=grain.sharding.NoSharding(), shuffle=True,
+        num_epochs=None, seed=seed)
+    self.num_records, self.seed = num_records, seed
+    self.global_batch_size = global_batch_size
+    self.host_batch_size = global_batch_size // shard_count
+    self.shard_index, self.shard_count = shard_index, shard_count
+    self.lanes = max(num_workers, 1)
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def global_position(self, index: int) -> int:
+    local, shard = divmod(index, self.shard_count)
+    if shard != self.shard_index:
+      raise IndexError(f"index {index} belongs to host {shard}, not {self.shard_index}")
+    lane, in_lane = local % self.lanes, local // self.lanes
+    lane_batch, row = divmod(in_lane, self.host_batch_size)
+    batch = lane_batch * self.lanes + lane
+    return batch * self.global_batch_size + shard * self.host_batch_size + row
+
+  def __getitem__(self, index: int):
+    return dataclasses.replace(self.global_order[self.global_position(index)], index=index)
+
+  def __repr__(self) -> str:
+    return (f"GlobalOrderSampler(num_records={self.num_records}, seed={self.seed}, "
+            f"global_batch_size={self.global_batch_size}, shard_index={self.shard_index}, "
+            f"shard_count={self.shard_count}, lanes={self.lanes})")
+
+
 def make_host_loader(options: DataOptions, *, shard_index: int, shard_count: int,
                      split: str | None = None, tokenizer: Tokenizer | None = None,
                      ) -> grain.DataLoader:
@@ -181,7 +232,8 @@ def make_host_loader(options: DataOptions, *, shard_index: int, shard_count: int
   Returns:
     A DataLoader whose iterator yields numpy dicts: "image" float32 [b, S, S, 3] (normalised),
     "text" int32 [b, max_len], "key" str [b] (which stored example; for debugging and tests),
-    with b = global_batch_size / shard_count. It repeats epochs forever.
+    with b = global_batch_size / shard_count: rows [shard_index * b, (shard_index + 1) * b) of
+    each global batch (see `GlobalOrderSampler`). It repeats epochs forever.
   """
   if options.global_batch_size % shard_count:
     raise ValueError(f"config.train.batch_size={options.global_batch_size} is not divisible by "
@@ -196,9 +248,8 @@ def make_host_loader(options: DataOptions, *, shard_index: int, shard_count: int
   tokenizer = tokenizer or Tokenizer.load(options.tokenizer)
   shard_options = grain.sharding.ShardOptions(
       shard_index=shard_index, shard_count=shard_count, drop_remainder=False)
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source), shard_options=shard_options, shuffle=True, num_epochs=None,
-      seed=options.seed)
+  sampler = GlobalOrderSampler(len(source), options.seed, options.global_batch_size,
+                               shard_index, shard_count, options.num_workers)
   operations = [
       _DecodeExample(options),
       grain.transforms.Batch(batch_size=host_batch_size, drop_remainder=True),
@@ -216,22 +267,52 @@ def make_host_loader(options: DataOptions, *, shard_index: int, shard_count: int
 class TrainIterator:
   """Yields global batches {"image": float32 [B, S, S, 3], "text": int32 [B, L]} as jax.Arrays.
 
-  `get_state()` / `set_state()` give the grain iterator state (bytes); `checkpoint_args` wraps
-  the grain iterator for orbax. The state always describes the batches already returned.
+  `position` is the number of global batches returned so far; `set_position(n)` moves to the
+  n-th global batch on any number of hosts. `checkpoint_args` saves and restores the position
+  with orbax. (`get_state()` / `set_state()` expose grain's own host-local state, bytes.)
   """
 
   def __init__(self, loader: grain.DataLoader, batch_sharding):
     self.loader = loader
     self.grain_iterator = iter(loader)
     self.batch_sharding = batch_sharding
+    self.position = 0
 
   def __iter__(self) -> "TrainIterator":
     return self
 
   def __next__(self) -> dict[str, jax.Array]:
     host_batch = next(self.grain_iterator)
+    self.position += 1
     return {key: jax.make_array_from_process_local_data(self._sharding(key), host_batch[key])
             for key in ("image", "text")}
+
+  @property
+  def sampler(self) -> GlobalOrderSampler:
+    return self.loader._sampler  # pylint: disable=protected-access
+
+  def set_position(self, global_batches: int) -> None:
+    """Moves to global batch `global_batches` (0 = the first): grain's state for this host is
+    derived from the number (see `GlobalOrderSampler` for the index layout it inverts)."""
+    sampler = self.sampler
+    state = json.loads(self.grain_iterator.get_state())
+    workers = state["worker_count"]
+    hosts, host = sampler.shard_count, sampler.shard_index
+    per_batch = sampler.host_batch_size
+    if workers == 0:
+      # The next index of the in-process reader is n * b; grain stores the last one seen.
+      state["last_seen_indices"] = {"0": host - hosts + global_batches * per_batch * hosts}
+      state["last_worker_index"] = -1
+    else:
+      lanes = hosts * workers
+      seen = {}
+      for worker in range(workers):
+        batches_done = (global_batches - worker + workers - 1) // workers
+        seen[str(worker)] = host - lanes + worker * hosts + batches_done * per_batch * lanes
+      state["last_seen_indices"] = seen
+      state["last_worker_index"] = global_batches % workers - 1
+    self.grain_iterator.set_state(json.dumps(state).encode())
+    self.position = global_batches
 
   def _sharding(self, key: str):
     if isinstance(self.batch_sharding, Mapping):
@@ -264,16 +345,73 @@ def make_train_iterator(config, mesh: jax.sharding.Mesh | None, batch_sharding) 
   return TrainIterator(loader, batch_sharding)
 
 
-def checkpoint_args(iterator: TrainIterator | grain.DataLoaderIterator, restore: bool = False):
-  """orbax args item for the iterator state: use as the "data" item of a Composite.
+POSITION_FILE = "position.json"
 
-  Each host writes its own `process_<i>-of-<n>.json`; restoring needs the same host count and
-  config.data.num_workers.
-  """
-  grain_iterator = getattr(iterator, "grain_iterator", iterator)
-  if restore:
-    return grain.checkpoint.CheckpointRestore(grain_iterator)
-  return grain.checkpoint.CheckpointSave(grain_iterator)
+
+class PositionHandler:
+  """orbax CheckpointHandler for a `TrainIterator`: one JSON file, written by process 0,
+  {"global_batches", "global_batch_size", "seed", "num_records"}. Restoring moves the iterator
+  (on however many hosts now run) to that global batch."""
+
+  def save(self, directory: epath.Path, item=None, args=None) -> None:
+    iterator = item or args.item
+    if jax.process_index() == 0:
+      sampler = iterator.sampler
+      record = {"global_batches": iterator.position,
+                "global_batch_size": sampler.global_batch_size, "seed": sampler.seed,
+                "num_records": sampler.num_records}
+      (epath.Path(directory) / POSITION_FILE).write_text(json.dumps(record))
+
+  def restore(self, directory: epath.Path, item=None, args=None):
+    iterator = item or args.item
+    path = epath.Path(directory) / POSITION_FILE
+    if not path.exists():
+      raise FileNotFoundError(f"{path} (the data iterator's position) is missing")
+    record = json.loads(path.read_text())
+    sampler = iterator.sampler
+    changed = [f"{name} {record[name]} -> {now}" for name, now in (
+        ("global_batch_size", sampler.global_batch_size), ("seed", sampler.seed),
+        ("num_records", sampler.num_records)) if record.get(name) != now]
+    if changed:
+      logging.warning("The data order changed since the checkpoint (%s): resuming at global "
+                      "batch %d of the new order, not where the old one stopped",
+                      ", ".join(changed), record["global_batches"])
+    iterator.set_position(int(record["global_batches"]))
+    return iterator
+
+  def structure(self, directory):  # Required by orbax's interface.
+    del directory
+
+  def metadata(self, directory):
+    del directory
+
+  def finalize(self, directory):
+    del directory
+
+  def close(self):
+    pass
+
+  @classmethod
+  def typestr(cls):
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@ocp.args.register_with_handler(PositionHandler, for_save=True)
+@dataclasses.dataclass
+class PositionSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(PositionHandler, for_restore=True)
+@dataclasses.dataclass
+class PositionRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
+def checkpoint_args(iterator: TrainIterator, restore: bool = False):
+  """orbax args item for the iterator's position: use as the "data" item of a Composite. The
+  position is in global batches, so a checkpoint restores on any number of hosts."""
+  return PositionRestore(iterator) if restore else PositionSave(iterator)
 
 
 class EvalSource:

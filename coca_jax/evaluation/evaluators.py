@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,7 +49,7 @@ class Embedder:
     return np.concatenate(out) if out else np.zeros((0, self.model.config.embed_dim), np.float32)
 
   def embed_images(self, images: np.ndarray) -> np.ndarray:
-    """images: uint8 [N, H, W, 3] at the model's image size."""
+    """images: uint8 [N, H, W, 3] (or float pixel values in [0, 255]) at the model's size."""
     return self._batched(self._image_fn, preprocess.normalize_images(images))
 
   def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -66,21 +67,79 @@ def _take(source, limit: int | None):
 
 
 def zeroshot_eval(embedder: Embedder, source, class_names, templates, limit=None) -> dict:
+  """eval/zeroshot_top1, _top5; NaN (with an error logged) if the embeddings are non-finite."""
   images, _, labels = _take(source, limit)
   if labels is None:
     raise ValueError(f"zero-shot split {source.split!r} of {source.name!r} has no labels")
-  classifier = metrics.zero_shot_classifier(embedder.embed_texts, class_names, templates)
-  accuracy = metrics.zero_shot_accuracy(embedder.embed_images(images), classifier, labels)
+  try:
+    classifier = metrics.zero_shot_classifier(embedder.embed_texts, class_names, templates)
+    accuracy = metrics.zero_shot_accuracy(embedder.embed_images(images), classifier, labels)
+  except metrics.NonFiniteEmbeddings as e:
+    logging.error("Zero-shot eval reported as NaN: %s", e)
+    accuracy = {"top1": float("nan"), "top5": float("nan")}
   return {f"eval/zeroshot_{k}": float(v) for k, v in accuracy.items()}
 
 
 def retrieval_eval(embedder: Embedder, source, limit=None) -> dict:
+  """eval/{i2t,t2i}_recall@{1,5,10}; NaN (with an error logged) for non-finite embeddings."""
   images, captions, _ = _take(source, limit)
   texts = [c for caps in captions for c in caps]
   text_to_image = np.asarray([i for i, caps in enumerate(captions) for _ in caps])
-  result = metrics.retrieval_metrics(embedder.embed_images(images), embedder.embed_texts(texts),
-                                     text_to_image)
+  try:
+    result = metrics.retrieval_metrics(embedder.embed_images(images),
+                                       embedder.embed_texts(texts), text_to_image)
+  except metrics.NonFiniteEmbeddings as e:
+    logging.error("Retrieval eval reported as NaN: %s", e)
+    result = {f"{d}_recall@{k}": float("nan") for d in ("i2t", "t2i") for k in (1, 5, 10)}
   return {f"eval/{k}": float(v) for k, v in result.items()}
+
+
+def check_evals(config, make_source) -> None:
+  """Checks config.evals before training starts: every split opens, the zero-shot split has
+  labels within the class list, class names are distinct non-empty strings, templates each
+  hold one '{}'. Raises config.ConfigError listing every problem (each naming the field)."""
+  from coca_jax import config as config_lib  # config imports nothing from here.
+  problems = []
+  evals = config.evals
+  groups = [(name, evals.get(name)) for name in ("zeroshot", "retrieval", "captioning")]
+  for name, group in groups:
+    if not group or (name == "captioning" and not group.get("enabled", True)):
+      continue
+    split = group.get("split")
+    try:
+      source = make_source(split)
+      size = len(source)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+      problems.append(f"config.evals.{name}.split={split!r} cannot be read: {e}")
+      continue
+    if size == 0:
+      problems.append(f"config.evals.{name}.split={split!r} is empty")
+      continue
+    if name != "zeroshot":
+      continue
+    names = list(group.get("class_names") or [])
+    templates = list(group.get("templates") or [])
+    if not names or not all(isinstance(n, str) and n.strip() for n in names):
+      problems.append(f"config.evals.zeroshot.class_names={names!r} must be a non-empty list "
+                      "of non-empty strings")
+    elif len(set(names)) != len(names):
+      duplicates = sorted({n for n in names if names.count(n) > 1})
+      problems.append(f"config.evals.zeroshot.class_names repeats {duplicates}; each class "
+                      "needs its own name")
+    bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
+    if not templates or bad:
+      problems.append(f"config.evals.zeroshot.templates: {bad or 'none given'}; each template "
+                      "needs exactly one '{}' for the class name, e.g. 'a photo of {}.'")
+    label = source[0].get("label")
+    if label is None:
+      problems.append(f"config.evals.zeroshot.split={split!r} has no labels; zero-shot "
+                      "classification needs a labelled split (the demo's is 'digits')")
+    elif names and not 0 <= label < len(names):
+      problems.append(f"config.evals.zeroshot.split={split!r} has label {label}, outside the "
+                      f"{len(names)} config.evals.zeroshot.class_names")
+  if problems:
+    raise config_lib.ConfigError(f"{len(problems)} eval config problem(s), found before "
+                                 "training:\n  - " + "\n  - ".join(problems))
 
 
 def captioning_eval(embedder: Embedder, source, decoding, limit=None, batch_size=None) -> dict:

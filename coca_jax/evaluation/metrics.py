@@ -73,6 +73,23 @@ def zero_shot_classifier(
   return np.stack(class_weights).astype(np.float32)
 
 
+class NonFiniteEmbeddings(ValueError):
+  """Embeddings with NaN/inf entries: every comparison with NaN is False, so ranks would come
+  out 0 and every metric perfect. Raised instead of scoring them."""
+
+
+def check_finite(name: str, array: np.ndarray) -> None:
+  """Raises NonFiniteEmbeddings naming `name` and how many rows hold NaN/inf."""
+  array = np.asarray(array)
+  if not np.isfinite(array).all():
+    rows = int((~np.isfinite(array.reshape(array.shape[0], -1))).any(axis=1).sum()) \
+        if array.ndim else 1
+    raise NonFiniteEmbeddings(
+        f"{name} has non-finite values (NaN/inf) in {rows} of {len(array) if array.ndim else 1} "
+        "rows: the model's parameters are probably non-finite (a diverged run); metrics of "
+        "such embeddings would be meaningless")
+
+
 def _rank_of_true_class(scores: np.ndarray, true_index: np.ndarray) -> np.ndarray:
   """Zero-based rank of each row's true column under (score desc, index asc) ordering.
 
@@ -117,6 +134,8 @@ def zero_shot_accuracy(
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     raise ValueError(f'zero_shot_accuracy: labels must lie in [0, {num_classes}) (the classifier '
                      f'has {num_classes} classes); got range [{labels.min()}, {labels.max()}].')
+  check_finite('zero_shot_accuracy: image_embeds', image_embeds)
+  check_finite('zero_shot_accuracy: classifier', classifier)
   scores = image_embeds @ classifier.T  # [N, C]
   rank = _rank_of_true_class(scores, labels.astype(np.int64))
   return {f'top{k}': float(np.mean(rank < min(k, num_classes))) for k in ks}
@@ -324,6 +343,8 @@ def retrieval_metrics(
   if text_to_image.shape != (num_texts,):
     raise ValueError(f'retrieval_metrics: text_to_image has shape {text_to_image.shape} but there'
                      f' are {num_texts} text embeddings; pass one image index per caption.')
+  check_finite('retrieval_metrics: image_embeds', image_embeds)
+  check_finite('retrieval_metrics: text_embeds', text_embeds)
   if num_texts and (text_to_image.min() < 0 or text_to_image.max() >= num_images):
     raise ValueError(f'retrieval_metrics: text_to_image values must lie in [0, {num_images}) '
                      f'(the number of images); got [{text_to_image.min()}, '
