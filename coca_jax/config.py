@@ -97,6 +97,9 @@ def validate(config, num_devices: int | None = None) -> None:
   need(config.loss.get("contrastive_impl", "gathered") in ("gathered", "chunked"),
        f"config.loss.contrastive_impl={config.loss.get('contrastive_impl')!r} is unknown; "
        "use gathered or chunked")
+  need(config.loss.get("contrastive_reduction", "sum") in ("sum", "mean"),
+       f"config.loss.contrastive_reduction={config.loss.get('contrastive_reduction')!r} is "
+       "unknown; use sum (the paper's eq. 1) or mean (open_clip)")
   microbatches = t.get("microbatches", 1)
   need(isinstance(microbatches, int) and microbatches >= 1,
        f"config.train.microbatches={microbatches!r} must be a positive integer")

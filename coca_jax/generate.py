@@ -350,10 +350,19 @@ def _beam_search(model: CoCa, params, context, d: Decoding):
 
 
 def ensure_eos(tokens):
-  """tokens [B, L] with the last position set to EOS where a caption has none (the layout the
-  tokenizer gives a truncated text), so encode_text sees what it was trained on."""
-  has_eos = jnp.any(tokens[:, 1:] == EOS_ID, axis=-1)
-  return tokens.at[:, -1].set(jnp.where(has_eos, tokens[:, -1], EOS_ID))
+  """tokens [B, L] (BOS, generated..., [EOS], PAD...) -> the same captions, each ending in an
+  EOS that the text tower reads. The text tower reads tokens[:, :-1], so a caption without EOS
+  gets one right after its last token, or at position L-2 (replacing its last token) when it
+  filled the whole sequence: the layout the tokenizer gives a caption of L-3 pieces. Without it,
+  re-ranking would embed truncated captions without the EOS every training text had."""
+  batch, length = tokens.shape
+  body = tokens[:, 1:]
+  has_eos = jnp.any(body == EOS_ID, axis=-1)
+  end = jnp.minimum(jnp.sum(body != PAD_ID, axis=-1) + 1, length - 2)  # Where EOS goes.
+  positions = jnp.arange(length)[None]
+  fixed = jnp.where(positions == end[:, None], EOS_ID,
+                    jnp.where(positions > end[:, None], PAD_ID, tokens))
+  return jnp.where(has_eos[:, None], tokens, fixed)
 
 
 def _rerank(model: CoCa, params, image_embed, result, num_candidates: int):

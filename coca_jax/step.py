@@ -33,7 +33,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from coca_jax import losses, sharding
-from coca_jax.models.coca import CoCa, CoCaConfig
+from coca_jax.models.coca import CoCa, CoCaConfig, clamp_logit_scale
 
 
 @flax.struct.dataclass
@@ -103,14 +103,16 @@ def loss_fn(params, model: CoCa, batch, loss_config):
       caption_weight=loss_config.caption_weight,
       label_smoothing=loss_config.get("label_smoothing", 0.0),
       contrastive=loss_config.get("contrastive", "softmax"),
-      contrastive_impl=loss_config.get("contrastive_impl", "gathered"))
+      contrastive_impl=loss_config.get("contrastive_impl", "gathered"),
+      contrastive_reduction=loss_config.get("contrastive_reduction", "sum"))
 
 
 def _contrastive(image_embed, text_embed, logit_scale, logit_bias, loss_config):
   kind = loss_config.get("contrastive", "softmax")
   return losses.contrastive_loss(
       image_embed, text_embed, logit_scale, logit_bias if kind == "sigmoid" else None,
-      kind=kind, impl=loss_config.get("contrastive_impl", "gathered"))
+      kind=kind, impl=loss_config.get("contrastive_impl", "gathered"),
+      reduction=loss_config.get("contrastive_reduction", "sum"))
 
 
 def split_microbatches(batch, microbatches: int):
@@ -208,7 +210,8 @@ def train_step(state: TrainState, batch, *, model: CoCa, tx: optax.GradientTrans
       grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
       (_, metrics), grads = grad_fn(state.params, model, batch, loss_config)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params = clamp_logit_scale(optax.apply_updates(state.params, updates),
+                             model.config.max_logit_scale)
   metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
              "param_norm": optax.tree.norm(state.params),
              "learning_rate": schedule(state.step)}

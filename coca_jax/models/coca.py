@@ -97,6 +97,15 @@ def text_attention_mask(text_inputs):
   return jnp.logical_and(causal[None, None], key_valid[:, None, None, :])
 
 
+def clamp_logit_scale(params, max_logit_scale: float):
+  """params with logit_scale clamped to log(max_logit_scale) (applied after each update, as
+  open_clip does), so the parameter never drifts past the cap where the loss cannot move it."""
+  if "logit_scale" not in params:
+    return params
+  return {**params, "logit_scale": jnp.minimum(params["logit_scale"],
+                                               math.log(max_logit_scale))}
+
+
 def l2_normalize(x, eps=1e-6):
   x = x.astype(jnp.float32)
   return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
@@ -162,7 +171,8 @@ class CoCa(nn.Module):
                             decode=self.decode, cache_length=cache_length)
     self.ln_decoder = LayerNorm(dt)
     if not c.tie_embeddings:
-      self.vocab_head = dense(c.vocab_size, ("embed", "vocab"), dt, "vocab_head")
+      self.vocab_head = dense(c.vocab_size, ("embed", "vocab"), dt, "vocab_head",
+                              out_dtype=jnp.float32)
     # SigLIP's initialisation (scale 10, bias -10) keeps the many negatives from swamping the
     # few positives at the start; softmax uses the paper's temperature.
     scale_init = math.log(10.0 if c.contrastive == "sigmoid" else 1.0 / c.temperature_init)
@@ -224,9 +234,11 @@ class CoCa(nn.Module):
     return constrain(logits, ("batch", "length", "vocab")).astype(jnp.float32)
 
   def _vocab_logits(self, x):
-    """[batch, T, width] -> [batch, T, vocab] in the compute dtype."""
+    """[batch, T, width] -> float32 [batch, T, vocab]: operands in the compute dtype, float32
+    accumulation and output (a 64k-way softmax over bf16-rounded logits loses resolution)."""
     if self.config.tie_embeddings:
-      return self.token_embed.attend(x)
+      table = self.token_embed.embedding.astype(x.dtype)
+      return jnp.einsum("btw,vw->btv", x, table, preferred_element_type=jnp.float32)
     return self.vocab_head(x)
 
   def __call__(self, image, text, train: bool = False):
@@ -243,7 +255,12 @@ class CoCa(nn.Module):
     return outputs
 
   def temperature_scale(self):
-    return jnp.minimum(jnp.exp(self.logit_scale), self.config.max_logit_scale)
+    """exp(logit_scale) capped at max_logit_scale, with a straight-through gradient: past the
+    cap the forward value is the cap but the gradient is that of the uncapped scale, so the
+    parameter can always come back (`clamp_logit_scale` keeps it at the cap after updates)."""
+    capped = jnp.minimum(self.logit_scale, math.log(self.config.max_logit_scale))
+    log_scale = self.logit_scale + jax.lax.stop_gradient(capped - self.logit_scale)
+    return jnp.exp(log_scale)
 
   # -- Decoding (KV cache) -------------------------------------------------------------------
 

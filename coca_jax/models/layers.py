@@ -27,12 +27,15 @@ class Dense(nn.Module):
   `in_dims` trailing input axes are contracted (2 for an attention output [.., heads, kv]).
   The kernel is created in its final shape (not flattened), so its logical names always match
   its rank, and it is Xavier-initialised over the flattened fan-in/fan-out.
+  `out_dtype` (default: `dtype`) is the accumulation and output dtype: float32 for the vocab
+  head, so a bf16 model's softmax sees logits that were never rounded to bf16.
   """
   features: int | tuple[int, ...]
   axes: tuple[str, ...]
   dtype: Dtype = jnp.float32
   use_bias: bool = True
   in_dims: int = 1
+  out_dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, x):
@@ -47,17 +50,19 @@ class Dense(nn.Module):
         out_axis=tuple(range(self.in_dims, len(shape))))
     kernel = self.param("kernel", with_axes(init, self.axes), shape, jnp.float32)
     contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    out_dtype = self.out_dtype or self.dtype
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())),
+                            preferred_element_type=out_dtype)
     if self.use_bias:
       bias = self.param("bias", with_axes(nn.initializers.zeros_init(), self.axes[self.in_dims:]),
                         features, jnp.float32)
-      y = y + bias.astype(self.dtype)
+      y = y + bias.astype(out_dtype)
     return y
 
 
 def dense(features, axes: tuple[str, ...], dtype: Dtype, name: str, use_bias: bool = True,
-          in_dims: int = 1) -> Dense:
-  return Dense(features, axes, dtype, use_bias, in_dims, name=name)
+          in_dims: int = 1, out_dtype: Dtype | None = None) -> Dense:
+  return Dense(features, axes, dtype, use_bias, in_dims, out_dtype=out_dtype, name=name)
 
 
 class LayerNorm(nn.Module):
