@@ -77,6 +77,20 @@ def validate(config, num_devices: int | None = None) -> None:
          "(query 0 is contrastive, the rest feed the decoder)")
   need(m.pooling in ("cascade", "parallel", "open_clip"),
        f"config.model.pooling={m.pooling!r} is unknown; use cascade, parallel or open_clip")
+  need(m.get("activation", "gelu_tanh") in ("gelu_tanh", "gelu", "quick_gelu"),
+       f"config.model.activation={m.get('activation')!r} is unknown; use gelu_tanh, gelu "
+       "(exact, open_clip) or quick_gelu")
+  need(m.text.get("multimodal_layout", "coca") in ("coca", "open_clip"),
+       f"config.model.text.multimodal_layout={m.text.get('multimodal_layout')!r} is unknown; "
+       "use coca or open_clip")
+  need(m.text.get("cls_mask", "correct") in ("correct", "open_clip_legacy"),
+       f"config.model.text.cls_mask={m.text.get('cls_mask')!r} is unknown; use correct or "
+       "open_clip_legacy")
+  pooler_width = m.get("pooler_width", 0)
+  need(isinstance(pooler_width, int) and pooler_width >= 0
+       and pooler_width % m.pooler_heads == 0,
+       f"config.model.pooler_width={pooler_width!r} must be 0 (the vision width) or a "
+       f"multiple of config.model.pooler_heads={m.pooler_heads}")
   need(m.dtype in ("float32", "bfloat16"),
        f"config.model.dtype={m.dtype!r} is unknown; use float32 or bfloat16")
   need(m.remat in ("none", "full", "dots", "minimal"),

@@ -34,6 +34,10 @@ class Block(nn.Module):
     decode: use the KV cache (autoregressive decoding; see `Attention`).
     num_experts, segments, routing, top_k, capacity_factor: the feed-forward (see
       `experts.FeedForward`).
+    layout: with cross-attention, 'coca' is self-attention, cross-attention, FFN; 'open_clip'
+      is self-attention, FFN, cross-attention (its context layer-normed, 'ln_cross_context'),
+      a second FFN ('cross_ffn'): open_clip's MultimodalTransformer layer.
+    activation, norm_eps: the dense FFN's non-linearity (layers.ACTIVATIONS), LayerNorm epsilon.
   """
   num_heads: int
   mlp_dim: int
@@ -46,19 +50,32 @@ class Block(nn.Module):
   routing: str = "modality"
   top_k: int = 1
   capacity_factor: float = 1.0
+  layout: str = "coca"
+  activation: str = "gelu_tanh"
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x, mask, context):
+    if self.layout not in ("coca", "open_clip"):
+      raise ValueError(f"layout={self.layout!r} is unknown; use 'coca' or 'open_clip'")
+    ffn = lambda name: FeedForward(
+        self.mlp_dim, self.dtype, self.num_experts, self.routing, self.top_k,
+        self.capacity_factor, self.activation, self.norm_eps, name=name)
+    norm = lambda name: LayerNorm(self.dtype, self.norm_eps, name=name)
     x = constrain(x, ("batch", "length", "embed"))
-    h = LayerNorm(self.dtype, name="ln_attention")(x)
+    h = norm("ln_attention")(x)
     x = x + Attention(self.num_heads, self.dtype, self.cache_length, name="attention")(
         h, mask=mask, decode=self.decode)
+    open_clip = self.cross_attention and self.layout == "open_clip"
+    if open_clip:
+      x = x + ffn("ffn")(x, self.segments)
     if self.cross_attention:
-      h = LayerNorm(self.dtype, name="ln_cross_attention")(x)
+      h = norm("ln_cross_attention")(x)
+      if open_clip:
+        context = norm("ln_cross_context")(context)
       x = x + Attention(self.num_heads, self.dtype, name="cross_attention")(
           h, context, decode=self.decode)
-    x = x + FeedForward(self.mlp_dim, self.dtype, self.num_experts, self.routing, self.top_k,
-                        self.capacity_factor, name="ffn")(x, self.segments)
+    x = x + ffn("cross_ffn" if open_clip else "ffn")(x, self.segments)
     return constrain(x, ("batch", "length", "embed")), None
 
 
@@ -84,6 +101,9 @@ class Stack(nn.Module):
   remat: str = "none"
   decode: bool = False
   cache_length: int = 0
+  layout: str = "coca"
+  activation: str = "gelu_tanh"
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x, mask=None, context=None):
@@ -99,7 +119,8 @@ class Stack(nn.Module):
                   cross_attention=self.cross_attention, num_experts=self.num_experts,
                   decode=self.decode, cache_length=self.cache_length,
                   segments=tuple(self.segments) if self.segments else None,
-                  routing=self.routing, top_k=self.top_k, capacity_factor=self.capacity_factor)
+                  routing=self.routing, top_k=self.top_k, capacity_factor=self.capacity_factor,
+                  layout=self.layout, activation=self.activation, norm_eps=self.norm_eps)
     if self.scan:
       scanned = nn.scan(
           block_cls, variable_axes={"params": 0, "intermediates": 0},

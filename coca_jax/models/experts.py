@@ -47,12 +47,15 @@ class FeedForward(nn.Module):
   routing: str = "modality"
   top_k: int = 1
   capacity_factor: float = 1.0
+  activation: str = "gelu_tanh"  # Dense FFN only (layers.ACTIVATIONS); experts use gelu_tanh.
+  norm_eps: float = 1e-6  # Dense FFN only.
 
   @nn.compact
   def __call__(self, x, segments: Sequence[tuple[int, int]] | None = None):
     """`segments`: static ((expert_index, length), ...) covering the length axis in order."""
     if self.num_experts == 1:
-      return MLP(self.mlp_dim, self.dtype, name="mlp")(LayerNorm(self.dtype, name="ln")(x))
+      h = LayerNorm(self.dtype, self.norm_eps, name="ln")(x)
+      return MLP(self.mlp_dim, self.dtype, self.activation, name="mlp")(h)
     if self.routing == "topk":
       return self._routed(x)
     if self.routing != "modality":
