@@ -25,6 +25,9 @@ setup(
         "tqdm>=4",
         "scikit-learn>=1.5",   # ships the real handwritten digits the demo is built from
         "pycocoevalcap>=1.2",  # BLEU and CIDEr-D scorers
+        "safetensors>=0.4",    # weights in and out (numpy API; no torch needed)
+        "regex>=2023",         # CLIP BPE tokenizer's pre-tokenisation pattern (\p{L}, \p{N})
+        "ftfy>=6",             # CLIP BPE tokenizer's text cleaning, as open_clip does it
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "portpicker>=1.6"],

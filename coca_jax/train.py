@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 from coca_jax import checkpoint, config as config_lib, flops, sharding, step as step_lib
 from coca_jax.data import builders, pipeline
-from coca_jax.data.tokenizer import Tokenizer
+from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 from coca_jax.evaluation import evaluators
 
 FLAGS = flags.FLAGS
@@ -92,6 +92,14 @@ def prepare_data(config, workdir: str) -> Tokenizer:
       builders.make_builder("demo", data.name, data.data_dir, **dict(data.build_demo_options)
                             ).download_and_prepare()
     _sync("demo dataset built")
+  kind = data.get("tokenizer_kind", "sentencepiece")
+  if kind == "clip_bpe":  # A fixed vocabulary: keep a copy beside the config, train nothing.
+    tokenizer = load_tokenizer(data.get("tokenizer", ""), kind)
+    data.tokenizer = os.path.join(workdir, TOKENIZER_FILES[kind])
+    if jax.process_index() == 0 and not os.path.exists(data.tokenizer):
+      with open(data.tokenizer, "wb") as f:
+        f.write(tokenizer.model_proto)
+    _sync("tokenizer copied")
   if not data.get("tokenizer"):
     path = os.path.join(workdir, "tokenizer.model")
     if not os.path.exists(path) and jax.process_index() == 0:
@@ -103,12 +111,17 @@ def prepare_data(config, workdir: str) -> Tokenizer:
                       model_type=data.get("tokenizer_type", "unigram"))
     _sync("tokenizer trained")
     data.tokenizer = path
-  tokenizer = Tokenizer.load(data.tokenizer)
+  tokenizer = load_tokenizer(data.tokenizer, kind)
   if tokenizer.vocab_size > config.model.text.vocab_size:
     raise config_lib.ConfigError(
         f"config.model.text.vocab_size={config.model.text.vocab_size} is smaller than the "
         f"tokenizer's {tokenizer.vocab_size} pieces ({data.tokenizer}); set it to at least "
         f"{tokenizer.vocab_size}")
+  specials = (config.model.text.get("bos_id", 2), config.model.text.get("eos_id", 3))
+  if specials != (tokenizer.bos_id, tokenizer.eos_id):
+    raise config_lib.ConfigError(
+        f"config.model.text (bos_id, eos_id)={specials} but the {kind} tokenizer's are "
+        f"{(tokenizer.bos_id, tokenizer.eos_id)}; set them to the tokenizer's")
   return tokenizer
 
 

@@ -71,6 +71,10 @@ class CoCaConfig:
   multimodal_layout: str = "coca"  # Or 'open_clip' (see backbone.Block.layout).
   cls_mask: str = "correct"      # Or 'open_clip_legacy' (see text_attention_mask).
   vocab_bias: bool = True
+  # Special ids the decoder starts from and stops at (ours: the SentencePiece layout of
+  # data/tokenizer.py; CLIP BPE: sot 49406, eot 49407). PAD is 0 in both.
+  bos_id: int = 2
+  eos_id: int = 3
 
   @classmethod
   def from_config(cls, model) -> "CoCaConfig":
@@ -91,7 +95,8 @@ class CoCaConfig:
         class_token=get(v, "class_token"), ln_pre=get(v, "ln_pre"),
         vision_final_norm=v.get("final_norm", True), patch_bias=get(v, "patch_bias"),
         pooler_width=get(model, "pooler_width"), multimodal_layout=get(t, "multimodal_layout"),
-        cls_mask=get(t, "cls_mask"), vocab_bias=get(t, "vocab_bias"))
+        cls_mask=get(t, "cls_mask"), vocab_bias=get(t, "vocab_bias"),
+        bos_id=get(t, "bos_id"), eos_id=get(t, "eos_id"))
 
   @property
   def num_patches(self) -> int:
