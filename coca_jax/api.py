@@ -145,6 +145,13 @@ def load(path: str, *, step: int | None = None, batch_size: int = 64) -> "Model"
   found = resolve(path, step)
   config = checkpoint.read_config(found["root"])
   tokenizer = _find_tokenizer(found["root"], config)
+  model, params = load_params(found, config)
+  return Model(model, params, tokenizer, config, batch_size=batch_size, step=found["step"])
+
+
+def load_params(found: dict, config):
+  """(CoCa module, float32 params on one device) of what `resolve` found, built from `config`
+  (the config stored beside it)."""
   model, abstract = abstract_params(config)
   if found["kind"] == "export" and found["params_dir"].endswith(".safetensors"):
     params = read_safetensors_params(found["params_dir"], config, abstract)
@@ -152,7 +159,7 @@ def load(path: str, *, step: int | None = None, batch_size: int = 64) -> "Model"
     params = restore_exported_params(found["params_dir"], abstract)
   else:
     params = restore_params_from_state(found["state_dir"], abstract)
-  return Model(model, params, tokenizer, config, batch_size=batch_size, step=found["step"])
+  return model, params
 
 
 def read_image(path: str, size: int) -> np.ndarray:

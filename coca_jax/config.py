@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 
 import ml_collections
 
@@ -114,6 +115,12 @@ def validate(config, num_devices: int | None = None) -> None:
   need(config.loss.get("contrastive_reduction", "sum") in ("sum", "mean"),
        f"config.loss.contrastive_reduction={config.loss.get('contrastive_reduction')!r} is "
        "unknown; use sum (the paper's eq. 1) or mean (open_clip)")
+  init = config.get("init", {})
+  for name in ("include_regex", "exclude_regex", "reinit_regex"):
+    try:
+      re.compile(init.get(name, "") or "")
+    except re.error as e:
+      problems.append(f"config.init.{name}={init.get(name)!r} is not a valid regex ({e})")
   microbatches = t.get("microbatches", 1)
   need(isinstance(microbatches, int) and microbatches >= 1,
        f"config.train.microbatches={microbatches!r} must be a positive integer")

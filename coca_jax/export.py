@@ -86,7 +86,7 @@ def write_bundle(out: str, params, config, tokenizer, *, step=None, source: str 
       import safetensors.numpy
       model_config = CoCaConfig.from_config(config.model)
       flat = flat_params.flatten(model_config, params)
-      flat = {k: np.ascontiguousarray(np.asarray(jnp.asarray(v).astype(cast))) for k, v in flat.items()}
+      flat = {k: np.asarray(jnp.asarray(v).astype(cast), order="C") for k, v in flat.items()}
       safetensors.numpy.save_file(flat, os.path.join(tmp, SAFETENSORS_FILE),
                                   metadata={"format": FORMAT, "layout": "unscanned"})
     with open(os.path.join(tmp, "config.json"), "w") as f:

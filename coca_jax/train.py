@@ -20,6 +20,7 @@ import jax
 from ml_collections import config_flags
 
 from coca_jax import checkpoint, config as config_lib, flops, sharding, step as step_lib
+from coca_jax import warm_start
 from coca_jax.data import builders, pipeline
 from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 from coca_jax.evaluation import evaluators
@@ -180,6 +181,8 @@ def main(argv) -> None:
     logging.info("Resumed from step %d", resumed)
   else:
     state = built.init_state(config)
+    if config.get("init", {}).get("source"):  # Parameters from another run or an import.
+      state = warm_start.warm_start(config, state, state_shardings)
   if jax.process_index() == 0:
     checkpoint.write_config(workdir, config)
 

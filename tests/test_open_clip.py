@@ -60,6 +60,7 @@ def test_export_gives_back_the_open_clip_state_dict(imported):
   exported = open_clip.to_open_clip(flat_params.flatten(model_config, params), model_config)
   assert sorted(exported) == sorted(state)
   for key, value in state.items():
+    assert exported[key].shape == value.shape, key
     np.testing.assert_array_equal(exported[key], value, err_msg=key)
   # The same through a scanned model's parameter layout.
   config.model.scan_layers = True
@@ -110,6 +111,7 @@ def test_import_cli_bundle_loads_and_captions(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   back, state = open_clip.read_state_dict(exported), open_clip.read_state_dict(STATE)
   assert sorted(back) == sorted(state)
+  assert all(back[k].shape == state[k].shape for k in state)
   assert max(float(np.abs(back[k] - state[k]).max()) for k in state) == 0.0
 
 

@@ -292,7 +292,7 @@ def to_open_clip(flat: dict, config) -> dict:
     elif how == "patch":
       p = config.patch_size
       value = value.reshape(p, p, 3, -1).transpose(3, 2, 0, 1)
-    state[theirs] = np.ascontiguousarray(value)
+    state[theirs] = np.asarray(value, order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
   unused = sorted(set(flat) - used)
   if unused:
     raise ConversionError(f"{len(unused)} parameter(s) have no open_clip counterpart: {unused[:8]}")
@@ -385,7 +385,7 @@ def write_safetensors(state: dict, out: str, metadata: dict | None = None) -> st
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.tmp")
   os.close(fd)
   try:
-    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp,
+    safetensors.numpy.save_file({k: np.asarray(v, order="C") for k, v in state.items()}, tmp,
                                 metadata=metadata)
     os.replace(tmp, out)
   except BaseException:
