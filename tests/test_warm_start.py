@@ -126,3 +126,15 @@ def test_reinit_regex_and_vocab_change_keep_fresh_parameters(trained):
   np.testing.assert_array_equal(params["generative_pooler"]["queries"],
                                 fresh.params["generative_pooler"]["queries"])
   np.testing.assert_array_equal(params["cls_token"], trained["params"]["cls_token"])
+
+
+def test_finetune_captions_config_builds_the_source_model(trained):
+  from coca_jax import config as config_lib, flops
+  from conftest import REPO
+  spec = os.path.join(REPO, "experiments", "finetune_captions.py") + (
+      f":init={trained['bundle']},name=my_captions,data_dir=/tmp/none")
+  config = config_lib.load_config(spec)
+  config_lib.validate(config, num_devices=1)
+  assert config.init.source == trained["bundle"]
+  assert config.data.tokenizer == os.path.join(trained["bundle"], "tokenizer.model")
+  assert flops.param_counts(config) == flops.param_counts(trained["config"])
