@@ -28,6 +28,8 @@ setup(
         "safetensors>=0.4",    # weights in and out (numpy API; no torch needed)
         "regex>=2023",         # CLIP BPE tokenizer's pre-tokenisation pattern (\p{L}, \p{N})
         "ftfy>=6",             # CLIP BPE tokenizer's text cleaning, as open_clip does it
+        # XLA:CPU scratch memory is reused instead of page-faulted every step (coca_jax/runtime.py).
+        "cmeel-mimalloc>=3.4; sys_platform == 'linux'",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "portpicker>=1.6"],

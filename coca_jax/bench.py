@@ -16,6 +16,11 @@ fusion differ), good for "fits or not by a wide margin" before booking hardware.
 
 from __future__ import annotations
 
+from coca_jax import runtime
+
+if __name__ == "__main__":  # Before JAX starts (python -m); see coca_jax/runtime.py.
+  runtime.preload_allocator()
+
 import json
 import os
 import statistics

@@ -10,6 +10,11 @@ with --json: path, caption, score).
 
 from __future__ import annotations
 
+from coca_jax import runtime
+
+if __name__ == "__main__":  # Before JAX starts (python -m); see coca_jax/runtime.py.
+  runtime.preload_allocator()
+
 import json
 
 from absl import app, flags
@@ -55,6 +60,7 @@ def main(argv) -> None:
 
 
 def run() -> None:
+  runtime.preload_allocator()  # Console scripts.
   app.run(main)
 
 

@@ -12,6 +12,11 @@ settings come from that file; the model always comes from the checkpoint's confi
 
 from __future__ import annotations
 
+from coca_jax import runtime
+
+if __name__ == "__main__":  # Before JAX starts (python -m); see coca_jax/runtime.py.
+  runtime.preload_allocator()
+
 import json
 import os
 import sys
@@ -88,6 +93,7 @@ def main(argv) -> None:
 
 
 def run() -> None:
+  runtime.preload_allocator()  # Console scripts.
   define_config_flag(sys.argv)
   app.run(main)
 

@@ -10,6 +10,11 @@ prints one JSON object (parameter counts, mesh, batch, FLOPs per example) and ex
 
 from __future__ import annotations
 
+from coca_jax import runtime
+
+if __name__ == "__main__":  # Before JAX starts (python -m); see coca_jax/runtime.py.
+  runtime.preload_allocator()
+
 import json
 import os
 import signal
@@ -296,6 +301,7 @@ class _Progress:
 
 
 def run() -> None:
+  runtime.preload_allocator()  # Console scripts.
   flags.mark_flags_as_required(["config"])
   app.run(main)
 
