@@ -136,3 +136,49 @@ def test_clip_bpe_ids_match_open_clip_with_the_full_vocab():
   assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (49408, 49406, 49407)
   assert [tok.encode(s) for s in ref["strings"]] == ref["full"]["ids"]
   np.testing.assert_array_equal(tok.tokenize(ref["strings"], 20), ref["full"]["batch_20"])
+
+
+def test_export_refuses_a_model_open_clip_cannot_express(tiny_config, tiny_params):
+  model_config = CoCaConfig.from_config(tiny_config.model)  # Our demo CoCa: cascade pooling etc.
+  with pytest.raises(open_clip.ConversionError, match="pooling='cascade'.*activation"):
+    open_clip.to_open_clip(flat_params.flatten(model_config, tiny_params), model_config)
+
+
+def test_import_finetune_export_round_trip_through_the_clis(tmp_path):
+  """open_clip state dict -> bundle -> 4 fine-tuning steps on digit scenes (CLIP BPE tokens,
+  warm start) -> open_clip state dict with the same keys and shapes and changed values."""
+  bundle, workdir = str(tmp_path / "bundle"), str(tmp_path / "run")
+  bpe = os.path.join(DATA, "clip_bpe_tiny.txt.gz")
+  run = lambda *args: subprocess.run([sys.executable, "-m", *args], capture_output=True,
+                                     text=True, cwd=REPO, timeout=900)
+  proc = run("coca_jax.interop.open_clip", "import", "--src", STATE, "--model", TINY_JSON,
+             "--out", bundle, "--bpe", bpe)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  config_file = tmp_path / "finetune_digits.py"
+  config_file.write_text(f"""
+import importlib.util
+spec = importlib.util.spec_from_file_location("ft", {os.path.join(REPO, 'experiments', 'finetune_captions.py')!r})
+ft = importlib.util.module_from_spec(spec); spec.loader.exec_module(ft)
+
+def get_config():
+  c = ft.get_config("init={bundle},runlocal")
+  c.data.update(name="digit_scenes", build_demo=True, random_resized_crop=False,
+                build_demo_options=dict(num_train=64, num_test=16, num_digits=16, image_size=32,
+                                        grid=8, seed=0, show_progress=False))
+  c.train.update(steps=4, batch_size=4, log_every=2)
+  c.evals.update(retrieval=dict(split="test", examples=8), captioning=dict(
+      enabled=True, split="test", examples=4, batch_size=4, method="greedy"))
+  return c
+""")
+  proc = run("coca_jax.train", "--config", str(config_file), "--workdir", workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Warm start from" in proc.stderr
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert np.isfinite(records[0]["loss"])
+  exported = str(tmp_path / "finetuned.safetensors")
+  proc = run("coca_jax.interop.open_clip", "export", "--src", workdir, "--out", exported)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  back, state = open_clip.read_state_dict(exported), open_clip.read_state_dict(STATE)
+  assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in state.items()}
+  assert not np.array_equal(back["text_decoder.text_projection"],
+                            state["text_decoder.text_projection"])

@@ -187,14 +187,18 @@ def mapping(config) -> list[tuple[str, str, str]]:
 
 
 def check_open_clip_layout(config) -> None:
-  """Raises ConversionError unless `config` (CoCaConfig) has every open_clip option set."""
+  """Raises ConversionError unless `config` (CoCaConfig) is open_clip's CoCa architecture (so
+  its parameters mean the same thing there)."""
   want = dict(pooling="open_clip", class_token=True, ln_pre=True, vision_final_norm=False,
               patch_bias=False, multimodal_layout="open_clip", vocab_bias=False,
-              tie_embeddings=False, contrastive="softmax")
+              tie_embeddings=False, contrastive="softmax", norm_eps=1e-5)
   wrong = [f"{k}={getattr(config, k)!r} (open_clip: {v!r})" for k, v in want.items()
            if getattr(config, k) != v]
-  if config.pooler_width not in (0, config.embed_dim) and config.pooler_width != config.embed_dim:
-    wrong.append(f"pooler_width={config.pooler_width} (open_clip: embed_dim)")
+  if config.activation not in ("gelu", "quick_gelu"):
+    wrong.append(f"activation={config.activation!r} (open_clip: 'gelu', or 'quick_gelu' with "
+                 "quick_gelu=True)")
+  if (config.pooler_width or config.vision.width) != config.embed_dim:
+    wrong.append(f"pooler_width={config.pooler_width} (open_clip: embed_dim={config.embed_dim})")
   if wrong:
     raise ConversionError("this model is not in open_clip's CoCa layout, so it has no open_clip "
                           "state dict: " + "; ".join(wrong) + ". Start from "
