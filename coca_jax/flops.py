@@ -90,28 +90,31 @@ def forward_flops_breakdown(config, batch_size: int | None = None) -> dict[str, 
   c = CoCaConfig.from_config(config.model)
   batch_size = int(batch_size or config.train.batch_size)
   vision_cfg, text_cfg = config.model.vision, config.model.text
-  patches, wv = c.num_patches, c.vision.width
+  patches, wv = c.image_tokens, c.vision.width  # Patches (+ the class token, if any).
+  pw = c.pooler_width or wv  # open_clip's pooler works at embed_dim, reading wv-wide tokens.
   parts: dict[str, int] = {}
-  parts["patch_embed"] = 2 * patches * (c.patch_size ** 2 * 3) * wv
+  parts["patch_embed"] = 2 * c.num_patches * (c.patch_size ** 2 * 3) * wv
   parts["image_encoder"] = c.vision.depth * _block_flops(
       patches, wv, c.vision.mlp_dim, active_experts=_active_experts(vision_cfg))
-  parts["generative_pooler"] = _attention_flops(c.n_gen_queries, patches, wv)
+  parts["generative_pooler"] = _attention_flops(c.n_gen_queries, patches, pw, wv)
   if c.pooling == "cascade":
-    parts["contrastive_pooler"] = _attention_flops(1, c.n_gen_queries, wv)
+    parts["contrastive_pooler"] = _attention_flops(1, c.n_gen_queries, pw)
   elif c.pooling == "parallel":
-    parts["contrastive_pooler"] = _attention_flops(1, patches, wv)
+    parts["contrastive_pooler"] = _attention_flops(1, patches, pw, wv)
   else:
     parts["contrastive_pooler"] = 0
   context_tokens = c.n_gen_queries - (1 if c.pooling == "open_clip" else 0)
-  parts["image_projection"] = 2 * wv * c.embed_dim
+  parts["image_projection"] = 2 * pw * c.embed_dim
   wt, inputs = c.text_width, c.max_len - 1
   text_experts = _active_experts(text_cfg)
   parts["unimodal_decoder"] = c.n_uni * _block_flops(
       inputs + 1, wt, c.text_mlp_dim, active_experts=text_experts)
   parts["text_projection"] = 2 * wt * c.embed_dim
   parts["multimodal_decoder"] = c.n_multi * _block_flops(
-      inputs, wt, c.text_mlp_dim, context_tokens=context_tokens, context_width=wv,
+      inputs, wt, c.text_mlp_dim, context_tokens=context_tokens, context_width=pw,
       active_experts=text_experts)
+  if c.multimodal_layout == "open_clip":  # A second MLP, after cross-attention.
+    parts["multimodal_decoder"] += c.n_multi * _mlp_flops(inputs, wt, c.text_mlp_dim, text_experts)
   parts["vocab_head"] = 2 * inputs * wt * c.vocab_size
   parts["contrastive_logits"] = 2 * batch_size * c.embed_dim
   return parts
