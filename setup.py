@@ -28,6 +28,8 @@ setup(
         "safetensors>=0.4",    # weights in and out (numpy API; no torch needed)
         "regex>=2023",         # CLIP BPE tokenizer's pre-tokenisation pattern (\p{L}, \p{N})
         "ftfy>=6",             # CLIP BPE tokenizer's text cleaning, as open_clip does it
+        "tensorboardX>=2.6",   # TensorBoard event files without TensorFlow
+        "matplotlib>=3.8",     # report and sweep curves (Agg backend, no display)
         # XLA:CPU scratch memory is reused instead of page-faulted every step (coca_jax/runtime.py).
         "cmeel-mimalloc>=3.4; sys_platform == 'linux'",
     ],
@@ -43,6 +45,8 @@ setup(
             "coca-tokenizer=coca_jax.data.tokenizer:main",
             "coca-bench=coca_jax.bench:run",
             "coca-export=coca_jax.export:run",
+            "coca-sweep=coca_jax.sweep:run",
+            "coca-report=coca_jax.report:run",
         ],
     },
 )

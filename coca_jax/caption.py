@@ -19,7 +19,7 @@ import json
 
 from absl import app, flags
 
-from coca_jax import api, generate as gen
+from coca_jax import api, console, generate as gen
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Workdir, checkpoint step directory or export bundle.")
@@ -39,6 +39,7 @@ flags.DEFINE_bool("json", False, "One JSON object per line instead of TSV.")
 
 
 def main(argv) -> None:
+  console.setup()
   inputs = argv[1:]
   if not FLAGS.model or not inputs:
     raise app.UsageError("usage: python -m coca_jax.caption --model PATH IMAGE_OR_FOLDER...")

@@ -25,7 +25,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from coca_jax import api, checkpoint
+from coca_jax import api, checkpoint, console
 from coca_jax.data import pipeline
 from coca_jax.evaluation import evaluators
 
@@ -82,6 +82,7 @@ def evaluate(model: api.Model, config) -> dict:
 
 def main(argv) -> None:
   del argv
+  console.setup()
   model = api.load(FLAGS.workdir, step=FLAGS.step)
   results = {"step": model.step, **evaluate(model, FLAGS.config)}
   text = json.dumps(results, indent=2, sort_keys=True)

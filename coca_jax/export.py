@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from coca_jax import api
+from coca_jax import api, console
 from coca_jax.data.tokenizer import TOKENIZER_FILES
 
 FLAGS = flags.FLAGS
@@ -111,6 +111,7 @@ def export(source: str, out: str, *, step: int | None = None, dtype: str = "floa
 
 def main(argv) -> None:
   del argv
+  console.setup()
   if not FLAGS.workdir or not FLAGS.out:
     raise app.UsageError("--src (or --workdir) and --out are required")
   print(export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype, fmt=FLAGS.format))

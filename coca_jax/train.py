@@ -17,15 +17,14 @@ if __name__ == "__main__":  # Before JAX starts (python -m); see coca_jax/runtim
 
 import json
 import os
-import signal
 import time
 
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from coca_jax import checkpoint, config as config_lib, flops, sharding, step as step_lib
-from coca_jax import warm_start
+from coca_jax import checkpoint, config as config_lib, console, flops, sharding, step as step_lib
+from coca_jax import metrics as metrics_lib, preemption, warm_start
 from coca_jax.data import builders, pipeline
 from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 from coca_jax.evaluation import evaluators
@@ -38,6 +37,7 @@ flags.DEFINE_bool("dry_run", False, "Validate + build abstractly, print a JSON s
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+flags.DEFINE_bool("verbose", False, "Also print the INFO logs of orbax, TFDS, JAX (debugging).")
 
 
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
@@ -50,34 +50,6 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
     jax.distributed.initialize()
   elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
     jax.distributed.initialize()
-
-
-class MetricsWriter:
-  """Appends one JSON object per call to DIR/metrics.jsonl (process 0 only)."""
-
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.enabled = jax.process_index() == 0
-
-  def write(self, record: dict) -> None:
-    if self.enabled:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-class StopRequest:
-  """Set by SIGTERM/SIGINT (e.g. SLURM's warning before the time limit, a spot VM going away):
-  the loop then saves a checkpoint at the current step and exits cleanly, and a re-run resumes."""
-
-  def __init__(self):
-    self.requested = False
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      signal.signal(sig, self._handle)
-
-  def _handle(self, signum, frame):
-    del frame
-    logging.warning("Received signal %d: checkpointing and stopping after this step", signum)
-    self.requested = True
 
 
 def _to_python(tree) -> dict:
@@ -93,8 +65,10 @@ def prepare_data(config, workdir: str) -> Tokenizer:
   data = config.data
   if not data.get("data_dir"):
     data.data_dir = os.path.join(workdir, "tensorflow_datasets")
-  if data.get("build_demo", False) and not os.path.isdir(os.path.join(data.data_dir, data.name)):
-    if jax.process_index() == 0:
+  if data.get("build_demo", False):
+    # Only process 0 looks and builds; every process syncs (another process could see the
+    # directory process 0 is still writing and skip the barrier).
+    if jax.process_index() == 0 and not os.path.isdir(os.path.join(data.data_dir, data.name)):
       builders.make_builder("demo", data.name, data.data_dir, **dict(data.build_demo_options)
                             ).download_and_prepare()
     _sync("demo dataset built")
@@ -150,6 +124,7 @@ def dry_run_summary(config, mesh) -> dict:
 def main(argv) -> None:
   del argv
   config, workdir = FLAGS.config, FLAGS.workdir
+  console.setup(FLAGS.verbose)
   if config is None:
     raise app.UsageError("--config is required, e.g. --config experiments/demo.py")
   initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -168,11 +143,15 @@ def main(argv) -> None:
     raise app.UsageError("--workdir is required (unless --dry_run)")
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  profiler = metrics_lib.Profiler(config, workdir)  # Checks config.profile before the long part.
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
 
   # ---- Input --------------------------------------------------------------------------------
-  tokenizer = prepare_data(config, workdir)
+  t0 = time.perf_counter()
+  with console.quiet_stdout(FLAGS.verbose):
+    tokenizer = prepare_data(config, workdir)
+  logging.info("Data %r and tokenizer ready (%.1fs)", config.data.name, time.perf_counter() - t0)
   batch_sharding = {"image": sharding.batch_sharding(mesh, 4),
                     "text": sharding.batch_sharding(mesh, 2)}
   train_iter = pipeline.make_train_iterator(config, mesh, batch_sharding)
@@ -203,7 +182,8 @@ def main(argv) -> None:
                getattr(memory, "temp_size_in_bytes", "n/a"))
 
   # ---- Loop ---------------------------------------------------------------------------------
-  writer = MetricsWriter(workdir)
+  writer = metrics_lib.MetricsWriter(workdir)
+  data_wait = metrics_lib.TimedIterator(train_iter)
   flops_per_example = flops.model_flops_per_example(config)
   peak_flops = flops.peak_flops_per_device()  # On CPU: a matmul measured once, here.
   first_step = int(jax.device_get(state.step))
@@ -216,11 +196,13 @@ def main(argv) -> None:
     step_num, metrics = pending
     now = time.perf_counter()
     steps = step_num - last_step
-    record = {"step": step_num, **_to_python(metrics)}
+    record = {"step": step_num, **_to_python(metrics), **metrics_lib.host_memory()}
+    waited = data_wait.take()
     if steps > 0:
       sec_per_step = (now - last_time) / steps
       examples_per_sec = config.train.batch_size / sec_per_step
       record.update(examples_per_sec=examples_per_sec, step_seconds=sec_per_step,
+                    data_wait_seconds=waited, data_wait_fraction=waited / (now - last_time),
                     **flops.throughput_metrics(flops_per_example, examples_per_sec,
                                                jax.device_count(), peak_flops))
     writer.write(record)
@@ -229,23 +211,28 @@ def main(argv) -> None:
 
   embedder = evaluators.Embedder(model, state.params, tokenizer,
                                  batch_size=config.evals.get("batch_size", 256))
-  stop = StopRequest()
+  stop = preemption.StopSignal(manager)
   with jax.set_mesh(mesh):
     for step_num in range(first_step + 1, config.train.steps + 1):
-      batch = next(train_iter)
+      batch = next(data_wait)
+      profiler.before(step_num)
       state, metrics = compiled(state, batch)
+      profiler.after(step_num, state)
       if pending is not None:
         flush(pending)
         pending = None
       if step_num % config.train.log_every == 0 or step_num == config.train.steps:
         pending = (step_num, metrics)
-      if stop.requested:
+      if stop.reached(step_num):
+        profiler.stop(state)
         checkpoint.save(manager, step_num, state, train_iter, force=True)
         manager.wait_until_finished()
         if pending is not None:
           flush(pending)
-        logging.warning("Stopped at step %d; re-run with the same --workdir to resume", step_num)
+        logging.warning("Process %d/%d stopped at step %d; re-run with the same --workdir to "
+                        "resume", jax.process_index(), jax.process_count(), step_num)
         manager.close()
+        writer.close()
         return
       if checkpoint.should_save(manager, step_num, ckpt.every_steps):
         checkpoint.save(manager, step_num, state, train_iter)
@@ -256,6 +243,7 @@ def main(argv) -> None:
           writer.write({"step": step_num, **results})
     if pending is not None:
       flush(pending)
+    profiler.stop(state)
 
     # ---- Final checkpoint and evals ---------------------------------------------------------
     final_step = int(jax.device_get(state.step))
@@ -268,6 +256,7 @@ def main(argv) -> None:
     if jax.process_index() == 0:
       print(json.dumps(results, indent=2, sort_keys=True))
   manager.close()
+  writer.close()
 
 
 def _evaluate(config, embedder: evaluators.Embedder, state) -> dict:

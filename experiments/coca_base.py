@@ -1,7 +1,10 @@
-"""CoCa-Base as in the paper (Table 1; 383M parameters) and the paper's pretraining recipe.
+r"""CoCa-Base as in the paper (Table 1; 383M parameters) and the paper's pretraining recipe.
 
-  python -m coca_jax.train --config experiments/coca_base.py --workdir gs://BUCKET/coca_base
+  python -m coca_jax.train --config experiments/coca_base.py --dry_run     # sizes, FLOPs
   python -m coca_jax.bench --config experiments/coca_base.py:batch=4096 --mode compile --json
+  launch/tpu_pod.sh --tpu NAME --zone ZONE --config experiments/coca_base.py \
+      --workdir gs://BUCKET/coca_base [-- --config.data.name=YOUR_TFDS_DATASET ...]
+  python -m coca_jax.train --config experiments/coca_base.py:runlocal --workdir /tmp/coca_base
 
 The three paper sizes share this file's recipe; experiments/coca_large.py and coca_2b.py only
 change the model size. Args (comma-separated after ':'):
@@ -23,6 +26,8 @@ Optimizer: Adafactor (b1 0.9, b2 0.999), decoupled weight decay 0.01, peak lr 8e
 """
 
 import ml_collections
+
+from coca_jax.metrics import PROFILE_DEFAULTS
 
 # Table 1 of the CoCa paper: (vision width, depth, mlp; text width, n_uni, n_multi, mlp; heads).
 PAPER_SIZES = {
@@ -80,6 +85,7 @@ def paper_config(size: str, arg: str = "") -> ml_collections.ConfigDict:
   # Parameters and optimizer state fully sharded across every chip; batch over the same chips.
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5_000, keep=3, async_save=True))
+  c.profile = ml_collections.ConfigDict(PROFILE_DEFAULTS)  # --config.profile.start_step=N traces
   c.evals = ml_collections.ConfigDict(dict(
       every_steps=10_000, zeroshot_examples=50_000, retrieval_examples=5_000,
       caption_examples=5_000))

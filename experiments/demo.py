@@ -1,17 +1,26 @@
 """Demo: a small CoCa trained on digit scenes (real handwritten digits, coloured, 1-3 per image).
 
+Reproduces, on 2 CPU cores in ~7 minutes, what the paper's model is for: one image-text model
+that classifies held-out digits zero-shot (~0.97 top-1), retrieves scenes from captions and back,
+and captions them (README, "Measured figures"). The data set is built offline from scikit-learn's
+digits on the first run.
+
   python -m coca_jax.train --config experiments/demo.py --workdir /tmp/coca_demo
   python -m coca_jax.train --config experiments/demo.py:smoke --workdir /tmp/coca_smoke
+  python -m coca_jax.sweep --config experiments/demo.py:smoke --workdir /tmp/coca_sweep
+  python -m coca_jax.report --workdir /tmp/coca_demo
 
 Args (comma-separated after ':'):
   smoke  shrinks everything to finish in well under a minute (most tests use it).
   mini   a small model that learns held-out digits well above chance in ~20 s of training
          (the zero-shot test uses it).
+sweep() below: peak learning rate 1e-3 vs 3e-3, two trials.
 """
 
 import ml_collections
 
 from coca_jax.data.digit_scenes import DIGIT_NAMES, ZERO_SHOT_TEMPLATES
+from coca_jax.metrics import PROFILE_DEFAULTS
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -55,6 +64,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       freeze_regex=[]))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=400, keep=2, async_save=True))
+  # A jax.profiler trace of a few steps into DIR/profile: --config.profile.start_step=100.
+  c.profile = ml_collections.ConfigDict(PROFILE_DEFAULTS)
   c.evals = ml_collections.ConfigDict(dict(
       every_steps=0,  # 0 = only at the end of training.
       batch_size=250,
@@ -88,3 +99,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.checkpoint.update(every_steps=300)
     c.evals.zeroshot.examples = 500
   return c
+
+
+def sweep():
+  """Peak learning rate x 2, e.g. on the smoke config:
+  python -m coca_jax.sweep --config experiments/demo.py:smoke --workdir /tmp/coca_sweep"""
+  from coca_jax.sweep import product
+  return product({"optim.lr": [1e-3, 3e-3]})

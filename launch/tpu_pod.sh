@@ -1,8 +1,110 @@
 #!/usr/bin/env bash
-# Every worker of a Cloud TPU VM pod slice runs the same command; JAX discovers the pod itself.
-#   launch/tpu_pod.sh TPU_NAME ZONE experiments/coca_base.py gs://bucket/run [overrides...]
-# The repo must be on each worker (e.g. `gcloud ... scp --worker=all`) with `pip install -e .`.
+# Cloud TPU VMs: every worker of a slice (or of several slices) runs the same train command;
+# JAX finds the other workers itself.
+#
+#   launch/tpu_pod.sh --tpu NAME --zone ZONE [--project PROJECT] \
+#       --config experiments/coca_base.py --workdir gs://BUCKET/runs/coca_base \
+#       [--accelerator_type v5p-64 --create] [--slices N] [--setup] [--dry_run] \
+#       [-- --config.train.steps=1000 ...]
+#
+# Flags:
+#   --tpu NAME              TPU VM name (with --slices > 1: the queued resource's name)
+#   --zone ZONE             e.g. us-east5-a
+#   --project PROJECT       Google Cloud project (default: gcloud's configured one)
+#   --config FILE[:ARGS]    experiment config, a path inside the repo (required)
+#   --workdir DIR           checkpoints, metrics, TensorBoard; every worker must reach it (a GCS
+#                           bucket, gs://... or mounted with gcsfuse)
+#   --accelerator_type T    e.g. v5p-64, v5litepod-256 (needed with --create)
+#   --runtime_version V     TPU software version for --create (default: tpu-ubuntu2204-base)
+#   --create                create the TPU VM (or, with --slices > 1, a queued resource of N
+#                           slices) first
+#   --slices N              number of slices (default 1). N > 1 runs on every worker of every
+#                           slice (queued-resources ssh --node=all) and adds
+#                           --config.mesh.dcn_<axis>=N so that axis spans the slices over DCN
+#   --dcn_axis AXIS         mesh axis split across slices: data (default) or fsdp
+#   --setup                 copy this repo (git HEAD) to every worker and pip install it first
+#   --repo_dir DIR          where the repo lives on the workers (default: coca_jax, in $HOME)
+#   --python PY             interpreter on the workers (default: python3)
+#   --dry_run               print the commands, one per line, and run none
+#   -- ARGS...              passed to `python -m coca_jax.train` (config overrides)
+#
+# Preemption: a maintenance event or spot reclaim sends SIGTERM to the workers; JAX's preemption
+# sync makes every worker stop after the same step and write one checkpoint. Run the same command
+# again to resume.
 set -euo pipefail
-tpu="$1"; zone="$2"; config="$3"; workdir="$4"; shift 4
-gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command \
-  "cd ~/coca_jax && python -m coca_jax.train --config $config --workdir $workdir $*"
+
+usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit "${1:-2}"; }
+die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
+
+tpu="" zone="" project="" config="" workdir="" accel="" runtime="tpu-ubuntu2204-base"
+create=0 slices=1 dcn_axis=data setup=0 repo_dir=coca_jax python=python3 dry_run=0 extra=()
+while (($#)); do
+  case "$1" in
+    --tpu) tpu="$2"; shift 2 ;;
+    --zone) zone="$2"; shift 2 ;;
+    --project) project="$2"; shift 2 ;;
+    --config) config="$2"; shift 2 ;;
+    --workdir) workdir="$2"; shift 2 ;;
+    --accelerator_type) accel="$2"; shift 2 ;;
+    --runtime_version) runtime="$2"; shift 2 ;;
+    --create) create=1; shift ;;
+    --slices) slices="$2"; shift 2 ;;
+    --dcn_axis) dcn_axis="$2"; shift 2 ;;
+    --setup) setup=1; shift ;;
+    --repo_dir) repo_dir="$2"; shift 2 ;;
+    --python) python="$2"; shift 2 ;;
+    --dry_run) dry_run=1; shift ;;
+    -h|--help) usage 0 ;;
+    --) shift; extra=("$@"); break ;;
+    *) die "unknown argument '$1' (config overrides go after --; see --help)" ;;
+  esac
+done
+missing=()
+for name in tpu zone config workdir; do [[ -n "${!name}" ]] || missing+=("--$name"); done
+((${#missing[@]} == 0)) || die "missing ${missing[*]} (see --help)"
+((create == 0)) || [[ -n "$accel" ]] || die "--create needs --accelerator_type (e.g. v5p-64)"
+[[ "$slices" =~ ^[1-9][0-9]*$ ]] || die "--slices must be a positive integer, got '$slices'"
+[[ "$dcn_axis" == data || "$dcn_axis" == fsdp ]] || die "--dcn_axis must be data or fsdp"
+
+quote() {  # The arguments as one shell-quoted line (plain words stay as they are).
+  local out=() a
+  for a in "$@"; do
+    if [[ "$a" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
+  done
+  echo "${out[*]}"
+}
+run() {  # Prints the command (--dry_run) or runs it.
+  if ((dry_run)); then quote "$@"; else "$@"; fi
+}
+
+where=(--zone "$zone")
+[[ -z "$project" ]] || where+=(--project "$project")
+if ((slices > 1)); then
+  ssh=(gcloud compute tpus queued-resources ssh "$tpu" "${where[@]}" --worker=all --node=all)
+  scp=(gcloud compute tpus queued-resources scp "${where[@]}" --worker=all --node=all)
+  extra=("--config.mesh.dcn_${dcn_axis}=$slices" "${extra[@]}")
+else
+  ssh=(gcloud compute tpus tpu-vm ssh "$tpu" "${where[@]}" --worker=all)
+  scp=(gcloud compute tpus tpu-vm scp "${where[@]}" --worker=all)
+fi
+
+if ((create)); then
+  if ((slices > 1)); then
+    run gcloud compute tpus queued-resources create "$tpu" "${where[@]}" --node-count "$slices" \
+      --node-prefix "$tpu" --accelerator-type "$accel" --runtime-version "$runtime"
+  else
+    run gcloud compute tpus tpu-vm create "$tpu" "${where[@]}" --accelerator-type "$accel" \
+      --version "$runtime"
+  fi
+fi
+
+if ((setup)); then
+  archive="/tmp/coca_jax-$(git rev-parse --short HEAD 2>/dev/null || echo src).tar.gz"
+  run git archive --format=tar.gz -o "$archive" HEAD
+  run "${scp[@]}" "$archive" "$tpu:coca_jax.tar.gz"
+  dir="$(quote "$repo_dir")"
+  run "${ssh[@]}" --command "mkdir -p $dir && tar -xzf coca_jax.tar.gz -C $dir && $(quote "$python" -m pip install -q "jax[tpu]" -e "$repo_dir")"
+fi
+
+train=("$python" -m coca_jax.train --config "$config" --workdir "$workdir" "${extra[@]}")
+run "${ssh[@]}" --command "cd $(quote "$repo_dir") && $(quote "${train[@]}")"

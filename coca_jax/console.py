@@ -1,0 +1,65 @@
+"""What a run prints: our own lines and every warning; third-party INFO logs only with --verbose.
+
+orbax, TFDS and JAX log through absl / Python logging at INFO (CheckpointManagerOptions dumps,
+"Unable to initialize backend 'tpu'", per-save throughput lines). Those drown the progress lines,
+so by default the absl handler passes an INFO record only when it comes from this package, and
+formats it as the bare message; WARNING and above pass from everywhere, with their origin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging as py_logging
+import os
+
+from absl import logging
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class _OwnInfoAndWarnings(py_logging.Filter):
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return (record.levelno >= py_logging.WARNING
+            or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR))
+
+
+class _Formatter(py_logging.Formatter):
+
+  def format(self, record: py_logging.LogRecord) -> str:
+    message = record.getMessage()
+    if record.exc_info:
+      message += "\n" + self.formatException(record.exc_info)
+    if record.levelno < py_logging.WARNING:
+      return message
+    return f"{record.levelname} ({record.module}): {message}"
+
+
+def setup(verbose: bool = False) -> None:
+  """Installs the quiet console (idempotent). `verbose=True` keeps absl's own format and every
+  library's INFO lines, for debugging checkpointing or data loading."""
+  if verbose:
+    logging.set_verbosity(logging.INFO)
+    return
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _OwnInfoAndWarnings) for f in handler.filters):
+    handler.addFilter(_OwnInfoAndWarnings())
+  handler.setFormatter(_Formatter())
+  # Warnings raised with `warnings.warn` go through the same filter and format.
+  py_logging.captureWarnings(True)
+  try:  # TFDS draws tqdm bars while it writes a dataset; our own builders report instead.
+    import tensorflow_datasets as tfds
+    tfds.disable_progress_bar()
+  except ImportError:
+    pass
+
+
+@contextlib.contextmanager
+def quiet_stdout(verbose: bool = False):
+  """Swallows what libraries print to stdout inside the block (TFDS announces every dataset it
+  writes with a bold 'Downloading and preparing dataset Unknown size ...'), unless verbose."""
+  if verbose:
+    yield
+    return
+  with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+    yield

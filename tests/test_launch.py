@@ -1,0 +1,143 @@
+"""Spec: every launch script's --dry_run prints exactly the commands it would run (checked word by
+word after shell parsing, so quoting is right), and bad flags fail with a message naming them.
+No gcloud, xpk or SLURM is needed: dry runs start nothing."""
+
+import os
+import shlex
+import subprocess
+
+from conftest import REPO
+
+OVERRIDE = "--config.data.name=it's a name"   # A space and a quote: the quoting must hold.
+
+
+def _dry_run(script, *args):
+  result = subprocess.run(["bash", os.path.join(REPO, "launch", script), "--dry_run", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+  assert result.returncode == 0, result.stderr
+  return [shlex.split(line) for line in result.stdout.splitlines()]
+
+
+def _train_words(command: str) -> list[str]:
+  """The words of the `python -m coca_jax.train ...` part of a remote command string."""
+  words = shlex.split(command)
+  return words[words.index("-m") - 1:]
+
+
+def test_tpu_pod_single_slice_runs_train_on_every_worker():
+  commands = _dry_run("tpu_pod.sh", "--tpu", "pod-1", "--zone", "us-east5-a", "--project", "proj",
+                      "--config", "experiments/coca_base.py:batch=4096",
+                      "--workdir", "gs://bucket/run", "--", OVERRIDE)
+  assert len(commands) == 1
+  ssh = commands[0]
+  assert ssh[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]
+  assert ssh[5] == "pod-1" and "--worker=all" in ssh
+  assert ssh[ssh.index("--zone") + 1] == "us-east5-a" and ssh[ssh.index("--project") + 1] == "proj"
+  remote = ssh[ssh.index("--command") + 1]
+  assert remote.startswith("cd coca_jax && ")
+  assert _train_words(remote) == ["python3", "-m", "coca_jax.train", "--config",
+                                  "experiments/coca_base.py:batch=4096", "--workdir",
+                                  "gs://bucket/run", OVERRIDE]
+
+
+def test_tpu_pod_multislice_create_setup_and_dcn_mesh():
+  commands = _dry_run("tpu_pod.sh", "--tpu", "qr", "--zone", "z", "--config", "c.py",
+                      "--workdir", "gs://b/r", "--slices", "4", "--accelerator_type", "v5p-128",
+                      "--create", "--setup")
+  create, archive, copy, install, train = commands
+  assert create[:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"]
+  assert create[create.index("--node-count") + 1] == "4"
+  assert create[create.index("--accelerator-type") + 1] == "v5p-128"
+  assert archive[:2] == ["git", "archive"]
+  assert copy[:5] == ["gcloud", "compute", "tpus", "queued-resources", "scp"]
+  assert "--node=all" in install and "pip" in install[install.index("--command") + 1]
+  assert train[:5] == ["gcloud", "compute", "tpus", "queued-resources", "ssh"]
+  assert "--node=all" in train and "--worker=all" in train
+  words = _train_words(train[train.index("--command") + 1])
+  assert words[-1] == "--config.mesh.dcn_data=4"
+
+
+def test_gke_xpk_workload_command():
+  (xpk,) = _dry_run("gke_xpk.sh", "--cluster", "c1", "--zone", "z", "--project", "p",
+                    "--tpu_type", "v5p-256", "--workload", "coca-base-1", "--slices", "2",
+                    "--dcn_axis", "fsdp", "--docker_image", "gcr.io/p/coca:1",
+                    "--config", "experiments/coca_base.py", "--workdir", "gs://b/r", "--", OVERRIDE)
+  assert xpk[:3] == ["xpk", "workload", "create"]
+  flag = lambda name: xpk[xpk.index(name) + 1]
+  assert (flag("--cluster"), flag("--tpu-type"), flag("--num-slices"), flag("--workload"),
+          flag("--docker-image")) == ("c1", "v5p-256", "2", "coca-base-1", "gcr.io/p/coca:1")
+  assert _train_words(flag("--command")) == [
+      "python3", "-m", "coca_jax.train", "--config", "experiments/coca_base.py", "--workdir",
+      "gs://b/r", "--config.mesh.dcn_fsdp=2", OVERRIDE]
+
+
+def test_slurm_sbatch_srun_command_and_signal_reaches_tasks():
+  (srun,) = _dry_run("slurm_gpu.sbatch", "--config", "experiments/coca_base.py",
+                     "--workdir", "/shared/run", "--", OVERRIDE)
+  assert srun[0] == "srun"
+  assert srun[srun.index("-m"):] == ["-m", "coca_jax.train", "--config",
+                                     "experiments/coca_base.py", "--workdir", "/shared/run",
+                                     OVERRIDE]
+  directives = [line for line in open(os.path.join(REPO, "launch", "slurm_gpu.sbatch"))
+                if line.startswith("#SBATCH")]
+  # `B:` would signal the batch shell only; the training tasks must get SIGTERM themselves.
+  assert "#SBATCH --signal=TERM@120\n" in directives
+
+
+def test_local_multiprocess_one_command_per_process():
+  commands = _dry_run("local_multiprocess.sh", "--num_processes", "3", "--port", "1234",
+                      "--config", "experiments/demo.py:smoke", "--workdir", "/tmp/r", "--",
+                      OVERRIDE)
+  assert len(commands) == 3
+  for i, words in enumerate(commands):
+    assert words[words.index("--process_id") + 1] == str(i)
+    assert words[words.index("--num_processes") + 1] == "3"
+    assert words[words.index("--coordinator_address") + 1] == "127.0.0.1:1234"
+    assert words[-1] == OVERRIDE
+
+
+def test_launch_scripts_name_missing_and_unknown_flags():
+  for script, needed in (("tpu_pod.sh", "--tpu --zone --config --workdir"),
+                         ("gke_xpk.sh", "--cluster --zone --tpu_type --workload --config")):
+    result = subprocess.run(["bash", os.path.join(REPO, "launch", script), "--dry_run"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and needed in result.stderr, result.stderr
+  result = subprocess.run(["bash", os.path.join(REPO, "launch", "tpu_pod.sh"), "--zonee", "z"],
+                          capture_output=True, text=True, timeout=30)
+  assert result.returncode == 2 and "unknown argument '--zonee'" in result.stderr
+
+
+def test_slurm_batch_shell_forwards_sigterm_to_srun(tmp_path):
+  """If only the batch shell is signalled (`--signal=B:TERM`, `scancel --batch`), srun still
+  gets SIGTERM (and srun passes it to the tasks). A stub `srun` records what reaches it."""
+  import signal
+  import time
+  stub = tmp_path / "srun"
+  stub.write_text("#!/usr/bin/env bash\n"
+                  f"trap 'echo TERM > {tmp_path}/got; exit 7' TERM\n"
+                  f"echo $$ > {tmp_path}/pid; echo \"$@\" > {tmp_path}/args\n"
+                  "while true; do sleep 0.1; done\n")
+  stub.chmod(0o755)
+  proc = subprocess.Popen(
+      ["bash", os.path.join(REPO, "launch", "slurm_gpu.sbatch"), "--config", "c.py",
+       "--workdir", "/w"], env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"})
+  try:
+    deadline = time.time() + 20
+    while not (tmp_path / "args").exists() and time.time() < deadline:
+      time.sleep(0.1)
+    assert "-m coca_jax.train --config c.py --workdir /w" in (tmp_path / "args").read_text()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 7          # The batch script ends with srun's exit status.
+    assert (tmp_path / "got").read_text().strip() == "TERM"
+  finally:  # On failure, leave no stub behind (only the processes this test started).
+    if proc.poll() is None:
+      proc.kill()
+    if (tmp_path / "pid").exists():
+      pid = int((tmp_path / "pid").read_text())
+      try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+          ours = str(tmp_path).encode() in f.read()
+      except OSError:
+        ours = False
+      if ours:
+        os.kill(pid, signal.SIGKILL)
