@@ -40,7 +40,7 @@ from PIL import Image
 
 from coca_jax import checkpoint, generate as gen, step as step_lib
 from coca_jax.data import preprocess
-from coca_jax.data.tokenizer import Tokenizer
+from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 from coca_jax.evaluation import evaluators, metrics
 from coca_jax.models.coca import CoCa
 
@@ -85,6 +85,20 @@ def restore_exported_params(params_dir: str, abstract, dtype=None):
   return jax.tree.map(lambda p, a: p.astype(dtype or a.dtype), params, abstract)
 
 
+def read_safetensors_params(path: str, config, abstract):
+  """A bundle's model.safetensors (flat unscanned keys, f32 or bf16) -> float32 params in the
+  layout of `config` (scanned or not); every leaf checked against `abstract`."""
+  import safetensors.numpy
+  from coca_jax.interop import params as flat_params
+  from coca_jax.models.coca import CoCaConfig
+  flat = {k: np.asarray(v, np.float32) for k, v in safetensors.numpy.load_file(path).items()}
+  params = flat_params.unflatten(CoCaConfig.from_config(config.model), flat)
+  flat_params.check_against(abstract, params)
+  device = jax.devices()[0]
+  return jax.tree.map(lambda p, a: jax.device_put(jnp.asarray(p, a.dtype), device),
+                      params, abstract)
+
+
 def resolve(path: str, step: int | None = None) -> dict:
   """Finds what `path` is. Returns dict(kind, root (where config.json lives), state_dir or
   params_dir, step)."""
@@ -92,7 +106,8 @@ def resolve(path: str, step: int | None = None) -> dict:
   if os.path.exists(os.path.join(path, EXPORT_MANIFEST)):
     with open(os.path.join(path, EXPORT_MANIFEST)) as f:
       manifest = json.load(f)
-    return dict(kind="export", root=path, params_dir=os.path.join(path, EXPORT_PARAMS),
+    return dict(kind="export", root=path,
+                params_dir=os.path.join(path, manifest.get("params", EXPORT_PARAMS)),
                 step=manifest.get("step"))
   if os.path.isdir(os.path.join(path, checkpoint.STATE)):  # DIR/checkpoints/<step>
     root = os.path.dirname(os.path.dirname(path))
@@ -110,14 +125,16 @@ def resolve(path: str, step: int | None = None) -> dict:
       f"directory (checkpoints/<step>/state) nor an export ({EXPORT_MANIFEST}); pass one of those")
 
 
-def _find_tokenizer(root: str, config) -> Tokenizer:
-  beside = os.path.join(root, "tokenizer.model")
+def _find_tokenizer(root: str, config):
+  kind = config.data.get("tokenizer_kind", "sentencepiece")
+  beside = os.path.join(root, TOKENIZER_FILES.get(kind, "tokenizer.model"))
   configured = config.data.get("tokenizer", "")
   for candidate in (beside, configured):
     if candidate and os.path.exists(candidate):
-      return Tokenizer.load(candidate)
+      return load_tokenizer(candidate, kind)
   raise FileNotFoundError(f"no tokenizer: neither {beside} nor config.data.tokenizer="
-                          f"{configured!r} exists; copy the run's tokenizer.model beside config.json")
+                          f"{configured!r} exists; copy the run's {os.path.basename(beside)} "
+                          "beside config.json")
 
 
 def load(path: str, *, step: int | None = None, batch_size: int = 64) -> "Model":
@@ -129,8 +146,17 @@ def load(path: str, *, step: int | None = None, batch_size: int = 64) -> "Model"
   found = resolve(path, step)
   config = checkpoint.read_config(found["root"])
   tokenizer = _find_tokenizer(found["root"], config)
+  model, params = load_params(found, config)
+  return Model(model, params, tokenizer, config, batch_size=batch_size, step=found["step"])
+
+
+def load_params(found: dict, config):
+  """(CoCa module, float32 params on one device) of what `resolve` found, built from `config`
+  (the config stored beside it)."""
   model, abstract = abstract_params(config)
-  if found["kind"] == "export":
+  if found["kind"] == "export" and found["params_dir"].endswith(".safetensors"):
+    params = read_safetensors_params(found["params_dir"], config, abstract)
+  elif found["kind"] == "export":
     params = restore_exported_params(found["params_dir"], abstract)
   elif found["kind"] == "workdir":
     # The same rule as `train`: the requested step, else the newest readable one.
@@ -141,7 +167,7 @@ def load(path: str, *, step: int | None = None, batch_size: int = 64) -> "Model"
         step=step)
   else:
     params = restore_params_from_state(found["state_dir"], abstract)
-  return Model(model, params, tokenizer, config, batch_size=batch_size, step=found["step"])
+  return model, params
 
 
 class ImageFileError(ValueError):

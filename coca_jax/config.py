@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 
 import ml_collections
 
@@ -217,6 +218,21 @@ def validate(config, num_devices: int | None = None) -> None:
     _validate_experts(config, need)
     need(not itm_weight, f"config.loss.itm_weight={itm_weight} needs a fused image-text pass, "
          "which CoCa towers do not have; set it to 0 or use config.model.backbone='mome'")
+    # open_clip architecture options (towers only).
+    need(m.get("activation", "gelu_tanh") in ("gelu_tanh", "gelu", "quick_gelu"),
+         f"config.model.activation={m.get('activation')!r} is unknown; use gelu_tanh, gelu "
+         "(exact, open_clip) or quick_gelu")
+    need(m.text.get("multimodal_layout", "coca") in ("coca", "open_clip"),
+         f"config.model.text.multimodal_layout={m.text.get('multimodal_layout')!r} is unknown; "
+         "use coca or open_clip")
+    need(m.text.get("cls_mask", "correct") in ("correct", "open_clip_legacy"),
+         f"config.model.text.cls_mask={m.text.get('cls_mask')!r} is unknown; use correct or "
+         "open_clip_legacy")
+    pooler_width = m.get("pooler_width", 0)
+    need(isinstance(pooler_width, int) and pooler_width >= 0
+         and pooler_width % m.pooler_heads == 0,
+         f"config.model.pooler_width={pooler_width!r} must be 0 (the vision width) or a "
+         f"multiple of config.model.pooler_heads={m.pooler_heads}")
 
   t = config.train
   for name in ("steps", "batch_size", "log_every"):
@@ -237,6 +253,15 @@ def validate(config, num_devices: int | None = None) -> None:
   skips = t.get("max_consecutive_skips", 10)
   need(isinstance(skips, int) and skips >= 1,
        f"config.train.max_consecutive_skips={skips!r} must be a positive integer")
+  need(config.loss.get("contrastive_reduction", "sum") in ("sum", "mean"),
+       f"config.loss.contrastive_reduction={config.loss.get('contrastive_reduction')!r} is "
+       "unknown; use sum (the paper's eq. 1) or mean (open_clip)")
+  init = config.get("init", {})
+  for name in ("include_regex", "exclude_regex", "reinit_regex"):
+    try:
+      re.compile(init.get(name, "") or "")
+    except re.error as e:
+      problems.append(f"config.init.{name}={init.get(name)!r} is not a valid regex ({e})")
   microbatches = t.get("microbatches", 1)
   need(isinstance(microbatches, int) and microbatches >= 1,
        f"config.train.microbatches={microbatches!r} must be a positive integer")

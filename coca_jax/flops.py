@@ -140,27 +140,30 @@ def forward_flops_breakdown(config, batch_size: int | None = None) -> dict[str, 
   if config.model.get("backbone", "towers") == "mome":
     return _mome_flops_breakdown(config, batch_size)
   c = CoCaConfig.from_config(config.model)
-  patches, wv = c.num_patches, c.vision.width
+  patches, wv = c.image_tokens, c.vision.width  # Patches (+ the class token, if any).
+  pw = c.pooler_width or wv  # open_clip's pooler works at embed_dim, reading wv-wide tokens.
   parts: dict[str, int] = {}
-  parts["patch_embed"] = 2 * patches * (c.patch_size ** 2 * 3) * wv
+  parts["patch_embed"] = 2 * c.num_patches * (c.patch_size ** 2 * 3) * wv
   parts["image_encoder"] = _stack_flops(c.vision.depth, patches, wv, c.vision.mlp_dim,
                                         c.vision_experts)
-  parts["generative_pooler"] = _attention_flops(c.n_gen_queries, patches, wv)
+  parts["generative_pooler"] = _attention_flops(c.n_gen_queries, patches, pw, wv)
   if c.pooling == "cascade":
-    parts["contrastive_pooler"] = _attention_flops(1, c.n_gen_queries, wv)
+    parts["contrastive_pooler"] = _attention_flops(1, c.n_gen_queries, pw)
   elif c.pooling == "parallel":
-    parts["contrastive_pooler"] = _attention_flops(1, patches, wv)
+    parts["contrastive_pooler"] = _attention_flops(1, patches, pw, wv)
   else:
     parts["contrastive_pooler"] = 0
   context_tokens = c.n_gen_queries - (1 if c.pooling == "open_clip" else 0)
-  parts["image_projection"] = 2 * wv * c.embed_dim
+  parts["image_projection"] = 2 * pw * c.embed_dim
   wt, inputs = c.text_width, c.max_len - 1
   parts["unimodal_decoder"] = _stack_flops(c.n_uni, inputs + 1, wt, c.text_mlp_dim,
                                            c.text_experts)
   parts["text_projection"] = 2 * wt * c.embed_dim
   parts["multimodal_decoder"] = _stack_flops(
       c.n_multi, inputs, wt, c.text_mlp_dim, c.text_experts, layer_offset=c.n_uni,
-      context_tokens=context_tokens, context_width=wv)
+      context_tokens=context_tokens, context_width=pw)
+  if c.multimodal_layout == "open_clip":  # A second (dense) MLP, after cross-attention.
+    parts["multimodal_decoder"] += c.n_multi * _mlp_flops(inputs, wt, c.text_mlp_dim)
   parts["vocab_head"] = 2 * inputs * wt * c.vocab_size
   parts["contrastive_logits"] = 2 * batch_size * c.embed_dim
   return parts

@@ -115,7 +115,7 @@ def _decoder(model: CoCa, params) -> tuple[CoCa, dict]:
 
 def _first_step(decoder: CoCa, params, context):
   """BOS through the decoder: fills the cache (and the cross-attention K/V). -> (logits [B,V], cache)."""
-  bos = jnp.full((context.shape[0], 1), BOS_ID, jnp.int32)
+  bos = jnp.full((context.shape[0], 1), decoder.config.bos_id, jnp.int32)
   logits, variables = decoder.apply(
       {"params": params}, bos, context, method="decode_step", mutable=["cache"])
   return logits[:, 0], variables["cache"]
@@ -129,14 +129,14 @@ def _next_step(decoder: CoCa, params, cache, tokens, context):
   return logits[:, 0], variables["cache"]
 
 
-def allowed_logits(logits, num_generated, min_len):
+def allowed_logits(logits, num_generated, min_len, bos_id: int = BOS_ID, eos_id: int = EOS_ID):
   """Masks tokens that may not come next: BOS and PAD never; EOS before `min_len` tokens.
 
   logits [B, V] float32; num_generated: scalar, tokens generated before this one.
   """
   vocab = jnp.arange(logits.shape[-1])
-  banned = (vocab == BOS_ID) | (vocab == PAD_ID)
-  banned = banned | ((vocab == EOS_ID) & (num_generated < min_len))
+  banned = (vocab == bos_id) | (vocab == PAD_ID)
+  banned = banned | ((vocab == eos_id) & (num_generated < min_len))
   return jnp.where(banned[None], NEG_INF, logits)
 
 
@@ -159,10 +159,10 @@ def filter_logits(logits, top_k=0, top_p=1.0):
   return jnp.where(logits < threshold, NEG_INF, logits)
 
 
-def _finish(tokens):
+def _finish(tokens, eos_id: int = EOS_ID):
   """Lengths [B] (generated tokens incl. EOS) from tokens [B, L]."""
   generated = tokens[:, 1:]
-  is_eos = generated == EOS_ID
+  is_eos = generated == eos_id
   has_eos = jnp.any(is_eos, axis=-1)
   first_eos = jnp.argmax(is_eos, axis=-1)
   no_eos_len = jnp.sum(generated != PAD_ID, axis=-1)
@@ -179,18 +179,19 @@ def _sample_loop(model: CoCa, params, context, rng, d: Decoding, return_logits: 
   scores [B] = sum of the chosen tokens' log-probabilities under the unfiltered model,
   [logits [B, max_len - 1, V] raw step logits])."""
   batch, max_len = context.shape[0], model.config.max_len
+  bos_id, eos_id = model.config.bos_id, model.config.eos_id
   max_new = d.max_new_tokens
   decoder, decoder_params = _decoder(model, params)
   logits, cache = _first_step(decoder, decoder_params, context)
   vocab = logits.shape[-1]
-  tokens = jnp.full((batch, max_len), PAD_ID, jnp.int32).at[:, 0].set(BOS_ID)
+  tokens = jnp.full((batch, max_len), PAD_ID, jnp.int32).at[:, 0].set(bos_id)
   state = dict(i=jnp.array(0, jnp.int32), tokens=tokens, logits=logits, cache=cache,
                done=jnp.zeros((batch,), bool), scores=jnp.zeros((batch,), jnp.float32))
   if return_logits:
     state["all_logits"] = jnp.zeros((batch, max_len - 1, vocab), jnp.float32)
 
   def pick(logits, i):
-    logits = allowed_logits(logits, i, d.min_len)
+    logits = allowed_logits(logits, i, d.min_len, bos_id, eos_id)
     if rng is None:
       return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = filter_logits(logits / d.temperature, d.top_k, d.top_p)
@@ -209,7 +210,7 @@ def _sample_loop(model: CoCa, params, context, rng, d: Decoding, return_logits: 
       out["all_logits"] = s["all_logits"].at[:, i].set(s["logits"])
     out["scores"] = s["scores"] + jnp.where(s["done"], 0.0, logprob)
     out["tokens"] = jax.lax.dynamic_update_slice(s["tokens"], next_token[:, None], (0, i + 1))
-    out["done"] = s["done"] | (next_token == EOS_ID)
+    out["done"] = s["done"] | (next_token == eos_id)
     out["i"] = i + 1
     # Skip the decoder step whose logits nobody would read (the loop is about to end).
     more = (i + 1 < max_new) & ~jnp.all(out["done"])
@@ -219,7 +220,7 @@ def _sample_loop(model: CoCa, params, context, rng, d: Decoding, return_logits: 
     return out
 
   s = jax.lax.while_loop(cond, body, state)
-  result = dict(tokens=s["tokens"], lengths=_finish(s["tokens"]), scores=s["scores"])
+  result = dict(tokens=s["tokens"], lengths=_finish(s["tokens"], eos_id), scores=s["scores"])
   if return_logits:
     result["logits"] = s["all_logits"]
   return result
@@ -262,6 +263,7 @@ def _beam_search(model: CoCa, params, context, d: Decoding):
   """Beam search with a length penalty. -> dict(tokens [B, L], lengths [B], scores [B] (the
   length-normalised log-probability of the chosen beam))."""
   batch, max_len = context.shape[0], model.config.max_len
+  bos_id, eos_id = model.config.bos_id, model.config.eos_id
   beams, max_new, alpha = d.num_beams, d.max_new_tokens, d.length_penalty
   axes = cache_batch_axes(model, params, context)
   decoder, decoder_params = _decoder(model, params)
@@ -272,7 +274,7 @@ def _beam_search(model: CoCa, params, context, d: Decoding):
   cache = _gather_cache(cache, axes, rows)
   logits = logits[rows]
   ctx = context[rows]
-  tokens = jnp.full((batch, beams, max_len), PAD_ID, jnp.int32).at[:, :, 0].set(BOS_ID)
+  tokens = jnp.full((batch, beams, max_len), PAD_ID, jnp.int32).at[:, :, 0].set(bos_id)
   alive_scores = jnp.tile(jnp.asarray([0.0] + [NEG_INF] * (beams - 1), jnp.float32), (batch, 1))
   state = dict(
       i=jnp.array(0, jnp.int32), logits=logits, cache=cache, alive=tokens,
@@ -294,14 +296,14 @@ def _beam_search(model: CoCa, params, context, d: Decoding):
     i = s["i"]
     vocab = s["logits"].shape[-1]
     logprobs = jax.nn.log_softmax(s["logits"])
-    logprobs = allowed_logits(logprobs, i, d.min_len).reshape(batch, beams, vocab)
+    logprobs = allowed_logits(logprobs, i, d.min_len, bos_id, eos_id).reshape(batch, beams, vocab)
     candidates = (s["alive_scores"][:, :, None] + logprobs).reshape(batch, beams * vocab)
     # 2K candidates always hold K that do not end (at most K of them can be EOS: one per beam).
     top_scores, top_index = jax.lax.top_k(candidates, 2 * beams)
     parent, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
     parent_tokens = jnp.take_along_axis(s["alive"], parent[:, :, None], axis=1)
     new_tokens = parent_tokens.at[:, :, i + 1].set(token)
-    is_eos = token == EOS_ID
+    is_eos = token == eos_id
     # Live beams: the best K candidates that did not end.
     live_scores = jnp.where(is_eos, NEG_INF, top_scores)
     live_scores, live_pick = jax.lax.top_k(live_scores, beams)
@@ -342,7 +344,7 @@ def _beam_search(model: CoCa, params, context, d: Decoding):
   best = jnp.argmax(pool_norm, axis=1)
   best_tokens = jnp.take_along_axis(pool_tokens, best[:, None, None], axis=1)[:, 0]
   best_scores = jnp.take_along_axis(pool_norm, best[:, None], axis=1)[:, 0]
-  return dict(tokens=best_tokens, lengths=_finish(best_tokens), scores=best_scores)
+  return dict(tokens=best_tokens, lengths=_finish(best_tokens, eos_id), scores=best_scores)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,17 +352,26 @@ def _beam_search(model: CoCa, params, context, d: Decoding):
 # ---------------------------------------------------------------------------------------------
 
 
-def ensure_eos(tokens):
-  """tokens [B, L] with the last position set to EOS where a caption has none (the layout the
-  tokenizer gives a truncated text), so encode_text sees what it was trained on."""
-  has_eos = jnp.any(tokens[:, 1:] == EOS_ID, axis=-1)
-  return tokens.at[:, -1].set(jnp.where(has_eos, tokens[:, -1], EOS_ID))
+def ensure_eos(tokens, eos_id: int = EOS_ID):
+  """tokens [B, L] (BOS, generated..., [EOS], PAD...) -> the same captions, each ending in an
+  EOS that the text tower reads. The text tower reads tokens[:, :-1], so a caption without EOS
+  gets one right after its last token, or at position L-2 (replacing its last token) when it
+  filled the whole sequence: the layout the tokenizer gives a caption of L-3 pieces. Without it,
+  re-ranking would embed truncated captions without the EOS every training text had."""
+  batch, length = tokens.shape
+  body = tokens[:, 1:]
+  has_eos = jnp.any(body == eos_id, axis=-1)
+  end = jnp.minimum(jnp.sum(body != PAD_ID, axis=-1) + 1, length - 2)  # Where EOS goes.
+  positions = jnp.arange(length)[None]
+  fixed = jnp.where(positions == end[:, None], eos_id,
+                    jnp.where(positions > end[:, None], PAD_ID, tokens))
+  return jnp.where(has_eos[:, None], tokens, fixed)
 
 
 def _rerank(model: CoCa, params, image_embed, result, num_candidates: int):
   """Keeps, per image, the candidate whose text embedding is most similar to the image's.
   result leaves are [B * N, ...] with the N candidates of image b at rows b*N .. b*N+N-1."""
-  text_embed = model.apply({"params": params}, ensure_eos(result["tokens"]),
+  text_embed = model.apply({"params": params}, ensure_eos(result["tokens"], model.config.eos_id),
                            method="encode_text")
   batch = image_embed.shape[0]
   similarity = jnp.einsum("bd,bnd->bn", image_embed,
@@ -445,7 +456,8 @@ def _recompute_greedy(model: CoCa, params, images, max_new_tokens, min_len, retu
   d = Decoding(max_new_tokens=max_new_tokens, min_len=min_len)
   _, context = model.apply({"params": params}, images, method="encode_image")
   batch, max_len = images.shape[0], model.config.max_len
-  tokens = jnp.full((batch, max_len), PAD_ID, jnp.int32).at[:, 0].set(BOS_ID)
+  bos_id, eos_id = model.config.bos_id, model.config.eos_id
+  tokens = jnp.full((batch, max_len), PAD_ID, jnp.int32).at[:, 0].set(bos_id)
   vocab = model.config.vocab_size
   state = dict(i=jnp.array(0, jnp.int32), tokens=tokens, done=jnp.zeros((batch,), bool),
                scores=jnp.zeros((batch,), jnp.float32),
@@ -456,18 +468,19 @@ def _recompute_greedy(model: CoCa, params, images, max_new_tokens, min_len, retu
     all_step_logits = model.apply({"params": params}, s["tokens"], context,
                                   method="teacher_forced_logits")
     logits = jax.lax.dynamic_index_in_dim(all_step_logits, i, axis=1, keepdims=False)
-    next_token = jnp.argmax(allowed_logits(logits, i, d.min_len), axis=-1).astype(jnp.int32)
+    next_token = jnp.argmax(allowed_logits(logits, i, d.min_len, bos_id, eos_id),
+                            axis=-1).astype(jnp.int32)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), next_token[:, None], 1)[:, 0]
     next_token = jnp.where(s["done"], PAD_ID, next_token)
     return dict(
         i=i + 1,
         tokens=jax.lax.dynamic_update_slice(s["tokens"], next_token[:, None], (0, i + 1)),
-        done=s["done"] | (next_token == EOS_ID),
+        done=s["done"] | (next_token == eos_id),
         scores=s["scores"] + jnp.where(s["done"], 0.0, logprob),
         all_logits=s["all_logits"].at[:, i].set(logits))
 
   s = jax.lax.while_loop(lambda s: (s["i"] < d.max_new_tokens) & ~jnp.all(s["done"]), body, state)
-  result = dict(tokens=s["tokens"], lengths=_finish(s["tokens"]), scores=s["scores"])
+  result = dict(tokens=s["tokens"], lengths=_finish(s["tokens"], eos_id), scores=s["scores"])
   if return_logits:
     result["logits"] = s["all_logits"]
   return result

@@ -23,11 +23,22 @@ from jax.sharding import PartitionSpec as P
 BATCH_AXES = ("data", "fsdp", "expert")
 CONTRASTIVE_IMPLS = ("gathered", "chunked")
 CONTRASTIVE_KINDS = ("softmax", "sigmoid")
+# How the softmax loss combines its image->text and text->image terms: 'sum' is the CoCa paper's
+# eq. 1 (so with loss weights 1:2 the contrastive term has the paper's weight); 'mean' halves it,
+# the CLIP / open_clip convention (their configs set it).
+CONTRASTIVE_REDUCTIONS = ("sum", "mean")
 PAD_ID = 0
 
 
-def softmax_contrastive_loss(image_embed, text_embed, logit_scale):
-  """Symmetric InfoNCE over the batch.
+def _combine(i2t, t2i, reduction: str):
+  if reduction not in CONTRASTIVE_REDUCTIONS:
+    raise ValueError(f"config.loss.contrastive_reduction={reduction!r} is unknown; use one of "
+                     f"{CONTRASTIVE_REDUCTIONS}")
+  return i2t + t2i if reduction == "sum" else (i2t + t2i) / 2
+
+
+def softmax_contrastive_loss(image_embed, text_embed, logit_scale, reduction: str = "sum"):
+  """Symmetric InfoNCE over the batch: i2t + t2i (reduction 'sum', paper eq. 1) or their mean.
 
   image_embed, text_embed: [batch, D], L2-normalised; row i of each is a positive pair.
   logit_scale: scalar multiplier (1 / temperature).
@@ -40,9 +51,9 @@ def softmax_contrastive_loss(image_embed, text_embed, logit_scale):
   t2i = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
   accuracy = (jnp.argmax(logits, axis=1) == labels).mean()
   t2i_accuracy = (jnp.argmax(logits, axis=0) == labels).mean()
-  return (i2t + t2i) / 2, {"contrastive_i2t": i2t, "contrastive_t2i": t2i,
-                           "contrastive_accuracy": accuracy,
-                           "contrastive_t2i_accuracy": t2i_accuracy}
+  return _combine(i2t, t2i, reduction), {"contrastive_i2t": i2t, "contrastive_t2i": t2i,
+                                        "contrastive_accuracy": accuracy,
+                                        "contrastive_t2i_accuracy": t2i_accuracy}
 
 
 def sigmoid_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias):
@@ -58,7 +69,8 @@ def sigmoid_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias):
 
 
 def _ring_contrastive_shard(image_embed, text_embed, logit_scale, logit_bias, *, kind: str,
-                            axis_names: tuple[str, ...], num_shards: int, global_batch: int):
+                            axis_names: tuple[str, ...], num_shards: int, global_batch: int,
+                            reduction: str = "sum"):
   """The per-device body of `chunked_contrastive_loss` (runs inside shard_map).
 
   image_embed, text_embed: this device's [local_batch, D]. Text blocks visit every device once
@@ -121,13 +133,15 @@ def _ring_contrastive_shard(image_embed, text_embed, logit_scale, logit_bias, *,
   # Correct when the positive is the row's (column's) maximum, as argmax would say.
   hits_i2t = jax.lax.stop_gradient(positives >= row_max).astype(jnp.float32)
   hits_t2i = jax.lax.stop_gradient(positives >= col_max).astype(jnp.float32)
-  return (i2t + t2i) / 2, {"contrastive_i2t": i2t, "contrastive_t2i": t2i,
-                           "contrastive_accuracy": total(jnp.sum(hits_i2t)) / global_batch,
-                           "contrastive_t2i_accuracy": total(jnp.sum(hits_t2i)) / global_batch}
+  return _combine(i2t, t2i, reduction), {"contrastive_i2t": i2t, "contrastive_t2i": t2i,
+                                        "contrastive_accuracy": total(jnp.sum(hits_i2t)) / global_batch,
+                                        "contrastive_t2i_accuracy":
+                                            total(jnp.sum(hits_t2i)) / global_batch}
 
 
 def chunked_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias=None, *,
-                             kind: str = "softmax", mesh=None, axis_names=BATCH_AXES):
+                             kind: str = "softmax", mesh=None, axis_names=BATCH_AXES,
+                             reduction: str = "sum"):
   """Memory-bounded contrastive loss over the global batch (ring over the batch mesh axes).
 
   image_embed, text_embed: [batch, D] L2-normalised, sharded on their batch axis over
@@ -143,7 +157,8 @@ def chunked_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias=No
   mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty:
     return _ring_contrastive_shard(image_embed, text_embed, logit_scale, logit_bias, kind=kind,
-                                   axis_names=(), num_shards=1, global_batch=global_batch)
+                                   axis_names=(), num_shards=1, global_batch=global_batch,
+                                   reduction=reduction)
   axis_names = tuple(a for a in axis_names if a in mesh.shape)
   num_shards = math.prod(mesh.shape[a] for a in axis_names)
   if global_batch % num_shards:
@@ -154,7 +169,8 @@ def chunked_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias=No
   def body(image_shard, text_shard, scale, bias):
     return _ring_contrastive_shard(
         image_shard, text_shard, scale, bias if has_bias else None, kind=kind,
-        axis_names=axis_names, num_shards=num_shards, global_batch=global_batch)
+        axis_names=axis_names, num_shards=num_shards, global_batch=global_batch,
+        reduction=reduction)
 
   bias = logit_bias if has_bias else jnp.zeros((), jnp.float32)
   return jax.shard_map(
@@ -163,9 +179,11 @@ def chunked_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias=No
 
 
 def contrastive_loss(image_embed, text_embed, logit_scale, logit_bias=None, *,
-                     kind: str = "softmax", impl: str = "gathered", mesh=None):
-  """The contrastive term chosen by config.loss.contrastive (`kind`) and
-  config.loss.contrastive_impl (`impl`). Returns (loss, metrics)."""
+                     kind: str = "softmax", impl: str = "gathered", mesh=None,
+                     reduction: str = "sum"):
+  """The contrastive term chosen by config.loss.contrastive (`kind`),
+  config.loss.contrastive_impl (`impl`) and config.loss.contrastive_reduction (`reduction`,
+  softmax only). Returns (loss, metrics)."""
   if impl not in CONTRASTIVE_IMPLS:
     raise ValueError(f"config.loss.contrastive_impl={impl!r} is unknown; use one of "
                      f"{CONTRASTIVE_IMPLS}")
@@ -177,9 +195,9 @@ def contrastive_loss(image_embed, text_embed, logit_scale, logit_bias=None, *,
                      "with step.build_model(config) so it follows config.loss.contrastive")
   if impl == "chunked":
     return chunked_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias, kind=kind,
-                                    mesh=mesh)
+                                    mesh=mesh, reduction=reduction)
   if kind == "softmax":
-    return softmax_contrastive_loss(image_embed, text_embed, logit_scale)
+    return softmax_contrastive_loss(image_embed, text_embed, logit_scale, reduction)
   return sigmoid_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias)
 
 
@@ -203,7 +221,7 @@ def caption_loss(logits, labels, pad_id: int = 0, label_smoothing: float = 0.0):
 
 def coca_loss(outputs, text, *, contrastive_weight: float = 1.0, caption_weight: float = 2.0,
               label_smoothing: float = 0.0, contrastive: str = "softmax", pad_id: int = 0,
-              contrastive_impl: str = "gathered", mesh=None):
+              contrastive_impl: str = "gathered", mesh=None, contrastive_reduction: str = "sum"):
   """CoCa objective: contrastive_weight * contrastive + caption_weight * caption (paper: 1, 2).
 
   outputs: the model's dict (image_embed, text_embed, caption_logits, logit_scale[, logit_bias]).
@@ -213,7 +231,8 @@ def coca_loss(outputs, text, *, contrastive_weight: float = 1.0, caption_weight:
   """
   con, con_metrics = contrastive_loss(
       outputs["image_embed"], outputs["text_embed"], outputs["logit_scale"],
-      outputs.get("logit_bias"), kind=contrastive, impl=contrastive_impl, mesh=mesh)
+      outputs.get("logit_bias"), kind=contrastive, impl=contrastive_impl, mesh=mesh,
+      reduction=contrastive_reduction)
   cap, cap_metrics = caption_loss(outputs["caption_logits"], text[:, 1:], pad_id, label_smoothing)
   total = contrastive_weight * con + caption_weight * cap
   return total, {"loss": total, "contrastive_loss": con, "caption_loss": cap,

@@ -41,7 +41,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from coca_jax import losses, models, sharding
-from coca_jax.models.coca import CoCa, router_statistics
+from coca_jax.models.coca import CoCa, clamp_logit_scale, router_statistics
 
 
 @flax.struct.dataclass
@@ -126,7 +126,8 @@ def loss_fn(params, model: CoCa, batch, loss_config, rng=None):
       caption_weight=loss_config.caption_weight,
       label_smoothing=loss_config.get("label_smoothing", 0.0),
       contrastive=loss_config.get("contrastive", "softmax"),
-      contrastive_impl=loss_config.get("contrastive_impl", "gathered"))
+      contrastive_impl=loss_config.get("contrastive_impl", "gathered"),
+      contrastive_reduction=loss_config.get("contrastive_reduction", "sum"))
   if stats:
     router, router_metrics = losses.router_losses(stats, **losses.router_loss_settings(loss_config))
     total = total + router
@@ -175,7 +176,8 @@ def _contrastive(image_embed, text_embed, logit_scale, logit_bias, loss_config):
   kind = loss_config.get("contrastive", "softmax")
   return losses.contrastive_loss(
       image_embed, text_embed, logit_scale, logit_bias if kind == "sigmoid" else None,
-      kind=kind, impl=loss_config.get("contrastive_impl", "gathered"))
+      kind=kind, impl=loss_config.get("contrastive_impl", "gathered"),
+      reduction=loss_config.get("contrastive_reduction", "sum"))
 
 
 def split_microbatches(batch, microbatches: int):
@@ -309,7 +311,8 @@ def train_step(state: TrainState, batch, *, model: CoCa, tx: optax.GradientTrans
       grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
       (_, metrics), grads = grad_fn(state.params, model, batch, loss_config, rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params = clamp_logit_scale(optax.apply_updates(state.params, updates),
+                             model.config.max_logit_scale)
   metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
              "param_norm": optax.tree.norm(state.params),
              "learning_rate": schedule(state.step)}

@@ -33,9 +33,9 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 from coca_jax import checkpoint, config as config_lib, console, flops, sharding, step as step_lib
-from coca_jax import metrics as metrics_lib, preemption
+from coca_jax import metrics as metrics_lib, preemption, warm_start
 from coca_jax.data import builders, pipeline
-from coca_jax.data.tokenizer import Tokenizer
+from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 from coca_jax.evaluation import evaluators
 
 FLAGS = flags.FLAGS
@@ -85,6 +85,14 @@ def prepare_data(config, workdir: str) -> Tokenizer:
       builders.build_atomically("demo", data.name, data.data_dir,
                                 **dict(data.build_demo_options))
     _sync("demo dataset built")
+  kind = data.get("tokenizer_kind", "sentencepiece")
+  if kind == "clip_bpe":  # A fixed vocabulary: keep a copy beside the config, train nothing.
+    tokenizer = load_tokenizer(data.get("tokenizer", ""), kind)
+    data.tokenizer = os.path.join(workdir, TOKENIZER_FILES[kind])
+    if jax.process_index() == 0 and not os.path.exists(data.tokenizer):
+      with open(data.tokenizer, "wb") as f:
+        f.write(tokenizer.model_proto)
+    _sync("tokenizer copied")
   if not data.get("tokenizer"):
     path = os.path.join(workdir, "tokenizer.model")
     if not os.path.exists(path) and jax.process_index() == 0:
@@ -96,12 +104,17 @@ def prepare_data(config, workdir: str) -> Tokenizer:
                       model_type=data.get("tokenizer_type", "unigram"))
     _sync("tokenizer trained")
     data.tokenizer = path
-  tokenizer = Tokenizer.load(data.tokenizer)
+  tokenizer = load_tokenizer(data.tokenizer, kind)
   if tokenizer.vocab_size > config.model.text.vocab_size:
     raise config_lib.ConfigError(
         f"config.model.text.vocab_size={config.model.text.vocab_size} is smaller than the "
         f"tokenizer's {tokenizer.vocab_size} pieces ({data.tokenizer}); set it to at least "
         f"{tokenizer.vocab_size}")
+  specials = (config.model.text.get("bos_id", 2), config.model.text.get("eos_id", 3))
+  if specials != (tokenizer.bos_id, tokenizer.eos_id):
+    raise config_lib.ConfigError(
+        f"config.model.text (bos_id, eos_id)={specials} but the {kind} tokenizer's are "
+        f"{(tokenizer.bos_id, tokenizer.eos_id)}; set them to the tokenizer's")
   return tokenizer
 
 
@@ -249,14 +262,8 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
             "; ".join(f"step {s}: {r}" for s, r in skipped), file=sys.stderr)
   else:
     state = built.init_state(config)
-    source = config.get("init", {}).get("source", "")
-    if source:  # A previous stage's parameters; optimizer state and step start fresh.
-      params, report = checkpoint.load_params_for_init(source, state.params,
-                                                       state_shardings.params)
-      state = state.replace(params=params)
-      logging.info("Initialised %d parameter arrays from %s; kept fresh (not in the source): "
-                   "%s; ignored (not in this model): %s", report["loaded"], source,
-                   report["kept_fresh"] or "none", report["ignored"] or "none")
+    if config.get("init", {}).get("source"):  # Parameters from another run or an import.
+      state = warm_start.warm_start(config, state, state_shardings)
   if jax.process_index() == 0:
     checkpoint.write_config(workdir, config)
 

@@ -77,6 +77,7 @@ def paper_config(size: str, arg: str = "") -> ml_collections.ConfigDict:
       log_every=100, microbatches=1, nonfinite="halt", max_consecutive_skips=10))
   c.loss = ml_collections.ConfigDict(dict(
       contrastive_weight=1.0, caption_weight=2.0, label_smoothing=0.0, contrastive="softmax",
+      contrastive_reduction="sum",  # i2t + t2i, the paper's eq. 1.
       contrastive_impl="chunked"))  # Memory-bounded logits: the [B, B] matrix never exists whole.
   c.optim = ml_collections.ConfigDict(dict(
       name="adafactor", lr=8e-4, b1=0.9, b2=0.999, eps=1e-30, weight_decay=0.01,

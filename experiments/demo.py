@@ -73,7 +73,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(steps=1_000, batch_size=128, seed=0, log_every=50,
                                            nonfinite="halt", max_consecutive_skips=10))
   c.loss = ml_collections.ConfigDict(dict(
-      contrastive_weight=1.0, caption_weight=2.0, label_smoothing=0.0, contrastive="softmax"))
+      contrastive_weight=1.0, caption_weight=2.0, label_smoothing=0.0, contrastive="softmax",
+      contrastive_reduction="sum"))  # i2t + t2i, the paper's eq. 1.
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.05,
       warmup_fraction=0.05, decay="cosine", end_lr_fraction=0.0, clip_norm=1.0,

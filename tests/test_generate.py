@@ -240,3 +240,25 @@ def test_scanned_decoder_is_refused_with_the_fix():
   with pytest.raises(ValueError, match="scan_layers=False"):
     CoCa(model.config, decode=True).apply({"params": params}, jnp.zeros((3, 1), jnp.int32),
                                           context, method=CoCa.decode_step, mutable=["cache"])
+
+
+def test_ensure_eos_puts_eos_where_the_text_tower_reads_it(tiny):
+  model, params, _ = tiny
+  length = model.config.max_len  # 8: the text tower reads positions 0..6.
+  tokens = jnp.asarray([
+      [BOS_ID, 5, 6, 7, 8, 9, 10, 11],          # Filled the whole sequence, no EOS.
+      [BOS_ID, 5, 6, PAD_ID, PAD_ID, PAD_ID, PAD_ID, PAD_ID],  # Stopped by max_new_tokens.
+      [BOS_ID, 5, EOS_ID, PAD_ID, PAD_ID, PAD_ID, PAD_ID, PAD_ID],  # Already ended: unchanged.
+  ], jnp.int32)
+  fixed = np.asarray(gen.ensure_eos(tokens))
+  np.testing.assert_array_equal(fixed[0], [BOS_ID, 5, 6, 7, 8, 9, EOS_ID, PAD_ID])
+  np.testing.assert_array_equal(fixed[1], [BOS_ID, 5, 6, EOS_ID, 0, 0, 0, 0])
+  np.testing.assert_array_equal(fixed[2], np.asarray(tokens[2]))
+  assert (fixed[:, :length - 1] == EOS_ID).any(axis=1).all()
+  # The text tower's embedding of a truncated caption is that of the same caption cut to
+  # L-3 tokens with EOS: the layout every training text of that length had.
+  embed = lambda t: np.asarray(model.apply({"params": params}, jnp.asarray(t),
+                                           method=CoCa.encode_text))
+  np.testing.assert_allclose(embed(fixed[:1]), embed([[BOS_ID, 5, 6, 7, 8, 9, EOS_ID, PAD_ID]]),
+                             atol=1e-6)
+  assert not np.allclose(embed(fixed[:1]), embed(tokens[:1]), atol=1e-4)

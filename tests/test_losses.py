@@ -24,7 +24,10 @@ def test_softmax_contrastive_matches_numpy():
   i2t = -np.mean(np.diag(_log_softmax(logits, axis=1)))
   t2i = -np.mean(np.diag(_log_softmax(logits, axis=0)))
   loss, metrics = losses.softmax_contrastive_loss(jnp.asarray(img), jnp.asarray(txt), scale)
-  np.testing.assert_allclose(loss, (i2t + t2i) / 2, rtol=1e-5)
+  # The paper's eq. 1 sums the two directions; 'mean' (open_clip) halves it.
+  np.testing.assert_allclose(loss, i2t + t2i, rtol=1e-5)
+  mean, _ = losses.softmax_contrastive_loss(jnp.asarray(img), jnp.asarray(txt), scale, "mean")
+  np.testing.assert_allclose(mean, (i2t + t2i) / 2, rtol=1e-5)
   np.testing.assert_allclose(metrics["contrastive_i2t"], i2t, rtol=1e-5)
   np.testing.assert_allclose(metrics["contrastive_t2i"], t2i, rtol=1e-5)
 

@@ -137,3 +137,32 @@ def test_scanned_stack_compiles_once_for_any_depth():
 
   assert program_size(8, scan=True) == program_size(2, scan=True)
   assert program_size(8, scan=False) > 1.5 * program_size(2, scan=False)
+def test_logit_scale_gradient_survives_past_the_cap(tiny_config, tiny_params, tiny_model):
+  """Past the cap the forward value is capped but the gradient is not zero (straight-through),
+  and a train step's update clamps the parameter back to log(cap)."""
+  from coca_jax.models.coca import clamp_logit_scale
+  from coca_jax import losses
+  batch = random_batch(tiny_config, 4)
+  def loss(p):
+    out = tiny_model.apply({"params": p}, batch["image"], batch["text"])
+    return losses.softmax_contrastive_loss(out["image_embed"], out["text_embed"],
+                                           out["logit_scale"])[0]
+  above = {**tiny_params, "logit_scale": jnp.array(6.0)}  # exp(6) = 403 > 100.
+  grad = jax.grad(loss)(above)["logit_scale"]
+  assert abs(float(grad)) > 1e-3
+  clamped = clamp_logit_scale(above, tiny_config.model.max_logit_scale)
+  assert float(clamped["logit_scale"]) == pytest.approx(np.log(100.0))
+  np.testing.assert_allclose(float(loss(above)), float(loss(clamped)), rtol=1e-6)
+
+
+def test_bf16_vocab_logits_are_accumulated_and_returned_in_float32():
+  config = smoke_config()
+  config.model.dtype = "bfloat16"
+  model = step_lib.build_model(config)
+  batch = random_batch(config, 2)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch["image"], batch["text"]))["params"]
+  logits = np.asarray(model.apply({"params": params}, batch["image"], batch["text"])["caption_logits"])
+  assert logits.dtype == np.float32
+  # Logits rounded to bf16 would all be bf16-representable; f32 outputs almost never are.
+  rounded = np.asarray(jnp.asarray(logits).astype(jnp.bfloat16).astype(jnp.float32))
+  assert np.mean(logits != rounded) > 0.9

@@ -64,7 +64,7 @@ import orbax.checkpoint as ocp
 
 from coca_jax.data import builders
 from coca_jax.data import preprocess
-from coca_jax.data.tokenizer import Tokenizer
+from coca_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 DEFAULTS: dict[str, Any] = {
     "data_dir": "~/tensorflow_datasets",
@@ -89,6 +89,7 @@ class DataOptions:
   eval_split: str
   image_size: int
   tokenizer: str
+  tokenizer_kind: str
   num_workers: int
   worker_buffer_size: int
   random_resized_crop: bool
@@ -113,6 +114,7 @@ class DataOptions:
         name=field("name"), data_dir=os.path.expanduser(field("data_dir")),
         train_split=field("train_split"), eval_split=field("eval_split"),
         image_size=int(field("image_size")), tokenizer=field("tokenizer"),
+        tokenizer_kind=data.get("tokenizer_kind", "sentencepiece"),
         num_workers=int(field("num_workers")), worker_buffer_size=int(field("worker_buffer_size")),
         random_resized_crop=bool(field("random_resized_crop")),
         crop_scale=tuple(float(x) for x in field("crop_scale")),
@@ -245,7 +247,7 @@ def make_host_loader(options: DataOptions, *, shard_index: int, shard_count: int
   if len(source) < shard_count:
     raise ValueError(f"split {split or options.train_split!r} of {options.name!r} has "
                      f"{len(source)} examples, fewer than the {shard_count} hosts")
-  tokenizer = tokenizer or Tokenizer.load(options.tokenizer)
+  tokenizer = tokenizer or load_tokenizer(options.tokenizer, options.tokenizer_kind)
   shard_options = grain.sharding.ShardOptions(
       shard_index=shard_index, shard_count=shard_count, drop_remainder=False)
   sampler = GlobalOrderSampler(len(source), options.seed, options.global_batch_size,

@@ -136,6 +136,22 @@ class Tokenizer:
     return out
 
 
+# config.data.tokenizer_kind -> the file a workdir or bundle keeps beside config.json.
+TOKENIZER_FILES = {"sentencepiece": "tokenizer.model", "clip_bpe": "bpe_simple_vocab_16e6.txt.gz"}
+
+
+def load_tokenizer(path: str, kind: str = "sentencepiece"):
+  """A `Tokenizer` (SentencePiece .model) or, for kind 'clip_bpe', a `clip_bpe.ClipBpeTokenizer`
+  (open_clip's merges file; empty path: the one of an installed open_clip)."""
+  if kind == "clip_bpe":
+    from coca_jax.data.clip_bpe import ClipBpeTokenizer
+    return ClipBpeTokenizer.load(path)
+  if kind != "sentencepiece":
+    raise ValueError(f"config.data.tokenizer_kind={kind!r} is unknown; use one of "
+                     f"{sorted(TOKENIZER_FILES)}")
+  return Tokenizer.load(path)
+
+
 def _captions_from_dataset(name: str, data_dir: str, split: str) -> Iterable[str]:
   """Streams every caption of a built TFDS split (images are not decoded)."""
   from coca_jax.data import builders  # Lazy: TFDS import is slow and unneeded for load().

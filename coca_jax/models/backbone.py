@@ -38,6 +38,10 @@ class Block(nn.Module):
     modality_experts: names of per-modality feed-forwards (VLMo), e.g. ("image", "text",
       "fusion"): each is its own `FeedForward` (own LayerNorm) named `ffn_<name>`, so one can be
       frozen or loaded alone by its path. Empty: one feed-forward named `ffn`.
+    layout: with cross-attention, 'coca' is self-attention, cross-attention, FFN; 'open_clip'
+      is self-attention, FFN, cross-attention (its context layer-normed, 'ln_cross_context'),
+      a second FFN ('cross_ffn'): open_clip's MultimodalTransformer layer.
+    activation, norm_eps: the dense FFN's non-linearity (layers.ACTIVATIONS), LayerNorm epsilon.
   """
   num_heads: int
   mlp_dim: int
@@ -52,6 +56,9 @@ class Block(nn.Module):
   causal: bool = False
   capacity_length: int = 0
   modality_experts: tuple[str, ...] = ()
+  layout: str = "coca"
+  activation: str = "gelu_tanh"
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x, mask, context, segments: Sequence[tuple[str, int]] | None = None,
@@ -63,24 +70,35 @@ class Block(nn.Module):
     prefix_kv: keys and values [batch, prefix_len, heads, kv] the self-attention also attends
       to (see `Attention`).
     """
+    if self.layout not in ("coca", "open_clip"):
+      raise ValueError(f"layout={self.layout!r} is unknown; use 'coca' or 'open_clip'")
+    norm = lambda name: LayerNorm(self.dtype, self.norm_eps, name=name)
     x = constrain(x, ("batch", "length", "embed"))
-    h = LayerNorm(self.dtype, name="ln_attention")(x)
+    h = norm("ln_attention")(x)
     update, kv = Attention(self.num_heads, self.dtype, self.cache_length, name="attention")(
         h, mask=mask, decode=self.decode, prefix_kv=prefix_kv, return_kv=True)
     x = x + update
+    open_clip = self.cross_attention and self.layout == "open_clip"
+    if open_clip:
+      x = x + self._ffn("ffn", x, mask, segments)
     if self.cross_attention:
-      h = LayerNorm(self.dtype, name="ln_cross_attention")(x)
+      h = norm("ln_cross_attention")(x)
+      if open_clip:
+        context = norm("ln_cross_context")(context)
       x = x + Attention(self.num_heads, self.dtype, name="cross_attention")(
           h, context, decode=self.decode)
-    if self.modality_experts:
-      x = x + self._modality_ffn(x, segments)
-    else:
-      # A token may attend to itself exactly when it is not padding: the mask's diagonal.
-      token_mask = None if mask is None else jnp.diagonal(mask[:, 0], axis1=-2, axis2=-1)
-      x = x + FeedForward(self.mlp_dim, self.dtype, self.num_experts, self.routing, self.top_k,
-                          self.capacity_factor, self.causal, self.decode, self.capacity_length,
-                          name="ffn")(x, token_mask)
+    x = x + self._ffn("cross_ffn" if open_clip else "ffn", x, mask, segments)
     return constrain(x, ("batch", "length", "embed")), (kv if return_kv else None)
+
+  def _ffn(self, name, x, mask, segments):
+    """The feed-forward update: per-modality experts, or one (dense or routed) FFN."""
+    if self.modality_experts:
+      return self._modality_ffn(x, segments)
+    # A token may attend to itself exactly when it is not padding: the mask's diagonal.
+    token_mask = None if mask is None else jnp.diagonal(mask[:, 0], axis1=-2, axis2=-1)
+    return FeedForward(self.mlp_dim, self.dtype, self.num_experts, self.routing, self.top_k,
+                       self.capacity_factor, self.causal, self.decode, self.capacity_length,
+                       self.activation, self.norm_eps, name=name)(x, token_mask)
 
   def _modality_ffn(self, x, segments):
     """Each static segment of the length axis through its modality's own feed-forward."""
@@ -92,7 +110,8 @@ class Block(nn.Module):
       if name not in self.modality_experts:
         raise ValueError(f"segment expert {name!r} is not among this layer's modality experts "
                          f"{self.modality_experts}")
-      outputs.append(FeedForward(self.mlp_dim, self.dtype, name=f"ffn_{name}")(
+      outputs.append(FeedForward(self.mlp_dim, self.dtype, activation=self.activation,
+                                 norm_eps=self.norm_eps, name=f"ffn_{name}")(
           x[:, start:start + length]))
       start += length
     return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)
@@ -128,6 +147,9 @@ class Stack(nn.Module):
   remat: str = "none"
   decode: bool = False
   cache_length: int = 0
+  layout: str = "coca"
+  activation: str = "gelu_tanh"
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x, mask=None, context=None):
@@ -143,7 +165,8 @@ class Stack(nn.Module):
                   cross_attention=self.cross_attention, num_experts=self.num_experts,
                   decode=self.decode, cache_length=self.cache_length,
                   routing=self.routing, top_k=self.top_k, capacity_factor=self.capacity_factor,
-                  causal=self.causal, capacity_length=self.capacity_length)
+                  causal=self.causal, capacity_length=self.capacity_length,
+                  layout=self.layout, activation=self.activation, norm_eps=self.norm_eps)
     experts = self.experts
     layer_kwargs = [{**kwargs, **(experts.ffn_kwargs(self.layer_offset + i) if experts else {})}
                     for i in range(self.depth)]

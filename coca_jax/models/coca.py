@@ -63,10 +63,28 @@ class CoCaConfig:
   # Learned routing (config.model.vision.experts / config.model.text.experts); None = dense.
   vision_experts: RoutedExperts | None = None
   text_experts: RoutedExperts | None = None
+  # Architecture options where open_clip's CoCa differs from ours (experiments/openclip_*.py
+  # set them all; defaults are our CoCa). `layers.ACTIVATIONS` names the activations.
+  activation: str = "gelu_tanh"
+  norm_eps: float = 1e-6
+  class_token: bool = False      # ViT class token in front (pos-embed over grid + 1 tokens).
+  ln_pre: bool = False           # LayerNorm on the embedded patches before the encoder layers.
+  vision_final_norm: bool = True  # LayerNorm on the encoder output before the poolers.
+  patch_bias: bool = True
+  pooler_width: int = 0          # Width of the pooler queries/outputs; 0 = vision width.
+  multimodal_layout: str = "coca"  # Or 'open_clip' (see backbone.Block.layout).
+  cls_mask: str = "correct"      # Or 'open_clip_legacy' (see text_attention_mask).
+  vocab_bias: bool = True
+  # Special ids the decoder starts from and stops at (ours: the SentencePiece layout of
+  # data/tokenizer.py; CLIP BPE: sot 49406, eot 49407). PAD is 0 in both.
+  bos_id: int = 2
+  eos_id: int = 3
 
   @classmethod
   def from_config(cls, model) -> "CoCaConfig":
     v, t = model.vision, model.text
+    defaults = cls.__dataclass_fields__
+    get = lambda group, key: group.get(key, defaults[key].default)
     return cls(
         image_size=model.image_size, patch_size=model.patch_size,
         vision=TowerConfig(v.width, v.depth, v.heads, v.mlp_dim),
@@ -78,29 +96,59 @@ class CoCaConfig:
         max_logit_scale=model.max_logit_scale, contrastive=model.get("contrastive", "softmax"),
         tie_embeddings=model.get("tie_embeddings", False),
         vision_experts=RoutedExperts.from_config(v.get("experts")),
-        text_experts=RoutedExperts.from_config(t.get("experts")))
+        text_experts=RoutedExperts.from_config(t.get("experts")),
+        activation=get(model, "activation"), norm_eps=get(model, "norm_eps"),
+        class_token=get(v, "class_token"), ln_pre=get(v, "ln_pre"),
+        vision_final_norm=v.get("final_norm", True), patch_bias=get(v, "patch_bias"),
+        pooler_width=get(model, "pooler_width"), multimodal_layout=get(t, "multimodal_layout"),
+        cls_mask=get(t, "cls_mask"), vocab_bias=get(t, "vocab_bias"),
+        bos_id=get(t, "bos_id"), eos_id=get(t, "eos_id"))
 
   @property
   def num_patches(self) -> int:
     return (self.image_size // self.patch_size) ** 2
 
   @property
+  def image_tokens(self) -> int:
+    """Encoder tokens: the patches, plus the class token if any."""
+    return self.num_patches + int(self.class_token)
+
+  @property
   def compute_dtype(self):
     return DTYPES[self.dtype]
 
 
-def text_attention_mask(text_inputs):
+def text_attention_mask(text_inputs, cls_mask: str = "correct"):
   """[batch, T+1] causal mask for T text inputs plus the CLS at the end.
 
   Every position sees itself and earlier non-pad positions; so the CLS (last) sees every non-pad
   token and itself. Pads only trail, so no real token ever loses a key to the pad mask.
+  cls_mask='open_clip_legacy' reproduces the mask open_clip's published CoCa weights were
+  trained with: the key-validity row shifted right by one (key 0 always valid, key j valid iff
+  input j-1 is not a pad), so the CLS also sees the first pad and does not see itself unless
+  the text fills the context. Real tokens see the same keys either way.
   Returns bool [batch, 1, T+1, T+1].
   """
   batch, length = text_inputs.shape
-  key_valid = jnp.concatenate(
-      [text_inputs != PAD_ID, jnp.ones((batch, 1), bool)], axis=1)  # CLS is always valid.
+  valid, always = text_inputs != PAD_ID, jnp.ones((batch, 1), bool)
+  if cls_mask == "correct":
+    key_valid = jnp.concatenate([valid, always], axis=1)  # CLS is always valid.
+  elif cls_mask == "open_clip_legacy":
+    key_valid = jnp.concatenate([always, valid], axis=1)
+  else:
+    raise ValueError(f"config.model.text.cls_mask={cls_mask!r} is unknown; use 'correct' or "
+                     "'open_clip_legacy'")
   causal = jnp.tril(jnp.ones((length + 1, length + 1), bool))
   return jnp.logical_and(causal[None, None], key_valid[:, None, None, :])
+
+
+def clamp_logit_scale(params, max_logit_scale: float):
+  """params with logit_scale clamped to log(max_logit_scale) (applied after each update, as
+  open_clip does), so the parameter never drifts past the cap where the loss cannot move it."""
+  if "logit_scale" not in params:
+    return params
+  return {**params, "logit_scale": jnp.minimum(params["logit_scale"],
+                                               math.log(max_logit_scale))}
 
 
 def l2_normalize(x, eps=1e-6):
@@ -150,22 +198,32 @@ class CoCa(nn.Module):
     if c.pooling not in POOLINGS:
       raise ValueError(f"config.model.pooling={c.pooling!r} is unknown; use one of {POOLINGS}")
     dt = c.compute_dtype
+    eps = c.norm_eps
     stack = lambda depth, heads, mlp, **kw: Stack(
         depth=depth, num_heads=heads, mlp_dim=mlp, dtype=dt, scan=c.scan_layers,
-        remat="none" if self.decode else c.remat, **kw)
+        remat="none" if self.decode else c.remat, activation=c.activation, norm_eps=eps, **kw)
     # Image tower.
-    self.patch_embed = dense(c.vision.width, ("patch", "embed"), dt, "patch_embed")
+    self.patch_embed = dense(c.vision.width, ("patch", "embed"), dt, "patch_embed",
+                             use_bias=c.patch_bias)
+    if c.class_token:
+      self.image_cls_token = self.param("image_cls_token", with_axes(embed_init, ("embed",)),
+                                        (c.vision.width,), jnp.float32)
     self.image_pos_embed = self.param(
         "image_pos_embed", with_axes(embed_init, ("length", "embed")),
-        (c.num_patches, c.vision.width), jnp.float32)
+        (c.image_tokens, c.vision.width), jnp.float32)
+    if c.ln_pre:
+      self.ln_pre = LayerNorm(dt, eps)
     self.vision = stack(c.vision.depth, c.vision.heads, c.vision.mlp_dim, experts=c.vision_experts)
-    self.ln_vision = LayerNorm(dt)
+    if c.vision_final_norm:
+      self.ln_vision = LayerNorm(dt, eps)
     n_queries = c.n_gen_queries
-    self.generative_pooler = AttentionalPooler(n_queries, c.pooler_heads, dt)
+    self.generative_pooler = AttentionalPooler(n_queries, c.pooler_heads, dt, c.pooler_width, eps)
     if c.pooling != "open_clip":
-      self.contrastive_pooler = AttentionalPooler(1, c.pooler_heads, dt)
-    self.ln_image_embed = LayerNorm(dt)
-    self.ln_image_context = LayerNorm(dt)
+      self.contrastive_pooler = AttentionalPooler(1, c.pooler_heads, dt, c.pooler_width, eps)
+    # open_clip pooling normalises all pooled tokens with one LayerNorm (ln_image_embed).
+    self.ln_image_embed = LayerNorm(dt, eps)
+    if c.pooling != "open_clip":
+      self.ln_image_context = LayerNorm(dt, eps)
     self.image_projection = dense(c.embed_dim, ("embed", "joint"), dt, "image_projection",
                                   use_bias=False)
     # Text tower.
@@ -185,15 +243,16 @@ class CoCa(nn.Module):
                                                causal=True, capacity_length=length)
     self.unimodal = stack(c.n_uni, c.text_heads, c.text_mlp_dim, decode=self.decode,
                           cache_length=cache_length, **text_routing(0, c.max_len))
-    self.ln_text_embed = LayerNorm(dt)
+    self.ln_text_embed = LayerNorm(dt, eps)
     self.text_projection = dense(c.embed_dim, ("embed", "joint"), dt, "text_projection",
                                  use_bias=False)
     self.multimodal = stack(c.n_multi, c.text_heads, c.text_mlp_dim, cross_attention=True,
                             decode=self.decode, cache_length=cache_length,
-                            **text_routing(c.n_uni, c.max_len - 1))
-    self.ln_decoder = LayerNorm(dt)
+                            layout=c.multimodal_layout, **text_routing(c.n_uni, c.max_len - 1))
+    self.ln_decoder = LayerNorm(dt, eps)
     if not c.tie_embeddings:
-      self.vocab_head = dense(c.vocab_size, ("embed", "vocab"), dt, "vocab_head")
+      self.vocab_head = dense(c.vocab_size, ("embed", "vocab"), dt, "vocab_head",
+                              use_bias=c.vocab_bias, out_dtype=jnp.float32)
     # SigLIP's initialisation (scale 10, bias -10) keeps the many negatives from swamping the
     # few positives at the start; softmax uses the paper's temperature.
     scale_init = math.log(10.0 if c.contrastive == "sigmoid" else 1.0 / c.temperature_init)
@@ -208,23 +267,32 @@ class CoCa(nn.Module):
 
   def encode_image(self, image):
     """image [batch, H, W, 3] -> (image_embed [batch, D] unit norm,
-    decoder context [batch, context_tokens, vision_width])."""
+    decoder context [batch, context_tokens, pooler width (vision width unless pooler_width)])."""
     c = self.config
     if image.shape[1:3] != (c.image_size, c.image_size):
       raise ValueError(f"image shape {image.shape} does not match config.model.image_size="
                        f"{c.image_size}")
     patches = einops.rearrange(image.astype(c.compute_dtype), "b (h p) (w q) c -> b (h w) (p q c)",
                                p=c.patch_size, q=c.patch_size)
-    x = self.patch_embed(patches) + self.image_pos_embed.astype(c.compute_dtype)
+    x = self.patch_embed(patches)
+    if c.class_token:
+      cls = jnp.broadcast_to(self.image_cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+      x = jnp.concatenate([cls, x], axis=1)
+    x = x + self.image_pos_embed.astype(c.compute_dtype)
+    if c.ln_pre:
+      x = self.ln_pre(x)
     x = constrain(x, ("batch", "length", "embed"))
-    tokens = self.ln_vision(self.vision(x))
+    tokens = self.vision(x)
+    if c.vision_final_norm:
+      tokens = self.ln_vision(tokens)
     generative = self.generative_pooler(tokens)
     if c.pooling == "cascade":
       contrastive = self.contrastive_pooler(generative)[:, 0]
     elif c.pooling == "parallel":
       contrastive = self.contrastive_pooler(tokens)[:, 0]
     else:  # open_clip: query 0 is the contrastive token, the rest feed the decoder.
-      contrastive, generative = generative[:, 0], generative[:, 1:]
+      pooled = self.ln_image_embed(generative)
+      return l2_normalize(self.image_projection(pooled[:, 0])), pooled[:, 1:]
     image_embed = l2_normalize(self.image_projection(self.ln_image_embed(contrastive)))
     return image_embed, self.ln_image_context(generative)
 
@@ -239,7 +307,7 @@ class CoCa(nn.Module):
     x = self.token_embed(inputs)
     cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
     x = jnp.concatenate([x, cls], axis=1) + self.text_pos_embed.astype(x.dtype)
-    x = self.unimodal(x, mask=text_attention_mask(inputs))
+    x = self.unimodal(x, mask=text_attention_mask(inputs, c.cls_mask))
     text_embed = l2_normalize(self.text_projection(self.ln_text_embed(x[:, -1])))
     return x[:, :-1], text_embed
 
@@ -249,15 +317,17 @@ class CoCa(nn.Module):
 
   def caption_logits(self, token_states, text_inputs, context):
     """Multimodal decoder: [batch, T, width] states -> float32 logits [batch, T, vocab]."""
-    mask = text_attention_mask(text_inputs)[:, :, :-1, :-1]
+    mask = text_attention_mask(text_inputs, self.config.cls_mask)[:, :, :-1, :-1]
     x = self.multimodal(token_states, mask=mask, context=context)
     logits = self._vocab_logits(self.ln_decoder(x))
     return constrain(logits, ("batch", "length", "vocab")).astype(jnp.float32)
 
   def _vocab_logits(self, x):
-    """[batch, T, width] -> [batch, T, vocab] in the compute dtype."""
+    """[batch, T, width] -> float32 [batch, T, vocab]: operands in the compute dtype, float32
+    accumulation and output (a 64k-way softmax over bf16-rounded logits loses resolution)."""
     if self.config.tie_embeddings:
-      return self.token_embed.attend(x)
+      table = self.token_embed.embedding.astype(x.dtype)
+      return jnp.einsum("btw,vw->btv", x, table, preferred_element_type=jnp.float32)
     return self.vocab_head(x)
 
   def __call__(self, image, text, train: bool = False):
@@ -274,7 +344,12 @@ class CoCa(nn.Module):
     return outputs
 
   def temperature_scale(self):
-    return jnp.minimum(jnp.exp(self.logit_scale), self.config.max_logit_scale)
+    """exp(logit_scale) capped at max_logit_scale, with a straight-through gradient: past the
+    cap the forward value is the cap but the gradient is that of the uncapped scale, so the
+    parameter can always come back (`clamp_logit_scale` keeps it at the cap after updates)."""
+    capped = jnp.minimum(self.logit_scale, math.log(self.config.max_logit_scale))
+    log_scale = self.logit_scale + jax.lax.stop_gradient(capped - self.logit_scale)
+    return jnp.exp(log_scale)
 
   def teacher_forced_logits(self, text, context):
     """Decoder logits [B, L-1, V] for text [B, L] given `encode_image`'s context (the reference
@@ -287,7 +362,7 @@ class CoCa(nn.Module):
   def decode_step(self, tokens, context):
     """One or more new tokens with the KV cache (`decode=True` only).
 
-    tokens [batch, T] int32 at the next T positions; context [batch, Q, vision_width].
+    tokens [batch, T] int32 at the next T positions; context [batch, Q, pooler width].
     Returns float32 logits [batch, T, vocab] for the token after each input.
     """
     if not self.decode:

@@ -105,13 +105,16 @@ class FeedForward(nn.Module):
   causal: bool = False
   decode: bool = False
   capacity_length: int = 0
+  activation: str = "gelu_tanh"  # Dense FFN only (layers.ACTIVATIONS); experts use gelu_tanh.
+  norm_eps: float = 1e-6  # Dense FFN only.
 
   @nn.compact
   def __call__(self, x, token_mask=None):
     """`token_mask` [batch, length] bool ('topk'): False marks padding, which takes no expert slot
     and is left out of the router statistics."""
     if self.num_experts == 1:
-      return MLP(self.mlp_dim, self.dtype, name="mlp")(LayerNorm(self.dtype, name="ln")(x))
+      h = LayerNorm(self.dtype, self.norm_eps, name="ln")(x)
+      return MLP(self.mlp_dim, self.dtype, self.activation, name="mlp")(h)
     if self.routing != "topk":
       raise ValueError(f"routing={self.routing!r} is unknown; use 'topk' (modality experts are "
                        "named feed-forwards of backbone.Block)")

@@ -20,6 +20,14 @@ constrain = nn.with_logical_constraint
 
 embed_init = nn.initializers.normal(stddev=0.02)
 
+# config.model.activation: the MLP non-linearity. 'gelu_tanh' (tanh approximation) is ours;
+# 'gelu' (exact, erf) is open_clip's nn.GELU; 'quick_gelu' (x * sigmoid(1.702 x)) is OpenAI CLIP's.
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
 
 class Dense(nn.Module):
   """x [..., *in] -> [..., *features] with a kernel [*in, *features] named by logical `axes`.
@@ -27,12 +35,15 @@ class Dense(nn.Module):
   `in_dims` trailing input axes are contracted (2 for an attention output [.., heads, kv]).
   The kernel is created in its final shape (not flattened), so its logical names always match
   its rank, and it is Xavier-initialised over the flattened fan-in/fan-out.
+  `out_dtype` (default: `dtype`) is the accumulation and output dtype: float32 for the vocab
+  head, so a bf16 model's softmax sees logits that were never rounded to bf16.
   """
   features: int | tuple[int, ...]
   axes: tuple[str, ...]
   dtype: Dtype = jnp.float32
   use_bias: bool = True
   in_dims: int = 1
+  out_dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, x):
@@ -47,17 +58,19 @@ class Dense(nn.Module):
         out_axis=tuple(range(self.in_dims, len(shape))))
     kernel = self.param("kernel", with_axes(init, self.axes), shape, jnp.float32)
     contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    out_dtype = self.out_dtype or self.dtype
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())),
+                            preferred_element_type=out_dtype)
     if self.use_bias:
       bias = self.param("bias", with_axes(nn.initializers.zeros_init(), self.axes[self.in_dims:]),
                         features, jnp.float32)
-      y = y + bias.astype(self.dtype)
+      y = y + bias.astype(out_dtype)
     return y
 
 
 def dense(features, axes: tuple[str, ...], dtype: Dtype, name: str, use_bias: bool = True,
-          in_dims: int = 1) -> Dense:
-  return Dense(features, axes, dtype, use_bias, in_dims, name=name)
+          in_dims: int = 1, out_dtype: Dtype | None = None) -> Dense:
+  return Dense(features, axes, dtype, use_bias, in_dims, out_dtype=out_dtype, name=name)
 
 
 class LayerNorm(nn.Module):
@@ -194,9 +207,10 @@ def attend_heads_major(query, key, value, mask=None):
 
 
 class MLP(nn.Module):
-  """Position-wise feed-forward: embed -> mlp (GELU) -> embed."""
+  """Position-wise feed-forward: embed -> mlp (`activation`, see ACTIVATIONS) -> embed."""
   mlp_dim: int
   dtype: Dtype = jnp.float32
+  activation: str = "gelu_tanh"
 
   @nn.compact
   def __call__(self, x):
@@ -205,7 +219,7 @@ class MLP(nn.Module):
     # GELU derivative into a transpose for the weight gradient, and from a 3-D layout that fusion
     # ran 4x slower than the whole 2-D MLP (61 ms vs 15 ms fwd+bwd at the demo's shapes).
     h = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "wi")(x.reshape(-1, shape[-1]))
-    h = constrain(nn.gelu(h), ("batch", "mlp"))
+    h = constrain(ACTIVATIONS[self.activation](h), ("batch", "mlp"))
     y = dense(shape[-1], ("mlp", "embed"), self.dtype, "wo")(h)
     return y.reshape(shape)
 
@@ -213,18 +227,22 @@ class MLP(nn.Module):
 class AttentionalPooler(nn.Module):
   """One multi-head attention layer with `num_queries` learned queries over a token sequence.
 
-  [batch, tokens, embed] -> [batch, num_queries, embed] (CoCa §3.2).
+  [batch, tokens, embed] -> [batch, num_queries, width] (CoCa §3.2). `width` (0: the tokens'
+  width) is the queries' and the output's width; open_clip's pooler works at the joint
+  embedding width and reads the wider encoder tokens through its key/value projections.
   """
   num_queries: int
   num_heads: int
   dtype: Dtype = jnp.float32
+  width: int = 0
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, tokens):
-    width = tokens.shape[-1]
+    width = self.width or tokens.shape[-1]
     queries = self.param("queries", with_axes(embed_init, ("queries", "embed")),
                          (self.num_queries, width), jnp.float32)
-    queries = LayerNorm(self.dtype, name="ln_queries")(queries)
+    queries = LayerNorm(self.dtype, self.norm_eps, name="ln_queries")(queries)
     queries = jnp.broadcast_to(queries.astype(self.dtype), (tokens.shape[0], *queries.shape))
-    context = LayerNorm(self.dtype, name="ln_context")(tokens)
+    context = LayerNorm(self.dtype, self.norm_eps, name="ln_context")(tokens)
     return Attention(self.num_heads, self.dtype, name="attention")(queries, context)

@@ -74,6 +74,8 @@ class MoMEConfig:
   max_logit_scale: float = 100.0
   contrastive: str = "softmax"
   tie_embeddings: bool = False
+  bos_id: int = 2  # Special ids the decoder starts from and stops at (see CoCaConfig).
+  eos_id: int = 3
 
   @classmethod
   def from_config(cls, model) -> "MoMEConfig":
@@ -86,7 +88,8 @@ class MoMEConfig:
         pooling=model.get("pooling", "attention"), dtype=model.dtype,
         temperature_init=model.temperature_init, max_logit_scale=model.max_logit_scale,
         contrastive=model.get("contrastive", "softmax"),
-        tie_embeddings=model.get("tie_embeddings", False))
+        tie_embeddings=model.get("tie_embeddings", False),
+        bos_id=model.text.get("bos_id", 2), eos_id=model.text.get("eos_id", 3))
 
   @property
   def num_patches(self) -> int:

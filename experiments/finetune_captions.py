@@ -1,0 +1,82 @@
+"""Fine-tune a trained or imported CoCa on your own captioned images.
+
+  # 1. Your images + captions as a dataset (a folder of image/caption pairs, or webdataset shards):
+  python -m coca_jax.data.build --format folder --src photos/ --name my_captions \\
+      --data_dir ~/tfds --eval_fraction 0.05
+  # 2. Fine-tune from a bundle (`coca_jax.export`, `coca_jax.interop.open_clip import`), a
+  #    workdir or a checkpoints/<step> directory:
+  python -m coca_jax.train --config \\
+      experiments/finetune_captions.py:init=/tmp/coca_b32,name=my_captions,data_dir=~/tfds \\
+      --workdir /tmp/finetuned
+
+The model (architecture and tokenizer) is the source's own: its config.json is read here, so
+the run builds exactly the model the weights belong to (override fields with --config.model.*,
+e.g. --config.model.image_size=288 to fine-tune at a higher resolution: the position embedding
+is resized). Parameters come from the source (config.init); the optimizer starts fresh.
+Evals: retrieval and greedy captioning (BLEU/CIDEr) on the dataset's eval split.
+
+Args (comma-separated after ':'): init=PATH (required), name=, data_dir= (the built dataset),
+steps= (default 2000), batch= (64), lr= (1e-5), caption_only (contrastive weight 0), runlocal.
+"""
+
+import json
+import os
+
+import ml_collections
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  from coca_jax import api
+  args = {}
+  for item in filter(None, arg.split(",")):
+    key, _, value = item.partition("=")
+    known = ("init", "name", "data_dir", "steps", "batch", "lr", "caption_only", "runlocal")
+    if key not in known:
+      raise ValueError(f"experiments/finetune_captions.py: unknown arg {key!r}; known: {known}")
+    args[key] = value or True
+  if not args.get("init"):
+    raise ValueError("experiments/finetune_captions.py needs init=PATH: a bundle, workdir or "
+                     "checkpoints/<step> directory to start from")
+  source = os.path.expanduser(args["init"])
+  found = api.resolve(source)
+  with open(os.path.join(found["root"], "config.json")) as f:
+    source_config = ml_collections.ConfigDict(json.load(f))
+  tokenizer = api.TOKENIZER_FILES[source_config.data.get("tokenizer_kind", "sentencepiece")]
+
+  c = ml_collections.ConfigDict()
+  c.model = source_config.model
+  c.data = ml_collections.ConfigDict(dict(
+      name=args.get("name", ""), data_dir=os.path.expanduser(args.get("data_dir", "")),
+      train_split="train", eval_split="test", image_size=c.model.image_size,
+      tokenizer=os.path.join(found["root"], tokenizer),
+      tokenizer_kind=source_config.data.get("tokenizer_kind", "sentencepiece"),
+      num_workers=0, random_resized_crop=True, crop_scale=(0.8, 1.0)))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=int(args.get("steps", 2_000)), batch_size=int(args.get("batch", 64)), seed=0,
+      log_every=50, microbatches=1))
+  c.loss = ml_collections.ConfigDict(source_config.get("loss", {}).to_dict()
+                                     if "loss" in source_config else {})
+  c.loss.update(dict(contrastive_weight=0.0 if args.get("caption_only") else 1.0,
+                     caption_weight=2.0))
+  for key, default in (("label_smoothing", 0.0), ("contrastive", "softmax"),
+                       ("contrastive_impl", "gathered")):
+    c.loss[key] = c.loss.get(key, default)
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=float(args.get("lr", 1e-5)), b1=0.9, b2=0.98, eps=1e-6,
+      weight_decay=0.1, warmup_fraction=0.05, decay="cosine", end_lr_fraction=0.0,
+      clip_norm=1.0, freeze_regex=[]))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2, async_save=True))
+  c.evals = ml_collections.ConfigDict(dict(
+      every_steps=500, batch_size=64,
+      retrieval=dict(split="test", examples=1_000),
+      captioning=dict(enabled=True, split="test", examples=500, batch_size=64, method="greedy")))
+  c.init = ml_collections.ConfigDict(dict(source=source, include_regex="", exclude_regex="",
+                                          reinit_regex=""))
+  if args.get("runlocal"):
+    c.train.update(steps=10, batch_size=8, log_every=1)
+    c.checkpoint.every_steps = 0
+    c.evals.update(every_steps=0)
+    c.evals.retrieval.examples = 16
+    c.evals.captioning.update(examples=8, batch_size=8)
+  return c

@@ -1,0 +1,140 @@
+"""Warm start (config.init): a trained model's parameters carried into a new run with another
+optimizer and image size; the safetensors bundle format round trip."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+
+import coca_jax
+from coca_jax import export, step as step_lib, warm_start
+from coca_jax.data.tokenizer import Tokenizer
+from conftest import random_batch, smoke_config
+
+
+def _smooth_images(count, size):
+  """Low-frequency random images (4x4 noise upsampled): their content survives a resize."""
+  coarse = jax.random.normal(jax.random.key(3), (count, 4, 4, 3))
+  return jax.image.resize(coarse, (count, size, size, 3), "cubic")
+
+
+def _loss(built, config, params, batch):
+  with jax.set_mesh(built.mesh):
+    return float(step_lib.loss_fn(params, built.model, batch, config.loss)[0])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A smoke model trained 15 steps on one batch, exported as a safetensors bundle."""
+  config = smoke_config()
+  config.optim.update(warmup_fraction=0.0, decay="constant", lr=3e-3)
+  built = step_lib.setup(config)
+  state, train_step = built.init_state(config), built.train_step(config)
+  batch = random_batch(config, config.train.batch_size)
+  batch["image"] = _smooth_images(batch["image"].shape[0], 32)
+  initial = _loss(built, config, state.params, batch)
+  with jax.set_mesh(built.mesh):
+    for _ in range(15):
+      state, metrics = train_step(state, batch)
+  final = _loss(built, config, state.params, batch)
+  tokenizer = Tokenizer.train([f"a red {i}" for i in range(50)], vocab_size=40, model_type="bpe")
+  out = str(tmp_path_factory.mktemp("warm") / "bundle")
+  export.write_bundle(out, state.params, config, tokenizer, step=15, fmt="safetensors")
+  return dict(config=config, params=state.params, batch=batch, initial=initial, final=final,
+              bundle=out)
+
+
+def test_safetensors_bundle_has_flat_unscanned_keys_and_loads(trained):
+  tensors = safetensors.numpy.load_file(os.path.join(trained["bundle"], export.SAFETENSORS_FILE))
+  # The smoke model scans its layers; the file names them one by one.
+  assert "vision/layer_0/attention/query/kernel" in tensors
+  assert not any("/layers/" in k for k in tensors)
+  model = coca_jax.load(trained["bundle"], batch_size=2)
+  same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+                      model.params, trained["params"])
+  assert all(jax.tree.leaves(same))
+
+
+def test_warm_start_continues_from_the_same_loss_with_a_new_optimizer(trained):
+  config = smoke_config()
+  config.optim.update(name="adafactor", b1=0.0, lr=1e-3)
+  config.init = dict(source=trained["bundle"])
+  built = step_lib.setup(config)
+  state = warm_start.warm_start(config, built.init_state(config), built.state_shardings)
+  assert _loss(built, config, state.params, trained["batch"]) == pytest.approx(
+      trained["final"], rel=1e-5)
+  with jax.set_mesh(built.mesh):
+    state, metrics = built.train_step(config)(state, trained["batch"])
+  assert float(metrics["loss"]) == pytest.approx(trained["final"], rel=1e-5)
+  assert int(state.step) == 1  # A new run: step and optimizer state start over.
+
+
+def test_warm_start_at_a_new_image_size_interpolates_the_position_embedding(trained):
+  config = smoke_config()
+  config.optim.update(name="adafactor", b1=0.0, lr=1e-3)
+  config.model.image_size = config.data.image_size = 40  # 4x4 -> 5x5 patches.
+  config.init = dict(source=trained["bundle"], include_regex="", exclude_regex="",
+                     reinit_regex="")
+  built = step_lib.setup(config)
+  fresh = built.init_state(config)
+  state = warm_start.warm_start(config, fresh, built.state_shardings)
+  old = trained["params"]["image_pos_embed"]
+  assert state.params["image_pos_embed"].shape == (25, old.shape[1])
+  np.testing.assert_allclose(state.params["image_pos_embed"],
+                             warm_start.resize_pos_embed(np.asarray(old), *(
+                                 coca_jax.models.coca.CoCaConfig.from_config(c.model)
+                                 for c in (trained["config"], config))), atol=1e-6)
+  batch = dict(trained["batch"])
+  batch["image"] = _smooth_images(batch["image"].shape[0], 40)
+  warm = _loss(built, config, state.params, batch)
+  cold = _loss(built, config, fresh.params, batch)
+  gap = trained["initial"] - trained["final"]
+  assert gap > 1.0
+  # The new resolution moves the loss off the trained model's, but it stays far below a fresh
+  # model's: the carried weights (and the resized grid) still apply.
+  assert cold - warm > 0.5 * gap, (warm, trained["final"], cold)
+  with jax.set_mesh(built.mesh):
+    state, metrics = built.train_step(config)(state, batch)
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) < cold
+
+
+def test_mismatching_shapes_are_named_in_one_error(trained):
+  config = smoke_config()
+  config.model.embed_dim = 48
+  config.init = dict(source=trained["bundle"])
+  built = step_lib.setup(config)
+  with pytest.raises(warm_start.WarmStartError) as error:
+    warm_start.warm_start(config, built.init_state(config), built.state_shardings)
+  message = str(error.value)
+  assert "image_projection/kernel: source (32, 32), new model (32, 48)" in message
+  assert "text_projection/kernel" in message
+
+
+def test_reinit_regex_and_vocab_change_keep_fresh_parameters(trained):
+  config = smoke_config()
+  config.model.text.vocab_size = 80  # Another tokenizer: the vocabulary leaves start fresh.
+  config.init = dict(source=trained["bundle"], reinit_regex=r"^generative_pooler/")
+  built = step_lib.setup(config)
+  fresh = built.init_state(config)
+  params, report = warm_start.warm_start_params(config, fresh.params)
+  for leaf in ("token_embed/embedding", "vocab_head/kernel", "vocab_head/bias",
+               "generative_pooler/queries"):
+    assert leaf in report["reinitialised"], leaf
+  np.testing.assert_array_equal(params["generative_pooler"]["queries"],
+                                fresh.params["generative_pooler"]["queries"])
+  np.testing.assert_array_equal(params["cls_token"], trained["params"]["cls_token"])
+
+
+def test_finetune_captions_config_builds_the_source_model(trained):
+  from coca_jax import config as config_lib, flops
+  from conftest import REPO
+  spec = os.path.join(REPO, "experiments", "finetune_captions.py") + (
+      f":init={trained['bundle']},name=my_captions,data_dir=/tmp/none")
+  config = config_lib.load_config(spec)
+  config_lib.validate(config, num_devices=1)
+  assert config.init.source == trained["bundle"]
+  assert config.data.tokenizer == os.path.join(trained["bundle"], "tokenizer.model")
+  assert flops.param_counts(config) == flops.param_counts(trained["config"])
