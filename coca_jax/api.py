@@ -164,7 +164,7 @@ def load_params(found: dict, config):
     params, found["step"], _ = checkpoint.restore_newest_readable(
         root, lambda s: restore_params_from_state(
             os.path.join(checkpoint.checkpoint_dir(root), str(s), checkpoint.STATE), abstract),
-        step=step)
+        step=found["step"])
   else:
     params = restore_params_from_state(found["state_dir"], abstract)
   return model, params

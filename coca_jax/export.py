@@ -39,12 +39,18 @@ from coca_jax import api, console
 from coca_jax.data.tokenizer import TOKENIZER_FILES
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir, checkpoints/<step> directory or bundle.")
-flags.DEFINE_alias("src", "workdir")
-flags.DEFINE_string("out", None, "Directory to write the bundle to (must not exist).")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored parameter dtype.")
-flags.DEFINE_enum("format", "orbax", ["orbax", "safetensors"], "Parameter file format.")
+
+
+def _define_flags() -> None:
+  """The CLI's flags, defined when the CLI runs: `export()` is also a library function, and a
+  program that imports this module next to another CLI (train defines --workdir too) must not
+  collide."""
+  flags.DEFINE_string("workdir", None, "Training workdir, checkpoints/<step> directory or bundle.")
+  flags.DEFINE_alias("src", "workdir")
+  flags.DEFINE_string("out", None, "Directory to write the bundle to (must not exist).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored parameter dtype.")
+  flags.DEFINE_enum("format", "orbax", ["orbax", "safetensors"], "Parameter file format.")
 
 FORMAT = "coca_jax.export/1"
 SAFETENSORS_FILE = "model.safetensors"
@@ -118,6 +124,7 @@ def main(argv) -> None:
 
 
 def run() -> None:
+  _define_flags()
   app.run(main)
 
 
