@@ -31,6 +31,7 @@ import socket
 from typing import Any, Callable
 
 from absl import logging
+from flax import traverse_util
 import jax
 import orbax.checkpoint as ocp
 
@@ -394,13 +395,7 @@ def load_params_for_init(source: str, params, shardings) -> tuple[Any, dict]:
   flat_shardings = _paths(shardings)
   target = {path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=flat_shardings[path])
             for path, leaf in own.items() if path in stored}
-  nested: dict = {}
-  for path, leaf in target.items():
-    node = nested
-    *parents, last = path.split("/")
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[last] = leaf
+  nested = traverse_util.unflatten_dict(target, sep="/")
   restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), nested)
   with ocp.PyTreeCheckpointer() as ckptr:
     restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(

@@ -5,6 +5,7 @@ the open_clip conversion."""
 
 from __future__ import annotations
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import numpy as np
@@ -34,13 +35,7 @@ def flatten(config: CoCaConfig, params) -> dict[str, np.ndarray]:
 def unflatten(config: CoCaConfig, flat: dict) -> dict:
   """{unscanned path: array} -> the nested params of a model built from `config` (layer stacks
   re-stacked on a leading axis when `config.scan_layers`)."""
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
+  tree = traverse_util.unflatten_dict(flat, sep="/")
   if config.scan_layers:
     depths = {"vision": config.vision.depth, "unimodal": config.n_uni,
               "multimodal": config.n_multi}
