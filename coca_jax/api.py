@@ -126,9 +126,9 @@ def resolve(path: str, step: int | None = None) -> dict:
 
 
 def _find_tokenizer(root: str, config):
-  kind = config.data.get("tokenizer_kind", "sentencepiece")
+  kind = config.data.tokenizer_kind
   beside = os.path.join(root, TOKENIZER_FILES.get(kind, "tokenizer.model"))
-  configured = config.data.get("tokenizer", "")
+  configured = config.data.tokenizer
   for candidate in (beside, configured):
     if candidate and os.path.exists(candidate):
       return load_tokenizer(candidate, kind)

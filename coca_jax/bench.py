@@ -27,11 +27,11 @@ import statistics
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
+
+from coca_jax import config as config_lib  # Starts no JAX backend (--devices comes later).
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
-                                lock_config=False)
+config_lib.define_config_flag("config", "Experiment config file[:args].")
 flags.DEFINE_enum("mode", "train", ["train", "compile"],
                   "train: time real steps; compile: lower + compile only, report memory.")
 flags.DEFINE_integer("devices", None, "Simulate this many CPU devices (before JAX starts).")
@@ -97,10 +97,10 @@ def run(config, mode: str, steps: int = 10) -> dict:
       "mesh": dict(mesh.shape),
       "global_batch": config.train.batch_size,
       "batch_per_device": config.train.batch_size / jax.device_count(),
-      "microbatches": int(config.train.get("microbatches", 1)),
+      "microbatches": int(config.train.microbatches),
       "dtype": config.model.dtype,
-      "remat": config.model.get("remat", "none"),
-      "contrastive_impl": config.loss.get("contrastive_impl", "gathered"),
+      "remat": config.model.remat,
+      "contrastive_impl": config.loss.contrastive_impl,
       "model_flops_per_example": flops_per_example,
   }
   with jax.set_mesh(mesh):

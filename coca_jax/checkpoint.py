@@ -344,7 +344,10 @@ def read_config(workdir: str):
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist; is {workdir!r} a coca_jax workdir?")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = ml_collections.ConfigDict(json.load(f))
+  # Fields added since the run was saved take their defaults.
+  from coca_jax import config as config_lib  # config imports nothing from checkpoint.
+  return config_lib.complete(saved)
 
 
 def state_dir_for_init(source: str) -> str:

@@ -1,18 +1,34 @@
-"""Experiment configs: loading, and validation before anything is built.
+"""Experiment configs: the schema of every field and its default, loading, and validation.
 
 A config is an `ml_collections.ConfigDict` from `experiments/<name>.py:get_config(arg)` with
-groups model, data, train, loss, optim, mesh, checkpoint, evals. `validate` reports every problem
-at once, each naming the field and the fix, so a pod job fails in seconds, not after compile.
+groups model, data, train, loss, optim, mesh, checkpoint, evals (and optionally init, profile).
+`defaults(backbone)` below is the one place that names every field and its default; `complete`
+merges an experiment's config over it at load time (`load_config`, the CLIs' --config flag,
+`checkpoint.read_config` for saved runs, so a run saved before a field existed loads with its
+default), and modules read `config.train.foo` directly. A field marked REQUIRED has no default:
+the experiment must set it.
+
+`validate` reports every problem at once, each naming the field and the fix: keys no code reads
+(with a "did you mean" suggestion), required fields left out, bad values, and pairs that must
+agree (image sizes, vocabulary vs tokenizer, batch vs devices vs microbatches), so a pod job
+fails in seconds, not after compile.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import difflib
+import functools
 import importlib.util
 import math
 import os
 import re
+import sys
 
+from absl import flags
 import ml_collections
+from ml_collections.config_flags import config_flags
 
 from coca_jax import sharding
 
@@ -23,22 +39,316 @@ class ConfigError(ValueError):
   """One or more config problems; the message lists each with its fix."""
 
 
+class _Required:
+  """Marks a schema field with no default (the experiment config must set it)."""
+
+  def __repr__(self):
+    return "REQUIRED"
+
+
+REQUIRED = _Required()
+
+# config.profile: a jax.profiler trace of num_steps steps from start_step (0 = off).
+PROFILE_DEFAULTS = {"start_step": 0, "num_steps": 3}
+# Tokenizer kinds with a fixed vocabulary, and its size (config.model.text.vocab_size must hold it).
+FIXED_VOCABS = {"clip_bpe": 49_408}
+
+
+def _dataclass_defaults(cls) -> dict:
+  return {f.name: f.default for f in dataclasses.fields(cls)
+          if f.default is not dataclasses.MISSING}
+
+
+def defaults(backbone: str = "towers") -> dict:
+  """A fresh copy of `_defaults(backbone)` (see there)."""
+  return copy.deepcopy(_defaults(backbone))
+
+
+@functools.lru_cache(maxsize=None)
+def _defaults(backbone: str) -> dict:
+  """Every config field and its default (REQUIRED: none), as nested dicts, for `backbone`.
+
+  Model defaults come from the model dataclasses (`CoCaConfig`, `MoMEConfig`, `RoutedExperts`),
+  decoding defaults from `generate.Decoding`, router-loss defaults from
+  `losses.ROUTER_LOSS_DEFAULTS`: each default has one home. A nested dict is a group (its keys
+  are checked); any other value is a leaf (lists and tuples included).
+  """
+  from coca_jax import losses  # Light: jax and optax, no model built.
+  from coca_jax.models.coca import CoCaConfig
+  from coca_jax.models.experts import RoutedExperts
+  from coca_jax.models.mome import MoMEConfig
+  coca, mome = _dataclass_defaults(CoCaConfig), _dataclass_defaults(MoMEConfig)
+  experts = _dataclass_defaults(RoutedExperts)  # num_experts=1: dense.
+  common = dict(backbone="towers", image_size=REQUIRED, patch_size=REQUIRED, embed_dim=REQUIRED,
+                dtype=coca["dtype"], temperature_init=coca["temperature_init"],
+                max_logit_scale=coca["max_logit_scale"],
+                # Follows config.loss.contrastive when the model is built (step.build_model).
+                contrastive=coca["contrastive"], tie_embeddings=coca["tie_embeddings"])
+  if backbone == "mome":
+    model = dict(common, backbone="mome", pooler_heads=mome["pooler_heads"],
+                 pooling=mome["pooling"],
+                 text=dict(vocab_size=REQUIRED, max_len=REQUIRED, bos_id=mome["bos_id"],
+                           eos_id=mome["eos_id"]),
+                 mome={name: REQUIRED for name in MOME_FIELDS})
+  else:
+    model = dict(
+        common, pooling=coca["pooling"], n_gen_queries=coca["n_gen_queries"],
+        pooler_heads=coca["pooler_heads"], remat=coca["remat"], scan_layers=coca["scan_layers"],
+        activation=coca["activation"], norm_eps=coca["norm_eps"],
+        pooler_width=coca["pooler_width"],
+        vision=dict(width=REQUIRED, depth=REQUIRED, heads=REQUIRED, mlp_dim=REQUIRED,
+                    class_token=coca["class_token"], ln_pre=coca["ln_pre"],
+                    final_norm=coca["vision_final_norm"], patch_bias=coca["patch_bias"],
+                    experts=dict(experts)),
+        text=dict(vocab_size=REQUIRED, max_len=REQUIRED, width=REQUIRED, heads=REQUIRED,
+                  mlp_dim=REQUIRED, n_uni=REQUIRED, n_multi=REQUIRED,
+                  multimodal_layout=coca["multimodal_layout"], cls_mask=coca["cls_mask"],
+                  vocab_bias=coca["vocab_bias"], bos_id=coca["bos_id"], eos_id=coca["eos_id"],
+                  experts=dict(experts)))
+  from coca_jax.generate import Decoding  # Its fields are the captioning eval's decoding knobs.
+  decoding = _dataclass_defaults(Decoding)
+  decoding["max_new_tokens"] = 0  # 0 = config.model.text.max_len - 1 (Decoding's None).
+  # An eval group runs when it is enabled and names a split; `dataset` "" = config.data.name,
+  # else another dataset built into config.data.data_dir (e.g. a labelled one for zero-shot).
+  # examples 0 = the whole split.
+  eval_group = dict(enabled=True, dataset="", split="", examples=0)
+  return dict(
+      model=model,
+      data=dict(
+          name="",  # The dataset built by `python -m coca_jax.data.build` (TFDS name).
+          data_dir="",  # "" = DIR/tensorflow_datasets under the workdir.
+          train_split="train", eval_split="test", image_size=REQUIRED,
+          tokenizer="",  # "" = train a SentencePiece tokenizer on the train captions.
+          tokenizer_kind="sentencepiece",  # Or "clip_bpe" (open_clip's fixed 49,408 BPE).
+          tokenizer_vocab=0,  # Pieces of a trained tokenizer; 0 = config.model.text.vocab_size.
+          tokenizer_type="unigram",  # SentencePiece model type of a trained tokenizer.
+          num_workers=0, worker_buffer_size=2, random_resized_crop=True, crop_scale=(0.9, 1.0),
+          crop_ratio=(3.0 / 4.0, 4.0 / 3.0),
+          build_demo=False,  # Build the digit-scenes demo set into data_dir if missing.
+          build_demo_options=dict(num_train=5000, num_test=500, num_digits=1000, image_size=48,
+                                  seed=0, grid=0, show_progress=True)),
+      train=dict(steps=REQUIRED, batch_size=REQUIRED, seed=0, log_every=100, microbatches=1,
+                 nonfinite="halt", max_consecutive_skips=10),
+      loss=dict(contrastive_weight=1.0, caption_weight=2.0, label_smoothing=0.0,
+                contrastive="softmax", contrastive_impl="gathered", contrastive_reduction="sum",
+                itm_weight=0.0, itm_examples=0, **losses.ROUTER_LOSS_DEFAULTS),
+      optim=dict(name="adamw", lr=REQUIRED, b1=0.9, b2=0.999,
+                 eps=0.0,  # 0 = the optimizer's own: adamw 1e-8, adafactor 1e-30.
+                 weight_decay=0.0, warmup_steps=0, warmup_fraction=0.0, decay="cosine",
+                 end_lr_fraction=0.0, clip_norm=0.0, freeze_regex=[],
+                 no_decay_regex=_default_no_decay()),
+      mesh=dict(data=-1, fsdp=1, tensor=1, expert=1,
+                **{f"dcn_{axis}": 1 for axis in sharding.MESH_AXES},
+                rules=[]),  # (logical axis, mesh axes) pairs overriding sharding.RULES.
+      checkpoint=dict(every_steps=1000, keep=2, async_save=True),
+      evals=dict(
+          every_steps=0,  # 0 = only at the end of training.
+          batch_size=256,
+          zeroshot=dict(eval_group, class_names=[], templates=[]),
+          retrieval=dict(eval_group),
+          captioning=dict(eval_group, batch_size=0, **decoding)),  # batch_size 0 = evals'.
+      init=dict(source="", include_regex="", exclude_regex="", reinit_regex=""),
+      profile=dict(PROFILE_DEFAULTS),
+  )
+
+
+def _default_no_decay() -> str:
+  from coca_jax.optim import DEFAULT_NO_DECAY
+  return DEFAULT_NO_DECAY
+
+
+def _has(tree: dict, dotted: str) -> bool:
+  for part in dotted.split("."):
+    if not (isinstance(tree, dict) and part in tree):
+      return False
+    tree = tree[part]
+  return True
+
+
+def _backbone(config) -> str:
+  model = config.get("model") if hasattr(config, "get") else None
+  backbone = model.get("backbone", "towers") if hasattr(model, "get") else "towers"
+  return backbone if backbone in ("towers", "mome") else "towers"
+
+
+def _merge(schema: dict, given) -> dict:
+  """`given` over `schema`, recursively; REQUIRED fields are left out where `given` lacks them;
+  keys unknown to the schema are kept (`unknown_keys` reports them)."""
+  out = {}
+  given = given if hasattr(given, "items") else {}
+  for key, default in schema.items():
+    if key in given:
+      value = given[key]
+      if isinstance(default, dict):
+        # None (an old run's "group off") takes the group's defaults; a group given as a
+        # non-dict is kept as it is for validation to report.
+        value = _merge(default, {} if value is None else value) if (
+            value is None or hasattr(value, "items")) else value
+      out[key] = value
+    elif isinstance(default, dict):
+      out[key] = _merge(default, {})
+    elif default is not REQUIRED:
+      out[key] = copy.deepcopy(default)
+  for key in given:
+    if key not in schema:
+      value = given[key]
+      out[key] = value.to_dict() if hasattr(value, "to_dict") else value
+  return out
+
+
+def complete(config) -> ml_collections.ConfigDict:
+  """A new ConfigDict: `config` over `defaults(its backbone)`. Unknown keys are kept, for
+  `validate` / `check_keys` to report."""
+  given = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  return ml_collections.ConfigDict(_merge(defaults(_backbone(config)), given))
+
+
+def _keys(schema: dict, prefix: str = "") -> list[str]:
+  keys = []
+  for key, value in schema.items():
+    keys.append(prefix + key)
+    if isinstance(value, dict):
+      keys += _keys(value, prefix + key + ".")
+  return keys
+
+
+def _suggest(path: str, schema: dict) -> str:
+  """'; did you mean config.X?' for the closest schema key (whole dotted paths compared)."""
+  close = difflib.get_close_matches(path, _keys(schema), n=1, cutoff=0.7)
+  if not close:  # Compare the last part within its group, e.g. a typo in a long group path.
+    parent, _, leaf = path.rpartition(".")
+    group = schema
+    for part in filter(None, parent.split(".")):
+      group = group.get(part) if isinstance(group, dict) else None
+    if isinstance(group, dict):
+      close = [f"{parent}.{c}" if parent else c
+               for c in difflib.get_close_matches(leaf, list(group), n=1, cutoff=0.6)]
+  return f"; did you mean config.{close[0]}?" if close else ""
+
+
+def unknown_keys(config) -> list[str]:
+  """One problem per key of `config` that no code reads (not in the schema of its backbone),
+  with the closest known key; and one per REQUIRED field left out."""
+  backbone = _backbone(config)
+  schema = defaults(backbone)
+  other = defaults("towers" if backbone == "mome" else "mome")["model"]
+  problems = []
+
+  def walk(group, node, prefix):
+    for key in group:
+      path = f"{prefix}{key}"
+      if key not in node:
+        if prefix.startswith("model.") and _has(other, path[len("model."):]):
+          owner = ("CoCa towers (config.model.backbone='towers')" if backbone == "mome" else
+                   "a MoME backbone (config.model.backbone='mome')")
+          problems.append(f"config.{path} is only read by {owner}; remove it or set the "
+                          "backbone")
+        else:
+          kind = "key" if prefix else "group"
+          problems.append(f"config.{path} is not a config {kind}{_suggest(path, schema)} "
+                          "(no code reads it; remove it or fix the name)")
+        continue
+      value = group[key]
+      if isinstance(node[key], dict) and hasattr(value, "items"):
+        walk(value, node[key], path + ".")
+      elif isinstance(node[key], dict) and value is not None:
+        problems.append(f"config.{path}={value!r} must be a group (a dict of "
+                        f"{', '.join(node[key])})")
+
+  def required(node, group, prefix):
+    for key, default in node.items():
+      present = hasattr(group, "items") and key in group
+      if default is REQUIRED and not present:
+        problems.append(f"config.{prefix}{key} is required (it has no default); set it in the "
+                        "experiment config")
+      elif isinstance(default, dict) and present and hasattr(group[key], "items"):
+        required(default, group[key], f"{prefix}{key}.")
+
+  walk(config, schema, "")
+  if not problems:
+    required(schema, config, "")
+  return problems
+
+
+def check_keys(config) -> None:
+  """Raises ConfigError listing every unknown key and missing required field."""
+  problems = unknown_keys(config)
+  if problems:
+    raise ConfigError(f"{len(problems)} config problem(s):\n  - " + "\n  - ".join(problems))
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
-  """Loads 'path/to/file.py[:arg]' the same way the CLIs' --config flag does."""
+  """Loads 'path/to/file.py[:arg]' the same way the CLIs' --config flag does: the file's
+  get_config(arg) completed with the defaults; raises ConfigError on unknown keys."""
   path, _, arg = spec.partition(":")
   if not os.path.exists(path):
     raise FileNotFoundError(f"config file {path!r} does not exist")
   module_spec = importlib.util.spec_from_file_location("_coca_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  config = module.get_config(arg) if arg else module.get_config()
+  try:
+    check_keys(config)
+  except ConfigError as e:
+    raise ConfigError(f"{spec}: {e}") from None
+  return complete(config)
 
 
+def check_overrides(config, overrides) -> None:
+  """Raises ConfigError naming every `--config.KEY` override whose KEY is not in `config` (a
+  completed config), with the closest known key."""
+  schema = defaults(_backbone(config))
+  problems = []
+  for key in overrides:
+    node, parts = config, key.split(".")
+    for part in parts:
+      if not (hasattr(node, "items") and part in node):
+        problems.append(f"--config.{key}: config.{key} is not a config key"
+                        f"{_suggest(key, schema)}")
+        break
+      node = node[part]
+  if problems:
+    raise ConfigError(f"{len(problems)} config override problem(s):\n  - " +
+                      "\n  - ".join(problems))
 
-# Fields of config.model that only CoCa towers read: a MoME config must not set them (they would
-# be silently ignored).
-TOWER_ONLY_MODEL_FIELDS = ("vision", "n_gen_queries", "remat", "scan_layers")
-TOWER_ONLY_TEXT_FIELDS = ("width", "heads", "mlp_dim", "n_uni", "n_multi")
+
+def _overrides_in(argv, name: str) -> list[str]:
+  keys = []
+  for arg in argv:
+    match = re.match(rf"^--?(?:no)?{re.escape(name)}\.([^=]+)", arg)
+    if match:
+      keys.append(match.group(1))
+  return keys
+
+
+class _CompletingParser(config_flags.ConfigFileFlagParser):
+  """--config FILE[:args]: loads like `load_config` (defaults merged, unknown keys rejected)
+  and checks every --config.KEY override on the command line before it is applied."""
+
+  def __init__(self, name: str, sys_argv=None):
+    super().__init__(name=name, lock_config=False)
+    self._sys_argv = sys_argv
+
+  def parse(self, path):
+    config = load_config(path)
+    argv = sys.argv if self._sys_argv is None else self._sys_argv
+    check_overrides(config, _overrides_in(flags.FLAGS.read_flags_from_files(
+        argv, force_gnu=False), self.name))
+    return config
+
+
+def define_config_flag(name: str = "config", help_string: str = "Experiment config "
+                       "file[:args].", flag_values=flags.FLAGS, sys_argv=None):
+  """Like `config_flags.DEFINE_config_file`, but the loaded config is completed with the
+  defaults before the overrides apply (so every field can be overridden) and unknown keys, in
+  the file or in a --config.KEY override, fail with a "did you mean" suggestion."""
+  flag = config_flags._ConfigFlag(  # pylint: disable=protected-access
+      parser=_CompletingParser(name, sys_argv), serializer=flags.ArgumentSerializer(),
+      name=name, default=None, help_string=help_string, flag_values=flag_values,
+      sys_argv=sys_argv)
+  return flags.DEFINE_flag(flag, flag_values)
+
+
 MOME_FIELDS = ("depth", "width", "heads", "mlp_dim", "fusion_layers")
 
 
@@ -68,8 +378,6 @@ def _validate_towers(config, need, positive, problems):
     positive("model.vision", m.vision, name)
   for name in ("width", "heads", "mlp_dim", "n_uni", "n_multi"):
     positive("model.text", m.text, name)
-  need("mome" not in m, "config.model.mome is only read with config.model.backbone='mome'; "
-       "remove it or set the backbone")
   if not problems:
     need(m.vision.width % m.vision.heads == 0,
          f"config.model.vision.width={m.vision.width} is not divisible by "
@@ -87,33 +395,30 @@ def _validate_towers(config, need, positive, problems):
        f"config.model.pooling={m.pooling!r} is unknown; use cascade, parallel or open_clip")
   need(m.remat in ("none", "full", "dots", "minimal"),
        f"config.model.remat={m.remat!r} is unknown; use none, full, dots or minimal")
+  need(m.activation in ("gelu_tanh", "gelu", "quick_gelu"),
+       f"config.model.activation={m.activation!r} is unknown; use gelu_tanh, gelu (exact, "
+       "open_clip) or quick_gelu")
+  need(m.text.multimodal_layout in ("coca", "open_clip"),
+       f"config.model.text.multimodal_layout={m.text.multimodal_layout!r} is unknown; use coca "
+       "or open_clip")
+  need(m.text.cls_mask in ("correct", "open_clip_legacy"),
+       f"config.model.text.cls_mask={m.text.cls_mask!r} is unknown; use correct or "
+       "open_clip_legacy")
+  need(isinstance(m.pooler_width, int) and m.pooler_width >= 0
+       and m.pooler_width % m.pooler_heads == 0,
+       f"config.model.pooler_width={m.pooler_width!r} must be 0 (the vision width) or a "
+       f"multiple of config.model.pooler_heads={m.pooler_heads}")
 
 
 def _validate_mome(config, need, positive):
   """backbone='mome': config.model.mome = dict(depth, width, heads, mlp_dim, fusion_layers);
-  image/patch size, vocabulary and text length from the usual fields; nothing tower-only."""
+  image/patch size, vocabulary and text length from the usual fields."""
   m = config.model
   _validate_common_model(m, need, positive)
-  unused = [f"config.model.{f}" for f in TOWER_ONLY_MODEL_FIELDS if f in m]
-  unused += [f"config.model.text.{f}" for f in TOWER_ONLY_TEXT_FIELDS if f in m.text]
-  verb = "is" if len(unused) == 1 else "are"
-  need(not unused, f"{', '.join(unused)} {verb} only read by CoCa towers; with "
-       "config.model.backbone='mome' the shared stack is config.model.mome: remove them")
-  pooling = m.get("pooling", "attention")
-  need(pooling in ("attention", "cls"), f"config.model.pooling={pooling!r} is not a MoME "
+  need(m.pooling in ("attention", "cls"), f"config.model.pooling={m.pooling!r} is not a MoME "
        "pooling; use 'attention' (an attentional pooler, as CoCa) or 'cls' (an image [CLS] "
        "token, as VLMo)")
-  if "mome" not in m:
-    need(False, "config.model.backbone='mome' needs config.model.mome = dict(depth, width, "
-         "heads, mlp_dim, fusion_layers)")
-    return
   s = m.mome
-  missing = [f for f in MOME_FIELDS if f not in s]
-  extra = sorted(set(s.keys()) - set(MOME_FIELDS))
-  need(not missing, f"config.model.mome is missing {missing}; it needs {list(MOME_FIELDS)}")
-  need(not extra, f"config.model.mome has unknown fields {extra}; known: {list(MOME_FIELDS)}")
-  if missing:
-    return
   for name in ("depth", "width", "heads", "mlp_dim"):
     positive("model.mome", s, name)
   need(isinstance(s.fusion_layers, int) and 0 <= s.fusion_layers,
@@ -129,9 +434,9 @@ def _validate_mome(config, need, positive):
     if isinstance(m.pooler_heads, int) and m.pooler_heads > 0:
       need(s.width % m.pooler_heads == 0, f"config.model.mome.width={s.width} is not divisible "
            f"by config.model.pooler_heads={m.pooler_heads}")
-  need(config.train.get("microbatches", 1) == 1 or not config.loss.get("itm_weight", 0.0),
+  need(config.train.microbatches == 1 or not config.loss.itm_weight,
        "config.loss.itm_weight > 0 (image-text matching) needs config.train.microbatches=1")
-  itm_examples = config.loss.get("itm_examples", 0)
+  itm_examples = config.loss.itm_examples
   batch = config.train.batch_size
   need(isinstance(itm_examples, int) and itm_examples >= 0
        and (not itm_examples or (isinstance(batch, int) and batch % itm_examples == 0)),
@@ -142,36 +447,32 @@ def _validate_mome(config, need, positive):
 def heads_of(config) -> tuple[tuple[str, int], ...]:
   """(field, head count) of every attention in the model, for the tensor-parallel check."""
   m = config.model
-  if m.get("backbone", "towers") == "mome":
-    return (("mome.heads", m.get("mome", {}).get("heads")), ("pooler_heads", m.pooler_heads))
+  if m.backbone == "mome":
+    return (("mome.heads", m.mome.heads), ("pooler_heads", m.pooler_heads))
   return (("vision.heads", m.vision.heads), ("text.heads", m.text.heads),
           ("pooler_heads", m.pooler_heads))
 
 
 def _validate_experts(config, need) -> None:
-  """config.model.{vision,text}.experts: learned routing per side (absent = dense)."""
-  from coca_jax.models.experts import EXPERTS_FIELDS  # Light: flax only, no model built.
+  """config.model.{vision,text}.experts: learned routing per side (num_experts 1 = dense)."""
   for side in ("vision", "text"):
-    experts = config.model[side].get("experts")
-    if not experts:
-      continue
+    experts = config.model[side].experts
     prefix = f"config.model.{side}.experts"
-    unknown = sorted(set(experts) - set(EXPERTS_FIELDS))
-    need(not unknown, f"{prefix} has unknown fields {unknown}; known: {', '.join(EXPERTS_FIELDS)}")
-    num, top_k = experts.get("num_experts", 1), experts.get("top_k", 1)
-    factor, every = experts.get("capacity_factor", 1.0), experts.get("every", 1)
+    num, top_k = experts.num_experts, experts.top_k
+    factor, every = experts.capacity_factor, experts.every
     need(isinstance(num, int) and num >= 1,
          f"{prefix}.num_experts={num!r} must be a positive integer (1 = dense)")
     need(isinstance(top_k, int) and top_k >= 1,
          f"{prefix}.top_k={top_k!r} must be a positive integer")
-    if isinstance(num, int) and isinstance(top_k, int):
+    if isinstance(num, int) and isinstance(top_k, int) and num > 1:
       need(top_k <= num, f"{prefix}.top_k={top_k} exceeds {prefix}.num_experts={num}; use "
            f"top_k <= num_experts")
     need(isinstance(factor, (int, float)) and factor > 0,
          f"{prefix}.capacity_factor={factor!r} must be > 0 (1.0 = an even share per expert)")
     need(isinstance(every, int) and every >= 1,
          f"{prefix}.every={every!r} must be a positive integer (1 = every layer routed)")
-    if isinstance(every, int) and every >= 1 and config.model.get("scan_layers", True) and every > 1:
+    routed = isinstance(num, int) and num > 1
+    if routed and isinstance(every, int) and every > 1 and config.model.scan_layers:
       depths = ({"vision": config.model.vision.depth} if side == "vision" else
                 {"text.n_uni": config.model.text.n_uni, "text.n_multi": config.model.text.n_multi})
       for field, depth in depths.items():
@@ -181,18 +482,78 @@ def _validate_experts(config, need) -> None:
              "or change one of them")
   for name in ("router_balance_weight", "router_local_entropy_weight",
                "router_global_entropy_weight"):
-    weight = config.loss.get(name, 0.0)
+    weight = config.loss[name]
     need(isinstance(weight, (int, float)) and weight >= 0,
          f"config.loss.{name}={weight!r} must be a number >= 0")
 
 
+def _validate_pairs(config, need) -> None:
+  """Fields that must agree with each other; each problem names both fields and the fix."""
+  m, data = config.model, config.data
+  if isinstance(data.image_size, int) and isinstance(m.image_size, int):
+    need(data.image_size == m.image_size,
+         f"config.data.image_size={data.image_size} differs from config.model.image_size="
+         f"{m.image_size}: the pipeline would feed images the model was not built for; set "
+         f"both to the same size (e.g. --config.data.image_size={m.image_size})")
+  vocab = m.text.vocab_size
+  fixed = FIXED_VOCABS.get(data.tokenizer_kind)
+  if isinstance(vocab, int) and fixed:
+    need(vocab >= fixed, f"config.model.text.vocab_size={vocab} is smaller than the "
+         f"{fixed:,} pieces of config.data.tokenizer_kind={data.tokenizer_kind!r}; set "
+         f"config.model.text.vocab_size={fixed}")
+  elif isinstance(vocab, int) and not data.tokenizer:  # A tokenizer trained by the run.
+    need(isinstance(data.tokenizer_vocab, int) and 0 <= data.tokenizer_vocab <= vocab,
+         f"config.data.tokenizer_vocab={data.tokenizer_vocab!r} exceeds "
+         f"config.model.text.vocab_size={vocab}: the trained tokenizer's ids would not fit the "
+         f"embedding; set config.data.tokenizer_vocab <= {vocab} (0 = the same)")
+  need(data.tokenizer_kind in ("sentencepiece", "clip_bpe"),
+       f"config.data.tokenizer_kind={data.tokenizer_kind!r} is unknown; use sentencepiece or "
+       "clip_bpe")
+  batch, microbatches = config.train.batch_size, config.train.microbatches
+  if isinstance(batch, int) and batch > 0 and isinstance(microbatches, int) and microbatches > 0:
+    need(batch % microbatches == 0,
+         f"config.train.batch_size={batch} is not divisible by config.train.microbatches="
+         f"{microbatches}; use a batch that is a multiple of {microbatches} or fewer "
+         "microbatches")
+
+
+def _validate_evals(config, need) -> None:
+  evals = config.evals
+  for name in ("zeroshot", "retrieval", "captioning"):
+    group = evals[name]
+    examples = group.examples
+    need(isinstance(examples, int) and examples >= 0,
+         f"config.evals.{name}.examples={examples!r} must be an integer >= 0 (0 = the whole "
+         "split)")
+    need(isinstance(group.split, str) and isinstance(group.dataset, str),
+         f"config.evals.{name}.split / .dataset must be strings (split '' = this eval off)")
+  zeroshot = evals.zeroshot
+  if zeroshot.enabled and zeroshot.split:
+    need(len(zeroshot.class_names) > 0 and len(zeroshot.templates) > 0,
+         "config.evals.zeroshot.split is set but config.evals.zeroshot.class_names / templates "
+         "are empty; give the class names (in label order) and prompt templates, e.g. "
+         "['a photo of a {}.'], or set config.evals.zeroshot.split='' to turn it off")
+  for field in ("every_steps", "batch_size"):
+    value = evals[field]
+    need(isinstance(value, int) and value >= (1 if field == "batch_size" else 0),
+         f"config.evals.{field}={value!r} must be an integer >= "
+         f"{1 if field == 'batch_size' else 0}")
+
+
 def validate(config, num_devices: int | None = None) -> None:
-  """Raises ConfigError listing every problem found. `num_devices` enables mesh checks."""
+  """Raises ConfigError listing every problem found. `num_devices` enables mesh checks.
+
+  `config` may be partial (fields left out take their defaults) but every key must be known.
+  """
   problems: list[str] = []
   missing = [g for g in REQUIRED_GROUPS if g not in config]
   if missing:
     raise ConfigError("config is missing groups " + ", ".join(missing) +
                       "; start from experiments/demo.py")
+  problems += unknown_keys(config)
+  if any("is required" in p or "must be a group" in p for p in problems):
+    raise ConfigError(f"{len(problems)} config problem(s):\n  - " + "\n  - ".join(problems))
+  config = complete(config)
 
   def need(cond, message):
     if not cond:
@@ -204,11 +565,11 @@ def validate(config, num_devices: int | None = None) -> None:
          f"config.{prefix}.{name}={value!r} must be a positive integer")
 
   m = config.model
-  backbone = m.get("backbone", "towers")
+  backbone = m.backbone
   need(backbone in ("towers", "mome"),
        f"config.model.backbone={backbone!r} is unknown; use 'towers' (CoCa) or 'mome' "
        "(one shared stack with modality experts)")
-  itm_weight = config.loss.get("itm_weight", 0.0)
+  itm_weight = config.loss.itm_weight
   need(isinstance(itm_weight, (int, float)) and itm_weight >= 0,
        f"config.loss.itm_weight={itm_weight!r} must be a number >= 0 (0 = off)")
   if backbone == "mome":
@@ -218,21 +579,6 @@ def validate(config, num_devices: int | None = None) -> None:
     _validate_experts(config, need)
     need(not itm_weight, f"config.loss.itm_weight={itm_weight} needs a fused image-text pass, "
          "which CoCa towers do not have; set it to 0 or use config.model.backbone='mome'")
-    # open_clip architecture options (towers only).
-    need(m.get("activation", "gelu_tanh") in ("gelu_tanh", "gelu", "quick_gelu"),
-         f"config.model.activation={m.get('activation')!r} is unknown; use gelu_tanh, gelu "
-         "(exact, open_clip) or quick_gelu")
-    need(m.text.get("multimodal_layout", "coca") in ("coca", "open_clip"),
-         f"config.model.text.multimodal_layout={m.text.get('multimodal_layout')!r} is unknown; "
-         "use coca or open_clip")
-    need(m.text.get("cls_mask", "correct") in ("correct", "open_clip_legacy"),
-         f"config.model.text.cls_mask={m.text.get('cls_mask')!r} is unknown; use correct or "
-         "open_clip_legacy")
-    pooler_width = m.get("pooler_width", 0)
-    need(isinstance(pooler_width, int) and pooler_width >= 0
-         and pooler_width % m.pooler_heads == 0,
-         f"config.model.pooler_width={pooler_width!r} must be 0 (the vision width) or a "
-         f"multiple of config.model.pooler_heads={m.pooler_heads}")
 
   t = config.train
   for name in ("steps", "batch_size", "log_every"):
@@ -240,37 +586,38 @@ def validate(config, num_devices: int | None = None) -> None:
   need(config.optim.name in ("adamw", "adafactor"),
        f"config.optim.name={config.optim.name!r} is unknown; use adamw or adafactor")
   need(config.optim.lr > 0, f"config.optim.lr={config.optim.lr} must be > 0")
-  need(config.optim.get("decay", "cosine") in ("cosine", "linear", "constant"),
-       f"config.optim.decay={config.optim.get('decay')!r} is unknown; use cosine, linear or constant")
-  need(config.loss.get("contrastive", "softmax") in ("softmax", "sigmoid"),
-       f"config.loss.contrastive={config.loss.get('contrastive')!r} is unknown; use softmax or sigmoid")
-  need(config.loss.get("contrastive_impl", "gathered") in ("gathered", "chunked"),
-       f"config.loss.contrastive_impl={config.loss.get('contrastive_impl')!r} is unknown; "
-       "use gathered or chunked")
-  need(t.get("nonfinite", "halt") in ("halt", "skip"),
-       f"config.train.nonfinite={t.get('nonfinite')!r} is unknown; use halt (stop at the first "
+  need(config.optim.decay in ("cosine", "linear", "constant"),
+       f"config.optim.decay={config.optim.decay!r} is unknown; use cosine, linear or constant")
+  need(config.loss.contrastive in ("softmax", "sigmoid"),
+       f"config.loss.contrastive={config.loss.contrastive!r} is unknown; use softmax or sigmoid")
+  need(config.loss.contrastive_impl in ("gathered", "chunked"),
+       f"config.loss.contrastive_impl={config.loss.contrastive_impl!r} is unknown; use "
+       "gathered or chunked")
+  need(t.nonfinite in ("halt", "skip"),
+       f"config.train.nonfinite={t.nonfinite!r} is unknown; use halt (stop at the first "
        "NaN/inf loss or gradient) or skip (discard that update and go on)")
-  skips = t.get("max_consecutive_skips", 10)
+  skips = t.max_consecutive_skips
   need(isinstance(skips, int) and skips >= 1,
        f"config.train.max_consecutive_skips={skips!r} must be a positive integer")
-  need(config.loss.get("contrastive_reduction", "sum") in ("sum", "mean"),
-       f"config.loss.contrastive_reduction={config.loss.get('contrastive_reduction')!r} is "
+  need(config.loss.contrastive_reduction in ("sum", "mean"),
+       f"config.loss.contrastive_reduction={config.loss.contrastive_reduction!r} is "
        "unknown; use sum (the paper's eq. 1) or mean (open_clip)")
-  init = config.get("init", {})
+  init = config.init
   for name in ("include_regex", "exclude_regex", "reinit_regex"):
     try:
-      re.compile(init.get(name, "") or "")
+      re.compile(init[name] or "")
     except re.error as e:
-      problems.append(f"config.init.{name}={init.get(name)!r} is not a valid regex ({e})")
-  microbatches = t.get("microbatches", 1)
+      problems.append(f"config.init.{name}={init[name]!r} is not a valid regex ({e})")
+  microbatches = t.microbatches
   need(isinstance(microbatches, int) and microbatches >= 1,
        f"config.train.microbatches={microbatches!r} must be a positive integer")
-  source = config.get("init", {}).get("source", "")
-  need(not source or os.path.exists(source),
-       f"config.init.source={source!r} does not exist; give a previous run's workdir or one of "
-       "its checkpoint step directories (DIR/checkpoints/<step>)")
+  need(not init.source or os.path.exists(init.source),
+       f"config.init.source={init.source!r} does not exist; give a previous run's workdir or "
+       "one of its checkpoint step directories (DIR/checkpoints/<step>)")
   need(config.checkpoint.every_steps >= 0, "config.checkpoint.every_steps must be >= 0 (0 = off)")
   need(config.checkpoint.keep >= 1, f"config.checkpoint.keep={config.checkpoint.keep} must be >= 1")
+  _validate_pairs(config, need)
+  _validate_evals(config, need)
 
   if num_devices is not None:
     try:
@@ -287,8 +634,7 @@ def validate(config, num_devices: int | None = None) -> None:
             f"shards of the mesh {sizes}{split}; use a multiple of {per}")
       expert_axis = sizes["expert"]
       for side in ("vision", "text") if backbone == "towers" else ():
-        experts = m[side].get("experts") or {}
-        num = experts.get("num_experts", 1)
+        num = m[side].experts.num_experts
         if isinstance(num, int) and num > 1 and num % expert_axis:
           problems.append(
               f"config.model.{side}.experts.num_experts={num} is not divisible by "
@@ -301,4 +647,3 @@ def validate(config, num_devices: int | None = None) -> None:
                           f"{tensor}; use a tensor size that divides every head count")
   if problems:
     raise ConfigError(f"{len(problems)} config problem(s):\n  - " + "\n  - ".join(problems))
-

@@ -47,8 +47,7 @@ def _flag_value(argv, name):
 def define_config_flag(argv) -> None:
   """--config is a file if one is given, else the workdir's config.json (overridable)."""
   if _flag_value(argv, "config"):
-    config_flags.DEFINE_config_file("config", None, "Config file[:args] for evals/data.",
-                                    lock_config=False)
+    config_lib.define_config_flag("config", "Config file[:args] for evals/data.")
     return
   workdir = _flag_value(argv, "workdir")
   if not workdir:
@@ -59,13 +58,11 @@ def define_config_flag(argv) -> None:
 
 
 def with_eval_defaults(config):
-  """Adds a disabled `evals.captioning` group to a run that has none, so it can be switched on
-  from the command line (--config.evals.captioning.enabled=True)."""
-  if not config.evals.get("captioning"):
-    config.evals.captioning = dict(
-        enabled=False, split=config.data.get("eval_split", "test"), examples=1000, batch_size=64,
-        method="greedy", num_beams=4, length_penalty=0.6, min_len=0, temperature=1.0, top_k=0,
-        top_p=1.0, num_candidates=1)
+  """A run that did not caption gets a disabled captioning group on its eval split, so it can be
+  switched on from the command line (--config.evals.captioning.enabled=True)."""
+  if not config.evals.captioning.split:
+    config.evals.captioning.update(enabled=False, split=config.data.eval_split, examples=1000,
+                                   batch_size=64)
   return config
 
 
@@ -73,9 +70,8 @@ def evaluate(model: api.Model, config) -> dict:
   """Runs config.evals on `model`; data from config.data. Returns {metric: value}."""
   t0 = time.perf_counter()
   embedder = evaluators.Embedder(model.module, model.params, model.tokenizer,
-                                 batch_size=config.evals.get("batch_size", 256))
-  results = evaluators.run_evals(config, embedder,
-                                 lambda split: pipeline.make_eval_source(config, split))
+                                 batch_size=config.evals.batch_size)
+  results = evaluators.run_evals(config, embedder)
   results["eval/seconds"] = time.perf_counter() - t0
   return results
 

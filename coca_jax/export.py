@@ -97,7 +97,7 @@ def write_bundle(out: str, params, config, tokenizer, *, step=None, source: str 
                                   metadata={"format": FORMAT, "layout": "unscanned"})
     with open(os.path.join(tmp, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    kind = config.data.get("tokenizer_kind", "sentencepiece")
+    kind = config.data.tokenizer_kind
     with open(os.path.join(tmp, TOKENIZER_FILES[kind]), "wb") as f:
       f.write(tokenizer.model_proto)
     with open(os.path.join(tmp, api.EXPORT_MANIFEST), "w") as f:

@@ -125,9 +125,9 @@ def _mome_flops_breakdown(config, batch_size: int) -> dict[str, int]:
       "vocab_head": 2 * inputs * width * m.vocab_size,
       "contrastive_logits": 2 * batch_size * m.embed_dim,
   }
-  loss = config.get("loss", {})
-  if loss.get("itm_weight", 0.0) > 0:
-    share = (loss.get("itm_examples", 0) or batch_size) / batch_size
+  loss = config.loss
+  if loss.itm_weight > 0:
+    share = (loss.itm_examples or batch_size) / batch_size
     pair = m.depth * _block_flops(patches + inputs + 1, width, m.mlp_dim) + 2 * width * 2
     parts["itm"] = int(3 * share * (pair + 2 * m.num_patches * (m.patch_size ** 2 * 3) * width))
   return parts
@@ -137,7 +137,7 @@ def forward_flops_breakdown(config, batch_size: int | None = None) -> dict[str, 
   """Forward-pass matmul FLOPs per example, by part. `config` is the experiment ConfigDict;
   `batch_size` (default config.train.batch_size) is the GLOBAL batch the contrastive logits span."""
   batch_size = int(batch_size or config.train.batch_size)
-  if config.model.get("backbone", "towers") == "mome":
+  if config.model.backbone == "mome":
     return _mome_flops_breakdown(config, batch_size)
   c = CoCaConfig.from_config(config.model)
   patches, wv = c.image_tokens, c.vision.width  # Patches (+ the class token, if any).
@@ -201,7 +201,7 @@ def param_counts(config) -> dict[str, int]:
   size = lambda tree: sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
   counts: dict[str, int] = {name: size(subtree) for name, subtree in params.items()}
   inactive = 0
-  if config.model.get("backbone", "towers") == "mome":
+  if config.model.backbone == "mome":
     layers = [name for name in counts if name.startswith("layers_")]
     counts["layers"] = sum(counts.pop(name) for name in layers)
     for name in layers:

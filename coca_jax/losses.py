@@ -251,8 +251,8 @@ ROUTER_LOSS_DEFAULTS = dict(router_balance_weight=0.01, router_local_entropy_wei
 
 
 def router_loss_settings(loss_config) -> dict:
-  """The router terms' settings from `config.loss` (defaults: ROUTER_LOSS_DEFAULTS)."""
-  return {name: loss_config.get(name, default) for name, default in ROUTER_LOSS_DEFAULTS.items()}
+  """The router terms' settings from a completed `config.loss` (see ROUTER_LOSS_DEFAULTS)."""
+  return {name: loss_config[name] for name in ROUTER_LOSS_DEFAULTS}
 
 
 def router_losses(statistics, *, router_balance_weight: float = 0.01,

@@ -131,13 +131,12 @@ class TimedIterator:
 
 # config.profile: trace `num_steps` steps from `start_step` (0 = no trace). Past the first steps,
 # so that compilation and warm-up stay out of the trace.
-PROFILE_DEFAULTS = {"start_step": 0, "num_steps": 3}
+PROFILE_DEFAULTS = config_lib.PROFILE_DEFAULTS  # For experiment files; the home is config.py.
 
 
 def profile_window(config) -> tuple[int, int] | None:
   """(first, last) step to trace from `config.profile` (PROFILE_DEFAULTS where unset)."""
-  profile = {**PROFILE_DEFAULTS, **(config.get("profile") or {})}
-  start, num = profile["start_step"], profile["num_steps"]
+  start, num = config.profile.start_step, config.profile.num_steps
   problems = []
   if not (isinstance(start, int) and start >= 0):
     problems.append(f"config.profile.start_step={start!r} must be an integer >= 0 (0 = off)")

@@ -28,11 +28,11 @@ def param_paths(params) -> object:
 
 
 def learning_rate_schedule(optim, total_steps: int) -> optax.Schedule:
-  warmup = int(optim.get("warmup_steps", 0) or round(optim.get("warmup_fraction", 0.0) * total_steps))
+  warmup = int(optim.warmup_steps or round(optim.warmup_fraction * total_steps))
   warmup = min(warmup, total_steps)
-  peak, end = optim.lr, optim.lr * optim.get("end_lr_fraction", 0.0)
+  peak, end = optim.lr, optim.lr * optim.end_lr_fraction
   decay_steps = max(total_steps - warmup, 1)
-  decay = optim.get("decay", "cosine")
+  decay = optim.decay
   if decay == "cosine":
     after = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak if peak else 0.0)
   elif decay == "linear":
@@ -55,30 +55,30 @@ def _mask_from_regex(params, patterns: Sequence[str], match_means: bool):
 def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns (tx, schedule). tx is `params`-structured; its masks are computed from paths."""
   schedule = learning_rate_schedule(optim, total_steps)
-  name = optim.get("name", "adamw")
+  name = optim.name
   parts = []
-  if optim.get("clip_norm", 0.0):
+  if optim.clip_norm:
     parts.append(optax.clip_by_global_norm(optim.clip_norm))
   if name == "adamw":
-    parts.append(optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.get("eps", 1e-8)))
+    parts.append(optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps or 1e-8))
   elif name == "adafactor":
     # Factored second moment with a FIXED beta2 (the paper's 0.999) instead of Adafactor's
     # step-dependent default, followed by first-moment momentum b1.
     b2 = optim.b2
     parts.append(optax.scale_by_factored_rms(
         decay_rate_fn=lambda step, rate: jnp.asarray(b2, jnp.float32),
-        epsilon=optim.get("eps", 1e-30)))
+        epsilon=optim.eps or 1e-30))
     if optim.b1:
       parts.append(optax.ema(optim.b1, debias=True))
   else:
     raise ValueError(f"config.optim.name={name!r} is unknown; use 'adamw' or 'adafactor'")
-  if optim.get("weight_decay", 0.0):
-    no_decay = optim.get("no_decay_regex", DEFAULT_NO_DECAY)
+  if optim.weight_decay:
+    no_decay = optim.no_decay_regex
     parts.append(optax.add_decayed_weights(
         optim.weight_decay, mask=lambda p: _mask_from_regex(p, [no_decay], match_means=False)))
   parts.append(optax.scale_by_learning_rate(schedule))
   tx = optax.chain(*parts)
-  freeze = list(optim.get("freeze_regex", ()) or ())
+  freeze = list(optim.freeze_regex or ())
   if freeze:
     def labels(params):
       frozen = _mask_from_regex(params, freeze, match_means=True)

@@ -66,10 +66,10 @@ def build_model(config) -> CoCa:
   `contrastive` follows `config.loss.contrastive`; a MoME gets its ITM head when
   `config.loss.itm_weight` > 0."""
   model_config = models.model_config(config.model)
-  loss = config.get("loss", {})
-  changes = {"contrastive": loss.get("contrastive", model_config.contrastive)}
+  loss = config.loss
+  changes = {"contrastive": loss.contrastive}
   if isinstance(model_config, models.MoMEConfig):
-    changes["itm"] = loss.get("itm_weight", 0.0) > 0
+    changes["itm"] = loss.itm_weight > 0
   return models.build(dataclasses.replace(model_config, **changes))
 
 
@@ -124,18 +124,18 @@ def loss_fn(params, model: CoCa, batch, loss_config, rng=None):
       outputs, batch["text"],
       contrastive_weight=loss_config.contrastive_weight,
       caption_weight=loss_config.caption_weight,
-      label_smoothing=loss_config.get("label_smoothing", 0.0),
-      contrastive=loss_config.get("contrastive", "softmax"),
-      contrastive_impl=loss_config.get("contrastive_impl", "gathered"),
-      contrastive_reduction=loss_config.get("contrastive_reduction", "sum"))
+      label_smoothing=loss_config.label_smoothing,
+      contrastive=loss_config.contrastive,
+      contrastive_impl=loss_config.contrastive_impl,
+      contrastive_reduction=loss_config.contrastive_reduction)
   if stats:
     router, router_metrics = losses.router_losses(stats, **losses.router_loss_settings(loss_config))
     total = total + router
     metrics = {**metrics, **router_metrics, "loss": total}
-  itm_weight = loss_config.get("itm_weight", 0.0)
+  itm_weight = loss_config.itm_weight
   if itm_weight > 0:
     itm, itm_metrics = image_text_matching(params, model, batch, outputs, rng,
-                                           loss_config.get("itm_examples", 0))
+                                           loss_config.itm_examples)
     total = total + itm_weight * itm
     metrics = {**metrics, **itm_metrics, "loss": total}
   return total, metrics
@@ -173,11 +173,11 @@ def image_text_matching(params, model, batch, outputs, rng, examples: int = 0):
 
 
 def _contrastive(image_embed, text_embed, logit_scale, logit_bias, loss_config):
-  kind = loss_config.get("contrastive", "softmax")
+  kind = loss_config.contrastive
   return losses.contrastive_loss(
       image_embed, text_embed, logit_scale, logit_bias if kind == "sigmoid" else None,
-      kind=kind, impl=loss_config.get("contrastive_impl", "gathered"),
-      reduction=loss_config.get("contrastive_reduction", "sum"))
+      kind=kind, impl=loss_config.contrastive_impl,
+      reduction=loss_config.contrastive_reduction)
 
 
 def split_microbatches(batch, microbatches: int):
@@ -210,7 +210,7 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
                      f"{microbatches}")
   micro = split_microbatches(batch, microbatches)
   con_weight, cap_weight = loss_config.contrastive_weight, loss_config.caption_weight
-  smoothing = loss_config.get("label_smoothing", 0.0)
+  smoothing = loss_config.label_smoothing
   variables = {"params": params}
 
   # 1. Embeddings of every example, one microbatch at a time.
@@ -303,7 +303,7 @@ def train_step(state: TrainState, batch, *, model: CoCa, tx: optax.GradientTrans
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
   with nn.logical_axis_rules(rules):
     if microbatches > 1:
-      if loss_config.get("itm_weight", 0.0) > 0:
+      if loss_config.itm_weight > 0:
         raise ValueError("config.loss.itm_weight > 0 needs config.train.microbatches=1")
       (_, metrics), grads = accumulated_loss_and_grads(
           state.params, model, batch, loss_config, microbatches)
@@ -322,7 +322,7 @@ def train_step(state: TrainState, batch, *, model: CoCa, tx: optax.GradientTrans
 
 def make_train_step(model, tx, config, schedule, mesh: Mesh, shardings: TrainState, rules):
   """The train step jitted with explicit in/out shardings; the old state is donated."""
-  microbatches = int(config.train.get("microbatches", 1))
+  microbatches = int(config.train.microbatches)
   shards = sharding.batch_shards(mesh)
   if microbatches < 1 or config.train.batch_size % (shards * microbatches):
     raise ValueError(
@@ -333,7 +333,7 @@ def make_train_step(model, tx, config, schedule, mesh: Mesh, shardings: TrainSta
   step = functools.partial(train_step, model=model, tx=tx, loss_config=config.loss,
                            schedule=schedule, rules=rules, microbatches=microbatches,
                            seed=int(config.train.seed),
-                           nonfinite=config.train.get("nonfinite", "halt"))
+                           nonfinite=config.train.nonfinite)
   batch_shardings = {"image": sharding.batch_sharding(mesh, 4),
                      "text": sharding.batch_sharding(mesh, 2)}
   return jax.jit(step, in_shardings=(shardings, batch_shardings),

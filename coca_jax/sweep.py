@@ -41,7 +41,6 @@ import time
 from dataclasses import dataclass, field
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from coca_jax import config as config_lib, console, metrics as metrics_lib
 
@@ -382,8 +381,7 @@ FLAGS = flags.FLAGS
 def _define_flags() -> None:
   """Defined only when run as the CLI: a config file's sweep() imports this module for
   `product`/`zip` inside other CLIs, whose flags must not clash."""
-  config_flags.DEFINE_config_file("config", None, "Experiment config file[:args] defining "
-                                  "sweep().", lock_config=False)
+  config_lib.define_config_flag("config", "Experiment config file[:args] defining sweep().")
   flags.DEFINE_string("workdir", None, "Root directory: one subdirectory per trial.")
   flags.DEFINE_bool("dry_run", False, "Validate every trial, print the plan and commands, run "
                     "none.")

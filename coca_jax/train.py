@@ -30,7 +30,6 @@ import time
 from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 
 from coca_jax import checkpoint, config as config_lib, console, flops, sharding, step as step_lib
 from coca_jax import metrics as metrics_lib, preemption, warm_start
@@ -39,8 +38,7 @@ from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 from coca_jax.evaluation import evaluators
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
-                                lock_config=False)
+config_lib.define_config_flag("config", "Experiment config file[:args].")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer.")
 flags.DEFINE_bool("dry_run", False, "Validate + build abstractly, print a JSON summary, exit.")
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs).")
@@ -232,7 +230,7 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
   with console.quiet_stdout(FLAGS.verbose):
     tokenizer = prepare_data(config, workdir)
   logging.info("Data %r and tokenizer ready (%.1fs)", config.data.name, time.perf_counter() - t0)
-  evaluators.check_evals(config, lambda split: pipeline.make_eval_source(config, split))
+  evaluators.check_evals(config)
   batch_sharding = {"image": sharding.batch_sharding(mesh, 4),
                     "text": sharding.batch_sharding(mesh, 2)}
   train_iter = pipeline.make_train_iterator(config, mesh, batch_sharding)
@@ -240,7 +238,7 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
   # ---- Checkpoint: resume from the newest readable step, or initialise ----------------------
   ckpt = config.checkpoint
   manager = checkpoint.make_manager(workdir, keep=ckpt.keep, every_steps=ckpt.every_steps,
-                                    async_save=ckpt.get("async_save", True))
+                                    async_save=ckpt.async_save)
   steps, _ = checkpoint.step_dirs(workdir)
   first_step = 0
   if steps or FLAGS.resume_step is not None:
@@ -262,7 +260,7 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
             "; ".join(f"step {s}: {r}" for s, r in skipped), file=sys.stderr)
   else:
     state = built.init_state(config)
-    if config.get("init", {}).get("source"):  # Parameters from another run or an import.
+    if config.init.source:  # Parameters from another run or an import.
       state = warm_start.warm_start(config, state, state_shardings)
   if jax.process_index() == 0:
     checkpoint.write_config(workdir, config)
@@ -287,8 +285,8 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
   pending = None
   last_time, last_step = time.perf_counter(), first_step
   progress = _Progress(config.train.steps, first_step)
-  watch = NonFiniteWatch(config.train.get("nonfinite", "halt"),
-                         config.train.get("max_consecutive_skips", 10), mesh)
+  watch = NonFiniteWatch(config.train.nonfinite,
+                         config.train.max_consecutive_skips, mesh)
 
   def flush(pending):
     nonlocal last_time, last_step
@@ -319,7 +317,7 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
     checkpoint.save(manager, step_num, state, train_iter, force=force)
 
   embedder = evaluators.Embedder(model, state.params, tokenizer,
-                                 batch_size=config.evals.get("batch_size", 256))
+                                 batch_size=config.evals.batch_size)
   stop = preemption.StopSignal(manager)
   step_num = first_step
   try:
@@ -347,7 +345,7 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
           return
         if checkpoint.should_save(manager, step_num, ckpt.every_steps):
           save(step_num)
-        every = config.evals.get("every_steps", 0)
+        every = config.evals.every_steps
         if every and step_num % every == 0 and step_num != config.train.steps:
           watch.check()
           results = _evaluate(config, embedder, state)
@@ -386,8 +384,7 @@ def _evaluate(config, embedder: evaluators.Embedder, state) -> dict:
   functions) is built once per run, so periodic evals do not recompile."""
   t0 = time.perf_counter()
   embedder.params = state.params
-  results = evaluators.run_evals(
-      config, embedder, lambda split: pipeline.make_eval_source(config, split))
+  results = evaluators.run_evals(config, embedder)
   if results:
     results["eval/seconds"] = time.perf_counter() - t0
   return results

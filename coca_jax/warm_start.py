@@ -47,9 +47,9 @@ class WarmStartError(ValueError):
 
 def _tokenizer_digest(config, root: str | None = None) -> tuple[str, str]:
   from coca_jax.data.tokenizer import TOKENIZER_FILES
-  kind = config.data.get("tokenizer_kind", "sentencepiece")
+  kind = config.data.tokenizer_kind
   candidates = [os.path.join(root, TOKENIZER_FILES.get(kind, ""))] if root else []
-  candidates.append(config.data.get("tokenizer", ""))
+  candidates.append(config.data.tokenizer)
   for path in candidates:
     if path and os.path.isfile(path):
       with open(path, "rb") as f:
@@ -130,8 +130,8 @@ def warm_start_params(config, fresh_params):
   flat, report = merge(
       flat_params.flatten(source_model, source_params),
       flat_params.flatten(target_model, fresh_params), source_model, target_model,
-      include=init.get("include_regex", ""), exclude=init.get("exclude_regex", ""),
-      reinit=init.get("reinit_regex", ""), tokenizer_changed=tokenizer_changed)
+      include=init.include_regex, exclude=init.exclude_regex,
+      reinit=init.reinit_regex, tokenizer_changed=tokenizer_changed)
   params = flat_params.unflatten(target_model, flat)
   logging.info("Warm start from %s (step %s): %d copied, %d interpolated %s, %d re-initialised "
                "%s, %d not in the source %s, %d source parameters unused %s", init.source,
@@ -148,7 +148,7 @@ def warm_start(config, state, shardings):
   leaf (`checkpoint.load_params_for_init`: same-shaped leaves copied, new heads kept fresh);
   the regex filters, position-embedding resizing and vocabulary replacement are CoCa-towers
   features for now."""
-  if config.model.get("backbone", "towers") == "mome":
+  if config.model.backbone == "mome":
     from coca_jax import checkpoint
     params, report = checkpoint.load_params_for_init(config.init.source, state.params,
                                                      shardings.params)

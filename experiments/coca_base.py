@@ -4,6 +4,10 @@ r"""CoCa-Base as in the paper (Table 1; 383M parameters) and the paper's pretrai
   python -m coca_jax.bench --config experiments/coca_base.py:batch=4096 --mode compile --json
   launch/tpu_pod.sh --tpu NAME --zone ZONE --config experiments/coca_base.py \
       --workdir gs://BUCKET/coca_base [-- --config.data.name=YOUR_TFDS_DATASET ...]
+
+Data and evals: train on the dataset named by --config.data.name (built with
+`python -m coca_jax.data.build` into --config.data.data_dir); retrieval and captioning run on
+its "test" split, zero-shot on a labelled dataset you name (see EVALS below).
   python -m coca_jax.train --config experiments/coca_base.py:runlocal --workdir /tmp/coca_base
 
 The three paper sizes share this file's recipe; experiments/coca_large.py and coca_2b.py only
@@ -43,6 +47,19 @@ PAPER_SIZES = {
 }
 PAPER_PARAMS = {"base": 383e6, "large": 787e6, "2b": 2.1e9}
 VOCAB_SIZE = 64_000
+# Evals every 10k steps and at the end (coca_jax/evaluation/evaluators.py): image-text retrieval
+# and greedy captioning on the eval split of config.data.name, and zero-shot classification
+# once you name a labelled dataset built into the same data_dir, its split and class names
+# (in label order), e.g.
+#   --config.evals.zeroshot.dataset=my_labelled_set --config.evals.zeroshot.split=test \
+#   --config.evals.zeroshot.class_names="['cat', 'dog']"
+# Any group is switched off with --config.evals.<group>.enabled=False.
+EVALS = dict(
+    every_steps=10_000, batch_size=256,
+    zeroshot=dict(dataset="", split="", examples=50_000, class_names=[],
+                  templates=["a photo of a {}.", "a picture of a {}.", "an image of a {}."]),
+    retrieval=dict(split="test", examples=5_000),
+    captioning=dict(split="test", examples=5_000, batch_size=256, method="greedy"))
 
 
 def _parse(arg: str) -> dict:
@@ -69,9 +86,12 @@ def paper_config(size: str, arg: str = "") -> ml_collections.ConfigDict:
       vision=dict(s["vision"]),
       text=dict(vocab_size=VOCAB_SIZE, max_len=64, **s["text"]),
   ))
+  # Your image-text data, built by `python -m coca_jax.data.build` (--config.data.name=NAME
+  # --config.data.data_dir=DIR); a SentencePiece tokenizer of VOCAB_SIZE pieces is trained on
+  # its train captions unless --config.data.tokenizer names one.
   c.data = ml_collections.ConfigDict(dict(
-      source="tfds", name="", train_split="train", eval_examples=10_000,
-      tokenizer_vocab=VOCAB_SIZE, seed=0))
+      name="", train_split="train", eval_split="test", image_size=288,
+      tokenizer_vocab=VOCAB_SIZE))
   c.train = ml_collections.ConfigDict(dict(
       steps=int(args.get("steps", 500_000)), batch_size=int(args.get("batch", 65_536)), seed=0,
       log_every=100, microbatches=1, nonfinite="halt", max_consecutive_skips=10))
@@ -87,9 +107,7 @@ def paper_config(size: str, arg: str = "") -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5_000, keep=3, async_save=True))
   c.profile = ml_collections.ConfigDict(PROFILE_DEFAULTS)  # --config.profile.start_step=N traces
-  c.evals = ml_collections.ConfigDict(dict(
-      every_steps=10_000, zeroshot_examples=50_000, retrieval_examples=5_000,
-      caption_examples=5_000))
+  c.evals = ml_collections.ConfigDict(EVALS)
   if args.get("b32"):
     c.model.update(image_size=224, patch_size=32, embed_dim=512, pooling="open_clip",
                    n_gen_queries=256, pooler_heads=8, dtype=args.get("dtype", "float32"),
@@ -100,6 +118,7 @@ def paper_config(size: str, arg: str = "") -> ml_collections.ConfigDict:
     c.model.vision.update(width=768, depth=12, heads=12, mlp_dim=3072)
     c.model.text.update(vocab_size=49_408, max_len=76, width=512, heads=8, mlp_dim=2048,
                         n_uni=12, n_multi=12)
+    c.data.update(image_size=224, tokenizer_vocab=49_408)
     c.loss.contrastive_impl = "gathered"
     c.mesh.update(data=-1, fsdp=1)
     if "batch" not in args:
@@ -109,8 +128,15 @@ def paper_config(size: str, arg: str = "") -> ml_collections.ConfigDict:
     if "batch" not in args:
       c.train.batch_size = 8
     c.checkpoint.update(every_steps=0)
-    c.evals.update(every_steps=0, zeroshot_examples=64, retrieval_examples=64, caption_examples=8)
+    shrink_evals(c.evals)
   return c
+
+
+def shrink_evals(evals: ml_collections.ConfigDict) -> None:
+  """runlocal: the evals only at the end, on a few examples."""
+  evals.every_steps = 0
+  evals.zeroshot.examples = evals.retrieval.examples = 64
+  evals.captioning.update(examples=8, batch_size=8)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

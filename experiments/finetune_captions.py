@@ -19,14 +19,13 @@ Args (comma-separated after ':'): init=PATH (required), name=, data_dir= (the bu
 steps= (default 2000), batch= (64), lr= (1e-5), caption_only (contrastive weight 0), runlocal.
 """
 
-import json
 import os
 
 import ml_collections
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  from coca_jax import api
+  from coca_jax import api, checkpoint
   args = {}
   for item in filter(None, arg.split(",")):
     key, _, value = item.partition("=")
@@ -39,9 +38,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                      "checkpoints/<step> directory to start from")
   source = os.path.expanduser(args["init"])
   found = api.resolve(source)
-  with open(os.path.join(found["root"], "config.json")) as f:
-    source_config = ml_collections.ConfigDict(json.load(f))
-  tokenizer = api.TOKENIZER_FILES[source_config.data.get("tokenizer_kind", "sentencepiece")]
+  source_config = checkpoint.read_config(found["root"])  # Completed with today's defaults.
+  tokenizer = api.TOKENIZER_FILES[source_config.data.tokenizer_kind]
 
   c = ml_collections.ConfigDict()
   c.model = source_config.model
@@ -49,18 +47,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       name=args.get("name", ""), data_dir=os.path.expanduser(args.get("data_dir", "")),
       train_split="train", eval_split="test", image_size=c.model.image_size,
       tokenizer=os.path.join(found["root"], tokenizer),
-      tokenizer_kind=source_config.data.get("tokenizer_kind", "sentencepiece"),
+      tokenizer_kind=source_config.data.tokenizer_kind,
       num_workers=0, random_resized_crop=True, crop_scale=(0.8, 1.0)))
   c.train = ml_collections.ConfigDict(dict(
       steps=int(args.get("steps", 2_000)), batch_size=int(args.get("batch", 64)), seed=0,
       log_every=50, microbatches=1))
-  c.loss = ml_collections.ConfigDict(source_config.get("loss", {}).to_dict()
-                                     if "loss" in source_config else {})
+  c.loss = source_config.loss  # The source's loss settings (contrastive kind, reduction, ...).
   c.loss.update(dict(contrastive_weight=0.0 if args.get("caption_only") else 1.0,
                      caption_weight=2.0))
-  for key, default in (("label_smoothing", 0.0), ("contrastive", "softmax"),
-                       ("contrastive_impl", "gathered")):
-    c.loss[key] = c.loss.get(key, default)
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=float(args.get("lr", 1e-5)), b1=0.9, b2=0.98, eps=1e-6,
       weight_decay=0.1, warmup_fraction=0.05, decay="cosine", end_lr_fraction=0.0,

@@ -24,7 +24,7 @@ def get_config(arg: str = ""):
   c = mome_config(width=768, depth=12, heads=12, mlp_dim=3072, fusion_layers=4, arg=arg,
                   image_size=288, patch_size=18, tie_embeddings=False, pooling="attention")
   c.model.text.update(vocab_size=64_000, max_len=64)
-  c.data.tokenizer_vocab = 64_000
+  c.data.update(tokenizer_vocab=64_000, image_size=288)
   c.loss.update(caption_weight=2.0, itm_weight=c.loss.itm_weight)
   c.optim.update(name="adafactor", lr=8e-4, b1=0.9, b2=0.999, eps=1e-30, warmup_fraction=0.02)
   return c

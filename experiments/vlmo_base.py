@@ -40,7 +40,15 @@ Optimizer (VLMo's stage 3): AdamW, peak lr 2e-4, weight decay 0.01, b2 0.98, 2.5
 then linear decay; batch 1024.
 """
 
+import importlib.util
+import os
+
 import ml_collections
+
+_spec = importlib.util.spec_from_file_location(
+    "coca_base", os.path.join(os.path.dirname(os.path.abspath(__file__)), "coca_base.py"))
+_coca_base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_coca_base)
 
 STAGES = ("image", "text", "image_text")
 TEXT_SIDE = [r"(^|/)ffn_text/", r"(^|/)ffn_fusion/", r"^token_embed/", r"^text_pos_embed$",
@@ -75,8 +83,8 @@ def mome_config(width, depth, heads, mlp_dim, fusion_layers, arg: str = "", **mo
                 fusion_layers=fusion_layers)))
   c.model.update(model_fields)
   c.data = ml_collections.ConfigDict(dict(
-      source="tfds", name="", train_split="train", eval_examples=10_000,
-      tokenizer_vocab=c.model.text.vocab_size, seed=0))
+      name="", train_split="train", eval_split="test", image_size=c.model.image_size,
+      tokenizer_vocab=c.model.text.vocab_size))
   c.train = ml_collections.ConfigDict(dict(
       steps=int(args.get("steps", 200_000)), batch_size=int(args.get("batch", 1024)), seed=0,
       log_every=100, microbatches=1))
@@ -92,15 +100,15 @@ def mome_config(width, depth, heads, mlp_dim, fusion_layers, arg: str = "", **mo
   c.init = ml_collections.ConfigDict(dict(source=args.get("init", "")))
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5_000, keep=3, async_save=True))
-  c.evals = ml_collections.ConfigDict(dict(
-      every_steps=10_000, zeroshot_examples=50_000, retrieval_examples=5_000,
-      caption_examples=5_000))
+  # As the CoCa paper configs (experiments/coca_base.py EVALS): retrieval and captioning on the
+  # eval split of config.data.name, zero-shot on a labelled dataset you name.
+  c.evals = ml_collections.ConfigDict(_coca_base.EVALS)
   if args.get("runlocal"):
     c.train.update(steps=10, log_every=1)
     if "batch" not in args:
       c.train.batch_size = 8
     c.checkpoint.update(every_steps=0)
-    c.evals.update(every_steps=0, zeroshot_examples=64, retrieval_examples=64, caption_examples=8)
+    _coca_base.shrink_evals(c.evals)
   return c
 
 

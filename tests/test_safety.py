@@ -442,5 +442,5 @@ def test_zero_shot_names_and_templates_are_checked():
       return {"label": 2}
 
   with pytest.raises(config_lib.ConfigError) as err:
-    evaluators.check_evals(config, lambda split: Source())
+    evaluators.check_evals(config, lambda split, dataset: Source())
   assert "repeats ['zero']" in str(err.value) and "'no placeholder'" in str(err.value)

@@ -1,13 +1,16 @@
 """Evaluators that run a model over evaluation sets: zero-shot classification, retrieval and
 captioning.
 
-Configured by `config.evals`:
+Configured by `config.evals` (every field and default: `coca_jax.config.defaults`):
   every_steps          0 = only after training; N = also every N steps.
-  zeroshot             dict(split, class_names, templates, examples) or None
-  retrieval            dict(split, examples) or None
-  captioning           dict(split, examples, batch_size?, enabled? (default True), and any
+  batch_size           images / texts embedded per call.
+  zeroshot             dict(enabled, dataset, split, examples, class_names, templates)
+  retrieval            dict(enabled, dataset, split, examples)
+  captioning           dict(enabled, dataset, split, examples, batch_size, and every
                        `generate.Decoding` field: method, num_beams, length_penalty,
-                       max_new_tokens, min_len, ...) or None
+                       max_new_tokens (0 = the most the decoder was trained on), min_len, ...)
+A group runs when it is enabled and names a split; it reads `dataset` (a dataset built into
+config.data.data_dir; "" = config.data.name); `examples` 0 = the whole split.
 The train loop and the `evaluate` CLI both call `run_evals`.
 """
 
@@ -94,31 +97,40 @@ def retrieval_eval(embedder: Embedder, source, limit=None) -> dict:
   return {f"eval/{k}": float(v) for k, v in result.items()}
 
 
-def check_evals(config, make_source) -> None:
+def _groups(evals):
+  """(name, group) of each eval group that runs: enabled, with a split."""
+  return [(name, evals[name]) for name in ("zeroshot", "retrieval", "captioning")
+          if evals[name].enabled and evals[name].split]
+
+
+def _eval_source(config):
+  from coca_jax.data import pipeline  # Heavy (grain, TFDS): only where evals run.
+  return lambda split, dataset: pipeline.make_eval_source(config, split, dataset or None)
+
+
+def check_evals(config, make_source=None) -> None:
   """Checks config.evals before training starts: every split opens, the zero-shot split has
   labels within the class list, class names are distinct non-empty strings, templates each
-  hold one '{}'. Raises config.ConfigError listing every problem (each naming the field)."""
+  hold one '{}'. `make_source(split, dataset)` opens a split (default: the pipeline's eval
+  source). Raises config.ConfigError listing every problem (each naming the field)."""
   from coca_jax import config as config_lib  # config imports nothing from here.
+  make_source = make_source or _eval_source(config)
   problems = []
-  evals = config.evals
-  groups = [(name, evals.get(name)) for name in ("zeroshot", "retrieval", "captioning")]
-  for name, group in groups:
-    if not group or (name == "captioning" and not group.get("enabled", True)):
-      continue
-    split = group.get("split")
+  for name, group in _groups(config.evals):
+    split, where = group.split, f" of dataset {group.dataset!r}" if group.dataset else ""
     try:
-      source = make_source(split)
+      source = make_source(split, group.dataset)
       size = len(source)
     except (FileNotFoundError, ValueError, KeyError) as e:
-      problems.append(f"config.evals.{name}.split={split!r} cannot be read: {e}")
+      problems.append(f"config.evals.{name}.split={split!r}{where} cannot be read: {e}")
       continue
     if size == 0:
-      problems.append(f"config.evals.{name}.split={split!r} is empty")
+      problems.append(f"config.evals.{name}.split={split!r}{where} is empty")
       continue
     if name != "zeroshot":
       continue
-    names = list(group.get("class_names") or [])
-    templates = list(group.get("templates") or [])
+    names = list(group.class_names)
+    templates = list(group.templates)
     if not names or not all(isinstance(n, str) and n.strip() for n in names):
       problems.append(f"config.evals.zeroshot.class_names={names!r} must be a non-empty list "
                       "of non-empty strings")
@@ -173,22 +185,24 @@ def decoding_from_config(captioning):
   """The generate.Decoding named by the fields of config.evals.captioning (others ignored)."""
   from coca_jax import generate as gen  # See captioning_eval.
   fields = {f.name for f in dataclasses.fields(gen.Decoding)}
-  return gen.Decoding(**{k: v for k, v in dict(captioning).items() if k in fields})
+  decoding = {k: v for k, v in dict(captioning).items() if k in fields}
+  decoding["max_new_tokens"] = decoding.get("max_new_tokens") or None  # 0 = max_len - 1.
+  return gen.Decoding(**decoding)
 
 
-def run_evals(config, embedder: Embedder, make_source) -> dict:
-  """Runs each configured evaluator. `make_source(split)` returns an EvalSource."""
+def run_evals(config, embedder: Embedder, make_source=None) -> dict:
+  """Runs each configured evaluator. `make_source(split, dataset)` returns an EvalSource
+  (default: the pipeline's)."""
+  make_source = make_source or _eval_source(config)
   results = {}
-  evals = config.evals
-  if evals.get("zeroshot"):
-    z = evals.zeroshot
-    results.update(zeroshot_eval(embedder, make_source(z.split), list(z.class_names),
-                                 list(z.templates), z.get("examples")))
-  if evals.get("retrieval"):
-    r = evals.retrieval
-    results.update(retrieval_eval(embedder, make_source(r.split), r.get("examples")))
-  if evals.get("captioning") and evals.captioning.get("enabled", True):
-    c = evals.captioning
-    results.update(captioning_eval(embedder, make_source(c.split), decoding_from_config(c),
-                                   c.get("examples"), c.get("batch_size")))
+  for name, g in _groups(config.evals):
+    source, limit = make_source(g.split, g.dataset), g.examples or None
+    if name == "zeroshot":
+      results.update(zeroshot_eval(embedder, source, list(g.class_names), list(g.templates),
+                                   limit))
+    elif name == "retrieval":
+      results.update(retrieval_eval(embedder, source, limit))
+    else:
+      results.update(captioning_eval(embedder, source, decoding_from_config(g), limit,
+                                     g.batch_size or None))
   return results

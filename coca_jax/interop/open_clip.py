@@ -354,7 +354,8 @@ def experiment_config(model: str, arg: str = "") -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 0
     c.evals.retrieval.examples = 64
     c.evals.captioning.update(examples=8, batch_size=8)
-  return c
+  from coca_jax import config as config_lib  # Light at call time; config imports no interop.
+  return config_lib.complete(c)
 
 
 # -- Files ---------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ BACKBONES = ("towers", "mome")
 
 def model_config(model) -> CoCaConfig | MoMEConfig:
   """The hashable model settings of `config.model`, for its backbone."""
-  backbone = model.get("backbone", "towers")
+  backbone = model.backbone
   if backbone == "mome":
     return MoMEConfig.from_config(model)
   if backbone != "towers":

@@ -83,8 +83,6 @@ class CoCaConfig:
   @classmethod
   def from_config(cls, model) -> "CoCaConfig":
     v, t = model.vision, model.text
-    defaults = cls.__dataclass_fields__
-    get = lambda group, key: group.get(key, defaults[key].default)
     return cls(
         image_size=model.image_size, patch_size=model.patch_size,
         vision=TowerConfig(v.width, v.depth, v.heads, v.mlp_dim),
@@ -93,16 +91,16 @@ class CoCaConfig:
         pooling=model.pooling, n_gen_queries=model.n_gen_queries,
         pooler_heads=model.pooler_heads, dtype=model.dtype, remat=model.remat,
         scan_layers=model.scan_layers, temperature_init=model.temperature_init,
-        max_logit_scale=model.max_logit_scale, contrastive=model.get("contrastive", "softmax"),
-        tie_embeddings=model.get("tie_embeddings", False),
-        vision_experts=RoutedExperts.from_config(v.get("experts")),
-        text_experts=RoutedExperts.from_config(t.get("experts")),
-        activation=get(model, "activation"), norm_eps=get(model, "norm_eps"),
-        class_token=get(v, "class_token"), ln_pre=get(v, "ln_pre"),
-        vision_final_norm=v.get("final_norm", True), patch_bias=get(v, "patch_bias"),
-        pooler_width=get(model, "pooler_width"), multimodal_layout=get(t, "multimodal_layout"),
-        cls_mask=get(t, "cls_mask"), vocab_bias=get(t, "vocab_bias"),
-        bos_id=get(t, "bos_id"), eos_id=get(t, "eos_id"))
+        max_logit_scale=model.max_logit_scale, contrastive=model.contrastive,
+        tie_embeddings=model.tie_embeddings,
+        vision_experts=RoutedExperts.from_config(v.experts),
+        text_experts=RoutedExperts.from_config(t.experts),
+        activation=model.activation, norm_eps=model.norm_eps,
+        class_token=v.class_token, ln_pre=v.ln_pre,
+        vision_final_norm=v.final_norm, patch_bias=v.patch_bias,
+        pooler_width=model.pooler_width, multimodal_layout=t.multimodal_layout,
+        cls_mask=t.cls_mask, vocab_bias=t.vocab_bias,
+        bos_id=t.bos_id, eos_id=t.eos_id)
 
   @property
   def num_patches(self) -> int:

@@ -85,11 +85,11 @@ class MoMEConfig:
         vocab_size=model.text.vocab_size, max_len=model.text.max_len, width=m.width,
         depth=m.depth, heads=m.heads, mlp_dim=m.mlp_dim, fusion_layers=m.fusion_layers,
         embed_dim=model.embed_dim, pooler_heads=model.pooler_heads,
-        pooling=model.get("pooling", "attention"), dtype=model.dtype,
+        pooling=model.pooling, dtype=model.dtype,
         temperature_init=model.temperature_init, max_logit_scale=model.max_logit_scale,
-        contrastive=model.get("contrastive", "softmax"),
-        tie_embeddings=model.get("tie_embeddings", False),
-        bos_id=model.text.get("bos_id", 2), eos_id=model.text.get("eos_id", 3))
+        contrastive=model.contrastive,
+        tie_embeddings=model.tie_embeddings,
+        bos_id=model.text.bos_id, eos_id=model.text.eos_id)
 
   @property
   def num_patches(self) -> int:
