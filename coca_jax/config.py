@@ -116,7 +116,7 @@ def _defaults(backbone: str) -> dict:
       model=model,
       data=dict(
           name="",  # The dataset built by `python -m coca_jax.data.build` (TFDS name).
-          data_dir="",  # "" = DIR/tensorflow_datasets under the workdir.
+          data_dir="",  # "" = DIR/tensorflow_datasets under the workdir (train fills it in).
           train_split="train", eval_split="test", image_size=REQUIRED,
           tokenizer="",  # "" = train a SentencePiece tokenizer on the train captions.
           tokenizer_kind="sentencepiece",  # Or "clip_bpe" (open_clip's fixed 49,408 BPE).
@@ -213,17 +213,25 @@ def _keys(schema: dict, prefix: str = "") -> list[str]:
 
 
 def _suggest(path: str, schema: dict) -> str:
-  """'; did you mean config.X?' for the closest schema key (whole dotted paths compared)."""
-  close = difflib.get_close_matches(path, _keys(schema), n=1, cutoff=0.7)
-  if not close:  # Compare the last part within its group, e.g. a typo in a long group path.
-    parent, _, leaf = path.rpartition(".")
-    group = schema
-    for part in filter(None, parent.split(".")):
-      group = group.get(part) if isinstance(group, dict) else None
-    if isinstance(group, dict):
-      close = [f"{parent}.{c}" if parent else c
-               for c in difflib.get_close_matches(leaf, list(group), n=1, cutoff=0.6)]
-  return f"; did you mean config.{close[0]}?" if close else ""
+  """'; did you mean config.X?' for the closest known key: a sibling in the same group first,
+  else any key (whole dotted paths compared); with no close key, the group's known keys."""
+  parent, _, leaf = path.rpartition(".")
+  group = schema
+  for part in filter(None, parent.split(".")):
+    group = group.get(part) if isinstance(group, dict) else None
+  siblings = list(group) if isinstance(group, dict) else []
+  close = [f"{parent}.{c}" if parent else c
+           for c in difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)]
+  if not close:
+    ancestors = {".".join(path.split(".")[:i]) for i in range(1, path.count(".") + 1)}
+    close = difflib.get_close_matches(
+        path, [k for k in _keys(schema) if k not in ancestors], n=1, cutoff=0.75)
+  if close:
+    return f"; did you mean config.{close[0]}?"
+  if siblings:
+    where = f"config.{parent}" if parent else "config"
+    return f"; {where} has {', '.join(siblings)}"
+  return ""
 
 
 def unknown_keys(config) -> list[str]:

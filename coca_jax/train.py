@@ -98,7 +98,7 @@ def prepare_data(config, workdir: str) -> Tokenizer:
                                     decode_images=False)
       captions = [c.decode() if isinstance(c, bytes) else str(c)
                   for i in range(len(source)) for c in source[i]["captions"]]
-      Tokenizer.train(captions, path[:-len(".model")], vocab_size=data.tokenizer_vocab,
+      Tokenizer.train(captions, path[:-len(".model")], vocab_size=data.tokenizer_vocab or config.model.text.vocab_size,
                       model_type=data.get("tokenizer_type", "unigram"))
     _sync("tokenizer trained")
     data.tokenizer = path

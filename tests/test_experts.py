@@ -257,7 +257,8 @@ def test_experts_config_is_validated_with_field_names():
   with pytest.raises(config_lib.ConfigError) as error:
     config_lib.validate(c)
   message = str(error.value)
-  for expected in ("config.model.vision.experts has unknown fields ['k']",
+  for expected in ("config.model.vision.experts.k is not a config key; did you mean "
+                   "config.model.vision.experts.top_k?",
                    "config.model.vision.experts.top_k=5 exceeds "
                    "config.model.vision.experts.num_experts=4",
                    "config.model.vision.experts.capacity_factor=0.0 must be > 0",

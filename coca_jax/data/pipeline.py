@@ -111,7 +111,9 @@ class DataOptions:
       raise ValueError(f"config.data.{name} is required (see coca_jax/data/pipeline.py)")
 
     options = cls(
-        name=field("name"), data_dir=os.path.expanduser(field("data_dir")),
+        name=field("name"),
+        # "" (the config default): train fills in DIR/tensorflow_datasets before this runs.
+        data_dir=os.path.expanduser(field("data_dir") or DEFAULTS["data_dir"]),
         train_split=field("train_split"), eval_split=field("eval_split"),
         image_size=int(field("image_size")), tokenizer=field("tokenizer"),
         tokenizer_kind=data.get("tokenizer_kind", "sentencepiece"),

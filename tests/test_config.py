@@ -1,0 +1,209 @@
+"""The config schema: every experiment config (and each documented arg) validates and builds
+abstractly; unknown keys, misspelled overrides and inconsistent pairs fail with one clear error;
+runs saved before a field existed still load; the paper configs run their evals."""
+
+import json
+import os
+import subprocess
+import sys
+
+from absl import flags
+import jax
+import ml_collections
+import pytest
+
+from coca_jax import checkpoint, config as config_lib, step as step_lib
+from coca_jax.evaluation import evaluators
+from conftest import REPO, smoke_config
+
+# Every experiments/ file with the args its docstring documents (finetune_captions needs a
+# source: test_finetune_config_from_an_old_saved_run).
+SPECS = ["demo.py", "demo.py:smoke", "demo.py:mini", "demo.py:limoe", "demo.py:limoe,smoke",
+         "demo.py:limoe,mini", "demo.py:mome", "demo.py:mome,smoke",
+         "coca_base.py", "coca_base.py:runlocal", "coca_base.py:b32",
+         "coca_base.py:batch=4096,steps=10,dtype=float32,remat=full", "coca_large.py",
+         "coca_2b.py", "coca_2b.py:runlocal",
+         "vlmo_base.py", "vlmo_base.py:stage=image", "vlmo_base.py:stage=text,runlocal",
+         "vlmo_base.py:stage=image_text,batch=64,steps=5", "mome_coca_base.py",
+         "mome_coca_base.py:runlocal", "openclip_coca_vit_b32.py",
+         "openclip_coca_vit_b32.py:runlocal,scan,dtype=bfloat16,lr=1e-4,steps=3,batch=8",
+         "openclip_coca_vit_l14.py"]
+PAPER = ("coca_base.py", "coca_large.py", "coca_2b.py", "vlmo_base.py", "mome_coca_base.py")
+
+
+def _load(spec):
+  return config_lib.load_config(os.path.join(REPO, "experiments", spec))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_experiment_config_validates_and_builds_abstractly(spec):
+  config = _load(spec)
+  config_lib.validate(config, num_devices=1)
+  built = step_lib.setup(config)  # Model, optimizer, sharded state: shapes only.
+  leaves = jax.tree.leaves(built.abstract_state.params)
+  assert leaves and all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
+  # Completed: every schema field is there, so modules read them without defaults of their own.
+  assert not config_lib.unknown_keys(config)
+  for group in ("train", "optim", "evals", "profile", "init"):
+    assert set(config_lib.defaults(config.model.backbone)[group]) <= set(config[group]), group
+
+
+@pytest.mark.parametrize("spec", PAPER)
+def test_paper_configs_run_retrieval_and_captioning_on_the_named_dataset(spec):
+  config = _load(spec)
+  config.data.name = "my_pairs"
+  config.evals.zeroshot.update(dataset="my_labelled", split="validation",
+                               class_names=["cat", "dog"])
+  opened = []
+
+  class Source:
+    def __len__(self):
+      return 2
+
+    def __getitem__(self, index):
+      return {"label": index}
+
+  def make_source(split, dataset):
+    opened.append((split, dataset))
+    return Source()
+
+  evaluators.check_evals(config, make_source)
+  assert [name for name, _ in evaluators._groups(config.evals)] == [
+      "zeroshot", "retrieval", "captioning"]
+  # Zero-shot on the labelled set named; retrieval and captioning on config.data.name ("").
+  assert opened == [("validation", "my_labelled"), ("test", ""), ("test", "")]
+  assert config.evals.every_steps > 0 and config.evals.retrieval.examples > 0
+
+
+def _config_file(tmp_path, body):
+  path = tmp_path / "my_config.py"
+  path.write_text(
+      "import sys\n"
+      f"sys.path.insert(0, {os.path.join(REPO, 'experiments')!r})\n"
+      "import demo\n\n"
+      "def get_config():\n"
+      "  c = demo.get_config('smoke')\n"
+      f"  {body}\n"
+      "  return c\n")
+  return str(path)
+
+
+def test_unknown_keys_in_a_config_file_fail_with_suggestions(tmp_path):
+  path = _config_file(tmp_path, "c.train.stpes = 5; c.evals.zeroshot.exmaples = 3; "
+                      "c.data.source = 'tfds'")
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.load_config(path)
+  text = str(err.value)
+  assert "3 config problem(s)" in text
+  assert "config.train.stpes is not a config key; did you mean config.train.steps?" in text
+  assert ("config.evals.zeroshot.exmaples is not a config key; did you mean "
+          "config.evals.zeroshot.examples?") in text
+  assert "config.data.source is not a config key" in text
+
+
+def test_overrides_apply_to_defaults_and_misspelled_ones_fail_in_process():
+  spec = os.path.join(REPO, "experiments", "demo.py:smoke")
+  # A field the demo file never sets (its default comes from the schema) can be overridden.
+  values = flags.FlagValues()
+  argv = ["prog", f"--config={spec}", "--config.train.microbatches=2",
+          "--config.evals.retrieval.dataset=other"]
+  config_lib.define_config_flag("config", flag_values=values, sys_argv=argv)
+  values(argv)
+  assert values.config.train.microbatches == 2
+  assert values.config.evals.retrieval.dataset == "other"
+  values = flags.FlagValues()
+  argv = ["prog", f"--config={spec}", "--config.trian.steps=5"]
+  config_lib.define_config_flag("config", flag_values=values, sys_argv=argv)
+  with pytest.raises(flags.IllegalFlagValueError,
+                     match=r"config.trian.steps is not a config key; did you mean "
+                           r"config.train.steps\?"):
+    values(argv)
+
+
+def test_misspelled_override_fails_on_the_command_line():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run(
+      [sys.executable, "-m", "coca_jax.train", "--config", "experiments/demo.py:smoke",
+       "--config.trian.steps=5", "--dry_run"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "--config.trian.steps: config.trian.steps is not a config key; did you mean " \
+         "config.train.steps?" in result.stderr, result.stderr[-2000:]
+
+
+def _one_problem(config, num_devices=None) -> str:
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate(config, num_devices=num_devices)
+  text = str(err.value)
+  assert text.startswith("1 config problem(s)"), text
+  return text
+
+
+def test_image_sizes_must_agree():
+  config = smoke_config()
+  config.data.image_size = 48
+  text = _one_problem(config)
+  assert "config.data.image_size=48 differs from config.model.image_size=32" in text
+  assert "--config.data.image_size=32" in text
+
+
+def test_vocabulary_must_hold_the_tokenizer():
+  config = smoke_config()
+  config.data.tokenizer_vocab = 100  # A trained tokenizer larger than the embedding.
+  text = _one_problem(config)
+  assert "config.data.tokenizer_vocab=100 exceeds config.model.text.vocab_size=64" in text
+  config = smoke_config()
+  config.data.update(tokenizer_kind="clip_bpe", tokenizer="bpe.txt.gz")
+  text = _one_problem(config)
+  assert "config.model.text.vocab_size=64 is smaller than the 49,408 pieces" in text
+  assert "set config.model.text.vocab_size=49408" in text
+
+
+def test_batch_must_split_into_microbatches_and_devices():
+  config = smoke_config()
+  config.train.microbatches = 3  # batch 16
+  text = _one_problem(config)
+  assert ("config.train.batch_size=16 is not divisible by config.train.microbatches=3" in text)
+  config.train.update(microbatches=2, batch_size=20)  # 20 / 2 = 10 rows, 4 devices.
+  text = _one_problem(config, num_devices=4)
+  assert ("config.train.batch_size=20 is not divisible by the 4 batch shards of the mesh" in text
+          and "x 2 microbatches; use a multiple of 8" in text)
+
+
+def test_required_fields_and_cross_backbone_fields_are_named():
+  config = smoke_config().to_dict()
+  del config["train"]["steps"]
+  with pytest.raises(config_lib.ConfigError, match="config.train.steps is required"):
+    config_lib.validate(ml_collections.ConfigDict(config))
+  mome = config_lib.load_config(os.path.join(REPO, "experiments", "demo.py:mome,smoke"))
+  mome.model.text.n_uni = 2
+  text = _one_problem(mome)
+  assert "config.model.text.n_uni is only read by CoCa towers" in text
+
+
+def test_a_run_saved_before_fields_existed_still_loads(tmp_path):
+  old = smoke_config().to_dict()
+  # Fields that older runs did not write, and an eval group saved as "off".
+  for group, key in (("train", "microbatches"), ("model", "activation"), ("optim", "eps"),
+                     ("evals", "captioning")):
+    old[group].pop(key, None)
+  old.pop("profile")
+  old["evals"]["zeroshot"] = None
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  config = checkpoint.read_config(str(tmp_path))
+  config_lib.validate(config)
+  assert config.train.microbatches == 1 and config.model.activation == "gelu_tanh"
+  assert config.profile.num_steps == config_lib.PROFILE_DEFAULTS["num_steps"]
+  assert [name for name, _ in evaluators._groups(config.evals)] == ["retrieval"]
+  step_lib.build_model(config)
+
+
+def test_finetune_config_from_an_old_saved_run(tmp_path):
+  old = smoke_config().to_dict()
+  old["train"].pop("max_consecutive_skips")
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  (tmp_path / "export.json").write_text(json.dumps({"step": 6}))
+  config = _load(f"finetune_captions.py:init={tmp_path},name=my_captions,runlocal")
+  config_lib.validate(config, num_devices=1)
+  assert config.model.image_size == config.data.image_size == 32
+  assert config.train.max_consecutive_skips == 10
