@@ -45,13 +45,14 @@ class _Required:
   def __repr__(self):
     return "REQUIRED"
 
+  def __deepcopy__(self, memo):  # One marker: `is REQUIRED` holds in copies of the schema.
+    return self
+
 
 REQUIRED = _Required()
 
 # config.profile: a jax.profiler trace of num_steps steps from start_step (0 = off).
 PROFILE_DEFAULTS = {"start_step": 0, "num_steps": 3}
-# Tokenizer kinds with a fixed vocabulary, and its size (config.model.text.vocab_size must hold it).
-FIXED_VOCABS = {"clip_bpe": 49_408}
 
 
 def _dataclass_defaults(cls) -> dict:
@@ -504,17 +505,25 @@ def _validate_pairs(config, need) -> None:
          f"{m.image_size}: the pipeline would feed images the model was not built for; set "
          f"both to the same size (e.g. --config.data.image_size={m.image_size})")
   vocab = m.text.vocab_size
-  fixed = FIXED_VOCABS.get(data.tokenizer_kind)
-  if isinstance(vocab, int) and fixed:
-    need(vocab >= fixed, f"config.model.text.vocab_size={vocab} is smaller than the "
-         f"{fixed:,} pieces of config.data.tokenizer_kind={data.tokenizer_kind!r}; set "
-         f"config.model.text.vocab_size={fixed}")
+  kinds = ("sentencepiece", "clip_bpe")
+  if isinstance(vocab, int) and data.tokenizer and data.tokenizer_kind in kinds and (
+      os.path.isfile(os.path.expanduser(data.tokenizer))):
+    from coca_jax.data.tokenizer import load_tokenizer  # Light: sentencepiece, no TFDS.
+    tokenizer = load_tokenizer(os.path.expanduser(data.tokenizer), data.tokenizer_kind)
+    need(tokenizer.vocab_size <= vocab,
+         f"config.model.text.vocab_size={vocab} is smaller than the {tokenizer.vocab_size} "
+         f"pieces of config.data.tokenizer={data.tokenizer!r}; set "
+         f"config.model.text.vocab_size={tokenizer.vocab_size} (or more)")
+    specials = (m.text.bos_id, m.text.eos_id)
+    need(specials == (tokenizer.bos_id, tokenizer.eos_id),
+         f"config.model.text (bos_id, eos_id)={specials} but config.data.tokenizer's are "
+         f"{(tokenizer.bos_id, tokenizer.eos_id)}; set them to the tokenizer's")
   elif isinstance(vocab, int) and not data.tokenizer:  # A tokenizer trained by the run.
     need(isinstance(data.tokenizer_vocab, int) and 0 <= data.tokenizer_vocab <= vocab,
          f"config.data.tokenizer_vocab={data.tokenizer_vocab!r} exceeds "
          f"config.model.text.vocab_size={vocab}: the trained tokenizer's ids would not fit the "
          f"embedding; set config.data.tokenizer_vocab <= {vocab} (0 = the same)")
-  need(data.tokenizer_kind in ("sentencepiece", "clip_bpe"),
+  need(data.tokenizer_kind in kinds,
        f"config.data.tokenizer_kind={data.tokenizer_kind!r} is unknown; use sentencepiece or "
        "clip_bpe")
   batch, microbatches = config.train.batch_size, config.train.microbatches

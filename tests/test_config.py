@@ -152,11 +152,13 @@ def test_vocabulary_must_hold_the_tokenizer():
   config.data.tokenizer_vocab = 100  # A trained tokenizer larger than the embedding.
   text = _one_problem(config)
   assert "config.data.tokenizer_vocab=100 exceeds config.model.text.vocab_size=64" in text
-  config = smoke_config()
-  config.data.update(tokenizer_kind="clip_bpe", tokenizer="bpe.txt.gz")
+  config = smoke_config()  # A given tokenizer: its vocabulary and special ids must fit.
+  bpe = os.path.join(REPO, "tests", "data", "clip_bpe_tiny.txt.gz")
+  config.data.update(tokenizer_kind="clip_bpe", tokenizer=bpe)
+  config.model.text.update(bos_id=576, eos_id=577)
   text = _one_problem(config)
-  assert "config.model.text.vocab_size=64 is smaller than the 49,408 pieces" in text
-  assert "set config.model.text.vocab_size=49408" in text
+  assert "config.model.text.vocab_size=64 is smaller than the 578 pieces of " \
+         "config.data.tokenizer=" in text and "set config.model.text.vocab_size=578" in text
 
 
 def test_batch_must_split_into_microbatches_and_devices():
