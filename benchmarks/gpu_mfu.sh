@@ -21,6 +21,7 @@ declare -A spec=(
   [b64_none_auto]="64 none auto"
   [b128_none_xla]="128 none xla"
   [b128_none_auto]="128 none auto"
+  [b256_none_auto]="256 none auto"
   [b128_none_auto_cublas]="128 none auto --xla_gpu_enable_triton_gemm=false"
   [b256_dots_auto]="256 dots auto"
 )
