@@ -321,7 +321,8 @@ def check_overrides(config, overrides) -> None:
                       "\n  - ".join(problems))
 
 
-def _overrides_in(argv, name: str) -> list[str]:
+def override_keys(argv, name: str = "config") -> list[str]:
+  """KEY of every --config.KEY[=VALUE] in `argv`."""
   keys = []
   for arg in argv:
     match = re.match(rf"^--?(?:no)?{re.escape(name)}\.([^=]+)", arg)
@@ -341,7 +342,7 @@ class _CompletingParser(config_flags.ConfigFileFlagParser):
   def parse(self, path):
     config = load_config(path)
     argv = sys.argv if self._sys_argv is None else self._sys_argv
-    check_overrides(config, _overrides_in(flags.FLAGS.read_flags_from_files(
+    check_overrides(config, override_keys(flags.FLAGS.read_flags_from_files(
         argv, force_gnu=False), self.name))
     return config
 

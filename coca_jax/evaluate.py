@@ -25,8 +25,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from coca_jax import api, checkpoint, console
-from coca_jax.data import pipeline
+from coca_jax import api, checkpoint, config as config_lib, console
 from coca_jax.evaluation import evaluators
 
 FLAGS = flags.FLAGS
@@ -53,8 +52,9 @@ def define_config_flag(argv) -> None:
   if not workdir:
     raise app.UsageError("--workdir is required")
   root = api.resolve(workdir)["root"]
-  config_flags.DEFINE_config_dict("config", with_eval_defaults(checkpoint.read_config(root)),
-                                  "The run's config.", lock_config=False)
+  config = with_eval_defaults(checkpoint.read_config(root))
+  config_lib.check_overrides(config, config_lib.override_keys(argv))  # Typos: did you mean.
+  config_flags.DEFINE_config_dict("config", config, "The run's config.", lock_config=False)
 
 
 def with_eval_defaults(config):
