@@ -1,8 +1,9 @@
 """The optax chain built from `config.optim`.
 
-Fields (defaults in experiments/*.py):
-  name: 'adamw' | 'adafactor'; lr (peak); b1, b2, eps; weight_decay (decoupled, multiplied by the
-  schedule like AdamW); warmup_steps (int) or warmup_fraction (of train.steps);
+Fields (defaults: `coca_jax.config.defaults`):
+  name: 'adamw' | 'adafactor'; lr (peak); b1, b2, eps (0 = adamw 1e-8, adafactor 1e-30);
+  weight_decay (decoupled, multiplied by the schedule like AdamW); warmup_steps (int) or
+  warmup_fraction (of train.steps);
   decay: 'cosine' | 'linear' | 'constant'; end_lr_fraction; clip_norm (0 = off);
   no_decay_regex: parameter paths without weight decay (norms, biases, embeddings, ...);
   freeze_regex: list of regexes; matching parameters get zero updates (e.g. stagewise training).

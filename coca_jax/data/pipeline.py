@@ -23,7 +23,8 @@ have produced, on any number of hosts:
       state=ocp.args.StandardRestore(abstract_state),
       data=checkpoint_args(train_iter, restore=True)))
 
-Config fields read (config.data.<field>, default when the field is absent):
+Config fields read (config.data.<field>; the schema and its defaults are in coca_jax/config.py,
+which loaded configs are completed with; DEFAULTS below serve hand-built partial configs):
   name                 TFDS dataset name built by `python -m coca_jax.data.build` (required)
   data_dir             TFDS data_dir ("~/tensorflow_datasets")
   train_split          split to train on ("train"); TFDS slices like "train[:90%]" work
