@@ -61,7 +61,7 @@ def test_safetensors_bundle_has_flat_unscanned_keys_and_loads(trained):
 def test_warm_start_continues_from_the_same_loss_with_a_new_optimizer(trained):
   config = smoke_config()
   config.optim.update(name="adafactor", b1=0.0, lr=1e-3)
-  config.init = dict(source=trained["bundle"])
+  config.init.source = trained["bundle"]
   built = step_lib.setup(config)
   state = warm_start.warm_start(config, built.init_state(config), built.state_shardings)
   assert _loss(built, config, state.params, trained["batch"]) == pytest.approx(
@@ -104,7 +104,7 @@ def test_warm_start_at_a_new_image_size_interpolates_the_position_embedding(trai
 def test_mismatching_shapes_are_named_in_one_error(trained):
   config = smoke_config()
   config.model.embed_dim = 48
-  config.init = dict(source=trained["bundle"])
+  config.init.source = trained["bundle"]
   built = step_lib.setup(config)
   with pytest.raises(warm_start.WarmStartError) as error:
     warm_start.warm_start(config, built.init_state(config), built.state_shardings)
@@ -116,7 +116,7 @@ def test_mismatching_shapes_are_named_in_one_error(trained):
 def test_reinit_regex_and_vocab_change_keep_fresh_parameters(trained):
   config = smoke_config()
   config.model.text.vocab_size = 80  # Another tokenizer: the vocabulary leaves start fresh.
-  config.init = dict(source=trained["bundle"], reinit_regex=r"^generative_pooler/")
+  config.init.update(source=trained["bundle"], reinit_regex=r"^generative_pooler/")
   built = step_lib.setup(config)
   fresh = built.init_state(config)
   params, report = warm_start.warm_start_params(config, fresh.params)
