@@ -42,6 +42,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from coca_jax import losses, models, sharding
 from coca_jax.models.coca import CoCa, clamp_logit_scale, router_statistics
+from coca_jax.tokens import PAD_ID
 
 
 @flax.struct.dataclass
@@ -232,7 +233,7 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
 
   # 3. Backprop per microbatch: caption loss (normalised by the WHOLE batch's token count) plus
   # the linear surrogate whose gradient is the cached contrastive gradient.
-  total_tokens = jnp.maximum(jnp.sum((text[:, 1:] != losses.PAD_ID).astype(jnp.float32)), 1.0)
+  total_tokens = jnp.maximum(jnp.sum((text[:, 1:] != PAD_ID).astype(jnp.float32)), 1.0)
 
   def surrogate(p, mb, g_i, g_t):
     outputs, stats = apply_with_router_statistics(model, p, mb["image"], mb["text"])
@@ -264,7 +265,7 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
   total = con_weight * con + cap_weight * cap
   metrics = {"contrastive_loss": con, "caption_loss": cap,
              "logit_scale": scale, **con_metrics, "caption_accuracy": jnp.sum(acc_shares),
-             "caption_tokens": jnp.sum((text[:, 1:] != losses.PAD_ID).astype(jnp.float32))}
+             "caption_tokens": jnp.sum((text[:, 1:] != PAD_ID).astype(jnp.float32))}
   if stats:
     # Metrics from the statistics summed over microbatches: those of the whole batch.
     _, router_metrics = losses.router_losses(jax.tree.map(lambda a: jnp.sum(a, axis=0), stats),

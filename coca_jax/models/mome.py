@@ -41,9 +41,10 @@ import jax
 import jax.numpy as jnp
 
 from coca_jax.models.backbone import Block
-from coca_jax.models.coca import DTYPES, PAD_ID, l2_normalize, text_attention_mask
+from coca_jax.models.coca import DTYPES, l2_normalize, text_attention_mask
 from coca_jax.models.layers import (AttentionalPooler, LayerNorm, constrain, dense, embed_init,
                                     with_axes)
+from coca_jax.tokens import PAD_ID
 
 IMAGE, TEXT, FUSION = "image", "text", "fusion"
 POOLINGS = ("attention", "cls")
