@@ -42,7 +42,7 @@ from coca_jax import checkpoint, generate as gen, step as step_lib
 from coca_jax.data import preprocess
 from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 from coca_jax.evaluation import evaluators, metrics
-from coca_jax.models.coca import CoCa
+from coca_jax.models.coca import CoCa, temperature_scale
 
 EXPORT_MANIFEST = "export.json"
 EXPORT_PARAMS = "params"
@@ -369,5 +369,4 @@ class Model:
 
   @property
   def logit_scale(self) -> float:
-    return float(jnp.minimum(jnp.exp(self.params["logit_scale"]),
-                             self.module.config.max_logit_scale))
+    return float(temperature_scale(self.params["logit_scale"], self.module.config.max_logit_scale))

@@ -33,7 +33,6 @@ layer's KV cache on its first step; each later step costs one text token.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import einops
 import flax.linen as nn
@@ -41,7 +40,8 @@ import jax
 import jax.numpy as jnp
 
 from coca_jax.models.backbone import Block
-from coca_jax.models.coca import DTYPES, l2_normalize, text_attention_mask
+from coca_jax.models.coca import (DTYPES, contrastive_parameters, l2_normalize, temperature_scale,
+                                  text_attention_mask)
 from coca_jax.models.layers import (AttentionalPooler, LayerNorm, constrain, dense, embed_init,
                                     with_axes)
 from coca_jax.tokens import PAD_ID
@@ -175,13 +175,7 @@ class MoME(nn.Module):
       self.vocab_head = dense(c.vocab_size, ("embed", "vocab"), dt, "vocab_head")
     if c.itm:
       self.itm_head = dense(2, ("embed", None), dt, "itm_head")
-    scale_init = math.log(10.0 if c.contrastive == "sigmoid" else 1.0 / c.temperature_init)
-    self.logit_scale = self.param(
-        "logit_scale", nn.initializers.constant(scale_init), (), jnp.float32)
-    if c.contrastive == "sigmoid":
-      self.logit_bias = self.param("logit_bias", nn.initializers.constant(-10.0), (), jnp.float32)
-    if self.decode:  # Next text position to be written; lives beside the KV cache.
-      self.position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+    contrastive_parameters(self, c)
 
   # -- Inputs --------------------------------------------------------------------------------
 
@@ -313,7 +307,8 @@ class MoME(nn.Module):
     return outputs
 
   def temperature_scale(self):
-    return jnp.minimum(jnp.exp(self.logit_scale), self.config.max_logit_scale)
+    """The scalar contrastive scale (see `coca.temperature_scale`)."""
+    return temperature_scale(self.logit_scale, self.config.max_logit_scale)
 
   def teacher_forced_logits(self, text, context):
     """Decoder logits [B, L-1, V] for text [B, L] given `encode_image`'s context (the reference
