@@ -31,14 +31,13 @@ import json
 import os
 from typing import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from PIL import Image
 
-from coca_jax import checkpoint, generate as gen, step as step_lib
+from coca_jax import checkpoint, generate as gen, sharding, step as step_lib
 from coca_jax.data import preprocess
 from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 from coca_jax.evaluation import evaluators, metrics
@@ -49,17 +48,16 @@ EXPORT_PARAMS = "params"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-def abstract_params(config):
-  """Unboxed parameter ShapeDtypeStructs of `config.model` (nothing allocated)."""
+def model_and_abstract_params(config):
+  """(the module `config` builds, its parameter ShapeDtypeStructs; nothing allocated)."""
   model = step_lib.build_model(config)
-  return model, nn.unbox(step_lib.abstract_params(model, config))
+  return model, step_lib.abstract_params(config, model)
 
 
 def _on_device(abstract, device=None):
   """Restore targets: each leaf placed whole on one device."""
-  sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                      abstract)
+  return sharding.with_shardings(
+      abstract, jax.sharding.SingleDeviceSharding(device or jax.devices()[0]))
 
 
 def restore_params_from_state(state_dir: str, abstract):
@@ -153,7 +151,7 @@ def load(path: str, *, step: int | None = None, batch_size: int = 64) -> "Model"
 def load_params(found: dict, config):
   """(CoCa module, float32 params on one device) of what `resolve` found, built from `config`
   (the config stored beside it)."""
-  model, abstract = abstract_params(config)
+  model, abstract = model_and_abstract_params(config)
   if found["kind"] == "export" and found["params_dir"].endswith(".safetensors"):
     params = read_safetensors_params(found["params_dir"], config, abstract)
   elif found["kind"] == "export":

@@ -112,6 +112,16 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def with_shardings(abstract, shardings):
+  """ShapeDtypeStructs of `abstract` (any pytree of arrays or ShapeDtypeStructs) that carry
+  `shardings` (a matching pytree of Shardings, or one Sharding for every leaf): the target an
+  orbax restore or an ahead-of-time `lower` places each array on."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, abstract)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
 def batch_shards(mesh: Mesh) -> int:
   return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 

@@ -81,14 +81,19 @@ def _init_boxed_params(model: CoCa, config, rng):
   return model.init(rng, image, text)["params"]
 
 
-def abstract_params(model: CoCa, config):
-  """Parameter ShapeDtypeStructs, still boxed with their logical axis names (no allocation)."""
-  return jax.eval_shape(functools.partial(_init_boxed_params, model, config), jax.random.key(0))
+def abstract_params(config, model: CoCa | None = None, *, boxed: bool = False):
+  """The parameter tree of `model` (default: `build_model(config)`, the full config deciding
+  extras such as the sigmoid logit bias) as ShapeDtypeStructs; nothing is allocated. `boxed`
+  keeps the nn.Partitioned boxes with their logical axis names (what shardings derive from)."""
+  model = build_model(config) if model is None else model
+  params = jax.eval_shape(functools.partial(_init_boxed_params, model, config),
+                          jax.random.key(0))
+  return params if boxed else nn.unbox(params)
 
 
 def state_shardings(model: CoCa, tx: optax.GradientTransformation, config, mesh: Mesh, rules):
   """(abstract TrainState of ShapeDtypeStructs, TrainState of NamedShardings)."""
-  boxed = abstract_params(model, config)
+  boxed = abstract_params(config, model, boxed=True)
   param_specs = nn.get_partition_spec(boxed)
   params_abstract = nn.unbox(boxed)
   param_shardings = sharding.logical_to_sharding(param_specs, mesh, rules)
@@ -344,7 +349,9 @@ def make_train_step(model, tx, config, schedule, mesh: Mesh, shardings: TrainSta
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
   """Everything built from a config before any array exists (config -> mesh, model, optimizer,
-  abstract state). The train loop, the benchmark and the tests all start from here."""
+  abstract state), keeping the config it was built from. The train loop, the benchmark and the
+  tests all start from here."""
+  config: Any
   mesh: Mesh
   rules: tuple
   model: CoCa
@@ -353,12 +360,20 @@ class TrainSetup:
   abstract_state: TrainState
   state_shardings: TrainState
 
-  def init_state(self, config, seed: int | None = None) -> TrainState:
-    seed = config.train.seed if seed is None else seed
-    return make_init_fn(self.model, self.tx, config, self.state_shardings)(jax.random.key(seed))
+  @property
+  def sharded_abstract_state(self) -> TrainState:
+    """The abstract state with each leaf carrying its sharding (ahead-of-time `lower` target)."""
+    return sharding.with_shardings(self.abstract_state, self.state_shardings)
 
-  def train_step(self, config):
-    return make_train_step(self.model, self.tx, config, self.schedule, self.mesh,
+  def init_state(self, seed: int | None = None) -> TrainState:
+    """The initial state, each array materialised on its own shards (seed: config.train.seed)."""
+    seed = self.config.train.seed if seed is None else seed
+    return make_init_fn(self.model, self.tx, self.config, self.state_shardings)(
+        jax.random.key(seed))
+
+  def train_step(self):
+    """The jitted train step (see `make_train_step`)."""
+    return make_train_step(self.model, self.tx, self.config, self.schedule, self.mesh,
                            self.state_shardings, self.rules)
 
 
@@ -370,5 +385,5 @@ def setup(config, devices=None) -> TrainSetup:
   model = build_model(config)
   tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
   abstract, shardings = state_shardings(model, tx, config, mesh, rules)
-  return TrainSetup(mesh, rules, model, tx, schedule, abstract, shardings)
+  return TrainSetup(config, mesh, rules, model, tx, schedule, abstract, shardings)
 

@@ -261,14 +261,14 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
             f"{os.path.join(workdir, checkpoint.SET_ASIDE)}: " +
             "; ".join(f"step {s}: {r}" for s, r in skipped), file=sys.stderr)
   else:
-    state = built.init_state(config)
+    state = built.init_state()
     if config.get("init", {}).get("source"):  # Parameters from another run or an import.
       state = warm_start.warm_start(config, state, state_shardings)
   if jax.process_index() == 0:
     checkpoint.write_config(workdir, config)
 
   # ---- Compile (ahead of time, so compile time and memory are logged, not mixed in) --------
-  train_step = built.train_step(config)
+  train_step = built.train_step()
   with jax.set_mesh(mesh):
     t0 = time.perf_counter()
     compiled = train_step.lower(state, step_lib.dummy_batch(config, config.train.batch_size)
