@@ -280,12 +280,11 @@ class Model:
     results = []
     for start in range(0, len(images), self.batch_size):
       chunk = images[start:start + self.batch_size]
-      pad = self.batch_size - len(chunk)
-      if pad:  # Fixed batch: one compilation whatever the number of images.
-        chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
       step_rng = None if rng is None else jax.random.fold_in(rng, start)
-      out = gen.generate(self.module, self.params, jnp.asarray(chunk), decoding, step_rng)
-      results.append({k: np.asarray(v)[:len(chunk) - pad] for k, v in out.items()})
+      out = gen.generate(self.module, self.params,
+                         jnp.asarray(evaluators.pad_rows(chunk, self.batch_size)), decoding,
+                         step_rng)
+      results.append({k: np.asarray(v)[:len(chunk)] for k, v in out.items()})
     if not results:
       return {"tokens": np.zeros((0, self.module.config.max_len), np.int32)}
     return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
@@ -355,13 +354,11 @@ class Model:
     for start in range(0, len(pair_image), self.batch_size):
       rows = slice(start, start + self.batch_size)
       chunk_image, chunk_text = images[pair_image[rows]], tokens[pair_text[rows]]
-      pad = self.batch_size - len(chunk_image)
-      if pad:  # Fixed batch: one compilation whatever the number of pairs.
-        chunk_image = np.concatenate([chunk_image, np.zeros((pad, *chunk_image.shape[1:]),
-                                                            chunk_image.dtype)])
-        chunk_text = np.concatenate([chunk_text, np.repeat(chunk_text[:1], pad, axis=0)])
-      out = self._itm_fn(self.params, jnp.asarray(chunk_image), jnp.asarray(chunk_text))
-      scores.append(np.asarray(out)[:self.batch_size - pad])
+      out = self._itm_fn(self.params,
+                         jnp.asarray(evaluators.pad_rows(chunk_image, self.batch_size)),
+                         jnp.asarray(evaluators.pad_rows(chunk_text, self.batch_size,
+                                                         repeat_first=True)))
+      scores.append(np.asarray(out)[:len(chunk_image)])
     flat = np.concatenate(scores) if scores else np.zeros((0,), np.float32)
     return flat.reshape(num_images, num_texts)
 

@@ -329,13 +329,12 @@ def train_step(state: TrainState, batch, *, model: CoCa, tx: optax.GradientTrans
 def make_train_step(model, tx, config, schedule, mesh: Mesh, shardings: TrainState, rules):
   """The train step jitted with explicit in/out shardings; the old state is donated."""
   microbatches = int(config.train.get("microbatches", 1))
-  shards = sharding.batch_shards(mesh)
-  if microbatches < 1 or config.train.batch_size % (shards * microbatches):
-    raise ValueError(
-        f"config.train.batch_size={config.train.batch_size} must be divisible by the "
-        f"{shards} batch shards of the mesh times config.train.microbatches={microbatches} "
-        f"(each device splits its rows into microbatches); use a multiple of "
-        f"{shards * max(microbatches, 1)}")
+  if microbatches < 1:
+    raise ValueError(f"config.train.microbatches={microbatches} must be at least 1")
+  problem = sharding.batch_split_problem(config.train.batch_size, sharding.batch_shards(mesh),
+                                         microbatches, mesh.shape)
+  if problem:
+    raise ValueError(problem)
   step = functools.partial(train_step, model=model, tx=tx, loss_config=config.loss,
                            schedule=schedule, rules=rules, microbatches=microbatches,
                            seed=int(config.train.seed),
