@@ -202,7 +202,7 @@ def check_open_clip_layout(config) -> None:
   if wrong:
     raise ConversionError("this model is not in open_clip's CoCa layout, so it has no open_clip "
                           "state dict: " + "; ".join(wrong) + ". Start from "
-                          "experiments/openclip_coca_vit_b32.py or an imported bundle.")
+                          "experiments/openclip_coca.py or an imported bundle.")
 
 
 def _heads(config, ours: str) -> tuple[int, int]:
