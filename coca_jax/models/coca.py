@@ -142,6 +142,16 @@ def text_attention_mask(text_inputs, cls_mask: str = "correct"):
   return jnp.logical_and(causal[None, None], key_valid[:, None, None, :])
 
 
+def patchify(image, config):
+  """image [batch, S, S, 3] -> patches [batch, (S / p)^2, p * p * 3] in config.compute_dtype,
+  row-major (p = config.patch_size); S must be config.image_size."""
+  if image.shape[1:3] != (config.image_size, config.image_size):
+    raise ValueError(f"image shape {image.shape} does not match config.model.image_size="
+                     f"{config.image_size}")
+  return einops.rearrange(image.astype(config.compute_dtype), "b (h p) (w q) c -> b (h w) (p q c)",
+                          p=config.patch_size, q=config.patch_size)
+
+
 def temperature_scale(logit_scale, max_logit_scale: float):
   """The contrastive temperature scale exp(logit_scale) capped at max_logit_scale (a scalar),
   with a straight-through gradient: past the cap the forward value is the cap but the gradient
@@ -287,12 +297,7 @@ class CoCa(nn.Module):
     """image [batch, H, W, 3] -> (image_embed [batch, D] unit norm,
     decoder context [batch, context_tokens, pooler width (vision width unless pooler_width)])."""
     c = self.config
-    if image.shape[1:3] != (c.image_size, c.image_size):
-      raise ValueError(f"image shape {image.shape} does not match config.model.image_size="
-                       f"{c.image_size}")
-    patches = einops.rearrange(image.astype(c.compute_dtype), "b (h p) (w q) c -> b (h w) (p q c)",
-                               p=c.patch_size, q=c.patch_size)
-    x = self.patch_embed(patches)
+    x = self.patch_embed(patchify(image, c))
     if c.class_token:
       cls = jnp.broadcast_to(self.image_cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
       x = jnp.concatenate([cls, x], axis=1)

@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from coca_jax.models.backbone import Block
-from coca_jax.models.coca import (DTYPES, contrastive_parameters, l2_normalize, temperature_scale,
-                                  text_attention_mask)
+from coca_jax.models.coca import (DTYPES, contrastive_parameters, l2_normalize, patchify,
+                                  temperature_scale, text_attention_mask)
 from coca_jax.models.layers import (AttentionalPooler, LayerNorm, constrain, dense, embed_init,
                                     with_axes)
 from coca_jax.tokens import PAD_ID
@@ -183,12 +182,7 @@ class MoME(nn.Module):
     """image [batch, H, W, 3] -> embedded image tokens [batch, image_tokens, width] (the
     [CLS] first with pooling='cls', then the patches)."""
     c = self.config
-    if image.shape[1:3] != (c.image_size, c.image_size):
-      raise ValueError(f"image shape {image.shape} does not match config.model.image_size="
-                       f"{c.image_size}")
-    patches = einops.rearrange(image.astype(c.compute_dtype), "b (h p) (w q) c -> b (h w) (p q c)",
-                               p=c.patch_size, q=c.patch_size)
-    x = self.patch_embed(patches)
+    x = self.patch_embed(patchify(image, c))
     if c.pooling == "cls":
       cls = jnp.broadcast_to(self.image_cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
       x = jnp.concatenate([cls, x], axis=1)
