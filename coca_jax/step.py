@@ -61,6 +61,13 @@ def dummy_batch(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
   }
 
 
+def batch_shardings(mesh: Mesh) -> dict:
+  """Where a training batch lives: {"image" [batch, S, S, 3], "text" [batch, L]}, each split
+  over the data-parallel mesh axes along batch. The step's in_shardings and the data pipeline's
+  output both use it."""
+  return {"image": sharding.batch_sharding(mesh, 4), "text": sharding.batch_sharding(mesh, 2)}
+
+
 def build_model(config) -> CoCa:
   """The model for a full experiment config (`config.model.backbone`: CoCa towers or MoME). The
   sigmoid contrastive loss needs a learnable logit bias in the model, so the model's
@@ -339,9 +346,7 @@ def make_train_step(model, tx, config, schedule, mesh: Mesh, shardings: TrainSta
                            schedule=schedule, rules=rules, microbatches=microbatches,
                            seed=int(config.train.seed),
                            nonfinite=config.train.get("nonfinite", "halt"))
-  batch_shardings = {"image": sharding.batch_sharding(mesh, 4),
-                     "text": sharding.batch_sharding(mesh, 2)}
-  return jax.jit(step, in_shardings=(shardings, batch_shardings),
+  return jax.jit(step, in_shardings=(shardings, batch_shardings(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 

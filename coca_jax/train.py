@@ -177,9 +177,8 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
     tokenizer = prepare.prepare_data(config, workdir)
   logging.info("Data %r and tokenizer ready (%.1fs)", config.data.name, time.perf_counter() - t0)
   evaluators.check_evals(config, lambda split: pipeline.make_eval_source(config, split))
-  batch_sharding = {"image": sharding.batch_sharding(mesh, 4),
-                    "text": sharding.batch_sharding(mesh, 2)}
-  train_iter = pipeline.make_train_iterator(config, mesh, batch_sharding, tokenizer)
+  train_iter = pipeline.make_train_iterator(config, mesh, step_lib.batch_shardings(mesh),
+                                            tokenizer)
 
   # ---- Checkpoint: resume from the newest readable step, or initialise ----------------------
   ckpt = config.checkpoint
