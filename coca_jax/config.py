@@ -527,6 +527,11 @@ def _validate_pairs(config, need) -> None:
   need(data.tokenizer_kind in kinds,
        f"config.data.tokenizer_kind={data.tokenizer_kind!r} is unknown; use sentencepiece or "
        "clip_bpe")
+
+
+def _validate_microbatches(config, need) -> None:
+  """Without a device count: the batch must at least split into the microbatches (with one,
+  sharding.batch_split_problem checks shards x microbatches)."""
   batch, microbatches = config.train.batch_size, config.train.microbatches
   if isinstance(batch, int) and batch > 0 and isinstance(microbatches, int) and microbatches > 0:
     need(batch % microbatches == 0,
@@ -636,6 +641,8 @@ def validate(config, num_devices: int | None = None) -> None:
   need(config.checkpoint.keep >= 1, f"config.checkpoint.keep={config.checkpoint.keep} must be >= 1")
   _validate_pairs(config, need)
   _validate_evals(config, need)
+  if num_devices is None:
+    _validate_microbatches(config, need)
 
   if num_devices is not None:
     try:
@@ -644,12 +651,12 @@ def validate(config, num_devices: int | None = None) -> None:
       problems.append(str(e))
     else:
       shards = math.prod(sizes[a] for a in sharding.BATCH_AXES)
-      per = shards * (microbatches if isinstance(microbatches, int) and microbatches > 0 else 1)
-      if isinstance(t.batch_size, int) and t.batch_size > 0 and t.batch_size % per:
-        split = f" x {microbatches} microbatches" if per != shards else ""
-        problems.append(
-            f"config.train.batch_size={t.batch_size} is not divisible by the {shards} batch "
-            f"shards of the mesh {sizes}{split}; use a multiple of {per}")
+      if isinstance(t.batch_size, int) and t.batch_size > 0:
+        problem = sharding.batch_split_problem(
+            t.batch_size, shards,
+            microbatches if isinstance(microbatches, int) and microbatches > 0 else 1, sizes)
+        if problem:
+          problems.append(problem)
       expert_axis = sizes["expert"]
       for side in ("vision", "text") if backbone == "towers" else ():
         num = m[side].experts.num_experts

@@ -20,7 +20,6 @@ if __name__ == "__main__":  # Before JAX starts (python -m); see coca_jax/runtim
 import json
 import os
 import sys
-import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -68,12 +67,9 @@ def with_eval_defaults(config):
 
 def evaluate(model: api.Model, config) -> dict:
   """Runs config.evals on `model`; data from config.data. Returns {metric: value}."""
-  t0 = time.perf_counter()
   embedder = evaluators.Embedder(model.module, model.params, model.tokenizer,
                                  batch_size=config.evals.batch_size)
-  results = evaluators.run_evals(config, embedder)
-  results["eval/seconds"] = time.perf_counter() - t0
-  return results
+  return evaluators.evaluate(config, embedder)
 
 
 def main(argv) -> None:
