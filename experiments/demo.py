@@ -53,7 +53,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       pooler_heads=4, dtype="float32", remat="none", scan_layers=False,
       temperature_init=0.07, max_logit_scale=100.0,
       vision=dict(width=128, depth=4, heads=4, mlp_dim=512),
-      text=dict(vocab_size=64, max_len=12, width=128, heads=4, mlp_dim=512, n_uni=2, n_multi=2),
+      text=dict(vocab_size=80, max_len=12, width=128, heads=4, mlp_dim=512, n_uni=2, n_multi=2),
   ))
   # Digit scenes are built once into DIR/tensorflow_datasets (TFDS array_record) and read with
   # grain like any user dataset; the tokenizer is trained on the train captions into DIR.
@@ -71,7 +71,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       build_demo_options=dict(num_train=20_000, num_test=1_000, num_digits=1_000, image_size=48,
                               grid=8, variation=0.5, num_transfer=1_000, seed=0,
                               show_progress=False),
-      image_size=48, tokenizer="", tokenizer_vocab=64, tokenizer_type="bpe", num_workers=0,
+      # 80 pieces: every caption word (6 colours, 10 digits, "left", "of", "a") is one piece, so
+      # a caption is at most 8 tokens + BOS/EOS (at 64, "black" fell apart into 4 pieces and
+      # two-digit captions overflowed max_len).
+      image_size=48, tokenizer="", tokenizer_vocab=80, tokenizer_type="bpe", num_workers=0,
       random_resized_crop=False,  # Crops could cut off a digit the caption names.
   ))
   # nonfinite: "halt" stops at the first NaN/inf loss or gradient norm (nothing non-finite is

@@ -637,7 +637,8 @@ def make_builder(format: str, name: str, data_dir: str, **options) -> _CaptionBu
     format: "demo", "folder" or "webdataset".
     name: TFDS dataset name (lower_snake_case); read it back with the same name.
     data_dir: TFDS data_dir; the data lands in `data_dir/name/1.0.0/`.
-    **options: the format's options: demo (num_train, num_test, num_digits, image_size, seed);
+    **options: the format's options: demo (num_train, num_test, num_digits, image_size, seed,
+      grid, variation, num_transfer);
       folder/webdataset (src, eval_src, eval_fraction, eval_split, max_image_side,
       allow_outside_src: read caption-file image paths outside `src`); all (show_progress).
   """
