@@ -10,6 +10,14 @@ the model never saw.
 `grid`; with grid = patch size every digit covers whole ViT patches. A small ViT learns the digits
 several times faster that way (the demo's choice); grid=0 places digits anywhere.
 
+`variation` (0..1) is the fraction of scenes drawn varied instead: digit scale, free position,
+polarity (dark ink on light paper, or light ink on a dark canvas), background tint, ink colour
+and stroke weight all drawn at random, so a model learns the digits rather than the canonical
+layout. Captions keep one grammar throughout; the palette has black ink for light paper.
+
+`make_transfer_digits` gives the transfer eval's digits: MNIST scans from another package,
+other writers and a crisper look, one digit filling the image. Nothing else here reads them.
+
 (A second, digits-only caption per scene was tried and dropped: identical captions of different
 images within a batch are false negatives for the contrastive loss, and it learned slower.)
 
