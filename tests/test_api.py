@@ -187,7 +187,7 @@ def test_demo_model_zero_shot_is_above_chance(mini_workdir):
       "test", 500, seed=3, image_size=demo.image_size, grid=options.grid,
       variation=options.get("variation", 0.0))
   names = list(digit_scenes.DIGIT_NAMES)
-  templates = list(digit_scenes.ZERO_SHOT_TEMPLATES)
+  templates = list(demo.config.evals.zeroshot.templates)  # The run's own prompts.
   accuracy = np.mean(demo.zero_shot(digits["image"], names, templates)["labels"]
                      == digits["label"])
   # Chance is 0.1 over 10 digits; 0.1 + 4 binomial standard deviations at n=500 is 0.154.

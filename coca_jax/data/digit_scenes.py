@@ -295,3 +295,11 @@ def make_transfer_digits(num: int, seed: int, image_size: int = 48,
 
 # Prompt templates for zero-shot digit classification: one per colour, averaged (prompt ensembling).
 ZERO_SHOT_TEMPLATES = tuple(f"a {colour} {{}}" for colour in COLOUR_NAMES)
+
+
+def zero_shot_templates(variation: float) -> tuple[str, ...]:
+  """The prompts for scenes made with `variation`: one per ink colour those scenes use (black
+  ink only appears on the light paper of varied scenes; a tokenizer trained on canonical
+  captions has never seen the word)."""
+  colours = COLOUR_NAMES if variation > 0 else _INK_ON_DARK
+  return tuple(f"a {colour} {{}}" for colour in colours)
