@@ -13,17 +13,19 @@ out=${OUT:-.}
 per_variant_s=${PER_VARIANT_S:-110}
 python=${PYTHON:-python3}
 export COCA_JAX_ALLOCATOR=system TF_CPP_MIN_LOG_LEVEL=2 PYTHONUNBUFFERED=1
-# name: batch remat attention extra-XLA-flags
+# name: batch remat attention(auto: cuDNN where it has a kernel, e.g. not the 1-query pooler) XLA-flags
 declare -A spec=(
   [b2_dots_xla]="2 dots xla"
   [b64_dots_xla]="64 dots xla"
-  [b64_dots_cudnn]="64 dots cudnn"
-  [b64_none_cudnn]="64 none cudnn"
-  [b128_none_cudnn]="128 none cudnn"
-  [b128_none_cudnn_cublas]="128 none cudnn --xla_gpu_enable_triton_gemm=false"
-  [b256_dots_cudnn]="256 dots cudnn"
+  [b64_dots_auto]="64 dots auto"
+  [b64_none_auto]="64 none auto"
+  [b128_none_xla]="128 none xla"
+  [b128_none_auto]="128 none auto"
+  [b256_none_auto]="256 none auto"
+  [b128_none_auto_cublas]="128 none auto --xla_gpu_enable_triton_gemm=false"
+  [b256_dots_auto]="256 dots auto"
 )
-order=${VARIANTS:-"b64_dots_xla b64_dots_cudnn b128_none_cudnn b128_none_cudnn_cublas b64_none_cudnn b256_dots_cudnn"}
+order=${VARIANTS:-"b64_dots_xla b64_dots_auto b128_none_auto b128_none_auto_cublas b128_none_xla b256_dots_auto"}
 $python - <<'PY'
 import jax, flax, optax, orbax.checkpoint as ocp
 print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__,

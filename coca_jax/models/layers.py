@@ -187,7 +187,8 @@ class Attention(nn.Module):
 MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)  # What dot_product_attention uses.
 
 # Which kernel computes full-sequence attention (the same function either way):
-#   auto  - cuDNN's fused flash attention on a GPU for bfloat16/float16 inputs, XLA otherwise;
+#   auto  - cuDNN's fused flash attention on a GPU for bfloat16/float16 inputs where it has a
+#           kernel for the shapes (see _cudnn_has_kernel), XLA otherwise;
 #   xla   - XLA's einsum-softmax-einsum everywhere (what CPU and TPU always use);
 #   cudnn - cuDNN or an error.
 # Chosen when a step is traced, from the environment so that a benchmark can compare both in one
@@ -207,6 +208,15 @@ def attention_implementation(dtype) -> str | None:
   return choice
 
 
+def _cudnn_has_kernel(query, key, mask) -> bool:
+  """cuDNN's fused bf16 attention trains only with head widths <= 128 that are multiples of 8,
+  and, with a mask (passed as a bias), with even query and key lengths (e.g. not the 63-token
+  shifted caption or the contrastive pooler's single query). Its own checks run when the
+  backward pass is traced, too late to fall back, hence this check before the call."""
+  head_dim, q_len, kv_len = query.shape[-1], query.shape[1], key.shape[1]
+  return (head_dim <= 128 and head_dim % 8 == 0 and q_len % 2 == 0 and kv_len % 2 == 0)
+
+
 def dot_product_attention(query, key, value, mask=None):
   """query [batch, q_len, heads, kv], key/value [batch, kv_len, heads, kv], mask (True = may
   attend) broadcastable to [batch, heads, q_len, kv_len] -> [batch, q_len, heads, kv].
@@ -214,6 +224,11 @@ def dot_product_attention(query, key, value, mask=None):
   With 'auto', shapes cuDNN rejects (e.g. a head width it has no kernel for) fall back to XLA
   with one warning; an explicit 'cudnn' raises instead."""
   implementation = attention_implementation(query.dtype)
+  if implementation == "cudnn" and not _cudnn_has_kernel(query, key, mask):
+    if os.environ.get(ATTENTION_ENV, "auto") == "cudnn":
+      raise ValueError(f"{ATTENTION_ENV}=cudnn: cuDNN has no fused training kernel for query "
+                       f"{query.shape} / key {key.shape}; use auto (XLA for such layers)")
+    implementation = "xla"
   if implementation == "cudnn":
     try:
       return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn")
