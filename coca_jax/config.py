@@ -126,8 +126,10 @@ def _defaults(backbone: str) -> dict:
           num_workers=0, worker_buffer_size=2, random_resized_crop=True, crop_scale=(0.9, 1.0),
           crop_ratio=(3.0 / 4.0, 4.0 / 3.0),
           build_demo=False,  # Build the digit-scenes demo set into data_dir if missing.
+          # Keyword arguments of data.builders.DemoBuilder (its defaults).
           build_demo_options=dict(num_train=5000, num_test=500, num_digits=1000, image_size=48,
-                                  seed=0, grid=0, show_progress=True)),
+                                  seed=0, grid=0, variation=0.0, num_transfer=0,
+                                  show_progress=True)),
       train=dict(steps=REQUIRED, batch_size=REQUIRED, seed=0, log_every=100, microbatches=1,
                  nonfinite="halt", max_consecutive_skips=10),
       loss=dict(contrastive_weight=1.0, caption_weight=2.0, label_smoothing=0.0,
@@ -145,7 +147,8 @@ def _defaults(backbone: str) -> dict:
       evals=dict(
           every_steps=0,  # 0 = only at the end of training.
           batch_size=256,
-          zeroshot=dict(eval_group, class_names=[], templates=[]),
+          # transfer_splits: more labelled splits of `dataset`, scored with the same prompts.
+          zeroshot=dict(eval_group, class_names=[], templates=[], transfer_splits=[]),
           retrieval=dict(eval_group),
           captioning=dict(eval_group, batch_size=0, **decoding)),  # batch_size 0 = evals'.
       init=dict(source="", include_regex="", exclude_regex="", reinit_regex=""),
