@@ -41,7 +41,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from coca_jax import losses, models, sharding
-from coca_jax.models.coca import CoCa, clamp_logit_scale, router_statistics
+from coca_jax.models.coca import CoCa, clamp_logit_scale
 
 
 @flax.struct.dataclass
@@ -113,7 +113,7 @@ def apply_with_router_statistics(model: CoCa, params, image, text):
   from the 'intermediates' collection routed feed-forwards sow into (empty for a dense model)."""
   outputs, state = model.apply({"params": params}, image, text, train=True,
                                mutable=["intermediates"])
-  return outputs, router_statistics(state.get("intermediates", {}), model.config)
+  return outputs, models.router_statistics(state.get("intermediates", {}), model.config)
 
 
 def loss_fn(params, model: CoCa, batch, loss_config, rng=None):

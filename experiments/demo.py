@@ -32,6 +32,11 @@ import ml_collections
 from coca_jax.data.digit_scenes import DIGIT_NAMES, ZERO_SHOT_TEMPLATES
 from coca_jax.metrics import PROFILE_DEFAULTS
 
+# Image-side routing: capacity per image for 1.25x an even share of its patches drops many
+# choices (near-identical background patches pick the same expert; README, "Learned routing").
+IMAGE_CAPACITY_FACTOR = 1.25
+MOME_LIMOE_STEPS = 800  # demo.py:mome,limoe (a routed MoME step costs more; see the docstring).
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   args = set(filter(None, arg.split(",")))
@@ -41,8 +46,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                      "mome, smoke")
   if {"smoke", "mini"} <= args:
     raise ValueError("experiments/demo.py: use one of the args 'mini' or 'smoke', not both")
-  if {"limoe", "mome"} <= args:
-    raise ValueError("experiments/demo.py: use one of the args 'limoe' or 'mome', not both")
   smoke, mini, limoe, mome = "smoke" in args, "mini" in args, "limoe" in args, "mome" in args
   c = ml_collections.ConfigDict()
 
@@ -115,27 +118,37 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.optim.lr = 2e-3
     c.checkpoint.update(every_steps=300)
     c.evals.zeroshot.examples = 500
-  if limoe:
+  if limoe and not mome:
     # Every other layer at full size; the smoke / mini stacks are 1-2 layers deep, so every
     # layer there. capacity_factor 1.25: room for a 25% imbalance before tokens are dropped.
     every = 1 if smoke or mini else 2
     experts = dict(num_experts=4, top_k=1, capacity_factor=1.25, every=every)
-    c.model.vision.experts = dict(experts)
+    c.model.vision.experts = dict(experts, capacity_factor=IMAGE_CAPACITY_FACTOR)
     c.model.text.experts = dict(experts)
     c.loss.update(router_balance_weight=0.01, router_local_entropy_weight=0.0,
                   router_global_entropy_weight=0.01)
   if mome:
-    _use_mome(c, smoke)
+    _use_mome(c, smoke, limoe)
   return c
 
 
-def _use_mome(c: ml_collections.ConfigDict, smoke: bool) -> None:
-  """The demo with one shared MoME stack instead of CoCa's towers (tower-only fields removed)."""
+def _use_mome(c: ml_collections.ConfigDict, smoke: bool, limoe: bool) -> None:
+  """The demo with one shared MoME stack instead of CoCa's towers (tower-only fields removed);
+  `limoe`: learned routing inside its modality experts."""
   vision, text = c.model.vision, c.model.text
   mome = dict(depth=4, width=vision.width, heads=vision.heads, mlp_dim=vision.mlp_dim,
               fusion_layers=1)
   if smoke:
     mome.update(depth=2, fusion_layers=1)
+  if limoe:
+    # LIMoE inside the modality experts: ffn_image, ffn_text and ffn_fusion each 4 experts,
+    # top-1, in every other layer of the shared stack (layers 1, 3; ffn_fusion: layer 3, the
+    # top one). The smoke stack (2 layers) routes layer 1.
+    experts = dict(num_experts=4, top_k=1, capacity_factor=1.25, every=2)
+    mome["experts"] = dict(image=dict(experts, capacity_factor=IMAGE_CAPACITY_FACTOR),
+                           text=dict(experts), fusion=dict(experts))
+    c.loss.update(router_balance_weight=0.01, router_local_entropy_weight=0.0,
+                  router_global_entropy_weight=0.01)
   for name in ("vision", "pooling", "n_gen_queries", "remat", "scan_layers"):
     del c.model[name]
   c.model.text = ml_collections.ConfigDict(dict(vocab_size=text.vocab_size, max_len=text.max_len))
@@ -143,7 +156,7 @@ def _use_mome(c: ml_collections.ConfigDict, smoke: bool) -> None:
   c.model.mome = ml_collections.ConfigDict(mome)
   c.loss.update(itm_weight=1.0, itm_examples=16 if not smoke else 8)
   if not smoke:
-    c.train.steps = 800
+    c.train.steps = MOME_LIMOE_STEPS if limoe else 800
 
 
 def sweep():
