@@ -106,7 +106,7 @@ def test_nonfinite_halt_exits_nonzero_and_keeps_the_good_checkpoints(four_steps,
 def _params(workdir, step):
   from coca_jax import api
   config = checkpoint.read_config(str(workdir))
-  _, abstract = api.abstract_params(config)
+  abstract = step_lib.abstract_params(config)
   state_dir = os.path.join(checkpoint.checkpoint_dir(str(workdir)), str(step), checkpoint.STATE)
   return jax.tree.map(np.asarray, api.restore_params_from_state(state_dir, abstract))
 
@@ -115,8 +115,8 @@ def test_skip_policy_leaves_the_state_bit_identical_across_a_bad_step():
   config = smoke_config()
   config.train.nonfinite = "skip"
   built = step_lib.setup(config)
-  state = built.init_state(config)
-  train_step = built.train_step(config)
+  state = built.init_state()
+  train_step = built.train_step()
   good = random_batch(config, config.train.batch_size)
   bad = dict(good, image=good["image"].at[0, 0, 0, 0].set(jnp.nan))
   with jax.set_mesh(built.mesh):

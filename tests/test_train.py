@@ -18,8 +18,8 @@ from conftest import REPO, random_batch, smoke_config
 
 def _state_and_step(config):
   built = step_lib.setup(config)
-  return (built.mesh, built.abstract_state, built.state_shardings, built.init_state(config),
-          built.train_step(config))
+  return (built.mesh, built.abstract_state, built.state_shardings, built.init_state(),
+          built.train_step())
 
 
 def test_loss_decreases_on_a_fixed_batch():

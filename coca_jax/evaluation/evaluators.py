@@ -14,6 +14,7 @@ The train loop and the `evaluate` CLI both call `run_evals`.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Sequence
 
 from absl import logging
@@ -24,6 +25,18 @@ import numpy as np
 from coca_jax.data import preprocess
 from coca_jax.evaluation import metrics
 from coca_jax.models.coca import CoCa
+
+
+def pad_rows(x: np.ndarray, size: int, *, repeat_first: bool = False) -> np.ndarray:
+  """x [n, ...] (n <= size) -> [size, ...]: the fixed batch a jitted function compiles for once,
+  whatever the number of inputs. The added rows are zeros, or copies of row 0 with
+  `repeat_first` (inputs where a zero row is no real example); callers keep the first n outputs."""
+  pad = size - len(x)
+  if pad <= 0:
+    return x
+  fill = (np.repeat(x[:1], pad, axis=0) if repeat_first
+          else np.zeros((pad, *x.shape[1:]), x.dtype))
+  return np.concatenate([x, fill])
 
 
 class Embedder:
@@ -42,10 +55,7 @@ class Embedder:
     out = []
     for start in range(0, len(array), self.batch_size):
       chunk = array[start:start + self.batch_size]
-      pad = self.batch_size - len(chunk)
-      if pad:
-        chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-      out.append(np.asarray(fn(self.params, chunk))[:self.batch_size - pad])
+      out.append(np.asarray(fn(self.params, pad_rows(chunk, self.batch_size)))[:len(chunk)])
     return np.concatenate(out) if out else np.zeros((0, self.model.config.embed_dim), np.float32)
 
   def embed_images(self, images: np.ndarray) -> np.ndarray:
@@ -154,9 +164,7 @@ def captioning_eval(embedder: Embedder, source, decoding, limit=None, batch_size
   for index, batch in enumerate(source.batches(batch_size, limit=limit)):
     images = preprocess.normalize_images(batch["image"])
     count = len(images)
-    if count < batch_size:  # Fixed batch: one compilation for the whole split.
-      images = np.concatenate([images, np.zeros((batch_size - count, *images.shape[1:]),
-                                                images.dtype)])
+    images = pad_rows(images, batch_size)  # One compilation for the whole split.
     out = gen.generate(model, params, jnp.asarray(images), decoding,
                        jax.random.fold_in(rng, index) if decoding.method == "sample" else None)
     texts = gen.decode_texts(tokenizer, np.asarray(out["tokens"])[:count])
@@ -174,6 +182,21 @@ def decoding_from_config(captioning):
   from coca_jax import generate as gen  # See captioning_eval.
   fields = {f.name for f in dataclasses.fields(gen.Decoding)}
   return gen.Decoding(**{k: v for k, v in dict(captioning).items() if k in fields})
+
+
+def evaluate(config, embedder: Embedder, make_source=None) -> dict:
+  """Runs config.evals with the embedder's current params ({metric: value}, plus eval/seconds
+  when any eval ran). `make_source(split)` returns an EvalSource; default: the split of
+  config.data (`pipeline.make_eval_source`). Training (periodic and final evals) and the
+  `evaluate` CLI both call this."""
+  if make_source is None:
+    from coca_jax.data import pipeline  # grain and TFDS: imported when evals run, not with the API.
+    make_source = lambda split: pipeline.make_eval_source(config, split)
+  t0 = time.perf_counter()
+  results = run_evals(config, embedder, make_source)
+  if results:
+    results["eval/seconds"] = time.perf_counter() - t0
+  return results
 
 
 def run_evals(config, embedder: Embedder, make_source) -> dict:
