@@ -29,8 +29,8 @@ Args (comma-separated after ':'):
   mome,limoe  the MoME with learned routing inside its modality experts
          (config.model.mome.experts): ffn_image, ffn_text and ffn_fusion each 4 experts, top-1,
          in layers 1 and 3 of the shared stack (ffn_fusion: layer 3), each modality's tokens
-         routed on their own (LIMoE's per-modality balance/entropy terms); text routing is
-         causal. Combines with smoke (`demo.py:mome,limoe,smoke`: layer 1 of 2 routed).
+         routed on their own (LIMoE's per-modality balance/entropy terms, balance weight
+         0.05); text routing is causal; image capacity factor 2.0 as in limoe. Combines with smoke (`demo.py:mome,limoe,smoke`: layer 1 of 2 routed).
 sweep() below: peak learning rate 1e-3 vs 3e-3, two trials.
 """
 
