@@ -444,3 +444,31 @@ def test_zero_shot_names_and_templates_are_checked():
   with pytest.raises(config_lib.ConfigError) as err:
     evaluators.check_evals(config, lambda split: Source())
   assert "repeats ['zero']" in str(err.value) and "'no placeholder'" in str(err.value)
+
+
+def test_zero_shot_transfer_splits_are_checked():
+  from coca_jax import config as config_lib
+  config = smoke_config()
+  config.evals.zeroshot.transfer_splits = ["mnist_on_white", "test", "missing"]
+
+  class Source:
+    def __init__(self, label):
+      self.label = label
+
+    def __len__(self):
+      return 3
+
+    def __getitem__(self, index):
+      return {"label": self.label}
+
+  def make_source(split):
+    if split == "missing":
+      raise FileNotFoundError("no split 'missing'")
+    return Source(-1 if split == "test" else 4)  # Scenes carry label -1.
+
+  with pytest.raises(config_lib.ConfigError) as err:
+    evaluators.check_evals(config, make_source)
+  message = str(err.value)
+  assert "transfer_splits names 'missing', which cannot be read" in message
+  assert "transfer_splits entry 'test' has label -1, outside the 10" in message
+  assert "mnist_on_white" not in message  # A good split raises nothing.

@@ -3,8 +3,12 @@ captioning.
 
 Configured by `config.evals`:
   every_steps          0 = only after training; N = also every N steps.
-  zeroshot             dict(split, class_names, templates, examples) or None
-  retrieval            dict(split, examples) or None
+  zeroshot             dict(split, class_names, templates, examples, transfer_splits?) or
+                       None. transfer_splits: more labelled splits (other data sources, e.g.
+                       the demo's MNIST digits) classified with the same prompts, each reported
+                       as eval/zeroshot_<split>_top1, _top5.
+  retrieval            dict(split, examples) or None; reports recall@k and, beside it, the
+                       ceiling that identical captions put on it (`metrics.retrieval_ceiling`).
   captioning           dict(split, examples, batch_size?, enabled? (default True), and any
                        `generate.Decoding` field: method, num_beams, length_penalty,
                        max_new_tokens, min_len, ...) or None
@@ -76,8 +80,9 @@ def _take(source, limit: int | None):
   return np.concatenate(images), captions, (np.concatenate(labels) if labels else None)
 
 
-def zeroshot_eval(embedder: Embedder, source, class_names, templates, limit=None) -> dict:
-  """eval/zeroshot_top1, _top5; NaN (with an error logged) if the embeddings are non-finite."""
+def zeroshot_eval(embedder: Embedder, source, class_names, templates, limit=None,
+                  prefix="zeroshot") -> dict:
+  """eval/<prefix>_top1, _top5; NaN (with an error logged) if the embeddings are non-finite."""
   images, _, labels = _take(source, limit)
   if labels is None:
     raise ValueError(f"zero-shot split {source.split!r} of {source.name!r} has no labels")
@@ -87,20 +92,24 @@ def zeroshot_eval(embedder: Embedder, source, class_names, templates, limit=None
   except metrics.NonFiniteEmbeddings as e:
     logging.error("Zero-shot eval reported as NaN: %s", e)
     accuracy = {"top1": float("nan"), "top5": float("nan")}
-  return {f"eval/zeroshot_{k}": float(v) for k, v in accuracy.items()}
+  return {f"eval/{prefix}_{k}": float(v) for k, v in accuracy.items()}
 
 
 def retrieval_eval(embedder: Embedder, source, limit=None) -> dict:
-  """eval/{i2t,t2i}_recall@{1,5,10}; NaN (with an error logged) for non-finite embeddings."""
+  """eval/{i2t,t2i}_recall@{1,5,10}, NaN (with an error logged) for non-finite embeddings; and
+  eval/{i2t,t2i}_recall@{1,5,10}_ceiling, the best recall any model could reach on this split
+  when identical captions tie (see `metrics.retrieval_ceiling`)."""
   images, captions, _ = _take(source, limit)
-  texts = [c for caps in captions for c in caps]
+  texts = [c.decode() if isinstance(c, bytes) else str(c) for caps in captions for c in caps]
   text_to_image = np.asarray([i for i, caps in enumerate(captions) for _ in caps])
+  ceiling = metrics.retrieval_ceiling(texts, text_to_image)
   try:
     result = metrics.retrieval_metrics(embedder.embed_images(images),
                                        embedder.embed_texts(texts), text_to_image)
   except metrics.NonFiniteEmbeddings as e:
     logging.error("Retrieval eval reported as NaN: %s", e)
     result = {f"{d}_recall@{k}": float("nan") for d in ("i2t", "t2i") for k in (1, 5, 10)}
+  result.update({f"{k}_ceiling": v for k, v in ceiling.items()})
   return {f"eval/{k}": float(v) for k, v in result.items()}
 
 
@@ -140,16 +149,41 @@ def check_evals(config, make_source) -> None:
     if not templates or bad:
       problems.append(f"config.evals.zeroshot.templates: {bad or 'none given'}; each template "
                       "needs exactly one '{}' for the class name, e.g. 'a photo of {}.'")
-    label = source[0].get("label")
-    if label is None:
-      problems.append(f"config.evals.zeroshot.split={split!r} has no labels; zero-shot "
-                      "classification needs a labelled split (the demo's is 'digits')")
-    elif names and not 0 <= label < len(names):
-      problems.append(f"config.evals.zeroshot.split={split!r} has label {label}, outside the "
-                      f"{len(names)} config.evals.zeroshot.class_names")
+    problems.extend(_label_problems(f"config.evals.zeroshot.split={split!r}", source, names))
+    transfer = group.get("transfer_splits") or []
+    if isinstance(transfer, str):
+      problems.append(f"config.evals.zeroshot.transfer_splits={transfer!r} must be a list of "
+                      f"split names, e.g. [{transfer!r}]")
+      transfer = []
+    for extra in transfer:
+      try:
+        extra_source = make_source(extra)
+        empty = len(extra_source) == 0
+      except (FileNotFoundError, ValueError, KeyError) as e:
+        problems.append(f"config.evals.zeroshot.transfer_splits names {extra!r}, which cannot "
+                        f"be read: {e}")
+        continue
+      if empty:
+        problems.append(f"config.evals.zeroshot.transfer_splits names {extra!r}, which is empty")
+        continue
+      problems.extend(_label_problems(
+          f"config.evals.zeroshot.transfer_splits entry {extra!r}", extra_source, names))
   if problems:
     raise config_lib.ConfigError(f"{len(problems)} eval config problem(s), found before "
                                  "training:\n  - " + "\n  - ".join(problems))
+
+
+def _label_problems(where: str, source, names: list) -> list[str]:
+  """Problems of a zero-shot split's labels (checked on its first example); `where` names the
+  split in the config, e.g. "config.evals.zeroshot.split='digits'"."""
+  label = source[0].get("label")
+  if label is None:
+    return [f"{where} has no labels; zero-shot classification needs a labelled split (the "
+            "demo's are 'digits', 'mnist_on_white', 'mnist_on_black')"]
+  if names and not 0 <= label < len(names):
+    return [f"{where} has label {label}, outside the {len(names)} "
+            "config.evals.zeroshot.class_names"]
+  return []
 
 
 def captioning_eval(embedder: Embedder, source, decoding, limit=None, batch_size=None) -> dict:
@@ -207,6 +241,10 @@ def run_evals(config, embedder: Embedder, make_source) -> dict:
     z = evals.zeroshot
     results.update(zeroshot_eval(embedder, make_source(z.split), list(z.class_names),
                                  list(z.templates), z.get("examples")))
+    for split in z.get("transfer_splits") or []:
+      results.update(zeroshot_eval(embedder, make_source(split), list(z.class_names),
+                                   list(z.templates), z.get("examples"),
+                                   prefix=f"zeroshot_{split}"))
   if evals.get("retrieval"):
     r = evals.retrieval
     results.update(retrieval_eval(embedder, make_source(r.split), r.get("examples")))
