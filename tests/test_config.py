@@ -20,7 +20,8 @@ from conftest import REPO, smoke_config
 # source: test_finetune_config_from_an_old_saved_run). All validate; BUILT (one per distinct
 # model or optimizer) also build abstractly: the unrolled 12-layer stacks take seconds to trace.
 SPECS = ["demo.py", "demo.py:smoke", "demo.py:mini", "demo.py:limoe", "demo.py:limoe,smoke",
-         "demo.py:limoe,mini", "demo.py:mome", "demo.py:mome,smoke",
+         "demo.py:limoe,mini", "demo.py:mome", "demo.py:mome,smoke", "demo.py:vary,smoke",
+         "demo.py:mome,limoe", "demo.py:mome,limoe,smoke",
          "coca_base.py", "coca_base.py:runlocal", "coca_base.py:b32",
          "coca_base.py:batch=4096,steps=10,dtype=float32,remat=full", "coca_large.py",
          "coca_2b.py", "coca_2b.py:runlocal",
