@@ -59,13 +59,68 @@ class Dense(nn.Module):
     kernel = self.param("kernel", with_axes(init, self.axes), shape, jnp.float32)
     contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
     out_dtype = self.out_dtype or self.dtype
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())),
-                            preferred_element_type=out_dtype)
+    if kernel.dtype == jnp.int8:  # Decoding weights (see quantize_kernel).
+      scale = self.param("kernel_scale", nn.initializers.ones_init(), features, jnp.float32)
+      y = int8_matmul(x, kernel, scale, self.in_dims, self.dtype).astype(out_dtype)
+    else:
+      # A kernel stored in bfloat16 (decoding weights) multiplies bfloat16 inputs: XLA:CPU has a
+      # fast bf16 x bf16 -> f32 dot, but converts a bf16 kernel to f32 in memory for an f32 input.
+      operand_dtype = jnp.bfloat16 if kernel.dtype == jnp.bfloat16 else self.dtype
+      y = jax.lax.dot_general(x.astype(operand_dtype), kernel.astype(operand_dtype),
+                              (contract, ((), ())), preferred_element_type=out_dtype)
     if self.use_bias:
       bias = self.param("bias", with_axes(nn.initializers.zeros_init(), self.axes[self.in_dims:]),
                         features, jnp.float32)
       y = y + bias.astype(out_dtype)
     return y
+
+
+# Decoding weights (`quantize_kernel`): 'int8' (per-output-channel scales) or 'bfloat16'.
+DECODE_WEIGHTS = ("int8", "bfloat16")
+# Up to this many rows (tokens x batch), an int8 kernel is read in place by one fused
+# multiply-reduce: a cached decoding step is bound by streaming its weights, and int8 streams a
+# quarter of the bytes. More rows (the first decoding step projecting the image context) make it
+# compute-bound; there the kernel is dequantized once and multiplied by the usual dot.
+INT8_FUSED_MAX_ROWS = 16
+
+
+def quantize_kernel(kernel, in_dims: int, weights: str) -> dict:
+  """A Dense kernel [*in, *features] float32 -> its decoding-weights entries.
+
+  'int8': {"kernel": int8 [*in, *features], "kernel_scale": float32 [*features]}, symmetric,
+  one scale per output channel (max |w| over the contracted axes / 127), so w ~ kernel * scale.
+  'bfloat16': {"kernel": bfloat16 [*in, *features]}. `Dense` reads either (by the kernel's
+  dtype) with float32 accumulation.
+  """
+  if weights == "bfloat16":
+    return {"kernel": kernel.astype(jnp.bfloat16)}
+  if weights != "int8":
+    raise ValueError(f"decode_weights={weights!r} is unknown; use one of {DECODE_WEIGHTS} or None")
+  kernel = kernel.astype(jnp.float32)
+  scale = jnp.max(jnp.abs(kernel), axis=tuple(range(in_dims))) / 127.0
+  scale = jnp.where(scale > 0, scale, 1.0)  # An all-zero channel stays exactly zero.
+  return {"kernel": jnp.clip(jnp.round(kernel / scale), -127, 127).astype(jnp.int8),
+          "kernel_scale": scale}
+
+
+def int8_matmul(x, kernel, scale, in_dims: int, dtype):
+  """x [..., *in] @ (int8 kernel [*in, *features] * scale [*features]) -> float32 [..., *features].
+
+  Few rows: one fused loop reads the int8 kernel, widens it in registers and accumulates in
+  float32 (XLA:CPU fuses the convert into the reduce, never writing a wide copy of the kernel).
+  Many rows: the kernel is dequantized to `dtype` and multiplied by the usual dot.
+  """
+  lead, in_shape = x.shape[:x.ndim - in_dims], x.shape[x.ndim - in_dims:]
+  features = kernel.shape[in_dims:]
+  rows = math.prod(lead)
+  if rows <= INT8_FUSED_MAX_ROWS:
+    flat = x.astype(jnp.float32).reshape(rows, *in_shape, *(1,) * len(features))
+    y = jnp.sum(flat * kernel.astype(jnp.float32)[None], axis=tuple(range(1, in_dims + 1)))
+    return (y * scale).reshape(*lead, *features)
+  contract = (tuple(range(x.ndim - in_dims, x.ndim)), tuple(range(in_dims)))
+  y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())),
+                          preferred_element_type=jnp.float32)
+  return y * scale
 
 
 def dense(features, axes: tuple[str, ...], dtype: Dtype, name: str, use_bias: bool = True,
