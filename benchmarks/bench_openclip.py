@@ -232,7 +232,9 @@ def _run_worker(python: str, name: str, args, env: dict) -> dict:
   proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
   if proc.returncode:
     raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  line = proc.stdout.strip().splitlines()[-1]
+  print(f"[bench_openclip] {name}: {line}", file=sys.stderr, flush=True)  # Raw, as it comes.
+  return json.loads(line)
 
 
 def _median(runs: list, part: str | None, key: str) -> float:

@@ -39,6 +39,9 @@ class Dense(nn.Module):
   its rank, and it is Xavier-initialised over the flattened fan-in/fan-out.
   `out_dtype` (default: `dtype`) is the accumulation and output dtype: float32 for the vocab
   head, so a bf16 model's softmax sees logits that were never rounded to bf16.
+  A kernel handed in as int8 (with its `kernel_scale`) or bfloat16 is a decoding weight
+  (`quantize_kernel`, prepared by `generate.decoder_params`): the layer then multiplies it in
+  that format with float32 accumulation. Training always creates float32 kernels.
   """
   features: int | tuple[int, ...]
   axes: tuple[str, ...]
