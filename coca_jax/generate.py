@@ -124,8 +124,9 @@ def decoder_params(model: CoCa, params, weights: str | None = None) -> dict:
   """The parameters cached decoding reads, prepared once (pass them to `generate` as
   `decoder_params`): layer stacks unscanned; with `weights` ('int8' | 'bfloat16', see
   `layers.quantize_kernel`) every Dense kernel stored in that format, which `Dense` then
-  multiplies with float32 accumulation. A cached step streams all decoder weights per token, so
-  narrower weights make it faster. Embedding tables (the token lookup; the vocab head when
+  multiplies with float32 accumulation. A cached step streams all decoder weights per token;
+  narrower weights stream fewer bytes where the backend fuses the widening into its dot (on
+  XLA:CPU it does not: there int8 is slower than float32, see README). Embedding tables (the token lookup; the vocab head when
   tied to it) and routed experts' weights stay float32. weights=None: float32, as trained."""
   if weights is not None and weights not in layers.DECODE_WEIGHTS:
     raise ValueError(f"decode_weights={weights!r} is unknown; use one of "

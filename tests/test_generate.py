@@ -264,10 +264,10 @@ def test_ensure_eos_puts_eos_where_the_text_tower_reads_it(tiny):
   assert not np.allclose(embed(fixed[:1]), embed(tokens[:1]), atol=1e-4)
 
 
-@pytest.mark.parametrize("rows", [2, 40])  # The fused int8 loop, and the dequantized dot.
+@pytest.mark.parametrize("rows", [2, 40])  # A decoding step's rows, and the context's.
 def test_int8_dense_matches_float32_within_its_rounding(rows):
   """Per-output-channel int8: each output is off by at most the rounding of its weights
-  (|x| . scale / 2), on both int8 paths, including the two-axis attention output kernel."""
+  (|x| . scale / 2), including the two-axis attention output kernel."""
   from coca_jax.models import layers
   for in_dims, x_shape, k_shape in ((1, (rows, 24), (24, 3, 5)), (2, (rows, 3, 8), (3, 8, 20))):
     x = jax.random.normal(jax.random.key(0), x_shape)
