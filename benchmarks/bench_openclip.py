@@ -31,6 +31,8 @@ environment of the README figures was made:
   /work/venv-torch/bin/pip install torch==2.14.1 torchvision==0.29.1 open_clip_torch==3.3.0 \
       transformers
 (the package index's torch/torchvision 2.14.1+cu130 / 0.29.1+cu130 builds, run on the CPU).
+open_clip 3.3.0's `generate` imports `BeamSearchScorer` from transformers; transformers 5.24 and
+4.57.6 no longer export it (open_clip then refuses to generate): pin a transformers that does.
 
 Prints one JSON object: per side and part the medians, peak RSS, and the ratios
 `<part>_speedup` = open_clip time / ours (> 1: ours is faster) and `train_rss_ratio` = ours /
@@ -216,10 +218,14 @@ def _torch_missing(python: str) -> str | None:
   """Why `python` cannot run the open_clip side, or None."""
   if not os.path.exists(python):
     return f"{python} does not exist"
-  probe = subprocess.run([python, "-c", "import torch, open_clip, transformers, safetensors"],
-                         capture_output=True, text=True)
+  probe = subprocess.run(
+      [python, "-c", "import torch, safetensors, open_clip.coca_model as m; "
+       "assert m._has_transformers, 'open_clip cannot import what its generate needs from "
+       "transformers (BeamSearchScorer, logits processors); install a transformers that has them'"],
+      capture_output=True, text=True)
   if probe.returncode:
-    return f"{python} cannot import torch, open_clip, transformers: {probe.stderr.strip()[-300:]}"
+    return (f"{python} cannot run open_clip's CoCa generate: "
+            f"{probe.stderr.strip().splitlines()[-1][-300:] if probe.stderr.strip() else ''}")
   return None
 
 
