@@ -29,10 +29,10 @@ the benchmark prints why and exits with status 0 (it is a benchmark, not a test)
 environment of the README figures was made:
   python -m venv /work/venv-torch
   /work/venv-torch/bin/pip install torch==2.14.1 torchvision==0.29.1 open_clip_torch==3.3.0 \
-      transformers
+      "transformers<4.56"
 (the package index's torch/torchvision 2.14.1+cu130 / 0.29.1+cu130 builds, run on the CPU).
-open_clip 3.3.0's `generate` imports `BeamSearchScorer` from transformers; transformers 5.24 and
-4.57.6 no longer export it (open_clip then refuses to generate): pin a transformers that does.
+open_clip 3.3.0's `generate` imports `BeamSearchScorer` from transformers; 5.24 and 4.57.6 no
+longer export it (open_clip then refuses to generate); 4.55.4 does.
 
 Prints one JSON object: per side and part the medians, peak RSS, and the ratios
 `<part>_speedup` = open_clip time / ours (> 1: ours is faster) and `train_rss_ratio` = ours /
