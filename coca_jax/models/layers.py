@@ -82,6 +82,8 @@ class Dense(nn.Module):
 
 # Decoding weights (`quantize_kernel`): 'int8' (per-output-channel scales) or 'bfloat16'.
 DECODE_WEIGHTS = ("int8", "bfloat16")
+
+
 def quantize_kernel(kernel, in_dims: int, weights: str) -> dict:
   """A Dense kernel [*in, *features] float32 -> its decoding-weights entries.
 
