@@ -14,7 +14,7 @@ import re
 
 import ml_collections
 
-from coca_jax import sharding
+from coca_jax import fs, sharding
 
 REQUIRED_GROUPS = ("model", "data", "train", "loss", "optim", "mesh", "checkpoint", "evals")
 
@@ -266,7 +266,7 @@ def validate(config, num_devices: int | None = None) -> None:
   need(isinstance(microbatches, int) and microbatches >= 1,
        f"config.train.microbatches={microbatches!r} must be a positive integer")
   source = config.get("init", {}).get("source", "")
-  need(not source or os.path.exists(source),
+  need(not source or fs.exists(source),
        f"config.init.source={source!r} does not exist; give a previous run's workdir or one of "
        "its checkpoint step directories (DIR/checkpoints/<step>)")
   need(config.checkpoint.every_steps >= 0, "config.checkpoint.every_steps must be >= 0 (0 = off)")

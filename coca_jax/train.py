@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 from coca_jax import checkpoint, config as config_lib, console, flops, sharding, step as step_lib
-from coca_jax import metrics as metrics_lib, preemption, warm_start
+from coca_jax import fs, metrics as metrics_lib, preemption, warm_start
 from coca_jax.data import builders, pipeline
 from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 from coca_jax.evaluation import evaluators
@@ -77,7 +77,10 @@ def prepare_data(config, workdir: str) -> Tokenizer:
   """
   data = config.data
   if not data.get("data_dir"):
-    data.data_dir = os.path.join(workdir, "tensorflow_datasets")
+    # array_record files are read with local file I/O: with a gs:// workdir the demo data goes
+    # to TFDS's own default directory on this machine instead.
+    data.data_dir = (os.path.expanduser(os.path.join("~", "tensorflow_datasets"))
+                     if fs.is_url(workdir) else fs.join(workdir, "tensorflow_datasets"))
   if data.get("build_demo", False):
     # Only process 0 looks and builds; every process syncs (another process could see the
     # directory process 0 is still writing and skip the barrier).
@@ -88,14 +91,13 @@ def prepare_data(config, workdir: str) -> Tokenizer:
   kind = data.get("tokenizer_kind", "sentencepiece")
   if kind == "clip_bpe":  # A fixed vocabulary: keep a copy beside the config, train nothing.
     tokenizer = load_tokenizer(data.get("tokenizer", ""), kind)
-    data.tokenizer = os.path.join(workdir, TOKENIZER_FILES[kind])
-    if jax.process_index() == 0 and not os.path.exists(data.tokenizer):
-      with open(data.tokenizer, "wb") as f:
-        f.write(tokenizer.model_proto)
+    data.tokenizer = fs.join(workdir, TOKENIZER_FILES[kind])
+    if jax.process_index() == 0 and not fs.exists(data.tokenizer):
+      fs.write_bytes(data.tokenizer, tokenizer.model_proto)
     _sync("tokenizer copied")
   if not data.get("tokenizer"):
-    path = os.path.join(workdir, "tokenizer.model")
-    if not os.path.exists(path) and jax.process_index() == 0:
+    path = fs.join(workdir, "tokenizer.model")
+    if not fs.exists(path) and jax.process_index() == 0:
       source = builders.open_source(data.name, data.data_dir, data.get("train_split", "train"),
                                     decode_images=False)
       captions = [c.decode() if isinstance(c, bytes) else str(c)
@@ -203,8 +205,8 @@ def main(argv) -> None:
     return
   if workdir is None:
     raise app.UsageError("--workdir is required (unless --dry_run)")
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = fs.resolve(workdir)
+  fs.makedirs(workdir)
   profiler = metrics_lib.Profiler(config, workdir)  # Checks config.profile before the long part.
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
@@ -258,7 +260,7 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
     logging.info("Resumed from step %d", first_step)
     if skipped and jax.process_index() == 0:
       print(f"Resumed from step {first_step}; unreadable newer steps were moved to "
-            f"{os.path.join(workdir, checkpoint.SET_ASIDE)}: " +
+            f"{fs.join(workdir, checkpoint.SET_ASIDE)}: " +
             "; ".join(f"step {s}: {r}" for s, r in skipped), file=sys.stderr)
   else:
     state = built.init_state(config)
