@@ -306,8 +306,13 @@ class WorkdirLock:
       mine = json.loads(fs.read_text(self.path)).get("pid") == os.getpid()
     except (OSError, ValueError):
       mine = False
-    if mine:
-      fs.remove(self.path)
+    try:
+      if mine:
+        fs.remove(self.path)
+    except Exception as e:  # pylint: disable=broad-except  # e.g. a bucket client at exit
+      logging.warning("Could not remove the lock %s (%s): a later run on this host takes it "
+                      "over (this process is gone); from another host, delete it first",
+                      self.path, _short(e))
 
 
 def _alive(pid: int) -> bool:
