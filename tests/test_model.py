@@ -166,3 +166,25 @@ def test_bf16_vocab_logits_are_accumulated_and_returned_in_float32():
   # Logits rounded to bf16 would all be bf16-representable; f32 outputs almost never are.
   rounded = np.asarray(jnp.asarray(logits).astype(jnp.bfloat16).astype(jnp.float32))
   assert np.mean(logits != rounded) > 0.9
+
+
+def test_attention_kernel_choice_and_its_override(monkeypatch):
+  """auto picks cuDNN's fused kernel only for half precision on a GPU; the environment forces
+  either; a typo names the variable and the choices; XLA and the selector agree on CPU."""
+  from coca_jax.models import layers
+  monkeypatch.delenv(layers.ATTENTION_ENV, raising=False)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert layers.attention_implementation(jnp.bfloat16) == "cudnn"
+  assert layers.attention_implementation(jnp.float32) == "xla"
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert layers.attention_implementation(jnp.bfloat16) == "xla"
+  monkeypatch.setenv(layers.ATTENTION_ENV, "cudnn")
+  assert layers.attention_implementation(jnp.float32) == "cudnn"
+  monkeypatch.setenv(layers.ATTENTION_ENV, "flash")
+  with pytest.raises(ValueError, match="COCA_JAX_ATTENTION='flash'.*auto, xla or cudnn"):
+    layers.attention_implementation(jnp.float32)
+  monkeypatch.setenv(layers.ATTENTION_ENV, "auto")
+  q, k, v = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 5, 4, 8))
+  mask = jnp.tril(jnp.ones((5, 5), bool))[None, None]
+  np.testing.assert_array_equal(layers.dot_product_attention(q, k, v, mask),
+                                jax.nn.dot_product_attention(q, k, v, mask=mask))

@@ -7,7 +7,9 @@ Parameters are always float32; `dtype` is the compute dtype.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -136,7 +138,7 @@ class Attention(nn.Module):
       if prefix_kv is not None:
         key = jnp.concatenate([prefix_kv[0].astype(key.dtype), key], axis=1)
         value = jnp.concatenate([prefix_kv[1].astype(value.dtype), value], axis=1)
-      out = jax.nn.dot_product_attention(query, key, value, mask=mask)
+      out = dot_product_attention(query, key, value, mask)
     out = dense(width, ("heads", "kv", "embed"), self.dtype, "out", in_dims=2)(out)
     return (out, own_kv) if return_kv else out
 
@@ -183,6 +185,60 @@ class Attention(nn.Module):
 
 
 MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)  # What dot_product_attention uses.
+
+# Which kernel computes full-sequence attention (the same function either way):
+#   auto  - cuDNN's fused flash attention on a GPU for bfloat16/float16 inputs where it has a
+#           kernel for the shapes (see _cudnn_has_kernel), XLA otherwise;
+#   xla   - XLA's einsum-softmax-einsum everywhere (what CPU and TPU always use);
+#   cudnn - cuDNN or an error.
+# Chosen when a step is traced, from the environment so that a benchmark can compare both in one
+# process; it changes speed and memory only (tests/test_model.py compares auto with xla).
+ATTENTION_ENV = "COCA_JAX_ATTENTION"
+_warned_fallback = []
+
+
+def attention_implementation(dtype) -> str | None:
+  """'cudnn' or 'xla' for inputs of `dtype` on the default backend (see ATTENTION_ENV)."""
+  choice = os.environ.get(ATTENTION_ENV, "auto")
+  if choice not in ("auto", "xla", "cudnn"):
+    raise ValueError(f"{ATTENTION_ENV}={choice!r} is unknown; use auto, xla or cudnn")
+  if choice == "auto":
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    choice = "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+  return choice
+
+
+def _cudnn_has_kernel(query, key, mask) -> bool:
+  """cuDNN's fused bf16 attention trains only with head widths <= 128 that are multiples of 8,
+  and, with a mask (passed as a bias), with even query and key lengths (e.g. not the 63-token
+  shifted caption or the contrastive pooler's single query). Its own checks run when the
+  backward pass is traced, too late to fall back, hence this check before the call."""
+  head_dim, q_len, kv_len = query.shape[-1], query.shape[1], key.shape[1]
+  return (head_dim <= 128 and head_dim % 8 == 0 and q_len % 2 == 0 and kv_len % 2 == 0)
+
+
+def dot_product_attention(query, key, value, mask=None):
+  """query [batch, q_len, heads, kv], key/value [batch, kv_len, heads, kv], mask (True = may
+  attend) broadcastable to [batch, heads, q_len, kv_len] -> [batch, q_len, heads, kv].
+
+  With 'auto', shapes cuDNN rejects (e.g. a head width it has no kernel for) fall back to XLA
+  with one warning; an explicit 'cudnn' raises instead."""
+  implementation = attention_implementation(query.dtype)
+  if implementation == "cudnn" and not _cudnn_has_kernel(query, key, mask):
+    if os.environ.get(ATTENTION_ENV, "auto") == "cudnn":
+      raise ValueError(f"{ATTENTION_ENV}=cudnn: cuDNN has no fused training kernel for query "
+                       f"{query.shape} / key {key.shape}; use auto (XLA for such layers)")
+    implementation = "xla"
+  if implementation == "cudnn":
+    try:
+      return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn")
+    except (ValueError, NotImplementedError, RuntimeError) as error:
+      if os.environ.get(ATTENTION_ENV, "auto") == "cudnn":
+        raise
+      if not _warned_fallback:
+        _warned_fallback.append(True)
+        logging.warning("cuDNN attention unavailable for %s (%s); using XLA's", query.shape, error)
+  return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
 
 
 def heads_major(x):
