@@ -14,7 +14,8 @@ What an object store cannot do, and what we do instead:
   writes its completion marker (an export's manifest) last, so a reader never takes a half-written
   directory for a finished one.
 - Exclusive create (the workdir LOCK) uses GCS's `ifGenerationMatch=0` precondition through
-  gcsfs (`create_exclusive`): atomic on real GCS. Stores without such a precondition get a
+  gcsfs (`create_exclusive`): atomic on real GCS. Other stores, and gs:// through tf.io.gfile
+  (epath's choice when TensorFlow is installed; EPATH_USE_TF=false keeps gcsfs), get a
   check-then-write, which two runs starting in the same instant can both pass (a warning says so).
 - Writes of one object are atomic on object stores (a reader sees the old or the new object);
   locally `write_text`/`write_bytes` write a temporary file and rename it for the same guarantee.

@@ -19,14 +19,13 @@ Args (comma-separated after ':'): init=PATH (required), name=, data_dir= (the bu
 steps= (default 2000), batch= (64), lr= (1e-5), caption_only (contrastive weight 0), runlocal.
 """
 
-import json
 import os
 
 import ml_collections
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  from coca_jax import api
+  from coca_jax import api, checkpoint, fs
   args = {}
   for item in filter(None, arg.split(",")):
     key, _, value = item.partition("=")
@@ -37,10 +36,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if not args.get("init"):
     raise ValueError("experiments/finetune_captions.py needs init=PATH: a bundle, workdir or "
                      "checkpoints/<step> directory to start from")
-  source = os.path.expanduser(args["init"])
+  source = fs.resolve(args["init"])  # A local path or a gs:// URL.
   found = api.resolve(source)
-  with open(os.path.join(found["root"], "config.json")) as f:
-    source_config = ml_collections.ConfigDict(json.load(f))
+  source_config = checkpoint.read_config(found["root"])
   tokenizer = api.TOKENIZER_FILES[source_config.data.get("tokenizer_kind", "sentencepiece")]
 
   c = ml_collections.ConfigDict()
@@ -48,7 +46,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       name=args.get("name", ""), data_dir=os.path.expanduser(args.get("data_dir", "")),
       train_split="train", eval_split="test", image_size=c.model.image_size,
-      tokenizer=os.path.join(found["root"], tokenizer),
+      tokenizer=fs.join(found["root"], tokenizer),
       tokenizer_kind=source_config.data.get("tokenizer_kind", "sentencepiece"),
       num_workers=0, random_resized_crop=True, crop_scale=(0.8, 1.0)))
   c.train = ml_collections.ConfigDict(dict(

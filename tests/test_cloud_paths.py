@@ -255,3 +255,13 @@ def test_local_writes_are_whole_or_absent(tmp_path):
   assert fs.create_exclusive(tmp_path / "LOCK", b"1")
   assert not fs.create_exclusive(tmp_path / "LOCK", b"2")
   assert fs.read_text(tmp_path / "LOCK") == "1"
+
+
+def test_report_renders_into_the_bucket(gs_run):
+  from coca_jax import report
+  out = report.write_report(gs_run["workdir"])
+  assert out == fs.join(gs_run["workdir"], "report.md")
+  text = fs.read_text(out)
+  pngs = [name for name in fs.listdir(gs_run["workdir"]) if name.endswith(".png")]
+  assert pngs and all(f"]({name})" in text for name in pngs), (pngs, text)
+  assert fs.read_bytes(fs.join(gs_run["workdir"], pngs[0]))[:8] == b"\x89PNG\r\n\x1a\n"
