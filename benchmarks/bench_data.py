@@ -112,15 +112,15 @@ def _train_rates(config, seconds: float, data_options_by_workers) -> dict[str, f
 
   rng = np.random.default_rng(0)
   size, max_len = config.model.image_size, config.model.text.max_len
+  where = step.batch_shardings(mesh)
   fixed = {"image": jax.device_put(rng.standard_normal((batch_size, size, size, 3), np.float32),
-                                   sharding.batch_sharding(mesh, 4)),
+                                   where["image"]),
            "text": jax.device_put(rng.integers(4, 60, (batch_size, max_len)).astype(np.int32),
-                                  sharding.batch_sharding(mesh, 2))}
+                                  where["text"])}
   rates = {"fixed batch": run(lambda: fixed)}
   for workers, options in data_options_by_workers.items():
     loader = pipeline.make_host_loader(options, shard_index=0, shard_count=1)
-    iterator = pipeline.TrainIterator(loader, {"image": sharding.batch_sharding(mesh, 4),
-                                               "text": sharding.batch_sharding(mesh, 2)})
+    iterator = pipeline.TrainIterator(loader, where)
     rates[f"pipeline, num_workers={workers}"] = run(lambda it=iterator: next(it))
     del iterator
   return rates

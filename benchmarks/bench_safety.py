@@ -61,11 +61,11 @@ def main() -> None:
     step_lib.guard_nonfinite = (
         (lambda old, new, metrics, policy: (new, {**metrics, "nonfinite": jax.numpy.int32(0)}))
         if name == "unguarded" else guard)
-    steps[name] = built.train_step(config).lower(
+    steps[name] = built.train_step().lower(
         built.abstract_state, step_lib.dummy_batch(config, config.train.batch_size)).compile()
   step_lib.guard_nonfinite = guard
 
-  state = built.init_state(config)
+  state = built.init_state()
   workdir = tempfile.mkdtemp()
   manager = checkpoint.make_manager(workdir, keep=2, async_save=True)
   variants = ["unguarded", "halt", "skip", "halt+save"]

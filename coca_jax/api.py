@@ -31,35 +31,33 @@ import json
 import os
 from typing import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from PIL import Image
 
-from coca_jax import checkpoint, fs, generate as gen, step as step_lib
+from coca_jax import checkpoint, fs, generate as gen, sharding, step as step_lib
 from coca_jax.data import preprocess
 from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 from coca_jax.evaluation import evaluators, metrics
-from coca_jax.models.coca import CoCa
+from coca_jax.models.coca import CoCa, temperature_scale
 
 EXPORT_MANIFEST = "export.json"
 EXPORT_PARAMS = "params"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-def abstract_params(config):
-  """Unboxed parameter ShapeDtypeStructs of `config.model` (nothing allocated)."""
+def model_and_abstract_params(config):
+  """(the module `config` builds, its parameter ShapeDtypeStructs; nothing allocated)."""
   model = step_lib.build_model(config)
-  return model, nn.unbox(step_lib.abstract_params(model, config))
+  return model, step_lib.abstract_params(config, model)
 
 
 def _on_device(abstract, device=None):
   """Restore targets: each leaf placed whole on one device."""
-  sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                      abstract)
+  return sharding.with_shardings(
+      abstract, jax.sharding.SingleDeviceSharding(device or jax.devices()[0]))
 
 
 def restore_params_from_state(state_dir: str, abstract):
@@ -153,7 +151,7 @@ def load(path: str, *, step: int | None = None, batch_size: int = 64) -> "Model"
 def load_params(found: dict, config):
   """(CoCa module, float32 params on one device) of what `resolve` found, built from `config`
   (the config stored beside it)."""
-  model, abstract = abstract_params(config)
+  model, abstract = model_and_abstract_params(config)
   if found["kind"] == "export" and found["params_dir"].endswith(".safetensors"):
     params = read_safetensors_params(found["params_dir"], config, abstract)
   elif found["kind"] == "export":
@@ -288,12 +286,11 @@ class Model:
     results = []
     for start in range(0, len(images), self.batch_size):
       chunk = images[start:start + self.batch_size]
-      pad = self.batch_size - len(chunk)
-      if pad:  # Fixed batch: one compilation whatever the number of images.
-        chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
       step_rng = None if rng is None else jax.random.fold_in(rng, start)
-      out = gen.generate(self.module, self.params, jnp.asarray(chunk), decoding, step_rng)
-      results.append({k: np.asarray(v)[:len(chunk) - pad] for k, v in out.items()})
+      out = gen.generate(self.module, self.params,
+                         jnp.asarray(evaluators.pad_rows(chunk, self.batch_size)), decoding,
+                         step_rng)
+      results.append({k: np.asarray(v)[:len(chunk)] for k, v in out.items()})
     if not results:
       return {"tokens": np.zeros((0, self.module.config.max_len), np.int32)}
     return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
@@ -363,17 +360,14 @@ class Model:
     for start in range(0, len(pair_image), self.batch_size):
       rows = slice(start, start + self.batch_size)
       chunk_image, chunk_text = images[pair_image[rows]], tokens[pair_text[rows]]
-      pad = self.batch_size - len(chunk_image)
-      if pad:  # Fixed batch: one compilation whatever the number of pairs.
-        chunk_image = np.concatenate([chunk_image, np.zeros((pad, *chunk_image.shape[1:]),
-                                                            chunk_image.dtype)])
-        chunk_text = np.concatenate([chunk_text, np.repeat(chunk_text[:1], pad, axis=0)])
-      out = self._itm_fn(self.params, jnp.asarray(chunk_image), jnp.asarray(chunk_text))
-      scores.append(np.asarray(out)[:self.batch_size - pad])
+      out = self._itm_fn(self.params,
+                         jnp.asarray(evaluators.pad_rows(chunk_image, self.batch_size)),
+                         jnp.asarray(evaluators.pad_rows(chunk_text, self.batch_size,
+                                                         repeat_first=True)))
+      scores.append(np.asarray(out)[:len(chunk_image)])
     flat = np.concatenate(scores) if scores else np.zeros((0,), np.float32)
     return flat.reshape(num_images, num_texts)
 
   @property
   def logit_scale(self) -> float:
-    return float(jnp.minimum(jnp.exp(self.params["logit_scale"]),
-                             self.module.config.max_logit_scale))
+    return float(temperature_scale(self.params["logit_scale"], self.module.config.max_logit_scale))

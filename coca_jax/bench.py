@@ -83,11 +83,8 @@ def run(config, mode: str, steps: int = 10) -> dict:
   config_lib.validate(config, num_devices=jax.device_count())
   built = step.setup(config)
   mesh = built.mesh
-  abstract_state, state_shardings = built.abstract_state, built.state_shardings
-  train_step = built.train_step(config)
-  abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
-      state_shardings)
+  train_step = built.train_step()
+  abstract_state = built.sharded_abstract_state
   flops_per_example = flops.model_flops_per_example(config)
   result = {
       "mode": mode,
@@ -114,7 +111,7 @@ def run(config, mode: str, steps: int = 10) -> dict:
     return result
 
   with jax.set_mesh(mesh):
-    state = built.init_state(config, seed=0)
+    state = built.init_state(seed=0)
     batch = _synthetic_batch(config, mesh)
     state, metrics = compiled(state, batch)  # Warm-up (first-run allocations).
     jax.block_until_ready(metrics)

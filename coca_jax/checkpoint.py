@@ -34,7 +34,7 @@ from flax import traverse_util
 import jax
 import orbax.checkpoint as ocp
 
-from coca_jax import fs
+from coca_jax import fs, sharding
 from coca_jax.data import pipeline
 
 STATE, DATA = "state", "data"
@@ -76,12 +76,6 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None,
   if data_iterator is not None:
     items[DATA] = pipeline.checkpoint_args(data_iterator)
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
-
-
-def abstract_with_shardings(abstract_state, shardings) -> Any:
-  """ShapeDtypeStructs that carry the target shardings: the restore target for any mesh."""
-  return jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +189,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state, shardings, data_iter
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint under {manager.directory}")
-  items = {STATE: ocp.args.StandardRestore(abstract_with_shardings(abstract_state, shardings))}
+  items = {STATE: ocp.args.StandardRestore(sharding.with_shardings(abstract_state, shardings))}
   if data_iterator is not None:
     items[DATA] = pipeline.checkpoint_args(data_iterator, restore=True)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
@@ -384,8 +378,9 @@ def load_params_for_init(source: str, params, shardings) -> tuple[Any, dict]:
   ignored = sorted(set(stored) - set(own))
   # Restore exactly the leaves both have, each onto this model's sharding.
   flat_shardings = _paths(shardings)
-  target = {path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=flat_shardings[path])
-            for path, leaf in own.items() if path in stored}
+  common = [path for path in own if path in stored]
+  target = sharding.with_shardings({p: own[p] for p in common},
+                                   {p: flat_shardings[p] for p in common})
   nested = traverse_util.unflatten_dict(target, sep="/")
   restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), nested)
   with ocp.PyTreeCheckpointer() as ckptr:

@@ -279,12 +279,12 @@ def validate(config, num_devices: int | None = None) -> None:
       problems.append(str(e))
     else:
       shards = math.prod(sizes[a] for a in sharding.BATCH_AXES)
-      per = shards * (microbatches if isinstance(microbatches, int) and microbatches > 0 else 1)
-      if isinstance(t.batch_size, int) and t.batch_size > 0 and t.batch_size % per:
-        split = f" x {microbatches} microbatches" if per != shards else ""
-        problems.append(
-            f"config.train.batch_size={t.batch_size} is not divisible by the {shards} batch "
-            f"shards of the mesh {sizes}{split}; use a multiple of {per}")
+      if isinstance(t.batch_size, int) and t.batch_size > 0:
+        problem = sharding.batch_split_problem(
+            t.batch_size, shards,
+            microbatches if isinstance(microbatches, int) and microbatches > 0 else 1, sizes)
+        if problem:
+          problems.append(problem)
       expert_axis = sizes["expert"]
       for side in ("vision", "text") if backbone == "towers" else ():
         experts = m[side].get("experts") or {}

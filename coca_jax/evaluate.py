@@ -19,13 +19,11 @@ if __name__ == "__main__":  # Before JAX starts (python -m); see coca_jax/runtim
 
 import json
 import sys
-import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from coca_jax import api, checkpoint, console, fs
-from coca_jax.data import pipeline
 from coca_jax.evaluation import evaluators
 
 FLAGS = flags.FLAGS
@@ -70,13 +68,9 @@ def with_eval_defaults(config):
 
 def evaluate(model: api.Model, config) -> dict:
   """Runs config.evals on `model`; data from config.data. Returns {metric: value}."""
-  t0 = time.perf_counter()
   embedder = evaluators.Embedder(model.module, model.params, model.tokenizer,
                                  batch_size=config.evals.get("batch_size", 256))
-  results = evaluators.run_evals(config, embedder,
-                                 lambda split: pipeline.make_eval_source(config, split))
-  results["eval/seconds"] = time.perf_counter() - t0
-  return results
+  return evaluators.evaluate(config, embedder)
 
 
 def main(argv) -> None:

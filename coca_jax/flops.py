@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -178,17 +176,6 @@ def model_flops_per_example(config, batch_size: int | None = None, train: bool =
 # -- Parameter counts --------------------------------------------------------------------------
 
 
-def abstract_params(config) -> Any:
-  """Parameter ShapeDtypeStructs from `jax.eval_shape` (nothing allocated)."""
-  model = step.build_model(config)  # The full config decides extras (the sigmoid logit bias).
-  size, length = config.model.image_size, config.model.text.max_len
-  image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-  text = jax.ShapeDtypeStruct((1, length), jnp.int32)
-  variables = jax.eval_shape(
-      lambda rng, i, t: model.init(rng, i, t), jax.random.key(0), image, text)
-  return nn.unbox(variables["params"])
-
-
 EXPERT_WEIGHTS = ("wi", "bi", "wo", "bo")
 
 
@@ -197,7 +184,7 @@ def param_counts(config) -> dict[str, int]:
   With learned routing, or a MoME, also 'active': the parameters one token runs through (top_k
   of each routed layer's num_experts experts; for a MoME the shared weights plus ONE feed-forward
   expert per layer, whose layers are summed as 'layers'; everything else counts whole)."""
-  params = abstract_params(config)
+  params = step.abstract_params(config)
   size = lambda tree: sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
   counts: dict[str, int] = {name: size(subtree) for name, subtree in params.items()}
   inactive = 0

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from coca_jax.tokens import PAD_ID
+
 # The mesh axes the batch is split over (same as coca_jax.sharding.BATCH_AXES; repeated here so
 # losses stay importable without the sharding module's dependencies).
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -27,7 +29,6 @@ CONTRASTIVE_KINDS = ("softmax", "sigmoid")
 # eq. 1 (so with loss weights 1:2 the contrastive term has the paper's weight); 'mean' halves it,
 # the CLIP / open_clip convention (their configs set it).
 CONTRASTIVE_REDUCTIONS = ("sum", "mean")
-PAD_ID = 0
 
 
 def _combine(i2t, t2i, reduction: str):

@@ -112,6 +112,30 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def with_shardings(abstract, shardings):
+  """ShapeDtypeStructs of `abstract` (any pytree of arrays or ShapeDtypeStructs) that carry
+  `shardings` (a matching pytree of Shardings, or one Sharding for every leaf): the target an
+  orbax restore or an ahead-of-time `lower` places each array on."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, abstract)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def batch_split_problem(batch_size: int, shards: int, microbatches: int = 1,
+                        mesh_shape=None) -> str | None:
+  """Why config.train.batch_size cannot be split evenly over `shards` batch shards, each shard's
+  rows again into `microbatches` (None when it can): the one rule and message that config
+  validation and the train step share. `mesh_shape` (a dict) only names the mesh in the message."""
+  per = shards * max(microbatches, 1)
+  if batch_size % per == 0:
+    return None
+  mesh = f" {dict(mesh_shape)}" if mesh_shape is not None else ""
+  split = f" x {microbatches} microbatches" if per != shards else ""
+  return (f"config.train.batch_size={batch_size} is not divisible by the {shards} batch shards "
+          f"of the mesh{mesh}{split}; use a multiple of {per}")
+
+
 def batch_shards(mesh: Mesh) -> int:
   return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 

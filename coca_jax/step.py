@@ -42,6 +42,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from coca_jax import losses, models, sharding
 from coca_jax.models.coca import CoCa, clamp_logit_scale, router_statistics
+from coca_jax.tokens import PAD_ID
 
 
 @flax.struct.dataclass
@@ -58,6 +59,13 @@ def dummy_batch(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
       "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
       "text": jax.ShapeDtypeStruct((batch_size, config.model.text.max_len), jnp.int32),
   }
+
+
+def batch_shardings(mesh: Mesh) -> dict:
+  """Where a training batch lives: {"image" [batch, S, S, 3], "text" [batch, L]}, each split
+  over the data-parallel mesh axes along batch. The step's in_shardings and the data pipeline's
+  output both use it."""
+  return {"image": sharding.batch_sharding(mesh, 4), "text": sharding.batch_sharding(mesh, 2)}
 
 
 def build_model(config) -> CoCa:
@@ -80,14 +88,19 @@ def _init_boxed_params(model: CoCa, config, rng):
   return model.init(rng, image, text)["params"]
 
 
-def abstract_params(model: CoCa, config):
-  """Parameter ShapeDtypeStructs, still boxed with their logical axis names (no allocation)."""
-  return jax.eval_shape(functools.partial(_init_boxed_params, model, config), jax.random.key(0))
+def abstract_params(config, model: CoCa | None = None, *, boxed: bool = False):
+  """The parameter tree of `model` (default: `build_model(config)`, the full config deciding
+  extras such as the sigmoid logit bias) as ShapeDtypeStructs; nothing is allocated. `boxed`
+  keeps the nn.Partitioned boxes with their logical axis names (what shardings derive from)."""
+  model = build_model(config) if model is None else model
+  params = jax.eval_shape(functools.partial(_init_boxed_params, model, config),
+                          jax.random.key(0))
+  return params if boxed else nn.unbox(params)
 
 
 def state_shardings(model: CoCa, tx: optax.GradientTransformation, config, mesh: Mesh, rules):
   """(abstract TrainState of ShapeDtypeStructs, TrainState of NamedShardings)."""
-  boxed = abstract_params(model, config)
+  boxed = abstract_params(config, model, boxed=True)
   param_specs = nn.get_partition_spec(boxed)
   params_abstract = nn.unbox(boxed)
   param_shardings = sharding.logical_to_sharding(param_specs, mesh, rules)
@@ -232,7 +245,7 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
 
   # 3. Backprop per microbatch: caption loss (normalised by the WHOLE batch's token count) plus
   # the linear surrogate whose gradient is the cached contrastive gradient.
-  total_tokens = jnp.maximum(jnp.sum((text[:, 1:] != losses.PAD_ID).astype(jnp.float32)), 1.0)
+  total_tokens = jnp.maximum(jnp.sum((text[:, 1:] != PAD_ID).astype(jnp.float32)), 1.0)
 
   def surrogate(p, mb, g_i, g_t):
     outputs, stats = apply_with_router_statistics(model, p, mb["image"], mb["text"])
@@ -264,7 +277,7 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
   total = con_weight * con + cap_weight * cap
   metrics = {"contrastive_loss": con, "caption_loss": cap,
              "logit_scale": scale, **con_metrics, "caption_accuracy": jnp.sum(acc_shares),
-             "caption_tokens": jnp.sum((text[:, 1:] != losses.PAD_ID).astype(jnp.float32))}
+             "caption_tokens": jnp.sum((text[:, 1:] != PAD_ID).astype(jnp.float32))}
   if stats:
     # Metrics from the statistics summed over microbatches: those of the whole batch.
     _, router_metrics = losses.router_losses(jax.tree.map(lambda a: jnp.sum(a, axis=0), stats),
@@ -323,27 +336,26 @@ def train_step(state: TrainState, batch, *, model: CoCa, tx: optax.GradientTrans
 def make_train_step(model, tx, config, schedule, mesh: Mesh, shardings: TrainState, rules):
   """The train step jitted with explicit in/out shardings; the old state is donated."""
   microbatches = int(config.train.get("microbatches", 1))
-  shards = sharding.batch_shards(mesh)
-  if microbatches < 1 or config.train.batch_size % (shards * microbatches):
-    raise ValueError(
-        f"config.train.batch_size={config.train.batch_size} must be divisible by the "
-        f"{shards} batch shards of the mesh times config.train.microbatches={microbatches} "
-        f"(each device splits its rows into microbatches); use a multiple of "
-        f"{shards * max(microbatches, 1)}")
+  if microbatches < 1:
+    raise ValueError(f"config.train.microbatches={microbatches} must be at least 1")
+  problem = sharding.batch_split_problem(config.train.batch_size, sharding.batch_shards(mesh),
+                                         microbatches, mesh.shape)
+  if problem:
+    raise ValueError(problem)
   step = functools.partial(train_step, model=model, tx=tx, loss_config=config.loss,
                            schedule=schedule, rules=rules, microbatches=microbatches,
                            seed=int(config.train.seed),
                            nonfinite=config.train.get("nonfinite", "halt"))
-  batch_shardings = {"image": sharding.batch_sharding(mesh, 4),
-                     "text": sharding.batch_sharding(mesh, 2)}
-  return jax.jit(step, in_shardings=(shardings, batch_shardings),
+  return jax.jit(step, in_shardings=(shardings, batch_shardings(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
   """Everything built from a config before any array exists (config -> mesh, model, optimizer,
-  abstract state). The train loop, the benchmark and the tests all start from here."""
+  abstract state), keeping the config it was built from. The train loop, the benchmark and the
+  tests all start from here."""
+  config: Any
   mesh: Mesh
   rules: tuple
   model: CoCa
@@ -352,12 +364,20 @@ class TrainSetup:
   abstract_state: TrainState
   state_shardings: TrainState
 
-  def init_state(self, config, seed: int | None = None) -> TrainState:
-    seed = config.train.seed if seed is None else seed
-    return make_init_fn(self.model, self.tx, config, self.state_shardings)(jax.random.key(seed))
+  @property
+  def sharded_abstract_state(self) -> TrainState:
+    """The abstract state with each leaf carrying its sharding (ahead-of-time `lower` target)."""
+    return sharding.with_shardings(self.abstract_state, self.state_shardings)
 
-  def train_step(self, config):
-    return make_train_step(self.model, self.tx, config, self.schedule, self.mesh,
+  def init_state(self, seed: int | None = None) -> TrainState:
+    """The initial state, each array materialised on its own shards (seed: config.train.seed)."""
+    seed = self.config.train.seed if seed is None else seed
+    return make_init_fn(self.model, self.tx, self.config, self.state_shardings)(
+        jax.random.key(seed))
+
+  def train_step(self):
+    """The jitted train step (see `make_train_step`)."""
+    return make_train_step(self.model, self.tx, self.config, self.schedule, self.mesh,
                            self.state_shardings, self.rules)
 
 
@@ -369,5 +389,5 @@ def setup(config, devices=None) -> TrainSetup:
   model = build_model(config)
   tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
   abstract, shardings = state_shardings(model, tx, config, mesh, rules)
-  return TrainSetup(mesh, rules, model, tx, schedule, abstract, shardings)
+  return TrainSetup(config, mesh, rules, model, tx, schedule, abstract, shardings)
 

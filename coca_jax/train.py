@@ -34,8 +34,7 @@ from ml_collections import config_flags
 
 from coca_jax import checkpoint, config as config_lib, console, flops, sharding, step as step_lib
 from coca_jax import fs, metrics as metrics_lib, preemption, warm_start
-from coca_jax.data import builders, pipeline
-from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
+from coca_jax.data import pipeline, prepare
 from coca_jax.evaluation import evaluators
 
 FLAGS = flags.FLAGS
@@ -67,63 +66,6 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
 
 def _to_python(tree) -> dict:
   return {k: float(v) for k, v in jax.device_get(tree).items()}
-
-
-def prepare_data(config, workdir: str) -> Tokenizer:
-  """Builds the demo dataset if it is missing and trains the tokenizer if none is given.
-
-  Fills config.data.data_dir / config.data.tokenizer in place so the workdir's config.json
-  records exactly what the run used.
-  """
-  data = config.data
-  if not data.get("data_dir"):
-    # array_record files are read with local file I/O: with a gs:// workdir the demo data goes
-    # to TFDS's own default directory on this machine instead.
-    data.data_dir = (os.path.expanduser(os.path.join("~", "tensorflow_datasets"))
-                     if fs.is_url(workdir) else fs.join(workdir, "tensorflow_datasets"))
-  if data.get("build_demo", False):
-    # Only process 0 looks and builds; every process syncs (another process could see the
-    # directory process 0 is still writing and skip the barrier).
-    if jax.process_index() == 0 and not builders.is_built(data.name, data.data_dir):
-      builders.build_atomically("demo", data.name, data.data_dir,
-                                **dict(data.build_demo_options))
-    _sync("demo dataset built")
-  kind = data.get("tokenizer_kind", "sentencepiece")
-  if kind == "clip_bpe":  # A fixed vocabulary: keep a copy beside the config, train nothing.
-    tokenizer = load_tokenizer(data.get("tokenizer", ""), kind)
-    data.tokenizer = fs.join(workdir, TOKENIZER_FILES[kind])
-    if jax.process_index() == 0 and not fs.exists(data.tokenizer):
-      fs.write_bytes(data.tokenizer, tokenizer.model_proto)
-    _sync("tokenizer copied")
-  if not data.get("tokenizer"):
-    path = fs.join(workdir, "tokenizer.model")
-    if not fs.exists(path) and jax.process_index() == 0:
-      source = builders.open_source(data.name, data.data_dir, data.get("train_split", "train"),
-                                    decode_images=False)
-      captions = [c.decode() if isinstance(c, bytes) else str(c)
-                  for i in range(len(source)) for c in source[i]["captions"]]
-      Tokenizer.train(captions, path[:-len(".model")], vocab_size=data.tokenizer_vocab,
-                      model_type=data.get("tokenizer_type", "unigram"))
-    _sync("tokenizer trained")
-    data.tokenizer = path
-  tokenizer = load_tokenizer(data.tokenizer, kind)
-  if tokenizer.vocab_size > config.model.text.vocab_size:
-    raise config_lib.ConfigError(
-        f"config.model.text.vocab_size={config.model.text.vocab_size} is smaller than the "
-        f"tokenizer's {tokenizer.vocab_size} pieces ({data.tokenizer}); set it to at least "
-        f"{tokenizer.vocab_size}")
-  specials = (config.model.text.get("bos_id", 2), config.model.text.get("eos_id", 3))
-  if specials != (tokenizer.bos_id, tokenizer.eos_id):
-    raise config_lib.ConfigError(
-        f"config.model.text (bos_id, eos_id)={specials} but the {kind} tokenizer's are "
-        f"{(tokenizer.bos_id, tokenizer.eos_id)}; set them to the tokenizer's")
-  return tokenizer
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
 
 
 class NonFiniteError(RuntimeError):
@@ -232,12 +174,11 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
   # ---- Input (and every eval split checked now, not after training) -------------------------
   t0 = time.perf_counter()
   with console.quiet_stdout(FLAGS.verbose):
-    tokenizer = prepare_data(config, workdir)
+    tokenizer = prepare.prepare_data(config, workdir)
   logging.info("Data %r and tokenizer ready (%.1fs)", config.data.name, time.perf_counter() - t0)
   evaluators.check_evals(config, lambda split: pipeline.make_eval_source(config, split))
-  batch_sharding = {"image": sharding.batch_sharding(mesh, 4),
-                    "text": sharding.batch_sharding(mesh, 2)}
-  train_iter = pipeline.make_train_iterator(config, mesh, batch_sharding)
+  train_iter = pipeline.make_train_iterator(config, mesh, step_lib.batch_shardings(mesh),
+                                            tokenizer)
 
   # ---- Checkpoint: resume from the newest readable step, or initialise ----------------------
   ckpt = config.checkpoint
@@ -255,7 +196,7 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
       # rotate this run's good checkpoints away, or refuse to save those steps again.
       checkpoint.set_aside(workdir, [s for s, _ in skipped], "cannot be read")
       checkpoint.set_aside(workdir, newer, f"newer than the resumed step {first_step}")
-    _sync("checkpoints set aside")
+    prepare.sync("checkpoints set aside")
     manager.reload()
     logging.info("Resumed from step %d", first_step)
     if skipped and jax.process_index() == 0:
@@ -263,14 +204,14 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
             f"{fs.join(workdir, checkpoint.SET_ASIDE)}: " +
             "; ".join(f"step {s}: {r}" for s, r in skipped), file=sys.stderr)
   else:
-    state = built.init_state(config)
+    state = built.init_state()
     if config.get("init", {}).get("source"):  # Parameters from another run or an import.
       state = warm_start.warm_start(config, state, state_shardings)
   if jax.process_index() == 0:
     checkpoint.write_config(workdir, config)
 
   # ---- Compile (ahead of time, so compile time and memory are logged, not mixed in) --------
-  train_step = built.train_step(config)
+  train_step = built.train_step()
   with jax.set_mesh(mesh):
     t0 = time.perf_counter()
     compiled = train_step.lower(state, step_lib.dummy_batch(config, config.train.batch_size)
@@ -320,10 +261,16 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
     watch.check()
     checkpoint.save(manager, step_num, state, train_iter, force=force)
 
+  # Built once per run (its compiled functions too): periodic evals do not recompile.
   embedder = evaluators.Embedder(model, state.params, tokenizer,
                                  batch_size=config.evals.get("batch_size", 256))
+
+  def evaluate():
+    embedder.params = state.params
+    return evaluators.evaluate(config, embedder)
+
   stop = preemption.StopSignal(manager)
-  step_num = first_step
+  step_num, stopped = first_step, False
   try:
     with jax.set_mesh(mesh):
       for step_num in range(first_step + 1, config.train.steps + 1):
@@ -337,22 +284,15 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
           flush(late)
         if step_num % config.train.log_every == 0 or step_num == config.train.steps:
           pending = (step_num, metrics, watch.counters)
-        if stop.reached(step_num):
-          profiler.stop(state)
-          save(step_num, force=True)
-          manager.wait_until_finished()
-          if pending is not None:
-            late, pending = pending, None
-            flush(late)
-          logging.warning("Process %d/%d stopped at step %d; re-run with the same --workdir "
-                          "to resume", jax.process_index(), jax.process_count(), step_num)
-          return
+        if stop.reached(step_num):  # Saved below, like the last step; no evals.
+          stopped = True
+          break
         if checkpoint.should_save(manager, step_num, ckpt.every_steps):
           save(step_num)
         every = config.evals.get("every_steps", 0)
         if every and step_num % every == 0 and step_num != config.train.steps:
           watch.check()
-          results = _evaluate(config, embedder, state)
+          results = evaluate()
           if results:
             writer.write({"step": step_num, **results})
       if pending is not None:
@@ -360,11 +300,15 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
         flush(late)
       profiler.stop(state)
 
-      # ---- Final checkpoint and evals -------------------------------------------------------
+      # ---- Final checkpoint (the last step, or where a stop signal came) and evals ----------
       if manager.latest_step() != step_num:
         save(step_num, force=True)
       manager.wait_until_finished()
-      results = _evaluate(config, embedder, state)
+      if stopped:
+        logging.warning("Process %d/%d stopped at step %d; re-run with the same --workdir "
+                        "to resume", jax.process_index(), jax.process_count(), step_num)
+        return
+      results = evaluate()
   except NonFiniteError:
     if pending is not None:
       try:  # the record of the step being logged: it shows where the loss went
@@ -381,18 +325,6 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
     writer.write({"step": step_num, **results})
     if jax.process_index() == 0:
       print(json.dumps(results, indent=2, sort_keys=True))
-
-
-def _evaluate(config, embedder: evaluators.Embedder, state) -> dict:
-  """Runs the configured evals on the current params. The embedder (and its compiled
-  functions) is built once per run, so periodic evals do not recompile."""
-  t0 = time.perf_counter()
-  embedder.params = state.params
-  results = evaluators.run_evals(
-      config, embedder, lambda split: pipeline.make_eval_source(config, split))
-  if results:
-    results["eval/seconds"] = time.perf_counter() - t0
-  return results
 
 
 class _Progress:

@@ -28,50 +28,18 @@
 #   -- ARGS...              passed to `python -m coca_jax.train` (config overrides)
 set -euo pipefail
 
-usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit "${1:-2}"; }
-die() { echo "gke_xpk.sh: $*" >&2; exit 2; }
+script=gke_xpk.sh
+source "$(dirname "$0")/common.sh"
 
 cluster="" zone="" project="" tpu_type="" workload="" config="" workdir="" slices=1 dcn_axis=data
-image="" base_image="python:3.11" max_restarts=3 dry_run=0 extra=()
-while (($#)); do
-  case "$1" in
-    --cluster) cluster="$2"; shift 2 ;;
-    --zone) zone="$2"; shift 2 ;;
-    --project) project="$2"; shift 2 ;;
-    --tpu_type) tpu_type="$2"; shift 2 ;;
-    --workload) workload="$2"; shift 2 ;;
-    --config) config="$2"; shift 2 ;;
-    --workdir) workdir="$2"; shift 2 ;;
-    --slices) slices="$2"; shift 2 ;;
-    --dcn_axis) dcn_axis="$2"; shift 2 ;;
-    --docker_image) image="$2"; shift 2 ;;
-    --base_docker_image) base_image="$2"; shift 2 ;;
-    --max_restarts) max_restarts="$2"; shift 2 ;;
-    --dry_run) dry_run=1; shift ;;
-    -h|--help) usage 0 ;;
-    --) shift; extra=("$@"); break ;;
-    *) die "unknown argument '$1' (config overrides go after --; see --help)" ;;
-  esac
-done
-missing=()
-for name in cluster zone tpu_type workload config workdir; do
-  [[ -n "${!name}" ]] || missing+=("--$name")
-done
-((${#missing[@]} == 0)) || die "missing ${missing[*]} (see --help)"
+image="" base_image="python:3.11" max_restarts=3 dry_run=0
+parse_flags cluster zone project tpu_type workload config workdir slices dcn_axis \
+  docker_image=image base_docker_image=base_image max_restarts dry_run! -- "$@"
+require cluster zone tpu_type workload config workdir
 [[ "$slices" =~ ^[1-9][0-9]*$ ]] || die "--slices must be a positive integer, got '$slices'"
 [[ "$dcn_axis" == data || "$dcn_axis" == fsdp ]] || die "--dcn_axis must be data or fsdp"
 [[ "$workload" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] || die "--workload '$workload': use lowercase letters, digits and '-'"
 
-quote() {  # The arguments as one shell-quoted line (plain words stay as they are).
-  local out=() a
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
-run() {  # Prints the command (--dry_run) or runs it.
-  if ((dry_run)); then quote "$@"; else "$@"; fi
-}
 
 ((slices == 1)) || extra=("--config.mesh.dcn_${dcn_axis}=$slices" "${extra[@]}")
 train="$(quote python3 -m coca_jax.train --config "$config" --workdir "$workdir" "${extra[@]}")"

@@ -21,24 +21,12 @@
 # one checkpoint, and the same command resumes.
 set -euo pipefail
 
-usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit "${1:-2}"; }
+script=local_multiprocess.sh
+source "$(dirname "$0")/common.sh"
 
-config="" workdir="" num=2 port="" python="python" dry_run=0 extra=()
-while (($#)); do
-  case "$1" in
-    --config) config="$2"; shift 2 ;;
-    --workdir) workdir="$2"; shift 2 ;;
-    --num_processes) num="$2"; shift 2 ;;
-    --port) port="$2"; shift 2 ;;
-    --python) python="$2"; shift 2 ;;
-    --dry_run) dry_run=1; shift ;;
-    -h|--help) usage 0 ;;
-    --) shift; extra=("$@"); break ;;
-    *) echo "local_multiprocess.sh: unknown argument '$1' (config overrides go after --)" >&2
-       usage ;;
-  esac
-done
-[[ -n "$config" && -n "$workdir" ]] || { echo "local_multiprocess.sh: --config and --workdir are required" >&2; usage; }
+config="" workdir="" num=2 port="" python="python" dry_run=0
+parse_flags config workdir num_processes=num port python dry_run! -- "$@"
+require config workdir
 if [[ -z "$port" ]]; then
   if ((dry_run)); then port=PORT
   else port="$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"; fi

@@ -33,49 +33,18 @@
 # again to resume.
 set -euo pipefail
 
-usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit "${1:-2}"; }
-die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
+script=tpu_pod.sh
+source "$(dirname "$0")/common.sh"
 
 tpu="" zone="" project="" config="" workdir="" accel="" runtime="tpu-ubuntu2204-base"
-create=0 slices=1 dcn_axis=data setup=0 repo_dir=coca_jax python=python3 dry_run=0 extra=()
-while (($#)); do
-  case "$1" in
-    --tpu) tpu="$2"; shift 2 ;;
-    --zone) zone="$2"; shift 2 ;;
-    --project) project="$2"; shift 2 ;;
-    --config) config="$2"; shift 2 ;;
-    --workdir) workdir="$2"; shift 2 ;;
-    --accelerator_type) accel="$2"; shift 2 ;;
-    --runtime_version) runtime="$2"; shift 2 ;;
-    --create) create=1; shift ;;
-    --slices) slices="$2"; shift 2 ;;
-    --dcn_axis) dcn_axis="$2"; shift 2 ;;
-    --setup) setup=1; shift ;;
-    --repo_dir) repo_dir="$2"; shift 2 ;;
-    --python) python="$2"; shift 2 ;;
-    --dry_run) dry_run=1; shift ;;
-    -h|--help) usage 0 ;;
-    --) shift; extra=("$@"); break ;;
-    *) die "unknown argument '$1' (config overrides go after --; see --help)" ;;
-  esac
-done
-missing=()
-for name in tpu zone config workdir; do [[ -n "${!name}" ]] || missing+=("--$name"); done
-((${#missing[@]} == 0)) || die "missing ${missing[*]} (see --help)"
+create=0 slices=1 dcn_axis=data setup=0 repo_dir=coca_jax python=python3 dry_run=0
+parse_flags tpu zone project config workdir accelerator_type=accel runtime_version=runtime \
+  create! slices dcn_axis setup! repo_dir python dry_run! -- "$@"
+require tpu zone config workdir
 ((create == 0)) || [[ -n "$accel" ]] || die "--create needs --accelerator_type (e.g. v5p-64)"
 [[ "$slices" =~ ^[1-9][0-9]*$ ]] || die "--slices must be a positive integer, got '$slices'"
 [[ "$dcn_axis" == data || "$dcn_axis" == fsdp ]] || die "--dcn_axis must be data or fsdp"
 
-quote() {  # The arguments as one shell-quoted line (plain words stay as they are).
-  local out=() a
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
-run() {  # Prints the command (--dry_run) or runs it.
-  if ((dry_run)); then quote "$@"; else "$@"; fi
-}
 
 where=(--zone "$zone")
 [[ -z "$project" ]] || where+=(--project "$project")

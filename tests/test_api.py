@@ -182,11 +182,12 @@ def mini_workdir(tmp_path_factory):
 def test_demo_model_zero_shot_is_above_chance(mini_workdir):
   demo = api.load(mini_workdir, batch_size=100)
   # Held-out handwriting, a different draw from the one the train loop evaluated.
-  digits = digit_scenes.make_single_digits(
-      "test", 500, seed=3, image_size=demo.image_size,
-      grid=demo.config.data.build_demo_options.grid)  # Drawn like the run's own data.
+  options = demo.config.data.build_demo_options
+  digits = digit_scenes.make_single_digits(  # Drawn like the run's own data.
+      "test", 500, seed=3, image_size=demo.image_size, grid=options.grid,
+      variation=options.get("variation", 0.0))
   names = list(digit_scenes.DIGIT_NAMES)
-  templates = list(digit_scenes.ZERO_SHOT_TEMPLATES)
+  templates = list(demo.config.evals.zeroshot.templates)  # The run's own prompts.
   accuracy = np.mean(demo.zero_shot(digits["image"], names, templates)["labels"]
                      == digits["label"])
   # Chance is 0.1 over 10 digits; 0.1 + 4 binomial standard deviations at n=500 is 0.154.

@@ -154,6 +154,49 @@ def test_retrieval_rejects_image_without_caption():
     metrics.retrieval_metrics(np.eye(3), np.eye(3)[:2], np.array([0, 2]))
 
 
+def test_retrieval_ceiling_counts_identical_captions_on_hand_made_example():
+  # Images 0..5; "a 1" is the caption of images 0, 2, 3; image 4 has two captions.
+  texts = ['a 1', 'a 2', 'a 1', 'a 1', 'a 3', 'a 2', 'a 4']
+  text_to_image = np.array([0, 1, 2, 3, 4, 4, 5])
+  ceiling = metrics.retrieval_ceiling(texts, text_to_image, ks=(1, 2, 3))
+  # i2t: copy index of each image's best caption: 0, 0, 1, 2, 0 ('a 3'), 0 -> hits at k=1: 4 of 6.
+  assert ceiling['i2t_recall@1'] == pytest.approx(4 / 6)
+  assert ceiling['i2t_recall@2'] == pytest.approx(5 / 6)
+  assert ceiling['i2t_recall@3'] == 1.0
+  # t2i: 'a 1' serves 1 / 2 / 3 of its copies at k = 1 / 2 / 3; 'a 2' (images 1, 4) 1 / 2 / 2.
+  assert ceiling['t2i_recall@1'] == pytest.approx(4 / 7)
+  assert ceiling['t2i_recall@2'] == pytest.approx(6 / 7)
+  assert ceiling['t2i_recall@3'] == 1.0
+
+
+def test_a_perfect_model_reaches_exactly_the_retrieval_ceiling():
+  # The best any model can do: identical captions embed identically and each image embeds as
+  # its caption. retrieval_metrics on that model must equal the ceiling computed from the
+  # strings alone, at every k, and fall below 1 because of the ties.
+  rng = np.random.default_rng(3)
+  vocabulary = [f'a {colour} {digit}' for colour in ('red', 'blue') for digit in range(4)]
+  texts = [vocabulary[i] for i in rng.integers(len(vocabulary), size=40)]
+  text_to_image = np.arange(40)
+  basis = np.eye(len(vocabulary), dtype=np.float32)
+  text_embeds = basis[[vocabulary.index(t) for t in texts]]
+  ks = (1, 2, 5, 10)
+
+  measured = metrics.retrieval_metrics(text_embeds, text_embeds, text_to_image, ks=ks)
+  ceiling = metrics.retrieval_ceiling(texts, text_to_image, ks=ks)
+
+  assert measured == pytest.approx(ceiling)
+  assert ceiling['i2t_recall@1'] == pytest.approx(len(set(texts)) / 40)
+  assert ceiling['i2t_recall@1'] < 1
+
+
+def test_retrieval_ceiling_is_one_without_duplicate_captions():
+  texts = [f'caption {i}' for i in range(5)]
+  ceiling = metrics.retrieval_ceiling(texts, np.arange(5), ks=(1,))
+  assert ceiling == {'i2t_recall@1': 1.0, 't2i_recall@1': 1.0}
+  with pytest.raises(ValueError, match='every image'):
+    metrics.retrieval_ceiling(['a', 'b'], np.array([0, 2]))
+
+
 def test_sharded_topk_on_one_device_mesh_equals_dense():
   rng = np.random.default_rng(1)
   queries = rng.normal(size=(9, 4)).astype(np.float32)

@@ -29,7 +29,7 @@ def xla_vs_analytic():
   """(XLA forward FLOPs, XLA train FLOPs, analytic forward FLOPs) for 8 demo-sized examples."""
   config, batch_size = _demo_config(), 8
   model = step.build_model(config)
-  params = flops.abstract_params(config)
+  params = step.abstract_params(config)
   batch = step.dummy_batch(config, batch_size)
 
   def forward(p, image, text):

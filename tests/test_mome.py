@@ -211,9 +211,9 @@ def test_freezing_one_expert_leaves_it_bit_identical_while_the_rest_trains():
   config.optim.warmup_fraction = 0.0
   config.loss.itm_weight = 0.0  # ITM in a train step: the CLI test below.
   built = step_lib.setup(config)
-  state = built.init_state(config)
+  state = built.init_state()
   before = jax.tree.map(np.asarray, state.params)
-  train_step = built.train_step(config)
+  train_step = built.train_step()
   with jax.set_mesh(built.mesh):
     for seed in range(2):
       state, _ = train_step(state, random_batch(config, config.train.batch_size, seed))
@@ -311,7 +311,7 @@ def test_init_source_loads_another_stage_and_names_what_differs(mome_workdir):
   config = mome_smoke_config()
   config.loss.itm_weight = 0.0  # This stage has no ITM head: the source's is ignored.
   built = step_lib.setup(config)
-  fresh = built.init_state(config).params
+  fresh = built.init_state().params
   params, report = checkpoint.load_params_for_init(mome_workdir, fresh,
                                                    built.state_shardings.params)
   assert report["ignored"] == ["itm_head/bias", "itm_head/kernel"] and not report["kept_fresh"]
@@ -333,7 +333,7 @@ def test_vlmo_stages_freeze_what_vlmo_freezes():
   def frozen_paths(stage):
     config = config_lib.load_config(os.path.join(REPO, "experiments", "vlmo_base.py") +
                                     f":stage={stage}")
-    params = flops.abstract_params(config)
+    params = step_lib.abstract_params(config)
     mask = optim._mask_from_regex(params, config.optim.freeze_regex, match_means=True)
     return {p for p, f in zip(jax.tree.leaves(optim.param_paths(params)), jax.tree.leaves(mask))
             if f}, set(jax.tree.leaves(optim.param_paths(params)))

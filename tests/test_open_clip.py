@@ -83,8 +83,9 @@ def test_state_dict_that_does_not_fit_names_the_keys(imported):
 
 def test_openclip_experiment_configs_match_open_clip_parameter_counts():
   # open_clip 3.3.0 create_model(...) parameter counts (sum of numel).
-  for name, count in (("b32", 253_560_065), ("l14", 638_450_177)):
-    config = config_lib.load_config(os.path.join(REPO, "experiments", f"openclip_coca_vit_{name}.py"))
+  for name, count in (("coca_ViT-B-32", 253_560_065), ("coca_ViT-L-14", 638_450_177)):
+    config = config_lib.load_config(
+        os.path.join(REPO, "experiments", "openclip_coca.py") + f":model={name}")
     config_lib.validate(config, num_devices=1)
     assert flops.param_counts(config)["total"] == count, name
 

@@ -106,7 +106,7 @@ def test_nonfinite_halt_exits_nonzero_and_keeps_the_good_checkpoints(four_steps,
 def _params(workdir, step):
   from coca_jax import api
   config = checkpoint.read_config(str(workdir))
-  _, abstract = api.abstract_params(config)
+  abstract = step_lib.abstract_params(config)
   state_dir = os.path.join(checkpoint.checkpoint_dir(str(workdir)), str(step), checkpoint.STATE)
   return jax.tree.map(np.asarray, api.restore_params_from_state(state_dir, abstract))
 
@@ -115,8 +115,8 @@ def test_skip_policy_leaves_the_state_bit_identical_across_a_bad_step():
   config = smoke_config()
   config.train.nonfinite = "skip"
   built = step_lib.setup(config)
-  state = built.init_state(config)
-  train_step = built.train_step(config)
+  state = built.init_state()
+  train_step = built.train_step()
   good = random_batch(config, config.train.batch_size)
   bad = dict(good, image=good["image"].at[0, 0, 0, 0].set(jnp.nan))
   with jax.set_mesh(built.mesh):
@@ -444,3 +444,31 @@ def test_zero_shot_names_and_templates_are_checked():
   with pytest.raises(config_lib.ConfigError) as err:
     evaluators.check_evals(config, lambda split: Source())
   assert "repeats ['zero']" in str(err.value) and "'no placeholder'" in str(err.value)
+
+
+def test_zero_shot_transfer_splits_are_checked():
+  from coca_jax import config as config_lib
+  config = smoke_config()
+  config.evals.zeroshot.transfer_splits = ["mnist_on_white", "test", "missing"]
+
+  class Source:
+    def __init__(self, label):
+      self.label = label
+
+    def __len__(self):
+      return 3
+
+    def __getitem__(self, index):
+      return {"label": self.label}
+
+  def make_source(split):
+    if split == "missing":
+      raise FileNotFoundError("no split 'missing'")
+    return Source(-1 if split == "test" else 4)  # Scenes carry label -1.
+
+  with pytest.raises(config_lib.ConfigError) as err:
+    evaluators.check_evals(config, make_source)
+  message = str(err.value)
+  assert "transfer_splits names 'missing', which cannot be read" in message
+  assert "transfer_splits entry 'test' has label -1, outside the 10" in message
+  assert "mnist_on_white" not in message  # A good split raises nothing.

@@ -18,8 +18,8 @@ from conftest import REPO, random_batch, smoke_config
 
 def _state_and_step(config):
   built = step_lib.setup(config)
-  return (built.mesh, built.abstract_state, built.state_shardings, built.init_state(config),
-          built.train_step(config))
+  return (built.mesh, built.abstract_state, built.state_shardings, built.init_state(),
+          built.train_step())
 
 
 def test_loss_decreases_on_a_fixed_batch():
@@ -128,8 +128,11 @@ def test_train_cli_end_to_end_and_resume(tmp_path):
               "mfu", "model_tflops_per_sec_per_device"):
     assert np.isfinite(train_records[-1][key]), key
   final = records[-1]
-  for key in ("eval/zeroshot_top1", "eval/i2t_recall@1", "eval/t2i_recall@1"):
+  for key in ("eval/zeroshot_top1", "eval/i2t_recall@1", "eval/t2i_recall@1",
+              "eval/zeroshot_mnist_on_white_top1", "eval/zeroshot_mnist_on_black_top1"):
     assert 0.0 <= final[key] <= 1.0
+  # The recall ceiling set by identical captions is reported beside each recall.
+  assert final["eval/i2t_recall@1"] <= final["eval/i2t_recall@1_ceiling"] <= 1.0
   assert os.path.exists(os.path.join(workdir, "tokenizer.model"))
   assert json.load(open(os.path.join(workdir, "config.json")))["train"]["steps"] == 4
 

@@ -32,7 +32,7 @@ def trained(tmp_path_factory):
   config = smoke_config()
   config.optim.update(warmup_fraction=0.0, decay="constant", lr=3e-3)
   built = step_lib.setup(config)
-  state, train_step = built.init_state(config), built.train_step(config)
+  state, train_step = built.init_state(), built.train_step()
   batch = random_batch(config, config.train.batch_size)
   batch["image"] = _smooth_images(batch["image"].shape[0], 32)
   initial = _loss(built, config, state.params, batch)
@@ -63,11 +63,11 @@ def test_warm_start_continues_from_the_same_loss_with_a_new_optimizer(trained):
   config.optim.update(name="adafactor", b1=0.0, lr=1e-3)
   config.init = dict(source=trained["bundle"])
   built = step_lib.setup(config)
-  state = warm_start.warm_start(config, built.init_state(config), built.state_shardings)
+  state = warm_start.warm_start(config, built.init_state(), built.state_shardings)
   assert _loss(built, config, state.params, trained["batch"]) == pytest.approx(
       trained["final"], rel=1e-5)
   with jax.set_mesh(built.mesh):
-    state, metrics = built.train_step(config)(state, trained["batch"])
+    state, metrics = built.train_step()(state, trained["batch"])
   assert float(metrics["loss"]) == pytest.approx(trained["final"], rel=1e-5)
   assert int(state.step) == 1  # A new run: step and optimizer state start over.
 
@@ -79,7 +79,7 @@ def test_warm_start_at_a_new_image_size_interpolates_the_position_embedding(trai
   config.init = dict(source=trained["bundle"], include_regex="", exclude_regex="",
                      reinit_regex="")
   built = step_lib.setup(config)
-  fresh = built.init_state(config)
+  fresh = built.init_state()
   state = warm_start.warm_start(config, fresh, built.state_shardings)
   old = trained["params"]["image_pos_embed"]
   assert state.params["image_pos_embed"].shape == (25, old.shape[1])
@@ -97,7 +97,7 @@ def test_warm_start_at_a_new_image_size_interpolates_the_position_embedding(trai
   # model's: the carried weights (and the resized grid) still apply.
   assert cold - warm > 0.5 * gap, (warm, trained["final"], cold)
   with jax.set_mesh(built.mesh):
-    state, metrics = built.train_step(config)(state, batch)
+    state, metrics = built.train_step()(state, batch)
   assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) < cold
 
 
@@ -107,7 +107,7 @@ def test_mismatching_shapes_are_named_in_one_error(trained):
   config.init = dict(source=trained["bundle"])
   built = step_lib.setup(config)
   with pytest.raises(warm_start.WarmStartError) as error:
-    warm_start.warm_start(config, built.init_state(config), built.state_shardings)
+    warm_start.warm_start(config, built.init_state(), built.state_shardings)
   message = str(error.value)
   assert "image_projection/kernel: source (32, 32), new model (32, 48)" in message
   assert "text_projection/kernel" in message
@@ -118,7 +118,7 @@ def test_reinit_regex_and_vocab_change_keep_fresh_parameters(trained):
   config.model.text.vocab_size = 80  # Another tokenizer: the vocabulary leaves start fresh.
   config.init = dict(source=trained["bundle"], reinit_regex=r"^generative_pooler/")
   built = step_lib.setup(config)
-  fresh = built.init_state(config)
+  fresh = built.init_state()
   params, report = warm_start.warm_start_params(config, fresh.params)
   for leaf in ("token_embed/embedding", "vocab_head/kernel", "vocab_head/bias",
                "generative_pooler/queries"):

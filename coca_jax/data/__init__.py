@@ -2,6 +2,7 @@
 
   builders.py    demo / folder / webdataset builders (`python -m coca_jax.data.build`)
   pipeline.py    `make_train_iterator`, `checkpoint_args`, `make_eval_source`
+  prepare.py     `prepare_data`: demo dataset and tokenizer ready before a run
   preprocess.py  decode, resize, random-resized-crop, `normalize_images`
   tokenizer.py   `Tokenizer` (`python -m coca_jax.data.tokenizer train`)
   digit_scenes.py  the offline demo image-caption generator

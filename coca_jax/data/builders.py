@@ -4,7 +4,9 @@ Three input formats, one schema, read back with `open_source` (or `tfds.data_sou
 
   demo        digit scenes made offline from scikit-learn's bundled digits (`digit_scenes.py`);
               splits "train", "test" (scenes) and "digits" (one digit per canvas, with `label`,
-              for zero-shot classification).
+              for zero-shot classification); with num_transfer > 0 also "mnist_on_white" and
+              "mnist_on_black" (MNIST digits from another package, with `label`: the transfer
+              eval; never read by the train split).
   folder      a folder of images plus `captions.jsonl` ({"image": "rel/path.jpg", "caption": "..."}
               per line; "captions": [...] also accepted) or `captions.csv` (header `image,caption`).
               Several lines may name the same image: its captions are grouped into one example.
@@ -52,6 +54,7 @@ import tensorflow_datasets as tfds
 from tqdm import tqdm
 
 from coca_jax import fs
+from coca_jax.data.digit_scenes import TRANSFER_SPLITS
 
 FORMATS = ("demo", "folder", "webdataset")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -238,10 +241,12 @@ class DemoBuilder(_CaptionBuilder, skip_registration=True):
 
   def __init__(self, *, data_dir: str, num_train: int = 5000, num_test: int = 500,
                num_digits: int = 1000, image_size: int = 48, seed: int = 0, grid: int = 0,
-               **kwargs):
-    self.num_per_split = {"train": num_train, "test": num_test, "digits": num_digits}
+               variation: float = 0.0, num_transfer: int = 0, **kwargs):
+    self.num_per_split = {"train": num_train, "test": num_test, "digits": num_digits,
+                          **{split: num_transfer for split in TRANSFER_SPLITS}}
     self.image_size = image_size
     self.grid = grid
+    self.variation = variation
     self.seed = seed
     super().__init__(data_dir=data_dir, **kwargs)
 
@@ -256,13 +261,17 @@ class DemoBuilder(_CaptionBuilder, skip_registration=True):
 
     report = self._new_report(split)
     num = self.num_per_split[split]
-    if split == "digits":
+    if split in TRANSFER_SPLITS:
+      data = digit_scenes.make_transfer_digits(num, self.seed, image_size=self.image_size,
+                                               background=TRANSFER_SPLITS[split])
+      labels = data["label"]
+    elif split == "digits":
       data = digit_scenes.make_single_digits("test", num, self.seed, image_size=self.image_size,
-                                                grid=self.grid)
+                                             grid=self.grid, variation=self.variation)
       labels = data["label"]
     else:
       data = digit_scenes.make_scenes(split, num, self.seed, image_size=self.image_size,
-                                         grid=self.grid)
+                                      grid=self.grid, variation=self.variation)
       labels = np.full((num,), -1)
     for index in self._progress(range(num), split, total=num):
       buffer = io.BytesIO()
@@ -641,7 +650,8 @@ def make_builder(format: str, name: str, data_dir: str, **options) -> _CaptionBu
     format: "demo", "folder" or "webdataset".
     name: TFDS dataset name (lower_snake_case); read it back with the same name.
     data_dir: TFDS data_dir; the data lands in `data_dir/name/1.0.0/`.
-    **options: the format's options: demo (num_train, num_test, num_digits, image_size, seed);
+    **options: the format's options: demo (num_train, num_test, num_digits, image_size, seed,
+      grid, variation, num_transfer);
       folder/webdataset (src, eval_src, eval_fraction, eval_split, max_image_side,
       allow_outside_src: read caption-file image paths outside `src`); all (show_progress).
   """

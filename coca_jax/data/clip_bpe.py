@@ -23,10 +23,10 @@ from typing import Sequence
 import numpy as np
 
 from coca_jax import fs
+from coca_jax.tokens import PAD_ID
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2
-PAD_ID = 0
 
 
 def installed_vocab_file() -> str | None:

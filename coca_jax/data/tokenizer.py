@@ -23,7 +23,7 @@ from etils import epath
 import numpy as np
 import sentencepiece as spm
 
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+from coca_jax.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID  # Re-exported: the batch contract.
 
 
 class Tokenizer:

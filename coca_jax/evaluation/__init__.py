@@ -2,6 +2,7 @@
 
 from coca_jax.evaluation.metrics import caption_scores
 from coca_jax.evaluation.metrics import dense_topk
+from coca_jax.evaluation.metrics import retrieval_ceiling
 from coca_jax.evaluation.metrics import retrieval_metrics
 from coca_jax.evaluation.metrics import sharded_topk
 from coca_jax.evaluation.metrics import tokenize_caption
@@ -11,6 +12,7 @@ from coca_jax.evaluation.metrics import zero_shot_classifier
 __all__ = [
     'caption_scores',
     'dense_topk',
+    'retrieval_ceiling',
     'retrieval_metrics',
     'sharded_topk',
     'tokenize_caption',

@@ -3,8 +3,12 @@ captioning.
 
 Configured by `config.evals`:
   every_steps          0 = only after training; N = also every N steps.
-  zeroshot             dict(split, class_names, templates, examples) or None
-  retrieval            dict(split, examples) or None
+  zeroshot             dict(split, class_names, templates, examples, transfer_splits?) or
+                       None. transfer_splits: more labelled splits (other data sources, e.g.
+                       the demo's MNIST digits) classified with the same prompts, each reported
+                       as eval/zeroshot_<split>_top1, _top5.
+  retrieval            dict(split, examples) or None; reports recall@k and, beside it, the
+                       ceiling that identical captions put on it (`metrics.retrieval_ceiling`).
   captioning           dict(split, examples, batch_size?, enabled? (default True), and any
                        `generate.Decoding` field: method, num_beams, length_penalty,
                        max_new_tokens, min_len, ...) or None
@@ -14,6 +18,7 @@ The train loop and the `evaluate` CLI both call `run_evals`.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Sequence
 
 from absl import logging
@@ -24,6 +29,18 @@ import numpy as np
 from coca_jax.data import preprocess
 from coca_jax.evaluation import metrics
 from coca_jax.models.coca import CoCa
+
+
+def pad_rows(x: np.ndarray, size: int, *, repeat_first: bool = False) -> np.ndarray:
+  """x [n, ...] (n <= size) -> [size, ...]: the fixed batch a jitted function compiles for once,
+  whatever the number of inputs. The added rows are zeros, or copies of row 0 with
+  `repeat_first` (inputs where a zero row is no real example); callers keep the first n outputs."""
+  pad = size - len(x)
+  if pad <= 0:
+    return x
+  fill = (np.repeat(x[:1], pad, axis=0) if repeat_first
+          else np.zeros((pad, *x.shape[1:]), x.dtype))
+  return np.concatenate([x, fill])
 
 
 class Embedder:
@@ -42,10 +59,7 @@ class Embedder:
     out = []
     for start in range(0, len(array), self.batch_size):
       chunk = array[start:start + self.batch_size]
-      pad = self.batch_size - len(chunk)
-      if pad:
-        chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-      out.append(np.asarray(fn(self.params, chunk))[:self.batch_size - pad])
+      out.append(np.asarray(fn(self.params, pad_rows(chunk, self.batch_size)))[:len(chunk)])
     return np.concatenate(out) if out else np.zeros((0, self.model.config.embed_dim), np.float32)
 
   def embed_images(self, images: np.ndarray) -> np.ndarray:
@@ -66,8 +80,9 @@ def _take(source, limit: int | None):
   return np.concatenate(images), captions, (np.concatenate(labels) if labels else None)
 
 
-def zeroshot_eval(embedder: Embedder, source, class_names, templates, limit=None) -> dict:
-  """eval/zeroshot_top1, _top5; NaN (with an error logged) if the embeddings are non-finite."""
+def zeroshot_eval(embedder: Embedder, source, class_names, templates, limit=None,
+                  prefix="zeroshot") -> dict:
+  """eval/<prefix>_top1, _top5; NaN (with an error logged) if the embeddings are non-finite."""
   images, _, labels = _take(source, limit)
   if labels is None:
     raise ValueError(f"zero-shot split {source.split!r} of {source.name!r} has no labels")
@@ -77,20 +92,24 @@ def zeroshot_eval(embedder: Embedder, source, class_names, templates, limit=None
   except metrics.NonFiniteEmbeddings as e:
     logging.error("Zero-shot eval reported as NaN: %s", e)
     accuracy = {"top1": float("nan"), "top5": float("nan")}
-  return {f"eval/zeroshot_{k}": float(v) for k, v in accuracy.items()}
+  return {f"eval/{prefix}_{k}": float(v) for k, v in accuracy.items()}
 
 
 def retrieval_eval(embedder: Embedder, source, limit=None) -> dict:
-  """eval/{i2t,t2i}_recall@{1,5,10}; NaN (with an error logged) for non-finite embeddings."""
+  """eval/{i2t,t2i}_recall@{1,5,10}, NaN (with an error logged) for non-finite embeddings; and
+  eval/{i2t,t2i}_recall@{1,5,10}_ceiling, the best recall any model could reach on this split
+  when identical captions tie (see `metrics.retrieval_ceiling`)."""
   images, captions, _ = _take(source, limit)
-  texts = [c for caps in captions for c in caps]
+  texts = [c.decode() if isinstance(c, bytes) else str(c) for caps in captions for c in caps]
   text_to_image = np.asarray([i for i, caps in enumerate(captions) for _ in caps])
+  ceiling = metrics.retrieval_ceiling(texts, text_to_image)
   try:
     result = metrics.retrieval_metrics(embedder.embed_images(images),
                                        embedder.embed_texts(texts), text_to_image)
   except metrics.NonFiniteEmbeddings as e:
     logging.error("Retrieval eval reported as NaN: %s", e)
     result = {f"{d}_recall@{k}": float("nan") for d in ("i2t", "t2i") for k in (1, 5, 10)}
+  result.update({f"{k}_ceiling": v for k, v in ceiling.items()})
   return {f"eval/{k}": float(v) for k, v in result.items()}
 
 
@@ -130,16 +149,41 @@ def check_evals(config, make_source) -> None:
     if not templates or bad:
       problems.append(f"config.evals.zeroshot.templates: {bad or 'none given'}; each template "
                       "needs exactly one '{}' for the class name, e.g. 'a photo of {}.'")
-    label = source[0].get("label")
-    if label is None:
-      problems.append(f"config.evals.zeroshot.split={split!r} has no labels; zero-shot "
-                      "classification needs a labelled split (the demo's is 'digits')")
-    elif names and not 0 <= label < len(names):
-      problems.append(f"config.evals.zeroshot.split={split!r} has label {label}, outside the "
-                      f"{len(names)} config.evals.zeroshot.class_names")
+    problems.extend(_label_problems(f"config.evals.zeroshot.split={split!r}", source, names))
+    transfer = group.get("transfer_splits") or []
+    if isinstance(transfer, str):
+      problems.append(f"config.evals.zeroshot.transfer_splits={transfer!r} must be a list of "
+                      f"split names, e.g. [{transfer!r}]")
+      transfer = []
+    for extra in transfer:
+      try:
+        extra_source = make_source(extra)
+        empty = len(extra_source) == 0
+      except (FileNotFoundError, ValueError, KeyError) as e:
+        problems.append(f"config.evals.zeroshot.transfer_splits names {extra!r}, which cannot "
+                        f"be read: {e}")
+        continue
+      if empty:
+        problems.append(f"config.evals.zeroshot.transfer_splits names {extra!r}, which is empty")
+        continue
+      problems.extend(_label_problems(
+          f"config.evals.zeroshot.transfer_splits entry {extra!r}", extra_source, names))
   if problems:
     raise config_lib.ConfigError(f"{len(problems)} eval config problem(s), found before "
                                  "training:\n  - " + "\n  - ".join(problems))
+
+
+def _label_problems(where: str, source, names: list) -> list[str]:
+  """Problems of a zero-shot split's labels (checked on its first example); `where` names the
+  split in the config, e.g. "config.evals.zeroshot.split='digits'"."""
+  label = source[0].get("label")
+  if label is None:
+    return [f"{where} has no labels; zero-shot classification needs a labelled split (the "
+            "demo's are 'digits', 'mnist_on_white', 'mnist_on_black')"]
+  if names and not 0 <= label < len(names):
+    return [f"{where} has label {label}, outside the {len(names)} "
+            "config.evals.zeroshot.class_names"]
+  return []
 
 
 def captioning_eval(embedder: Embedder, source, decoding, limit=None, batch_size=None) -> dict:
@@ -154,9 +198,7 @@ def captioning_eval(embedder: Embedder, source, decoding, limit=None, batch_size
   for index, batch in enumerate(source.batches(batch_size, limit=limit)):
     images = preprocess.normalize_images(batch["image"])
     count = len(images)
-    if count < batch_size:  # Fixed batch: one compilation for the whole split.
-      images = np.concatenate([images, np.zeros((batch_size - count, *images.shape[1:]),
-                                                images.dtype)])
+    images = pad_rows(images, batch_size)  # One compilation for the whole split.
     out = gen.generate(model, params, jnp.asarray(images), decoding,
                        jax.random.fold_in(rng, index) if decoding.method == "sample" else None)
     texts = gen.decode_texts(tokenizer, np.asarray(out["tokens"])[:count])
@@ -176,6 +218,21 @@ def decoding_from_config(captioning):
   return gen.Decoding(**{k: v for k, v in dict(captioning).items() if k in fields})
 
 
+def evaluate(config, embedder: Embedder, make_source=None) -> dict:
+  """Runs config.evals with the embedder's current params ({metric: value}, plus eval/seconds
+  when any eval ran). `make_source(split)` returns an EvalSource; default: the split of
+  config.data (`pipeline.make_eval_source`). Training (periodic and final evals) and the
+  `evaluate` CLI both call this."""
+  if make_source is None:
+    from coca_jax.data import pipeline  # grain and TFDS: imported when evals run, not with the API.
+    make_source = lambda split: pipeline.make_eval_source(config, split)
+  t0 = time.perf_counter()
+  results = run_evals(config, embedder, make_source)
+  if results:
+    results["eval/seconds"] = time.perf_counter() - t0
+  return results
+
+
 def run_evals(config, embedder: Embedder, make_source) -> dict:
   """Runs each configured evaluator. `make_source(split)` returns an EvalSource."""
   results = {}
@@ -184,6 +241,10 @@ def run_evals(config, embedder: Embedder, make_source) -> dict:
     z = evals.zeroshot
     results.update(zeroshot_eval(embedder, make_source(z.split), list(z.class_names),
                                  list(z.templates), z.get("examples")))
+    for split in z.get("transfer_splits") or []:
+      results.update(zeroshot_eval(embedder, make_source(split), list(z.class_names),
+                                   list(z.templates), z.get("examples"),
+                                   prefix=f"zeroshot_{split}"))
   if evals.get("retrieval"):
     r = evals.retrieval
     results.update(retrieval_eval(embedder, make_source(r.split), r.get("examples")))

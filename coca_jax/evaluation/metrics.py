@@ -376,6 +376,58 @@ def retrieval_metrics(
   return metrics
 
 
+def retrieval_ceiling(
+    texts: Sequence[str],
+    text_to_image: np.ndarray,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+  """The highest recall@k any model can reach when several captions are the same string.
+
+  A model embeds identical strings identically, so they tie in every ranking, and ties go to
+  the lower index (this module's rule). Image->text: an image whose caption is the j-th copy
+  (0-based, in index order) of its string ranks it j-th at best, a hit at k only if j < k; its
+  best caption counts. Text->image: identical captions are one query with one ranking; its k
+  best images can serve at most the copies whose images are among them, so a group scores at
+  most the k largest per-image counts. E.g. 1,000 scenes with 503 distinct captions cap
+  image->text and text->image R@1 at 0.503 however good the model: "chance 0.001" undersells
+  the task, and a measured 0.45 is ~90% of what is attainable.
+
+  Args:
+    texts: Nt caption strings, compared exactly.
+    text_to_image: int [Nt], the image each caption describes; every image in
+      [0, max + 1) needs at least one caption.
+    ks: recall cut-offs, as in `retrieval_metrics`.
+
+  Returns:
+    {'i2t_recall@k': ceiling, 't2i_recall@k': ceiling}, the keys of `retrieval_metrics`.
+  """
+  text_to_image = np.asarray(text_to_image)
+  if text_to_image.shape != (len(texts),):
+    raise ValueError(f'retrieval_ceiling: text_to_image has shape {text_to_image.shape} but there '
+                     f'are {len(texts)} texts; pass one image index per caption.')
+  if not len(texts):
+    raise ValueError('retrieval_ceiling: no texts; pass at least one caption.')
+  num_images = int(text_to_image.max()) + 1
+  if text_to_image.min() < 0 or np.any(np.bincount(text_to_image, minlength=num_images) == 0):
+    raise ValueError('retrieval_ceiling: text_to_image must cover every image 0..N-1 with at '
+                     'least one caption, as retrieval_metrics requires.')
+  copies: dict[str, list[int]] = {}
+  for index, text in enumerate(texts):
+    copies.setdefault(text, []).append(index)
+  position = np.empty(len(texts), np.int64)  # Which copy of its string each caption is.
+  t2i_hits = {k: 0 for k in ks}
+  for members in copies.values():
+    position[members] = np.arange(len(members))
+    per_image = np.sort(np.bincount(text_to_image[members]))[::-1]
+    for k in ks:
+      t2i_hits[k] += int(per_image[:k].sum())
+  best_position = np.full(num_images, len(texts), np.int64)
+  np.minimum.at(best_position, text_to_image, position)
+  ceiling = {f'i2t_recall@{k}': float(np.mean(best_position < k)) for k in ks}
+  ceiling.update({f't2i_recall@{k}': t2i_hits[k] / len(texts) for k in ks})
+  return ceiling
+
+
 # ----------------------------------------------------------------------------------------------
 # Captioning: BLEU-4 and CIDEr-D via pycocoevalcap's scorers
 # ----------------------------------------------------------------------------------------------

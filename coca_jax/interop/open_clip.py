@@ -201,7 +201,7 @@ def check_open_clip_layout(config) -> None:
   if wrong:
     raise ConversionError("this model is not in open_clip's CoCa layout, so it has no open_clip "
                           "state dict: " + "; ".join(wrong) + ". Start from "
-                          "experiments/openclip_coca_vit_b32.py or an imported bundle.")
+                          "experiments/openclip_coca.py or an imported bundle.")
 
 
 def _heads(config, ours: str) -> tuple[int, int]:
@@ -393,12 +393,12 @@ def write_safetensors(state: dict, out: str, metadata: dict | None = None) -> st
 def import_params(state: dict, config) -> dict:
   """open_clip state dict -> our params tree for experiment `config` (scanned or not), checked
   leaf by leaf against the model's abstract parameters."""
-  from coca_jax import api
+  from coca_jax import step
   from coca_jax.interop import params as flat_params
   from coca_jax.models.coca import CoCaConfig
   model_config = CoCaConfig.from_config(config.model)
   params = flat_params.unflatten(model_config, from_open_clip(state, model_config))
-  _, abstract = api.abstract_params(config)
+  abstract = step.abstract_params(config)
   flat_params.check_against(abstract, params)
   return params
 

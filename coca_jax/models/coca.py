@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from coca_jax.models.backbone import Stack, unscanned_params
 from coca_jax.models.experts import RoutedExperts
 from coca_jax.models.layers import AttentionalPooler, LayerNorm, constrain, dense, embed_init, with_axes
+from coca_jax.tokens import PAD_ID
 
-PAD_ID = 0
 POOLINGS = ("cascade", "parallel", "open_clip")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -142,6 +142,42 @@ def text_attention_mask(text_inputs, cls_mask: str = "correct"):
   return jnp.logical_and(causal[None, None], key_valid[:, None, None, :])
 
 
+def patchify(image, config):
+  """image [batch, S, S, 3] -> patches [batch, (S / p)^2, p * p * 3] in config.compute_dtype,
+  row-major (p = config.patch_size); S must be config.image_size."""
+  if image.shape[1:3] != (config.image_size, config.image_size):
+    raise ValueError(f"image shape {image.shape} does not match config.model.image_size="
+                     f"{config.image_size}")
+  return einops.rearrange(image.astype(config.compute_dtype), "b (h p) (w q) c -> b (h w) (p q c)",
+                          p=config.patch_size, q=config.patch_size)
+
+
+def temperature_scale(logit_scale, max_logit_scale: float):
+  """The contrastive temperature scale exp(logit_scale) capped at max_logit_scale (a scalar),
+  with a straight-through gradient: past the cap the forward value is the cap but the gradient
+  is that of the uncapped scale, so the parameter can always come back (`clamp_logit_scale` keeps
+  it at the cap after updates). The one formula the models, training and inference share."""
+  capped = jnp.minimum(logit_scale, math.log(max_logit_scale))
+  return jnp.exp(logit_scale + jax.lax.stop_gradient(capped - logit_scale))
+
+
+def contrastive_parameters(module: nn.Module, config) -> None:
+  """Creates `module.logit_scale` (and `module.logit_bias` for the sigmoid loss) in a model's
+  `setup`. SigLIP's initialisation (scale 10, bias -10) keeps the many negatives from swamping
+  the few positives at the start; softmax uses the paper's temperature (config.temperature_init).
+  With `module.decode` it also creates the `position` cache variable: the next text position to
+  be written, living beside the KV cache."""
+  sigmoid = config.contrastive == "sigmoid"
+  scale_init = math.log(10.0 if sigmoid else 1.0 / config.temperature_init)
+  module.logit_scale = module.param(
+      "logit_scale", nn.initializers.constant(scale_init), (), jnp.float32)
+  if sigmoid:
+    module.logit_bias = module.param("logit_bias", nn.initializers.constant(-10.0), (),
+                                     jnp.float32)
+  if module.decode:
+    module.position = module.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+
+
 def clamp_logit_scale(params, max_logit_scale: float):
   """params with logit_scale clamped to log(max_logit_scale) (applied after each update, as
   open_clip does), so the parameter never drifts past the cap where the loss cannot move it."""
@@ -253,15 +289,7 @@ class CoCa(nn.Module):
     if not c.tie_embeddings:
       self.vocab_head = dense(c.vocab_size, ("embed", "vocab"), dt, "vocab_head",
                               use_bias=c.vocab_bias, out_dtype=jnp.float32)
-    # SigLIP's initialisation (scale 10, bias -10) keeps the many negatives from swamping the
-    # few positives at the start; softmax uses the paper's temperature.
-    scale_init = math.log(10.0 if c.contrastive == "sigmoid" else 1.0 / c.temperature_init)
-    self.logit_scale = self.param(
-        "logit_scale", nn.initializers.constant(scale_init), (), jnp.float32)
-    if c.contrastive == "sigmoid":
-      self.logit_bias = self.param("logit_bias", nn.initializers.constant(-10.0), (), jnp.float32)
-    if self.decode:  # Next text position to be written; lives beside the KV cache.
-      self.position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+    contrastive_parameters(self, c)
 
   # -- Image ---------------------------------------------------------------------------------
 
@@ -269,12 +297,7 @@ class CoCa(nn.Module):
     """image [batch, H, W, 3] -> (image_embed [batch, D] unit norm,
     decoder context [batch, context_tokens, pooler width (vision width unless pooler_width)])."""
     c = self.config
-    if image.shape[1:3] != (c.image_size, c.image_size):
-      raise ValueError(f"image shape {image.shape} does not match config.model.image_size="
-                       f"{c.image_size}")
-    patches = einops.rearrange(image.astype(c.compute_dtype), "b (h p) (w q) c -> b (h w) (p q c)",
-                               p=c.patch_size, q=c.patch_size)
-    x = self.patch_embed(patches)
+    x = self.patch_embed(patchify(image, c))
     if c.class_token:
       cls = jnp.broadcast_to(self.image_cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
       x = jnp.concatenate([cls, x], axis=1)
@@ -344,12 +367,8 @@ class CoCa(nn.Module):
     return outputs
 
   def temperature_scale(self):
-    """exp(logit_scale) capped at max_logit_scale, with a straight-through gradient: past the
-    cap the forward value is the cap but the gradient is that of the uncapped scale, so the
-    parameter can always come back (`clamp_logit_scale` keeps it at the cap after updates)."""
-    capped = jnp.minimum(self.logit_scale, math.log(self.config.max_logit_scale))
-    log_scale = self.logit_scale + jax.lax.stop_gradient(capped - self.logit_scale)
-    return jnp.exp(log_scale)
+    """The scalar contrastive scale (see the module-level `temperature_scale`)."""
+    return temperature_scale(self.logit_scale, self.config.max_logit_scale)
 
   def teacher_forced_logits(self, text, context):
     """Decoder logits [B, L-1, V] for text [B, L] given `encode_image`'s context (the reference

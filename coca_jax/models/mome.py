@@ -33,17 +33,17 @@ layer's KV cache on its first step; each later step costs one text token.
 from __future__ import annotations
 
 import dataclasses
-import math
 
-import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from coca_jax.models.backbone import Block
-from coca_jax.models.coca import DTYPES, PAD_ID, l2_normalize, text_attention_mask
+from coca_jax.models.coca import (DTYPES, contrastive_parameters, l2_normalize, patchify,
+                                  temperature_scale, text_attention_mask)
 from coca_jax.models.layers import (AttentionalPooler, LayerNorm, constrain, dense, embed_init,
                                     with_axes)
+from coca_jax.tokens import PAD_ID
 
 IMAGE, TEXT, FUSION = "image", "text", "fusion"
 POOLINGS = ("attention", "cls")
@@ -174,13 +174,7 @@ class MoME(nn.Module):
       self.vocab_head = dense(c.vocab_size, ("embed", "vocab"), dt, "vocab_head")
     if c.itm:
       self.itm_head = dense(2, ("embed", None), dt, "itm_head")
-    scale_init = math.log(10.0 if c.contrastive == "sigmoid" else 1.0 / c.temperature_init)
-    self.logit_scale = self.param(
-        "logit_scale", nn.initializers.constant(scale_init), (), jnp.float32)
-    if c.contrastive == "sigmoid":
-      self.logit_bias = self.param("logit_bias", nn.initializers.constant(-10.0), (), jnp.float32)
-    if self.decode:  # Next text position to be written; lives beside the KV cache.
-      self.position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+    contrastive_parameters(self, c)
 
   # -- Inputs --------------------------------------------------------------------------------
 
@@ -188,12 +182,7 @@ class MoME(nn.Module):
     """image [batch, H, W, 3] -> embedded image tokens [batch, image_tokens, width] (the
     [CLS] first with pooling='cls', then the patches)."""
     c = self.config
-    if image.shape[1:3] != (c.image_size, c.image_size):
-      raise ValueError(f"image shape {image.shape} does not match config.model.image_size="
-                       f"{c.image_size}")
-    patches = einops.rearrange(image.astype(c.compute_dtype), "b (h p) (w q) c -> b (h w) (p q c)",
-                               p=c.patch_size, q=c.patch_size)
-    x = self.patch_embed(patches)
+    x = self.patch_embed(patchify(image, c))
     if c.pooling == "cls":
       cls = jnp.broadcast_to(self.image_cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
       x = jnp.concatenate([cls, x], axis=1)
@@ -312,7 +301,8 @@ class MoME(nn.Module):
     return outputs
 
   def temperature_scale(self):
-    return jnp.minimum(jnp.exp(self.logit_scale), self.config.max_logit_scale)
+    """The scalar contrastive scale (see `coca.temperature_scale`)."""
+    return temperature_scale(self.logit_scale, self.config.max_logit_scale)
 
   def teacher_forced_logits(self, text, context):
     """Decoder logits [B, L-1, V] for text [B, L] given `encode_image`'s context (the reference

