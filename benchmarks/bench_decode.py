@@ -1,7 +1,12 @@
 r"""Greedy caption decoding: KV cache vs recomputing the whole prefix every token.
 
   python benchmarks/bench_decode.py [--config experiments/demo.py] [--tokens 30] \
-      [--batch_sizes 1,32] [--repeats 5]
+      [--batch_sizes 1,32] [--repeats 5] [--decode_weights int8,bfloat16] \
+      [--decoders cached,recompute,prefix]
+
+  # Decoding weights on open_clip's B/32 layout (float32 vs int8 vs bf16 decoder kernels):
+  python benchmarks/bench_decode.py --config experiments/openclip_coca_vit_b32.py \
+      --batch_sizes 2 --decoders cached --decode_weights int8,bfloat16
 
 Same model (the config's architecture, random weights: speed does not depend on them; text
 max_len raised to tokens + 2 so `tokens` fit), same images, exactly `tokens` new tokens per
@@ -11,6 +16,8 @@ caption (EOS is forbidden until then). Three decoders, all jitted and warmed up 
               [batch, max_len] text (one compiled while_loop; no cache).
   prefix      every token re-runs the decoders over the prefix so far, [batch, t] (one compiled
               function per length, like a framework without a cache that grows its input).
+  cached_<w>   the cached decoder with decoding weights w (`--decode_weights`: 'int8' or
+              'bfloat16' decoder kernels, float32 accumulation; `generate.decoder_params`).
 Each decoder takes images and encodes them once (the same image tower for all three); `encode`
 times that encoding alone. The decoders and `encode` run in turns, `repeats` rounds, and each
 time is the median over the rounds, so a change in the machine's load hits all of them alike.
@@ -86,7 +93,14 @@ def main() -> None:
   parser.add_argument("--tokens", type=int, default=30)
   parser.add_argument("--batch_sizes", default="1,32")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--decode_weights", default="",
+                      help="Comma-separated decoding-weight formats to time beside float32 "
+                           "(int8, bfloat16).")
+  parser.add_argument("--decoders", default="cached,recompute,prefix",
+                      help="Which float32 decoders to time (cached is always timed).")
   args = parser.parse_args()
+  decoders = set(args.decoders.split(",")) | {"cached"}
+  weights = [w for w in args.decode_weights.split(",") if w]
 
   config = config_lib.load_config(args.config)
   config.model.text.max_len = max(config.model.text.max_len, args.tokens + 2)
@@ -100,6 +114,7 @@ def main() -> None:
   decoding = gen.Decoding(max_new_tokens=args.tokens, min_len=args.tokens)
   encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=CoCa.encode_image)[1])
   prefix_decode = make_prefix_decoder(model, encode, args.tokens)
+  prepared = {w: gen.decoder_params(model, params, w) for w in weights}
   for batch in [int(b) for b in args.batch_sizes.split(",")]:
     images = jax.random.normal(jax.random.key(batch), (batch, size, size, 3))
     runs = {
@@ -108,6 +123,10 @@ def main() -> None:
                                                   args.tokens)["tokens"],
         "prefix": lambda: prefix_decode(params, images),
     }
+    runs = {name: fn for name, fn in runs.items() if name in decoders}
+    for w in weights:
+      runs[f"cached_{w}"] = (lambda w=w: gen.generate(model, params, images, decoding,
+                                                      decoder_params=prepared[w])["tokens"])
     outputs = {name: np.asarray(fn())[:, :args.tokens + 1] for name, fn in runs.items()}
     result = {"config": args.config, "device": jax.devices()[0].device_kind, "batch": batch,
               "tokens": args.tokens, "max_len": config.model.text.max_len,
@@ -126,10 +145,13 @@ def main() -> None:
       result[f"{name}_captions_per_sec"] = round(batch / s, 2)
       result[f"{name}_tokens_per_sec"] = round(batch * args.tokens / s, 1)
     for kind, t in (("", seconds), ("decode_", decode_seconds)):
-      result[f"{kind}speedup_vs_recompute"] = round(t["recompute"] / t["cached"], 2)
-      result[f"{kind}speedup_vs_prefix"] = round(t["prefix"] / t["cached"], 2)
-      result[f"{kind}speedup_vs_best_recompute"] = round(
-          min(t["recompute"], t["prefix"]) / t["cached"], 2)
+      if {"recompute", "prefix"} <= decoders:
+        result[f"{kind}speedup_vs_recompute"] = round(t["recompute"] / t["cached"], 2)
+        result[f"{kind}speedup_vs_prefix"] = round(t["prefix"] / t["cached"], 2)
+        result[f"{kind}speedup_vs_best_recompute"] = round(
+            min(t["recompute"], t["prefix"]) / t["cached"], 2)
+      for w in weights:  # > 1: the narrow weights are faster than float32.
+        result[f"{kind}speedup_{w}_vs_float32"] = round(t["cached"] / t[f"cached_{w}"], 2)
     print(json.dumps(result), flush=True)
 
 

@@ -135,17 +135,21 @@ def _find_tokenizer(root: str, config):
                           "beside config.json")
 
 
-def load(path: str, *, step: int | None = None, batch_size: int = 64) -> "Model":
+def load(path: str, *, step: int | None = None, batch_size: int = 64,
+         decode_weights: str | None = None) -> "Model":
   """Loads a trained CoCa from a workdir, a checkpoint step directory or an export bundle.
 
   `step` picks a checkpoint of a workdir (default: the latest); `batch_size` is the fixed batch
-  every call is padded to (one compilation per function).
+  every call is padded to (one compilation per function). `decode_weights` ('int8' |
+  'bfloat16' | None = float32): the format of the decoder weights that captioning streams each
+  token (`generate.decoder_params`); embeddings and the image tower stay float32.
   """
   found = resolve(path, step)
   config = checkpoint.read_config(found["root"])
   tokenizer = _find_tokenizer(found["root"], config)
   model, params = load_params(found, config)
-  return Model(model, params, tokenizer, config, batch_size=batch_size, step=found["step"])
+  return Model(model, params, tokenizer, config, batch_size=batch_size, step=found["step"],
+               decode_weights=decode_weights)
 
 
 def load_params(found: dict, config):
@@ -224,15 +228,18 @@ def image_files(paths_or_folders: Sequence[str]) -> list[str]:
 
 class Model:
   """A loaded model (CoCa towers or MoME) with its tokenizer. Attributes: module (CoCa or
-  MoME), params, tokenizer, config,
-  image_size, step (checkpoint step or None)."""
+  MoME), params, tokenizer, config, image_size, step (checkpoint step or None), decode_weights
+  and decoder_params (what captioning decodes with; see `load`)."""
 
   def __init__(self, module: CoCa, params, tokenizer: Tokenizer, config, *, batch_size: int = 64,
-               step: int | None = None):
+               step: int | None = None, decode_weights: str | None = None):
     self.module, self.params, self.tokenizer, self.config = module, params, tokenizer, config
     self.image_size = module.config.image_size
     self.batch_size = batch_size
     self.step = step
+    self.decode_weights = decode_weights
+    # Prepared once: the unscanned (and maybe quantized) decoder every caption call streams.
+    self.decoder_params = gen.decoder_params(module, params, decode_weights)
     self.embedder = evaluators.Embedder(module, params, tokenizer, batch_size=batch_size)
     self._itm_fn = None
 
@@ -289,7 +296,7 @@ class Model:
       step_rng = None if rng is None else jax.random.fold_in(rng, start)
       out = gen.generate(self.module, self.params,
                          jnp.asarray(evaluators.pad_rows(chunk, self.batch_size)), decoding,
-                         step_rng)
+                         step_rng, decoder_params=self.decoder_params)
       results.append({k: np.asarray(v)[:len(chunk)] for k, v in out.items()})
     if not results:
       return {"tokens": np.zeros((0, self.module.config.max_len), np.int32)}

@@ -2,6 +2,7 @@ r"""Captions images with a trained model.
 
   python -m coca_jax.caption --model PATH IMAGE_OR_FOLDER... [--method beam --num_beams 4]
       [--method sample --temperature 0.8 --top_p 0.9 --num_candidates 8] [--json]
+      [--decode_weights int8|bfloat16]
 
 PATH: a training workdir, a checkpoints/<step> directory or an export bundle. Folders are
 expanded to their image files. Prints "path<TAB>caption" per image (or one JSON object per line
@@ -37,6 +38,9 @@ flags.DEFINE_integer("num_candidates", 1,
                      "method=sample: draw N captions, keep the best image-text match.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_integer("batch_size", 32, "Images per compiled batch.")
+flags.DEFINE_enum("decode_weights", None, ["int8", "bfloat16"],
+                  "Decoder weights format while captioning (default float32; int8/bfloat16 "
+                  "stream fewer bytes per token, float32 accumulation).")
 flags.DEFINE_bool("json", False, "One JSON object per line instead of TSV.")
 
 
@@ -52,7 +56,8 @@ def main(argv) -> None:
       method=FLAGS.method, num_beams=FLAGS.num_beams, length_penalty=FLAGS.length_penalty,
       max_new_tokens=FLAGS.max_new_tokens, min_len=FLAGS.min_len, temperature=FLAGS.temperature,
       top_k=FLAGS.top_k, top_p=FLAGS.top_p, num_candidates=FLAGS.num_candidates)
-  model = api.load(FLAGS.model, batch_size=min(FLAGS.batch_size, len(files)))
+  model = api.load(FLAGS.model, batch_size=min(FLAGS.batch_size, len(files)),
+                   decode_weights=FLAGS.decode_weights)
   images, readable, failed = [], [], []
   for path in files:
     try:

@@ -40,6 +40,8 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 TOWER_ONLY_MODEL_FIELDS = ("vision", "n_gen_queries", "remat", "scan_layers")
 TOWER_ONLY_TEXT_FIELDS = ("width", "heads", "mlp_dim", "n_uni", "n_multi")
 MOME_FIELDS = ("depth", "width", "heads", "mlp_dim", "fusion_layers")
+MOME_OPTIONAL_FIELDS = ("experts",)  # Learned routing inside the modality experts.
+MOME_EXPERTS = ("image", "text", "fusion")
 
 
 def _validate_common_model(m, need, positive):
@@ -109,9 +111,15 @@ def _validate_mome(config, need, positive):
     return
   s = m.mome
   missing = [f for f in MOME_FIELDS if f not in s]
-  extra = sorted(set(s.keys()) - set(MOME_FIELDS))
+  known = list(MOME_FIELDS + MOME_OPTIONAL_FIELDS)
+  extra = sorted(set(s.keys()) - set(known))
   need(not missing, f"config.model.mome is missing {missing}; it needs {list(MOME_FIELDS)}")
-  need(not extra, f"config.model.mome has unknown fields {extra}; known: {list(MOME_FIELDS)}")
+  need(not extra, f"config.model.mome has unknown fields {extra}; known: {known}")
+  experts = s.get("experts") or {}
+  unknown = sorted(set(experts) - set(MOME_EXPERTS))
+  need(not unknown, f"config.model.mome.experts has unknown modality experts {unknown}; route "
+       f"any of {', '.join(MOME_EXPERTS)} (each dict(num_experts, top_k, capacity_factor, "
+       "every) or None)")
   if missing:
     return
   for name in ("depth", "width", "heads", "mlp_dim"):
@@ -126,6 +134,16 @@ def _validate_mome(config, need, positive):
          f"{s.depth}")
     need(s.width % s.heads == 0, f"config.model.mome.width={s.width} is not divisible by "
          f"config.model.mome.heads={s.heads}")
+    # `every` counts the layers of the shared stack; ffn_fusion lives in the top fusion_layers.
+    for name in MOME_EXPERTS:
+      every = (experts.get(name) or {}).get("every", 1)
+      if not experts.get(name) or not isinstance(every, int) or every < 1:
+        continue
+      first = s.depth - s.fusion_layers if name == "fusion" else 0
+      need(any((i + 1) % every == 0 for i in range(first, s.depth)),
+           f"config.model.mome.experts.{name}.every={every} routes none of the layers "
+           f"{first}..{s.depth - 1} that hold ffn_{name}; use every <= {s.depth} (layer i is "
+           "routed when (i + 1) % every == 0) or remove the group")
     if isinstance(m.pooler_heads, int) and m.pooler_heads > 0:
       need(s.width % m.pooler_heads == 0, f"config.model.mome.width={s.width} is not divisible "
            f"by config.model.pooler_heads={m.pooler_heads}")
@@ -148,14 +166,24 @@ def heads_of(config) -> tuple[tuple[str, int], ...]:
           ("pooler_heads", m.pooler_heads))
 
 
+def routed_groups(config) -> list[tuple[str, dict]]:
+  """(field, settings) of every learned-routing group the config sets: CoCa towers
+  model.vision.experts / model.text.experts; MoME model.mome.experts.<image|text|fusion>."""
+  m = config.model
+  if m.get("backbone", "towers") == "mome":
+    experts = m.get("mome", {}).get("experts") or {}
+    return [(f"model.mome.experts.{name}", experts[name]) for name in MOME_EXPERTS
+            if experts.get(name)]
+  return [(f"model.{side}.experts", m[side].experts) for side in ("vision", "text")
+          if m[side].get("experts")]
+
+
 def _validate_experts(config, need) -> None:
-  """config.model.{vision,text}.experts: learned routing per side (absent = dense)."""
+  """Learned routing (`routed_groups`; absent = dense) and the router loss weights."""
   from coca_jax.models.experts import EXPERTS_FIELDS  # Light: flax only, no model built.
-  for side in ("vision", "text"):
-    experts = config.model[side].get("experts")
-    if not experts:
-      continue
-    prefix = f"config.model.{side}.experts"
+  for field, experts in routed_groups(config):
+    prefix = f"config.{field}"
+    side = field.split(".")[1]
     unknown = sorted(set(experts) - set(EXPERTS_FIELDS))
     need(not unknown, f"{prefix} has unknown fields {unknown}; known: {', '.join(EXPERTS_FIELDS)}")
     num, top_k = experts.get("num_experts", 1), experts.get("top_k", 1)
@@ -171,12 +199,14 @@ def _validate_experts(config, need) -> None:
          f"{prefix}.capacity_factor={factor!r} must be > 0 (1.0 = an even share per expert)")
     need(isinstance(every, int) and every >= 1,
          f"{prefix}.every={every!r} must be a positive integer (1 = every layer routed)")
-    if isinstance(every, int) and every >= 1 and config.model.get("scan_layers", True) and every > 1:
+    towers = side in ("vision", "text")
+    if (towers and isinstance(every, int) and every > 1
+        and config.model.get("scan_layers", True)):
       depths = ({"vision": config.model.vision.depth} if side == "vision" else
                 {"text.n_uni": config.model.text.n_uni, "text.n_multi": config.model.text.n_multi})
-      for field, depth in depths.items():
+      for depth_field, depth in depths.items():
         need(not isinstance(depth, int) or depth % every == 0,
-             f"config.model.{field}={depth} is not a multiple of {prefix}.every={every}: a "
+             f"config.model.{depth_field}={depth} is not a multiple of {prefix}.every={every}: a "
              "scanned stack repeats groups of `every` layers; set config.model.scan_layers=False "
              "or change one of them")
   for name in ("router_balance_weight", "router_local_entropy_weight",
@@ -213,6 +243,8 @@ def validate(config, num_devices: int | None = None) -> None:
        f"config.loss.itm_weight={itm_weight!r} must be a number >= 0 (0 = off)")
   if backbone == "mome":
     _validate_mome(config, need, positive)
+    if "mome" in m:
+      _validate_experts(config, need)
   elif backbone == "towers":
     _validate_towers(config, need, positive, problems)
     _validate_experts(config, need)
@@ -286,12 +318,11 @@ def validate(config, num_devices: int | None = None) -> None:
         if problem:
           problems.append(problem)
       expert_axis = sizes["expert"]
-      for side in ("vision", "text") if backbone == "towers" else ():
-        experts = m[side].get("experts") or {}
+      for field, experts in routed_groups(config) if backbone in ("towers", "mome") else ():
         num = experts.get("num_experts", 1)
         if isinstance(num, int) and num > 1 and num % expert_axis:
           problems.append(
-              f"config.model.{side}.experts.num_experts={num} is not divisible by "
+              f"config.{field}.num_experts={num} is not divisible by "
               f"config.mesh.expert={expert_axis}; use a multiple of {expert_axis} experts or "
               "a mesh expert size that divides it")
       tensor = sizes["tensor"]

@@ -29,6 +29,8 @@ layer costs. Per example:
   fused text       L x block over T-1 tokens whose attention also reads P image keys/values
   vocab head       (T-1) x W x vocab
   itm (if on)      3 pairs per ITM example x L x block over P + T tokens, bidirectional, + head
+With learned routing inside a modality expert (`config.model.mome.experts`), each routed layer
+of that expert adds, for every token it routes, (top_k - 1) more expert MLPs and the router.
 """
 
 from __future__ import annotations
@@ -102,10 +104,25 @@ def _stack_flops(depth: int, tokens: int, width: int, mlp_dim: int,
   return flops
 
 
+def _routing_extra_flops(m: MoMEConfig, tokens: int, expert: str, layers) -> int:
+  """Beyond one dense FFN per token: what `tokens` tokens routed through ffn_<expert> in
+  `layers` add (top_k - 1 more expert MLPs, and the router)."""
+  extra = 0
+  for layer in layers:
+    experts = dict(m.routed_experts(layer)).get(expert)
+    if experts is not None:
+      extra += ((experts.top_k - 1) * _mlp_flops(tokens, m.width, m.mlp_dim)
+                + 2 * tokens * m.width * experts.num_experts)
+  return extra
+
+
 def _mome_flops_breakdown(config, batch_size: int) -> dict[str, int]:
   """`forward_flops_breakdown` of a MoME (see the module docstring)."""
   m = MoMEConfig.from_config(config.model)
   patches, width, inputs = m.image_tokens, m.width, m.max_len - 1
+  all_layers, top_layers = range(m.depth), range(m.bottom_layers, m.depth)
+  bottom_layers = range(m.bottom_layers)
+  routed = functools.partial(_routing_extra_flops, m)
   text_ffn = _mlp_flops(inputs, width, m.mlp_dim)
   # The fused text tokens' attention: their own Q/K/V/out projections, scores and values over
   # P image keys plus the text keys.
@@ -113,20 +130,26 @@ def _mome_flops_breakdown(config, batch_size: int) -> dict[str, int]:
                       + text_ffn)
   parts = {
       "patch_embed": 2 * m.num_patches * (m.patch_size ** 2 * 3) * width,
-      "image_only": m.depth * _block_flops(patches, width, m.mlp_dim),
+      "image_only": (m.depth * _block_flops(patches, width, m.mlp_dim)
+                     + routed(patches, "image", all_layers)),
       "contrastive_pooler": _attention_flops(1, patches, width) if m.pooling == "attention" else 0,
       "image_projection": 2 * width * m.embed_dim,
-      "fused_image": m.fusion_layers * _block_flops(patches, width, m.mlp_dim),
-      "text_only": m.depth * _block_flops(inputs + 1, width, m.mlp_dim),
+      "fused_image": (m.fusion_layers * _block_flops(patches, width, m.mlp_dim)
+                      + routed(patches, "fusion", top_layers)),
+      "text_only": (m.depth * _block_flops(inputs + 1, width, m.mlp_dim)
+                    + routed(inputs + 1, "text", all_layers)),
       "text_projection": 2 * width * m.embed_dim,
-      "fused_text": m.depth * fused_text_layer,
+      "fused_text": (m.depth * fused_text_layer + routed(inputs, "text", bottom_layers)
+                     + routed(inputs, "fusion", top_layers)),
       "vocab_head": 2 * inputs * width * m.vocab_size,
       "contrastive_logits": 2 * batch_size * m.embed_dim,
   }
   loss = config.get("loss", {})
   if loss.get("itm_weight", 0.0) > 0:
     share = (loss.get("itm_examples", 0) or batch_size) / batch_size
-    pair = m.depth * _block_flops(patches + inputs + 1, width, m.mlp_dim) + 2 * width * 2
+    pair = (m.depth * _block_flops(patches + inputs + 1, width, m.mlp_dim) + 2 * width * 2
+            + routed(patches, "image", bottom_layers) + routed(inputs + 1, "text", bottom_layers)
+            + routed(patches + inputs + 1, "fusion", top_layers))
     parts["itm"] = int(3 * share * (pair + 2 * m.num_patches * (m.patch_size ** 2 * 3) * width))
   return parts
 
@@ -179,6 +202,20 @@ def model_flops_per_example(config, batch_size: int | None = None, train: bool =
 EXPERT_WEIGHTS = ("wi", "bi", "wo", "bo")
 
 
+def _inactive_expert_weights(tree, experts: RoutedExperts | None, under: str | None = None) -> int:
+  """Expert weights of `tree` a token does not run through: (num_experts - top_k) / num_experts
+  of each routed expert weight (leaves named EXPERT_WEIGHTS, below a key `under` if given)."""
+  if experts is None:
+    return 0
+  inactive = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    keys = [str(getattr(k, "key", k)) for k in path]
+    if keys[-1] in EXPERT_WEIGHTS and (under is None or under in keys):
+      inactive += int(np.prod(leaf.shape)) * (experts.num_experts - experts.top_k) // (
+          experts.num_experts)
+  return inactive
+
+
 def param_counts(config) -> dict[str, int]:
   """{'total': N, <top-level module>: n, ...}, e.g. vision, unimodal, multimodal, token_embed.
   With learned routing, or a MoME, also 'active': the parameters one token runs through (top_k
@@ -189,24 +226,25 @@ def param_counts(config) -> dict[str, int]:
   counts: dict[str, int] = {name: size(subtree) for name, subtree in params.items()}
   inactive = 0
   if config.model.get("backbone", "towers") == "mome":
+    m = MoMEConfig.from_config(config.model)
     layers = [name for name in counts if name.startswith("layers_")]
     counts["layers"] = sum(counts.pop(name) for name in layers)
     for name in layers:
-      experts = [size(tree) for key, tree in params[name].items() if key.startswith("ffn_")]
-      inactive += sum(experts) - max(experts)
+      routed = dict(m.routed_experts(int(name.split("_")[1])))
+      ffns = {key[len("ffn_"):]: tree for key, tree in params[name].items()
+              if key.startswith("ffn_")}
+      # A token runs one modality expert; inside a routed one, top_k of its num_experts.
+      active = [size(tree) - _inactive_expert_weights(tree, routed.get(expert))
+                for expert, tree in ffns.items()]
+      inactive += sum(size(tree) for tree in ffns.values()) - max(active)
   else:
     c = CoCaConfig.from_config(config.model)
     side_experts = {"vision": c.vision_experts, "unimodal": c.text_experts,
                     "multimodal": c.text_experts}
     for name, subtree in params.items():
       experts = side_experts.get(name)
-      if experts is None:
-        continue
-      for path, leaf in jax.tree_util.tree_flatten_with_path(subtree)[0]:
-        keys = [str(getattr(k, "key", k)) for k in path]
-        if "ffn" in keys and keys[-1] in EXPERT_WEIGHTS:
-          inactive += int(np.prod(leaf.shape)) * (experts.num_experts - experts.top_k) // (
-              experts.num_experts)
+      if experts is not None:
+        inactive += _inactive_expert_weights(subtree, experts, under="ffn")
   counts = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
   total = sum(counts.values())
   return {"total": total, **({"active": total - inactive} if inactive else {}), **counts}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ import numpy as np
 
 from coca_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from coca_jax import models
+from coca_jax.models import layers
 from coca_jax.models.coca import CoCa, CoCaConfig
 
 METHODS = ("greedy", "beam", "sample")
@@ -105,12 +106,50 @@ class Decoding:
 # ---------------------------------------------------------------------------------------------
 
 
-def _decoder(model: CoCa, params) -> tuple[CoCa, dict]:
+def _decoder(model: CoCa, params, prepared=None) -> tuple[CoCa, dict]:
   """The KV-cached decoder of `model` and its parameters. Its layers are unscanned, each with its
   own cache buffers updated in place (see `Stack`); a scanned model's stacked parameters are
-  sliced here, once per call, outside the token loop."""
+  sliced here, once per call, outside the token loop. `prepared`: the decoder's parameters from
+  `decoder_params` (already unscanned, maybe quantized), used instead of slicing `params`."""
+  if prepared is not None:
+    config = model.config
+    if getattr(config, "scan_layers", False):  # MoME never scans.
+      config = dataclasses.replace(config, scan_layers=False)
+    return models.build(config, decode=True), prepared
   config, params = models.unscanned_layers(model.config, params)
   return models.build(config, decode=True), params
+
+
+def decoder_params(model: CoCa, params, weights: str | None = None) -> dict:
+  """The parameters cached decoding reads, prepared once (pass them to `generate` as
+  `decoder_params`): layer stacks unscanned; with `weights` ('int8' | 'bfloat16', see
+  `layers.quantize_kernel`) every Dense kernel stored in that format, which `Dense` then
+  multiplies with float32 accumulation. A cached step streams all decoder weights per token;
+  narrower weights stream fewer bytes where the backend fuses the widening into its dot (on
+  XLA:CPU it does not: there int8 is slower than float32, see README). Embedding tables (the token lookup; the vocab head when
+  tied to it) and routed experts' weights stay float32. weights=None: float32, as trained."""
+  if weights is not None and weights not in layers.DECODE_WEIGHTS:
+    raise ValueError(f"decode_weights={weights!r} is unknown; use one of "
+                     f"{layers.DECODE_WEIGHTS} or None (float32)")
+  _, unscanned = models.unscanned_layers(model.config, params)
+  if weights is None:
+    return unscanned
+  return jax.jit(functools.partial(_quantize_kernels, weights=weights))(unscanned)
+
+
+def _quantize_kernels(tree, weights: str):
+  """Every Dense (a dict holding a 'kernel' matrix) in `tree` -> its `quantize_kernel` entries.
+  An attention output projection ('out', [heads, kv, embed]) contracts two axes; the rest one."""
+  out = {}
+  for name, sub in tree.items():
+    if isinstance(sub, Mapping) and "kernel" in sub and jnp.ndim(sub["kernel"]) >= 2:
+      in_dims = 2 if name == "out" and jnp.ndim(sub["kernel"]) == 3 else 1
+      out[name] = {**sub, **layers.quantize_kernel(sub["kernel"], in_dims, weights)}
+    elif isinstance(sub, Mapping):
+      out[name] = _quantize_kernels(sub, weights)
+    else:
+      out[name] = sub
+  return out
 
 
 def _first_step(decoder: CoCa, params, context):
@@ -174,14 +213,15 @@ def _finish(tokens, eos_id: int = EOS_ID):
 # ---------------------------------------------------------------------------------------------
 
 
-def _sample_loop(model: CoCa, params, context, rng, d: Decoding, return_logits: bool):
+def _sample_loop(model: CoCa, params, context, rng, d: Decoding, return_logits: bool,
+                 prepared=None):
   """Greedy (rng None) or sampling from the cache. -> dict(tokens [B, L], lengths [B],
   scores [B] = sum of the chosen tokens' log-probabilities under the unfiltered model,
   [logits [B, max_len - 1, V] raw step logits])."""
   batch, max_len = context.shape[0], model.config.max_len
   bos_id, eos_id = model.config.bos_id, model.config.eos_id
   max_new = d.max_new_tokens
-  decoder, decoder_params = _decoder(model, params)
+  decoder, decoder_params = _decoder(model, params, prepared)
   logits, cache = _first_step(decoder, decoder_params, context)
   vocab = logits.shape[-1]
   tokens = jnp.full((batch, max_len), PAD_ID, jnp.int32).at[:, 0].set(bos_id)
@@ -231,13 +271,13 @@ def _sample_loop(model: CoCa, params, context, rng, d: Decoding, return_logits: 
 # ---------------------------------------------------------------------------------------------
 
 
-def cache_batch_axes(model: CoCa, params, context) -> Any:
+def cache_batch_axes(model: CoCa, params, context, prepared=None) -> Any:
   """For each cache leaf, the axis that indexes the batch (None for per-layer counters).
 
   Found by comparing the cache's shapes at two batch sizes, so it holds for any cache layout.
   Abstract: nothing is computed.
   """
-  decoder, decoder_params = _decoder(model, params)
+  decoder, decoder_params = _decoder(model, params, prepared)
   shapes = [jax.eval_shape(lambda c: _first_step(decoder, decoder_params, c)[1],
                            jax.ShapeDtypeStruct((n, *context.shape[1:]), context.dtype))
             for n in (1, 2)]
@@ -259,14 +299,14 @@ def _length_norm(scores, lengths, alpha: float):
   return scores / jnp.maximum(lengths, 1).astype(jnp.float32) ** alpha
 
 
-def _beam_search(model: CoCa, params, context, d: Decoding):
+def _beam_search(model: CoCa, params, context, d: Decoding, prepared=None):
   """Beam search with a length penalty. -> dict(tokens [B, L], lengths [B], scores [B] (the
   length-normalised log-probability of the chosen beam))."""
   batch, max_len = context.shape[0], model.config.max_len
   bos_id, eos_id = model.config.bos_id, model.config.eos_id
   beams, max_new, alpha = d.num_beams, d.max_new_tokens, d.length_penalty
-  axes = cache_batch_axes(model, params, context)
-  decoder, decoder_params = _decoder(model, params)
+  axes = cache_batch_axes(model, params, context, prepared)
+  decoder, decoder_params = _decoder(model, params, prepared)
   # Every beam starts as a copy of the BOS state; only beam 0 is live at first so the K copies
   # do not fill the first top-k with the same token.
   logits, cache = _first_step(decoder, decoder_params, context)
@@ -383,17 +423,19 @@ def _rerank(model: CoCa, params, image_embed, result, num_candidates: int):
   return out
 
 
-def _generate(model: CoCa, params, images, d: Decoding, rng, return_logits: bool) -> dict:
-  """The traced decoder (d validated; its TRACED_FIELDS may be tracers)."""
+def _generate(model: CoCa, params, images, d: Decoding, rng, return_logits: bool,
+              prepared=None) -> dict:
+  """The traced decoder (d validated; its TRACED_FIELDS may be tracers; `prepared`: see
+  `decoder_params`)."""
   image_embed, context = model.apply({"params": params}, images, method="encode_image")
   if d.num_candidates > 1:
     rows = jnp.repeat(jnp.arange(images.shape[0]), d.num_candidates)
     context = context[rows]
   if d.method == "beam":
-    result = _beam_search(model, params, context, d)
+    result = _beam_search(model, params, context, d, prepared)
   else:
     result = _sample_loop(model, params, context, rng if d.method == "sample" else None, d,
-                          return_logits)
+                          return_logits, prepared)
   if d.num_candidates > 1:
     result = _rerank(model, params, image_embed, result, d.num_candidates)
   return result
@@ -403,14 +445,14 @@ def _generate(model: CoCa, params, images, d: Decoding, rng, return_logits: bool
 def _compiled_generate(config: CoCaConfig, static: Decoding, return_logits: bool):
   model = models.build(config)
 
-  def run(params, images, knobs, rng):
+  def run(params, images, knobs, rng, prepared):
     return _generate(model, params, images, dataclasses.replace(static, **knobs), rng,
-                     return_logits)
+                     return_logits, prepared)
   return jax.jit(run)
 
 
 def generate(model: CoCa, params, images, decoding: Decoding = Decoding(), rng=None,
-             return_logits: bool = False) -> dict:
+             return_logits: bool = False, decoder_params=None) -> dict:
   """Captions (as tokens) for normalised images float32 [B, H, W, 3]. Jitted: compiles once per
   (model config, method, num_beams, num_candidates, batch shape); other Decoding fields are
   traced, so changing temperature or lengths does not recompile.
@@ -420,6 +462,10 @@ def generate(model: CoCa, params, images, decoding: Decoding = Decoding(), rng=N
   sum / length**length_penalty); with num_candidates > 1 also similarity [B] (image-text cosine of
   the kept caption); with return_logits (greedy/sample) logits float32 [B, max_len-1, V], the raw
   logits of each step, valid for the first `lengths` steps).
+
+  `decoder_params` (from `decoder_params(model, params, weights)`): the decoder's parameters
+  prepared once, e.g. int8 decoding weights; None: sliced from `params` inside each call. The
+  image encoder and contrastive re-ranking always use `params`.
   """
   d = decoding.validate(model.config.max_len)
   if d.method == "sample" and rng is None:
@@ -428,7 +474,7 @@ def generate(model: CoCa, params, images, decoding: Decoding = Decoding(), rng=N
     raise ValueError("return_logits is only available for greedy and sampling")
   static, knobs = d.split()
   return _compiled_generate(model.config, static, return_logits)(
-      params, images, knobs, rng if d.method == "sample" else None)
+      params, images, knobs, rng if d.method == "sample" else None, decoder_params)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from coca_jax import losses, models, sharding
-from coca_jax.models.coca import CoCa, clamp_logit_scale, router_statistics
+from coca_jax.models.coca import CoCa, clamp_logit_scale
 from coca_jax.tokens import PAD_ID
 
 
@@ -126,7 +126,7 @@ def apply_with_router_statistics(model: CoCa, params, image, text):
   from the 'intermediates' collection routed feed-forwards sow into (empty for a dense model)."""
   outputs, state = model.apply({"params": params}, image, text, train=True,
                                mutable=["intermediates"])
-  return outputs, router_statistics(state.get("intermediates", {}), model.config)
+  return outputs, models.router_statistics(state.get("intermediates", {}), model.config)
 
 
 def loss_fn(params, model: CoCa, batch, loss_config, rng=None):
@@ -141,16 +141,19 @@ def loss_fn(params, model: CoCa, batch, loss_config, rng=None):
       contrastive=loss_config.get("contrastive", "softmax"),
       contrastive_impl=loss_config.get("contrastive_impl", "gathered"),
       contrastive_reduction=loss_config.get("contrastive_reduction", "sum"))
+  itm_weight = loss_config.get("itm_weight", 0.0)
+  if itm_weight > 0:
+    itm, itm_metrics, itm_stats = image_text_matching(params, model, batch, outputs, rng,
+                                                      loss_config.get("itm_examples", 0))
+    total = total + itm_weight * itm
+    metrics = {**metrics, **itm_metrics, "loss": total}
+    # Routers the ITM pass also runs through: their statistics cover its tokens too.
+    stats = {name: jax.tree.map(jnp.add, stats[name], s) if name in stats else s
+             for name, s in {**stats, **itm_stats}.items()}
   if stats:
     router, router_metrics = losses.router_losses(stats, **losses.router_loss_settings(loss_config))
     total = total + router
     metrics = {**metrics, **router_metrics, "loss": total}
-  itm_weight = loss_config.get("itm_weight", 0.0)
-  if itm_weight > 0:
-    itm, itm_metrics = image_text_matching(params, model, batch, outputs, rng,
-                                           loss_config.get("itm_examples", 0))
-    total = total + itm_weight * itm
-    metrics = {**metrics, **itm_metrics, "loss": total}
   return total, metrics
 
 
@@ -160,7 +163,8 @@ def image_text_matching(params, model, batch, outputs, rng, examples: int = 0):
   `losses.hard_negatives`): 3 pairs per example through the bidirectional fused pass.
   `examples` > 0 (config.loss.itm_examples) runs ITM on that many examples only, every
   (B / examples)-th row so each device keeps an equal share; their negatives still come from
-  the whole batch. Returns (loss, metrics: itm_loss, itm_accuracy)."""
+  the whole batch. Returns (loss, metrics: itm_loss, itm_accuracy, router statistics of the
+  pass: see `models.router_statistics`)."""
   if rng is None:
     raise ValueError("config.loss.itm_weight > 0 needs an rng for the hard negatives")
   image, text = batch["image"], batch["text"]
@@ -180,9 +184,11 @@ def image_text_matching(params, model, batch, outputs, rng, examples: int = 0):
   labels = jnp.concatenate([jnp.ones((batch_size,), jnp.int32),
                             jnp.zeros((2 * batch_size,), jnp.int32)])
   weights = jnp.concatenate([jnp.ones((batch_size,)), text_ok, image_ok]).astype(jnp.float32)
-  logits = model.apply({"params": params}, images, texts, method="itm_logits")
+  logits, state = model.apply({"params": params}, images, texts, method="itm_logits",
+                              mutable=["intermediates"])
   loss, metrics = losses.itm_loss(logits, labels, weights)
-  return loss, {"itm_loss": loss, **metrics}
+  stats = models.router_statistics(state.get("intermediates", {}), model.config)
+  return loss, {"itm_loss": loss, **metrics}, stats
 
 
 def _contrastive(image_embed, text_embed, logit_scale, logit_bias, loss_config):

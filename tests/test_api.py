@@ -196,3 +196,22 @@ def test_demo_model_zero_shot_is_above_chance(mini_workdir):
   with open(os.path.join(mini_workdir, "metrics.jsonl")) as f:
     evals = [json.loads(line) for line in f if "eval/zeroshot_top1" in line]
   assert evals and evals[-1]["eval/zeroshot_top1"] > 0.154, evals
+
+
+def test_decode_weights_keep_captions_of_a_trained_model(mini_workdir):
+  """int8 and bf16 decoding weights caption held-out scenes exactly like float32; float32 is
+  the default."""
+  exact = api.load(mini_workdir, batch_size=32)
+  assert exact.decode_weights is None
+  assert {leaf.dtype for leaf in jax.tree.leaves(exact.decoder_params)} == {np.dtype("float32")}
+  options = exact.config.data.build_demo_options
+  scenes = digit_scenes.make_scenes("test", 64, seed=5, image_size=exact.image_size,
+                                    grid=options.grid)
+  reference = exact.caption(scenes["image"])
+  assert len(set(reference)) > 5  # A trained model, not one caption for everything.
+  for weights in ("int8", "bfloat16"):
+    narrow = api.load(mini_workdir, batch_size=32, decode_weights=weights)
+    assert np.dtype(weights) in {leaf.dtype for leaf in jax.tree.leaves(narrow.decoder_params)}
+    assert narrow.caption(scenes["image"]) == reference, weights
+  with pytest.raises(ValueError, match="decode_weights='int4' is unknown"):
+    api.load(mini_workdir, decode_weights="int4")

@@ -262,3 +262,38 @@ def test_ensure_eos_puts_eos_where_the_text_tower_reads_it(tiny):
   np.testing.assert_allclose(embed(fixed[:1]), embed([[BOS_ID, 5, 6, 7, 8, 9, EOS_ID, PAD_ID]]),
                              atol=1e-6)
   assert not np.allclose(embed(fixed[:1]), embed(tokens[:1]), atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [2, 40])  # A decoding step's rows, and the context's.
+def test_int8_dense_matches_float32_within_its_rounding(rows):
+  """Per-output-channel int8: each output is off by at most the rounding of its weights
+  (|x| . scale / 2), including the two-axis attention output kernel."""
+  from coca_jax.models import layers
+  for in_dims, x_shape, k_shape in ((1, (rows, 24), (24, 3, 5)), (2, (rows, 3, 8), (3, 8, 20))):
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    kernel = jax.random.normal(jax.random.key(1), k_shape) * jnp.linspace(0.1, 3.0, k_shape[-1])
+    q = layers.quantize_kernel(kernel, in_dims, "int8")
+    assert q["kernel"].dtype == jnp.int8 and q["kernel_scale"].shape == k_shape[in_dims:]
+    dense = layers.Dense(k_shape[in_dims:], ("a",) * len(k_shape), in_dims=in_dims)
+    exact = dense.apply({"params": {"kernel": kernel, "bias": jnp.zeros(k_shape[in_dims:])}}, x)
+    int8 = dense.apply({"params": {**q, "bias": jnp.zeros(k_shape[in_dims:])}}, x)
+    assert int8.shape == exact.shape and int8.dtype == jnp.float32
+    bound = jnp.einsum("...i,o->...o", jnp.abs(x).reshape(rows, -1),
+                       q["kernel_scale"].reshape(-1) / 2).reshape(exact.shape)
+    assert (jnp.abs(int8 - exact) <= bound + 1e-5).all()
+    assert not jnp.allclose(int8, exact, atol=1e-6)  # It really is quantized.
+
+
+@pytest.mark.parametrize("weights", ["int8", "bfloat16"])
+def test_decoding_weights_keep_greedy_and_beam_captions(tiny, weights):
+  model, params, images = tiny
+  prepared = gen.decoder_params(model, params, weights)
+  dtypes = {leaf.dtype for leaf in jax.tree.leaves(prepared)}
+  assert jnp.dtype(weights) in dtypes, dtypes
+  for decoding in (gen.Decoding(), gen.Decoding(method="beam", num_beams=2)):
+    exact = gen.generate(model, params, images, decoding)
+    narrow = gen.generate(model, params, images, decoding, decoder_params=prepared)
+    np.testing.assert_array_equal(narrow["tokens"], exact["tokens"])
+    np.testing.assert_allclose(narrow["scores"], exact["scores"], atol=0.05)
+  with pytest.raises(ValueError, match="decode_weights='int4' is unknown"):
+    gen.decoder_params(model, params, "int4")

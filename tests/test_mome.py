@@ -201,12 +201,16 @@ def test_hard_negatives_follow_the_similarities():
 # -- Training ------------------------------------------------------------------------------------
 
 
-def mome_smoke_config():
-  return config_lib.load_config(os.path.join(REPO, "experiments", "demo.py") + ":mome,smoke")
+def mome_smoke_config(limoe: bool = False):
+  args = "mome,limoe,smoke" if limoe else "mome,smoke"
+  return config_lib.load_config(os.path.join(REPO, "experiments", "demo.py") + ":" + args)
 
 
-def test_freezing_one_expert_leaves_it_bit_identical_while_the_rest_trains():
-  config = mome_smoke_config()
+@pytest.mark.parametrize("routed", [False, True], ids=["dense", "routed"])
+def test_freezing_one_expert_leaves_it_bit_identical_while_the_rest_trains(routed):
+  """Routed (demo.py:mome,limoe): layer 1's ffn_image holds a router and 4 experts; freezing the
+  expert by its path freezes all of it, while the routed text/fusion experts train."""
+  config = mome_smoke_config(limoe=routed)
   config.optim.freeze_regex = [".*/ffn_image/.*"]
   config.optim.warmup_fraction = 0.0
   config.loss.itm_weight = 0.0  # ITM in a train step: the CLI test below.
@@ -222,8 +226,14 @@ def test_freezing_one_expert_leaves_it_bit_identical_while_the_rest_trains():
       lambda a, b: not np.array_equal(a, np.asarray(b)), before, state.params))))
   frozen = [p for p in paths if "/ffn_image/" in p]
   assert frozen and not any(changed[p] for p in frozen)
-  for path in ("layers_0/ffn_text/mlp/wi/kernel", "layers_1/ffn_fusion/mlp/wi/kernel",
-               "layers_0/attention/query/kernel", "patch_embed/kernel"):
+  moving = ["layers_0/ffn_text/mlp/wi/kernel", "layers_0/attention/query/kernel",
+            "patch_embed/kernel"]
+  if routed:
+    assert "layers_1/ffn_image/router" in frozen and "layers_1/ffn_image/wi" in frozen
+    moving += ["layers_1/ffn_fusion/wi", "layers_1/ffn_fusion/router", "layers_1/ffn_text/wi"]
+  else:
+    moving += ["layers_1/ffn_fusion/mlp/wi/kernel"]
+  for path in moving:
     assert changed[path], path
 
 
@@ -245,6 +255,7 @@ def test_towers_reject_itm_and_mome_fields_are_checked():
 
 
 @pytest.mark.parametrize("spec", ["vlmo_base.py", "mome_coca_base.py", "demo.py:mome",
+                                  "demo.py:mome,limoe",
                                   "vlmo_base.py:stage=text", "vlmo_base.py:stage=image_text"])
 def test_experiment_configs_validate_and_build_abstractly(spec):
   config = config_lib.load_config(os.path.join(REPO, "experiments", spec))

@@ -5,8 +5,10 @@
 model-facing interface; `model_config`, `build` and `unscanned_layers` dispatch on it.
 """
 from coca_jax.models.coca import CoCa, CoCaConfig, TowerConfig
+from coca_jax.models.coca import router_statistics as _coca_router_statistics
 from coca_jax.models.coca import unscanned_layers as _coca_unscanned_layers
 from coca_jax.models.mome import MoME, MoMEConfig
+from coca_jax.models.mome import router_statistics as _mome_router_statistics
 
 BACKBONES = ("towers", "mome")
 
@@ -33,5 +35,16 @@ def unscanned_layers(config, params):
   return _coca_unscanned_layers(config, params)
 
 
+def router_statistics(intermediates, config) -> dict[str, dict]:
+  """The sown 'intermediates' of a training apply -> {routed feed-forward: its router
+  statistics} (empty for a model without learned routing); names per family, see
+  `coca.router_statistics` and `mome.router_statistics`."""
+  if not intermediates:
+    return {}
+  if isinstance(config, MoMEConfig):
+    return _mome_router_statistics(intermediates, config)
+  return _coca_router_statistics(intermediates, config)
+
+
 __all__ = ["BACKBONES", "CoCa", "CoCaConfig", "MoME", "MoMEConfig", "TowerConfig", "build",
-           "model_config", "unscanned_layers"]
+           "model_config", "router_statistics", "unscanned_layers"]

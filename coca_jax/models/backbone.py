@@ -38,6 +38,9 @@ class Block(nn.Module):
     modality_experts: names of per-modality feed-forwards (VLMo), e.g. ("image", "text",
       "fusion"): each is its own `FeedForward` (own LayerNorm) named `ffn_<name>`, so one can be
       frozen or loaded alone by its path. Empty: one feed-forward named `ffn`.
+    routed_experts: ((name, RoutedExperts), ...): the modality experts of this layer that are
+      learned-routed feed-forwards (LIMoE-style top-k experts inside `ffn_<name>`); the others
+      are dense.
     layout: with cross-attention, 'coca' is self-attention, cross-attention, FFN; 'open_clip'
       is self-attention, FFN, cross-attention (its context layer-normed, 'ln_cross_context'),
       a second FFN ('cross_ffn'): open_clip's MultimodalTransformer layer.
@@ -56,23 +59,33 @@ class Block(nn.Module):
   causal: bool = False
   capacity_length: int = 0
   modality_experts: tuple[str, ...] = ()
+  routed_experts: tuple[tuple[str, RoutedExperts], ...] = ()
   layout: str = "coca"
   activation: str = "gelu_tanh"
   norm_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, x, mask, context, segments: Sequence[tuple[str, int]] | None = None,
-               prefix_kv=None, return_kv: bool = False):
+  def __call__(self, x, mask, context, segments: Sequence[tuple] | None = None,
+               prefix_kv=None, return_kv: bool = False, token_mask=None,
+               causal_routing: bool = False, routing_length: int = 0):
     """x [batch, length, embed] -> (x', None), or (x', (keys, values) of x) with `return_kv`.
 
-    segments: with modality experts, static ((expert name, length), ...) covering the length
-      axis in order: the tokens of each segment go through `ffn_<name>` (no gather, no router).
+    segments: with modality experts, static ((expert name, length[, modality]), ...) covering
+      the length axis in order: the tokens of each segment go through `ffn_<name>` (no gather,
+      no modality router). A routed expert routes each segment on its own (its own capacity;
+      statistics sown as 'router', or 'router_<modality>' where the expert is not the tokens'
+      modality, i.e. ffn_fusion).
     prefix_kv: keys and values [batch, prefix_len, heads, kv] the self-attention also attends
       to (see `Attention`).
+    token_mask, causal_routing, routing_length: for routed modality experts, the pass's
+      [batch, length] bool non-padding mask (None = all tokens), whether its slots go
+      token-major (a causal pass; needed with `decode`) and the length its capacity comes from
+      (0 = the segment's length); see `experts.FeedForward`.
     """
     if self.layout not in ("coca", "open_clip"):
       raise ValueError(f"layout={self.layout!r} is unknown; use 'coca' or 'open_clip'")
     norm = lambda name: LayerNorm(self.dtype, self.norm_eps, name=name)
+    routing = (token_mask, causal_routing, routing_length)
     x = constrain(x, ("batch", "length", "embed"))
     h = norm("ln_attention")(x)
     update, kv = Attention(self.num_heads, self.dtype, self.cache_length, name="attention")(
@@ -80,39 +93,50 @@ class Block(nn.Module):
     x = x + update
     open_clip = self.cross_attention and self.layout == "open_clip"
     if open_clip:
-      x = x + self._ffn("ffn", x, mask, segments)
+      x = x + self._ffn("ffn", x, mask, segments, routing)
     if self.cross_attention:
       h = norm("ln_cross_attention")(x)
       if open_clip:
         context = norm("ln_cross_context")(context)
       x = x + Attention(self.num_heads, self.dtype, name="cross_attention")(
           h, context, decode=self.decode)
-    x = x + self._ffn("cross_ffn" if open_clip else "ffn", x, mask, segments)
+    x = x + self._ffn("cross_ffn" if open_clip else "ffn", x, mask, segments, routing)
     return constrain(x, ("batch", "length", "embed")), (kv if return_kv else None)
 
-  def _ffn(self, name, x, mask, segments):
+  def _ffn(self, name, x, mask, segments, routing):
     """The feed-forward update: per-modality experts, or one (dense or routed) FFN."""
     if self.modality_experts:
-      return self._modality_ffn(x, segments)
+      return self._modality_ffn(x, segments, *routing)
     # A token may attend to itself exactly when it is not padding: the mask's diagonal.
     token_mask = None if mask is None else jnp.diagonal(mask[:, 0], axis1=-2, axis2=-1)
     return FeedForward(self.mlp_dim, self.dtype, self.num_experts, self.routing, self.top_k,
                        self.capacity_factor, self.causal, self.decode, self.capacity_length,
                        self.activation, self.norm_eps, name=name)(x, token_mask)
 
-  def _modality_ffn(self, x, segments):
+  def _modality_ffn(self, x, segments, token_mask, causal_routing, routing_length):
     """Each static segment of the length axis through its modality's own feed-forward."""
-    if not segments or sum(length for _, length in segments) != x.shape[1]:
+    if not segments or sum(segment[1] for segment in segments) != x.shape[1]:
       raise ValueError(f"segments {segments} must cover the {x.shape[1]} tokens with "
-                       "((expert name, length), ...)")
-    outputs, start = [], 0
-    for name, length in segments:
+                       "((expert name, length[, modality]), ...)")
+    routed = dict(self.routed_experts)
+    modules, outputs, start = {}, [], 0
+    for name, length, *modality in segments:
       if name not in self.modality_experts:
         raise ValueError(f"segment expert {name!r} is not among this layer's modality experts "
                          f"{self.modality_experts}")
-      outputs.append(FeedForward(self.mlp_dim, self.dtype, activation=self.activation,
-                                 norm_eps=self.norm_eps, name=f"ffn_{name}")(
-          x[:, start:start + length]))
+      if name not in modules:  # One module per expert, called once per segment.
+        experts = routed.get(name)
+        settings = {} if experts is None else dict(
+            num_experts=experts.num_experts, routing="topk", top_k=experts.top_k,
+            capacity_factor=experts.capacity_factor, causal=causal_routing,
+            decode=self.decode and causal_routing, capacity_length=routing_length)
+        modules[name] = FeedForward(self.mlp_dim, self.dtype, activation=self.activation,
+                                    norm_eps=self.norm_eps, name=f"ffn_{name}", **settings)
+      modality = modality[0] if modality else name
+      segment_mask = None if token_mask is None else token_mask[:, start:start + length]
+      outputs.append(modules[name](
+          x[:, start:start + length], segment_mask,
+          "router" if modality == name else f"router_{modality}"))
       start += length
     return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)
 

@@ -208,7 +208,7 @@ def router_statistics(intermediates, config: CoCaConfig) -> dict[str, dict]:
   """The sown 'intermediates' of a CoCa apply -> {"<stack>/layer_<i>": router statistics}, one
   entry per routed feed-forward (stack: vision, unimodal, multimodal; i counts within the
   stack), whether the stacks were scanned or not. Statistics: see `experts.FeedForward._routed`."""
-  if not intermediates:  # A dense model (or MoME, whose experts are not routed) sows nothing.
+  if not intermediates:  # A dense model sows nothing.
     return {}
   found = {}
   depths = {"vision": config.vision.depth, "unimodal": config.n_uni, "multimodal": config.n_multi}

@@ -109,16 +109,17 @@ class FeedForward(nn.Module):
   norm_eps: float = 1e-6  # Dense FFN only.
 
   @nn.compact
-  def __call__(self, x, token_mask=None):
+  def __call__(self, x, token_mask=None, statistics: str = "router"):
     """`token_mask` [batch, length] bool ('topk'): False marks padding, which takes no expert slot
-    and is left out of the router statistics."""
+    and is left out of the router statistics. `statistics`: the name the router's statistics are
+    sown under (a MoME's ffn_fusion keeps its image and text tokens' statistics apart)."""
     if self.num_experts == 1:
       h = LayerNorm(self.dtype, self.norm_eps, name="ln")(x)
       return MLP(self.mlp_dim, self.dtype, self.activation, name="mlp")(h)
     if self.routing != "topk":
       raise ValueError(f"routing={self.routing!r} is unknown; use 'topk' (modality experts are "
                        "named feed-forwards of backbone.Block)")
-    return self._routed(x, token_mask)
+    return self._routed(x, token_mask, statistics)
 
   def _param(self, name, init, shape, axes):
     return self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
@@ -133,7 +134,7 @@ class FeedForward(nn.Module):
     bo = self._param("bo", nn.initializers.zeros_init(), (num, width), ("expert", "embed"))
     return wi, bi, wo, bo
 
-  def _routed(self, x, token_mask=None):
+  def _routed(self, x, token_mask=None, statistics="router"):
     """x [batch, length, embed] -> [batch, length, embed]; sows 'router' statistics."""
     batch, length, width = x.shape
     num, k = self.num_experts, self.top_k
@@ -192,7 +193,7 @@ class FeedForward(nn.Module):
     # Raw statistics as sums over the (valid) tokens, so microbatches add up exactly;
     # `losses.router_losses` combines them into losses and metrics.
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    self.sow("intermediates", "router", {
+    self.sow("intermediates", statistics, {
         "tokens": jnp.sum(valid),
         "prob_sum": jnp.einsum("ble,bl->e", probs, valid),  # Importance.
         "first_choice_count": jnp.sum(choice[:, :, 0], axis=(0, 1)),

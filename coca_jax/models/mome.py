@@ -41,11 +41,13 @@ import jax.numpy as jnp
 from coca_jax.models.backbone import Block
 from coca_jax.models.coca import (DTYPES, contrastive_parameters, l2_normalize, patchify,
                                   temperature_scale, text_attention_mask)
+from coca_jax.models.experts import RoutedExperts
 from coca_jax.models.layers import (AttentionalPooler, LayerNorm, constrain, dense, embed_init,
                                     with_axes)
 from coca_jax.tokens import PAD_ID
 
 IMAGE, TEXT, FUSION = "image", "text", "fusion"
+EXPERTS = (IMAGE, TEXT, FUSION)
 POOLINGS = ("attention", "cls")
 
 
@@ -76,10 +78,17 @@ class MoMEConfig:
   tie_embeddings: bool = False
   bos_id: int = 2  # Special ids the decoder starts from and stops at (see CoCaConfig).
   eos_id: int = 3
+  # Learned routing inside a modality expert (config.model.mome.experts.<image|text|fusion>):
+  # that ffn_<name> becomes top-k experts behind a router in the layers `routed(layer)` picks
+  # (`every` counts the layers of the shared stack); None = dense.
+  image_experts: RoutedExperts | None = None
+  text_experts: RoutedExperts | None = None
+  fusion_experts: RoutedExperts | None = None
 
   @classmethod
   def from_config(cls, model) -> "MoMEConfig":
     m = model.mome
+    experts = m.get("experts") or {}
     return cls(
         image_size=model.image_size, patch_size=model.patch_size,
         vocab_size=model.text.vocab_size, max_len=model.text.max_len, width=m.width,
@@ -89,7 +98,10 @@ class MoMEConfig:
         temperature_init=model.temperature_init, max_logit_scale=model.max_logit_scale,
         contrastive=model.get("contrastive", "softmax"),
         tie_embeddings=model.get("tie_embeddings", False),
-        bos_id=model.text.get("bos_id", 2), eos_id=model.text.get("eos_id", 3))
+        bos_id=model.text.get("bos_id", 2), eos_id=model.text.get("eos_id", 3),
+        image_experts=RoutedExperts.from_config(experts.get(IMAGE)),
+        text_experts=RoutedExperts.from_config(experts.get(TEXT)),
+        fusion_experts=RoutedExperts.from_config(experts.get(FUSION)))
 
   @property
   def num_patches(self) -> int:
@@ -111,6 +123,12 @@ class MoMEConfig:
   def layer_experts(self, layer: int) -> tuple[str, ...]:
     return (IMAGE, TEXT, FUSION) if layer >= self.bottom_layers else (IMAGE, TEXT)
 
+  def routed_experts(self, layer: int) -> tuple[tuple[str, RoutedExperts], ...]:
+    """((expert name, its routing), ...) of the modality experts of `layer` that are routed."""
+    settings = {IMAGE: self.image_experts, TEXT: self.text_experts, FUSION: self.fusion_experts}
+    return tuple((name, settings[name]) for name in self.layer_experts(layer)
+                 if settings[name] is not None and settings[name].routed(layer))
+
   def fused_expert(self, layer: int, modality: str) -> str:
     """The expert a token of `modality` uses at `layer` of a fused image+text sequence."""
     return FUSION if layer >= self.bottom_layers else modality
@@ -123,6 +141,26 @@ def prefix_causal_mask(text_inputs, prefix_len: int):
   causal = text_attention_mask(text_inputs)[:, :, :-1, :-1]
   prefix = jnp.ones((batch, 1, text_inputs.shape[1], prefix_len), bool)
   return jnp.concatenate([prefix, causal], axis=-1)
+
+
+def router_statistics(intermediates, config: MoMEConfig) -> dict[str, dict]:
+  """The sown 'intermediates' of a MoME apply -> {name: router statistics}, one entry per routed
+  modality expert and modality of the tokens it routed, named after its parameters:
+  "layers_<i>/ffn_image", "layers_<i>/ffn_text", "layers_<i>/ffn_fusion/image" and
+  "layers_<i>/ffn_fusion/text" (LIMoE's per-modality terms for the expert both modalities
+  share). An expert routes once per pass (image-only, text-only, captioning, ...); its entry
+  sums the statistics of those calls, i.e. those of every token it routed this step.
+  Statistics: see `experts.FeedForward._routed`."""
+  found = {}
+  for i in range(config.depth):
+    for expert in EXPERTS:
+      sown = intermediates.get(f"layers_{i}", {}).get(f"ffn_{expert}", {})
+      for key, calls in sorted(sown.items()):
+        if not key.startswith("router"):
+          continue
+        name = f"layers_{i}/ffn_{expert}" + ("" if key == "router" else "/" + key[len("router_"):])
+        found[name] = jax.tree.map(lambda *a: sum(a), *calls)
+  return found
 
 
 class MoME(nn.Module):
@@ -159,7 +197,8 @@ class MoME(nn.Module):
     # Decoding caches the image prefix and the text positions of every layer.
     cache_length = c.image_tokens + c.max_len - 1
     self.layers = [Block(c.heads, c.mlp_dim, dt, decode=self.decode, cache_length=cache_length,
-                         modality_experts=c.layer_experts(i)) for i in range(c.depth)]
+                         modality_experts=c.layer_experts(i), routed_experts=c.routed_experts(i))
+                   for i in range(c.depth)]
     self.ln_image = LayerNorm(dt)
     if c.pooling == "attention":
       self.contrastive_pooler = AttentionalPooler(1, c.pooler_heads, dt)
@@ -225,7 +264,7 @@ class MoME(nn.Module):
     # XLA's dead-code elimination under jit.)
     y = entering_fusion
     for layer in self.layers[c.bottom_layers:]:
-      y, kv = layer(y, None, None, ((FUSION, y.shape[1]),), return_kv=True)
+      y, kv = layer(y, None, None, ((FUSION, y.shape[1], IMAGE),), return_kv=True)
       prefix_kv.append(kv)
     context = jnp.stack([jnp.stack(kv, axis=1) for kv in prefix_kv], axis=1)
     return image_embed, context
@@ -236,8 +275,9 @@ class MoME(nn.Module):
     """text [batch, L] -> text_embed [batch, D] unit norm (CLS at the end, causal, ffn_text)."""
     x = self._text_tokens(text, with_cls=True)
     mask = text_attention_mask(text[:, :-1])
+    valid = jnp.concatenate([text[:, :-1] != PAD_ID, jnp.ones((text.shape[0], 1), bool)], axis=1)
     for layer in self.layers:
-      x, _ = layer(x, mask, None, ((TEXT, x.shape[1]),))
+      x, _ = layer(x, mask, None, ((TEXT, x.shape[1]),), token_mask=valid, causal_routing=True)
     return l2_normalize(self.text_projection(self.ln_text(x[:, -1])))
 
   # -- Fused: captions -----------------------------------------------------------------------
@@ -249,9 +289,15 @@ class MoME(nn.Module):
     x = self._text_tokens(text, with_cls=False)
     mask = prefix_causal_mask(text[:, :-1], context.shape[3])
     for i, layer in enumerate(self.layers):
-      x, _ = layer(x, mask, None, ((c.fused_expert(i, TEXT), x.shape[1]),),
-                   prefix_kv=(context[:, i, 0], context[:, i, 1]))
+      x, _ = layer(x, mask, None, ((c.fused_expert(i, TEXT), x.shape[1], TEXT),),
+                   prefix_kv=(context[:, i, 0], context[:, i, 1]),
+                   token_mask=text[:, :-1] != PAD_ID, **self._causal_text_routing())
     return self._vocab_logits(x)
+
+  def _causal_text_routing(self) -> dict:
+    """Routed experts on the captioning text: slots token-major, capacity from the training
+    length T, so decoding a token at a time routes exactly as the teacher-forced pass."""
+    return dict(causal_routing=True, routing_length=self.config.max_len - 1)
 
   def _vocab_logits(self, x):
     """[batch, T, width] fused text states -> float32 [batch, T, vocab]."""
@@ -279,9 +325,9 @@ class MoME(nn.Module):
     for i, layer in enumerate(self.layers):
       if i < c.bottom_layers:
         segments = ((IMAGE, num_image), (TEXT, num_text))
-      else:
-        segments = ((FUSION, num_image + num_text),)
-      x, _ = layer(x, mask, None, segments)
+      else:  # Each modality's tokens routed on their own (as in the other passes).
+        segments = ((FUSION, num_image, IMAGE), (FUSION, num_text, TEXT))
+      x, _ = layer(x, mask, None, segments, token_mask=key_valid)
     return self.itm_head(self.ln_fused(x[:, -1])).astype(jnp.float32)
 
   # -- Training interface --------------------------------------------------------------------
@@ -327,6 +373,6 @@ class MoME(nn.Module):
     x = x + pos.astype(x.dtype)
     self.position.value = start + tokens.shape[1]
     for i, layer in enumerate(self.layers):
-      x, _ = layer(x, None, None, ((c.fused_expert(i, TEXT), x.shape[1]),),
-                   prefix_kv=(context[:, i, 0], context[:, i, 1]))
+      x, _ = layer(x, None, None, ((c.fused_expert(i, TEXT), x.shape[1], TEXT),),
+                   prefix_kv=(context[:, i, 0], context[:, i, 1]), **self._causal_text_routing())
     return self._vocab_logits(x)
