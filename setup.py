@@ -35,7 +35,10 @@ setup(
         "cmeel-mimalloc>=3.4; sys_platform == 'linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "portpicker>=1.6"],
+        # gs:// paths through etils.epath (orbax writes arrays to gs:// by itself).
+        "gcs": ["gcsfs>=2024.2"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "portpicker>=1.6",
+                 "gcsfs>=2024.2", "gcp-storage-emulator>=2026.7"],  # the gs:// round trip
     },
     entry_points={
         "console_scripts": [

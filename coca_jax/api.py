@@ -37,7 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from PIL import Image
 
-from coca_jax import checkpoint, generate as gen, sharding, step as step_lib
+from coca_jax import checkpoint, fs, generate as gen, sharding, step as step_lib
 from coca_jax.data import preprocess
 from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 from coca_jax.evaluation import evaluators, metrics
@@ -66,7 +66,7 @@ def restore_params_from_state(state_dir: str, abstract):
   restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
   with ocp.PyTreeCheckpointer() as ckptr:
     restored = ckptr.restore(
-        os.path.abspath(state_dir),
+        fs.as_path(state_dir),
         args=ocp.args.PyTreeRestore(item={"params": target},
                                     restore_args={"params": restore_args}, partial_restore=True))
   return restored["params"]
@@ -76,10 +76,10 @@ def restore_exported_params(params_dir: str, abstract, dtype=None):
   """Reads an exported params tree (saved in f32 or bf16) and casts it to `dtype` (default: the
   abstract dtypes, i.e. float32 master weights)."""
   with ocp.StandardCheckpointer() as ckptr:
-    stored = ckptr.metadata(os.path.abspath(params_dir)).item_metadata
+    stored = ckptr.metadata(fs.as_path(params_dir)).item_metadata
     target = jax.tree.map(lambda a, m: jax.ShapeDtypeStruct(a.shape, m.dtype),
                           abstract, stored.tree if hasattr(stored, "tree") else stored)
-    params = ckptr.restore(os.path.abspath(params_dir), _on_device(target))
+    params = ckptr.restore(fs.as_path(params_dir), _on_device(target))
   return jax.tree.map(lambda p, a: p.astype(dtype or a.dtype), params, abstract)
 
 
@@ -89,7 +89,8 @@ def read_safetensors_params(path: str, config, abstract):
   import safetensors.numpy
   from coca_jax.interop import params as flat_params
   from coca_jax.models.coca import CoCaConfig
-  flat = {k: np.asarray(v, np.float32) for k, v in safetensors.numpy.load_file(path).items()}
+  flat = {k: np.asarray(v, np.float32)
+          for k, v in safetensors.numpy.load(fs.read_bytes(path)).items()}
   params = flat_params.unflatten(CoCaConfig.from_config(config.model), flat)
   flat_params.check_against(abstract, params)
   device = jax.devices()[0]
@@ -100,18 +101,17 @@ def read_safetensors_params(path: str, config, abstract):
 def resolve(path: str, step: int | None = None) -> dict:
   """Finds what `path` is. Returns dict(kind, root (where config.json lives), state_dir or
   params_dir, step)."""
-  path = os.path.abspath(path)
-  if os.path.exists(os.path.join(path, EXPORT_MANIFEST)):
-    with open(os.path.join(path, EXPORT_MANIFEST)) as f:
-      manifest = json.load(f)
+  path = fs.resolve(path)
+  if fs.exists(fs.join(path, EXPORT_MANIFEST)):
+    manifest = json.loads(fs.read_text(fs.join(path, EXPORT_MANIFEST)))
     return dict(kind="export", root=path,
-                params_dir=os.path.join(path, manifest.get("params", EXPORT_PARAMS)),
+                params_dir=fs.join(path, manifest.get("params", EXPORT_PARAMS)),
                 step=manifest.get("step"))
-  if os.path.isdir(os.path.join(path, checkpoint.STATE)):  # DIR/checkpoints/<step>
-    root = os.path.dirname(os.path.dirname(path))
-    return dict(kind="checkpoint", root=root, state_dir=os.path.join(path, checkpoint.STATE),
-                step=int(os.path.basename(path)))
-  if os.path.exists(os.path.join(path, "config.json")):
+  if fs.isdir(fs.join(path, checkpoint.STATE)):  # DIR/checkpoints/<step>
+    root = fs.dirname(fs.dirname(path))
+    return dict(kind="checkpoint", root=root, state_dir=fs.join(path, checkpoint.STATE),
+                step=int(fs.basename(path)))
+  if fs.exists(fs.join(path, "config.json")):
     ckpt_dir = checkpoint.checkpoint_dir(path)
     if not checkpoint.step_dirs(path)[0]:
       raise FileNotFoundError(f"{path} is a workdir without checkpoints under {ckpt_dir}; "
@@ -125,13 +125,13 @@ def resolve(path: str, step: int | None = None) -> dict:
 
 def _find_tokenizer(root: str, config):
   kind = config.data.tokenizer_kind
-  beside = os.path.join(root, TOKENIZER_FILES.get(kind, "tokenizer.model"))
+  beside = fs.join(root, TOKENIZER_FILES.get(kind, "tokenizer.model"))
   configured = config.data.tokenizer
   for candidate in (beside, configured):
-    if candidate and os.path.exists(candidate):
+    if candidate and fs.exists(candidate):
       return load_tokenizer(candidate, kind)
   raise FileNotFoundError(f"no tokenizer: neither {beside} nor config.data.tokenizer="
-                          f"{configured!r} exists; copy the run's {os.path.basename(beside)} "
+                          f"{configured!r} exists; copy the run's {fs.basename(beside)} "
                           "beside config.json")
 
 
@@ -165,7 +165,7 @@ def load_params(found: dict, config):
     root = found["root"]
     params, found["step"], _ = checkpoint.restore_newest_readable(
         root, lambda s: restore_params_from_state(
-            os.path.join(checkpoint.checkpoint_dir(root), str(s), checkpoint.STATE), abstract),
+            fs.join(checkpoint.checkpoint_dir(root), str(s), checkpoint.STATE), abstract),
         step=found["step"])
   else:
     params = restore_params_from_state(found["state_dir"], abstract)
@@ -180,8 +180,7 @@ def read_image(path: str, size: int) -> np.ndarray:
   """An image file -> uint8 [size, size, 3]: shorter side to `size`, center crop (evaluation
   geometry of training). Raises ImageFileError naming the file."""
   try:
-    with open(path, "rb") as f:
-      return preprocess.decode_train_image(f.read(), size, None)
+    return preprocess.decode_train_image(fs.read_bytes(path), size, None)
   except Exception as e:  # pylint: disable=broad-except  # Pillow raises many types on bad data
     raise ImageFileError(f"cannot read image {path!r}: {type(e).__name__}: {e}") from e
 
@@ -206,14 +205,21 @@ def as_pixels(image, what: str = "image") -> np.ndarray:
                    "in [0, 1]")
 
 
+def _names_image_file(text: str) -> bool:
+  """Whether a string given where texts or image paths are accepted is an image file (an
+  existing local file, or a URL ending in an image suffix)."""
+  if fs.is_url(text):
+    return text.lower().endswith(IMAGE_SUFFIXES)
+  return os.path.exists(text)
+
+
 def image_files(paths_or_folders: Sequence[str]) -> list[str]:
   """Expands folders (sorted, non-recursive) to their image files; keeps files as given."""
   files = []
   for p in paths_or_folders:
-    if os.path.isdir(p):
-      files += sorted(os.path.join(p, f) for f in os.listdir(p)
-                      if f.lower().endswith(IMAGE_SUFFIXES))
-    elif os.path.exists(p):
+    if fs.isdir(p):
+      files += [fs.join(p, f) for f in fs.listdir(p) if f.lower().endswith(IMAGE_SUFFIXES)]
+    elif fs.exists(p):
       files.append(p)
     else:
       raise FileNotFoundError(f"image {p!r} does not exist")
@@ -332,7 +338,7 @@ class Model:
     """Top-k search. queries/gallery: lists of strings (texts) or images (paths / uint8), in
     either direction. Returns (indices int [Q, k] into gallery, cosine scores [Q, k])."""
     embed = lambda xs: (self.embed_texts(xs) if len(xs) and isinstance(xs[0], str)
-                        and not os.path.exists(xs[0]) else self.embed_images(xs))
+                        and not _names_image_file(xs[0]) else self.embed_images(xs))
     scores = embed(queries) @ embed(gallery).T
     k = min(k, scores.shape[1])
     index = np.argsort(-scores, axis=1)[:, :k]

@@ -26,7 +26,6 @@ import atexit
 import datetime
 import json
 import os
-import shutil
 import socket
 from typing import Any, Callable
 
@@ -35,7 +34,7 @@ from flax import traverse_util
 import jax
 import orbax.checkpoint as ocp
 
-from coca_jax import sharding
+from coca_jax import fs, sharding
 from coca_jax.data import pipeline
 
 STATE, DATA = "state", "data"
@@ -48,7 +47,7 @@ class CheckpointError(RuntimeError):
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return fs.join(fs.resolve(workdir), "checkpoints")
 
 
 def make_manager(workdir: str, *, keep: int = 2, every_steps: int = 0,
@@ -87,13 +86,11 @@ def step_dirs(workdir: str) -> tuple[list[int], list[str]]:
   """(step numbers found under DIR/checkpoints, ascending; names there that are not steps).
   orbax's own in-progress directories (`*.orbax-checkpoint-tmp-*`) are in neither list."""
   root = checkpoint_dir(workdir)
-  if not os.path.isdir(root):
-    return [], []
   steps, junk = [], []
-  for name in sorted(os.listdir(root)):
+  for name in fs.listdir(root):
     if "orbax-checkpoint-tmp" in name:
       continue
-    if name.isdigit() and os.path.isdir(os.path.join(root, name)):
+    if name.isdigit() and fs.isdir(fs.join(root, name)):
       steps.append(int(name))
     else:
       junk.append(name)
@@ -103,19 +100,18 @@ def step_dirs(workdir: str) -> tuple[list[int], list[str]]:
 def unreadable_reason(workdir: str, step: int, need_data: bool = True) -> str | None:
   """Why DIR/checkpoints/<step> is not a complete checkpoint (None if it looks complete).
   Cheap checks of the layout; a truncated or corrupted array file shows only when read."""
-  directory = os.path.join(checkpoint_dir(workdir), str(step))
-  state = os.path.join(directory, STATE)
-  if not os.path.isdir(state):
+  directory = fs.join(checkpoint_dir(workdir), str(step))
+  state = fs.join(directory, STATE)
+  if not fs.isdir(state):
     return f"no {STATE}/ directory (not a checkpoint written by coca_jax)"
-  metadata = os.path.join(state, "_METADATA")
-  if not os.path.isfile(metadata):
+  metadata = fs.join(state, "_METADATA")
+  if not fs.isfile(metadata):
     return f"{STATE}/_METADATA is missing (an interrupted save or deleted files)"
   try:
-    with open(metadata) as f:
-      json.load(f)
+    json.loads(fs.read_text(metadata))
   except (OSError, ValueError) as e:
     return f"{STATE}/_METADATA is unreadable ({type(e).__name__}: {e})"
-  if need_data and not os.path.isfile(os.path.join(directory, DATA, pipeline.POSITION_FILE)):
+  if need_data and not fs.isfile(fs.join(directory, DATA, pipeline.POSITION_FILE)):
     return f"{DATA}/{pipeline.POSITION_FILE} (the data iterator's position) is missing"
   return None
 
@@ -141,7 +137,7 @@ def restore_newest_readable(workdir: str, restore_fn: Callable[[int], Any],
   root = checkpoint_dir(workdir)
   for name in junk:
     logging.warning("Ignoring %s: not a checkpoint step (step directories are named by their "
-                    "step number)", os.path.join(root, name))
+                    "step number)", fs.join(root, name))
   if step is not None:
     if step not in steps:
       raise CheckpointError(f"--resume_step / step={step} is not among the checkpoints under "
@@ -172,15 +168,15 @@ def set_aside(workdir: str, steps: list[int], why: str) -> list[str]:
   Returns the new paths."""
   moved = []
   for step in steps:
-    source = os.path.join(checkpoint_dir(workdir), str(step))
-    if not os.path.exists(source):
+    source = fs.join(checkpoint_dir(workdir), str(step))
+    if not fs.exists(source):
       continue
-    target_dir = os.path.join(os.path.abspath(workdir), SET_ASIDE)
-    os.makedirs(target_dir, exist_ok=True)
-    target, n = os.path.join(target_dir, str(step)), 1
-    while os.path.exists(target):
-      target, n = os.path.join(target_dir, f"{step}.{n}"), n + 1
-    shutil.move(source, target)
+    target_dir = fs.join(fs.resolve(workdir), SET_ASIDE)
+    fs.makedirs(target_dir)
+    target, n = fs.join(target_dir, str(step)), 1
+    while fs.exists(target):
+      target, n = fs.join(target_dir, f"{step}.{n}"), n + 1
+    fs.move(source, target)
     logging.warning("Moved checkpoint step %d to %s (%s)", step, target, why)
     moved.append(target)
   return moved
@@ -230,7 +226,7 @@ def changed_model_fields(saved, config) -> list[str]:
 def check_resume_config(workdir: str, config) -> None:
   """Raises CheckpointError naming each model field that differs from DIR/config.json (the
   checkpoint's parameters would not fit this model)."""
-  if not os.path.exists(os.path.join(workdir, "config.json")) or not step_dirs(workdir)[0]:
+  if not fs.exists(fs.join(workdir, "config.json")) or not step_dirs(workdir)[0]:
     return  # nothing saved yet: any model may start here
   changed = changed_model_fields(read_config(workdir), config)
   if changed:
@@ -247,7 +243,8 @@ def check_resume_config(workdir: str, config) -> None:
 class WorkdirLock:
   """DIR/LOCK holds {pid, host, started} of the one training that writes the workdir.
 
-  `acquire()` creates it atomically (O_EXCL). If it exists: held by a live process, or by one
+  `acquire()` creates it atomically (`fs.create_exclusive`: O_EXCL locally, a create-only
+  upload on GCS; see fs.py for other stores). If it exists: held by a live process, or by one
   on another host (whose liveness cannot be checked from here), the run is refused with a
   message naming the holder; left by a dead process on this host (a SIGKILL, a crash, a lost
   machine), it is taken over with a warning. In a multi-process run only process 0 holds it.
@@ -255,7 +252,7 @@ class WorkdirLock:
   """
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+    self.path = fs.join(fs.resolve(workdir), LOCK_FILE)
     self.held = False
 
   def _record(self) -> dict:
@@ -263,13 +260,7 @@ class WorkdirLock:
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
   def _create(self) -> bool:
-    try:
-      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-      return False
-    with os.fdopen(fd, "w") as f:
-      json.dump(self._record(), f)
-    return True
+    return fs.create_exclusive(self.path, json.dumps(self._record()).encode("utf-8"))
 
   def acquire(self) -> "WorkdirLock":
     for _ in range(3):  # a lock removed between our attempts is simply tried again
@@ -278,8 +269,7 @@ class WorkdirLock:
         atexit.register(self.release)
         return self
       try:
-        with open(self.path) as f:
-          holder = json.load(f)
+        holder = json.loads(fs.read_text(self.path))
       except FileNotFoundError:
         continue
       except (OSError, ValueError):
@@ -288,20 +278,17 @@ class WorkdirLock:
       described = f"pid {pid} on host {host}, started {holder.get('started', '?')}"
       if host != socket.gethostname() or not isinstance(pid, int):
         raise CheckpointError(
-            f"{os.path.dirname(self.path)} is in use by another training ({described}; "
+            f"{fs.dirname(self.path)} is in use by another training ({described}; "
             f"{self.path}). Wait for it to finish, or use another --workdir. If that run is "
             f"gone, delete {self.path}.")
       if _alive(pid):
         raise CheckpointError(
-            f"{os.path.dirname(self.path)} is in use by another training ({described}): two "
+            f"{fs.dirname(self.path)} is in use by another training ({described}): two "
             f"runs would interleave metrics and overwrite each other's checkpoints. Wait for it "
             f"to finish (or stop it), or use another --workdir.")
       logging.warning("Taking over the stale lock %s of a process that no longer runs (%s)",
                       self.path, described)
-      try:
-        os.remove(self.path)
-      except FileNotFoundError:
-        pass
+      fs.remove(self.path)
     raise CheckpointError(f"could not take the lock {self.path}; another run is starting "
                           "in the same --workdir")
 
@@ -310,12 +297,16 @@ class WorkdirLock:
       return
     self.held = False
     try:
-      with open(self.path) as f:
-        mine = json.load(f).get("pid") == os.getpid()
+      mine = json.loads(fs.read_text(self.path)).get("pid") == os.getpid()
     except (OSError, ValueError):
       mine = False
-    if mine:
-      os.remove(self.path)
+    try:
+      if mine:
+        fs.remove(self.path)
+    except Exception as e:  # pylint: disable=broad-except  # e.g. a bucket client at exit
+      logging.warning("Could not remove the lock %s (%s): a later run on this host takes it "
+                      "over (this process is gone); from another host, delete it first",
+                      self.path, _short(e))
 
 
 def _alive(pid: int) -> bool:
@@ -329,17 +320,16 @@ def _alive(pid: int) -> bool:
 
 
 def write_config(workdir: str, config) -> None:
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  fs.write_text(fs.join(workdir, "config.json"), config.to_json_best_effort(indent=2,
+                                                                            sort_keys=True))
 
 
 def read_config(workdir: str):
   import ml_collections
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = fs.join(workdir, "config.json")
+  if not fs.exists(path):
     raise FileNotFoundError(f"{path} does not exist; is {workdir!r} a coca_jax workdir?")
-  with open(path) as f:
-    saved = ml_collections.ConfigDict(json.load(f))
+  saved = ml_collections.ConfigDict(json.loads(fs.read_text(path)))
   # Fields added since the run was saved take their defaults.
   from coca_jax import config as config_lib  # config imports nothing from checkpoint.
   return config_lib.complete(saved)
@@ -348,16 +338,16 @@ def read_config(workdir: str):
 def state_dir_for_init(source: str) -> str:
   """The TrainState directory of `source`: a workdir (its latest checkpoint) or one checkpoint
   step directory (DIR/checkpoints/<step>)."""
-  source = os.path.abspath(source)
-  if os.path.isdir(os.path.join(source, STATE)):
-    return os.path.join(source, STATE)
+  source = fs.resolve(source)
+  if fs.isdir(fs.join(source, STATE)):
+    return fs.join(source, STATE)
   ckpt_dir = checkpoint_dir(source)
-  steps = sorted(int(d) for d in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
-                 if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d, STATE)))
+  steps = sorted(int(d) for d in fs.listdir(ckpt_dir)
+                 if d.isdigit() and fs.isdir(fs.join(ckpt_dir, d, STATE)))
   if not steps:
     raise FileNotFoundError(f"config.init.source={source!r} is neither a workdir with "
                             "checkpoints nor a checkpoint step directory (DIR/checkpoints/<step>)")
-  return os.path.join(ckpt_dir, str(steps[-1]), STATE)
+  return fs.join(ckpt_dir, str(steps[-1]), STATE)
 
 
 def _paths(tree) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from absl import flags
 import ml_collections
 from ml_collections.config_flags import config_flags
 
-from coca_jax import sharding
+from coca_jax import fs, sharding
 
 REQUIRED_GROUPS = ("model", "data", "train", "loss", "optim", "mesh", "checkpoint", "evals")
 
@@ -681,7 +681,7 @@ def validate(config, num_devices: int | None = None) -> None:
   microbatches = t.microbatches
   need(isinstance(microbatches, int) and microbatches >= 1,
        f"config.train.microbatches={microbatches!r} must be a positive integer")
-  need(not init.source or os.path.exists(init.source),
+  need(not init.source or fs.exists(init.source),
        f"config.init.source={init.source!r} does not exist; give a previous run's workdir or "
        "one of its checkpoint step directories (DIR/checkpoints/<step>)")
   need(config.checkpoint.every_steps >= 0, "config.checkpoint.every_steps must be >= 0 (0 = off)")

@@ -18,13 +18,12 @@ if __name__ == "__main__":  # Before JAX starts (python -m); see coca_jax/runtim
   runtime.preload_allocator()
 
 import json
-import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from coca_jax import api, checkpoint, config as config_lib, console
+from coca_jax import api, checkpoint, config as config_lib, console, fs
 from coca_jax.evaluation import evaluators
 
 FLAGS = flags.FLAGS
@@ -80,9 +79,7 @@ def main(argv) -> None:
   text = json.dumps(results, indent=2, sort_keys=True)
   print(text)
   if FLAGS.out:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-      f.write(text + "\n")
+    fs.write_text(fs.resolve(FLAGS.out), text + "\n")
 
 
 def run() -> None:

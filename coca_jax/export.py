@@ -25,9 +25,6 @@ either absent or complete. `coca_jax.load(OUT)` reads either format back as floa
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 
 from absl import app, flags
 import jax
@@ -35,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from coca_jax import api, console
+from coca_jax import api, console, fs
 from coca_jax.data.tokenizer import TOKENIZER_FILES
 
 FLAGS = flags.FLAGS
@@ -56,23 +53,6 @@ FORMAT = "coca_jax.export/1"
 SAFETENSORS_FILE = "model.safetensors"
 
 
-def atomic_directory(out: str, write) -> str:
-  """Calls write(tmp_dir), then renames tmp_dir to `out` (which must not exist)."""
-  out = os.path.abspath(out)
-  if os.path.exists(out):
-    raise FileExistsError(f"--out {out} already exists; pick a new directory")
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.tmp")
-  try:
-    write(tmp)
-    os.rename(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return out
-
-
 def write_bundle(out: str, params, config, tokenizer, *, step=None, source: str = "",
                  dtype: str = "float32", fmt: str = "orbax") -> str:
   """Writes a bundle (see the module docstring) for `params` of a model built from `config`."""
@@ -85,7 +65,7 @@ def write_bundle(out: str, params, config, tokenizer, *, step=None, source: str 
   def write(tmp):
     if fmt == "orbax":
       with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(tmp, api.EXPORT_PARAMS),
+        ckptr.save(fs.as_path(fs.join(tmp, api.EXPORT_PARAMS)),
                    jax.tree.map(lambda p: jnp.asarray(p).astype(cast), params))
         ckptr.wait_until_finished()
     else:
@@ -93,18 +73,22 @@ def write_bundle(out: str, params, config, tokenizer, *, step=None, source: str 
       model_config = CoCaConfig.from_config(config.model)
       flat = flat_params.flatten(model_config, params)
       flat = {k: np.asarray(jnp.asarray(v).astype(cast), order="C") for k, v in flat.items()}
-      safetensors.numpy.save_file(flat, os.path.join(tmp, SAFETENSORS_FILE),
-                                  metadata={"format": FORMAT, "layout": "unscanned"})
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+      fs.write_bytes(fs.join(tmp, SAFETENSORS_FILE), safetensors.numpy.save(
+          flat, metadata={"format": FORMAT, "layout": "unscanned"}))
+    fs.write_text(fs.join(tmp, "config.json"),
+                  config.to_json_best_effort(indent=2, sort_keys=True))
     kind = config.data.tokenizer_kind
-    with open(os.path.join(tmp, TOKENIZER_FILES[kind]), "wb") as f:
-      f.write(tokenizer.model_proto)
-    with open(os.path.join(tmp, api.EXPORT_MANIFEST), "w") as f:
-      json.dump({"format": FORMAT, "step": step, "dtype": dtype, "source": source,
-                 "params": SAFETENSORS_FILE if fmt == "safetensors" else api.EXPORT_PARAMS},
-                f, indent=2)
-  return atomic_directory(out, write)
+    fs.write_bytes(fs.join(tmp, TOKENIZER_FILES[kind]), tokenizer.model_proto)
+    # Last: on an object store the bundle is written in place, and the manifest is what makes
+    # a directory a bundle (`api.resolve`), so a half-written one is never loaded.
+    fs.write_text(fs.join(tmp, api.EXPORT_MANIFEST), json.dumps(
+        {"format": FORMAT, "step": step, "dtype": dtype, "source": source,
+         "params": SAFETENSORS_FILE if fmt == "safetensors" else api.EXPORT_PARAMS}, indent=2))
+  try:
+    return fs.write_directory(out, write)
+  except FileExistsError:
+    raise FileExistsError(f"--out {fs.resolve(out)} already exists; pick a new directory"
+                          ) from None
 
 
 def export(source: str, out: str, *, step: int | None = None, dtype: str = "float32",
@@ -112,7 +96,7 @@ def export(source: str, out: str, *, step: int | None = None, dtype: str = "floa
   """Writes the bundle for `source` (a workdir, checkpoint step dir or bundle) to `out`."""
   model = api.load(source, step=step)
   return write_bundle(out, model.params, model.config, model.tokenizer, step=model.step,
-                      source=os.path.abspath(source), dtype=dtype, fmt=fmt)
+                      source=fs.resolve(source), dtype=dtype, fmt=fmt)
 
 
 def main(argv) -> None:

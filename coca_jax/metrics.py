@@ -22,7 +22,7 @@ from typing import Iterator
 
 import jax
 
-from coca_jax import config as config_lib
+from coca_jax import config as config_lib, fs
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -34,15 +34,15 @@ class MetricsWriter:
   TensorBoard under the same keys, at the record's `step` (process 0 only)."""
 
   def __init__(self, workdir: str, tensorboard: bool = True):
-    self.path = os.path.join(workdir, METRICS_FILE)
-    self.tensorboard_dir = os.path.join(workdir, TENSORBOARD_DIR) if tensorboard else None
+    self.path = fs.join(workdir, METRICS_FILE)
+    self.tensorboard_dir = fs.join(workdir, TENSORBOARD_DIR) if tensorboard else None
     self.enabled = jax.process_index() == 0
     self._summary = None  # Opened on the first write: a dry run leaves no event file behind.
 
   def write(self, record: dict) -> None:
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
+    with fs.open(self.path, "a") as f:
       f.write(json.dumps(record, sort_keys=True) + "\n")
     if self.tensorboard_dir is None:
       return
@@ -70,11 +70,11 @@ def tensorboard_tag(key: str) -> str:
 def read_metrics(workdir: str) -> tuple[list[dict], int]:
   """Records of DIR/metrics.jsonl in file order, and how many lines could not be parsed (a run
   killed mid-write can leave a torn last line)."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  path = fs.join(workdir, METRICS_FILE)
+  if not fs.exists(path):
     raise FileNotFoundError(f"{path} does not exist; is {workdir!r} a coca_jax workdir?")
   records, bad = [], 0
-  with open(path) as f:
+  with fs.open(path) as f:
     for line in f:
       if not line.strip():
         continue
@@ -154,7 +154,7 @@ class Profiler:
 
   def __init__(self, config, workdir: str):
     self.window = profile_window(config)
-    self.dir = os.path.join(workdir, PROFILE_DIR)
+    self.dir = fs.join(workdir, PROFILE_DIR)
     self.active = False
 
   def before(self, step: int) -> None:

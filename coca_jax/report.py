@@ -10,13 +10,13 @@ eval.png (each eval metric against step). Works on a run in progress.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import statistics
 
 from absl import app, flags
 
-from coca_jax import console, metrics as metrics_lib
+from coca_jax import console, fs, metrics as metrics_lib
 
 # (file stem, title, keys) of the train-curve figures; a key a run never logged is left out.
 TRAIN_FIGURES = (
@@ -48,7 +48,9 @@ def plot_panels(panels: list[tuple[str, list[tuple[str, list, list]]]], path: st
   for ax in axes.flat[len(panels):]:
     ax.axis("off")
   fig.tight_layout()
-  fig.savefig(path, dpi=90)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=90)
+  fs.write_bytes(path, buffer.getvalue())
   plt.close(fig)
 
 
@@ -61,18 +63,18 @@ def render(workdir: str, out_dir: str) -> list[str]:
   """Writes the figures of the run in `workdir` into `out_dir`; returns their file names."""
   records, _ = metrics_lib.read_metrics(workdir)
   train, evals = metrics_lib.split_records(records)
-  os.makedirs(out_dir, exist_ok=True)
+  fs.makedirs(out_dir)
   written = []
   for stem, _, keys in TRAIN_FIGURES:
     panels = [(key, [(key, *_series(train, key))]) for key in keys]
     panels = [p for p in panels if p[1][0][1]]
     if panels:
-      plot_panels(panels, os.path.join(out_dir, f"{stem}.png"))
+      plot_panels(panels, fs.join(out_dir, f"{stem}.png"))
       written.append(f"{stem}.png")
   eval_keys = sorted({k for r in evals for k in r if k.startswith("eval/") and k != "eval/seconds"})
   if eval_keys:
     plot_panels([(key, [(key, *_series(evals, key))]) for key in eval_keys],
-                os.path.join(out_dir, "eval.png"))
+                fs.join(out_dir, "eval.png"))
     written.append("eval.png")
   return written
 
@@ -87,9 +89,9 @@ def summary(workdir: str, images: list[str]) -> str:
   records, bad = metrics_lib.read_metrics(workdir)
   train, evals = metrics_lib.split_records(records)
   target = None
-  config_path = os.path.join(workdir, "config.json")
-  if os.path.exists(config_path):
-    with open(config_path) as f:
+  config_path = fs.join(workdir, "config.json")
+  if fs.exists(config_path):
+    with fs.open(config_path) as f:
       target = json.load(f).get("train", {}).get("steps")
   lines = [f"# Run report: `{workdir}`", ""]
   if train:
@@ -125,10 +127,10 @@ def summary(workdir: str, images: list[str]) -> str:
 
 def write_report(workdir: str, out: str | None = None) -> str:
   """Renders the figures and writes the markdown; returns the markdown path."""
-  out = out or os.path.join(workdir, "report.md")
-  out_dir = os.path.dirname(os.path.abspath(out))
+  out = fs.resolve(out or fs.join(workdir, "report.md"))
+  out_dir = fs.dirname(out)
   images = render(workdir, out_dir)
-  with open(out, "w") as f:
+  with fs.open(out, "w") as f:
     f.write(summary(workdir, images))
   return out
 

@@ -37,12 +37,13 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
 from absl import app, flags
 
-from coca_jax import config as config_lib, console, metrics as metrics_lib
+from coca_jax import config as config_lib, console, fs, metrics as metrics_lib
 
 TRIAL_FILE = "trial.json"   # Written by the sweep into a trial's workdir when its run ends.
 VALUE_TYPES = (bool, int, float, str)
@@ -120,11 +121,10 @@ class Trial:
   command: list[str] = field(default_factory=list)
 
   def record(self) -> dict | None:
-    path = os.path.join(self.workdir, TRIAL_FILE)
-    if not os.path.exists(path):
+    path = fs.join(self.workdir, TRIAL_FILE)
+    if not fs.exists(path):
       return None
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(fs.read_text(path))
 
   def finished(self) -> bool:
     record = self.record()
@@ -141,8 +141,7 @@ class Trial:
 
 
 def latest_checkpoint_step(workdir: str) -> int | None:
-  path = os.path.join(workdir, "checkpoints")
-  steps = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
+  steps = [int(d) for d in fs.listdir(fs.join(workdir, "checkpoints")) if d.isdigit()]
   return max(steps) if steps else None
 
 
@@ -197,7 +196,7 @@ def make_trials(config_spec: str, base_config, root: str, sweep_overrides: list[
       except config_lib.ConfigError as e:
         trial_problems.append(str(e))
     problems += [f"trial {name}: {p}" for p in trial_problems]
-    workdir = os.path.join(root, name)
+    workdir = fs.join(root, name)
     own = [a for a in global_args
            if a.split("=", 1)[0][len("--config."):] not in overrides]
     command = [sys.executable, "-m", "coca_jax.train", "--config", config_spec,
@@ -240,8 +239,8 @@ def run_trials(trials: list[Trial], parallel: int = 1, say=print) -> dict:
   while queue or running:
     while queue and len(running) < max(parallel, 1):
       trial = queue.pop(0)
-      os.makedirs(trial.workdir, exist_ok=True)
-      log = open(os.path.join(trial.workdir, "train.log"), "a")
+      fs.makedirs(trial.workdir)
+      log = open(_local_log(trial), "a")  # A subprocess writes to a local file only.
       state = trial.status()
       say(f"{trial.name}: {'resuming' if state.startswith('partial') else 'starting'} "
           f"({state}); log {log.name}")
@@ -254,20 +253,32 @@ def run_trials(trials: list[Trial], parallel: int = 1, say=print) -> dict:
         continue
       running.remove(item)
       log.close()
+      if fs.is_url(trial.workdir):  # Its log goes beside the trial once the trial ends.
+        with open(log.name, "rb") as f, fs.open(fs.join(trial.workdir, "train.log"), "ab") as g:
+          g.write(f.read())
+        os.remove(log.name)
       seconds = time.perf_counter() - t0
       done = proc.returncode == 0 and (latest_checkpoint_step(trial.workdir) or 0) >= trial.steps
       record = {"name": trial.name, "overrides": trial.overrides, "steps": trial.steps,
                 "status": "finished" if done else "failed", "returncode": proc.returncode,
                 "seconds": round(seconds, 1)}
-      with open(os.path.join(trial.workdir, TRIAL_FILE), "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
+      fs.write_text(fs.join(trial.workdir, TRIAL_FILE),
+                    json.dumps(record, indent=2, sort_keys=True))
       counts["finished" if done else "failed"] += 1
       if done:
         say(f"{trial.name}: finished in {seconds:.0f}s")
       else:
         say(f"{trial.name}: FAILED (exit {proc.returncode}, stopped before step {trial.steps}); "
-            f"see {os.path.join(trial.workdir, 'train.log')}")
+            f"see {fs.join(trial.workdir, 'train.log')}")
   return counts
+
+
+def _local_log(trial: Trial) -> str:
+  """Where the trial's training writes its console: WORKDIR/train.log for a local workdir; for
+  a URL a local file in the temp directory, copied beside the trial when it ends."""
+  if not fs.is_url(trial.workdir):
+    return fs.join(trial.workdir, "train.log")
+  return os.path.join(tempfile.gettempdir(), f"coca_jax-sweep-{os.getpid()}-{trial.name}.log")
 
 
 # ---- Results -----------------------------------------------------------------------------------
@@ -333,14 +344,14 @@ def write_results(root: str, trials: list[Trial]) -> list[str]:
   from coca_jax import report
   columns, rows = collect(trials)
   marks = best_marks(columns, rows)
-  csv_path = os.path.join(root, "results.csv")
-  with open(csv_path, "w", newline="") as f:
+  csv_path = fs.join(root, "results.csv")
+  with fs.open(csv_path, "w") as f:
     writer = csv.writer(f)
     writer.writerow(columns + ["best_in"])
     for i, row in enumerate(rows):
       best_in = ";".join(c for c in columns if i in marks.get(c, ()))
       writer.writerow([row.get(c, "") for c in columns] + [best_in])
-  md_path = os.path.join(root, "results.md")
+  md_path = fs.join(root, "results.md")
   lines = [f"# Sweep results: `{root}`", "",
            "Final logged train metrics and the last evaluation of each trial; **bold** marks the "
            "best per column (lowest loss; highest eval metric, examples/s, MFU).", "",
@@ -364,12 +375,11 @@ def write_results(root: str, trials: list[Trial]) -> list[str]:
     if lines_:
       panels.append((key, lines_))
   if panels:
-    png = os.path.join(root, "curves.png")
+    png = fs.join(root, "curves.png")
     report.plot_panels(panels, png)
     lines += ["", "![curves](curves.png)"]
     written.append(png)
-  with open(md_path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  fs.write_text(md_path, "\n".join(lines) + "\n")
   return written
 
 
@@ -409,7 +419,7 @@ def main(argv) -> None:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   spec = FLAGS["config"].config_filename
   path, _, arg = spec.partition(":")
-  root = os.path.abspath(FLAGS.workdir)
+  root = fs.resolve(FLAGS.workdir)
   trials = make_trials(spec, FLAGS.config, root, load_sweep(path, arg),
                        _global_overrides(sys.argv))
   if FLAGS.trials:
@@ -430,7 +440,7 @@ def main(argv) -> None:
       print(f"    {shlex.join(trial.command)}")
     return
   if not FLAGS.results_only:
-    os.makedirs(root, exist_ok=True)
+    fs.makedirs(root)
     counts = run_trials(trials, FLAGS.parallel)
     print(f"{len(trials)} trial(s): {counts['finished']} run to the end, "
           f"{counts['skipped']} skipped (finished before), {counts['failed']} failed")

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from coca_jax import checkpoint, config as config_lib, console, flops, sharding, step as step_lib
-from coca_jax import metrics as metrics_lib, preemption, warm_start
+from coca_jax import fs, metrics as metrics_lib, preemption, warm_start
 from coca_jax.data import pipeline, prepare
 from coca_jax.evaluation import evaluators
 
@@ -145,8 +145,8 @@ def main(argv) -> None:
     return
   if workdir is None:
     raise app.UsageError("--workdir is required (unless --dry_run)")
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = fs.resolve(workdir)
+  fs.makedirs(workdir)
   profiler = metrics_lib.Profiler(config, workdir)  # Checks config.profile before the long part.
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
@@ -199,7 +199,7 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
     logging.info("Resumed from step %d", first_step)
     if skipped and jax.process_index() == 0:
       print(f"Resumed from step {first_step}; unreadable newer steps were moved to "
-            f"{os.path.join(workdir, checkpoint.SET_ASIDE)}: " +
+            f"{fs.join(workdir, checkpoint.SET_ASIDE)}: " +
             "; ".join(f"step {s}: {r}" for s, r in skipped), file=sys.stderr)
   else:
     state = built.init_state()

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
 
 from absl import logging
@@ -35,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from coca_jax import fs
 from coca_jax.interop import params as flat_params
 from coca_jax.models.coca import CoCaConfig
 
@@ -48,12 +48,11 @@ class WarmStartError(ValueError):
 def _tokenizer_digest(config, root: str | None = None) -> tuple[str, str]:
   from coca_jax.data.tokenizer import TOKENIZER_FILES
   kind = config.data.tokenizer_kind
-  candidates = [os.path.join(root, TOKENIZER_FILES.get(kind, ""))] if root else []
+  candidates = [fs.join(root, TOKENIZER_FILES.get(kind, ""))] if root else []
   candidates.append(config.data.tokenizer)
   for path in candidates:
-    if path and os.path.isfile(path):
-      with open(path, "rb") as f:
-        return kind, hashlib.sha256(f.read()).hexdigest()
+    if path and fs.isfile(path):
+      return kind, hashlib.sha256(fs.read_bytes(path)).hexdigest()
   return kind, ""
 
 

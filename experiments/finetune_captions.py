@@ -25,7 +25,7 @@ import ml_collections
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  from coca_jax import api, checkpoint
+  from coca_jax import api, checkpoint, fs
   args = {}
   for item in filter(None, arg.split(",")):
     key, _, value = item.partition("=")
@@ -36,7 +36,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if not args.get("init"):
     raise ValueError("experiments/finetune_captions.py needs init=PATH: a bundle, workdir or "
                      "checkpoints/<step> directory to start from")
-  source = os.path.expanduser(args["init"])
+  source = fs.resolve(args["init"])  # A local path or a gs:// URL.
   found = api.resolve(source)
   source_config = checkpoint.read_config(found["root"])  # Completed with today's defaults.
   tokenizer = api.TOKENIZER_FILES[source_config.data.tokenizer_kind]
@@ -46,7 +46,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       name=args.get("name", ""), data_dir=os.path.expanduser(args.get("data_dir", "")),
       train_split="train", eval_split="test", image_size=c.model.image_size,
-      tokenizer=os.path.join(found["root"], tokenizer),
+      tokenizer=fs.join(found["root"], tokenizer),
       tokenizer_kind=source_config.data.tokenizer_kind,
       num_workers=0, random_resized_crop=True, crop_scale=(0.8, 1.0)))
   c.train = ml_collections.ConfigDict(dict(

@@ -34,8 +34,7 @@ def build(format: str, name: str, data_dir: str, overwrite: bool = False,  # pyl
     FileExistsError: the dataset version exists and `overwrite` is False.
     builders.EmptyBuildError: every input of a split was skipped (the message has the report).
   """
-  version_dir = os.path.join(os.path.abspath(os.path.expanduser(data_dir)), name,
-                             builders.VERSION)
+  version_dir = os.path.join(builders.local_data_dir(data_dir), name, builders.VERSION)
   if builders.is_built(name, data_dir):
     if not overwrite:
       raise FileExistsError(f"{version_dir} already holds a built dataset; pass --overwrite to "

@@ -53,6 +53,7 @@ from PIL import Image, ImageOps
 import tensorflow_datasets as tfds
 from tqdm import tqdm
 
+from coca_jax import fs
 from coca_jax.data.digit_scenes import TRANSFER_SPLITS
 
 FORMATS = ("demo", "folder", "webdataset")
@@ -547,11 +548,23 @@ def format_report(name: str, report: dict[str, SplitReport]) -> str:
   return "\n".join(lines)
 
 
+def local_data_dir(data_dir: str) -> str:
+  """`data_dir` made absolute; a URL is refused with the fix: array_record files are written
+  and read with local file I/O (the C++ reader takes a file name), so a dataset in a bucket is
+  used through a mount of it."""
+  if fs.is_url(data_dir):
+    raise ValueError(
+        f"config.data.data_dir={data_dir!r}: datasets are read with local file I/O, not from "
+        "a URL. Mount the bucket (gcsfuse; TPU VMs, GKE and Vertex mount gs://BUCKET at "
+        "/gcs/BUCKET) and give the mounted path, or copy the dataset to a local disk")
+  return fs.resolve(data_dir)
+
+
 def is_built(name: str, data_dir: str) -> bool:
   """True when `data_dir/name/<version>/` holds a finished build (an interrupted one never
   does: `build_atomically` moves a version directory there only once it is complete)."""
-  return os.path.isfile(os.path.join(os.path.abspath(os.path.expanduser(data_dir)), name,
-                                     VERSION, "dataset_info.json"))
+  return os.path.isfile(os.path.join(local_data_dir(data_dir), name, VERSION,
+                                     "dataset_info.json"))
 
 
 def _building_dir(data_dir: str, name: str) -> str:
@@ -597,7 +610,7 @@ def build_atomically(format: str, name: str, data_dir: str,  # pylint: disable=r
   Raises:
     EmptyBuildError: a split had no usable example (the message holds the skip report).
   """
-  data_dir = os.path.abspath(os.path.expanduser(data_dir))
+  data_dir = local_data_dir(data_dir)
   os.makedirs(data_dir, exist_ok=True)
   _remove_interrupted_builds(data_dir, name)
   temporary = _building_dir(data_dir, name)
@@ -651,7 +664,7 @@ def make_builder(format: str, name: str, data_dir: str, **options) -> _CaptionBu
   # the global registry clean, so building the same name twice in one process works.
   named = types.new_class(f"{format.title()}Builder_{name}", (_BUILDER_CLASSES[format],),
                           {"skip_registration": True}, lambda ns: ns.update({"name": name}))
-  return named(data_dir=os.path.abspath(os.path.expanduser(data_dir)), **options)
+  return named(data_dir=local_data_dir(data_dir), **options)
 
 
 def open_source(name: str, data_dir: str, split: str, decode_images: bool = True):
@@ -665,7 +678,7 @@ def open_source(name: str, data_dir: str, split: str, decode_images: bool = True
       which is faster: JPEG draft decoding, and no full-size array for a crop).
   """
   decoders = None if decode_images else {"image": tfds.decode.SkipDecoding()}
-  data_dir = os.path.abspath(os.path.expanduser(data_dir))
+  data_dir = local_data_dir(data_dir)
   base_name = name.split(":")[0]
   if os.path.isdir(os.path.join(data_dir, base_name)) and ":" not in name and not is_built(
       base_name, data_dir):

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from coca_jax import fs
 from coca_jax.tokens import PAD_ID
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -67,8 +68,8 @@ class ClipBpeTokenizer:
     self._ftfy = ftfy
     self.source = vocab_path
     self.num_truncated = 0
-    with gzip.open(vocab_path, "rt", encoding="utf-8") as f:
-      lines = f.read().split("\n")
+    self.model_proto = fs.read_bytes(vocab_path)  # What a bundle stores beside the config.
+    lines = gzip.decompress(self.model_proto).decode("utf-8").split("\n")
     # CLIP's file has more lines than it uses; a shorter file (a prefix of it, as the tests
     # use) gives a smaller vocabulary with the same ids for what it has.
     merges = [tuple(line.split()) for line in lines[1:NUM_MERGES + 1]]
@@ -88,13 +89,11 @@ class ClipBpeTokenizer:
         r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
         r"""[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
     self._cache: dict[str, list[str]] = {}
-    with open(vocab_path, "rb") as f:
-      self.model_proto = f.read()  # The file's bytes: what a bundle stores beside the config.
 
   @classmethod
   def load(cls, path: str = "") -> "ClipBpeTokenizer":
     path = path or installed_vocab_file() or ""
-    if not path or not os.path.exists(path):
+    if not path or not fs.exists(path):
       raise FileNotFoundError(
           f"CLIP BPE vocabulary {path or VOCAB_FILE!r} not found: set config.data.tokenizer to "
           f"open_clip's {VOCAB_FILE} (it ships inside the open_clip_torch package)")

@@ -14,6 +14,7 @@ import os
 
 import jax
 
+from coca_jax import fs
 from coca_jax.config import ConfigError
 from coca_jax.data import builders
 from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
@@ -35,7 +36,10 @@ def prepare_data(config, workdir: str) -> Tokenizer:
   """
   data = config.data
   if not data.data_dir:
-    data.data_dir = os.path.join(workdir, "tensorflow_datasets")
+    # array_record files are read with local file I/O: with a gs:// workdir the demo data goes
+    # to TFDS's own default directory on this machine instead.
+    data.data_dir = (os.path.expanduser(os.path.join("~", "tensorflow_datasets"))
+                     if fs.is_url(workdir) else fs.join(workdir, "tensorflow_datasets"))
   if data.build_demo:
     # Only process 0 looks and builds; every process syncs (another process could see the
     # directory process 0 is still writing and skip the barrier).
@@ -46,14 +50,13 @@ def prepare_data(config, workdir: str) -> Tokenizer:
   kind = data.tokenizer_kind
   if kind == "clip_bpe":  # A fixed vocabulary: keep a copy beside the config, train nothing.
     tokenizer = load_tokenizer(data.tokenizer, kind)
-    data.tokenizer = os.path.join(workdir, TOKENIZER_FILES[kind])
-    if jax.process_index() == 0 and not os.path.exists(data.tokenizer):
-      with open(data.tokenizer, "wb") as f:
-        f.write(tokenizer.model_proto)
+    data.tokenizer = fs.join(workdir, TOKENIZER_FILES[kind])
+    if jax.process_index() == 0 and not fs.exists(data.tokenizer):
+      fs.write_bytes(data.tokenizer, tokenizer.model_proto)
     sync("tokenizer copied")
   if not data.tokenizer:
-    path = os.path.join(workdir, "tokenizer.model")
-    if not os.path.exists(path) and jax.process_index() == 0:
+    path = fs.join(workdir, "tokenizer.model")
+    if not fs.exists(path) and jax.process_index() == 0:
       source = builders.open_source(data.name, data.data_dir, data.train_split,
                                     decode_images=False)
       captions = [c.decode() if isinstance(c, bytes) else str(c)

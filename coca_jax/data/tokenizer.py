@@ -189,8 +189,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   if bool(args.captions_file) == bool(args.name):
     parser.error("give either --captions_file or --name (with --data_dir)")
   if args.captions_file:
-    with open(args.captions_file, encoding="utf-8") as f:
-      captions = [line.strip() for line in f]
+    captions = [line.strip() for line in
+                epath.Path(args.captions_file).read_text(encoding="utf-8").splitlines()]
   else:
     if not args.data_dir:
       parser.error("--name needs --data_dir")

@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import re
-import tempfile
 
 import ml_collections
 import numpy as np
+
+from coca_jax import fs
 
 # open_clip's model_configs/coca_ViT-B-32.json and coca_ViT-L-14.json (open_clip 3.3.0).
 MODEL_CONFIGS = {
@@ -65,9 +65,8 @@ def read_model_config(model: str) -> dict:
   """open_clip model-config dict from a MODEL_CONFIGS name or a JSON file path."""
   if model in MODEL_CONFIGS:
     return copy.deepcopy(MODEL_CONFIGS[model])
-  if os.path.exists(model):
-    with open(model) as f:
-      return json.load(f)
+  if fs.exists(model):
+    return json.loads(fs.read_text(model))
   raise ConversionError(f"--model {model!r} is neither one of {sorted(MODEL_CONFIGS)} nor an "
                         "open_clip model-config JSON file")
 
@@ -364,18 +363,19 @@ def experiment_config(model: str, arg: str = "") -> ml_collections.ConfigDict:
 def read_state_dict(path: str) -> dict:
   """{key: float32 numpy} from an open_clip checkpoint: .safetensors (no torch needed) or a
   torch .pt/.bin (a state dict, or a training checkpoint holding one under 'state_dict')."""
-  if not os.path.exists(path):
+  if not fs.exists(path):
     raise FileNotFoundError(f"--src {path} does not exist")
   if path.endswith(".safetensors"):
     import safetensors.numpy
-    state = safetensors.numpy.load_file(path)
+    state = safetensors.numpy.load(fs.read_bytes(path))
   else:
     try:
       import torch
     except ImportError as e:
       raise ImportError(f"reading {path} needs torch; or convert it to .safetensors where torch "
                         "is installed (safetensors.torch.save_file(state_dict, ...))") from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    with fs.open(path, "rb") as f:
+      state = torch.load(f, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
     state = {k: v.float().numpy() for k, v in state.items()}
   # Checkpoints saved from DistributedDataParallel prefix every key with 'module.'.
@@ -383,19 +383,11 @@ def read_state_dict(path: str) -> dict:
 
 
 def write_safetensors(state: dict, out: str, metadata: dict | None = None) -> str:
-  """Writes {key: array} to `out` through a temporary file and a rename (atomic)."""
+  """Writes {key: array} to `out` whole or not at all (see `fs.write_bytes`)."""
   import safetensors.numpy
-  out = os.path.abspath(out)
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.tmp")
-  os.close(fd)
-  try:
-    safetensors.numpy.save_file({k: np.asarray(v, order="C") for k, v in state.items()}, tmp,
-                                metadata=metadata)
-    os.replace(tmp, out)
-  except BaseException:
-    os.remove(tmp)
-    raise
+  out = fs.resolve(out)
+  fs.write_bytes(out, safetensors.numpy.save(
+      {k: np.asarray(v, order="C") for k, v in state.items()}, metadata=metadata))
   return out
 
 
@@ -423,7 +415,7 @@ def import_bundle(src: str, model: str, out: str, bpe: str = "", dtype: str = "f
                           f"{model} has a vocabulary of {config.model.text.vocab_size}")
   config.data.tokenizer = ""  # The bundle keeps its own copy beside config.json.
   params = import_params(read_state_dict(src), config)
-  return export.write_bundle(out, params, config, tokenizer, source=os.path.abspath(src),
+  return export.write_bundle(out, params, config, tokenizer, source=fs.resolve(src),
                              dtype=dtype)
 
 
