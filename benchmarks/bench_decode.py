@@ -5,7 +5,7 @@ r"""Greedy caption decoding: KV cache vs recomputing the whole prefix every toke
       [--decoders cached,recompute,prefix]
 
   # Decoding weights on open_clip's B/32 layout (float32 vs int8 vs bf16 decoder kernels):
-  python benchmarks/bench_decode.py --config experiments/openclip_coca_vit_b32.py \
+  python benchmarks/bench_decode.py --config experiments/openclip_coca.py:model=coca_ViT-B-32 \
       --batch_sizes 2 --decoders cached --decode_weights int8,bfloat16
 
 Same model (the config's architecture, random weights: speed does not depend on them; text

@@ -5,7 +5,7 @@ r"""coca_jax vs open_clip on the same machine: train step, peak memory, 30-token
       [--parts train,caption] [--out result.json]
 
 The same architecture on both sides: open_clip's `coca_ViT-B-32` and our
-`experiments/openclip_coca_vit_b32.py` (its open_clip layout: same shapes, same parameter count).
+`experiments/openclip_coca.py:model=coca_ViT-B-32` (its open_clip layout: same shapes, same parameter count).
 Each measurement runs in its own process, so each side's peak RSS is its own, and the two sides
 alternate (ours, theirs, then theirs, ours, ...) for `--rounds` rounds so a change in the
 machine's load hits both alike. Reported per side: medians over all rounds of the wall time and
@@ -52,7 +52,7 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = "experiments/openclip_coca_vit_b32.py"
+CONFIG = "experiments/openclip_coca.py:model=coca_ViT-B-32"
 OPEN_CLIP_MODEL = "coca_ViT-B-32"
 LOGIT_GAIN = 8.0
 DEFAULT_TORCH_PYTHON = os.environ.get("COCA_JAX_TORCH_PYTHON", "/work/venv-torch/bin/python")
@@ -92,12 +92,10 @@ def ours_train(args) -> dict:
   config = _our_config(args.batch)
   built = step.setup(config)
   with jax.set_mesh(built.mesh):
-    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  built.abstract_state, built.state_shardings)
-    compiled = built.train_step(config).lower(
-        abstract_state, bench._abstract_batch(config, built.mesh)).compile()
+    compiled = built.train_step().lower(
+        built.sharded_abstract_state, bench._abstract_batch(config, built.mesh)).compile()
     memory = bench._memory_report(compiled)
-    state = built.init_state(config, seed=0)
+    state = built.init_state(seed=0)
     batch = bench._synthetic_batch(config, built.mesh)
     holder = {"state": state}
 
@@ -118,7 +116,7 @@ def ours_caption(args) -> dict:
   from coca_jax.interop import open_clip, params as flat_params
   from coca_jax.models.coca import CoCaConfig
   config = _our_config(args.caption_batch)
-  model, abstract = api.abstract_params(config)
+  model, abstract = api.model_and_abstract_params(config)
   size = config.model.image_size
   params = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 3)),
                                         jnp.zeros((1, config.model.text.max_len), jnp.int32)))(

@@ -50,9 +50,9 @@ def main(argv=None) -> None:
   for spec in specs:
     config = load(spec)
     built = step.setup(config)
-    train_step = built.train_step(config)
+    train_step = built.train_step()
     with jax.set_mesh(built.mesh):
-      state = built.init_state(config, seed=0)
+      state = built.init_state(seed=0)
       batch = bench._synthetic_batch(config, built.mesh)  # pylint: disable=protected-access
       state, metrics = train_step(state, batch)  # Compile.
       jax.block_until_ready(metrics)

@@ -1,7 +1,7 @@
 r"""Where a train step's time goes: a jax.profiler trace of a few steps, summarised per XLA op
 (fusion, dot, copy, ...), beside XLA's own cost analysis (FLOPs, bytes) of the compiled step.
 
-  python benchmarks/profile_train_step.py --config experiments/openclip_coca_vit_b32.py:batch=16 \
+  python benchmarks/profile_train_step.py --config experiments/openclip_coca.py:model=coca_ViT-B-32,batch=16 \
       [--steps 2] [--top 25] [--trace_dir /tmp/coca_trace] [--config.model.remat=dots ...]
 
 Synthetic batch (as `coca_jax.bench`, whose flags it shares); one warm-up step, then `--steps`
@@ -64,13 +64,11 @@ def main(argv) -> None:
   config = FLAGS.config
   built = step.setup(config)
   with jax.set_mesh(built.mesh):
-    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  built.abstract_state, built.state_shardings)
-    compiled = built.train_step(config).lower(
-        abstract_state, bench._abstract_batch(config, built.mesh)).compile()
+    compiled = built.train_step().lower(
+        built.sharded_abstract_state, bench._abstract_batch(config, built.mesh)).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    state = built.init_state(config, seed=0)
+    state = built.init_state(seed=0)
     batch = bench._synthetic_batch(config, built.mesh)
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
