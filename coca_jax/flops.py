@@ -144,9 +144,8 @@ def _mome_flops_breakdown(config, batch_size: int) -> dict[str, int]:
       "vocab_head": 2 * inputs * width * m.vocab_size,
       "contrastive_logits": 2 * batch_size * m.embed_dim,
   }
-  loss = config.get("loss", {})
-  if loss.get("itm_weight", 0.0) > 0:
-    share = (loss.get("itm_examples", 0) or batch_size) / batch_size
+  if config.loss.itm_weight > 0:
+    share = (config.loss.itm_examples or batch_size) / batch_size
     pair = (m.depth * _block_flops(patches + inputs + 1, width, m.mlp_dim) + 2 * width * 2
             + routed(patches, "image", bottom_layers) + routed(inputs + 1, "text", bottom_layers)
             + routed(patches + inputs + 1, "fusion", top_layers))
@@ -225,7 +224,7 @@ def param_counts(config) -> dict[str, int]:
   size = lambda tree: sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
   counts: dict[str, int] = {name: size(subtree) for name, subtree in params.items()}
   inactive = 0
-  if config.model.get("backbone", "towers") == "mome":
+  if config.model.backbone == "mome":
     m = MoMEConfig.from_config(config.model)
     layers = [name for name in counts if name.startswith("layers_")]
     counts["layers"] = sum(counts.pop(name) for name in layers)

@@ -137,14 +137,14 @@ def loss_fn(params, model: CoCa, batch, loss_config, rng=None):
       outputs, batch["text"],
       contrastive_weight=loss_config.contrastive_weight,
       caption_weight=loss_config.caption_weight,
-      label_smoothing=loss_config.get("label_smoothing", 0.0),
-      contrastive=loss_config.get("contrastive", "softmax"),
-      contrastive_impl=loss_config.get("contrastive_impl", "gathered"),
-      contrastive_reduction=loss_config.get("contrastive_reduction", "sum"))
-  itm_weight = loss_config.get("itm_weight", 0.0)
+      label_smoothing=loss_config.label_smoothing,
+      contrastive=loss_config.contrastive,
+      contrastive_impl=loss_config.contrastive_impl,
+      contrastive_reduction=loss_config.contrastive_reduction)
+  itm_weight = loss_config.itm_weight
   if itm_weight > 0:
     itm, itm_metrics, itm_stats = image_text_matching(params, model, batch, outputs, rng,
-                                                      loss_config.get("itm_examples", 0))
+                                                      loss_config.itm_examples)
     total = total + itm_weight * itm
     metrics = {**metrics, **itm_metrics, "loss": total}
     # Routers the ITM pass also runs through: their statistics cover its tokens too.

@@ -33,6 +33,7 @@ def tiny_config(**loss):
   from coca_jax import config as config_lib
   c = config_lib.load_config(os.path.join(REPO, "experiments", "demo.py:smoke"))
   c.model.update(image_size=16, patch_size=8, embed_dim=16, n_gen_queries=4, pooler_heads=2)
+  c.data.update(image_size=16, tokenizer_vocab=0)  # A valid config: the data fit the model.
   c.model.vision.update(width=32, depth=1, heads=2, mlp_dim=32)
   c.model.text.update(vocab_size=32, max_len=8, width=32, heads=2, mlp_dim=32, n_uni=1, n_multi=1)
   c.train.update(batch_size=BATCH, microbatches=1)
