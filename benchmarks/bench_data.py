@@ -16,7 +16,6 @@ The pipeline is not the bottleneck when (4) is close to (3).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import os
 import sys
@@ -74,12 +73,11 @@ def _pipeline_rate(options, seconds: float) -> float:
 
 
 def _load_demo_config(arg: str):
+  """experiments/demo.py[:arg], completed with every default (what the CLIs load)."""
+  from coca_jax import config as config_lib
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "experiments", "demo.py")
-  spec = importlib.util.spec_from_file_location("demo_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_config(f"{path}:{arg}" if arg else path)
 
 
 def _train_rates(config, seconds: float, data_options_by_workers) -> dict[str, float]:

@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 
+from coca_jax import config as config_lib
 from coca_jax.data import builders
 from coca_jax.data import pipeline
 from coca_jax.data import preprocess
@@ -35,11 +36,12 @@ def dataset(tmp_path_factory):
 
 
 def _config(root, batch_size=6, **data):
-  return ml_collections.ConfigDict(dict(
+  """A completed config (every other field at the schema's default)."""
+  return config_lib.complete(ml_collections.ConfigDict(dict(
       data=dict(name="tiny_scenes", data_dir=str(root / "tfds"), image_size=IMAGE_SIZE,
                 tokenizer=str(root / "sp.model"), **data),
       model=dict(text=dict(max_len=MAX_LEN)),
-      train=dict(batch_size=batch_size, seed=3)))
+      train=dict(batch_size=batch_size, seed=3))))
 
 
 def _host_loader(root, shard_index=0, shard_count=1, batch_size=6, **data):

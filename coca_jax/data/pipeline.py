@@ -24,12 +24,12 @@ have produced, on any number of hosts:
       data=checkpoint_args(train_iter, restore=True)))
 
 Config fields read (config.data.<field>; the schema and its defaults are in coca_jax/config.py,
-which loaded configs are completed with; DEFAULTS below serve hand-built partial configs):
+which every loaded config is completed with; this module reads completed configs only):
   name                 TFDS dataset name built by `python -m coca_jax.data.build` (required)
-  data_dir             TFDS data_dir ("~/tensorflow_datasets")
+  data_dir             TFDS data_dir ("" = DEFAULT_DATA_DIR outside a training run)
   train_split          split to train on ("train"); TFDS slices like "train[:90%]" work
   eval_split           split `make_eval_source` reads by default ("test")
-  image_size           output height = width in pixels (224)
+  image_size           output height = width in pixels (required; = config.model.image_size)
   tokenizer            path to the SentencePiece .model (required)
   num_workers          grain worker processes; 0 = decode in the training process (0).
                        The batches do not depend on it. On a 2-core machine 0 is fastest:
@@ -67,18 +67,8 @@ from coca_jax.data import builders
 from coca_jax.data import preprocess
 from coca_jax.data.tokenizer import Tokenizer, load_tokenizer
 
-DEFAULTS: dict[str, Any] = {
-    "data_dir": "~/tensorflow_datasets",
-    "train_split": "train",
-    "eval_split": "test",
-    "image_size": 224,
-    "tokenizer": "",
-    "num_workers": 0,
-    "worker_buffer_size": 2,
-    "random_resized_crop": True,
-    "crop_scale": (0.9, 1.0),
-    "crop_ratio": (3.0 / 4.0, 4.0 / 3.0),
-}
+# Where config.data.data_dir is "" (the schema's default) outside a training run.
+DEFAULT_DATA_DIR = "~/tensorflow_datasets"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,19 +95,18 @@ class DataOptions:
     data = config.data
 
     def field(name):
-      if name in data:
-        return data[name]
-      if name in DEFAULTS:
-        return DEFAULTS[name]
-      raise ValueError(f"config.data.{name} is required (see coca_jax/data/pipeline.py)")
+      if name not in data:
+        raise ValueError(f"config.data.{name} is missing: pass a completed config "
+                         "(coca_jax.config.load_config / complete fill in every default)")
+      return data[name]
 
     options = cls(
         name=field("name"),
         # "" (the config default): train fills in DIR/tensorflow_datasets before this runs.
-        data_dir=os.path.expanduser(field("data_dir") or DEFAULTS["data_dir"]),
+        data_dir=os.path.expanduser(field("data_dir") or DEFAULT_DATA_DIR),
         train_split=field("train_split"), eval_split=field("eval_split"),
         image_size=int(field("image_size")), tokenizer=field("tokenizer"),
-        tokenizer_kind=data.get("tokenizer_kind", "sentencepiece"),
+        tokenizer_kind=field("tokenizer_kind"),
         num_workers=int(field("num_workers")), worker_buffer_size=int(field("worker_buffer_size")),
         random_resized_crop=bool(field("random_resized_crop")),
         crop_scale=tuple(float(x) for x in field("crop_scale")),
