@@ -106,11 +106,7 @@ def main() -> None:
   config.model.text.max_len = max(config.model.text.max_len, args.tokens + 2)
   model = step_lib.build_model(config)
   size = config.model.image_size
-  params = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 3)),
-                                        jnp.zeros((1, config.model.text.max_len), jnp.int32)))(
-                                            jax.random.key(0))["params"]
-  params = jax.tree.map(lambda x: getattr(x, "value", x), params,
-                        is_leaf=lambda x: hasattr(x, "value"))
+  params = step_lib.init_params(config, model, jax.random.key(0))
   decoding = gen.Decoding(max_new_tokens=args.tokens, min_len=args.tokens)
   encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=CoCa.encode_image)[1])
   prefix_decode = make_prefix_decoder(model, encode, args.tokens)

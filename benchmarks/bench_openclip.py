@@ -112,17 +112,13 @@ def ours_caption(args) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from coca_jax import api, generate as gen
+  from coca_jax import generate as gen, step
   from coca_jax.interop import open_clip, params as flat_params
   from coca_jax.models.coca import CoCaConfig
   config = _our_config(args.caption_batch)
-  model, abstract = api.model_and_abstract_params(config)
+  model = step.build_model(config)
   size = config.model.image_size
-  params = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 3)),
-                                        jnp.zeros((1, config.model.text.max_len), jnp.int32)))(
-                                            jax.random.key(0))["params"]
-  params = jax.tree.map(lambda x: getattr(x, "value", x), params,
-                        is_leaf=lambda x: hasattr(x, "value"))
+  params = step.init_params(config, model, jax.random.key(0))
   params["vocab_head"]["kernel"] = params["vocab_head"]["kernel"] * LOGIT_GAIN
   images = np.asarray(jax.random.normal(jax.random.key(1), (args.caption_batch, size, size, 3)))
   weights_file = os.path.join(args.workdir, "weights.safetensors")

@@ -88,6 +88,12 @@ def _init_boxed_params(model: CoCa, config, rng):
   return model.init(rng, image, text)["params"]
 
 
+def init_params(config, model: CoCa, rng):
+  """Freshly initialised parameters of `model` (plain arrays, on the default device): for
+  benchmarks and tools that need real weights without an optimizer or a mesh."""
+  return jax.jit(lambda r: nn.unbox(_init_boxed_params(model, config, r)))(rng)
+
+
 def abstract_params(config, model: CoCa | None = None, *, boxed: bool = False):
   """The parameter tree of `model` (default: `build_model(config)`, the full config deciding
   extras such as the sigmoid logit bias) as ShapeDtypeStructs; nothing is allocated. `boxed`

@@ -53,3 +53,21 @@ def random_batch(config, batch_size, seed=0, num_pads=(0, 3, 7)):
     text[row, :len(seq)] = seq
   image = rng.standard_normal((batch_size, size, size, 3)).astype(np.float32)
   return {"image": jnp.asarray(image), "text": jnp.asarray(text)}
+
+
+def loss_and_grads_without_and_with_balance_loss(model, params, batch):
+  """((loss, metrics), grads) of `step.loss_fn` with the smoke config's loss at
+  router_balance_weight 0 and 1, in one jitted call: their difference is what the router
+  balance term adds to the loss and to each router's gradient."""
+  configs = []
+  for weight in (0.0, 1.0):
+    loss_config = smoke_config().loss
+    loss_config.router_balance_weight = weight
+    configs.append(loss_config)
+
+  @jax.jit
+  def both(p):
+    grad = lambda c: jax.value_and_grad(step_lib.loss_fn, has_aux=True)(p, model, batch, c)
+    return grad(configs[0]), grad(configs[1])
+
+  return both(params)

@@ -215,25 +215,14 @@ def test_routed_cached_greedy_equals_full_recomputation(routed_coca):
 def test_router_losses_reach_the_train_loss_and_the_router_gradient(routed_coca):
   """Fails if the train step drops the 'intermediates' again: the weighted balance loss must be
   in the total and in every router kernel's gradient."""
-  import ml_collections
-  from conftest import smoke_config
+  from conftest import loss_and_grads_without_and_with_balance_loss
   model, params, _ = routed_coca
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32),
            "text": jnp.asarray(np.concatenate([np.full((4, 1), 2), rng.integers(4, 32, (4, 7))],
                                               axis=1), jnp.int32)}
-  configs = []
-  for weight in (0.0, 1.0):
-    loss_config = ml_collections.ConfigDict(smoke_config().loss.to_dict())
-    loss_config.router_balance_weight = weight
-    configs.append(loss_config)
-
-  @jax.jit
-  def both(p):
-    grad = lambda c: jax.value_and_grad(step.loss_fn, has_aux=True)(p, model, batch, c)
-    return grad(configs[0]), grad(configs[1])
-
-  ((loss0, m0), g0), ((loss1, m1), g1) = both(params)
+  ((loss0, m0), g0), ((loss1, m1), g1) = loss_and_grads_without_and_with_balance_loss(
+      model, params, batch)
   # The total includes the weighted balance loss (averaged over routed layers).
   np.testing.assert_allclose(float(loss1 - loss0), float(m1["router_balance_loss"]), rtol=1e-4)
   assert float(m1["router_balance_loss"]) >= 1.0  # Its minimum, reached when balanced.

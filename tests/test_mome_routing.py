@@ -10,14 +10,13 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from coca_jax import config as config_lib, flops, generate as gen, models, step
 from coca_jax.models.experts import RoutedExperts
 from coca_jax.models.mome import MoME
-from conftest import REPO, smoke_config
+from conftest import REPO, loss_and_grads_without_and_with_balance_loss
 from test_mome import CONFIG
 
 # Text and fusion experts: top-2 with room for half the choices, so capacity binds and slot
@@ -105,18 +104,8 @@ def test_router_losses_reach_the_mome_loss_and_every_router_gradient(routed_mome
   the balance weight) or do not reach a router (its gradient would not change)."""
   model, params, images = routed_mome
   batch = {"image": images, "text": jnp.asarray(_text(np.random.default_rng(2)), jnp.int32)}
-  configs = []
-  for weight in (0.0, 1.0):
-    loss_config = ml_collections.ConfigDict(smoke_config().loss.to_dict())
-    loss_config.router_balance_weight = weight
-    configs.append(loss_config)
-
-  @jax.jit
-  def both(p):
-    grad = lambda c: jax.value_and_grad(step.loss_fn, has_aux=True)(p, model, batch, c)
-    return grad(configs[0]), grad(configs[1])
-
-  ((loss0, _), g0), ((loss1, m1), g1) = both(params)
+  ((loss0, _), g0), ((loss1, m1), g1) = loss_and_grads_without_and_with_balance_loss(
+      model, params, batch)
   np.testing.assert_allclose(float(loss1 - loss0), float(m1["router_balance_loss"]), rtol=1e-4)
   assert float(m1["router_balance_loss"]) >= 1.0
   for name in ("layers_0/ffn_text", "layers_1/ffn_image", "layers_2/ffn_fusion/image",
