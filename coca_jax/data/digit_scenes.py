@@ -47,8 +47,10 @@ DIGIT_NAMES = tuple(str(d) for d in range(10))
 # Fraction of the scans used for training; the rest are only ever shown in the test split.
 _TRAIN_FRACTION = 0.78
 # Varied scenes draw each glyph between these fractions of the canvas height (of the slot width
-# for several digits): from small digits to one digit filling the image, as in MNIST.
-_VARIED_SCALE = (0.4, 0.92)
+# for several digits), large as in MNIST (its 20-px digits fill ~70% of the 28-px image), ...
+_VARIED_SCALE = (0.58, 0.85)
+# ... and centred in its slot, up to this fraction of the canvas off in x and y.
+_VARIED_JITTER = 0.1
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,10 +132,11 @@ def _render_varied(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarr
   """Like `_render`, with what the canonical layout holds fixed drawn at random per scene.
 
   Polarity: dark ink on light paper or light ink on a dark canvas, with a random background
-  tint; ink colour jittered around its named colour; each glyph its own size (a fraction
-  `_VARIED_SCALE` of the canvas, or of its slot with several digits) at any pixel position in
-  its slot; stroke weight and sharpness varied by a contrast curve on the glyph's ink (the scans
-  are 8x8, so upscaled they are blurry blobs; pen strokes in other data sets are crisp).
+  tint; ink colour jittered around its named colour; each glyph large (a fraction
+  `_VARIED_SCALE` of the canvas height, or of its slot's width with several digits), centred in
+  its slot up to `_VARIED_JITTER` of the canvas off in each direction; stroke weight and
+  sharpness varied by a contrast curve on the glyph's ink (the scans are 8x8, so upscaled they
+  are blurry blobs; pen strokes in other data sets are crisp).
   """
   light = bool(rng.random() < 0.5)
   canvas = rng.uniform(0, 30, size=(image_size, image_size, 3)) + rng.uniform(0, 40, size=3)
@@ -141,14 +144,18 @@ def _render_varied(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarr
     canvas = 255.0 - canvas
   inks = _INK_ON_LIGHT if light else _INK_ON_DARK
   slot_width = image_size // count
+  jitter = _VARIED_JITTER * image_size
   parts, digit_labels = [], []
   for slot in range(count):
     index = rng.integers(len(labels))
     colour_name = inks[rng.integers(len(inks))]
     size = int(np.clip(rng.uniform(*_VARIED_SCALE) * (image_size if count == 1 else slot_width),
                        12, slot_width))  # 12 px: still legible at the demo's 8-px patches.
-    x = int(rng.integers(slot * slot_width, (slot + 1) * slot_width - size + 1))
-    y = int(rng.integers(0, image_size - size + 1))
+    # Each digit stays inside its own horizontal slot, so reading order == slot order.
+    x = int(np.clip(round(slot * slot_width + (slot_width - size) / 2 + rng.uniform(-jitter, jitter)),
+                    slot * slot_width, (slot + 1) * slot_width - size))
+    y = int(np.clip(round((image_size - size) / 2 + rng.uniform(-jitter, jitter)),
+                    0, image_size - size))
     # Ink above `pivot` darkens towards full, below it fades out; slope 1 leaves the glyph as is.
     pivot, slope = rng.uniform(0.4, 0.75), rng.uniform(1.0, 3.0)
     alpha = np.clip((_glyph(scans[index], size) - pivot) * slope + pivot, 0.0, 1.0)[..., None]
