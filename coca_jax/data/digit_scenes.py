@@ -128,7 +128,7 @@ def _render(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarray, cou
 
 
 def _render_varied(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarray, count: int,
-                   image_size: int) -> tuple[np.ndarray, str, list[int]]:
+                   image_size: int, grid: int = 0) -> tuple[np.ndarray, str, list[int]]:
   """Like `_render`, with what the canonical layout holds fixed drawn at random per scene.
 
   Polarity: dark ink on light paper or light ink on a dark canvas, with a random background
@@ -151,11 +151,16 @@ def _render_varied(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarr
     colour_name = inks[rng.integers(len(inks))]
     size = int(np.clip(rng.uniform(*_VARIED_SCALE) * (image_size if count == 1 else slot_width),
                        12, slot_width))  # 12 px: still legible at the demo's 8-px patches.
+    if grid:
+      size = min(slot_width, max(grid, round(size / grid) * grid))
     # Each digit stays inside its own horizontal slot, so reading order == slot order.
     x = int(np.clip(round(slot * slot_width + (slot_width - size) / 2 + rng.uniform(-jitter, jitter)),
                     slot * slot_width, (slot + 1) * slot_width - size))
     y = int(np.clip(round((image_size - size) / 2 + rng.uniform(-jitter, jitter)),
                     0, image_size - size))
+    if grid:  # Whole grid cells, as the canonical layout: a small ViT learns those faster.
+      x = max(slot * slot_width, min(round(x / grid) * grid, (slot + 1) * slot_width - size))
+      y = min(round(y / grid) * grid, image_size - size)
     # Ink above `pivot` darkens towards full, below it fades out; slope 1 leaves the glyph as is.
     pivot, slope = rng.uniform(0.4, 0.75), rng.uniform(1.0, 3.0)
     alpha = np.clip((_glyph(scans[index], size) - pivot) * slope + pivot, 0.0, 1.0)[..., None]
@@ -172,7 +177,7 @@ def _render_varied(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarr
 def _draw(rng, scans, labels, count, image_size, glyph_size, grid, variation):
   """One scene: varied with probability `variation`, else the canonical layout."""
   if variation > 0 and rng.random() < variation:
-    return _render_varied(rng, scans, labels, count, image_size)
+    return _render_varied(rng, scans, labels, count, image_size, grid)
   return _render(rng, scans, labels, count, image_size, glyph_size, grid)
 
 
