@@ -63,14 +63,36 @@ def test_each_factor_varies_and_captions_stay_true():
     named.add(match.group(1))
   # Polarity: dark ink on light paper and light ink on a dark canvas, about half each.
   assert 0.3 < np.mean(light) < 0.7
-  # Scale: from small digits to digits filling most of the 48-px canvas.
-  assert min(heights) < 16 and max(heights) > 32
-  # Position: not on the 8-px grid, spread over the canvas.
+  # Scale: large like MNIST's digits (~70% of the canvas), in several sizes; the canonical
+  # glyph is 16 px.
+  assert np.median(heights) > 24 and max(heights) - min(heights) >= 8
+  # Position: spread around the centre, not one spot.
   centres = np.asarray(centres)
-  assert centres.std(axis=0).min() > 4
-  assert np.mean(centres % 8 == centres[0] % 8) < 0.5
+  assert centres.std(axis=0).min() > 2 and np.abs(centres.mean(axis=0) - 24).max() < 3
   # Colour: every named ink is drawn.
   assert named == set(digit_scenes.COLOUR_NAMES)
+
+
+def test_varied_boxes_are_large_near_the_centre_and_on_the_grid_when_asked():
+  rng = np.random.default_rng(0)
+  for count in (1, 2):
+    slot_width = 48 // count
+    for grid in (0, 8):
+      boxes = np.asarray([(slot,) + digit_scenes._varied_box(rng, slot, count, 48, grid)
+                          for _ in range(100) for slot in range(count)])
+      slot, x, y, size = boxes.T
+      # Inside its own slot (reading order), on the canvas, large for its slot.
+      assert (x >= slot * slot_width).all() and (x + size <= (slot + 1) * slot_width).all()
+      assert (y >= 0).all() and (y + size <= 48).all()
+      assert size.min() >= 0.5 * slot_width
+      # Several sizes; on the grid, a 24-px slot has room for one whole-cell size (16 px).
+      assert len(set(size.tolist())) >= (1 if grid and count == 2 else 2)
+      assert len(set(x.tolist())) >= 2 and len(set(y.tolist())) >= 2
+      on_grid = (boxes[:, 1:] % 8 == 0).all(axis=1)
+      if grid:  # Whole 8-px cells at 8-px positions, as the canonical layout.
+        assert on_grid.all()
+      else:  # Any pixel position and size.
+        assert on_grid.mean() < 0.2
 
 
 def test_varied_share_follows_variation():

@@ -10,10 +10,11 @@ the model never saw.
 `grid`; with grid = patch size every digit covers whole ViT patches. A small ViT learns the digits
 several times faster that way (the demo's choice); grid=0 places digits anywhere.
 
-`variation` (0..1) is the fraction of scenes drawn varied instead: digit scale, free position,
-polarity (dark ink on light paper, or light ink on a dark canvas), background tint, ink colour
-and stroke weight all drawn at random, so a model learns the digits rather than the canonical
-layout. Captions keep one grammar throughout; the palette has black ink for light paper.
+`variation` (0..1) is the fraction of scenes drawn varied instead: digit scale (large, as MNIST
+draws digits), position (near the centre of its slot; on the grid with grid > 0), polarity (dark
+ink on light paper, or light ink on a dark canvas), background tint, ink colour and stroke weight
+all drawn at random, so a model learns the digits rather than the canonical layout. Captions
+keep one grammar throughout; the palette has black ink for light paper.
 
 `make_transfer_digits` gives the transfer eval's digits: MNIST scans from another package,
 other writers and a crisper look, one digit filling the image. Nothing else here reads them.
@@ -127,14 +128,36 @@ def _render(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarray, cou
   return np.clip(canvas, 0, 255).astype(np.uint8), " left of ".join(parts), digit_labels
 
 
+def _varied_box(rng: np.random.Generator, slot: int, count: int, image_size: int,
+                grid: int = 0) -> tuple[int, int, int]:
+  """(x, y, size) of a varied glyph in horizontal slot `slot` of `count`: `_VARIED_SCALE` of the
+  canvas height (of the slot width with several digits), centred in its slot up to
+  `_VARIED_JITTER` of the canvas off in x and y; with grid > 0 a whole number of grid cells at a
+  grid position, as in the canonical layout (a small ViT learns glyphs on its patches faster)."""
+  slot_width = image_size // count
+  jitter = _VARIED_JITTER * image_size
+  size = int(np.clip(rng.uniform(*_VARIED_SCALE) * (image_size if count == 1 else slot_width),
+                     12, slot_width))  # 12 px: still legible at the demo's 8-px patches.
+  if grid:
+    size = min(slot_width, max(grid, round(size / grid) * grid))
+  # Each digit stays inside its own horizontal slot, so reading order == slot order.
+  x = int(np.clip(round(slot * slot_width + (slot_width - size) / 2 + rng.uniform(-jitter, jitter)),
+                  slot * slot_width, (slot + 1) * slot_width - size))
+  y = int(np.clip(round((image_size - size) / 2 + rng.uniform(-jitter, jitter)),
+                  0, image_size - size))
+  if grid:
+    x = max(slot * slot_width, min(round(x / grid) * grid, (slot + 1) * slot_width - size))
+    y = min(round(y / grid) * grid, image_size - size)
+  return x, y, size
+
+
 def _render_varied(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarray, count: int,
                    image_size: int, grid: int = 0) -> tuple[np.ndarray, str, list[int]]:
   """Like `_render`, with what the canonical layout holds fixed drawn at random per scene.
 
   Polarity: dark ink on light paper or light ink on a dark canvas, with a random background
-  tint; ink colour jittered around its named colour; each glyph large (a fraction
-  `_VARIED_SCALE` of the canvas height, or of its slot's width with several digits), centred in
-  its slot up to `_VARIED_JITTER` of the canvas off in each direction; stroke weight and
+  tint; ink colour jittered around its named colour; each glyph large and near the centre of
+  its slot, as MNIST draws digits (`_varied_box`; on the grid with grid > 0); stroke weight and
   sharpness varied by a contrast curve on the glyph's ink (the scans are 8x8, so upscaled they
   are blurry blobs; pen strokes in other data sets are crisp).
   """
@@ -143,24 +166,11 @@ def _render_varied(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarr
   if light:
     canvas = 255.0 - canvas
   inks = _INK_ON_LIGHT if light else _INK_ON_DARK
-  slot_width = image_size // count
-  jitter = _VARIED_JITTER * image_size
   parts, digit_labels = [], []
   for slot in range(count):
     index = rng.integers(len(labels))
     colour_name = inks[rng.integers(len(inks))]
-    size = int(np.clip(rng.uniform(*_VARIED_SCALE) * (image_size if count == 1 else slot_width),
-                       12, slot_width))  # 12 px: still legible at the demo's 8-px patches.
-    if grid:
-      size = min(slot_width, max(grid, round(size / grid) * grid))
-    # Each digit stays inside its own horizontal slot, so reading order == slot order.
-    x = int(np.clip(round(slot * slot_width + (slot_width - size) / 2 + rng.uniform(-jitter, jitter)),
-                    slot * slot_width, (slot + 1) * slot_width - size))
-    y = int(np.clip(round((image_size - size) / 2 + rng.uniform(-jitter, jitter)),
-                    0, image_size - size))
-    if grid:  # Whole grid cells, as the canonical layout: a small ViT learns those faster.
-      x = max(slot * slot_width, min(round(x / grid) * grid, (slot + 1) * slot_width - size))
-      y = min(round(y / grid) * grid, image_size - size)
+    x, y, size = _varied_box(rng, slot, count, image_size, grid)
     # Ink above `pivot` darkens towards full, below it fades out; slope 1 leaves the glyph as is.
     pivot, slope = rng.uniform(0.4, 0.75), rng.uniform(1.0, 3.0)
     alpha = np.clip((_glyph(scans[index], size) - pivot) * slope + pivot, 0.0, 1.0)[..., None]
