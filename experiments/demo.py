@@ -20,10 +20,10 @@ Args (comma-separated after ':'):
          Switch balance loss and LIMoE's global-entropy loss; capacity factor 2.0 on the image
          side (per-image capacity; 1.25 dropped most background patches), 1.25 on the text
          side. Combines with smoke / mini.
-  vary   half the scenes drawn varied (scale, position, polarity, colour, stroke), black ink
-         added; measured: it does NOT yet reach the transfer target in 1,000 steps and costs
-         the in-domain figures (README, "What the zero-shot figure means"). Combines with the
-         others.
+  vary   half the scenes drawn varied (large digits near the centre as in MNIST, on the 8-px
+         grid; polarity, tint, ink colour, stroke), black ink added; measured: it does NOT yet
+         reach the transfer target (1,000 steps: MNIST top-1 0.19 / 0.18, in-domain 0.627;
+         README, "What the zero-shot figure means"). Combines with the others.
   mome   the same task with a VLMo-style mixture-of-modality-experts backbone
          (config.model.backbone='mome'): one shared stack of 4 layers, ffn_image/ffn_text
          experts in every layer, ffn_fusion in the top layer, and an ITM head trained on hard
@@ -80,8 +80,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       # patches. Free placement (grid=0) leaves the small ViT on a ~300-step plateau before it
       # starts reading digits; aligned, it reads them from step ~100.
       # variation: the fraction of scenes drawn varied (scale, position, polarity, colour,
-      # stroke; the `vary` arg). num_transfer: MNIST digits (another source, never trained on)
-      # per transfer split, for the transfer eval.
+      # stroke; the `vary` arg; varied glyphs also follow `grid`). num_transfer: MNIST digits
+      # (another source, never trained on) per transfer split, for the transfer eval.
       build_demo_options=dict(num_train=20_000, num_test=1_000, num_digits=1_000, image_size=48,
                               grid=8, variation=0.0, num_transfer=1_000, seed=0,
                               show_progress=False),
@@ -157,9 +157,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 
 def _vary_scenes(c: ml_collections.ConfigDict) -> None:
-  """Half the scenes drawn varied (digit scale, free position, dark-on-light or light-on-dark,
-  tinted backgrounds, jittered ink, stroke weight), so the model is pushed to read digits
-  rather than the canonical layout; black ink joins the palette and the prompts."""
+  """Half the scenes drawn varied (large digits near the centre of their slot, on the grid;
+  dark-on-light or light-on-dark, tinted backgrounds, jittered ink, stroke weight), so the model
+  is pushed to read digits rather than the canonical layout; black ink joins the palette and
+  the prompts."""
   c.data.build_demo_options.variation = 0.5
   # 80 pieces: every caption word (6 colours, 10 digits, "left", "of", "a") is one piece and a
   # caption at most 8 tokens + BOS/EOS; at 64, "black" fell apart into 4 pieces and two-digit
