@@ -2,10 +2,13 @@ r"""coca_jax vs open_clip on the same machine: train step, peak memory, 30-token
 
   python benchmarks/bench_openclip.py [--torch_python /work/venv-torch/bin/python] \
       [--rounds 2] [--steps 3] [--batch 16] [--caption_batch 2] [--tokens 30] \
-      [--parts train,caption] [--out result.json]
+      [--parts train,caption] [--ours_args ';unrolled,remat=none'] [--out result.json]
 
 The same architecture on both sides: open_clip's `coca_ViT-B-32` and our
-`experiments/openclip_coca.py:model=coca_ViT-B-32` (its open_clip layout: same shapes, same parameter count).
+`experiments/openclip_coca.py:model=coca_ViT-B-32` (its open_clip layout: same shapes, same parameter count). `--ours_args` adds variants of our
+side to the train part: ';'-separated extra args of that config (the empty one is the default:
+scanned layers, remat='dots'), e.g. 'unrolled,remat=none' for the unrolled layers without remat
+that were the default before. Every variant runs in each round beside open_clip.
 Each measurement runs in its own process, so each side's peak RSS is its own, and the two sides
 alternate (ours, theirs, then theirs, ours, ...) for `--rounds` rounds so a change in the
 machine's load hits both alike. Reported per side: medians over all rounds of the wall time and
@@ -42,6 +45,7 @@ open_clip (< 1: ours uses less).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import resource
@@ -77,10 +81,10 @@ def timed(fn, repeats: int, sync=lambda x: x) -> tuple[list, list]:
 # -- Our side (this package's environment) -----------------------------------------------------
 
 
-def _our_config(batch: int):
+def _our_config(batch: int, extra_args: str = ""):
   sys.path.insert(0, REPO)
   from coca_jax import config as config_lib
-  config = config_lib.load_config(os.path.join(REPO, CONFIG))
+  config = config_lib.load_config(os.path.join(REPO, CONFIG + (f",{extra_args}" if extra_args else "")))
   config.train.batch_size = batch
   config.model.dtype = "float32"
   return config
@@ -89,7 +93,7 @@ def _our_config(batch: int):
 def ours_train(args) -> dict:
   import jax
   from coca_jax import bench, step
-  config = _our_config(args.batch)
+  config = _our_config(args.batch, args.config_args)
   built = step.setup(config)
   with jax.set_mesh(built.mesh):
     compiled = built.train_step().lower(
@@ -105,7 +109,8 @@ def ours_train(args) -> dict:
     walls, cpus = timed(one_step, args.steps, jax.block_until_ready)
   return {"wall": walls, "cpu": cpus, "peak_rss_bytes": peak_rss_bytes(),
           "xla_temp_bytes": memory.get("temp_size_in_bytes"),
-          "text_length": config.model.text.max_len, "image_size": config.model.image_size}
+          "text_length": config.model.text.max_len, "image_size": config.model.image_size,
+          "scan_layers": config.model.scan_layers, "remat": config.model.remat}
 
 
 def ours_caption(args) -> dict:
@@ -223,17 +228,18 @@ def _torch_missing(python: str) -> str | None:
   return None
 
 
-def _run_worker(python: str, name: str, args, env: dict) -> dict:
+def _run_worker(python: str, name: str, args, env: dict, config_args: str = "") -> dict:
   command = [python, os.path.abspath(__file__), "--worker", name, "--workdir", args.workdir,
              "--batch", str(args.batch), "--caption_batch", str(args.caption_batch),
              "--tokens", str(args.tokens), "--steps", str(args.steps),
-             "--caption_repeats", str(args.caption_repeats)]
-  print(f"[bench_openclip] {name} ...", file=sys.stderr, flush=True)
+             "--caption_repeats", str(args.caption_repeats), "--config_args", config_args]
+  label = f"{name}[{config_args}]" if config_args else name
+  print(f"[bench_openclip] {label} ...", file=sys.stderr, flush=True)
   proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
   if proc.returncode:
     raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
   line = proc.stdout.strip().splitlines()[-1]
-  print(f"[bench_openclip] {name}: {line}", file=sys.stderr, flush=True)  # Raw, as it comes.
+  print(f"[bench_openclip] {label}: {line}", file=sys.stderr, flush=True)  # Raw, as it comes.
   return json.loads(line)
 
 
@@ -253,17 +259,31 @@ def drive(args) -> dict:
   theirs_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LD_PRELOAD")}
   sides = {"ours": (sys.executable, ours_env), "theirs": (args.torch_python, theirs_env)}
   parts = args.parts.split(",")
-  runs = {(side, part): [] for side in sides for part in parts}
+  variants = list(dict.fromkeys(args.ours_args.split(";")))  # "" = the config as it is.
+  runs = collections.defaultdict(list)  # (side, part, config args) -> worker results
   for round_index in range(args.rounds):
-    order = ("ours", "theirs") if round_index % 2 == 0 else ("theirs", "ours")
     for part in parts:
-      for side in order:
+      order = [("ours", v) for v in (variants if part == "train" else [""])] + [("theirs", "")]
+      for side, variant in (order if round_index % 2 == 0 else order[::-1]):
         python, env = sides[side]
-        runs[side, part].append(_run_worker(python, f"{side}_{part}", args, env))
+        runs[side, part, variant].append(
+            _run_worker(python, f"{side}_{part}", args, env, variant))
   result = {"config": CONFIG, "open_clip_model": OPEN_CLIP_MODEL, "rounds": args.rounds,
             "cpu_count": os.cpu_count(), "load_average": os.getloadavg()}
   if "train" in parts:
-    ours, theirs = runs["ours", "train"], runs["theirs", "train"]
+    theirs = runs["theirs", "train", ""]
+    result["train_variants"] = []
+    for variant in variants:
+      ours = runs["ours", "train", variant]
+      seconds = _median(ours, None, "wall")
+      rss = round(max(r["peak_rss_bytes"] for r in ours) / 1e9, 2)
+      result["train_variants"].append({
+          "config_args": variant, "scan_layers": ours[0]["scan_layers"], "remat": ours[0]["remat"],
+          "ours_seconds": seconds, "ours_cpu_seconds": _median(ours, None, "cpu"),
+          "ours_peak_rss_gb": rss, "ours_xla_temp_gb": round(ours[0]["xla_temp_bytes"] / 1e9, 2),
+          "speedup": round(_median(theirs, None, "wall") / seconds, 2),
+          "rss_ratio": round(rss / (max(r["peak_rss_bytes"] for r in theirs) / 1e9), 2)})
+    ours = runs["ours", "train", variants[0]]  # The headline figures: the first variant.
     result["train"] = {
         "batch": args.batch, "steps_per_round": args.steps,
         "ours_seconds": _median(ours, None, "wall"), "theirs_seconds": _median(theirs, None, "wall"),
@@ -278,7 +298,7 @@ def drive(args) -> dict:
     result["train_cpu_speedup"] = round(t["theirs_cpu_seconds"] / t["ours_cpu_seconds"], 2)
     result["train_rss_ratio"] = round(t["ours_peak_rss_gb"] / t["theirs_peak_rss_gb"], 2)
   if "caption" in parts:
-    ours, theirs = runs["ours", "caption"], runs["theirs", "caption"]
+    ours, theirs = runs["ours", "caption", ""], runs["theirs", "caption", ""]
     caption = {"batch": args.caption_batch, "tokens": args.tokens,
                "theirs_seconds": _median(theirs, "float32", "wall"),
                "theirs_cpu_seconds": _median(theirs, "float32", "cpu")}
@@ -306,6 +326,11 @@ def main() -> None:
   parser.add_argument("--tokens", type=int, default=30)
   parser.add_argument("--caption_repeats", type=int, default=3)
   parser.add_argument("--parts", default="train,caption")
+  parser.add_argument("--ours_args", default="",
+                      help="';'-separated variants of our config for the train part (extra args "
+                           "of experiments/openclip_coca.py; '' = as it is); the first is the "
+                           "headline. E.g. ';unrolled,remat=none'.")
+  parser.add_argument("--config_args", default="", help=argparse.SUPPRESS)
   parser.add_argument("--out", default="", help="Also write the JSON here.")
   parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
   parser.add_argument("--workdir", default="", help=argparse.SUPPRESS)

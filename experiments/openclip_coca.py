@@ -10,7 +10,8 @@ them. Parameter counts equal open_clip's (253,560,065 and 638,450,177).
 
 Args: model= (a MODEL_CONFIGS name or an open_clip model-config JSON path; default
 coca_ViT-B-32), then those of coca_jax.interop.open_clip.experiment_config (init=, name=,
-data_dir=, bpe=, steps=, batch=, lr=, dtype=, scan, runlocal).
+data_dir=, bpe=, steps=, batch=, lr=, dtype=, remat=, unrolled, runlocal; layers are scanned
+with remat='dots' unless `unrolled`).
 """
 
 from coca_jax.interop import open_clip
