@@ -21,9 +21,12 @@ Args (comma-separated after ':'):
          side (per-image capacity; 1.25 dropped most background patches), 1.25 on the text
          side. Combines with smoke / mini.
   vary   half the scenes drawn varied (large digits near the centre as in MNIST, on the 8-px
-         grid; polarity, tint, ink colour, stroke), black ink added; measured: it does NOT yet
-         reach the transfer target (1,000 steps: MNIST top-1 0.19 / 0.18, in-domain 0.627;
-         README, "What the zero-shot figure means"). Combines with the others.
+         grid; polarity, tint, ink colour, stroke), black ink added, and 2,000 steps (the
+         varied half learns slower). Measured: on the canonical held-out digits and scenes it
+         keeps the default demo's figures (zero-shot 0.976, R@1 0.442 / 0.444, CIDEr-D 8.23)
+         and lifts MNIST top-1 from 0.10 / 0.13 to 0.23 / 0.23, in 7 min 52 s; the transfer
+         target (0.5) is NOT reached (README, "What the zero-shot figure means"). Combines with
+         the others (smoke / mini keep their own steps).
   mome   the same task with a VLMo-style mixture-of-modality-experts backbone
          (config.model.backbone='mome'): one shared stack of 4 layers, ffn_image/ffn_text
          experts in every layer, ffn_fusion in the top layer, and an ITM head trained on hard
@@ -152,16 +155,20 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if mome:
     _use_mome(c, smoke, limoe)
   if "vary" in args:
-    _vary_scenes(c)
+    _vary_scenes(c, full_size=not (smoke or mini or mome))
   return c
 
 
-def _vary_scenes(c: ml_collections.ConfigDict) -> None:
+def _vary_scenes(c: ml_collections.ConfigDict, full_size: bool) -> None:
   """Half the scenes drawn varied (large digits near the centre of their slot, on the grid;
   dark-on-light or light-on-dark, tinted backgrounds, jittered ink, stroke weight), so the model
   is pushed to read digits rather than the canonical layout; black ink joins the palette and
-  the prompts."""
+  the prompts. `full_size` (not smoke / mini; the MoME demo keeps its 800): 2,000 steps."""
   c.data.build_demo_options.variation = 0.5
+  if full_size:
+    # 1,000 steps left the varied half at 0.355 zero-shot (the canonical half 0.910); 2,000
+    # reach 0.713 and 0.976, at ~4.6 steps/s on the idle 2-core machine.
+    c.train.steps = 2_000
   # 80 pieces: every caption word (6 colours, 10 digits, "left", "of", "a") is one piece and a
   # caption at most 8 tokens + BOS/EOS; at 64, "black" fell apart into 4 pieces and two-digit
   # captions overflowed max_len.
