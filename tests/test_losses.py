@@ -67,6 +67,16 @@ def test_caption_loss_matches_numpy_and_ignores_pad():
   noisy[~real] += 100 * rng.standard_normal(noisy[~real].shape)
   np.testing.assert_allclose(losses.caption_loss(jnp.asarray(noisy), jnp.asarray(labels))[0],
                              expected, rtol=1e-5)
+  # Token accuracy: the share of real tokens whose label is the argmax (some made so).
+  hits = labels.copy()
+  hits[0, :2] = np.argmax(noisy[0, :2], -1)
+  hits[1, 3] = np.argmax(noisy[1, 3], -1)
+  hits[hits == 0] = 1  # Stay real tokens (a wrong guess at worst).
+  accuracy = (np.argmax(noisy, -1) == hits)[hits != 0].mean()
+  assert accuracy > 0
+  np.testing.assert_allclose(
+      losses.caption_loss(jnp.asarray(noisy), jnp.asarray(hits))[1]["caption_accuracy"],
+      accuracy, rtol=1e-6)
 
 
 def test_caption_label_smoothing_matches_numpy():
