@@ -5,10 +5,11 @@ r"""coca_jax vs open_clip on the same machine: train step, peak memory, 30-token
       [--parts train,caption] [--ours_args ';unrolled,remat=none'] [--out result.json]
 
 The same architecture on both sides: open_clip's `coca_ViT-B-32` and our
-`experiments/openclip_coca.py:model=coca_ViT-B-32` (its open_clip layout: same shapes, same parameter count). `--ours_args` adds variants of our
-side to the train part: ';'-separated extra args of that config (the empty one is the default:
-scanned layers, remat='dots'), e.g. 'unrolled,remat=none' for the unrolled layers without remat
-that were the default before. Every variant runs in each round beside open_clip.
+`experiments/openclip_coca.py:model=coca_ViT-B-32` (its open_clip layout: same shapes, same
+parameter count). `--ours_args` adds variants of our side to the train part: ';'-separated extra
+args of that config (the empty one is the default: scanned layers, remat='dots'), e.g.
+'unrolled,remat=none' for the unrolled layers without remat that were the default before. Every
+variant runs in each round beside open_clip.
 Each measurement runs in its own process, so each side's peak RSS is its own, and the two sides
 alternate (ours, theirs, then theirs, ours, ...) for `--rounds` rounds so a change in the
 machine's load hits both alike. Reported per side: medians over all rounds of the wall time and
@@ -84,7 +85,8 @@ def timed(fn, repeats: int, sync=lambda x: x) -> tuple[list, list]:
 def _our_config(batch: int, extra_args: str = ""):
   sys.path.insert(0, REPO)
   from coca_jax import config as config_lib
-  config = config_lib.load_config(os.path.join(REPO, CONFIG + (f",{extra_args}" if extra_args else "")))
+  spec = CONFIG + (f",{extra_args}" if extra_args else "")
+  config = config_lib.load_config(os.path.join(REPO, spec))
   config.train.batch_size = batch
   config.model.dtype = "float32"
   return config
