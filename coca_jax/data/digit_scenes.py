@@ -102,6 +102,20 @@ def _snap(low: int, high: int, grid: int, rng: np.random.Generator) -> int:
   return int(rng.integers(first, last + 1)) * grid
 
 
+def _paint(canvas: np.ndarray, x: int, y: int, alpha: np.ndarray, colour: np.ndarray) -> None:
+  """Paints `colour` onto `canvas` [H, W, 3] in place at column x, row y, with coverage `alpha`
+  [h, w, 1] in [0, 1]."""
+  h, w = alpha.shape[:2]
+  canvas[y:y + h, x:x + w] = canvas[y:y + h, x:x + w] * (1 - alpha) + colour * alpha
+
+
+def _scene(canvas: np.ndarray, drawn: list[tuple[str, int]]) -> tuple[np.ndarray, str, list[int]]:
+  """(uint8 image, caption, digit labels) of a canvas and its (colour, digit) glyphs, left to
+  right."""
+  caption = " left of ".join(f"a {colour} {digit}" for colour, digit in drawn)
+  return np.clip(canvas, 0, 255).astype(np.uint8), caption, [digit for _, digit in drawn]
+
+
 def _render(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarray, count: int,
             image_size: int, glyph_size: int, grid: int = 0) -> tuple[np.ndarray, str, list[int]]:
   """Draws one canvas with `count` digits left to right; returns (uint8 [H,W,3], caption, labels).
@@ -109,7 +123,7 @@ def _render(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarray, cou
   The canonical layout: light ink on a dark canvas, every glyph `glyph_size` tall."""
   canvas = rng.uniform(0, 30, size=(image_size, image_size, 3)).astype(np.float32)
   slot_width = image_size // count
-  parts, digit_labels = [], []
+  drawn = []
   for slot in range(count):
     index = rng.integers(len(labels))
     colour_name = _INK_ON_DARK[rng.integers(len(_INK_ON_DARK))]
@@ -120,12 +134,9 @@ def _render(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarray, cou
     y = _snap(0, image_size - glyph_size, grid, rng)
     alpha = _glyph(scans[index], glyph_size)[..., None]
     colour = np.asarray(COLOURS[colour_name], np.float32) * rng.uniform(0.8, 1.0)
-    region = canvas[y:y + glyph_size, x:x + glyph_size]
-    canvas[y:y + glyph_size, x:x + glyph_size] = region * (1 - alpha) + colour * alpha
-    digit = int(labels[index])
-    parts.append(f"a {colour_name} {digit}")
-    digit_labels.append(digit)
-  return np.clip(canvas, 0, 255).astype(np.uint8), " left of ".join(parts), digit_labels
+    _paint(canvas, x, y, alpha, colour)
+    drawn.append((colour_name, int(labels[index])))
+  return _scene(canvas, drawn)
 
 
 def _varied_box(rng: np.random.Generator, slot: int, count: int, image_size: int,
@@ -166,7 +177,7 @@ def _render_varied(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarr
   if light:
     canvas = 255.0 - canvas
   inks = _INK_ON_LIGHT if light else _INK_ON_DARK
-  parts, digit_labels = [], []
+  drawn = []
   for slot in range(count):
     index = rng.integers(len(labels))
     colour_name = inks[rng.integers(len(inks))]
@@ -176,12 +187,9 @@ def _render_varied(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarr
     alpha = np.clip((_glyph(scans[index], size) - pivot) * slope + pivot, 0.0, 1.0)[..., None]
     colour = (np.asarray(COLOURS[colour_name], np.float64) * rng.uniform(0.8, 1.0)
               + rng.uniform(-20, 20, size=3))
-    region = canvas[y:y + size, x:x + size]
-    canvas[y:y + size, x:x + size] = region * (1 - alpha) + colour * alpha
-    digit = int(labels[index])
-    parts.append(f"a {colour_name} {digit}")
-    digit_labels.append(digit)
-  return np.clip(canvas, 0, 255).astype(np.uint8), " left of ".join(parts), digit_labels
+    _paint(canvas, x, y, alpha, colour)
+    drawn.append((colour_name, int(labels[index])))
+  return _scene(canvas, drawn)
 
 
 def _draw(rng, scans, labels, count, image_size, glyph_size, grid, variation):
