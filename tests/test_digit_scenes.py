@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from coca_jax.data import digit_scenes
+from coca_jax.data import digit_scenes, stroke_digits
 
 _CAPTION = re.compile(r"^a ({0}) (\d)( left of a ({0}) (\d))*$".format(
     "|".join(digit_scenes.COLOUR_NAMES)))
@@ -140,13 +140,15 @@ def test_transfer_digits_never_enter_training(monkeypatch, tmp_path):
   monkeypatch.setattr(digit_scenes, "_mnist_sample", refuse)
   for split in ("train", "test"):
     digit_scenes.make_scenes(split, 20, 0, image_size=32, variation=0.5)
+    digit_scenes.make_scenes(split, 20, 0, image_size=32, variation=0.5, strokes=1.0)
   digit_scenes.make_single_digits("test", 20, 0, image_size=32, variation=0.5)
+  digit_scenes.make_single_digits("test", 20, 0, image_size=32, variation=0.5, strokes=0.5)
   monkeypatch.undo()
   # The built demo set: the transfer splits exist, labelled, and none of their images is a
   # train image.
   builder = builders.make_builder("demo", "transfer_demo", str(tmp_path), num_train=40,
                                   num_test=4, num_digits=4, num_transfer=12, image_size=32, show_progress=False,
-                                  variation=0.5, seed=3)
+                                  variation=0.5, strokes=1.0, seed=3)
   builder.download_and_prepare()
   train = builders.open_source("transfer_demo", str(tmp_path), "train")
   train_images = {np.asarray(train[i]["image"]).tobytes() for i in range(len(train))}
@@ -161,3 +163,77 @@ def test_transfer_digits_never_enter_training(monkeypatch, tmp_path):
       assert image.tobytes() not in train_images
       np.testing.assert_array_equal(image, expected["image"][index])
       assert example["label"] == expected["label"][index]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stroke digits: the second, project-made digit source of the varied scenes
+# ----------------------------------------------------------------------------------------------
+
+def _crisp_share(alpha: np.ndarray) -> float:
+  """Of a glyph's inked pixels (coverage > 0.1), the share at full ink (> 0.9): high for pen
+  strokes with anti-aliased edges, low for upscaled blurry blobs."""
+  inked = alpha[alpha > 0.1]
+  return float(np.mean(inked > 0.9))
+
+
+def test_stroke_glyphs_are_deterministic_and_every_allograph_and_factor_varies():
+  def glyph(seed, digit, allograph=None, size=32):
+    return stroke_digits.stroke_glyph(digit, size, np.random.default_rng(seed), allograph)
+  np.testing.assert_array_equal(glyph(0, 4), glyph(0, 4))
+  assert not np.array_equal(glyph(0, 4), glyph(1, 4))
+  for digit in range(10):
+    ways = stroke_digits.num_allographs(digit)
+    assert ways >= 2, digit  # Every digit is written more than one way.
+    # Drawn from the same generator state, the allographs differ in their ink.
+    drawn = [glyph(7, digit, a) for a in range(ways)]
+    for a in range(ways):
+      for b in range(a):
+        assert np.abs(drawn[a] - drawn[b]).mean() > 0.02, (digit, a, b)
+  # Factors, over one digit's samples: height fills the box; width (aspect, slant), pen weight
+  # (ink share) and slant (the ink's x-y correlation) all vary.
+  heights, widths, ink, lean = [], [], [], []
+  rng = np.random.default_rng(3)
+  for _ in range(60):
+    alpha = stroke_digits.stroke_glyph(1, 40, rng, allograph=0)
+    ys, xs = np.nonzero(alpha > 0.5)
+    heights.append(ys.max() - ys.min() + 1)
+    widths.append(xs.max() - xs.min() + 1)
+    ink.append(alpha.sum() / (ys.max() - ys.min() + 1))
+    lean.append(np.corrcoef(xs, ys)[0, 1])
+  assert min(heights) >= 34  # A plain 1 fills the box's 40-px height.
+  assert max(widths) - min(widths) >= 6 and max(ink) / min(ink) > 1.6
+  assert min(lean) < -0.5 and max(lean) > 0.3  # Leaning right (x falls as y grows) and left.
+  with pytest.raises(ValueError, match="stroke digit 12"):
+    stroke_digits.stroke_glyph(12, 32, rng)
+
+
+def test_stroke_digits_are_crisp_and_not_the_scans(monkeypatch):
+  scans, _ = digit_scenes._scans("train")
+  rng = np.random.default_rng(0)
+  stroke_share = np.median([_crisp_share(stroke_digits.stroke_glyph(d % 10, 32, rng))
+                            for d in range(40)])
+  scan_share = np.median([_crisp_share(digit_scenes._glyph(scan, 32)) for scan in scans[:40]])
+  assert stroke_share > 0.5 and scan_share < 0.35, (stroke_share, scan_share)
+  # The share of varied glyphs drawn as stroke digits follows `strokes`; the canonical layout
+  # (variation=0.5 leaves about half the canvases canonical) never draws them.
+  calls = []
+  draw = stroke_digits.stroke_glyph
+  monkeypatch.setattr(stroke_digits, "stroke_glyph",
+                      lambda *args, **kw: calls.append(1) or draw(*args, **kw))
+  kwargs = dict(image_size=32, grid=8)
+  shares = {}
+  for variation, strokes in ((1.0, 1.0), (1.0, 0.5), (0.5, 1.0), (1.0, 0.0)):
+    calls.clear()
+    drawn = digit_scenes.make_single_digits("train", 60, 0, variation=variation, strokes=strokes,
+                                            **kwargs)
+    shares[variation, strokes] = len(calls) / 60
+  assert shares[1.0, 1.0] == 1 and shares[1.0, 0.0] == 0
+  assert 0.3 < shares[1.0, 0.5] < 0.7 and 0.3 < shares[0.5, 1.0] < 0.7
+  for caption in drawn["caption"]:
+    assert _CAPTION.match(caption), caption
+  np.testing.assert_array_equal(
+      digit_scenes.make_scenes("train", 6, 0, variation=0.5, strokes=0.0, **kwargs)["image"],
+      digit_scenes.make_scenes("train", 6, 0, variation=0.5, **kwargs)["image"])
+  # Every problem at once: out of range, and no varied scenes to draw them in.
+  with pytest.raises(ValueError, match="strokes=1.5 must be in .*strokes=1.5 needs variation > 0"):
+    digit_scenes.make_scenes("train", 1, 0, strokes=1.5)

@@ -14,7 +14,10 @@ several times faster that way (the demo's choice); grid=0 places digits anywhere
 draws digits), position (near the centre of its slot; on the grid with grid > 0), polarity (dark
 ink on light paper, or light ink on a dark canvas), background tint, ink colour and stroke weight
 all drawn at random, so a model learns the digits rather than the canonical layout. Captions
-keep one grammar throughout; the palette has black ink for light paper.
+keep one grammar throughout; the palette has black ink for light paper. `strokes` (0..1) is the
+fraction of the varied glyphs drawn as stroke digits (`stroke_digits`: pen strokes with the thin,
+crisp look of other people's handwriting) instead of upscaled scans; the canonical layout always
+draws the scans.
 
 `make_transfer_digits` gives the transfer eval's digits: MNIST scans from another package,
 other writers and a crisper look, one digit filling the image. Nothing else here reads them.
@@ -31,6 +34,8 @@ import functools
 
 import numpy as np
 from PIL import Image
+
+from coca_jax.data import stroke_digits
 
 COLOURS = {
     "red": (235, 50, 50),
@@ -163,14 +168,17 @@ def _varied_box(rng: np.random.Generator, slot: int, count: int, image_size: int
 
 
 def _render_varied(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarray, count: int,
-                   image_size: int, grid: int = 0) -> tuple[np.ndarray, str, list[int]]:
+                   image_size: int, grid: int = 0,
+                   strokes: float = 0.0) -> tuple[np.ndarray, str, list[int]]:
   """Like `_render`, with what the canonical layout holds fixed drawn at random per scene.
 
   Polarity: dark ink on light paper or light ink on a dark canvas, with a random background
   tint; ink colour jittered around its named colour; each glyph large and near the centre of
   its slot, as MNIST draws digits (`_varied_box`; on the grid with grid > 0); stroke weight and
   sharpness varied by a contrast curve on the glyph's ink (the scans are 8x8, so upscaled they
-  are blurry blobs; pen strokes in other data sets are crisp).
+  are blurry blobs; pen strokes in other data sets are crisp). With probability `strokes` a
+  glyph is a stroke digit of the scan's label instead (`stroke_digits.stroke_glyph`), drawn as it
+  comes (it is crisp already).
   """
   light = bool(rng.random() < 0.5)
   canvas = rng.uniform(0, 30, size=(image_size, image_size, 3)) + rng.uniform(0, 40, size=3)
@@ -184,7 +192,11 @@ def _render_varied(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarr
     x, y, size = _varied_box(rng, slot, count, image_size, grid)
     # Ink above `pivot` darkens towards full, below it fades out; slope 1 leaves the glyph as is.
     pivot, slope = rng.uniform(0.4, 0.75), rng.uniform(1.0, 3.0)
-    alpha = np.clip((_glyph(scans[index], size) - pivot) * slope + pivot, 0.0, 1.0)[..., None]
+    # The draw is only made when strokes > 0: without it the scenes are the same pixels as before.
+    if strokes > 0 and rng.random() < strokes:
+      alpha = stroke_digits.stroke_glyph(int(labels[index]), size, rng)[..., None]
+    else:
+      alpha = np.clip((_glyph(scans[index], size) - pivot) * slope + pivot, 0.0, 1.0)[..., None]
     colour = (np.asarray(COLOURS[colour_name], np.float64) * rng.uniform(0.8, 1.0)
               + rng.uniform(-20, 20, size=3))
     _paint(canvas, x, y, alpha, colour)
@@ -192,62 +204,76 @@ def _render_varied(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarr
   return _scene(canvas, drawn)
 
 
-def _draw(rng, scans, labels, count, image_size, glyph_size, grid, variation):
-  """One scene: varied with probability `variation`, else the canonical layout."""
+def _draw(rng, scans, labels, count, image_size, glyph_size, grid, variation, strokes):
+  """One scene: varied with probability `variation` (a share `strokes` of its glyphs stroke
+  digits), else the canonical layout."""
   if variation > 0 and rng.random() < variation:
-    return _render_varied(rng, scans, labels, count, image_size, grid)
+    return _render_varied(rng, scans, labels, count, image_size, grid, strokes)
   return _render(rng, scans, labels, count, image_size, glyph_size, grid)
 
 
-def _check_variation(variation: float) -> None:
+def _check_variation(variation: float, strokes: float = 0.0) -> None:
+  problems = []
   if not 0.0 <= variation <= 1.0:
-    raise ValueError(f"digit scenes variation={variation} must be in [0, 1] (the fraction of "
-                     "scenes drawn with varied scale, position, polarity and colour)")
+    problems.append(f"digit scenes variation={variation} must be in [0, 1] (the fraction of "
+                    "scenes drawn with varied scale, position, polarity and colour)")
+  if not 0.0 <= strokes <= 1.0:
+    problems.append(f"digit scenes strokes={strokes} must be in [0, 1] (the fraction of the "
+                    "varied scenes' glyphs drawn as stroke digits)")
+  if strokes > 0 and variation == 0:
+    problems.append(f"digit scenes strokes={strokes} needs variation > 0: only varied scenes "
+                    "draw stroke digits (the canonical layout keeps the scans)")
+  if problems:
+    raise ValueError("; ".join(problems))
 
 
 def make_scenes(split: str, num: int, seed: int, image_size: int = 48,
-                max_digits: int = 2, grid: int = 0, variation: float = 0.0) -> dict:
+                max_digits: int = 2, grid: int = 0, variation: float = 0.0,
+                strokes: float = 0.0) -> dict:
   """Scenes of 1..max_digits digits.
 
   A fraction `variation` of the scenes (at random) is drawn varied (`_render_varied`); the rest
-  in the canonical layout (light ink on dark, fixed glyph size, on the `grid`).
+  in the canonical layout (light ink on dark, fixed glyph size, on the `grid`). A fraction
+  `strokes` of the varied glyphs are stroke digits instead of scans.
 
   Returns:
     dict(image=uint8 [num, image_size, image_size, 3], caption=list[str] of length num,
          captions=list of [caption] per scene, the several-captions-per-image form).
   """
-  _check_variation(variation)
+  _check_variation(variation, strokes)
   scans, labels = _scans(split)
   rng = np.random.default_rng([seed, 0 if split == "train" else 1])
   glyph_size = _glyph_size(image_size, max_digits, grid)
   images, captions = [], []
   for _ in range(num):
     count = int(rng.integers(1, max_digits + 1))
-    image, caption, _ = _draw(rng, scans, labels, count, image_size, glyph_size, grid, variation)
+    image, caption, _ = _draw(rng, scans, labels, count, image_size, glyph_size, grid, variation,
+                              strokes)
     images.append(image)
     captions.append(caption)
   return {"image": np.stack(images), "caption": captions, "captions": [[c] for c in captions]}
 
 
 def make_single_digits(split: str, num: int, seed: int, image_size: int = 48,
-                       max_digits: int = 2, grid: int = 0, variation: float = 0.0) -> dict:
+                       max_digits: int = 2, grid: int = 0, variation: float = 0.0,
+                       strokes: float = 0.0) -> dict:
   """Canvases with exactly one digit, for zero-shot digit classification.
 
   `max_digits` only sets the canonical glyph size, to match scenes made with the same value;
-  `variation` as in `make_scenes`.
+  `variation` and `strokes` as in `make_scenes`.
 
   Returns:
     dict(image=uint8 [num, H, W, 3], label=int32 [num] (the digit), caption=list[str],
          captions=list of [caption]).
   """
-  _check_variation(variation)
+  _check_variation(variation, strokes)
   scans, labels = _scans(split)
   rng = np.random.default_rng([seed, 2 if split == "train" else 3])
   glyph_size = _glyph_size(image_size, max_digits, grid)
   images, captions, targets = [], [], []
   for _ in range(num):
     image, caption, digit_labels = _draw(rng, scans, labels, 1, image_size, glyph_size, grid,
-                                         variation)
+                                         variation, strokes)
     images.append(image)
     captions.append(caption)
     targets.append(digit_labels[0])
