@@ -130,8 +130,8 @@ def _defaults(backbone: str) -> dict:
           build_demo=False,  # Build the digit-scenes demo set into data_dir if missing.
           # Keyword arguments of data.builders.DemoBuilder (its defaults).
           build_demo_options=dict(num_train=5000, num_test=500, num_digits=1000, image_size=48,
-                                  seed=0, grid=0, variation=0.0, strokes=0.0, num_transfer=0,
-                                  show_progress=True)),
+                                  seed=0, grid=0, variation=0.0, strokes=0.0, varied_grid=-1,
+                                  num_transfer=0, show_progress=True)),
       train=dict(steps=REQUIRED, batch_size=REQUIRED, seed=0, log_every=100, microbatches=1,
                  nonfinite="halt", max_consecutive_skips=10),
       loss=dict(contrastive_weight=1.0, caption_weight=2.0, label_smoothing=0.0,

@@ -86,8 +86,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       # stroke; the `vary` arg; varied glyphs also follow `grid`). num_transfer: MNIST digits
       # (another source, never trained on) per transfer split, for the transfer eval.
       build_demo_options=dict(num_train=20_000, num_test=1_000, num_digits=1_000, image_size=48,
-                              grid=8, variation=0.0, strokes=0.0, num_transfer=1_000, seed=0,
-                              show_progress=False),
+                              grid=8, variation=0.0, strokes=0.0, varied_grid=-1,
+                              num_transfer=1_000, seed=0, show_progress=False),
       image_size=48, tokenizer="", tokenizer_vocab=64, tokenizer_type="bpe", num_workers=0,
       random_resized_crop=False,  # Crops could cut off a digit the caption names.
   ))

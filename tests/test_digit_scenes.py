@@ -237,3 +237,24 @@ def test_stroke_digits_are_crisp_and_not_the_scans(monkeypatch):
   # Every problem at once: out of range, and no varied scenes to draw them in.
   with pytest.raises(ValueError, match="strokes=1.5 must be in .*strokes=1.5 needs variation > 0"):
     digit_scenes.make_scenes("train", 1, 0, strokes=1.5)
+
+
+def test_varied_grid_places_only_the_varied_scenes(monkeypatch):
+  grids = []
+  box = digit_scenes._varied_box
+  monkeypatch.setattr(digit_scenes, "_varied_box",
+                      lambda rng, slot, count, size, grid: grids.append(grid) or box(
+                          rng, slot, count, size, grid))
+  kwargs = dict(image_size=32, grid=8, variation=0.5)
+  digit_scenes.make_scenes("train", 20, 0, varied_grid=0, **kwargs)
+  assert grids and set(grids) == {0}  # The varied scenes at any pixel position.
+  grids.clear()
+  digit_scenes.make_scenes("train", 20, 0, **kwargs)
+  assert grids and set(grids) == {8}  # -1 (the default): the canonical grid.
+  # The canonical half is the same pixels whatever the varied grid: with variation=0 nothing
+  # changes.
+  np.testing.assert_array_equal(
+      digit_scenes.make_scenes("train", 10, 0, image_size=32, grid=8, varied_grid=0)["image"],
+      digit_scenes.make_scenes("train", 10, 0, image_size=32, grid=8)["image"])
+  with pytest.raises(ValueError, match="varied_grid=-2"):
+    digit_scenes.make_scenes("train", 1, 0, varied_grid=-2)

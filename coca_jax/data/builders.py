@@ -241,13 +241,15 @@ class DemoBuilder(_CaptionBuilder, skip_registration=True):
 
   def __init__(self, *, data_dir: str, num_train: int = 5000, num_test: int = 500,
                num_digits: int = 1000, image_size: int = 48, seed: int = 0, grid: int = 0,
-               variation: float = 0.0, strokes: float = 0.0, num_transfer: int = 0, **kwargs):
+               variation: float = 0.0, strokes: float = 0.0, varied_grid: int = -1,
+               num_transfer: int = 0, **kwargs):
     self.num_per_split = {"train": num_train, "test": num_test, "digits": num_digits,
                           **{split: num_transfer for split in TRANSFER_SPLITS}}
     self.image_size = image_size
     self.grid = grid
     self.variation = variation
     self.strokes = strokes
+    self.varied_grid = varied_grid
     self.seed = seed
     super().__init__(data_dir=data_dir, **kwargs)
 
@@ -269,12 +271,12 @@ class DemoBuilder(_CaptionBuilder, skip_registration=True):
     elif split == "digits":
       data = digit_scenes.make_single_digits("test", num, self.seed, image_size=self.image_size,
                                              grid=self.grid, variation=self.variation,
-                                             strokes=self.strokes)
+                                             strokes=self.strokes, varied_grid=self.varied_grid)
       labels = data["label"]
     else:
       data = digit_scenes.make_scenes(split, num, self.seed, image_size=self.image_size,
                                       grid=self.grid, variation=self.variation,
-                                      strokes=self.strokes)
+                                      strokes=self.strokes, varied_grid=self.varied_grid)
       labels = np.full((num,), -1)
     for index in self._progress(range(num), split, total=num):
       buffer = io.BytesIO()
@@ -654,7 +656,7 @@ def make_builder(format: str, name: str, data_dir: str, **options) -> _CaptionBu
     name: TFDS dataset name (lower_snake_case); read it back with the same name.
     data_dir: TFDS data_dir; the data lands in `data_dir/name/1.0.0/`.
     **options: the format's options: demo (num_train, num_test, num_digits, image_size, seed,
-      grid, variation, strokes, num_transfer);
+      grid, variation, strokes, varied_grid, num_transfer);
       folder/webdataset (src, eval_src, eval_fraction, eval_split, max_image_side,
       allow_outside_src: read caption-file image paths outside `src`); all (show_progress).
   """

@@ -17,7 +17,8 @@ all drawn at random, so a model learns the digits rather than the canonical layo
 keep one grammar throughout; the palette has black ink for light paper. `strokes` (0..1) is the
 fraction of the varied glyphs drawn as stroke digits (`stroke_digits`: pen strokes with the thin,
 crisp look of other people's handwriting) instead of upscaled scans; the canonical layout always
-draws the scans.
+draws the scans. `varied_grid` is the grid of the varied scenes alone (-1: `grid`; 0: any
+pixel size and position, as other people's digits come).
 
 `make_transfer_digits` gives the transfer eval's digits: MNIST scans from another package,
 other writers and a crisper look, one digit filling the image. Nothing else here reads them.
@@ -204,16 +205,21 @@ def _render_varied(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarr
   return _scene(canvas, drawn)
 
 
-def _draw(rng, scans, labels, count, image_size, glyph_size, grid, variation, strokes):
+def _draw(rng, scans, labels, count, image_size, glyph_size, grid, variation, strokes,
+          varied_grid):
   """One scene: varied with probability `variation` (a share `strokes` of its glyphs stroke
-  digits), else the canonical layout."""
+  digits; on `varied_grid`, -1: `grid`), else the canonical layout."""
   if variation > 0 and rng.random() < variation:
-    return _render_varied(rng, scans, labels, count, image_size, grid, strokes)
+    return _render_varied(rng, scans, labels, count, image_size,
+                          grid if varied_grid < 0 else varied_grid, strokes)
   return _render(rng, scans, labels, count, image_size, glyph_size, grid)
 
 
-def _check_variation(variation: float, strokes: float = 0.0) -> None:
+def _check_variation(variation: float, strokes: float = 0.0, varied_grid: int = -1) -> None:
   problems = []
+  if varied_grid < -1:
+    problems.append(f"digit scenes varied_grid={varied_grid} must be >= -1 (-1: the canonical "
+                    "grid; 0: any position)")
   if not 0.0 <= variation <= 1.0:
     problems.append(f"digit scenes variation={variation} must be in [0, 1] (the fraction of "
                     "scenes drawn with varied scale, position, polarity and colour)")
@@ -229,18 +235,19 @@ def _check_variation(variation: float, strokes: float = 0.0) -> None:
 
 def make_scenes(split: str, num: int, seed: int, image_size: int = 48,
                 max_digits: int = 2, grid: int = 0, variation: float = 0.0,
-                strokes: float = 0.0) -> dict:
+                strokes: float = 0.0, varied_grid: int = -1) -> dict:
   """Scenes of 1..max_digits digits.
 
   A fraction `variation` of the scenes (at random) is drawn varied (`_render_varied`); the rest
   in the canonical layout (light ink on dark, fixed glyph size, on the `grid`). A fraction
-  `strokes` of the varied glyphs are stroke digits instead of scans.
+  `strokes` of the varied glyphs are stroke digits instead of scans; varied scenes are drawn on
+  `varied_grid` (-1: `grid`).
 
   Returns:
     dict(image=uint8 [num, image_size, image_size, 3], caption=list[str] of length num,
          captions=list of [caption] per scene, the several-captions-per-image form).
   """
-  _check_variation(variation, strokes)
+  _check_variation(variation, strokes, varied_grid)
   scans, labels = _scans(split)
   rng = np.random.default_rng([seed, 0 if split == "train" else 1])
   glyph_size = _glyph_size(image_size, max_digits, grid)
@@ -248,7 +255,7 @@ def make_scenes(split: str, num: int, seed: int, image_size: int = 48,
   for _ in range(num):
     count = int(rng.integers(1, max_digits + 1))
     image, caption, _ = _draw(rng, scans, labels, count, image_size, glyph_size, grid, variation,
-                              strokes)
+                              strokes, varied_grid)
     images.append(image)
     captions.append(caption)
   return {"image": np.stack(images), "caption": captions, "captions": [[c] for c in captions]}
@@ -256,24 +263,24 @@ def make_scenes(split: str, num: int, seed: int, image_size: int = 48,
 
 def make_single_digits(split: str, num: int, seed: int, image_size: int = 48,
                        max_digits: int = 2, grid: int = 0, variation: float = 0.0,
-                       strokes: float = 0.0) -> dict:
+                       strokes: float = 0.0, varied_grid: int = -1) -> dict:
   """Canvases with exactly one digit, for zero-shot digit classification.
 
   `max_digits` only sets the canonical glyph size, to match scenes made with the same value;
-  `variation` and `strokes` as in `make_scenes`.
+  `variation`, `strokes` and `varied_grid` as in `make_scenes`.
 
   Returns:
     dict(image=uint8 [num, H, W, 3], label=int32 [num] (the digit), caption=list[str],
          captions=list of [caption]).
   """
-  _check_variation(variation, strokes)
+  _check_variation(variation, strokes, varied_grid)
   scans, labels = _scans(split)
   rng = np.random.default_rng([seed, 2 if split == "train" else 3])
   glyph_size = _glyph_size(image_size, max_digits, grid)
   images, captions, targets = [], [], []
   for _ in range(num):
     image, caption, digit_labels = _draw(rng, scans, labels, 1, image_size, glyph_size, grid,
-                                         variation, strokes)
+                                         variation, strokes, varied_grid)
     images.append(image)
     captions.append(caption)
     targets.append(digit_labels[0])
