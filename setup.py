@@ -7,6 +7,7 @@ setup(
     version="0.1.0",
     description="Contrastive Captioners (CoCa) with an optional modality-experts backbone, in JAX",
     packages=find_packages(include=["coca_jax", "coca_jax.*"]),
+    package_data={"coca_jax.kernels": ["*.cc"]},  # Compiled on first use (kernels/cpu.py).
     python_requires=">=3.10",
     # Lower bounds are the versions this project was tested with (see README), not tighter.
     install_requires=[

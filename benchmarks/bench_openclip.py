@@ -21,7 +21,8 @@ the process CPU time.
            (contrastive 1, caption 2). Ours: the jitted train step of `coca_jax.step`; theirs:
            `loss.backward()` + `torch.optim.AdamW`. Also XLA's temp bytes of our step.
   caption  `--tokens` greedy tokens for `--caption_batch` images, image in, tokens out. Ours:
-           KV-cached `coca_jax.generate` (float32, and the int8 / bfloat16 decoding weights);
+           KV-cached `coca_jax.generate` (float32, and the int8 / bfloat16 decoding weights,
+           which on CPU run the kernels of `coca_jax.kernels.cpu`);
            theirs: `CoCa.generate(generation_type="top_k", top_k=1)`, which re-runs the text
            decoders over the whole prefix each token. Both use OUR random weights, exported
            with `coca_jax.interop.open_clip.to_open_clip` (vocab head scaled x8 so argmax
@@ -312,6 +313,12 @@ def drive(args) -> dict:
       mine = [row[:args.tokens - 1] for row in ours[0][weights]["tokens"]]
       caption[f"ours_{weights}_same_tokens_as_open_clip"] = sum(
           a == b for a, b in zip(mine, reference)) / len(reference)
+      # Narrow weights round the logits: on random weights a near-tie can flip a token.
+      caption[f"ours_{weights}_same_tokens_as_ours_float32"] = [
+          a == b for a, b in zip(ours[0][weights]["tokens"], ours[0]["float32"]["tokens"])]
+      caption[f"ours_{weights}_first_token_differing_from_float32"] = [
+          next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+          for a, b in zip(ours[0][weights]["tokens"], ours[0]["float32"]["tokens"])]
       result[f"caption_speedup_{weights}"] = round(
           caption["theirs_seconds"] / caption[f"ours_{weights}_seconds"], 2)
     result["caption"] = caption

@@ -285,11 +285,19 @@ def test_int8_dense_matches_float32_within_its_rounding(rows):
 
 
 @pytest.mark.parametrize("weights", ["int8", "bfloat16"])
-def test_decoding_weights_keep_greedy_and_beam_captions(tiny, weights):
+@pytest.mark.parametrize("kernels", [True, False])
+def test_decoding_weights_keep_greedy_and_beam_captions(tiny, weights, kernels, monkeypatch):
+  """Both layouts: tiled for the CPU kernels (where they build), and the untiled one XLA widens."""
+  from coca_jax.kernels import cpu
+  if kernels and not cpu.available():
+    pytest.skip("no C++ compiler on this machine")
+  monkeypatch.setattr(cpu, "available", lambda: kernels)
   model, params, images = tiny
   prepared = gen.decoder_params(model, params, weights)
   dtypes = {leaf.dtype for leaf in jax.tree.leaves(prepared)}
   assert jnp.dtype(weights) in dtypes, dtypes
+  names = {str(path[-1].key) for path, _ in jax.tree_util.tree_flatten_with_path(prepared)[0]}
+  assert ("kernel_tiles" in names) == kernels, names
   for decoding in (gen.Decoding(), gen.Decoding(method="beam", num_beams=2)):
     exact = gen.generate(model, params, images, decoding)
     narrow = gen.generate(model, params, images, decoding, decoder_params=prepared)

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from coca_jax.kernels import cpu as cpu_kernels
+
 Dtype = Any
 with_axes = nn.with_logical_partitioning
 constrain = nn.with_logical_constraint
@@ -58,21 +60,27 @@ class Dense(nn.Module):
     if len(self.axes) != len(shape):
       raise ValueError(f"{self.name}: {len(self.axes)} logical axes {self.axes} for a kernel "
                        f"of shape {shape}")
-    init = nn.initializers.variance_scaling(
-        1.0, "fan_avg", "uniform", in_axis=tuple(range(self.in_dims)),
-        out_axis=tuple(range(self.in_dims, len(shape))))
-    kernel = self.param("kernel", with_axes(init, self.axes), shape, jnp.float32)
-    contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
     out_dtype = self.out_dtype or self.dtype
-    if kernel.dtype == jnp.int8:  # Decoding weights (see quantize_kernel).
-      scale = self.param("kernel_scale", nn.initializers.ones_init(), features, jnp.float32)
-      y = int8_matmul(x, kernel, scale, self.in_dims, self.dtype).astype(out_dtype)
+    if self.has_variable("params", "kernel_tiles"):  # Decoding weights, tiled (quantize_kernel).
+      tiles = self.get_variable("params", "kernel_tiles")
+      scale = self.get_variable("params", "kernel_scale") if tiles.dtype == jnp.int8 else None
+      y = tiled_matmul(x, tiles, scale, self.in_dims, features).astype(out_dtype)
     else:
-      # A kernel stored in bfloat16 (decoding weights) multiplies bfloat16 inputs: XLA:CPU has a
-      # fast bf16 x bf16 -> f32 dot, but converts a bf16 kernel to f32 in memory for an f32 input.
-      operand_dtype = jnp.bfloat16 if kernel.dtype == jnp.bfloat16 else self.dtype
-      y = jax.lax.dot_general(x.astype(operand_dtype), kernel.astype(operand_dtype),
-                              (contract, ((), ())), preferred_element_type=out_dtype)
+      init = nn.initializers.variance_scaling(
+          1.0, "fan_avg", "uniform", in_axis=tuple(range(self.in_dims)),
+          out_axis=tuple(range(self.in_dims, len(shape))))
+      kernel = self.param("kernel", with_axes(init, self.axes), shape, jnp.float32)
+      contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
+      if kernel.dtype == jnp.int8:  # Decoding weights (see quantize_kernel).
+        scale = self.param("kernel_scale", nn.initializers.ones_init(), features, jnp.float32)
+        y = int8_matmul(x, kernel, scale, self.in_dims, self.dtype).astype(out_dtype)
+      else:
+        # A kernel stored in bfloat16 (decoding weights) multiplies bfloat16 inputs: XLA:CPU has
+        # a fast bf16 x bf16 -> f32 dot, but converts a bf16 kernel to f32 in memory for an f32
+        # input.
+        operand_dtype = jnp.bfloat16 if kernel.dtype == jnp.bfloat16 else self.dtype
+        y = jax.lax.dot_general(x.astype(operand_dtype), kernel.astype(operand_dtype),
+                                (contract, ((), ())), preferred_element_type=out_dtype)
     if self.use_bias:
       bias = self.param("bias", with_axes(nn.initializers.zeros_init(), self.axes[self.in_dims:]),
                         features, jnp.float32)
@@ -84,23 +92,55 @@ class Dense(nn.Module):
 DECODE_WEIGHTS = ("int8", "bfloat16")
 
 
-def quantize_kernel(kernel, in_dims: int, weights: str) -> dict:
+def quantize_kernel(kernel, in_dims: int, weights: str, tiled: bool = False) -> dict:
   """A Dense kernel [*in, *features] float32 -> its decoding-weights entries.
 
   'int8': {"kernel": int8 [*in, *features], "kernel_scale": float32 [*features]}, symmetric,
   one scale per output channel (max |w| over the contracted axes / 127), so w ~ kernel * scale.
   'bfloat16': {"kernel": bfloat16 [*in, *features]}. `Dense` reads either (by the kernel's
   dtype) with float32 accumulation.
+  tiled=True: the same values as "kernel_tiles" [ceil(N / 64), K, 64] (K = prod(in), N =
+  prod(features); `kernels.cpu.tile`), the layout the CPU decoding kernel streams; `Dense`
+  multiplies them with it (`tiled_matmul`).
   """
-  if weights == "bfloat16":
-    return {"kernel": kernel.astype(jnp.bfloat16)}
-  if weights != "int8":
+  if weights not in DECODE_WEIGHTS:
     raise ValueError(f"decode_weights={weights!r} is unknown; use one of {DECODE_WEIGHTS} or None")
-  kernel = kernel.astype(jnp.float32)
-  scale = jnp.max(jnp.abs(kernel), axis=tuple(range(in_dims))) / 127.0
-  scale = jnp.where(scale > 0, scale, 1.0)  # An all-zero channel stays exactly zero.
-  return {"kernel": jnp.clip(jnp.round(kernel / scale), -127, 127).astype(jnp.int8),
-          "kernel_scale": scale}
+  if weights == "bfloat16":
+    entries = {"kernel": kernel.astype(jnp.bfloat16)}
+  else:
+    kernel = kernel.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(kernel), axis=tuple(range(in_dims))) / 127.0
+    scale = jnp.where(scale > 0, scale, 1.0)  # An all-zero channel stays exactly zero.
+    entries = {"kernel": jnp.clip(jnp.round(kernel / scale), -127, 127).astype(jnp.int8),
+               "kernel_scale": scale}
+  if tiled:
+    k = math.prod(kernel.shape[:in_dims])
+    entries["kernel_tiles"] = cpu_kernels.tile(entries.pop("kernel").reshape(k, -1))
+  return entries
+
+
+def tiled_matmul(x, tiles, scale, in_dims: int, features: tuple[int, ...]):
+  """x [..., *in] @ tiled decoding weights (`quantize_kernel(tiled=True)`) -> float32
+  [..., *features]: on CPU the kernel (`kernels.cpu.tiled_matmul`; it reads the weights once for
+  all rows and beats XLA's float32 dot from 2 to 256 rows at B/32 shapes, README), elsewhere (or
+  with no kernel built) the weights untiled and widened for XLA's dot. Both accumulate in
+  float32 from float32 inputs."""
+  lead, k, n = x.shape[:x.ndim - in_dims], math.prod(x.shape[x.ndim - in_dims:]), math.prod(features)
+  rows = x.reshape(-1, k).astype(jnp.float32)
+  flat_scale = None if scale is None else scale.reshape(n)
+
+  def widened(rows, tiles, *scale):
+    y = jnp.dot(rows, cpu_kernels.untile(tiles, n).astype(jnp.float32),
+                preferred_element_type=jnp.float32)
+    return y * scale[0] if scale else y
+
+  operands = (rows, tiles) + (() if flat_scale is None else (flat_scale,))
+  if cpu_kernels.available():
+    kernel = lambda rows, tiles, *scale: cpu_kernels.tiled_matmul(rows, tiles, *(scale or (None,)), n)
+    y = jax.lax.platform_dependent(*operands, cpu=kernel, default=widened)
+  else:
+    y = widened(*operands)
+  return y.reshape(*lead, *features)
 
 
 def int8_matmul(x, kernel, scale, in_dims: int, dtype):
