@@ -185,7 +185,8 @@ def test_demo_model_zero_shot_is_above_chance(mini_workdir):
   options = demo.config.data.build_demo_options
   digits = digit_scenes.make_single_digits(  # Drawn like the run's own data.
       "test", 500, seed=3, image_size=demo.image_size, grid=options.grid,
-      variation=options.get("variation", 0.0))
+      variation=options.get("variation", 0.0), strokes=options.get("strokes", 0.0),
+      varied_grid=options.get("varied_grid", -1))
   names = list(digit_scenes.DIGIT_NAMES)
   templates = list(demo.config.evals.zeroshot.templates)  # The run's own prompts.
   accuracy = np.mean(demo.zero_shot(digits["image"], names, templates)["labels"]
