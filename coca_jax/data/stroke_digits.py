@@ -105,9 +105,9 @@ ALLOGRAPHS: dict[int, tuple[tuple[list[tuple[float, float]], ...], ...]] = {
         # One stroke: an S down, then back up.
         (_arc(0.5, 0.25, 0.27, 0.25, 0, -270) + _arc(0.5, 0.74, 0.3, 0.26, -90, 180)
          + _line((0.7, 0.15)),),
-        # Two strokes crossing in an X, closed by the top and bottom curves.
-        (_arc(0.5, 0.2, 0.25, 0.2, 180, 360) + _line((0.25, 0.8)) + _arc(0.5, 0.8, 0.25, 0.2, 180, 0)
-         + _line((0.25, 0.2)),),
+        # One stroke crossing itself: the top curve, a diagonal down, the bottom curve, back up.
+        (_arc(0.5, 0.2, 0.25, 0.2, 180, 360) + _line((0.25, 0.8))
+         + _arc(0.5, 0.8, 0.25, 0.2, 180, 0) + _line((0.25, 0.2)),),
     ),
     9: (
         # A loop at the top and a straight tail.
