@@ -66,7 +66,8 @@ def test_tiled_dense_matches_its_xla_fallback(rows, monkeypatch):
       kernel = jax.random.normal(jax.random.key(1), k_shape)
       dense = layers.Dense(k_shape[in_dims:], ("a",) * len(k_shape), in_dims=in_dims)
       bias = {"bias": jnp.full(k_shape[in_dims:], 0.5)}
-      plain = dense.apply({"params": {**layers.quantize_kernel(kernel, in_dims, weights), **bias}}, x)
+      plain_params = {"params": {**layers.quantize_kernel(kernel, in_dims, weights), **bias}}
+      plain = dense.apply(plain_params, x)
       tiled_params = {"params": {**layers.quantize_kernel(kernel, in_dims, weights, True), **bias}}
       tiled = dense.apply(tiled_params, x)
       assert "kernel" not in tiled_params["params"] and tiled.shape == plain.shape

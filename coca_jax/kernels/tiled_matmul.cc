@@ -38,9 +38,9 @@ constexpr int64_t kCols = 64;      // Columns per tile (one 64-byte line of int8
 constexpr int kMaxRows = 4;        // Rows of x per register block.
 constexpr int64_t kPrefetch = 512; // Bytes ahead of the weight stream to prefetch.
 #ifndef COCA_JAX_PARALLEL_BYTES
-#define COCA_JAX_PARALLEL_BYTES (1 << 18)
+#define COCA_JAX_PARALLEL_BYTES (1 << 18)  // Smaller weights: one thread (waking costs more).
 #endif
-constexpr int64_t kParallelBytes = COCA_JAX_PARALLEL_BYTES;  // Smaller weights: one thread (waking costs more).
+constexpr int64_t kParallelBytes = COCA_JAX_PARALLEL_BYTES;
 constexpr int64_t kChunksPerThread = 4;
 
 inline float WidenScalar(int8_t w) { return static_cast<float>(w); }
@@ -53,7 +53,8 @@ inline float WidenScalar(uint16_t w) {
 
 #ifdef COCA_JAX_AVX512
 inline __m512 Widen16(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
 }
 inline __m512 Widen16(const uint16_t* p) {
   const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -62,8 +63,8 @@ inline __m512 Widen16(const uint16_t* p) {
 
 // One tile (K rows of 64 columns) times R rows of x -> y[:R, n0 : n0 + 64] (clipped to N).
 template <int R, typename WT>
-void TileRows(const float* x, int64_t K, const WT* tile, int64_t N, int64_t n0, const float* scale,
-              float* y) {
+void TileRows(const float* x, int64_t K, const WT* tile, int64_t N, int64_t n0,
+              const float* scale, float* y) {
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
@@ -82,14 +83,15 @@ void TileRows(const float* x, int64_t K, const WT* tile, int64_t N, int64_t n0, 
     if (c >= N) break;
     const __mmask16 mask = c + 16 <= N ? __mmask16(0xFFFF) : __mmask16((1u << (N - c)) - 1);
     const __m512 s = scale ? _mm512_maskz_loadu_ps(mask, scale + c) : _mm512_set1_ps(1.0f);
-    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * N + c, mask, _mm512_mul_ps(acc[r][j], s));
+    for (int r = 0; r < R; ++r)
+      _mm512_mask_storeu_ps(y + r * N + c, mask, _mm512_mul_ps(acc[r][j], s));
   }
 }
 #else
 // Portable version of the same loop (the compiler vectorises the 64-wide inner loops).
 template <int R, typename WT>
-void TileRows(const float* x, int64_t K, const WT* tile, int64_t N, int64_t n0, const float* scale,
-              float* y) {
+void TileRows(const float* x, int64_t K, const WT* tile, int64_t N, int64_t n0,
+              const float* scale, float* y) {
   float acc[R][kCols] = {};
   for (int64_t k = 0; k < K; ++k) {
     const WT* row = tile + k * kCols;
@@ -103,7 +105,8 @@ void TileRows(const float* x, int64_t K, const WT* tile, int64_t N, int64_t n0, 
   }
   const int64_t cols = std::min(kCols, N - n0);
   for (int r = 0; r < R; ++r)
-    for (int64_t j = 0; j < cols; ++j) y[r * N + n0 + j] = acc[r][j] * (scale ? scale[n0 + j] : 1.0f);
+    for (int64_t j = 0; j < cols; ++j)
+      y[r * N + n0 + j] = acc[r][j] * (scale ? scale[n0 + j] : 1.0f);
 }
 #endif
 
@@ -179,7 +182,8 @@ ffi::Error CheckShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> tile
 ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> tiles,
                       ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), yd = y->dimensions();
-  if (auto e = CheckShapes(xd, tiles.dimensions(), yd, scale.element_count()); e.failure()) return e;
+  auto e = CheckShapes(xd, tiles.dimensions(), yd, scale.element_count());
+  if (e.failure()) return e;
   TiledMatmul(pool, x.typed_data(), xd[0], xd[1], tiles.typed_data(), yd[1], scale.typed_data(),
               y->typed_data());
   return ffi::Error::Success();
@@ -189,8 +193,9 @@ ffi::Error Bf16Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
                       ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), yd = y->dimensions();
   if (auto e = CheckShapes(xd, tiles.dimensions(), yd, -1); e.failure()) return e;
-  TiledMatmul(pool, x.typed_data(), xd[0], xd[1], reinterpret_cast<const uint16_t*>(tiles.untyped_data()),
-              yd[1], static_cast<const float*>(nullptr), y->typed_data());
+  const auto* bits = reinterpret_cast<const uint16_t*>(tiles.untyped_data());
+  TiledMatmul(pool, x.typed_data(), xd[0], xd[1], bits, yd[1], static_cast<const float*>(nullptr),
+              y->typed_data());
   return ffi::Error::Success();
 }
 

@@ -125,7 +125,8 @@ def tiled_matmul(x, tiles, scale, in_dims: int, features: tuple[int, ...]):
   all rows and beats XLA's float32 dot from 2 to 256 rows at B/32 shapes, README), elsewhere (or
   with no kernel built) the weights untiled and widened for XLA's dot. Both accumulate in
   float32 from float32 inputs."""
-  lead, k, n = x.shape[:x.ndim - in_dims], math.prod(x.shape[x.ndim - in_dims:]), math.prod(features)
+  lead = x.shape[:x.ndim - in_dims]
+  k, n = math.prod(x.shape[x.ndim - in_dims:]), math.prod(features)
   rows = x.reshape(-1, k).astype(jnp.float32)
   flat_scale = None if scale is None else scale.reshape(n)
 
@@ -136,7 +137,9 @@ def tiled_matmul(x, tiles, scale, in_dims: int, features: tuple[int, ...]):
 
   operands = (rows, tiles) + (() if flat_scale is None else (flat_scale,))
   if cpu_kernels.available():
-    kernel = lambda rows, tiles, *scale: cpu_kernels.tiled_matmul(rows, tiles, *(scale or (None,)), n)
+    def kernel(rows, tiles, *scale):
+      return cpu_kernels.tiled_matmul(rows, tiles, scale[0] if scale else None, n)
+
     y = jax.lax.platform_dependent(*operands, cpu=kernel, default=widened)
   else:
     y = widened(*operands)
