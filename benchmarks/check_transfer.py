@@ -40,14 +40,13 @@ def main() -> None:
     sys.exit(f"{args.workdir}: build_demo_options.num_transfer is 0 (the run has no transfer "
              "eval to compare with)")
   class_names, templates = list(zeroshot.class_names), list(zeroshot.templates)
-  classifier = model.zero_shot_classifier(class_names, templates)
   result = {"workdir": args.workdir, "step": model.step, "templates": templates}
-  for background in digit_scenes.TRANSFER_BACKGROUNDS:
-    # All 5,000 in the order the eval draws them: its digits are the first num_eval.
-    digits = digit_scenes.make_transfer_digits(5000, options.seed, options.image_size, background)
-    predicted = (model.embed_images(digits["image"]) @ classifier.T).argmax(-1)
+  for split, background in digit_scenes.TRANSFER_SPLITS.items():
+    # The whole sample in the order the eval draws it: the eval's digits are the first num_eval.
+    digits = digit_scenes.make_transfer_digits(digit_scenes.MNIST_SAMPLE_SIZE, options.seed,
+                                               options.image_size, background)
+    predicted = model.zero_shot(digits["image"], class_names, templates)["labels"]
     correct = predicted == digits["label"]
-    split = f"mnist_on_{background}"  # The names of the run's transfer eval splits.
     result[split] = {"eval_top1": round(float(correct[:num_eval].mean()), 4),
                      "unseen_top1": round(float(correct[num_eval:].mean()), 4),
                      "eval_digits": int(num_eval), "unseen_digits": int(len(correct) - num_eval)}

