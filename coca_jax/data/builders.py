@@ -5,8 +5,8 @@ Three input formats, one schema, read back with `open_source` (or `tfds.data_sou
   demo        digit scenes made offline from scikit-learn's bundled digits (`digit_scenes.py`);
               splits "train", "test" (scenes) and "digits" (one digit per canvas, with `label`,
               for zero-shot classification); with num_transfer > 0 also "mnist_on_white" and
-              "mnist_on_black" (MNIST digits from another package, with `label`: the transfer
-              eval; never read by the train split).
+              "mnist_on_black" (num_transfer of the MNIST sample's 4,000 "test" digits, from
+              another package, with `label`: the transfer eval; never read by the train split).
   folder      a folder of images plus `captions.jsonl` ({"image": "rel/path.jpg", "caption": "..."}
               per line; "captions": [...] also accepted) or `captions.csv` (header `image,caption`).
               Several lines may name the same image: its captions are grouped into one example.
@@ -242,7 +242,7 @@ class DemoBuilder(_CaptionBuilder, skip_registration=True):
   def __init__(self, *, data_dir: str, num_train: int = 5000, num_test: int = 500,
                num_digits: int = 1000, image_size: int = 48, seed: int = 0, grid: int = 0,
                variation: float = 0.0, strokes: float = 0.0, varied_grid: int = -1,
-               num_transfer: int = 0, **kwargs):
+               varied_single: float = -1.0, num_transfer: int = 0, **kwargs):
     self.num_per_split = {"train": num_train, "test": num_test, "digits": num_digits,
                           **{split: num_transfer for split in TRANSFER_SPLITS}}
     self.image_size = image_size
@@ -250,6 +250,7 @@ class DemoBuilder(_CaptionBuilder, skip_registration=True):
     self.variation = variation
     self.strokes = strokes
     self.varied_grid = varied_grid
+    self.varied_single = varied_single
     self.seed = seed
     super().__init__(data_dir=data_dir, **kwargs)
 
@@ -276,7 +277,8 @@ class DemoBuilder(_CaptionBuilder, skip_registration=True):
     else:
       data = digit_scenes.make_scenes(split, num, self.seed, image_size=self.image_size,
                                       grid=self.grid, variation=self.variation,
-                                      strokes=self.strokes, varied_grid=self.varied_grid)
+                                      strokes=self.strokes, varied_grid=self.varied_grid,
+                                      varied_single=self.varied_single)
       labels = np.full((num,), -1)
     for index in self._progress(range(num), split, total=num):
       buffer = io.BytesIO()
@@ -656,7 +658,7 @@ def make_builder(format: str, name: str, data_dir: str, **options) -> _CaptionBu
     name: TFDS dataset name (lower_snake_case); read it back with the same name.
     data_dir: TFDS data_dir; the data lands in `data_dir/name/1.0.0/`.
     **options: the format's options: demo (num_train, num_test, num_digits, image_size, seed,
-      grid, variation, strokes, varied_grid, num_transfer);
+      grid, variation, strokes, varied_grid, varied_single, num_transfer);
       folder/webdataset (src, eval_src, eval_fraction, eval_split, max_image_side,
       allow_outside_src: read caption-file image paths outside `src`); all (show_progress).
   """

