@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from coca_jax import api  # noqa: E402
 from coca_jax.data import digit_scenes  # noqa: E402
+from coca_jax.evaluation import evaluators  # noqa: E402
 
 
 def main() -> None:
@@ -37,22 +38,20 @@ def main() -> None:
   options = model.config.data.build_demo_options
   zeroshot = model.config.evals.zeroshot
   class_names, shared = list(zeroshot.class_names), list(zeroshot.templates)
-  per_split = list(zeroshot.get("transfer_templates", None) or []) or [[]] * len(
-      digit_scenes.TRANSFER_SPLITS)
+  own = evaluators.transfer_prompts(zeroshot)
   sizes = {"dev": digit_scenes.TRANSFER_DEV_SIZE,
            "test": digit_scenes.MNIST_SAMPLE_SIZE - digit_scenes.TRANSFER_DEV_SIZE}
   result = {"workdir": args.workdir, "step": model.step, "digits": sizes}
-  for (split, background), own in zip(digit_scenes.TRANSFER_SPLITS.items(), per_split):
-    prompts = {"run_prompts": list(own or shared), "shared_templates": shared}
-    scores = {"run_prompts": list(own or shared)}
+  for split, background in digit_scenes.TRANSFER_SPLITS.items():
+    prompts = own.get(split, shared)
+    scores = {"run_prompts": prompts}
     for part, size in sizes.items():
       digits = digit_scenes.make_transfer_digits(size, options.seed, options.image_size,
                                                  background, part=part)
-      for name, templates in prompts.items():
+      for suffix, templates in (("", prompts), ("_shared_templates", shared)):
         correct = (model.zero_shot(digits["image"], class_names, templates)["labels"]
                    == digits["label"])
-        scores[f"{part}_top1" if name == "run_prompts" else f"{part}_top1_shared_templates"] = (
-            round(float(correct.mean()), 4))
+        scores[f"{part}_top1{suffix}"] = round(float(correct.mean()), 4)
     result[split] = scores
   print(json.dumps(result))
 

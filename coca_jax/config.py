@@ -136,9 +136,6 @@ def _defaults(backbone: str) -> dict:
                  nonfinite="halt", max_consecutive_skips=10),
       loss=dict(contrastive_weight=1.0, caption_weight=2.0, label_smoothing=0.0,
                 contrastive="softmax", contrastive_impl="gathered", contrastive_reduction="sum",
-                # "pair": text i is image i's only positive (the paper); "same_caption": every
-                # example with the identical caption is one too (losses module docstring).
-                contrastive_positives="pair",
                 itm_weight=0.0, itm_examples=0, **losses.ROUTER_LOSS_DEFAULTS),
       optim=dict(name="adamw", lr=REQUIRED, b1=0.9, b2=0.999,
                  eps=0.0,  # 0 = the optimizer's own: adamw 1e-8, adafactor 1e-30.
@@ -675,10 +672,6 @@ def validate(config, num_devices: int | None = None) -> None:
   skips = t.max_consecutive_skips
   need(isinstance(skips, int) and skips >= 1,
        f"config.train.max_consecutive_skips={skips!r} must be a positive integer")
-  need(config.loss.contrastive_positives in ("pair", "same_caption"),
-       f"config.loss.contrastive_positives={config.loss.contrastive_positives!r} is unknown; "
-       "use pair (text i is image i's only positive, the paper's) or same_caption (every "
-       "example with the identical caption is a positive too)")
   need(config.loss.contrastive_reduction in ("sum", "mean"),
        f"config.loss.contrastive_reduction={config.loss.contrastive_reduction!r} is "
        "unknown; use sum (the paper's eq. 1) or mean (open_clip)")

@@ -7,15 +7,6 @@ simple ('gathered') form below is already global. At the paper's batch (65,536) 
 keeps its own image embeddings and the text embeddings travel device to device (`ppermute`), so
 one device never holds more than a [local batch, local batch] block of logits. Both forms give
 the same loss and gradients (tests/test_losses_scale.py).
-
-Positives (config.loss.contrastive_positives): by default ('pair', the paper's) text i is the
-one positive of image i and every other text of the batch a negative, even one with the very
-same caption. With 'same_caption' (pass the caption tokens as `text_ids`) every example whose
-caption tokens equal row i's is a positive of it in both directions (the loss then takes the
-log of the summed probability of the positives): a
-data set of short or templated captions (class names, the demo's "a white 3") holds many
-identical captions per batch, and counting them as negatives pushes images apart on what their
-captions do not say. With distinct captions both settings give the same loss.
 """
 
 from __future__ import annotations
@@ -38,22 +29,6 @@ CONTRASTIVE_KINDS = ("softmax", "sigmoid")
 # eq. 1 (so with loss weights 1:2 the contrastive term has the paper's weight); 'mean' halves it,
 # the CLIP / open_clip convention (their configs set it).
 CONTRASTIVE_REDUCTIONS = ("sum", "mean")
-# What counts as a positive pair (config.loss.contrastive_positives; module docstring).
-CONTRASTIVE_POSITIVES = ("pair", "same_caption")
-
-
-def same_caption(text_ids, other_ids=None):
-  """bool [B, B']: True where row i of `text_ids` [B, L] and row j of `other_ids` [B', L]
-  (default: `text_ids`) are the same token sequence."""
-  other_ids = text_ids if other_ids is None else other_ids
-  return jnp.all(text_ids[:, None, :] == other_ids[None, :, :], axis=-1)
-
-
-def _positive_lse(logits, positives, axis):
-  """(log-sum-exp, max) of `logits` over the positives along `axis` (each row / column has at
-  least one: its own pair)."""
-  masked = jnp.where(positives, logits, -jnp.inf)
-  return jax.nn.logsumexp(masked, axis=axis), jnp.max(masked, axis=axis)
 
 
 def _combine(i2t, t2i, reduction: str):
@@ -63,30 +38,15 @@ def _combine(i2t, t2i, reduction: str):
   return i2t + t2i if reduction == "sum" else (i2t + t2i) / 2
 
 
-def softmax_contrastive_loss(image_embed, text_embed, logit_scale, reduction: str = "sum",
-                             positives=None):
+def softmax_contrastive_loss(image_embed, text_embed, logit_scale, reduction: str = "sum"):
   """Symmetric InfoNCE over the batch: i2t + t2i (reduction 'sum', paper eq. 1) or their mean.
 
   image_embed, text_embed: [batch, D], L2-normalised; row i of each is a positive pair.
   logit_scale: scalar multiplier (1 / temperature).
-  positives: optional bool [batch, batch], True where text j is a positive of image i (e.g.
-  `same_caption`; must hold the diagonal); each direction's loss is then minus the log of the
-  summed softmax probability of the positives. None: the diagonal alone.
-  Returns (loss, metrics) with the image->text and text->image halves and in-batch accuracy
-  (a hit: the row's / column's largest logit is a positive).
+  Returns (loss, metrics) with the image->text and text->image halves and in-batch accuracy.
   """
   logits = logit_scale * jnp.einsum("id,td->it", image_embed, text_embed,
                                     preferred_element_type=jnp.float32)
-  if positives is not None:
-    row_pos, row_pos_max = _positive_lse(logits, positives, 1)
-    col_pos, col_pos_max = _positive_lse(logits, positives, 0)
-    i2t = jnp.mean(jax.nn.logsumexp(logits, axis=1) - row_pos)
-    t2i = jnp.mean(jax.nn.logsumexp(logits, axis=0) - col_pos)
-    accuracy = jnp.mean(row_pos_max >= jnp.max(logits, axis=1))
-    t2i_accuracy = jnp.mean(col_pos_max >= jnp.max(logits, axis=0))
-    return _combine(i2t, t2i, reduction), {"contrastive_i2t": i2t, "contrastive_t2i": t2i,
-                                          "contrastive_accuracy": accuracy,
-                                          "contrastive_t2i_accuracy": t2i_accuracy}
   labels = jnp.arange(logits.shape[0])
   i2t = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   t2i = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
@@ -97,31 +57,27 @@ def softmax_contrastive_loss(image_embed, text_embed, logit_scale, reduction: st
                                         "contrastive_t2i_accuracy": t2i_accuracy}
 
 
-def sigmoid_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias, positives=None):
+def sigmoid_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias):
   """Pairwise sigmoid loss (SigLIP): every (image, text) pair is an independent binary label.
 
-  Normalised by batch size, as in the SigLIP paper. positives: optional bool [batch, batch] of
-  the pairs labelled positive (default: the diagonal). Returns (loss, metrics).
+  Normalised by batch size, as in the SigLIP paper. Returns (loss, metrics).
   """
   logits = logit_scale * jnp.einsum("id,td->it", image_embed, text_embed,
                                     preferred_element_type=jnp.float32) + logit_bias
-  positives = jnp.eye(logits.shape[0], dtype=bool) if positives is None else positives
-  labels = 2 * positives.astype(jnp.float32) - 1
+  labels = 2 * jnp.eye(logits.shape[0]) - 1
   loss = -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / logits.shape[0]
   return loss, {}
 
 
 def _ring_contrastive_shard(image_embed, text_embed, logit_scale, logit_bias, *, kind: str,
                             axis_names: tuple[str, ...], num_shards: int, global_batch: int,
-                            reduction: str = "sum", text_ids=None):
+                            reduction: str = "sum"):
   """The per-device body of `chunked_contrastive_loss` (runs inside shard_map).
 
-  image_embed, text_embed: this device's [local_batch, D]; text_ids: its [local_batch, L]
-  caption tokens when identical captions are positives (`same_caption`), else None. Text blocks
-  visit every device once around the ring with their tokens; a visiting block carries its own
-  running column statistics (text->image log-sum-exp and max, of all images and of its
-  positives), which arrive back home after the last hop. Each block's logits are recomputed in
-  the backward pass (checkpointed body), so memory stays O(local_batch^2).
+  image_embed, text_embed: this device's [local_batch, D]. Text blocks visit every device once
+  around the ring; a visiting block carries its own running column statistics (text->image
+  log-sum-exp and max), which arrive back home after the last hop. Each block's logits are
+  recomputed in the backward pass (checkpointed body), so memory stays O(local_batch^2).
   Returns (loss, metrics), identical on every device.
   """
   image_embed = image_embed.astype(jnp.float32)
@@ -129,77 +85,55 @@ def _ring_contrastive_shard(image_embed, text_embed, logit_scale, logit_bias, *,
   perm = [(i, (i + 1) % num_shards) for i in range(num_shards)]
   shift = (lambda x: jax.lax.ppermute(x, axis_names, perm)) if num_shards > 1 else (lambda x: x)
   total = (lambda x: jax.lax.psum(x, axis_names)) if axis_names else (lambda x: x)
-  by_caption = text_ids is not None
-  ids = text_ids if by_caption else jnp.zeros((text_embed.shape[0], 0), jnp.int32)
-
   def block_logits(text_block):
     logits = logit_scale * jnp.einsum("id,td->it", image_embed, text_block)
     return logits if logit_bias is None else logits + logit_bias
 
-  home = block_logits(text_embed)
-  home_positives = same_caption(ids) if by_caption else jnp.eye(home.shape[0], dtype=bool)
-
   if kind == "sigmoid":
-    sigmoid_sum = lambda logits, positives: -jnp.sum(
-        jax.nn.log_sigmoid((2 * positives.astype(jnp.float32) - 1) * logits))
+    # Only the home block holds positives (its diagonal); every other block is all negatives.
+    home = block_logits(text_embed)
+    labels = 2 * jnp.eye(home.shape[0]) - 1
+    home_sum = -jnp.sum(jax.nn.log_sigmoid(labels * home))
 
     @jax.checkpoint
-    def visit_sigmoid(carry, _):
-      text_block, ids_block, loss_sum = carry
+    def visit(carry, _):
+      text_block, loss_sum = carry
       text_block = shift(text_block)
-      ids_block = shift(ids_block) if by_caption else ids_block
-      logits = block_logits(text_block)
-      # Without caption ids a visiting block is all negatives.
-      positives = same_caption(ids, ids_block) if by_caption else jnp.zeros(logits.shape, bool)
-      return (text_block, ids_block, loss_sum + sigmoid_sum(logits, positives)), None
+      loss_sum = loss_sum - jnp.sum(jax.nn.log_sigmoid(-block_logits(text_block)))
+      return (text_block, loss_sum), None
 
-    carry = (text_embed, ids, sigmoid_sum(home, home_positives))
-    (_, _, loss_sum), _ = jax.lax.scan(visit_sigmoid, carry, None, length=num_shards - 1)
+    (_, loss_sum), _ = jax.lax.scan(visit, (text_embed, home_sum), None, length=num_shards - 1)
     return total(loss_sum) / global_batch, {}
 
-  # Running statistics: log-sum-exp and max over all logits of each row (this device's images)
-  # and column (the visiting texts), and with caption ids the same over the positives alone.
-  # Without ids the positive is the home block's diagonal: taken from the same matmul (not a
-  # separate dot product) so that "positive >= max" is exact when it is the largest logit.
-  stats = {"row_lse": jax.nn.logsumexp(home, axis=1), "row_max": jnp.max(home, axis=1),
-           "col_lse": jax.nn.logsumexp(home, axis=0), "col_max": jnp.max(home, axis=0)}
-  if by_caption:
-    stats["row_pos"], stats["row_pos_max"] = _positive_lse(home, home_positives, 1)
-    stats["col_pos"], stats["col_pos_max"] = _positive_lse(home, home_positives, 0)
-  column_stats = [k for k in stats if k.startswith("col")]
-
-  def merge(old, new, key):
-    return jnp.maximum(old, new) if key.endswith("max") else jnp.logaddexp(old, new)
+  home = block_logits(text_embed)
+  # The diagonal of the same matmul (not a separate dot product) so that "positive >= max" is
+  # exact when the positive is the largest logit.
+  positives = jnp.diagonal(home)  # [local_batch]
+  row_lse, row_max = jax.nn.logsumexp(home, axis=1), jnp.max(home, axis=1)
+  col_lse, col_max = jax.nn.logsumexp(home, axis=0), jnp.max(home, axis=0)
 
   @jax.checkpoint
   def visit(carry, _):
-    text_block, ids_block, stats = carry
-    text_block = shift(text_block)
-    ids_block = shift(ids_block) if by_caption else ids_block
-    stats = {k: shift(v) if k in column_stats else v for k, v in stats.items()}
+    text_block, col_lse, col_max, row_lse, row_max = carry
+    text_block, col_lse, col_max = shift(text_block), shift(col_lse), shift(col_max)
     logits = block_logits(text_block)
-    new = {"row_lse": jax.nn.logsumexp(logits, axis=1), "row_max": jnp.max(logits, axis=1),
-           "col_lse": jax.nn.logsumexp(logits, axis=0), "col_max": jnp.max(logits, axis=0)}
-    if by_caption:
-      positives = same_caption(ids, ids_block)
-      new["row_pos"], new["row_pos_max"] = _positive_lse(logits, positives, 1)
-      new["col_pos"], new["col_pos_max"] = _positive_lse(logits, positives, 0)
-    return (text_block, ids_block, {k: merge(v, new[k], k) for k, v in stats.items()}), None
+    row_lse = jnp.logaddexp(row_lse, jax.nn.logsumexp(logits, axis=1))
+    col_lse = jnp.logaddexp(col_lse, jax.nn.logsumexp(logits, axis=0))
+    row_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
+    col_max = jnp.maximum(col_max, jnp.max(logits, axis=0))
+    return (text_block, col_lse, col_max, row_lse, row_max), None
 
-  (_, _, stats), _ = jax.lax.scan(visit, (text_embed, ids, stats), None, length=num_shards - 1)
+  carry = (text_embed, col_lse, col_max, row_lse, row_max)
+  (_, col_lse, col_max, row_lse, row_max), _ = jax.lax.scan(
+      visit, carry, None, length=num_shards - 1)
   # After num_shards - 1 hops a block sits one device short of home: one more hop returns its
   # column statistics to the device that owns those texts.
-  stats = {k: shift(v) if k in column_stats else v for k, v in stats.items()}
-  if by_caption:
-    row_pos, row_pos_max = stats["row_pos"], stats["row_pos_max"]
-    col_pos, col_pos_max = stats["col_pos"], stats["col_pos_max"]
-  else:
-    row_pos = row_pos_max = col_pos = col_pos_max = jnp.diagonal(home)
-  i2t = total(jnp.sum(stats["row_lse"] - row_pos)) / global_batch
-  t2i = total(jnp.sum(stats["col_lse"] - col_pos)) / global_batch
-  # Correct when a positive is the row's (column's) maximum, as argmax would say.
-  hits_i2t = jax.lax.stop_gradient(row_pos_max >= stats["row_max"]).astype(jnp.float32)
-  hits_t2i = jax.lax.stop_gradient(col_pos_max >= stats["col_max"]).astype(jnp.float32)
+  col_lse, col_max = shift(col_lse), shift(col_max)
+  i2t = total(jnp.sum(row_lse - positives)) / global_batch
+  t2i = total(jnp.sum(col_lse - positives)) / global_batch
+  # Correct when the positive is the row's (column's) maximum, as argmax would say.
+  hits_i2t = jax.lax.stop_gradient(positives >= row_max).astype(jnp.float32)
+  hits_t2i = jax.lax.stop_gradient(positives >= col_max).astype(jnp.float32)
   return _combine(i2t, t2i, reduction), {"contrastive_i2t": i2t, "contrastive_t2i": t2i,
                                         "contrastive_accuracy": total(jnp.sum(hits_i2t)) / global_batch,
                                         "contrastive_t2i_accuracy":
@@ -208,15 +142,13 @@ def _ring_contrastive_shard(image_embed, text_embed, logit_scale, logit_bias, *,
 
 def chunked_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias=None, *,
                              kind: str = "softmax", mesh=None, axis_names=BATCH_AXES,
-                             reduction: str = "sum", text_ids=None):
+                             reduction: str = "sum"):
   """Memory-bounded contrastive loss over the global batch (ring over the batch mesh axes).
 
   image_embed, text_embed: [batch, D] L2-normalised, sharded on their batch axis over
   `axis_names`; kind: 'softmax' (same value and gradients as `softmax_contrastive_loss`) or
-  'sigmoid' (as `sigmoid_contrastive_loss`, needs `logit_bias`). text_ids: [batch, L] caption
-  tokens, sharded like the embeddings, when identical captions are positives (`same_caption`);
-  None: each pair alone. mesh: the device mesh; default the one set by `jax.set_mesh` (no mesh:
-  one device, one block). Returns (loss, metrics).
+  'sigmoid' (as `sigmoid_contrastive_loss`, needs `logit_bias`). mesh: the device mesh; default
+  the one set by `jax.set_mesh` (no mesh: one device, one block). Returns (loss, metrics).
   """
   if kind not in ("softmax", "sigmoid"):
     raise ValueError(f"kind={kind!r} is unknown; use 'softmax' or 'sigmoid'")
@@ -227,34 +159,32 @@ def chunked_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias=No
   if mesh is None or mesh.empty:
     return _ring_contrastive_shard(image_embed, text_embed, logit_scale, logit_bias, kind=kind,
                                    axis_names=(), num_shards=1, global_batch=global_batch,
-                                   reduction=reduction, text_ids=text_ids)
+                                   reduction=reduction)
   axis_names = tuple(a for a in axis_names if a in mesh.shape)
   num_shards = math.prod(mesh.shape[a] for a in axis_names)
   if global_batch % num_shards:
     raise ValueError(f"global batch {global_batch} is not divisible by the {num_shards} batch "
                      f"shards of the mesh; use a multiple of {num_shards}")
-  has_bias, has_ids = logit_bias is not None, text_ids is not None
+  has_bias = logit_bias is not None
 
-  def body(image_shard, text_shard, scale, bias, ids_shard):
+  def body(image_shard, text_shard, scale, bias):
     return _ring_contrastive_shard(
         image_shard, text_shard, scale, bias if has_bias else None, kind=kind,
         axis_names=axis_names, num_shards=num_shards, global_batch=global_batch,
-        reduction=reduction, text_ids=ids_shard if has_ids else None)
+        reduction=reduction)
 
   bias = logit_bias if has_bias else jnp.zeros((), jnp.float32)
-  ids = text_ids if has_ids else jnp.zeros((global_batch, 0), jnp.int32)
   return jax.shard_map(
-      body, mesh=mesh, in_specs=(P(axis_names), P(axis_names), P(), P(), P(axis_names)),
-      out_specs=P())(image_embed, text_embed, logit_scale, bias, ids)
+      body, mesh=mesh, in_specs=(P(axis_names), P(axis_names), P(), P()),
+      out_specs=P())(image_embed, text_embed, logit_scale, bias)
 
 
 def contrastive_loss(image_embed, text_embed, logit_scale, logit_bias=None, *,
                      kind: str = "softmax", impl: str = "gathered", mesh=None,
-                     reduction: str = "sum", text_ids=None):
+                     reduction: str = "sum"):
   """The contrastive term chosen by config.loss.contrastive (`kind`),
   config.loss.contrastive_impl (`impl`) and config.loss.contrastive_reduction (`reduction`,
-  softmax only). text_ids: [batch, L] caption tokens, given when identical captions are
-  positives (config.loss.contrastive_positives='same_caption'). Returns (loss, metrics)."""
+  softmax only). Returns (loss, metrics)."""
   if impl not in CONTRASTIVE_IMPLS:
     raise ValueError(f"config.loss.contrastive_impl={impl!r} is unknown; use one of "
                      f"{CONTRASTIVE_IMPLS}")
@@ -266,11 +196,10 @@ def contrastive_loss(image_embed, text_embed, logit_scale, logit_bias=None, *,
                      "with step.build_model(config) so it follows config.loss.contrastive")
   if impl == "chunked":
     return chunked_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias, kind=kind,
-                                    mesh=mesh, reduction=reduction, text_ids=text_ids)
-  positives = None if text_ids is None else same_caption(text_ids)
+                                    mesh=mesh, reduction=reduction)
   if kind == "softmax":
-    return softmax_contrastive_loss(image_embed, text_embed, logit_scale, reduction, positives)
-  return sigmoid_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias, positives)
+    return softmax_contrastive_loss(image_embed, text_embed, logit_scale, reduction)
+  return sigmoid_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias)
 
 
 def caption_loss(logits, labels, pad_id: int = 0, label_smoothing: float = 0.0):
@@ -296,31 +225,20 @@ def caption_loss(logits, labels, pad_id: int = 0, label_smoothing: float = 0.0):
   return loss, {"caption_accuracy": accuracy, "caption_tokens": weights.sum()}
 
 
-def contrastive_text_ids(text, positives: str):
-  """The `text_ids` argument of `contrastive_loss` for config.loss.contrastive_positives."""
-  if positives not in CONTRASTIVE_POSITIVES:
-    raise ValueError(f"config.loss.contrastive_positives={positives!r} is unknown; use one of "
-                     f"{CONTRASTIVE_POSITIVES}")
-  return text if positives == "same_caption" else None
-
-
 def coca_loss(outputs, text, *, contrastive_weight: float = 1.0, caption_weight: float = 2.0,
               label_smoothing: float = 0.0, contrastive: str = "softmax", pad_id: int = 0,
-              contrastive_impl: str = "gathered", mesh=None, contrastive_reduction: str = "sum",
-              contrastive_positives: str = "pair"):
+              contrastive_impl: str = "gathered", mesh=None, contrastive_reduction: str = "sum"):
   """CoCa objective: contrastive_weight * contrastive + caption_weight * caption (paper: 1, 2).
 
   outputs: the model's dict (image_embed, text_embed, caption_logits, logit_scale[, logit_bias]).
   contrastive_impl: 'gathered' (one [B, B] logits matrix) or 'chunked' (the ring of
   `chunked_contrastive_loss`, over `mesh` or the `jax.set_mesh` one); same values.
-  contrastive_positives: 'pair' or 'same_caption' (module docstring).
   Returns (loss, metrics) with the weighted total and both parts.
   """
   con, con_metrics = contrastive_loss(
       outputs["image_embed"], outputs["text_embed"], outputs["logit_scale"],
       outputs.get("logit_bias"), kind=contrastive, impl=contrastive_impl, mesh=mesh,
-      reduction=contrastive_reduction,
-      text_ids=contrastive_text_ids(text, contrastive_positives))
+      reduction=contrastive_reduction)
   cap, cap_metrics = caption_loss(outputs["caption_logits"], text[:, 1:], pad_id, label_smoothing)
   total = contrastive_weight * con + caption_weight * cap
   return total, {"loss": total, "contrastive_loss": con, "caption_loss": cap,

@@ -146,8 +146,7 @@ def loss_fn(params, model: CoCa, batch, loss_config, rng=None):
       label_smoothing=loss_config.label_smoothing,
       contrastive=loss_config.contrastive,
       contrastive_impl=loss_config.contrastive_impl,
-      contrastive_reduction=loss_config.contrastive_reduction,
-      contrastive_positives=loss_config.contrastive_positives)
+      contrastive_reduction=loss_config.contrastive_reduction)
   itm_weight = loss_config.itm_weight
   if itm_weight > 0:
     itm, itm_metrics, itm_stats = image_text_matching(params, model, batch, outputs, rng,
@@ -198,13 +197,12 @@ def image_text_matching(params, model, batch, outputs, rng, examples: int = 0):
   return loss, {"itm_loss": loss, **metrics}, stats
 
 
-def _contrastive(image_embed, text_embed, logit_scale, logit_bias, loss_config, text):
+def _contrastive(image_embed, text_embed, logit_scale, logit_bias, loss_config):
   kind = loss_config.contrastive
   return losses.contrastive_loss(
       image_embed, text_embed, logit_scale, logit_bias if kind == "sigmoid" else None,
       kind=kind, impl=loss_config.contrastive_impl,
-      reduction=loss_config.contrastive_reduction,
-      text_ids=losses.contrastive_text_ids(text, loss_config.contrastive_positives))
+      reduction=loss_config.contrastive_reduction)
 
 
 def split_microbatches(batch, microbatches: int):
@@ -251,7 +249,7 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
   scale_and_bias = lambda p: (model.apply({"params": p}, method="temperature_scale"),
                               p.get("logit_bias", jnp.zeros((), jnp.float32)))
   scale, bias = scale_and_bias(params)
-  con_fn = lambda i, t, s, b: _contrastive(i, t, s, b, loss_config, text)
+  con_fn = lambda i, t, s, b: _contrastive(i, t, s, b, loss_config)
   (con, con_metrics), con_grads = jax.value_and_grad(con_fn, argnums=(0, 1, 2, 3), has_aux=True)(
       image_embed, text_embed, scale, bias)
   g_image, g_text, g_scale, g_bias = con_grads

@@ -51,67 +51,6 @@ def test_sigmoid_contrastive_matches_numpy():
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
 
-# Captions of 6 examples as token rows: rows 0, 2, 5 read the same, rows 1, 4 the same.
-_IDS = np.array([[1, 5, 7, 2], [1, 6, 2, 0], [1, 5, 7, 2], [1, 5, 2, 0], [1, 6, 2, 0],
-                 [1, 5, 7, 2]], np.int32)
-
-
-def test_same_caption_positives_match_numpy():
-  rng = np.random.default_rng(4)
-  img, txt = _unit(rng.standard_normal((6, 5))), _unit(rng.standard_normal((6, 5)))
-  scale = 7.0
-  logits = scale * img @ txt.T
-  same = (_IDS[:, None, :] == _IDS[None, :, :]).all(-1)
-  np.testing.assert_array_equal(losses.same_caption(jnp.asarray(_IDS)), same)
-  # Each direction: minus the log of the summed softmax probability of the positives.
-  prob_i2t, prob_t2i = np.exp(_log_softmax(logits, 1)), np.exp(_log_softmax(logits, 0))
-  i2t = -np.mean(np.log((prob_i2t * same).sum(1)))
-  t2i = -np.mean(np.log((prob_t2i * same).sum(0)))
-  loss, metrics = losses.contrastive_loss(jnp.asarray(img), jnp.asarray(txt), scale,
-                                          text_ids=jnp.asarray(_IDS))
-  np.testing.assert_allclose(loss, i2t + t2i, rtol=1e-5)
-  np.testing.assert_allclose(metrics["contrastive_t2i"], t2i, rtol=1e-5)
-  # A hit: the row's largest logit is any positive.
-  np.testing.assert_allclose(metrics["contrastive_accuracy"],
-                             np.mean(same[np.arange(6), logits.argmax(1)]))
-  np.testing.assert_allclose(metrics["contrastive_t2i_accuracy"],
-                             np.mean(same[logits.argmax(0), np.arange(6)]))
-  # Sigmoid: every same-caption pair labelled positive.
-  bias = -3.0
-  labels = 2 * same - 1
-  expected = np.sum(np.log1p(np.exp(-labels * (logits + bias)))) / 6
-  sig, _ = losses.contrastive_loss(jnp.asarray(img), jnp.asarray(txt), scale, bias,
-                                   kind="sigmoid", text_ids=jnp.asarray(_IDS))
-  np.testing.assert_allclose(sig, expected, rtol=1e-5)
-
-
-def test_same_caption_positives_ignore_which_same_caption_image_is_which():
-  # The property users rely on: images with one caption are interchangeable. Swapping images 0
-  # and 2 (same caption) leaves the loss unchanged with same_caption positives; with pairs alone
-  # it changes (each caption is pushed away from the other image it describes).
-  rng = np.random.default_rng(5)
-  img, txt = _unit(rng.standard_normal((6, 5))), _unit(rng.standard_normal((6, 5)))
-  swapped = img[[2, 1, 0, 3, 4, 5]]
-  for kind, bias in (("softmax", None), ("sigmoid", -2.0)):
-    loss = lambda i, ids: float(losses.contrastive_loss(
-        jnp.asarray(i), jnp.asarray(txt), 7.0, bias, kind=kind, text_ids=ids)[0])
-    ids = jnp.asarray(_IDS)
-    assert loss(swapped, ids) == pytest.approx(loss(img, ids), rel=1e-6), kind
-    assert abs(loss(swapped, None) - loss(img, None)) > 1e-3, kind
-  # Distinct captions: the same loss as pairs alone.
-  distinct = jnp.asarray(np.arange(24, dtype=np.int32).reshape(6, 4))
-  for kind, bias in (("softmax", None), ("sigmoid", -2.0)):
-    pair = losses.contrastive_loss(jnp.asarray(img), jnp.asarray(txt), 7.0, bias, kind=kind)
-    by_caption = losses.contrastive_loss(jnp.asarray(img), jnp.asarray(txt), 7.0, bias,
-                                         kind=kind, text_ids=distinct)
-    assert float(by_caption[0]) == pytest.approx(float(pair[0]), rel=1e-6), kind
-
-
-def test_unknown_contrastive_positives_names_the_field():
-  with pytest.raises(ValueError, match="config.loss.contrastive_positives='label'"):
-    losses.contrastive_text_ids(jnp.asarray(_IDS), "label")
-
-
 def test_caption_loss_matches_numpy_and_ignores_pad():
   rng = np.random.default_rng(3)
   logits = rng.standard_normal((2, 5, 7)).astype(np.float32)

@@ -35,20 +35,12 @@ def _embeddings(batch=12, dim=8, seed=0):
   return image, text
 
 
-def _caption_ids(batch=12, captions=4, seed=0):
-  """[batch, 5] caption tokens drawn from `captions` distinct ones: many rows repeat."""
-  table = np.arange(captions * 5, dtype=np.int32).reshape(captions, 5)
-  return jnp.asarray(table[np.random.default_rng(seed).integers(captions, size=batch)])
-
-
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
-@pytest.mark.parametrize("by_caption", [False, True])
-def test_chunked_loss_and_gradients_equal_gathered_on_one_device(kind, by_caption):
+def test_chunked_loss_and_gradients_equal_gathered_on_one_device(kind):
   image, text = _embeddings()
-  ids = _caption_ids() if by_caption else None
   scale, bias = jnp.float32(10.0), jnp.float32(-2.0)
   loss = lambda impl: lambda i, t, s, b: losses.contrastive_loss(
-      i, t, s, b if kind == "sigmoid" else None, kind=kind, impl=impl, text_ids=ids)[0]
+      i, t, s, b if kind == "sigmoid" else None, kind=kind, impl=impl)[0]
   grad = lambda impl: jax.value_and_grad(loss(impl), argnums=(0, 1, 2, 3))(image, text, scale, bias)
   (gathered, g_grads), (chunked, c_grads) = grad("gathered"), grad("chunked")
   assert float(chunked) == pytest.approx(float(gathered), rel=1e-6)
@@ -63,42 +55,36 @@ import json, sys
 sys.path.insert(0, {os.path.join(REPO, 'tests')!r})
 import jax, jax.numpy as jnp, ml_collections
 from coca_jax import losses, sharding
-from test_losses_scale import _caption_ids, _embeddings
+from test_losses_scale import _embeddings
 from test_sharding import _max_rel_diff
 image, text = _embeddings(batch=32)
 scale, bias = jnp.float32(10.0), jnp.float32(-2.0)
 out = {{}}
-for kind, by_caption in (("softmax", False), ("sigmoid", False), ("softmax", True),
-                         ("sigmoid", True)):
-  ids = _caption_ids(batch=32, captions=6) if by_caption else None
+for kind in ("softmax", "sigmoid"):
   def loss(impl):
-    return lambda i, t, s, b, ids: losses.contrastive_loss(
-        i, t, s, b if kind == "sigmoid" else None, kind=kind, impl=impl, text_ids=ids)[0]
-  ref, ref_grads = jax.value_and_grad(loss("gathered"), argnums=(0, 1, 2, 3))(
-      image, text, scale, bias, ids)
+    return lambda i, t, s, b: losses.contrastive_loss(
+        i, t, s, b if kind == "sigmoid" else None, kind=kind, impl=impl)[0]
+  ref, ref_grads = jax.value_and_grad(loss("gathered"), argnums=(0, 1, 2, 3))(image, text, scale, bias)
   for sizes in (dict(data=8), dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2)):
     mesh = sharding.make_mesh(ml_collections.ConfigDict(sizes))
     with jax.set_mesh(mesh):
-      put = lambda x: None if x is None else jax.device_put(x, sharding.batch_sharding(mesh, 2))
+      put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, 2))
       value, grads = jax.jit(jax.value_and_grad(loss("chunked"), argnums=(0, 1, 2, 3)))(
-          put(image), put(text), scale, bias, put(ids))
-    name = kind + ("_same_caption" if by_caption else "") + str(sizes)
-    out[name] = [_max_rel_diff(value, ref), _max_rel_diff(grads, ref_grads)]
+          put(image), put(text), scale, bias)
+    out[kind + str(sizes)] = [_max_rel_diff(value, ref), _max_rel_diff(grads, ref_grads)]
 # Accuracies: low-dimensional embeddings so that some pairs are misranked (accuracy < 1); the
 # ring's i2t and t2i hits must equal the gathered ones on every mesh shape.
 image, text = _embeddings(batch=32, dim=3, seed=1)
-ids = _caption_ids(batch=32, captions=12, seed=1)
-accuracy = lambda impl: lambda i, t, ids: {{k: v for k, v in losses.contrastive_loss(
-    i, t, scale, None, kind="softmax", impl=impl, text_ids=ids)[1].items() if "accuracy" in k}}
-for label, caption_ids in (("", None), ("_same_caption", ids)):
-  ref = accuracy("gathered")(image, text, caption_ids)
-  out["reference_accuracy" + label] = {{k: float(v) for k, v in ref.items()}}
-  for sizes in (dict(data=8), dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2)):
-    mesh = sharding.make_mesh(ml_collections.ConfigDict(sizes))
-    with jax.set_mesh(mesh):
-      put = lambda x: None if x is None else jax.device_put(x, sharding.batch_sharding(mesh, 2))
-      got = jax.jit(accuracy("chunked"))(put(image), put(text), put(caption_ids))
-    out["accuracy" + label + str(sizes)] = {{k: float(v) for k, v in got.items()}}
+accuracy = lambda impl: lambda i, t: {{k: v for k, v in losses.contrastive_loss(
+    i, t, scale, None, kind="softmax", impl=impl)[1].items() if "accuracy" in k}}
+ref = accuracy("gathered")(image, text)
+out["reference_accuracy"] = {{k: float(v) for k, v in ref.items()}}
+for sizes in (dict(data=8), dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2)):
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(sizes))
+  with jax.set_mesh(mesh):
+    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, 2))
+    got = jax.jit(accuracy("chunked"))(put(image), put(text))
+  out["accuracy" + str(sizes)] = {{k: float(v) for k, v in got.items()}}
 print(json.dumps(out))
 """
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
@@ -107,21 +93,16 @@ print(json.dumps(out))
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads(proc.stdout.strip().splitlines()[-1])
-  references = {label: results.pop("reference_accuracy" + label)
-                for label in ("", "_same_caption")}
+  reference = results.pop("reference_accuracy")
   accuracies = {k: results.pop(k) for k in list(results) if k.startswith("accuracy")}
-  assert len(results) == 12 and len(accuracies) == 6
+  assert len(results) == 6 and len(accuracies) == 3
   for name, (value_diff, grad_diff) in results.items():
     assert value_diff < 1e-6, name
     assert grad_diff < 1e-5, name
-  for label, reference in references.items():
-    assert set(reference) == {"contrastive_accuracy", "contrastive_t2i_accuracy"}
-    # Not trivially all right; and same-caption hits count more rows right than pairs alone.
-    assert all(0.0 < v < 1.0 for v in reference.values()), reference
-  assert references["_same_caption"]["contrastive_accuracy"] > references[""]["contrastive_accuracy"]
+  assert set(reference) == {"contrastive_accuracy", "contrastive_t2i_accuracy"}
+  assert all(0.0 < v < 1.0 for v in reference.values()), reference  # not trivially all right
   for name, got in accuracies.items():
-    label = "_same_caption" if "_same_caption" in name else ""
-    assert got == pytest.approx(references[label], abs=1e-6), name
+    assert got == pytest.approx(reference, abs=1e-6), name
 
 
 def test_chunked_accuracy_metrics_match_gathered():
@@ -171,26 +152,6 @@ def test_gradient_accumulation_equals_big_batch(sigmoid_model):
     assert float(acc_metrics[name]) == pytest.approx(float(big_metrics[name]), rel=1e-5), name
   assert _max_rel_diff(acc_grads, big_grads) < 2e-5
   assert float(jnp.abs(acc_grads["logit_bias"])) > 1e-3
-
-
-def test_gradient_accumulation_equals_big_batch_with_same_caption_positives():
-  # Rows that share a caption sit in different microbatches (row r -> microbatch r % 4): the
-  # positives are found over the whole batch, as in one big step.
-  config = tiny_config(contrastive_positives="same_caption")
-  model = step.build_model(config)
-  batch = tiny_batch(config)
-  batch["text"][[1, 6, 11]] = batch["text"][0]
-  batch["text"][7] = batch["text"][2]
-  params = jax.jit(model.init)(jax.random.key(0), batch["image"][:2], batch["text"][:2])["params"]
-  big_batch = lambda p: jax.value_and_grad(step.loss_fn, has_aux=True)(p, model, batch, config.loss)
-  (big, big_metrics), big_grads = jax.jit(big_batch)(params)
-  (acc, _), acc_grads = jax.jit(
-      lambda p: step.accumulated_loss_and_grads(p, model, batch, config.loss, 4))(params)
-  assert float(acc) == pytest.approx(float(big), rel=1e-6)
-  assert _max_rel_diff(acc_grads, big_grads) < 2e-5
-  # And the positives changed the loss: the pairs-only loss of the same batch is higher.
-  pairs = jax.jit(lambda p: step.loss_fn(p, model, batch, tiny_config().loss))(params)[1]
-  assert float(pairs["contrastive_loss"]) > float(big_metrics["contrastive_loss"]) + 1e-3
 
 
 def test_microbatches_split_keeps_rows_on_their_device():

@@ -210,10 +210,13 @@ def _render_varied(rng: np.random.Generator, scans: np.ndarray, labels: np.ndarr
 
 
 def _draw(rng, scans, labels, count, image_size, glyph_size, grid, variation, strokes,
-          varied_grid):
-  """One scene: varied with probability `variation` (a share `strokes` of its glyphs stroke
-  digits; on `varied_grid`, -1: `grid`), else the canonical layout."""
-  if variation > 0 and rng.random() < variation:
+          varied_grid, varied=None):
+  """One scene: varied with probability `variation` (`varied`: decided by the caller; a share
+  `strokes` of its glyphs stroke digits; on `varied_grid`, -1: `grid`), else the canonical
+  layout."""
+  if varied is None:
+    varied = variation > 0 and rng.random() < variation
+  if varied:
     return _render_varied(rng, scans, labels, count, image_size,
                           grid if varied_grid < 0 else varied_grid, strokes)
   return _render(rng, scans, labels, count, image_size, glyph_size, grid)
@@ -224,17 +227,19 @@ def _draw_scene(rng, scans, labels, max_digits, image_size, glyph_size, grid, va
   """One scene of `make_scenes`: 1..max_digits digits, then the layout (`_draw`); with
   varied_single >= 0 the layout first, and a varied scene holds one digit with probability
   `varied_single`, else 2..max_digits."""
+  varied = None  # -1: `_draw` decides after the count, the stream of earlier versions.
   if varied_single < 0:
     count = int(rng.integers(1, max_digits + 1))
-    return _draw(rng, scans, labels, count, image_size, glyph_size, grid, variation, strokes,
-                 varied_grid)
-  if variation > 0 and rng.random() < variation:
-    single = max_digits == 1 or rng.random() < varied_single
-    count = 1 if single else int(rng.integers(2, max_digits + 1))
-    return _render_varied(rng, scans, labels, count, image_size,
-                          grid if varied_grid < 0 else varied_grid, strokes)
-  count = int(rng.integers(1, max_digits + 1))
-  return _render(rng, scans, labels, count, image_size, glyph_size, grid)
+  else:
+    varied = variation > 0 and rng.random() < variation
+    if not varied:
+      count = int(rng.integers(1, max_digits + 1))
+    elif max_digits == 1 or rng.random() < varied_single:
+      count = 1
+    else:
+      count = int(rng.integers(2, max_digits + 1))
+  return _draw(rng, scans, labels, count, image_size, glyph_size, grid, variation, strokes,
+               varied_grid, varied)
 
 
 def _check_variation(variation: float, strokes: float = 0.0, varied_grid: int = -1,

@@ -118,6 +118,14 @@ def retrieval_eval(embedder: Embedder, source, limit=None) -> dict:
   return {f"eval/{k}": float(v) for k, v in result.items()}
 
 
+def transfer_prompts(zeroshot) -> dict[str, list[str]]:
+  """{transfer split: its prompts} of a config.evals.zeroshot group: the split's entry of
+  transfer_templates, or the group's templates where none is given."""
+  splits = list(zeroshot.transfer_splits)
+  per_split = list(zeroshot.transfer_templates or []) or [[]] * len(splits)
+  return {split: list(own or zeroshot.templates) for split, own in zip(splits, per_split)}
+
+
 def _groups(evals):
   """(name, group) of each eval group that runs: enabled, with a split."""
   return [(name, evals[name]) for name in ("zeroshot", "retrieval", "captioning")
@@ -267,11 +275,9 @@ def run_evals(config, embedder: Embedder, make_source=None) -> dict:
     if name == "zeroshot":
       results.update(zeroshot_eval(embedder, source, list(g.class_names), list(g.templates),
                                    limit))
-      per_split = list(g.transfer_templates or []) or [[]] * len(g.transfer_splits)
-      for split, split_templates in zip(g.transfer_splits, per_split):
+      for split, templates in transfer_prompts(g).items():
         results.update(zeroshot_eval(embedder, make_source(split, g.dataset),
-                                     list(g.class_names), list(split_templates or g.templates),
-                                     prefix=f"zeroshot_{split}"))
+                                     list(g.class_names), templates, prefix=f"zeroshot_{split}"))
     elif name == "retrieval":
       results.update(retrieval_eval(embedder, source, limit))
     else:
