@@ -24,8 +24,12 @@ declare -A spec=(
   [b256_none_auto]="256 none auto"
   [b128_none_auto_cublas]="128 none auto --xla_gpu_enable_triton_gemm=false"
   [b256_dots_auto]="256 dots auto"
+  [b256_none_auto_cublas]="256 none auto --xla_gpu_enable_triton_gemm=false"
+  [b512_dots_auto]="512 dots auto"
+  [b768_dots_auto]="768 dots auto"
 )
-order=${VARIANTS:-"b64_dots_xla b64_dots_auto b128_none_auto b128_none_auto_cublas b128_none_xla b256_dots_auto"}
+# The best measured so far first (docs/scale.md): remat dots at 256-512 examples per chip.
+order=${VARIANTS:-"b512_dots_auto b256_dots_auto b256_none_auto b768_dots_auto b64_dots_auto"}
 $python - <<'PY'
 import jax, flax, optax, orbax.checkpoint as ocp
 print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__,
