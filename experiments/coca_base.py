@@ -15,7 +15,8 @@ change the model size. Args (comma-separated after ':'):
   batch=N      global batch (paper: 65,536)
   steps=N      train steps (paper: 500k)
   dtype=D      compute dtype, bfloat16 (default) or float32
-  remat=R      none | full | dots | minimal (default: dots)
+  remat=R      none | full | dots | minimal (default: dots; on one H200, dots at 256-512
+               examples per chip was the fastest measured: 29.3% MFU at 512, docs/scale.md)
   runlocal     shrink the data and step counts for a smoke run on one machine (model size kept)
   b32          NOT a paper size: open_clip's coca_ViT-B-32 shapes (224px, patch 32, vision
                768 x 12, text 512 x 12+12, 8 heads, vocab 49,408, 76 tokens, one 256-query
