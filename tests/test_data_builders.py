@@ -1,8 +1,11 @@
 """Builder spec: each format round-trips pixels and captions; bad input is counted, never fatal."""
 
+import glob
 import io
 import json
+import os
 import tarfile
+import tempfile
 
 import numpy as np
 from PIL import Image
@@ -57,6 +60,15 @@ def test_folder_jsonl_round_trip_with_several_captions(tmp_path):
       "photo number 0", "the first photo"]
   assert [c.decode() for c in examples["sub/img1.png"]["captions"]] == [
       "photo number 1", "one", "uno"]
+
+
+def test_making_a_builder_leaves_no_temporary_directory(tmp_path):
+  """TFDS makes a temporary directory (for bucket metadata) when a builder is created for a
+  dataset not yet built; thousands of empty /tmp/tmp*tfds accumulated before this was contained."""
+  pattern = os.path.join(tempfile.gettempdir(), "*tfds*")
+  before = set(glob.glob(pattern))
+  builders.make_builder("demo", "leftover_check", str(tmp_path / "tfds"), num_train=4, num_test=4)
+  assert set(glob.glob(pattern)) == before
 
 
 def test_folder_csv_and_eval_holdout_partition(tmp_path):

@@ -33,6 +33,7 @@ JPEG/PNG/WebP, else a PNG/JPEG re-encode by Pillow), which TFDS stores as-is wit
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import dataclasses
 import glob
@@ -44,6 +45,7 @@ import posixpath
 import shutil
 import socket
 import tarfile
+import tempfile
 import types
 from typing import Any, Iterator
 
@@ -671,7 +673,21 @@ def make_builder(format: str, name: str, data_dir: str, **options) -> _CaptionBu
   # the global registry clean, so building the same name twice in one process works.
   named = types.new_class(f"{format.title()}Builder_{name}", (_BUILDER_CLASSES[format],),
                           {"skip_registration": True}, lambda ns: ns.update({"name": name}))
-  return named(data_dir=local_data_dir(data_dir), **options)
+  with _tempdir_removed_after():
+    return named(data_dir=local_data_dir(data_dir), **options)
+
+
+@contextlib.contextmanager
+def _tempdir_removed_after():
+  """Python's temporary files go to a private directory, removed on exit. A TFDS builder for a
+  dataset not built yet makes a temporary directory for precomputed metadata it then looks for
+  in its bucket (none exists for ours) and leaves it behind: one empty /tmp/tmp*tfds per build."""
+  with tempfile.TemporaryDirectory(prefix="coca_jax_") as private:
+    previous, tempfile.tempdir = tempfile.tempdir, private
+    try:
+      yield
+    finally:
+      tempfile.tempdir = previous
 
 
 def open_source(name: str, data_dir: str, split: str, decode_images: bool = True):
