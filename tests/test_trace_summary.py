@@ -1,5 +1,6 @@
-"""Spec: the train-step profiler (benchmarks/profile_train_step.py) names what each op is and
-which part of the model it belongs to, and reads op times from a real trace.
+"""Spec: the trace summary (coca_jax/trace_summary.py, run on a train step by
+benchmarks/profile_train_step.py) names what each op is and which part of the model it belongs
+to, and reads op times from a real trace.
 
 Its kind and model-part tables are what a user reads to decide where to work (docs/scale.md's GPU
 profile came from them), so a GEMM must not be reported as elementwise work, nor a backward op
@@ -8,23 +9,10 @@ as a forward one.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
-import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def profiler():
-  spec = importlib.util.spec_from_file_location(
-      "profile_train_step", os.path.join(REPO, "benchmarks", "profile_train_step.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from coca_jax import trace_summary as profiler
 
 
 # Instruction lines in the form XLA:GPU prints them (names, targets and backend configs as in
@@ -42,7 +30,7 @@ ENTRY %main.1 (p0: bf16[256,256,768]) -> f32[] {
 """
 
 
-def test_gpu_ops_are_classified_by_what_they_compute(profiler):
+def test_gpu_ops_are_classified_by_what_they_compute():
   index = profiler.hlo_index(GPU_HLO)
   kinds = {name: profiler.op_kind(name, index.get(name)) for name in index}
   assert kinds == {
@@ -57,7 +45,7 @@ def test_gpu_ops_are_classified_by_what_they_compute(profiler):
   assert index["custom-call.15"]["shape"].startswith("(f32[768,64000]")
 
 
-def test_ops_are_attributed_to_direction_and_model_part(profiler):
+def test_ops_are_attributed_to_direction_and_model_part():
   index = profiler.hlo_index(GPU_HLO)
   part = lambda name: profiler.model_part(index[name])
   assert part("custom-call.15") == "bwd CoCa.caption_logits/CoCa._vocab_logits/vocab_head"
@@ -67,7 +55,7 @@ def test_ops_are_attributed_to_direction_and_model_part(profiler):
   assert part("loop_dynamic_update_slice_fusion.3") == "(no source metadata)"
 
 
-def test_op_times_come_from_a_real_trace(profiler, tmp_path):
+def test_op_times_come_from_a_real_trace(tmp_path):
   """On this CPU: a traced jitted function's ops are found, with time, under the names its
   compiled HLO gives them (the join the kind and part tables rely on)."""
   f = jax.jit(lambda a: jnp.tanh(a @ a).sum())
