@@ -6,7 +6,7 @@
 # <name>.txt to $OUT (or .). Each profile takes ~60 s on an H200 (compile ~40 s).
 #
 #   benchmarks/gpu_profile.sh
-#   PROFILES="b256_scan" benchmarks/gpu_profile.sh
+#   PROFILES="b256_dots b512_dots" benchmarks/gpu_profile.sh
 set -u
 out=${OUT:-.}
 python=${PYTHON:-python3}
