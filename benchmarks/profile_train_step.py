@@ -93,7 +93,7 @@ def main(argv) -> None:
       "matmul_attention_tflop_per_s": (round(flops_per_step / matmul_ms / 1e9, 1)
                                        if matmul_ms else None),
       "distinct_ops": len(totals),
-      "kernels_per_step": sum(v[1] for v in totals.values()) / FLAGS.steps,
+      "op_calls_per_step": sum(v[1] for v in totals.values()) / FLAGS.steps,  # GPU: kernels
       "xla_flops": (cost or {}).get("flops"),
       "xla_bytes_accessed": (cost or {}).get("bytes accessed"),
       **bench._memory_report(compiled),

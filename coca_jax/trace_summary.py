@@ -47,9 +47,11 @@ def op_kind(name: str, info: dict | None) -> str:
   text = " ".join((name, opcode, target, backend)).lower()
   if "fmha" in text or ("cudnn" in text and "attention" in text):
     return "attention (cuDNN fused)"
-  if "cublas" in text or opcode in ("dot", "convolution") or "gemm" in target.lower():
-    return "matmul (library)" if opcode != "dot" else "matmul (dot)"
-  if "triton_gemm" in text or "gemm_fusion" in text or "cutlass" in text:
+  if opcode == "dot":
+    return "matmul (dot)"
+  if "cublas" in text:
+    return "matmul (library)"
+  if "triton_gemm" in text or "gemm_fusion" in text:
     return "matmul (Triton/fused GEMM)"
   if "ynn_fusion" in text:
     return "matmul (XNNPACK fusion)"
@@ -98,30 +100,31 @@ def op_times(trace_dir: str) -> tuple[dict, str]:
   if not files:
     raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}: the profiler wrote nothing")
   profile = ProfileData.from_file(files[-1])
-  warnings.filterwarnings("ignore", message="builtin type", category=DeprecationWarning)
   gpu = collections.defaultdict(lambda: [0.0, 0])
   cpu = collections.defaultdict(lambda: [0.0, 0])
-  for plane in profile.planes:
-    on_gpu = plane.name.startswith("/device:GPU")
-    if not on_gpu and not plane.name.startswith("/host:CPU"):
-      continue
-    # A GPU plane's stream lines hold the kernels; its other lines ("XLA Ops", "XLA Modules",
-    # "Steps", ...) are summaries of the same time.
-    streams = [line.name for line in plane.lines if line.name.startswith("Stream")]
-    for line in plane.lines:
-      if on_gpu and streams and line.name not in streams:
+  gpu_planes = 0
+  with warnings.catch_warnings():  # Reading event stats warns about the binding's types.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    for plane in profile.planes:
+      on_gpu = plane.name.startswith("/device:GPU")
+      if not on_gpu and not plane.name.startswith("/host:CPU"):
         continue
-      if on_gpu and not streams and line.name in ("XLA Ops", "XLA Modules", "Steps"):
-        continue
-      for event in line.events:
-        stats = dict(event.stats)
-        op = stats.get("hlo_op")
-        if not op:
+      gpu_planes += on_gpu
+      for line in plane.lines:
+        # A GPU plane's "Stream #N(...)" lines hold the kernels; its other lines ("XLA Ops",
+        # "XLA Modules", "Steps") summarise the same time again.
+        if on_gpu and not line.name.startswith("Stream"):
           continue
         totals = gpu if on_gpu else cpu
-        totals[op][0] += event.duration_ns / 1e3
-        totals[op][1] += 1
-  return (dict(gpu), "gpu") if gpu else (dict(cpu), "cpu")
+        for event in line.events:
+          op = dict(event.stats).get("hlo_op")
+          if op:
+            totals[op][0] += event.duration_ns / 1e3
+            totals[op][1] += 1
+  if gpu_planes and not gpu:
+    raise ValueError(f"{files[-1]} has {gpu_planes} GPU plane(s) but no kernel carrying an "
+                     "hlo_op on a 'Stream' line: the trace layout is not one this reads")
+  return (dict(gpu), "gpu") if gpu_planes else (dict(cpu), "cpu")
 
 
 def _table(title: str, rows, steps: int, top: int) -> None:
