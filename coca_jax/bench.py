@@ -6,6 +6,10 @@ r"""Train-step throughput / MFU, and compile-only memory planning, for an experi
   # devices; prints per-device bytes from XLA's memory analysis, compile time and FLOPs:
   python -m coca_jax.bench --config experiments/coca_2b.py:batch=1024 --mode compile \
       --devices 64 --json
+  # The same for GPUs this host does not have: XLA's GPU compiler, its memory figures and an
+  # estimate of the step time and MFU from the compiled module (coca_jax/targets.py):
+  python -m coca_jax.bench --config experiments/coca_base.py:batch=256 --mode compile \
+      --target h200 [--devices 8] [--top 20]
 
 `--devices N` simulates N CPU devices (compile mode, or a CPU train benchmark). Config overrides
 work as in training: --config.mesh.fsdp=8 --config.model.remat=full ...
@@ -37,6 +41,11 @@ flags.DEFINE_enum("mode", "train", ["train", "compile"],
 flags.DEFINE_integer("devices", None, "Simulate this many CPU devices (before JAX starts).")
 flags.DEFINE_integer("steps", 10, "Timed steps (train mode), after one warm-up step.")
 flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+flags.DEFINE_enum("target", None, ["h100", "h200"],
+                  "Compile mode: compile for this GPU here, without one (coca_jax/targets.py: "
+                  "needs the CUDA plugin and cuDNN wheels), and estimate its step time from "
+                  "the compiled module (coca_jax/hlo_cost.py). --devices N: N such GPUs.")
+flags.DEFINE_integer("top", 0, "With --target: also list this many ops with the most bytes.")
 
 
 def _abstract_batch(config, mesh):
@@ -75,13 +84,22 @@ def _memory_report(compiled) -> dict:
   return report
 
 
-def run(config, mode: str, steps: int = 10) -> dict:
-  """The benchmark as a dict (what `--json` prints)."""
+def run(config, mode: str, steps: int = 10, target: str | None = None,
+        devices: int | None = None) -> dict:
+  """The benchmark as a dict (what `--json` prints). `target` (compile mode): compile for that
+  GPU (`devices` of them) on this host and add `hlo_cost`'s estimate of its step."""
   import jax
   from coca_jax import config as config_lib, flops, step
 
-  config_lib.validate(config, num_devices=jax.device_count())
-  built = step.setup(config)
+  if target is not None and mode != "compile":
+    raise ValueError(f"--target={target} compiles for a GPU this host lacks: use --mode compile")
+  target_devices = None
+  if target is not None:
+    from coca_jax import targets
+    target_devices = targets.devices(target, devices or 1)
+  device_list = target_devices or jax.devices()
+  config_lib.validate(config, num_devices=len(device_list))
+  built = step.setup(config, devices=target_devices)
   mesh = built.mesh
   train_step = built.train_step()
   abstract_state = built.sharded_abstract_state
@@ -89,11 +107,11 @@ def run(config, mode: str, steps: int = 10) -> dict:
   result = {
       "mode": mode,
       "params": flops.param_counts(config)["total"],
-      "devices": jax.device_count(),
-      "device_kind": jax.devices()[0].device_kind,
+      "devices": len(device_list),
+      "device_kind": device_list[0].device_kind,
       "mesh": dict(mesh.shape),
       "global_batch": config.train.batch_size,
-      "batch_per_device": config.train.batch_size / jax.device_count(),
+      "batch_per_device": config.train.batch_size / len(device_list),
       "microbatches": int(config.train.microbatches),
       "dtype": config.model.dtype,
       "remat": config.model.remat,
@@ -107,6 +125,11 @@ def run(config, mode: str, steps: int = 10) -> dict:
   result.update(_memory_report(compiled))
   # XLA's count per device (a scanned layer stack is counted once, not per layer).
   result["xla_flops_per_device"] = flops.compiled_flops(compiled)
+  from coca_jax import targets
+  estimate_for = target or targets.for_device_kind(device_list[0].device_kind)
+  if estimate_for is not None:  # A GPU target, or a real GPU of a known kind: the estimate too.
+    result.update(_estimate(compiled, estimate_for, device_list[0],
+                            flops_per_example * config.train.batch_size / len(device_list)))
   if mode == "compile":
     return result
 
@@ -135,6 +158,24 @@ def run(config, mode: str, steps: int = 10) -> dict:
   return result
 
 
+def _estimate(compiled, target: str, device, model_flops_per_device: float) -> dict:
+  """hlo_cost's roofline of the compiled step on `target`: estimated step time, the MFU it
+  would give, and the time per kind of op."""
+  from coca_jax import flops, hlo_cost, targets
+  costs = hlo_cost.op_costs(compiled.as_text())
+  kinds = hlo_cost.roofline(costs, targets.roofline_device(target))
+  step_ms = sum(row["ms"] for row in kinds.values())
+  report = {"estimated_step_seconds": step_ms / 1e3,
+            "estimated_mfu": model_flops_per_device / (step_ms / 1e3)
+                             / flops.device_peak_flops(device),
+            "estimated_gb_moved": sum(row["gb"] for row in kinds.values()),
+            "estimated_ms_per_kind": {kind: round(row["ms"], 2) for kind, row in kinds.items()}}
+  if FLAGS.is_parsed() and FLAGS.top:
+    print(hlo_cost.table(kinds))
+    print(hlo_cost.top_ops(costs, FLAGS.top, targets.roofline_device(target)))
+  return report
+
+
 def _print_table(result: dict) -> None:
   for key, value in result.items():
     if isinstance(value, float):
@@ -148,12 +189,15 @@ def main(argv) -> None:
   del argv
   if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. --config experiments/demo.py")
-  if FLAGS.devices:
+  if FLAGS.target:
+    from coca_jax import targets
+    targets.prepare(FLAGS.target)  # Before JAX starts.
+  elif FLAGS.devices:
     # Must happen before JAX creates its CPU client: simulated devices for planning/testing.
     import jax
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", FLAGS.devices)
-  result = run(FLAGS.config, FLAGS.mode, FLAGS.steps)
+  result = run(FLAGS.config, FLAGS.mode, FLAGS.steps, FLAGS.target, FLAGS.devices)
   if FLAGS.json:
     print(json.dumps(result))
   else:

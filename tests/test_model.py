@@ -188,3 +188,33 @@ def test_attention_kernel_choice_and_its_override(monkeypatch):
   mask = jnp.tril(jnp.ones((5, 5), bool))[None, None]
   np.testing.assert_array_equal(layers.dot_product_attention(q, k, v, mask),
                                 jax.nn.dot_product_attention(q, k, v, mask=mask))
+
+
+def test_even_length_padding_for_cudnn_changes_no_logit(tiny_config, tiny_params, tiny_model,
+                                                        monkeypatch):
+  """Where cuDNN attention is chosen, the multimodal decoder runs one extra (zero) position to
+  give cuDNN an even length; causally masked, it must leave the real positions' logits as they
+  are. The choice is forced here (attention itself stays XLA's on this host)."""
+  from coca_jax.models import coca as coca_module
+  batch = random_batch(tiny_config, 2, num_pads=(0, 3))
+  assert (batch["text"].shape[1] - 1) % 2  # An odd decoder length: the padded case.
+  apply = lambda: jax.jit(lambda p, i, t: tiny_model.apply({"params": p}, i, t))(
+      tiny_params, batch["image"], batch["text"])["caption_logits"]
+  plain = apply()
+  calls = []
+  monkeypatch.setattr(coca_module, "attention_implementation",
+                      lambda dtype: calls.append(dtype) or "cudnn")
+  padded = apply()
+  assert calls  # The padded path ran.
+  assert padded.shape == plain.shape
+  np.testing.assert_allclose(padded, plain, atol=2e-5, rtol=1e-5)
+
+
+def test_target_platform_follows_the_mesh():
+  """The attention kernel is chosen for the platform being compiled for: the mesh's devices
+  where a mesh is set (a GPU mesh may be compiled on a CPU host), else the default backend."""
+  from coca_jax.models import layers
+  assert layers.target_platform() == jax.default_backend()
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  with jax.set_mesh(mesh):
+    assert layers.target_platform() == jax.devices()[0].platform

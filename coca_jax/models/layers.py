@@ -294,8 +294,17 @@ def attention_implementation(dtype) -> str | None:
     raise ValueError(f"{ATTENTION_ENV}={choice!r} is unknown; use auto, xla or cudnn")
   if choice == "auto":
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    choice = "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+    choice = "cudnn" if half and target_platform() == "gpu" else "xla"
   return choice
+
+
+def target_platform() -> str:
+  """The platform being compiled for: that of the mesh set by `jax.set_mesh` where it names one
+  (a GPU mesh compiled on a host without GPUs, `coca_jax.bench --target`), else JAX's default
+  backend."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  platform = getattr(device, "platform", None)
+  return platform or jax.default_backend()
 
 
 def _cudnn_has_kernel(query, key, mask) -> bool:
