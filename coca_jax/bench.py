@@ -6,10 +6,12 @@ r"""Train-step throughput / MFU, and compile-only memory planning, for an experi
   # devices; prints per-device bytes from XLA's memory analysis, compile time and FLOPs:
   python -m coca_jax.bench --config experiments/coca_2b.py:batch=1024 --mode compile \
       --devices 64 --json
-  # The same for GPUs this host does not have: XLA's GPU compiler, its memory figures and an
-  # estimate of the step time and MFU from the compiled module (coca_jax/targets.py):
+  # The same with the compiler of an accelerator this host does not have (coca_jax/targets.py):
+  # GPUs, with an estimate of the step time and MFU from the compiled module; TPU slices.
   python -m coca_jax.bench --config experiments/coca_base.py:batch=256 --mode compile \
       --target h200 [--devices 8] [--top 20]
+  python -m coca_jax.bench --config experiments/coca_2b.py:batch=256 --mode compile \
+      --target v5e:4x4 --config.mesh.fsdp=16 --config.mesh.data=1
 
 `--devices N` simulates N CPU devices (compile mode, or a CPU train benchmark). Config overrides
 work as in training: --config.mesh.fsdp=8 --config.model.remat=full ...
@@ -41,11 +43,13 @@ flags.DEFINE_enum("mode", "train", ["train", "compile"],
 flags.DEFINE_integer("devices", None, "Simulate this many CPU devices (before JAX starts).")
 flags.DEFINE_integer("steps", 10, "Timed steps (train mode), after one warm-up step.")
 flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
-flags.DEFINE_enum("target", None, ["h100", "h200"],
-                  "Compile mode: compile for this GPU here, without one (coca_jax/targets.py: "
-                  "needs the CUDA plugin and cuDNN wheels), and estimate its step time from "
-                  "the compiled module (coca_jax/hlo_cost.py). --devices N: N such GPUs.")
-flags.DEFINE_integer("top", 0, "With --target: also list this many ops with the most bytes.")
+flags.DEFINE_string("target", None,
+                    "Compile mode: compile here for an accelerator this host lacks, with its own "
+                    "compiler (coca_jax/targets.py: h100 or h200, --devices N of them, plus an "
+                    "estimate of the step from coca_jax/hlo_cost.py; or a TPU slice such as "
+                    "v5e:4x4, memory only).")
+flags.DEFINE_integer("top", 0, "With a GPU --target: also list this many ops with the most "
+                     "bytes.")
 
 
 def _abstract_batch(config, mesh):
@@ -92,11 +96,11 @@ def run(config, mode: str, steps: int = 10, target: str | None = None,
   from coca_jax import config as config_lib, flops, step
 
   if target is not None and mode != "compile":
-    raise ValueError(f"--target={target} compiles for a GPU this host lacks: use --mode compile")
+    raise ValueError(f"--target={target} compiles for an accelerator this host lacks: use --mode compile")
   target_devices = None
   if target is not None:
     from coca_jax import targets
-    target_devices = targets.devices(target, devices or 1)
+    target_devices = targets.devices(target, devices)
   device_list = target_devices or jax.devices()
   config_lib.validate(config, num_devices=len(device_list))
   built = step.setup(config, devices=target_devices)
@@ -126,7 +130,8 @@ def run(config, mode: str, steps: int = 10, target: str | None = None,
   # XLA's count per device (a scanned layer stack is counted once, not per layer).
   result["xla_flops_per_device"] = flops.compiled_flops(compiled)
   from coca_jax import targets
-  estimate_for = target or targets.for_device_kind(device_list[0].device_kind)
+  estimate_for = (target if target in targets.TARGETS
+                  else targets.for_device_kind(device_list[0].device_kind))
   if estimate_for is not None:  # A GPU target, or a real GPU of a known kind: the estimate too.
     result.update(_estimate(compiled, estimate_for, device_list[0],
                             flops_per_example * config.train.batch_size / len(device_list)))

@@ -1,21 +1,30 @@
-"""GPUs to compile for without having one: `coca_jax.bench --mode compile --target h200`.
+"""Accelerators to compile for without having them: `coca_jax.bench --mode compile --target T`.
 
-XLA's GPU compiler runs on the host; given a description of the device (what the CUDA plugin
-would otherwise read from the driver) it compiles the sharded train step exactly as it would
-on that GPU, minus autotuning (default kernel choices). So the memory figures are the GPU
-compiler's own, and `hlo_cost` can estimate the step's time from the compiled module, on a
-laptop. Needs the CUDA plugin matching the installed jaxlib and cuDNN (no GPU, no driver):
+XLA's compilers run on the host. Given a description of the target (what the runtime would
+otherwise read from the hardware), they compile the sharded train step as they would on it,
+minus autotuning, so the memory figures are that compiler's own, not a CPU stand-in's.
+
+GPUs, `--target h100` or `h200` (`--devices N`: N of them on one host). `hlo_cost` also
+estimates the step's time from the compiled module. Needs the CUDA plugin matching the
+installed jaxlib, and cuDNN (no GPU, no driver):
 
   pip install "jax-cuda13-plugin==$(python -c 'import jaxlib; print(jaxlib.__version__)')" \
       "nvidia-cudnn-cu13>=9.12,<10"
 
-Each target names the device description and the roofline rates of `hlo_cost.Device`:
+TPU slices, `--target v5e:4x4` (a generation and its chip grid as Cloud TPU names topologies:
+v4:AxBxC, v5p:AxBxC, v5e:AxB, v6e:AxB; v4 and v5p chips run as one megacore device). Memory
+only: the roofline rates are measured for GPUs. Needs libtpu (no TPU):
+
+  pip install "jax[tpu]==$(python -c 'import jax; print(jax.__version__)')"
+
+Each GPU target names the device description and the roofline rates of `hlo_cost.Device`:
 bandwidth and the matmul / fused-attention rates this model's shapes reached on a real device
 (docs/scale.md, "One H200, 2026-11-28"), not the spec sheet's.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 from coca_jax.hlo_cost import Device
@@ -67,30 +76,75 @@ TARGETS = {
 TARGET_XLA_FLAGS = "--xla_gpu_enable_triton_gemm=false"
 
 
+TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
+_MEGACORE = ("v4", "v5p")  # Two TensorCores per chip, one JAX device.
+
+
+def _tpu_grid(target: str) -> tuple[str, tuple[int, ...]] | None:
+  """'v5e:4x4' -> ('v5e', (4, 4)); None if `target` is not a TPU topology name."""
+  generation, _, grid = target.partition(":")
+  if generation not in TPU_GENERATIONS or not grid:
+    return None
+  try:
+    dims = tuple(int(d) for d in grid.split("x"))
+  except ValueError:
+    return None
+  want = 3 if generation in _MEGACORE else 2
+  return (generation, dims) if len(dims) == want and min(dims) > 0 else None
+
+
+def is_tpu(target: str) -> bool:
+  return _tpu_grid(target) is not None
+
+
 def prepare(target: str) -> None:
-  """Before JAX starts: CPU as the host platform, the target compile's XLA flags."""
-  if target not in TARGETS:
-    raise ValueError(f"--target={target!r} is unknown; use one of {sorted(TARGETS)}")
+  """Before JAX starts: CPU as the host platform, and what the target's compiler needs."""
+  if target not in TARGETS and not is_tpu(target):
+    raise ValueError(f"--target={target!r} is unknown; use one of {sorted(TARGETS)} or a TPU "
+                     "slice such as v5e:4x4, v6e:16x16, v4:2x2x4 or v5p:4x4x4")
   import jax
-  jax.config.update("jax_platforms", "cpu")  # No GPU here: don't start the CUDA client.
+  jax.config.update("jax_platforms", "cpu")  # No accelerator here: don't start its client.
+  if is_tpu(target):
+    generation, dims = _tpu_grid(target)
+    chips = math.prod(dims)
+    accelerator = {"v4": f"v4-{2 * chips}", "v5p": f"v5p-{2 * chips}",
+                   "v5e": f"v5litepod-{chips}", "v6e": f"v6e-{chips}"}[generation]
+    # libtpu would otherwise look for this host's TPU (metadata server, worker names).
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator)
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    return
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_gpu_enable_triton_gemm" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} {TARGET_XLA_FLAGS}".strip()
 
 
-def devices(target: str, count: int = 1) -> list:
-  """`count` devices of `target` (one host), to build a mesh and compile for."""
+def devices(target: str, count: int | None = None) -> list:
+  """The target's devices, to build a mesh and compile for: `count` GPUs on one host (default
+  1), or every chip of a TPU slice (`count`, if given, must match)."""
   from jax.experimental import topologies
-  description, _ = TARGETS[target]
+  grid = _tpu_grid(target)
   try:
-    topology = topologies.get_topology_desc(platform="cuda", target_config=description,
-                                            topology=f"1x1x{count}")
+    if grid is not None:
+      generation, _ = grid
+      topology = topologies.get_topology_desc(
+          platform="tpu", topology_name=target, chips_per_host_bounds=(2, 2, 1), num_slices=1,
+          chip_config_name="megacore" if generation in _MEGACORE else "default")
+    else:
+      description, _ = TARGETS[target]
+      topology = topologies.get_topology_desc(platform="cuda", target_config=description,
+                                              topology=f"1x1x{count or 1}")
   except Exception as error:  # No plugin (RuntimeError/NotImplementedError), or a mismatch.
-    raise RuntimeError(
-        f"--target={target}: cannot describe a CUDA device here ({error}). Install the CUDA "
-        "plugin for this jaxlib and cuDNN: pip install \"jax-cuda13-plugin==<your jaxlib "
-        "version>\" \"nvidia-cudnn-cu13>=9.12,<10\" (no GPU or driver needed)") from error
-  return list(topology.devices)
+    install = ('"jax[tpu]==<your jax version>"' if grid is not None else
+               '"jax-cuda13-plugin==<your jaxlib version>" "nvidia-cudnn-cu13>=9.12,<10"')
+    raise RuntimeError(f"--target={target}: cannot describe this device here ({error}). "
+                       f"Install its compiler: pip install {install} (no accelerator "
+                       "needed)") from error
+  found = list(topology.devices)
+  if grid is not None and count and count != len(found):
+    raise ValueError(f"--devices={count} but the TPU slice {target} has {len(found)} devices; "
+                     "drop --devices or name the slice you mean")
+  return found
 
 
 def roofline_device(target: str) -> Device:
@@ -98,7 +152,7 @@ def roofline_device(target: str) -> Device:
 
 
 def for_device_kind(device_kind: str) -> str | None:
-  """The target whose rates describe a real device of this kind ('NVIDIA H200' -> 'h200'), so
-  a run on the device can print the estimate beside its measurement; None for others."""
+  """The GPU target whose rates describe a real device of this kind ('NVIDIA H200' -> 'h200'),
+  so a run on the device can print the estimate beside its measurement; None for others."""
   kind = device_kind.lower()
   return next((name for name in TARGETS if name in kind), None)

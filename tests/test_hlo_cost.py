@@ -137,14 +137,24 @@ def test_gpu_targets_name_their_requirements():
   """An unknown target names the known ones; without the CUDA plugin (CI), asking for a target's
   devices says what to install instead of failing deep inside JAX."""
   from coca_jax import targets
-  with pytest.raises(ValueError, match="--target='a100' is unknown; use one of"):
-    targets.prepare("a100")
+  for bad in ("a100", "v5e:4x4x4", "v4:4x4", "v6e:4xfour", "v5e"):
+    with pytest.raises(ValueError, match=f"--target={bad!r} is unknown; use one of"):
+      targets.prepare(bad)
   assert set(targets.TARGETS) == {"h100", "h200"}
+  assert [targets.is_tpu(t) for t in ("v5e:16x16", "v5p:4x4x4", "v6e:2x2", "h200")] == [
+      True, True, True, False]
+  assert targets.for_device_kind("NVIDIA H200") == "h200"
+  assert targets.for_device_kind("TPU v5 lite") is None
   try:
-    import jax_plugins.xla_cuda13  # noqa: F401  (the CUDA plugin: targets work here)
+    import jax_plugins.xla_cuda13  # noqa: F401  (the CUDA plugin: GPU targets work here)
   except ImportError:
     with pytest.raises(RuntimeError, match="pip install \"jax-cuda13-plugin=="):
       targets.devices("h200")
+  try:
+    import libtpu  # noqa: F401  (TPU targets work here)
+  except ImportError:
+    with pytest.raises(RuntimeError, match=r"pip install \"jax\[tpu\]=="):
+      targets.devices("v5e:4x4")
 
 
 def test_bench_compile_mode_and_target_misuse():
@@ -164,4 +174,4 @@ def test_bench_compile_mode_and_target_misuse():
   assert result["bytes_per_device"] > 0 and "estimated_step_seconds" not in result
   refused = run("--mode", "train", "--target", "h200")
   assert refused.returncode != 0
-  assert "--target=h200 compiles for a GPU this host lacks: use --mode compile" in refused.stderr
+  assert "--target=h200 compiles for an accelerator this host lacks: use --mode compile" in refused.stderr
