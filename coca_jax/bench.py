@@ -30,6 +30,7 @@ if __name__ == "__main__":  # Before JAX starts (python -m); see coca_jax/runtim
 import json
 import os
 import statistics
+import sys
 import time
 
 from absl import app, flags
@@ -91,15 +92,16 @@ def _memory_report(compiled) -> dict:
 def run(config, mode: str, steps: int = 10, target: str | None = None,
         devices: int | None = None) -> dict:
   """The benchmark as a dict (what `--json` prints). `target` (compile mode): compile for that
-  GPU (`devices` of them) on this host and add `hlo_cost`'s estimate of its step."""
+  accelerator (`coca_jax/targets.py`; GPUs: `devices` of them) on this host, report whether the
+  step fits its memory, and for GPUs add `hlo_cost`'s estimate of the step."""
   import jax
-  from coca_jax import config as config_lib, flops, step
+  from coca_jax import config as config_lib, flops, step, targets
 
   if target is not None and mode != "compile":
-    raise ValueError(f"--target={target} compiles for an accelerator this host lacks: use --mode compile")
+    raise ValueError(f"--target={target} compiles for an accelerator this host lacks: use "
+                     "--mode compile")
   target_devices = None
   if target is not None:
-    from coca_jax import targets
     target_devices = targets.devices(target, devices)
   device_list = target_devices or jax.devices()
   config_lib.validate(config, num_devices=len(device_list))
@@ -124,12 +126,23 @@ def run(config, mode: str, steps: int = 10, target: str | None = None,
   }
   with jax.set_mesh(mesh):
     start = time.perf_counter()
-    compiled = train_step.lower(abstract_state, _abstract_batch(config, mesh)).compile()
+    lowered = train_step.lower(abstract_state, _abstract_batch(config, mesh))
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as error:
+      if target is None or "RESOURCE_EXHAUSTED" not in str(error):
+        raise
+      # The TPU compiler plans every byte of HBM and refuses a program that does not fit.
+      result.update(fits=False, compile_error=str(error).splitlines()[0])
+      return result
     result["compile_seconds"] = time.perf_counter() - start
   result.update(_memory_report(compiled))
+  if target is not None:
+    capacity = targets.device_memory_bytes(target)
+    result.update(device_memory_bytes=capacity,
+                  fits=result.get("bytes_per_device", 0) <= capacity)
   # XLA's count per device (a scanned layer stack is counted once, not per layer).
   result["xla_flops_per_device"] = flops.compiled_flops(compiled)
-  from coca_jax import targets
   estimate_for = (target if target in targets.TARGETS
                   else targets.for_device_kind(device_list[0].device_kind))
   if estimate_for is not None:  # A GPU target, or a real GPU of a known kind: the estimate too.
@@ -207,6 +220,10 @@ def main(argv) -> None:
     print(json.dumps(result))
   else:
     _print_table(result)
+  if result.get("fits") is False:  # A target the step does not fit: fail (launch --check_fit).
+    why = (result["compile_error"] if "compile_error" in result else
+           f"{result['bytes_per_device']:,} bytes per device > {result['device_memory_bytes']:,}")
+    sys.exit(f"does not fit {FLAGS.target}: {why}")
 
 
 if __name__ == "__main__":

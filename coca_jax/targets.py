@@ -29,6 +29,8 @@ import os
 
 from coca_jax.hlo_cost import Device
 
+_GPU_MEMORY_H100, _GPU_MEMORY_H200 = 84_929_347_584, 150_754_820_096  # Bytes, as reported.
+
 # compute capability 9.0 (Hopper), 132 SMs; the fields the GPU compiler reads.
 _HOPPER = """
 gpu_device_info {{
@@ -62,10 +64,10 @@ device_description_str: "{name}"
 # the same SMs and clock: its rates are the H200's with bandwidth scaled by the spec ratio
 # (3.35 / 4.8 TB/s), not measured. Collectives: NVLink 4's 450 GB/s per direction (spec).
 TARGETS = {
-    "h200": (_HOPPER.format(bandwidth=4_800_000_000_000, memory=150_754_820_096,
+    "h200": (_HOPPER.format(bandwidth=4_800_000_000_000, memory=_GPU_MEMORY_H200,
                             name="NVIDIA H200"),
              Device("NVIDIA H200", 4.3e12, 650e12, 150e12, 450e9)),
-    "h100": (_HOPPER.format(bandwidth=3_352_320_000_000, memory=84_929_347_584,
+    "h100": (_HOPPER.format(bandwidth=3_352_320_000_000, memory=_GPU_MEMORY_H100,
                             name="NVIDIA H100 80GB HBM3"),
              Device("NVIDIA H100 80GB HBM3", 4.3e12 * 3.35 / 4.8, 650e12, 150e12, 450e9)),
 }
@@ -145,6 +147,16 @@ def devices(target: str, count: int | None = None) -> list:
     raise ValueError(f"--devices={count} but the TPU slice {target} has {len(found)} devices; "
                      "drop --devices or name the slice you mean")
   return found
+
+
+# Memory of one device (TPU: per chip, the HBM the compiler may plan into is a little less).
+_TPU_HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+_GPU_MEMORY = {"h100": _GPU_MEMORY_H100, "h200": _GPU_MEMORY_H200}
+
+
+def device_memory_bytes(target: str) -> int:
+  grid = _tpu_grid(target)
+  return _TPU_HBM_GIB[grid[0]] * 2**30 if grid is not None else _GPU_MEMORY[target]
 
 
 def roofline_device(target: str) -> Device:

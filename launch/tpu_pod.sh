@@ -4,8 +4,8 @@
 #
 #   launch/tpu_pod.sh --tpu NAME --zone ZONE [--project PROJECT] \
 #       --config experiments/coca_base.py --workdir gs://BUCKET/runs/coca_base \
-#       [--accelerator_type v5p-64 --create] [--slices N] [--setup] [--dry_run] \
-#       [-- --config.train.steps=1000 ...]
+#       [--accelerator_type v5p-64 --create] [--slices N] [--setup] [--check_fit v5p:4x4x2] \
+#       [--dry_run] [-- --config.train.steps=1000 ...]
 #
 # Flags:
 #   --tpu NAME              TPU VM name (with --slices > 1: the queued resource's name)
@@ -25,6 +25,10 @@
 #   --setup                 copy this repo (git HEAD) to every worker and pip install it first
 #   --repo_dir DIR          where the repo lives on the workers (default: coca_jax, in $HOME)
 #   --python PY             interpreter on the workers (default: python3)
+#   --check_fit TOPOLOGY    first, on this machine, compile the train step for the slice with
+#                           the TPU compiler (`coca_jax.bench --mode compile --target TOPOLOGY`,
+#                           e.g. v5e:4x4 = v5litepod-16, v5p:4x4x2 = v5p-64; needs jax[tpu]
+#                           here, no TPU) and stop unless it fits the chips' memory. One slice.
 #   --dry_run               print the commands, one per line, and run none
 #   -- ARGS...              passed to `python -m coca_jax.train` (config overrides)
 #
@@ -37,13 +41,20 @@ script=tpu_pod.sh
 source "$(dirname "$0")/common.sh"
 
 tpu="" zone="" project="" config="" workdir="" accel="" runtime="tpu-ubuntu2204-base"
-create=0 slices=1 dcn_axis=data setup=0 repo_dir=coca_jax python=python3 dry_run=0
+create=0 slices=1 dcn_axis=data setup=0 repo_dir=coca_jax python=python3 dry_run=0 check_fit=""
 parse_flags tpu zone project config workdir accelerator_type=accel runtime_version=runtime \
-  create! slices dcn_axis setup! repo_dir python dry_run! -- "$@"
+  create! slices dcn_axis setup! repo_dir python check_fit dry_run! -- "$@"
 require tpu zone config workdir
 ((create == 0)) || [[ -n "$accel" ]] || die "--create needs --accelerator_type (e.g. v5p-64)"
 [[ "$slices" =~ ^[1-9][0-9]*$ ]] || die "--slices must be a positive integer, got '$slices'"
 [[ "$dcn_axis" == data || "$dcn_axis" == fsdp ]] || die "--dcn_axis must be data or fsdp"
+[[ -z "$check_fit" ]] || ((slices == 1)) || die "--check_fit compiles one slice; with \
+--slices $slices, check one slice's share (--config.train.batch_size / $slices) without --slices"
+
+if [[ -n "$check_fit" ]]; then  # Before anything is created or started: a non-zero exit stops here.
+  run "${PYTHON:-python3}" -m coca_jax.bench --config "$config" --mode compile \
+    --target "$check_fit" "${extra[@]}"
+fi
 
 
 where=(--zone "$zone")

@@ -57,6 +57,34 @@ def test_tpu_pod_multislice_create_setup_and_dcn_mesh():
   assert words[-1] == "--config.mesh.dcn_data=4"
 
 
+def test_tpu_pod_check_fit_compiles_for_the_slice_before_creating_it(tmp_path):
+  """--check_fit runs the TPU compiler's fit check here first, with the run's own overrides, so
+  a config that does not fit stops before a VM is created; it covers one slice only."""
+  commands = _dry_run("tpu_pod.sh", "--tpu", "t", "--zone", "z", "--config", "c.py:batch=256",
+                      "--workdir", "gs://b/r", "--accelerator_type", "v5litepod-16", "--create",
+                      "--check_fit", "v5e:4x4", "--", OVERRIDE)
+  check, create, train = commands
+  assert check == ["python3", "-m", "coca_jax.bench", "--config", "c.py:batch=256", "--mode",
+                   "compile", "--target", "v5e:4x4", OVERRIDE]
+  assert create[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"]
+  # Not in a dry run: the check's failure (no fit; here, no such config) starts nothing.
+  fake_bin = tmp_path / "bin"
+  fake_bin.mkdir()
+  (fake_bin / "gcloud").write_text("#!/bin/sh\necho gcloud ran >&2\nexit 0\n")
+  (fake_bin / "gcloud").chmod(0o755)
+  env = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}", PYTHON="false")
+  result = subprocess.run(["bash", os.path.join(REPO, "launch", "tpu_pod.sh"), "--tpu", "t",
+                           "--zone", "z", "--config", "c.py", "--workdir", "gs://b/r",
+                           "--check_fit", "v5e:4x4"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=30)
+  assert result.returncode != 0 and "gcloud ran" not in result.stderr
+  result = subprocess.run(["bash", os.path.join(REPO, "launch", "tpu_pod.sh"), "--dry_run",
+                           "--tpu", "t", "--zone", "z", "--config", "c.py", "--workdir", "w",
+                           "--slices", "2", "--check_fit", "v5e:4x4"],
+                          capture_output=True, text=True, timeout=30)
+  assert result.returncode == 2 and "--check_fit compiles one slice" in result.stderr
+
+
 def test_gke_xpk_workload_command():
   (xpk,) = _dry_run("gke_xpk.sh", "--cluster", "c1", "--zone", "z", "--project", "p",
                     "--tpu_type", "v5p-256", "--workload", "coca-base-1", "--slices", "2",
