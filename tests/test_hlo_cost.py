@@ -143,6 +143,9 @@ def test_gpu_targets_name_their_requirements():
   assert set(targets.TARGETS) == {"h100", "h200"}
   assert [targets.is_tpu(t) for t in ("v5e:16x16", "v5p:4x4x4", "v6e:2x2", "h200")] == [
       True, True, True, False]
+  assert targets.device_memory_bytes("v5e:4x4") == 16 * 2**30  # What --check_fit compares.
+  assert targets.device_memory_bytes("v5p:4x4x4") == 95 * 2**30
+  assert 80e9 < targets.device_memory_bytes("h100") < 2**40
   assert targets.for_device_kind("NVIDIA H200") == "h200"
   assert targets.for_device_kind("TPU v5 lite") is None
   try:
