@@ -180,7 +180,10 @@ def _estimate(compiled, target: str, device, model_flops_per_device: float) -> d
   """hlo_cost's roofline of the compiled step on `target`: estimated step time, the MFU it
   would give, and the time per kind of op."""
   from coca_jax import flops, hlo_cost, targets
-  costs = hlo_cost.op_costs(compiled.as_text())
+  try:
+    costs = hlo_cost.op_costs(compiled.as_text())
+  except ValueError as error:  # A module the estimate cannot read: say so, keep the rest.
+    return {"estimate_error": str(error)}
   kinds = hlo_cost.roofline(costs, targets.roofline_device(target))
   step_ms = sum(row["ms"] for row in kinds.values())
   report = {"estimated_step_seconds": step_ms / 1e3,
