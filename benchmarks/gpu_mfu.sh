@@ -29,13 +29,16 @@ declare -A spec=(
   [b768_dots_auto]="768 dots auto"
   [b512_full_auto]="512 full auto"
   [b1024_full_auto]="1024 full auto"
+  [b256_dots_attention_auto]="256 dots_attention auto"
+  [b512_dots_attention_auto]="512 dots_attention auto"
 )
 # First the best setting measured so far (batch 256-512, remat dots) for a before/after of the
-# even-length multimodal decoder (cuDNN attention there too; docs/scale.md), then full remat at
-# the batches its memory allows: `coca_jax.bench --mode compile --target h200` estimates it as
-# fast as dots (both ~35% MFU). Not here: three XLA options compiled without a device produced
-# the same module (cudnn_layer_norm, cublaslt) or failed to compile (dynamic_slice_fusion).
-order=${VARIANTS:-"b256_dots_auto b512_dots_auto b512_full_auto b1024_full_auto b768_dots_auto"}
+# even-length multimodal decoder (cuDNN attention there too; docs/scale.md), then remat
+# dots_attention (no attention forward recomputed; estimated -1.7%), then full remat at the
+# batches its memory allows (estimated as fast as dots). Each line carries hlo_cost's estimate
+# beside the measurement. Not here: three XLA options compiled without a device produced the
+# same module (cudnn_layer_norm, cublaslt) or failed to compile (dynamic_slice_fusion).
+order=${VARIANTS:-"b256_dots_auto b256_dots_attention_auto b512_dots_auto b512_dots_attention_auto b512_full_auto b1024_full_auto"}
 $python - <<'PY'
 import jax, flax, optax, orbax.checkpoint as ocp
 print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__,
@@ -65,12 +68,14 @@ for name in $order; do
 done
 $python - "$out/mfu.jsonl" <<'PY'
 import json, sys
-print(f"{'variant':<26}{'step s':>9}{'ex/s':>9}{'TFLOP/s':>9}{'MFU':>8}{'GiB':>8}{'compile':>9}")
+print(f"{'variant':<26}{'step s':>9}{'ex/s':>9}{'TFLOP/s':>9}{'MFU':>8}{'GiB':>8}{'compile':>9}"
+      f"{'est. s':>9}")
 for line in open(sys.argv[1]):
   r = json.loads(line)
   if "failed" in r:
     print(f"{r['variant']:<26} failed (rc {r['failed']})"); continue
   print(f"{r['variant']:<26}{r['step_seconds']:>9.4f}{r['examples_per_second']:>9.1f}"
         f"{r['model_tflops_per_sec_per_device']:>9.1f}{r['mfu']:>8.3f}"
-        f"{r.get('bytes_per_device', 0) / 2**30:>8.1f}{r['compile_seconds']:>9.1f}")
+        f"{r.get('bytes_per_device', 0) / 2**30:>8.1f}{r['compile_seconds']:>9.1f}"
+        f"{r.get('estimated_step_seconds', float('nan')):>9.4f}")
 PY

@@ -367,6 +367,9 @@ def define_config_flag(name: str = "config", help_string: str = "Experiment conf
   return flags.DEFINE_flag(flag, flag_values)
 
 
+# config.model.remat: the keys of models/backbone.py's REMAT_POLICIES (not imported: config
+# stays free of the model code).
+REMAT_NAMES = ("none", "full", "dots", "minimal", "dots_attention")
 MOME_FIELDS = ("depth", "width", "heads", "mlp_dim", "fusion_layers")
 MOME_OPTIONAL_FIELDS = ("experts",)  # Learned routing inside the modality experts.
 MOME_EXPERTS = ("image", "text", "fusion")
@@ -413,8 +416,8 @@ def _validate_towers(config, need, positive, problems):
          "(query 0 is contrastive, the rest feed the decoder)")
   need(m.pooling in ("cascade", "parallel", "open_clip"),
        f"config.model.pooling={m.pooling!r} is unknown; use cascade, parallel or open_clip")
-  need(m.remat in ("none", "full", "dots", "minimal"),
-       f"config.model.remat={m.remat!r} is unknown; use none, full, dots or minimal")
+  need(m.remat in REMAT_NAMES,
+       f"config.model.remat={m.remat!r} is unknown; use one of {', '.join(REMAT_NAMES)}")
   need(m.activation in ("gelu_tanh", "gelu", "quick_gelu"),
        f"config.model.activation={m.activation!r} is unknown; use gelu_tanh, gelu (exact, "
        "open_clip) or quick_gelu")

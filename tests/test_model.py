@@ -218,3 +218,23 @@ def test_target_platform_follows_the_mesh():
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
   with jax.set_mesh(mesh):
     assert layers.target_platform() == jax.devices()[0].platform
+
+
+def test_remat_policy_names_and_the_attention_saving_policy():
+  """Every remat name the config accepts builds a policy; dots_attention saves what dots saves
+  plus cuDNN's fused-attention forward outputs, and nothing else (e.g. not elementwise ops)."""
+  from types import SimpleNamespace
+  from coca_jax import config as config_lib
+  from coca_jax.models.backbone import REMAT_POLICIES
+  assert set(REMAT_POLICIES) == set(config_lib.REMAT_NAMES)
+  policy = REMAT_POLICIES["dots_attention"]
+  for name in ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper"):
+    assert policy(SimpleNamespace(name=name)) is True
+  assert policy(jax.lax.exp_p, jnp.ones(3)) is False
+  assert policy(jax.lax.dot_general_p, jnp.ones((2, 3)), jnp.ones((3, 4)),
+                dimension_numbers=(((1,), (0,)), ((), ())), precision=None,
+                preferred_element_type=None) is True
+  config = smoke_config()
+  config.model.remat = "dot"
+  with pytest.raises(Exception, match="remat='dot' is unknown; use one of none, full, dots"):
+    config_lib.validate(config)
