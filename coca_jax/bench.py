@@ -143,7 +143,7 @@ def run(config, mode: str, steps: int = 10, target: str | None = None,
                   fits=result.get("bytes_per_device", 0) <= capacity)
   # XLA's count per device (a scanned layer stack is counted once, not per layer).
   result["xla_flops_per_device"] = flops.compiled_flops(compiled)
-  estimate_for = (target if target in targets.TARGETS
+  estimate_for = (target if target in targets.GPU_TARGETS
                   else targets.for_device_kind(device_list[0].device_kind))
   if estimate_for is not None:  # A GPU target, or a real GPU of a known kind: the estimate too.
     result.update(_estimate(compiled, estimate_for, device_list[0],

@@ -25,9 +25,9 @@ _BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _HEADER = re.compile(r"^(ENTRY )?%([\w.\-]+) \(.*\) -> .* \{$")
 _DEF = re.compile(r"^\s*(ROOT )?%([\w.\-]+) = ")
-# Ops that launch no kernel of their own (views, tuples, control) or that are walked into.
 _COLLECTIVES = {"all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute",
                 "collective-broadcast"}
+# Ops that launch no kernel of their own (views, tuples, constants, ids).
 _FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all",
          "partition-id", "replica-id", "opt-barrier", "add-dependency", "domain",
          "get-dimension-size", "iota"}
@@ -55,7 +55,6 @@ class Instruction:
   shape: str
   opcode: str
   operands: list[str]
-  args: str  # The text inside the parentheses (e.g. a parameter's number).
   attrs: str
   root: bool
 
@@ -88,9 +87,8 @@ def _parse_instruction(line: str) -> Instruction | None:
     return None
   opcode = rest[:paren]
   close = _matching(rest, paren)
-  args = rest[paren + 1:close - 1]
-  return Instruction(match.group(2), shape, opcode, re.findall(r"%([\w.\-]+)", args), args,
-                     rest[close:], bool(match.group(1)))
+  operands = re.findall(r"%([\w.\-]+)", rest[paren + 1:close - 1])
+  return Instruction(match.group(2), shape, opcode, operands, rest[close:], bool(match.group(1)))
 
 
 def parse_module(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
@@ -232,7 +230,6 @@ def op_costs(hlo_text: str) -> list[OpCost]:
         for callee in _called(attrs, "to_apply") + _called(attrs, "branch_computations"):
           walk(callee, calls)
         continue
-      operand_bytes = sum(shape_bytes(shapes.get(o, "")) for o in instruction.operands)
       flops, updates_in_place = 0.0, False
       if opcode == "fusion":
         fused = computations.get((_called(attrs, "calls") or [""])[0], [])
@@ -251,7 +248,8 @@ def op_costs(hlo_text: str) -> list[OpCost]:
                     default=0.0)
         opcode = opcode.removesuffix("-start")
       else:
-        moved = operand_bytes + shape_bytes(instruction.shape, skip_workspace=True)
+        moved = (sum(shape_bytes(shapes.get(o, "")) for o in instruction.operands)
+                 + shape_bytes(instruction.shape, skip_workspace=True))
         if opcode == "dot" or "cublas" in attrs:
           flops = _gemm_flops(instruction, shapes)
         elif "fmha" in attrs:
@@ -277,7 +275,7 @@ def op_costs(hlo_text: str) -> list[OpCost]:
 @dataclass(frozen=True)
 class Device:
   """What the roofline needs: memory bandwidth and the rates this model's matmuls and fused
-  attention calls reach (measured, not the spec: see DEVICES)."""
+  attention calls reach (measured, not the spec: see coca_jax/targets.py)."""
   name: str
   bytes_per_s: float
   matmul_flops_per_s: float

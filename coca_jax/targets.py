@@ -63,7 +63,7 @@ device_description_str: "{name}"
 # FLOPs, cuDNN attention at 150 by hlo_cost's count, device copies at ~4.3 TB/s). The H100 has
 # the same SMs and clock: its rates are the H200's with bandwidth scaled by the spec ratio
 # (3.35 / 4.8 TB/s), not measured. Collectives: NVLink 4's 450 GB/s per direction (spec).
-TARGETS = {
+GPU_TARGETS = {
     "h200": (_HOPPER.format(bandwidth=4_800_000_000_000, memory=_GPU_MEMORY_H200,
                             name="NVIDIA H200"),
              Device("NVIDIA H200", 4.3e12, 650e12, 150e12, 450e9)),
@@ -75,7 +75,7 @@ TARGETS = {
 # Without autotuning, XLA cannot always pick tile sizes for its Triton GEMMs (it fails to
 # compile some of this model's dots), so target compiles use cuBLAS for every matmul, which on
 # the H200 ran the batch-128 and batch-256 steps as fast (docs/scale.md).
-TARGET_XLA_FLAGS = "--xla_gpu_enable_triton_gemm=false"
+GPU_TARGET_XLA_FLAGS = "--xla_gpu_enable_triton_gemm=false"
 
 
 TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
@@ -101,9 +101,9 @@ def is_tpu(target: str) -> bool:
 
 def prepare(target: str) -> None:
   """Before JAX starts: CPU as the host platform, and what the target's compiler needs."""
-  if target not in TARGETS and not is_tpu(target):
-    raise ValueError(f"--target={target!r} is unknown; use one of {sorted(TARGETS)} or a TPU "
-                     "slice such as v5e:4x4, v6e:16x16, v4:2x2x4 or v5p:4x4x4")
+  if target not in GPU_TARGETS and not is_tpu(target):
+    raise ValueError(f"--target={target!r} is unknown; use one of {sorted(GPU_TARGETS)} or a "
+                     "TPU slice such as v5e:4x4, v6e:16x16, v4:2x2x4 or v5p:4x4x4")
   import jax
   jax.config.update("jax_platforms", "cpu")  # No accelerator here: don't start its client.
   if is_tpu(target):
@@ -118,7 +118,7 @@ def prepare(target: str) -> None:
     return
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_gpu_enable_triton_gemm" not in flags:
-    os.environ["XLA_FLAGS"] = f"{flags} {TARGET_XLA_FLAGS}".strip()
+    os.environ["XLA_FLAGS"] = f"{flags} {GPU_TARGET_XLA_FLAGS}".strip()
 
 
 def devices(target: str, count: int | None = None) -> list:
@@ -133,7 +133,7 @@ def devices(target: str, count: int | None = None) -> list:
           platform="tpu", topology_name=target, chips_per_host_bounds=(2, 2, 1), num_slices=1,
           chip_config_name="megacore" if generation in _MEGACORE else "default")
     else:
-      description, _ = TARGETS[target]
+      description, _ = GPU_TARGETS[target]
       topology = topologies.get_topology_desc(platform="cuda", target_config=description,
                                               topology=f"1x1x{count or 1}")
   except Exception as error:  # No plugin (RuntimeError/NotImplementedError), or a mismatch.
@@ -160,11 +160,11 @@ def device_memory_bytes(target: str) -> int:
 
 
 def roofline_device(target: str) -> Device:
-  return TARGETS[target][1]
+  return GPU_TARGETS[target][1]
 
 
 def for_device_kind(device_kind: str) -> str | None:
   """The GPU target whose rates describe a real device of this kind ('NVIDIA H200' -> 'h200'),
   so a run on the device can print the estimate beside its measurement; None for others."""
   kind = device_kind.lower()
-  return next((name for name in TARGETS if name in kind), None)
+  return next((name for name in GPU_TARGETS if name in kind), None)

@@ -140,7 +140,7 @@ def test_gpu_targets_name_their_requirements():
   for bad in ("a100", "v5e:4x4x4", "v4:4x4", "v6e:4xfour", "v5e"):
     with pytest.raises(ValueError, match=f"--target={bad!r} is unknown; use one of"):
       targets.prepare(bad)
-  assert set(targets.TARGETS) == {"h100", "h200"}
+  assert set(targets.GPU_TARGETS) == {"h100", "h200"}
   assert [targets.is_tpu(t) for t in ("v5e:16x16", "v5p:4x4x4", "v6e:2x2", "h200")] == [
       True, True, True, False]
   assert targets.device_memory_bytes("v5e:4x4") == 16 * 2**30  # What --check_fit compares.
