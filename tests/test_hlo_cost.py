@@ -177,4 +177,5 @@ def test_bench_compile_mode_and_target_misuse():
   assert result["bytes_per_device"] > 0 and "estimated_step_seconds" not in result
   refused = run("--mode", "train", "--target", "h200")
   assert refused.returncode != 0
-  assert "--target=h200 compiles for an accelerator this host lacks: use --mode compile" in refused.stderr
+  assert ("--target=h200 compiles for an accelerator this host lacks: use --mode compile"
+          in refused.stderr)
