@@ -318,6 +318,7 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
   finally:
     manager.close()
     writer.close()
+    train_iter.close()
     lock.release()
   if results:
     writer.write({"step": step_num, **results})

@@ -141,6 +141,24 @@ def test_state_round_trip_reproduces_the_next_batches(dataset):
       np.testing.assert_array_equal(got[key], want[key])
 
 
+def test_close_stops_the_reading_threads(dataset):
+  """Training closes its iterator when it ends: grain's prefetch threads stop then, instead of
+  living on until a garbage collection (which fails when it runs on such a thread)."""
+  import threading
+  mesh, sharding = _batch_sharding()
+  before = set(threading.enumerate())
+  iterator = pipeline.make_train_iterator(_config(dataset, 2 * jax.device_count()), mesh,
+                                          sharding)
+  next(iterator)
+  started = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+  assert started  # grain reads ahead on a thread of its own.
+  iterator.close()
+  iterator.close()  # Twice is harmless.
+  for thread in started:
+    thread.join(timeout=10)
+  assert not any(t.is_alive() for t in started)
+
+
 def test_model_and_iterator_restore_from_one_orbax_checkpoint(dataset, tmp_path):
   mesh, sharding = _batch_sharding()
   batch_size = 2 * jax.device_count()
