@@ -136,11 +136,11 @@ def devices(target: str, count: int | None = None) -> list:
       description, _ = GPU_TARGETS[target]
       topology = topologies.get_topology_desc(platform="cuda", target_config=description,
                                               topology=f"1x1x{count or 1}")
-  except Exception as error:  # No plugin (RuntimeError/NotImplementedError), or a mismatch.
+  except (RuntimeError, NotImplementedError) as error:  # What JAX raises without the plugin.
     install = ('"jax[tpu]==<your jax version>"' if grid is not None else
                '"jax-cuda13-plugin==<your jaxlib version>" "nvidia-cudnn-cu13>=9.12,<10"')
-    raise RuntimeError(f"--target={target}: cannot describe this device here ({error}). "
-                       f"Install its compiler: pip install {install} (no accelerator "
+    raise RuntimeError(f"--target={target}: cannot describe this device here ({error}). If "
+                       f"its compiler is missing: pip install {install} (no accelerator "
                        "needed)") from error
   found = list(topology.devices)
   if grid is not None and count and count != len(found):

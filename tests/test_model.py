@@ -190,24 +190,36 @@ def test_attention_kernel_choice_and_its_override(monkeypatch):
                                 jax.nn.dot_product_attention(q, k, v, mask=mask))
 
 
-def test_even_length_padding_for_cudnn_changes_no_logit(tiny_config, tiny_params, tiny_model,
-                                                        monkeypatch):
-  """Where cuDNN attention is chosen, the multimodal decoder runs one extra (zero) position to
-  give cuDNN an even length; causally masked, it must leave the real positions' logits as they
-  are. The choice is forced here (attention itself stays XLA's on this host)."""
-  from coca_jax.models import coca as coca_module
-  batch = random_batch(tiny_config, 2, num_pads=(0, 3))
-  assert (batch["text"].shape[1] - 1) % 2  # An odd decoder length: the padded case.
-  apply = lambda: jax.jit(lambda p, i, t: tiny_model.apply({"params": p}, i, t))(
-      tiny_params, batch["image"], batch["text"])["caption_logits"]
-  plain = apply()
-  calls = []
-  monkeypatch.setattr(coca_module, "attention_implementation",
-                      lambda dtype: calls.append(dtype) or "cudnn")
-  padded = apply()
-  assert calls  # The padded path ran.
-  assert padded.shape == plain.shape
-  np.testing.assert_allclose(padded, plain, atol=2e-5, rtol=1e-5)
+def test_odd_lengths_reach_cudnn_padded_to_even_with_unchanged_results(monkeypatch):
+  """cuDNN's fused attention needs even query and key lengths; odd ones (the 63-position
+  shifted caption, the pooler's single query) are padded, the padded key masked and the padded
+  query dropped. Checked with XLA standing in for cuDNN (none here): the kernel only ever sees
+  even lengths, and every real position gets what unpadded attention gives."""
+  from coca_jax.models import layers
+  seen = []
+
+  def stand_in(query, key, value, mask):
+    seen.append((query.shape[1], key.shape[1]))
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
+
+  monkeypatch.setattr(layers, "_cudnn_attention", stand_in)
+  monkeypatch.setattr(layers, "attention_implementation", lambda dtype: "cudnn")
+  rng = jax.random.split(jax.random.key(0), 4)
+  causal = lambda n: jnp.tril(jnp.ones((n, n), bool))[None, None]
+  for q_len, kv_len, mask in (
+      (7, 7, causal(7)),                                                 # self, causal
+      (7, 8, None),                                                      # cross, odd queries
+      (1, 9, None),                                                      # one query, odd keys
+      (6, 9, jax.random.bernoulli(rng[3], 0.7, (2, 1, 1, 9)).at[..., 0].set(True)),  # key mask
+  ):
+    q = jax.random.normal(rng[0], (2, q_len, 3, 8))
+    k, v = jax.random.normal(rng[1], (2, 2, kv_len, 3, 8))
+    seen.clear()
+    out = layers.dot_product_attention(q, k, v, mask)
+    assert seen and all(a % 2 == 0 and b % 2 == 0 for a, b in seen)
+    want = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    assert out.shape == want.shape
+    np.testing.assert_allclose(out, want, atol=1e-6, rtol=1e-6)
 
 
 def test_target_platform_follows_the_mesh():

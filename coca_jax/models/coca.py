@@ -18,8 +18,7 @@ import jax.numpy as jnp
 
 from coca_jax.models.backbone import Stack, unscanned_params
 from coca_jax.models.experts import RoutedExperts
-from coca_jax.models.layers import (AttentionalPooler, LayerNorm, attention_implementation,
-                                   constrain, dense, embed_init, with_axes)
+from coca_jax.models.layers import AttentionalPooler, LayerNorm, constrain, dense, embed_init, with_axes
 from coca_jax.tokens import PAD_ID
 
 POOLINGS = ("cascade", "parallel", "open_clip")
@@ -339,18 +338,8 @@ class CoCa(nn.Module):
 
   def caption_logits(self, token_states, text_inputs, context):
     """Multimodal decoder: [batch, T, width] states -> float32 logits [batch, T, vocab]."""
-    mask = text_attention_mask(text_inputs, self.config.cls_mask)  # [.., T + 1, T + 1]
-    length = token_states.shape[1]
-    if (length % 2 and self.config.text_experts is None
-        and attention_implementation(token_states.dtype) == "cudnn"):
-      # cuDNN's fused attention needs an even query length (the shifted caption has L - 1
-      # positions): run one zero state more, visible to no other position under the causal
-      # mask, and drop its output. The T real positions are computed exactly as without it.
-      # (Not with routed experts: the extra token would count in the router's statistics.)
-      token_states = jnp.pad(token_states, ((0, 0), (0, 1), (0, 0)))
-    else:
-      mask = mask[:, :, :-1, :-1]
-    x = self.multimodal(token_states, mask=mask, context=context)[:, :length]
+    mask = text_attention_mask(text_inputs, self.config.cls_mask)[:, :, :-1, :-1]
+    x = self.multimodal(token_states, mask=mask, context=context)
     logits = self._vocab_logits(self.ln_decoder(x))
     return constrain(logits, ("batch", "length", "vocab")).astype(jnp.float32)
 
