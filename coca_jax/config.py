@@ -154,10 +154,11 @@ def _defaults(backbone: str) -> dict:
           # transfer_splits: more labelled splits of `dataset`, each read whole and scored
           # with `templates`, or with its own entry of transfer_templates (one list per split;
           # [] = `templates`).
-          # Class names: class_names, or class_names_file (a file with one name per line in
-          # label order, or "open_clip:imagenet"), or neither: the label's ClassLabel names.
-          # Prompts: templates, or templates_file (one per line, or "open_clip:imagenet" /
-          # "open_clip:imagenet_simple"). See coca_jax/evaluation/prompts.py.
+          # Class names: class_names_file (one name per line in label order, or
+          # "open_clip:imagenet"; replaces class_names), class_names, or neither: the label's
+          # ClassLabel names. Prompts: templates_file (one per line, "open_clip:imagenet" or
+          # "open_clip:imagenet_simple"; replaces templates), else templates.
+          # See coca_jax/evaluation/prompts.py.
           zeroshot=dict(eval_group, label_feature="label", class_names=[], class_names_file="",
                         templates=[], templates_file="", transfer_splits=[],
                         transfer_templates=[]),
@@ -621,15 +622,19 @@ def _validate_evals(config, need) -> None:
          "templates_file are empty; give prompt templates, e.g. ['a photo of a {}.'], or a "
          "file of them (templates_file, or 'open_clip:imagenet'), or set "
          "config.evals.zeroshot.split='' to turn it off")
-    for field in ("class_names", "templates"):
-      need(not (len(zeroshot[field]) > 0 and zeroshot[f"{field}_file"]),
-           f"config.evals.zeroshot.{field} and {field}_file are both given; keep one (set "
-           f"{field}=[] to use the file)")
   for field in ("every_steps", "batch_size"):
     value = evals[field]
     need(isinstance(value, int) and value >= (1 if field == "batch_size" else 0),
          f"config.evals.{field}={value!r} must be an integer >= "
          f"{1 if field == 'batch_size' else 0}")
+
+
+def eval_problems(config) -> list[str]:
+  """The problems `validate` finds in config.evals (a completed config), for programs that
+  run evals on a saved run's config without validating the rest (`coca_jax.evaluate`)."""
+  problems = []
+  _validate_evals(config, lambda cond, message: cond or problems.append(message))
+  return problems
 
 
 def validate(config, num_devices: int | None = None) -> None:

@@ -7,7 +7,13 @@ r"""Runs the configured evaluations of a trained model and writes the results as
 Without --config the run's own DIR/config.json is used (its data paths, model and `evals`), and
 `--config.<field>=value` overrides any field of it. With --config FILE[:args] the evals and data
 settings come from that file; the model always comes from the checkpoint's config.json.
---workdir may also be a checkpoint step directory or an export bundle.
+--workdir may also be a checkpoint step directory or an export bundle. Any eval may read a TFDS
+catalog dataset prepared as array_record, e.g. ImageNet zero-shot (README, "Zero-shot on
+ImageNet / other TFDS datasets"):
+
+  python -m coca_jax.evaluate --workdir DIR --config.evals.zeroshot.dataset=imagenet2012 \
+      --config.evals.zeroshot.split=validation --config.evals.zeroshot.data_dir=~/tensorflow_datasets \
+      --config.evals.zeroshot.class_names_file=open_clip:imagenet ...
 """
 
 from __future__ import annotations
@@ -74,6 +80,11 @@ def evaluate(model: api.Model, config) -> dict:
 def main(argv) -> None:
   del argv
   console.setup()
+  try:  # Every eval split opened and checked before the model is read.
+    evaluators.check_evals(FLAGS.config)
+  except config_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   model = api.load(FLAGS.workdir, step=FLAGS.step)
   results = {"step": model.step, **evaluate(model, FLAGS.config)}
   text = json.dumps(results, indent=2, sort_keys=True)

@@ -172,7 +172,7 @@ def check_evals(config, make_source=None) -> None:
   config.ConfigError listing every problem (each naming the field)."""
   from coca_jax import config as config_lib  # config imports nothing from here.
   make_source = make_source or _eval_source(config)
-  problems = []
+  problems = config_lib.eval_problems(config)
   for name, group in _groups(config.evals):
     split, where = group.split, f" of dataset {group.dataset!r}" if group.dataset else ""
     try:
@@ -195,8 +195,7 @@ def check_evals(config, make_source=None) -> None:
       continue
     if name != "zeroshot":
       continue
-    names_field = "class_names_file" if group.class_names_file and not list(
-        group.class_names) else "class_names"
+    names_field = "class_names_file" if group.class_names_file else "class_names"
     dataset_names = getattr(source, "class_names", None)
     try:
       names = prompts.class_names(group, dataset_names, _dataset_name(group))
@@ -217,8 +216,7 @@ def check_evals(config, make_source=None) -> None:
             f"label {group.label_feature!r} of {_dataset_name(group)} has {len(dataset_names)} "
             f"classes ({', '.join(map(str, dataset_names[:3]))}, ...); give one name per class, "
             "in label order")
-    templates_field = "templates_file" if group.templates_file and not list(
-        group.templates) else "templates"
+    templates_field = "templates_file" if group.templates_file else "templates"
     try:
       templates = prompts.templates(group)
     except prompts.PromptError as e:

@@ -1,14 +1,16 @@
 """Class names and prompt templates of a zero-shot eval (config.evals.zeroshot).
 
 Class names, in label order, come from the first of:
-  class_names        a list in the config;
   class_names_file   a text file, one name per line (blank lines and surrounding spaces are
                      ignored), or "open_clip:imagenet": the curated ImageNet-1k names of an
                      installed open_clip_torch, read from its files at run time;
+  class_names        a list in the config;
   the dataset        the label feature's ClassLabel names (e.g. cifar10's "airplane", ...).
-Prompt templates (each with one "{}" for the name) come from `templates` or `templates_file` (one
-per line, or "open_clip:imagenet": open_clip's 80 ImageNet prompts, "open_clip:imagenet_simple":
-its short subset of them).
+Prompt templates (each with one "{}" for the name) come from `templates_file` (one per line, or
+"open_clip:imagenet": open_clip's 80 ImageNet prompts, "open_clip:imagenet_simple": its short
+subset of them), else `templates`. A file replaces the config's list: list fields cannot be set
+from the command line (`--config.evals.zeroshot.class_names_file=names.txt` can), so a run's
+saved lists (the demo's digit names) give way to the file an eval names.
 
 Some catalog datasets label their classes with ids no prompt can use: imagenet2012's ClassLabel
 names are WordNet synset ids ("n01440764"). `wordnet_ids` detects them so the eval can ask for
@@ -88,13 +90,13 @@ def class_names(group, dataset_names: Sequence[str] | None, dataset: str) -> lis
     PromptError: nothing names the classes, a file is missing, or the dataset's own names are
       WordNet ids.
   """
-  if list(group.class_names):
-    return [str(n) for n in group.class_names]
   spec = group.class_names_file
   if spec.startswith(OPEN_CLIP_PREFIX):
     return [str(n) for n in _from_open_clip("class_names_file", spec, OPEN_CLIP_NAMES)]
   if spec:
     return read_lines(os.path.expanduser(spec), "class_names_file")
+  if list(group.class_names):
+    return [str(n) for n in group.class_names]
   if dataset_names is None:
     raise PromptError(
         f"config.evals.zeroshot: the label of {dataset!r} has no class names (it is not a "
@@ -111,9 +113,7 @@ def class_names(group, dataset_names: Sequence[str] | None, dataset: str) -> lis
 
 
 def templates(group) -> list[str]:
-  """The prompt templates of zero-shot `group`: `templates`, else `templates_file`."""
-  if list(group.templates):
-    return [str(t) for t in group.templates]
+  """The prompt templates of zero-shot `group`: `templates_file`, else `templates`."""
   spec = group.templates_file
   if spec.startswith(OPEN_CLIP_PREFIX):
     # open_clip writes each template as a function of the class name: ask it for "{}".
@@ -121,4 +121,4 @@ def templates(group) -> list[str]:
             for t in _from_open_clip("templates_file", spec, OPEN_CLIP_TEMPLATES)]
   if spec:
     return read_lines(os.path.expanduser(spec), "templates_file")
-  return []
+  return [str(t) for t in group.templates]
