@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from coca_jax import api, config as config_lib
+from coca_jax import api, config as config_lib, export
 from coca_jax.data import builders, pipeline, preprocess
 from coca_jax.evaluation import evaluators, metrics, prompts
 from conftest import smoke_config
@@ -231,12 +231,16 @@ def trained(data_dir, tmp_path_factory):
   return workdir, evals
 
 
+def _eval_batch_size(workdir):
+  with open(os.path.join(workdir, "config.json")) as f:
+    return json.load(f)["evals"]["batch_size"]
+
+
 @pytest.fixture(scope="module")
 def embedder(trained):
-  """The final model's embedder, batched as the evals batch."""
-  model = api.load(trained[0])
-  return model.config, evaluators.Embedder(model.module, model.params, model.tokenizer,
-                                           batch_size=model.config.evals.batch_size)
+  """The final model's embedder, batched as the evals batch (the same compiled shapes)."""
+  model = api.load(trained[0], batch_size=_eval_batch_size(trained[0]))
+  return model.config, model.embedder
 
 
 def _direct_top1(embedder, names, stored_order_limit=None):
@@ -298,3 +302,18 @@ def test_evaluate_cli_runs_the_catalog_eval_with_a_names_file_and_a_limit(traine
   first_12 = _direct_top1(embedder, rotated, stored_order_limit=12)
   assert first_12 != direct_rotated  # k / 12 is never 14 / 40: a whole-set read would show.
   assert json.loads(out.read_text())["eval/zeroshot_top1"] == pytest.approx(first_12, abs=1e-9)
+
+
+def test_loaded_model_and_export_bundle_run_the_catalog_eval(trained, embedder, data_dir,
+                                                              tmp_path):
+  workdir, _ = trained
+  bundle = export.export(workdir, str(tmp_path / "bundle"))
+  model = api.load(bundle, batch_size=_eval_batch_size(workdir))
+  rotated = CLASS_NAMES[1:] + CLASS_NAMES[:1]
+  results = model.zero_shot_eval(NAME, "validation", data_dir=data_dir, class_names=rotated)
+  assert results["eval/zeroshot_top1"] == pytest.approx(_direct_top1(embedder, rotated),
+                                                        abs=1e-9)
+  with pytest.raises(config_lib.ConfigError, match="gives 4 class names, but the label"):
+    model.zero_shot_eval(NAME, "validation", data_dir=data_dir, class_names=rotated[:4])
+  with pytest.raises(TypeError, match=r"\['class_name'\]"):
+    model.zero_shot_eval(NAME, "validation", data_dir=data_dir, class_name=rotated)
