@@ -317,3 +317,18 @@ def test_loaded_model_and_export_bundle_run_the_catalog_eval(trained, embedder, 
     model.zero_shot_eval(NAME, "validation", data_dir=data_dir, class_names=rotated[:4])
   with pytest.raises(TypeError, match=r"\['class_name'\]"):
     model.zero_shot_eval(NAME, "validation", data_dir=data_dir, class_name=rotated)
+
+
+def test_paper_config_imagenet_arg_names_the_real_catalog_entry(tmp_path):
+  """`coca_base.py:imagenet=D` evaluates TFDS's own imagenet2012; not prepared in D, the error
+  is the tfds command, with ImageNet's manual download step (no network is touched)."""
+  data_dir = str(tmp_path / "tfds")
+  config = config_lib.load_config(os.path.join(REPO, "experiments", "coca_base.py") +
+                                  f":imagenet={data_dir}")
+  group = config.evals.zeroshot
+  assert (group.dataset, group.split, group.data_dir) == ("imagenet2012", "validation", data_dir)
+  assert group.class_names_file == group.templates_file == "open_clip:imagenet"
+  config.evals.retrieval.enabled = config.evals.captioning.enabled = False
+  message = _problems(config)
+  assert (f"`tfds build imagenet2012 --data_dir={data_dir} --file_format=array_record` (it "
+          f"needs its source files in {data_dir}/downloads/manual first") in message

@@ -711,16 +711,17 @@ def prepare_command(name: str, data_dir: str) -> str:
   return command
 
 
-def _not_prepared(name: str, data_dir: str, detail: str) -> FileNotFoundError:
-  """The error for a dataset not (or not completely) on disk, with the command that makes it."""
+def _not_prepared(name: str, data_dir: str, detail: str | None = None) -> FileNotFoundError:
+  """The error for a dataset not (or not completely) on disk, with the command that makes it;
+  `detail` says what is wrong (default: it is not there)."""
   base = name.split(":")[0]
   if _catalog_class(base) is not None:
     return FileNotFoundError(
-        f"TFDS dataset {name!r} {detail} in data_dir {data_dir!r}; nothing is downloaded at run "
-        f"time: prepare it once with {prepare_command(base, data_dir)}, or point the eval's "
-        "data_dir at where it is prepared")
+        f"TFDS dataset {name!r} {detail or 'is not prepared'} in data_dir {data_dir!r}; nothing "
+        f"is downloaded at run time: prepare it once with {prepare_command(base, data_dir)}, "
+        "or point the eval's data_dir at where it is prepared")
   return FileNotFoundError(
-      f"dataset {name!r} {detail} in data_dir {data_dir!r} (config.data.name / "
+      f"dataset {name!r} {detail or 'not found'} in data_dir {data_dir!r} (config.data.name / "
       f"config.data.data_dir); build it with `python -m coca_jax.data.build --format ... "
       f"--name {base} --data_dir {data_dir}`, or for a TFDS catalog dataset check the name "
       "(`tfds.list_builders()`)")
@@ -736,7 +737,7 @@ def version_dir(name: str, data_dir: str) -> str:
   base, _, version = name.partition(":")
   root = os.path.join(data_dir, *base.split("/"))
   if not os.path.isdir(root):
-    raise _not_prepared(name, data_dir, "is not prepared")
+    raise _not_prepared(name, data_dir)
   finished = [v for v in os.listdir(root) if _is_version(v) and os.path.isfile(
       os.path.join(root, v, "dataset_info.json"))]
   if version:
