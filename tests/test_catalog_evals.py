@@ -295,10 +295,11 @@ def test_evaluate_cli_runs_the_catalog_eval_with_a_names_file_and_a_limit(traine
   assert direct_rotated != direct  # The check below would see names in the wrong order.
   assert whole["eval/zeroshot_top1"] == pytest.approx(direct_rotated, abs=1e-9)
   assert set(whole) == {"step", "eval/zeroshot_top1", "eval/zeroshot_top5", "eval/seconds"}
-  # `examples` limits the eval to the first stored examples (a TFDS slice works as well).
+  # `examples` limits the eval to the first stored examples (a TFDS slice works as well); the
+  # names given as a tuple on the command line this time (a list cannot be parsed from a flag).
   _run("coca_jax.evaluate", "--workdir", workdir, "--out", str(out),
        "--config.evals.retrieval.enabled=False", "--config.evals.zeroshot.examples=12",
-       f"--config.evals.zeroshot.class_names_file={names_file}")
+       f"--config.evals.zeroshot.class_names={tuple(rotated)!r}")
   first_12 = _direct_top1(embedder, rotated, stored_order_limit=12)
   assert first_12 != direct_rotated  # k / 12 is never 14 / 40: a whole-set read would show.
   assert json.loads(out.read_text())["eval/zeroshot_top1"] == pytest.approx(first_12, abs=1e-9)
