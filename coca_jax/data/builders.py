@@ -1,6 +1,8 @@
 """TFDS builders that write image-caption datasets as `array_record` (no TensorFlow needed).
 
-Three input formats, one schema, read back with `open_source` (or `tfds.data_source`):
+Three input formats, one schema, read back with `open_source` (or `tfds.data_source`), which
+also opens TFDS catalog datasets prepared as array_record (`tfds build imagenet2012
+--file_format=array_record`) for the evals:
 
   demo        digit scenes made offline from scikit-learn's bundled digits (`digit_scenes.py`);
               splits "train", "test" (scenes) and "digits" (one digit per canvas, with `label`,
