@@ -333,3 +333,13 @@ def test_paper_config_imagenet_arg_names_the_real_catalog_entry(tmp_path):
   message = _problems(config)
   assert (f"`tfds build imagenet2012 --data_dir={data_dir} --file_format=array_record` (it "
           f"needs its source files in {data_dir}/downloads/manual first") in message
+
+
+def test_a_dataset_prepared_per_config_is_named_with_its_config(data_dir, tmp_path):
+  """TFDS puts a dataset with configs in data_dir/NAME/CONFIG/VERSION (imagenet2012_subset/1pct):
+  "NAME/CONFIG" opens it; "NAME" alone says which configs there are."""
+  shutil.copytree(os.path.join(data_dir, NAME, "2.0.0"), tmp_path / NAME / "small" / "2.0.0")
+  source = builders.open_source(f"{NAME}/small", str(tmp_path), "validation[:5]")
+  assert len(source) == 5
+  with pytest.raises(FileNotFoundError, match=f"prepared per config; name one: {NAME}/small"):
+    builders.open_source(NAME, str(tmp_path), "validation")

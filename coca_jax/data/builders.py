@@ -748,6 +748,12 @@ def version_dir(name: str, data_dir: str) -> str:
                           f"{sorted(finished) or 'none'})")
     return os.path.join(root, version)
   if not finished:
+    configs = sorted(c for c in os.listdir(root) if os.path.isdir(os.path.join(root, c)) and any(
+        _is_version(v) for v in os.listdir(os.path.join(root, c))))
+    if configs:  # data_dir/NAME/CONFIG/VERSION, e.g. imagenet2012_subset/1pct/5.0.0.
+      raise FileNotFoundError(
+          f"dataset {name!r} in data_dir {data_dir!r} is prepared per config; name one: "
+          f"{', '.join(f'{base}/{c}' for c in configs)}")
     if _catalog_class(base) is None:
       raise FileNotFoundError(
           f"dataset {name!r} in data_dir {data_dir!r} has no finished build (an interrupted "
