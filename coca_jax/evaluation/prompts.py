@@ -59,8 +59,9 @@ def _open_clip_metadata(field: str, spec: str):
   path = clip_bpe.installed_open_clip_file(_OPEN_CLIP_METADATA)
   if path is None:
     raise PromptError(f"config.evals.zeroshot.{field}={spec!r} reads open_clip's lists from an "
-                      "installed open_clip_torch, which this environment lacks: `pip install "
-                      "open_clip_torch` (torch is not imported), or give a file instead")
+                      "installed open_clip_torch, which this environment lacks: `pip install --no-deps "
+                      "open_clip_torch` (its files are read; torch is never imported), or give a "
+                      "file instead")
   module_spec = importlib.util.spec_from_file_location("_open_clip_zero_shot_metadata", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
