@@ -135,7 +135,11 @@ def main(argv) -> None:
   initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
   # ---- Validate -----------------------------------------------------------------------------
-  config_lib.validate(config, num_devices=jax.device_count())
+  try:
+    config_lib.validate(config, num_devices=jax.device_count())
+  except config_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
   # ---- Mesh, model, optimizer, abstract state (nothing allocated yet) ----------------------
   built = step_lib.setup(config)

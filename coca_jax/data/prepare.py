@@ -35,6 +35,11 @@ def prepare_data(config, workdir: str) -> Tokenizer:
   (vocab_size, bos_id, eos_id).
   """
   data = config.data
+  if not data.name:
+    raise ConfigError(
+        "config.data.name is empty: name the dataset to train on, built with `python -m "
+        "coca_jax.data.build --format folder|webdataset --src SRC --name NAME --data_dir DIR`, "
+        "and pass --config.data.name=NAME --config.data.data_dir=DIR")
   if not data.data_dir:
     # array_record files are read with local file I/O: with a gs:// workdir the demo data goes
     # to TFDS's own default directory on this machine instead.
