@@ -372,8 +372,8 @@ def read_state_dict(path: str) -> dict:
   if not fs.exists(path):
     raise FileNotFoundError(f"--src {path} does not exist")
   if path.endswith(".safetensors"):
-    import safetensors.numpy
-    state = safetensors.numpy.load(fs.read_bytes(path))
+    from coca_jax.interop.params import load_safetensors  # bf16 / fp16 checkpoints too.
+    state = load_safetensors(fs.read_bytes(path))
   else:
     try:
       import torch
