@@ -52,6 +52,16 @@ def prepare_data(config, workdir: str) -> Tokenizer:
       builders.build_atomically("demo", data.name, data.data_dir,
                                 **dict(data.build_demo_options))
     sync("demo dataset built")
+    # A dataset of this name built with other options (a smoke run's, or `coca_jax.data.build
+    # --format demo` defaults) would otherwise be trained on silently.
+    differences = builders.check_built_options(data.name, data.data_dir, "demo",
+                                               dict(data.build_demo_options))
+    if differences:
+      raise ConfigError(
+          f"dataset {data.name!r} in {data.data_dir} was built with other "
+          f"config.data.build_demo_options than this run's ({'; '.join(differences)}): give "
+          f"this run its own --config.data.data_dir, or remove "
+          f"{os.path.join(data.data_dir, data.name)} to build it again")
   kind = data.tokenizer_kind
   if kind == "clip_bpe":  # A fixed vocabulary: keep a copy beside the config, train nothing.
     tokenizer = load_tokenizer(data.tokenizer, kind)
