@@ -47,8 +47,10 @@ def define_config_flag(argv) -> None:
     config_lib.define_config_flag("config", "Config file[:args] for evals/data.")
     return
   workdir = _flag_value(argv, "workdir")
-  if not workdir:
-    raise app.UsageError("--workdir is required")
+  if not workdir:  # --help, or a missing --workdir that absl reports as a usage error.
+    config_lib.define_config_flag("config", "Config file[:args] for evals/data.")
+    flags.mark_flag_as_required("workdir")
+    return
   root = api.resolve(workdir)["root"]
   config = with_eval_defaults(checkpoint.read_config(root))
   config_lib.check_overrides(config, config_lib.override_keys(argv))  # Typos: did you mean.

@@ -1,4 +1,4 @@
-"""Builds an image-caption dataset as TFDS array_record files.
+r"""Builds an image-caption dataset as TFDS array_record files.
 
   python -m coca_jax.data.build --format demo --name digit_scenes --data_dir ~/tfds
   python -m coca_jax.data.build --format folder --src photos/ --name my_captions --data_dir ~/tfds \
