@@ -283,6 +283,7 @@ def test_cli_builds_reports_and_refuses_to_overwrite(tmp_path, capsys):
   assert build_cli.main(argv) == 0
   out = capsys.readouterr().out
   assert "train: 1 examples written" in out and "unreadable image" in out and "y.png" in out
+  assert ".building-" not in out  # TFDS's "prepared to <our temporary directory>" is not shown.
   saved = json.loads((tmp_path / "tfds" / "cli_photos" / "1.0.0" / "build_report.json").read_text())
   assert saved["train"]["written"] == 1 and saved["train"]["skipped"] == {"unreadable image": 1}
 
