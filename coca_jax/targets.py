@@ -1,4 +1,4 @@
-"""Accelerators to compile for without having them: `coca_jax.bench --mode compile --target T`.
+r"""Accelerators to compile for without having them: `coca_jax.bench --mode compile --target T`.
 
 XLA's compilers run on the host. Given a description of the target (what the runtime would
 otherwise read from the hardware), they compile the sharded train step as they would on it,

@@ -1,4 +1,4 @@
-"""SentencePiece tokenizer with the project's fixed special ids (pad=0, unk=1, bos=2, eos=3).
+r"""SentencePiece tokenizer with the project's fixed special ids (pad=0, unk=1, bos=2, eos=3).
 
 BOS/EOS/PAD are added in exactly one place, `Tokenizer.tokenize`, which produces the batch's
 "text" field: int32 `[batch, max_len]` = BOS, pieces..., EOS, PAD... A caption with more than
