@@ -152,23 +152,24 @@ def test_list_fields_are_overridden_with_a_list_literal():
     values(argv)
 
 
-def test_misspelled_override_fails_on_the_command_line():
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run(
+def _train_dry_run(*overrides: str) -> subprocess.CompletedProcess:
+  """`python -m coca_jax.train --config experiments/demo.py:smoke OVERRIDES --dry_run`."""
+  return subprocess.run(
       [sys.executable, "-m", "coca_jax.train", "--config", "experiments/demo.py:smoke",
-       "--config.trian.steps=5", "--dry_run"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+       *overrides, "--dry_run"],
+      cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+      timeout=300)
+
+
+def test_misspelled_override_fails_on_the_command_line():
+  result = _train_dry_run("--config.trian.steps=5")
   assert result.returncode != 0
   assert "--config.trian.steps: config.trian.steps is not a config key; did you mean " \
          "config.train.steps?" in result.stderr, result.stderr[-2000:]
 
 
 def test_train_reports_config_problems_without_a_traceback():
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run(
-      [sys.executable, "-m", "coca_jax.train", "--config", "experiments/demo.py:smoke",
-       "--config.data.image_size=40", "--dry_run"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  result = _train_dry_run("--config.data.image_size=40")
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.startswith("error: 1 config problem(s):\n  - config.data.image_size=40 "
                                   "differs from config.model.image_size=32"), result.stderr[-2000:]
