@@ -191,15 +191,18 @@ def test_attention_kernel_choice_and_its_override(monkeypatch):
 
 
 def test_odd_lengths_reach_cudnn_padded_to_even_with_unchanged_results(monkeypatch):
-  """cuDNN's fused attention needs even query and key lengths; odd ones (the 63-position
-  shifted caption, the pooler's single query) are padded, the padded key masked and the padded
-  query dropped. Checked with XLA standing in for cuDNN (none here): the kernel only ever sees
-  even lengths, and every real position gets what unpadded attention gives."""
+  """cuDNN's fused attention needs even query and key lengths and a mask as long as both; odd
+  lengths (the 63-position shifted caption, the pooler's single query, [CLS] + 196 patches) are
+  padded, the padded key masked and the padded query dropped, and a key mask is expanded.
+  Checked with XLA standing in for cuDNN (none here): the kernel only ever sees even lengths
+  and full-size masks, and every real position gets what unpadded attention gives."""
   from coca_jax.models import layers
   seen = []
 
   def stand_in(query, key, value, mask):
     seen.append((query.shape[1], key.shape[1]))
+    # cuDNN's bias (from the mask) may broadcast over batch and heads, never over positions.
+    assert mask is None or mask.shape[2:] == (query.shape[1], key.shape[1]), mask.shape
     return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
 
   monkeypatch.setattr(layers, "_cudnn_attention", stand_in)
@@ -211,6 +214,7 @@ def test_odd_lengths_reach_cudnn_padded_to_even_with_unchanged_results(monkeypat
       (7, 8, None),                                                      # cross, odd queries
       (1, 9, None),                                                      # one query, odd keys
       (6, 9, jax.random.bernoulli(rng[3], 0.7, (2, 1, 1, 9)).at[..., 0].set(True)),  # key mask
+      (4, 6, jax.random.bernoulli(rng[3], 0.7, (2, 1, 1, 6)).at[..., 0].set(True)),  # even
   ):
     q = jax.random.normal(rng[0], (2, q_len, 3, 8))
     k, v = jax.random.normal(rng[1], (2, 2, kv_len, 3, 8))

@@ -309,25 +309,26 @@ def target_platform() -> str:
 
 def _cudnn_has_kernel(query) -> bool:
   """cuDNN's fused bf16 attention trains only with head widths <= 128 that are multiples of 8.
-  (Its length rule, even query and key lengths, `_even_lengths` meets by padding.) Its own
+  (Its length rule, even query and key lengths, `_cudnn_shapes` meets by padding.) Its own
   checks run when the backward pass is traced, too late to fall back, hence this check before
   the call."""
   head_dim = query.shape[-1]
   return head_dim <= 128 and head_dim % 8 == 0
 
 
-def _even_lengths(attend, query, key, value, mask=None):
-  """`attend(query, key, value, mask)` over even query and key lengths, as cuDNN's fused
-  attention needs (e.g. the 63-position shifted caption, the contrastive pooler's single
-  query): an odd length gets one zero position more, a padded key is masked out of every
-  query, a padded query's output is dropped. The real positions get exactly what they would
-  get without the padding."""
+def _cudnn_shapes(attend, query, key, value, mask=None):
+  """`attend(query, key, value, mask)` with the shapes cuDNN's fused attention takes: even
+  query and key lengths (e.g. the 63-position shifted caption, the contrastive pooler's single
+  query, a 197-token [CLS] + patches sequence) and a mask as long as both (cuDNN turns it into a
+  bias, which may broadcast over batch and heads but not over positions). An odd length gets
+  one zero position more, a padded key is masked out of every query, a padded query's output is
+  dropped; a mask that broadcasts over positions (a key-padding mask [batch, 1, 1, kv_len]) is
+  expanded. The real positions get exactly what they would get without all this."""
   q_len, kv_len = query.shape[1], key.shape[1]
   q_pad, kv_pad = q_len % 2, kv_len % 2
-  if not (q_pad or kv_pad):
-    return attend(query, key, value, mask)
-  rows = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
-  query, key, value = rows(query, q_pad), rows(key, kv_pad), rows(value, kv_pad)
+  if q_pad or kv_pad:
+    rows = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
+    query, key, value = rows(query, q_pad), rows(key, kv_pad), rows(value, kv_pad)
   if mask is not None:  # Broadcastable [batch, heads, q_len, kv_len]: pad the full-length axes.
     mask = jnp.pad(mask, ((0, 0), (0, 0), (0, q_pad if mask.shape[2] == q_len else 0),
                           (0, 0)), constant_values=True)
@@ -336,6 +337,8 @@ def _even_lengths(attend, query, key, value, mask=None):
   if kv_pad:
     real_keys = (jnp.arange(kv_len + 1) < kv_len)[None, None, None, :]
     mask = real_keys if mask is None else jnp.logical_and(mask, real_keys)
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, mask.shape[:2] + (query.shape[1], key.shape[1]))
   return attend(query, key, value, mask)[:, :q_len]
 
 
@@ -349,7 +352,7 @@ def dot_product_attention(query, key, value, mask=None):
 
   With 'auto', shapes cuDNN rejects (e.g. a head width it has no kernel for) fall back to XLA
   with one warning; an explicit 'cudnn' raises instead. Odd lengths go to cuDNN padded to even
-  ones (`_even_lengths`)."""
+  ones (`_cudnn_shapes`)."""
   implementation = attention_implementation(query.dtype)
   if implementation == "cudnn" and not _cudnn_has_kernel(query):
     if os.environ.get(ATTENTION_ENV, "auto") == "cudnn":
@@ -358,7 +361,7 @@ def dot_product_attention(query, key, value, mask=None):
     implementation = "xla"
   if implementation == "cudnn":
     try:
-      return _even_lengths(_cudnn_attention, query, key, value, mask)
+      return _cudnn_shapes(_cudnn_attention, query, key, value, mask)
     except (ValueError, NotImplementedError, RuntimeError) as error:
       if os.environ.get(ATTENTION_ENV, "auto") == "cudnn":
         raise
