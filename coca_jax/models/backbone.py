@@ -156,19 +156,21 @@ class Block(nn.Module):
 BLOCK_STATIC_ARGUMENTS = ("segments", "return_kv", "causal_routing", "routing_length")
 
 
-def remat_block(remat: str, prevent_cse: bool = True):
+def remat_block(remat: str, prevent_cse: bool = True,
+                static_arguments: tuple[str, ...] = BLOCK_STATIC_ARGUMENTS):
   """`Block`, or with remat != 'none' `nn.remat(Block)` under `REMAT_POLICIES[remat]`: the
-  backward pass recomputes what the policy does not save from the block's inputs. Its
-  `BLOCK_STATIC_ARGUMENTS` are static (pass them positionally); its parameters keep Block's
-  names, so a checkpoint loads under any policy. `prevent_cse` must stay on for unscanned layers
-  (else XLA may merge the recomputation with the forward pass and keep its activations)."""
+  backward pass recomputes what the policy does not save from the block's inputs. The named
+  `static_arguments` are static (pass them positionally; () when the block is only called with
+  x, mask, context); its parameters keep Block's names, so a checkpoint loads under any policy.
+  `prevent_cse` must stay on for unscanned layers (else XLA may merge the recomputation with
+  the forward pass and keep its activations)."""
   if remat not in REMAT_POLICIES:
     raise ValueError(f"remat={remat!r} is unknown; use one of {sorted(REMAT_POLICIES)}")
   if remat == "none":
     return Block
   names = list(inspect.signature(Block.__call__).parameters)  # names[0] is self, as flax counts.
   return nn.remat(Block, policy=REMAT_POLICIES[remat], prevent_cse=prevent_cse,
-                  static_argnums=tuple(names.index(name) for name in BLOCK_STATIC_ARGUMENTS))
+                  static_argnums=tuple(names.index(name) for name in static_arguments))
 
 
 class Stack(nn.Module):
@@ -210,7 +212,7 @@ class Stack(nn.Module):
     if self.decode and self.scan:
       raise ValueError("decoding runs unscanned layers: build the decoder with scan_layers=False "
                        "and its parameters with unscanned_params (coca.unscanned_layers does both)")
-    block_cls = remat_block(self.remat, prevent_cse=not self.scan)
+    block_cls = remat_block(self.remat, prevent_cse=not self.scan, static_arguments=())
     kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
                   cross_attention=self.cross_attention, num_experts=self.num_experts,
                   decode=self.decode, cache_length=self.cache_length,
