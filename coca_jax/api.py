@@ -6,6 +6,8 @@
   text_embeds = model.embed_texts(["a red 3", ...])    # -> [N, D]
   model.caption(images, method="beam", num_beams=4)    # -> list of str
   model.zero_shot(images, ["zero", "one"], ["a photo of a {}."])
+  model.zero_shot_eval("imagenet2012", "validation", data_dir="~/tensorflow_datasets",
+                       class_names_file="open_clip:imagenet", templates_file="open_clip:imagenet")
   model.itm_score(images, ["a red 3", ...])           # MoME with ITM: P(match) [N, M]
 
 Embeddings are L2-normalised numpy float32 [N, D]. Inputs are processed in fixed-size batches
@@ -329,6 +331,38 @@ class Model:
     probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
     labels = probs.argmax(-1)
     return {"labels": labels, "names": [class_names[i] for i in labels], "probs": probs}
+
+  def zero_shot_eval(self, dataset: str, split: str, *, data_dir: str = "", examples: int = 0,
+                     **fields) -> dict:
+    """Zero-shot top-1 / top-5 on a prepared labelled split, the eval `coca_jax.evaluate` runs:
+    a dataset built by `coca_jax.data.build`, or a TFDS catalog dataset prepared as array_record
+    (`tfds build imagenet2012 --file_format=array_record`; nothing is downloaded).
+
+    Args:
+      dataset, split: e.g. "imagenet2012", "validation" (a slice such as "validation[:1000]"
+        works too).
+      data_dir: where it is prepared ("" = the run's config.data.data_dir).
+      examples: read the first N examples (0 = the whole split).
+      **fields: any other config.evals.zeroshot field: class_names, class_names_file (e.g.
+        "open_clip:imagenet"), templates, templates_file, label_feature, image_feature. Names
+        default to the label's ClassLabel names, templates to the run's own.
+    Returns:
+      {"eval/zeroshot_top1": float, "eval/zeroshot_top5": float}.
+    Raises:
+      config.ConfigError naming each problem (not prepared, wrong count of names, ...).
+    """
+    from coca_jax import config as config_lib  # Light; here to keep load() imports small.
+    config = config_lib.complete(self.config)
+    group = config.evals.zeroshot
+    unknown = sorted(set(fields) - set(group))
+    if unknown:
+      raise TypeError(f"zero_shot_eval got {unknown}, which config.evals.zeroshot does not have "
+                      f"(its fields: {', '.join(sorted(group))})")
+    group.update(enabled=True, dataset=dataset, split=split, data_dir=data_dir,
+                 examples=examples, transfer_splits=[], transfer_templates=[], **fields)
+    config.evals.retrieval.enabled = config.evals.captioning.enabled = False
+    evaluators.check_evals(config)
+    return evaluators.run_evals(config, self.embedder)
 
   def similarity(self, images, texts: Sequence[str]) -> np.ndarray:
     """Cosine similarities [num_images, num_texts]."""

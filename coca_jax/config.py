@@ -112,9 +112,11 @@ def _defaults(backbone: str) -> dict:
   decoding = _dataclass_defaults(Decoding)
   decoding["max_new_tokens"] = 0  # 0 = config.model.text.max_len - 1 (Decoding's None).
   # An eval group runs when it is enabled and names a split; `dataset` "" = config.data.name,
-  # else another dataset built into config.data.data_dir (e.g. a labelled one for zero-shot).
-  # examples 0 = the whole split.
-  eval_group = dict(enabled=True, dataset="", split="", examples=0)
+  # else another prepared dataset: one built by coca_jax.data.build, or a TFDS catalog dataset
+  # prepared as array_record (e.g. imagenet2012); `data_dir` "" = config.data.data_dir;
+  # `*_feature` name the stored features read ("a/b" = nested). examples 0 = the whole split.
+  eval_group = dict(enabled=True, dataset="", split="", examples=0, data_dir="",
+                    image_feature="image")
   return dict(
       model=model,
       data=dict(
@@ -152,10 +154,17 @@ def _defaults(backbone: str) -> dict:
           # transfer_splits: more labelled splits of `dataset`, each read whole and scored
           # with `templates`, or with its own entry of transfer_templates (one list per split;
           # [] = `templates`).
-          zeroshot=dict(eval_group, class_names=[], templates=[], transfer_splits=[],
+          # Class names: class_names_file (one name per line in label order, or
+          # "open_clip:imagenet"; replaces class_names), class_names, or neither: the label's
+          # ClassLabel names. Prompts: templates_file (one per line, "open_clip:imagenet" or
+          # "open_clip:imagenet_simple"; replaces templates), else templates.
+          # See coca_jax/evaluation/prompts.py.
+          zeroshot=dict(eval_group, label_feature="label", class_names=[], class_names_file="",
+                        templates=[], templates_file="", transfer_splits=[],
                         transfer_templates=[]),
-          retrieval=dict(eval_group),
-          captioning=dict(eval_group, batch_size=0, **decoding)),  # batch_size 0 = evals'.
+          retrieval=dict(eval_group, captions_feature="captions"),
+          captioning=dict(eval_group, captions_feature="captions", batch_size=0,
+                          **decoding)),  # batch_size 0 = evals'.
       init=dict(source="", include_regex="", exclude_regex="", reinit_regex=""),
       profile=dict(PROFILE_DEFAULTS),
   )
@@ -601,17 +610,31 @@ def _validate_evals(config, need) -> None:
          "split)")
     need(isinstance(group.split, str) and isinstance(group.dataset, str),
          f"config.evals.{name}.split / .dataset must be strings (split '' = this eval off)")
+    for field in ("data_dir", "image_feature", "label_feature", "captions_feature",
+                  "class_names_file", "templates_file"):
+      if field in group:
+        need(isinstance(group[field], str),
+             f"config.evals.{name}.{field}={group[field]!r} must be a string")
   zeroshot = evals.zeroshot
   if zeroshot.enabled and zeroshot.split:
-    need(len(zeroshot.class_names) > 0 and len(zeroshot.templates) > 0,
-         "config.evals.zeroshot.split is set but config.evals.zeroshot.class_names / templates "
-         "are empty; give the class names (in label order) and prompt templates, e.g. "
-         "['a photo of a {}.'], or set config.evals.zeroshot.split='' to turn it off")
+    need(len(zeroshot.templates) > 0 or zeroshot.templates_file,
+         "config.evals.zeroshot.split is set but config.evals.zeroshot.templates / "
+         "templates_file are empty; give prompt templates, e.g. ['a photo of a {}.'], or a "
+         "file of them (templates_file, or 'open_clip:imagenet'), or set "
+         "config.evals.zeroshot.split='' to turn it off")
   for field in ("every_steps", "batch_size"):
     value = evals[field]
     need(isinstance(value, int) and value >= (1 if field == "batch_size" else 0),
          f"config.evals.{field}={value!r} must be an integer >= "
          f"{1 if field == 'batch_size' else 0}")
+
+
+def eval_problems(config) -> list[str]:
+  """The problems `validate` finds in config.evals (a completed config), for programs that
+  run evals on a saved run's config without validating the rest (`coca_jax.evaluate`)."""
+  problems = []
+  _validate_evals(config, lambda cond, message: cond or problems.append(message))
+  return problems
 
 
 def validate(config, num_devices: int | None = None) -> None:

@@ -7,7 +7,17 @@ r"""Runs the configured evaluations of a trained model and writes the results as
 Without --config the run's own DIR/config.json is used (its data paths, model and `evals`), and
 `--config.<field>=value` overrides any field of it. With --config FILE[:args] the evals and data
 settings come from that file; the model always comes from the checkpoint's config.json.
---workdir may also be a checkpoint step directory or an export bundle.
+--workdir may also be a checkpoint step directory or an export bundle. Any eval may read a TFDS
+catalog dataset prepared as array_record, e.g. ImageNet zero-shot (README, "Zero-shot on
+ImageNet / other TFDS datasets"):
+
+  python -m coca_jax.evaluate --workdir DIR --config.evals.zeroshot.dataset=imagenet2012 \
+      --config.evals.zeroshot.split=validation --config.evals.zeroshot.data_dir=~/tensorflow_datasets \
+      --config.evals.zeroshot.class_names_file=open_clip:imagenet ...
+
+Without --config, the zero-shot group's list fields (class_names, templates, transfer_splits,
+transfer_templates) take tuples: --config.evals.zeroshot.transfer_splits='()' empties the
+demo's transfer splits, --config.evals.zeroshot.class_names="('cat', 'dog')" names classes.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import json
 import sys
 
 from absl import app, flags
+import ml_collections
 from ml_collections import config_flags
 
 from coca_jax import api, checkpoint, config as config_lib, console, fs
@@ -50,9 +61,24 @@ def define_config_flag(argv) -> None:
   if not workdir:
     raise app.UsageError("--workdir is required")
   root = api.resolve(workdir)["root"]
-  config = with_eval_defaults(checkpoint.read_config(root))
+  config = with_tuple_lists(with_eval_defaults(checkpoint.read_config(root)))
   config_lib.check_overrides(config, config_lib.override_keys(argv))  # Typos: did you mean.
   config_flags.DEFINE_config_dict("config", config, "The run's config.", lock_config=False)
+
+
+# The zero-shot group's list fields, overridable here as tuples.
+LIST_FIELDS = ("class_names", "templates", "transfer_splits", "transfer_templates")
+
+
+def with_tuple_lists(config):
+  """`config` with the list fields of config.evals.zeroshot as tuples: ml_collections parses a
+  tuple from a flag but not a list, so a saved run's lists (the demo's digit names and MNIST
+  transfer splits) can be replaced or emptied: --config.evals.zeroshot.transfer_splits='()'."""
+  tree = config.to_dict()
+  group = tree["evals"]["zeroshot"]
+  for field in LIST_FIELDS:
+    group[field] = tuple(tuple(x) if isinstance(x, list) else x for x in group[field])
+  return ml_collections.ConfigDict(tree)
 
 
 def with_eval_defaults(config):
@@ -74,6 +100,11 @@ def evaluate(model: api.Model, config) -> dict:
 def main(argv) -> None:
   del argv
   console.setup()
+  try:  # Every eval split opened and checked before the model is read.
+    evaluators.check_evals(FLAGS.config)
+  except config_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   model = api.load(FLAGS.workdir, step=FLAGS.step)
   results = {"step": model.step, **evaluate(model, FLAGS.config)}
   text = json.dumps(results, indent=2, sort_keys=True)

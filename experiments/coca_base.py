@@ -18,6 +18,11 @@ change the model size. Args (comma-separated after ':'):
   remat=R      none | full | dots | minimal (default: dots; on one H200, dots at 256-512
                examples per chip was the fastest measured: 29.3% MFU at 512, docs/scale.md)
   runlocal     shrink the data and step counts for a smoke run on one machine (model size kept)
+  imagenet[=D] zero-shot ImageNet-1k in the evals: TFDS's imagenet2012 "validation" (50,000
+               images) prepared as array_record in D (default: config.data.data_dir) with
+               `tfds build imagenet2012 --data_dir=D --file_format=array_record`, prompted with
+               open_clip's curated class names and 80 templates (needs open_clip_torch
+               installed; read from its files, torch is not imported)
   b32          NOT a paper size: open_clip's coca_ViT-B-32 shapes (224px, patch 32, vision
                768 x 12, text 512 x 12+12, 8 heads, vocab 49,408, 76 tokens, one 256-query
                pooler), batch 16, float32, no remat: the CPU MFU benchmark of docs/scale.md
@@ -50,10 +55,12 @@ PAPER_PARAMS = {"base": 383e6, "large": 787e6, "2b": 2.1e9}
 VOCAB_SIZE = 64_000
 # Evals every 10k steps and at the end (coca_jax/evaluation/evaluators.py): image-text retrieval
 # and greedy captioning on the eval split of config.data.name, and zero-shot classification
-# once you name a labelled dataset built into the same data_dir, its split and class names
-# (in label order), e.g.
-#   --config.evals.zeroshot.dataset=my_labelled_set --config.evals.zeroshot.split=test \
-#   --config.evals.zeroshot.class_names="['cat', 'dog']"
+# once you name a labelled dataset (the `imagenet` arg, or any prepared TFDS dataset: its
+# ClassLabel names are the class names unless a file gives them, one per line in label order),
+# e.g.
+#   --config.evals.zeroshot.dataset=cifar100 --config.evals.zeroshot.split=test \
+#   --config.evals.zeroshot.data_dir=~/tensorflow_datasets
+#   [--config.evals.zeroshot.class_names_file=names.txt]
 # Any group is switched off with --config.evals.<group>.enabled=False.
 EVALS = dict(
     every_steps=10_000, batch_size=256,
@@ -62,9 +69,15 @@ EVALS = dict(
     retrieval=dict(split="test", examples=5_000),
     captioning=dict(split="test", examples=5_000, batch_size=256, method="greedy"))
 
+# Zero-shot ImageNet-1k (the CoCa paper's 86.3%, open_clip coca_ViT-L-14's 75.6%): the 50,000
+# validation images of TFDS's imagenet2012, whose label names are WordNet ids, so the names and
+# prompts are open_clip's (read from an installed open_clip_torch; never copied here).
+IMAGENET_ZEROSHOT = dict(dataset="imagenet2012", split="validation", examples=0,
+                         class_names_file="open_clip:imagenet", templates_file="open_clip:imagenet")
+
 
 def _parse(arg: str) -> dict:
-  known = {"batch", "steps", "dtype", "remat", "runlocal", "b32"}
+  known = {"batch", "steps", "dtype", "remat", "runlocal", "b32", "imagenet"}
   parsed = {}
   for item in filter(None, arg.split(",")):
     key, _, value = item.partition("=")
@@ -109,6 +122,9 @@ def paper_config(size: str, arg: str = "") -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5_000, keep=3, async_save=True))
   c.profile = ml_collections.ConfigDict(PROFILE_DEFAULTS)  # --config.profile.start_step=N traces
   c.evals = ml_collections.ConfigDict(EVALS)
+  if args.get("imagenet"):
+    data_dir = args["imagenet"] if isinstance(args["imagenet"], str) else ""
+    c.evals.zeroshot.update(IMAGENET_ZEROSHOT, data_dir=data_dir)
   if args.get("b32"):
     c.model.update(image_size=224, patch_size=32, embed_dim=512, pooling="open_clip",
                    n_gen_queries=256, pooler_heads=8, dtype=args.get("dtype", "float32"),

@@ -74,8 +74,8 @@ def test_paper_configs_run_retrieval_and_captioning_on_the_named_dataset(spec):
     def __getitem__(self, index):
       return {"label": index}
 
-  def make_source(split, dataset):
-    opened.append((split, dataset))
+  def make_source(split, group):
+    opened.append((split, group.dataset))
     return Source()
 
   evaluators.check_evals(config, make_source)

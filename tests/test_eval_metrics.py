@@ -104,7 +104,8 @@ def test_transfer_splits_are_read_whole_with_their_own_prompts():
              "near": Source([2, 1, 0])}
   evals = ml_collections.ConfigDict(dict(
       zeroshot=dict(enabled=True, dataset="", split="digits", examples=2,
-                    class_names=["0", "1", "2"], templates=["a light {}"],
+                    class_names=["0", "1", "2"], templates=["a light {}"], class_names_file="",
+                    templates_file="",
                     transfer_splits=["far", "near"], transfer_templates=[["a dark {}"], []]),
       retrieval=dict(enabled=False, split=""), captioning=dict(enabled=False, split="")))
   results = evaluators.run_evals(ml_collections.ConfigDict(dict(evals=evals)), Embedder(),

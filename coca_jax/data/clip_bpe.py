@@ -29,8 +29,9 @@ VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2
 
 
-def installed_vocab_file() -> str | None:
-  """The merges file inside an installed open_clip, or None."""
+def installed_open_clip_file(name: str) -> str | None:
+  """The file `name` inside an installed open_clip package (found without importing it: its
+  __init__ imports torch), or None."""
   try:
     import importlib.util
     spec = importlib.util.find_spec("open_clip")
@@ -38,8 +39,13 @@ def installed_vocab_file() -> str | None:
     return None
   if spec is None or not spec.submodule_search_locations:
     return None
-  path = os.path.join(list(spec.submodule_search_locations)[0], VOCAB_FILE)
+  path = os.path.join(list(spec.submodule_search_locations)[0], name)
   return path if os.path.exists(path) else None
+
+
+def installed_vocab_file() -> str | None:
+  """The merges file inside an installed open_clip, or None."""
+  return installed_open_clip_file(VOCAB_FILE)
 
 
 @functools.lru_cache()

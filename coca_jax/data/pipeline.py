@@ -62,6 +62,8 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from PIL import Image
+import tensorflow_datasets as tfds
 
 from coca_jax.data import builders
 from coca_jax.data import preprocess
@@ -419,37 +421,119 @@ def checkpoint_args(iterator: TrainIterator, restore: bool = False):
   return PositionRestore(iterator) if restore else PositionSave(iterator)
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalFeatures:
+  """Which stored feature holds what an eval reads ("a/b" names a nested one, e.g.
+  coco_captions' "captions/text"). The defaults are our builders' schema, and also the names
+  most TFDS catalog datasets use ("image", "label")."""
+  image: str = "image"
+  label: str = "label"
+  captions: str = "captions"
+
+
+def _feature(element: Mapping[str, Any], path: str):
+  """The value of feature `path` ("a/b": nested) in a decoded element; KeyError if absent."""
+  value = element
+  for part in path.split("/"):
+    value = value[part]
+  return value
+
+
+def _has_feature(features, path: str) -> bool:
+  node = features
+  for part in path.split("/"):
+    if isinstance(node, tfds.features.Sequence):
+      node = node.feature
+    if not hasattr(node, "keys") or part not in node.keys():
+      return False
+    node = node[part]
+  return True
+
+
+def _feature_spec(features, path: str):
+  node = features
+  for part in path.split("/"):
+    if isinstance(node, tfds.features.Sequence):
+      node = node.feature
+    node = node[part]
+  return node
+
+
 class EvalSource:
   """Decoded evaluation examples (whole split, same on every host), in stored order.
 
   Item i: {"image": uint8 [S, S, 3] (shorter side resized to S, center crop),
-           "captions": list[str] (all captions of the image), "key": str,
-           "label": int (only for datasets with labels, e.g. the demo's "digits" split)}.
-  Normalise images with `preprocess.normalize_images` before the model.
+           "captions": list[str] (all captions of the image; [] for a dataset without them),
+           "key": str (the stored "key", else "<split>/<index>"),
+           "label": int (only for datasets with labels, e.g. the demo's "digits" split or a
+           TFDS catalog dataset's ClassLabel)}.
+  `features` names the stored features read (`EvalFeatures`). Normalise images with
+  `preprocess.normalize_images` before the model.
   """
 
-  def __init__(self, source, image_size: int, name: str, split: str):
+  def __init__(self, source, image_size: int, name: str, split: str,
+               features: EvalFeatures = EvalFeatures()):
     self.source = source
     self.image_size = image_size
     self.name = name
     self.split = split
+    self.features = features
+    info = getattr(source, "dataset_info", None)
+    self._spec = info.features if info is not None else None
 
   def __len__(self) -> int:
     return len(self.source)
+
+  def has_feature(self, path: str) -> bool:
+    """Whether the dataset stores feature `path` (True when the source has no metadata)."""
+    return self._spec is None or _has_feature(self._spec, path)
+
+  @property
+  def feature_names(self) -> list[str]:
+    return sorted(self._spec.keys()) if self._spec is not None else []
+
+  @property
+  def class_names(self) -> list[str] | None:
+    """The label feature's ClassLabel names in label order; None when it is not a ClassLabel
+    (our builders store a plain integer) or absent."""
+    if self._spec is None or not _has_feature(self._spec, self.features.label):
+      return None
+    spec = _feature_spec(self._spec, self.features.label)
+    return list(spec.names) if isinstance(spec, tfds.features.ClassLabel) else None
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     if not -len(self) <= index < len(self):
       raise IndexError(f"index {index} out of range for {self.name}/{self.split} "
                        f"({len(self)} examples)")
-    element = self.source[index % len(self)]
-    example = {
-        "image": preprocess.decode_train_image(element["image"], self.image_size, None),
-        "captions": [_to_str(c) for c in element["captions"]],
-        "key": _to_str(element["key"]),
-    }
-    if "label" in element:
-      example["label"] = int(element["label"])
+    index %= len(self)
+    element = self.source[index]
+    example = {"image": self._image(_feature(element, self.features.image)),
+               "captions": self._captions(element),
+               "key": _to_str(element["key"]) if "key" in element else f"{self.split}/{index}"}
+    try:
+      example["label"] = int(_feature(element, self.features.label))
+    except KeyError:
+      pass
     return example
+
+  def _image(self, value) -> np.ndarray:
+    if isinstance(value, (bytes, np.bytes_)):
+      return preprocess.decode_train_image(bytes(value), self.image_size, None)
+    # A decoded image (an Image feature read without SkipDecoding, or a uint8 Tensor feature).
+    pixels = np.asarray(value)
+    if pixels.ndim == 2 or pixels.shape[-1] == 1:
+      pixels = np.repeat(pixels.reshape(*pixels.shape[:2], 1), 3, axis=-1)
+    return preprocess.resize_and_center_crop(Image.fromarray(pixels.astype(np.uint8)),
+                                             self.image_size)
+
+  def _captions(self, element) -> list[str]:
+    try:
+      value = _feature(element, self.features.captions)
+    except KeyError:
+      return []
+    if isinstance(value, (bytes, str, np.bytes_, np.str_)):
+      return [_to_str(value)]  # One Text feature: one caption.
+    return [_to_str(c) for c in value]
 
   def __iter__(self) -> Iterator[dict[str, Any]]:
     for index in range(len(self)):
@@ -469,15 +553,28 @@ class EvalSource:
       yield batch
 
 
-def make_eval_source(config, split: str | None = None, name: str | None = None) -> EvalSource:
+def make_eval_source(config, split: str | None = None, name: str | None = None, *,
+                     data_dir: str | None = None,
+                     features: EvalFeatures | None = None) -> EvalSource:
   """Decoded examples of `split` (default config.data.eval_split) for evaluation.
 
-  Uses config.data.data_dir / image_size; `split` may name any built split (e.g. the demo's
-  "digits") or a TFDS slice ("test[:200]"); `name` reads a second dataset built into the same
-  data_dir (default config.data.name).
+  Uses config.data.image_size; `split` may name any prepared split (e.g. the demo's "digits")
+  or a TFDS slice ("validation[:1000]"); `name` reads another dataset (default
+  config.data.name): one built by `coca_jax.data.build`, or a TFDS catalog dataset prepared as
+  array_record ("imagenet2012", "cifar100", "coco_captions"); `data_dir` where it is prepared
+  (default config.data.data_dir); `features` which stored features hold the image, label and
+  captions (default `EvalFeatures()`).
   """
   options = DataOptions.from_config(config)
   split = split or options.eval_split
   name = name or options.name
-  source = builders.open_source(name, options.data_dir, split, decode_images=False)
-  return EvalSource(source, options.image_size, name, split)
+  data_dir = os.path.expanduser(data_dir) if data_dir else options.data_dir
+  features = features or EvalFeatures()
+  source = builders.open_source(name, data_dir, split, decode_images=False,
+                                image_feature=features.image)
+  spec = source.dataset_info.features
+  if not _has_feature(spec, features.image):
+    raise ValueError(f"dataset {name!r} has no image feature {features.image!r} (its features: "
+                     f"{', '.join(sorted(spec.keys()))}); name the image feature of the eval "
+                     "(image_feature)")
+  return EvalSource(source, options.image_size, name, split, features)

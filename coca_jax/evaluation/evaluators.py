@@ -4,19 +4,28 @@ captioning.
 Configured by `config.evals` (every field and default: `coca_jax.config.defaults`):
   every_steps          0 = only after training; N = also every N steps.
   batch_size           images / texts embedded per call.
-  zeroshot             dict(enabled, dataset, split, examples, class_names, templates,
-                       transfer_splits, transfer_templates). transfer_splits: more labelled
+  zeroshot             dict(enabled, dataset, split, examples, data_dir, image_feature,
+                       label_feature, class_names, class_names_file, templates, templates_file,
+                       transfer_splits, transfer_templates). Class names and templates: given,
+                       from a file, from an installed open_clip ("open_clip:imagenet"), or the
+                       label's ClassLabel names (`prompts`). transfer_splits: more labelled
                        splits of the same dataset (other data sources, e.g. the demo's MNIST
                        digits), each read whole and reported as eval/zeroshot_<split>_top1, _top5;
-                       classified with `templates`, or with transfer_templates[i] for split i
-                       where that list is given and entry i is not empty.
-  retrieval            dict(enabled, dataset, split, examples); reports recall@k and, beside it,
-                       the ceiling that identical captions put on it (`metrics.retrieval_ceiling`).
-  captioning           dict(enabled, dataset, split, examples, batch_size, and every
-                       `generate.Decoding` field: method, num_beams, length_penalty,
-                       max_new_tokens (0 = the most the decoder was trained on), min_len, ...)
-A group runs when it is enabled and names a split; it reads `dataset` (a dataset built into
-config.data.data_dir; "" = config.data.name); `examples` 0 = the whole split.
+                       classified with the group's templates, or with transfer_templates[i] for
+                       split i where that list is given and entry i is not empty.
+  retrieval            dict(enabled, dataset, split, examples, data_dir, image_feature,
+                       captions_feature); reports recall@k and, beside it, the ceiling that
+                       identical captions put on it (`metrics.retrieval_ceiling`).
+  captioning           dict(enabled, dataset, split, examples, data_dir, image_feature,
+                       captions_feature, batch_size, and every `generate.Decoding` field:
+                       method, num_beams, length_penalty, max_new_tokens (0 = the most the
+                       decoder was trained on), min_len, ...)
+A group runs when it is enabled and names a split; it reads `dataset` from `data_dir` ("" =
+config.data.name / config.data.data_dir): a dataset built by `coca_jax.data.build`, or a TFDS
+catalog dataset prepared as array_record (`tfds build imagenet2012 --file_format=array_record`;
+nothing is downloaded here), its image, label and captions read from the features named
+(`*_feature`; "a/b" = nested, e.g. coco_captions' "captions/text"); `examples` 0 = the whole
+split (a slice such as split="validation[:1000]" works too).
 The train loop and the `evaluate` CLI both call `run_evals`.
 """
 
@@ -33,6 +42,7 @@ import numpy as np
 
 from coca_jax.data import preprocess
 from coca_jax.evaluation import metrics
+from coca_jax.evaluation import prompts
 from coca_jax.models.coca import CoCa
 
 
@@ -75,25 +85,31 @@ class Embedder:
     return self._batched(self._text_fn, self.tokenizer.tokenize(list(texts), self.max_len))
 
 
-def _take(source, limit: int | None):
-  images, captions, labels = [], [], []
-  for batch in source.batches(256, limit=limit):
-    images.append(batch["image"])
+def _embed_split(embedder: Embedder, source, limit: int | None):
+  """(image embeddings [N, D], captions: N lists, labels int64 [N] or None) of the first
+  `limit` examples (None: all). Reads and embeds one batch at a time and keeps only the
+  embeddings: ImageNet's 50,000 validation images at 288 px would be 12 GB as uint8."""
+  embeds, captions, labels = [], [], []
+  for batch in source.batches(getattr(embedder, "batch_size", 256), limit=limit):
+    embeds.append(embedder.embed_images(batch["image"]))
     captions.extend(batch["captions"])
     if "label" in batch:
       labels.append(batch["label"])
-  return np.concatenate(images), captions, (np.concatenate(labels) if labels else None)
+  return np.concatenate(embeds), captions, (np.concatenate(labels) if labels else None)
 
 
 def zeroshot_eval(embedder: Embedder, source, class_names, templates, limit=None,
                   prefix="zeroshot") -> dict:
   """eval/<prefix>_top1, _top5; NaN (with an error logged) if the embeddings are non-finite."""
-  images, _, labels = _take(source, limit)
+  image_embeds, _, labels = _embed_split(embedder, source, limit)
   if labels is None:
     raise ValueError(f"zero-shot split {source.split!r} of {source.name!r} has no labels")
+  logging.info("Zero-shot %s: %d examples of %s/%s, %d classes, %d templates", prefix,
+               len(labels), getattr(source, "name", "?"), getattr(source, "split", "?"),
+               len(class_names), len(templates))
   try:
     classifier = metrics.zero_shot_classifier(embedder.embed_texts, class_names, templates)
-    accuracy = metrics.zero_shot_accuracy(embedder.embed_images(images), classifier, labels)
+    accuracy = metrics.zero_shot_accuracy(image_embeds, classifier, labels)
   except metrics.NonFiniteEmbeddings as e:
     logging.error("Zero-shot eval reported as NaN: %s", e)
     accuracy = {"top1": float("nan"), "top5": float("nan")}
@@ -104,13 +120,13 @@ def retrieval_eval(embedder: Embedder, source, limit=None) -> dict:
   """eval/{i2t,t2i}_recall@{1,5,10}, NaN (with an error logged) for non-finite embeddings; and
   eval/{i2t,t2i}_recall@{1,5,10}_ceiling, the best recall any model could reach on this split
   when identical captions tie (see `metrics.retrieval_ceiling`)."""
-  images, captions, _ = _take(source, limit)
+  image_embeds, captions, _ = _embed_split(embedder, source, limit)
   texts = [c.decode() if isinstance(c, bytes) else str(c) for caps in captions for c in caps]
   text_to_image = np.asarray([i for i, caps in enumerate(captions) for _ in caps])
   ceiling = metrics.retrieval_ceiling(texts, text_to_image)
   try:
-    result = metrics.retrieval_metrics(embedder.embed_images(images),
-                                       embedder.embed_texts(texts), text_to_image)
+    result = metrics.retrieval_metrics(image_embeds, embedder.embed_texts(texts),
+                                       text_to_image)
   except metrics.NonFiniteEmbeddings as e:
     logging.error("Retrieval eval reported as NaN: %s", e)
     result = {f"{d}_recall@{k}": float("nan") for d in ("i2t", "t2i") for k in (1, 5, 10)}
@@ -118,12 +134,14 @@ def retrieval_eval(embedder: Embedder, source, limit=None) -> dict:
   return {f"eval/{k}": float(v) for k, v in result.items()}
 
 
-def transfer_prompts(zeroshot) -> dict[str, list[str]]:
+def transfer_prompts(zeroshot, templates: Sequence[str] | None = None) -> dict[str, list[str]]:
   """{transfer split: its prompts} of a config.evals.zeroshot group: the split's entry of
-  transfer_templates, or the group's templates where none is given."""
+  transfer_templates, or the group's templates where none is given (`templates`: those
+  already read, default `prompts.templates(zeroshot)`)."""
   splits = list(zeroshot.transfer_splits)
   per_split = list(zeroshot.transfer_templates or []) or [[]] * len(splits)
-  return {split: list(own or zeroshot.templates) for split, own in zip(splits, per_split)}
+  shared = list(templates) if templates is not None else prompts.templates(zeroshot)
+  return {split: list(own or shared) for split, own in zip(splits, per_split)}
 
 
 def _groups(evals):
@@ -133,22 +151,35 @@ def _groups(evals):
 
 
 def _eval_source(config):
+  """make_source(split, group): the split of the group's dataset, read with its features."""
   from coca_jax.data import pipeline  # Heavy (grain, TFDS): only where evals run.
-  return lambda split, dataset: pipeline.make_eval_source(config, split, dataset or None)
+
+  def make_source(split, group):
+    features = pipeline.EvalFeatures(**{kind: group[f"{kind}_feature"] for kind in (
+        "image", "label", "captions") if f"{kind}_feature" in group})
+    return pipeline.make_eval_source(config, split, group.dataset or None,
+                                     data_dir=group.data_dir or None, features=features)
+  return make_source
+
+
+def _dataset_name(group) -> str:
+  return group.dataset or "the run's dataset"
 
 
 def check_evals(config, make_source=None) -> None:
-  """Checks config.evals before training starts: every split opens, the zero-shot split has
-  labels within the class list, class names are distinct non-empty strings, templates each
-  hold one '{}'. `make_source(split, dataset)` opens a split (default: the pipeline's eval
-  source). Raises config.ConfigError listing every problem (each naming the field)."""
+  """Checks config.evals before training starts: every split opens (prepared, as
+  array_record), has the features the eval reads, the zero-shot split has labels within the
+  class list, the class names (given, from a file, or the dataset's) are distinct non-empty
+  strings, as many as the label's classes, templates each hold one '{}'. `make_source(split,
+  group)` opens a split of an eval group (default: the pipeline's eval source). Raises
+  config.ConfigError listing every problem (each naming the field)."""
   from coca_jax import config as config_lib  # config imports nothing from here.
   make_source = make_source or _eval_source(config)
-  problems = []
+  problems = config_lib.eval_problems(config)
   for name, group in _groups(config.evals):
     split, where = group.split, f" of dataset {group.dataset!r}" if group.dataset else ""
     try:
-      source = make_source(split, group.dataset)
+      source = make_source(split, group)
       size = len(source)
     except (FileNotFoundError, ValueError, KeyError) as e:
       problems.append(f"config.evals.{name}.split={split!r}{where} cannot be read: {e}")
@@ -156,21 +187,48 @@ def check_evals(config, make_source=None) -> None:
     if size == 0:
       problems.append(f"config.evals.{name}.split={split!r}{where} is empty")
       continue
+    has_feature = getattr(source, "has_feature", lambda path: True)
+    feature = "label_feature" if name == "zeroshot" else "captions_feature"
+    if feature in group and not has_feature(group[feature]):
+      problems.append(
+          f"config.evals.{name}.{feature}={group[feature]!r}: split {split!r}{where} has no such "
+          f"feature (its features: {', '.join(source.feature_names)}); name the one that holds "
+          f"the {'labels' if name == 'zeroshot' else 'captions'} ('a/b' for a nested feature, "
+          "e.g. 'captions/text')")
+      continue
     if name != "zeroshot":
       continue
-    names = list(group.class_names)
-    templates = list(group.templates)
-    if not names or not all(isinstance(n, str) and n.strip() for n in names):
-      problems.append(f"config.evals.zeroshot.class_names={names!r} must be a non-empty list "
-                      "of non-empty strings")
-    elif len(set(names)) != len(names):
-      duplicates = sorted({n for n in names if names.count(n) > 1})
-      problems.append(f"config.evals.zeroshot.class_names repeats {duplicates}; each class "
-                      "needs its own name")
+    names_field = "class_names_file" if group.class_names_file else "class_names"
+    dataset_names = getattr(source, "class_names", None)
+    try:
+      names = prompts.class_names(group, dataset_names, _dataset_name(group))
+    except prompts.PromptError as e:
+      problems.append(str(e))
+      names = []
+    else:
+      if not names or not all(isinstance(n, str) and n.strip() for n in names):
+        problems.append(f"config.evals.zeroshot.{names_field}: {names!r} must be a non-empty "
+                        "list of non-empty strings")
+      elif len(set(names)) != len(names):
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        problems.append(f"config.evals.zeroshot.{names_field} repeats {duplicates}; each class "
+                        "needs its own name")
+      elif dataset_names is not None and len(names) != len(dataset_names):
+        problems.append(
+            f"config.evals.zeroshot.{names_field} gives {len(names)} class names, but the "
+            f"label {group.label_feature!r} of {_dataset_name(group)} has {len(dataset_names)} "
+            f"classes ({', '.join(map(str, dataset_names[:3]))}, ...); give one name per class, "
+            "in label order")
+    templates_field = "templates_file" if group.templates_file else "templates"
+    try:
+      templates = prompts.templates(group)
+    except prompts.PromptError as e:
+      problems.append(str(e))
+      templates = ["{}"]
     bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
     if not templates or bad:
-      problems.append(f"config.evals.zeroshot.templates: {bad or 'none given'}; each template "
-                      "needs exactly one '{}' for the class name, e.g. 'a photo of {}.'")
+      problems.append(f"config.evals.zeroshot.{templates_field}: {bad or 'none given'}; each "
+                      "template needs exactly one '{}' for the class name, e.g. 'a photo of {}.'")
     problems.extend(_label_problems(f"config.evals.zeroshot.split={split!r}", source, names))
     transfer = group.transfer_splits or []
     if isinstance(transfer, str):
@@ -190,7 +248,7 @@ def check_evals(config, make_source=None) -> None:
                         "list of templates, each with exactly one '{}' for the class name")
     for extra in transfer:
       try:
-        extra_source = make_source(extra, group.dataset)
+        extra_source = make_source(extra, group)
         empty = len(extra_source) == 0
       except (FileNotFoundError, ValueError, KeyError) as e:
         problems.append(f"config.evals.zeroshot.transfer_splits names {extra!r}, which cannot "
@@ -214,8 +272,10 @@ def _label_problems(where: str, source, names: list) -> list[str]:
     return [f"{where} has no labels; zero-shot classification needs a labelled split (the "
             "demo's are 'digits', 'mnist_on_white', 'mnist_on_black')"]
   if names and not 0 <= label < len(names):
+    unlabelled = (" (-1 marks an unlabelled example, e.g. imagenet2012's 'test' split: use a "
+                  "labelled split such as 'validation')" if label == -1 else "")
     return [f"{where} has label {label}, outside the {len(names)} "
-            "config.evals.zeroshot.class_names"]
+            f"class names of config.evals.zeroshot{unlabelled}"]
   return []
 
 
@@ -266,18 +326,19 @@ def evaluate(config, embedder: Embedder, make_source=None) -> dict:
 
 
 def run_evals(config, embedder: Embedder, make_source=None) -> dict:
-  """Runs each configured evaluator. `make_source(split, dataset)` returns an EvalSource
+  """Runs each configured evaluator. `make_source(split, group)` returns an EvalSource
   (default: the pipeline's)."""
   make_source = make_source or _eval_source(config)
   results = {}
   for name, g in _groups(config.evals):
-    source, limit = make_source(g.split, g.dataset), g.examples or None
+    source, limit = make_source(g.split, g), g.examples or None
     if name == "zeroshot":
-      results.update(zeroshot_eval(embedder, source, list(g.class_names), list(g.templates),
-                                   limit))
-      for split, templates in transfer_prompts(g).items():
-        results.update(zeroshot_eval(embedder, make_source(split, g.dataset),
-                                     list(g.class_names), templates, prefix=f"zeroshot_{split}"))
+      names = prompts.class_names(g, getattr(source, "class_names", None), _dataset_name(g))
+      templates = prompts.templates(g)
+      results.update(zeroshot_eval(embedder, source, names, templates, limit))
+      for split, split_templates in transfer_prompts(g, templates).items():
+        results.update(zeroshot_eval(embedder, make_source(split, g), names, split_templates,
+                                     prefix=f"zeroshot_{split}"))
     elif name == "retrieval":
       results.update(retrieval_eval(embedder, source, limit))
     else:
