@@ -88,11 +88,10 @@ def restore_exported_params(params_dir: str, abstract, dtype=None):
 def read_safetensors_params(path: str, config, abstract):
   """A bundle's model.safetensors (flat unscanned keys, f32 or bf16) -> float32 params in the
   layout of `config` (scanned or not); every leaf checked against `abstract`."""
-  import safetensors.numpy
   from coca_jax.interop import params as flat_params
   from coca_jax.models.coca import CoCaConfig
   flat = {k: np.asarray(v, np.float32)
-          for k, v in safetensors.numpy.load(fs.read_bytes(path)).items()}
+          for k, v in flat_params.load_safetensors(fs.read_bytes(path)).items()}
   params = flat_params.unflatten(CoCaConfig.from_config(config.model), flat)
   flat_params.check_against(abstract, params)
   device = jax.devices()[0]

@@ -98,7 +98,7 @@ def run(config, mode: str, steps: int = 10, target: str | None = None,
   from coca_jax import config as config_lib, flops, step, targets
 
   if target is not None and mode != "compile":
-    raise ValueError(f"--target={target} compiles for an accelerator this host lacks: use "
+    raise targets.TargetError(f"--target={target} compiles for an accelerator this host lacks: use "
                      "--mode compile")
   target_devices = None
   if target is not None:
@@ -218,7 +218,11 @@ def main(argv) -> None:
     import jax
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", FLAGS.devices)
-  result = run(FLAGS.config, FLAGS.mode, FLAGS.steps, FLAGS.target, FLAGS.devices)
+  from coca_jax import config as config_lib, targets
+  try:
+    result = run(FLAGS.config, FLAGS.mode, FLAGS.steps, FLAGS.target, FLAGS.devices)
+  except (targets.TargetError, config_lib.ConfigError) as e:  # Each names its fix.
+    sys.exit(f"error: {e}")
   if FLAGS.json:
     print(json.dumps(result))
   else:

@@ -16,6 +16,7 @@ fails in seconds, not after compile.
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import difflib
@@ -362,6 +363,29 @@ class _CompletingParser(config_flags.ConfigFileFlagParser):
     check_overrides(config, override_keys(flags.FLAGS.read_flags_from_files(
         argv, force_gnu=False), self.name))
     return config
+
+
+class _ListParser(flags.ArgumentParser):
+  """Parses `--config.KEY="['a', 'b']"` for list fields (class names, templates, freeze
+  regexes, ...): ml_collections parses tuples from the command line but not lists."""
+
+  def parse(self, argument):
+    if isinstance(argument, (list, tuple)):  # The config's own value (the flag's default).
+      return list(argument)
+    try:
+      value = ast.literal_eval(argument)
+    except (ValueError, SyntaxError):
+      value = None
+    if not isinstance(value, (list, tuple)):
+      raise ValueError(f"{argument!r} is not a list; write a Python list literal in quotes, "
+                       "e.g. --config.evals.zeroshot.class_names=\"['cat', 'dog']\" ([] for none)")
+    return list(value)
+
+  def flag_type(self):
+    return "list"
+
+
+config_flags.register_flag_parser_for_type(list, _ListParser())
 
 
 def define_config_flag(name: str = "config", help_string: str = "Experiment config "

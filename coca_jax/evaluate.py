@@ -31,7 +31,6 @@ import json
 import sys
 
 from absl import app, flags
-import ml_collections
 from ml_collections import config_flags
 
 from coca_jax import api, checkpoint, config as config_lib, console, fs
@@ -58,27 +57,14 @@ def define_config_flag(argv) -> None:
     config_lib.define_config_flag("config", "Config file[:args] for evals/data.")
     return
   workdir = _flag_value(argv, "workdir")
-  if not workdir:
-    raise app.UsageError("--workdir is required")
+  if not workdir:  # --help, or a missing --workdir that absl reports as a usage error.
+    config_lib.define_config_flag("config", "Config file[:args] for evals/data.")
+    flags.mark_flag_as_required("workdir")
+    return
   root = api.resolve(workdir)["root"]
-  config = with_tuple_lists(with_eval_defaults(checkpoint.read_config(root)))
+  config = with_eval_defaults(checkpoint.read_config(root))
   config_lib.check_overrides(config, config_lib.override_keys(argv))  # Typos: did you mean.
   config_flags.DEFINE_config_dict("config", config, "The run's config.", lock_config=False)
-
-
-# The zero-shot group's list fields, overridable here as tuples.
-LIST_FIELDS = ("class_names", "templates", "transfer_splits", "transfer_templates")
-
-
-def with_tuple_lists(config):
-  """`config` with the list fields of config.evals.zeroshot as tuples: ml_collections parses a
-  tuple from a flag but not a list, so a saved run's lists (the demo's digit names and MNIST
-  transfer splits) can be replaced or emptied: --config.evals.zeroshot.transfer_splits='()'."""
-  tree = config.to_dict()
-  group = tree["evals"]["zeroshot"]
-  for field in LIST_FIELDS:
-    group[field] = tuple(tuple(x) if isinstance(x, list) else x for x in group[field])
-  return ml_collections.ConfigDict(tree)
 
 
 def with_eval_defaults(config):

@@ -15,8 +15,8 @@ Per example, for `CoCaConfig` c (P patches, T = max_len text positions):
   contrastive      the [B, B] logits: 2 * B * embed_dim per example (grows with the global batch)
 Learned routing (`config.model.<side>.experts`): a routed feed-forward counts the top_k experts
 a token runs through plus its router (tokens x width x num_experts), so a sparse model's FLOPs
-are those of its active parameters. Not counted, like remat: the one-hot dispatch/combine
-einsums, and the capacity slack (experts compute capacity_factor x the routed tokens, empty
+are those of its active parameters. Not counted, like remat: the dispatch (row gathers, no
+FLOPs to speak of), and the capacity slack (experts compute capacity_factor x the routed tokens, empty
 slots included). `param_counts` reports total and active parameters.
 
 MoME (config.model.backbone='mome', `MoMEConfig` m: L layers, F fusion layers, width W): each

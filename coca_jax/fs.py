@@ -149,6 +149,21 @@ def read_bytes(path) -> bytes:
   return epath.Path(os.fspath(path)).read_bytes()
 
 
+def _umask() -> int:
+  """The process's umask, read without changing it where Linux shows it (/proc); elsewhere by
+  setting and restoring it."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 def write_bytes(path, data: bytes) -> None:
   """Writes `data` so that a reader sees the old or the new contents, never a part: one object
   upload on a store, a temporary file renamed over `path` locally. Creates parent directories."""
@@ -160,6 +175,9 @@ def write_bytes(path, data: bytes) -> None:
   os.makedirs(parent, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp")
   try:
+    # mkstemp makes the file owner-only (0600); give it the mode open() would (0666 less the
+    # umask), so configs and exported bundles stay readable on a shared file system.
+    os.fchmod(fd, 0o666 & ~_umask())
     with os.fdopen(fd, "wb") as f:
       f.write(data)
     os.replace(tmp, path)

@@ -1,4 +1,4 @@
-"""Accelerators to compile for without having them: `coca_jax.bench --mode compile --target T`.
+r"""Accelerators to compile for without having them: `coca_jax.bench --mode compile --target T`.
 
 XLA's compilers run on the host. Given a description of the target (what the runtime would
 otherwise read from the hardware), they compile the sharded train step as they would on it,
@@ -121,6 +121,10 @@ def prepare(target: str) -> None:
     os.environ["XLA_FLAGS"] = f"{flags} {GPU_TARGET_XLA_FLAGS}".strip()
 
 
+class TargetError(RuntimeError):
+  """A --target this host cannot compile for as asked; the message names the fix."""
+
+
 def devices(target: str, count: int | None = None) -> list:
   """The target's devices, to build a mesh and compile for: `count` GPUs on one host (default
   1), or every chip of a TPU slice (`count`, if given, must match)."""
@@ -139,7 +143,7 @@ def devices(target: str, count: int | None = None) -> list:
   except (RuntimeError, NotImplementedError) as error:  # What JAX raises without the plugin.
     install = ('"jax[tpu]==<your jax version>"' if grid is not None else
                '"jax-cuda13-plugin==<your jaxlib version>" "nvidia-cudnn-cu13>=9.12,<10"')
-    raise RuntimeError(f"--target={target}: cannot describe this device here ({error}). If "
+    raise TargetError(f"--target={target}: cannot describe this device here ({error}). If "
                        f"its compiler is missing: pip install {install} (no accelerator "
                        "needed)") from error
   found = list(topology.devices)

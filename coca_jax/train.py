@@ -135,7 +135,11 @@ def main(argv) -> None:
   initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
   # ---- Validate -----------------------------------------------------------------------------
-  config_lib.validate(config, num_devices=jax.device_count())
+  try:
+    config_lib.validate(config, num_devices=jax.device_count())
+  except config_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
   # ---- Mesh, model, optimizer, abstract state (nothing allocated yet) ----------------------
   built = step_lib.setup(config)
@@ -209,15 +213,20 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
     checkpoint.write_config(workdir, config)
 
   # ---- Compile (ahead of time, so compile time and memory are logged, not mixed in) --------
-  train_step = built.train_step()
-  with jax.set_mesh(mesh):
-    t0 = time.perf_counter()
-    compiled = train_step.lower(state, step_lib.dummy_batch(config, config.train.batch_size)
-                                ).compile()
-    compile_seconds = time.perf_counter() - t0
-  memory = compiled.memory_analysis()
-  logging.info("Compiled train step in %.1fs; temp bytes/device %s", compile_seconds,
-               getattr(memory, "temp_size_in_bytes", "n/a"))
+  if first_step >= config.train.steps:  # A finished run re-run: evaluate, train nothing.
+    compiled = None
+    logging.info("Step %d of %d reached: nothing left to train", first_step,
+                 config.train.steps)
+  else:
+    train_step = built.train_step()
+    with jax.set_mesh(mesh):
+      t0 = time.perf_counter()
+      compiled = train_step.lower(state, step_lib.dummy_batch(config, config.train.batch_size)
+                                  ).compile()
+      compile_seconds = time.perf_counter() - t0
+    memory = compiled.memory_analysis()
+    logging.info("Compiled train step in %.1fs; temp bytes/device %s", compile_seconds,
+                 getattr(memory, "temp_size_in_bytes", "n/a"))
 
   # ---- Loop ---------------------------------------------------------------------------------
   writer = metrics_lib.MetricsWriter(workdir)

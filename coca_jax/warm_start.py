@@ -132,9 +132,9 @@ def warm_start_params(config, fresh_params):
       include=init.include_regex, exclude=init.exclude_regex,
       reinit=init.reinit_regex, tokenizer_changed=tokenizer_changed)
   params = flat_params.unflatten(target_model, flat)
-  logging.info("Warm start from %s (step %s): %d copied, %d interpolated %s, %d re-initialised "
+  logging.info("Warm start from %s%s: %d copied, %d interpolated %s, %d re-initialised "
                "%s, %d not in the source %s, %d source parameters unused %s", init.source,
-               found["step"], len(report["copied"]), len(report["interpolated"]),
+               "" if found["step"] is None else f" (step {found['step']})", len(report["copied"]), len(report["interpolated"]),
                report["interpolated"], len(report["reinitialised"]), report["reinitialised"][:10],
                len(report["missing_in_source"]), report["missing_in_source"][:10],
                len(report["unused"]), report["unused"][:10])

@@ -8,7 +8,8 @@ r"""CoCa-Base as in the paper (Table 1; 383M parameters) and the paper's pretrai
 Data and evals: train on the dataset named by --config.data.name (built with
 `python -m coca_jax.data.build` into --config.data.data_dir); retrieval and captioning run on
 its "test" split, zero-shot on a labelled dataset you name (see EVALS below).
-  python -m coca_jax.train --config experiments/coca_base.py:runlocal --workdir /tmp/coca_base
+  python -m coca_jax.train --config experiments/coca_base.py:runlocal --workdir /tmp/coca_base \
+      --config.data.name=NAME --config.data.data_dir=DIR
 
 The three paper sizes share this file's recipe; experiments/coca_large.py and coca_2b.py only
 change the model size. Args (comma-separated after ':'):

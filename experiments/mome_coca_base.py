@@ -1,4 +1,4 @@
-"""MoME-CoCa at CoCa-Base width: CoCa's objectives (contrastive + captioning, weights 1 and 2)
+r"""MoME-CoCa at CoCa-Base width: CoCa's objectives (contrastive + captioning, weights 1 and 2)
 and its Base sizes (width 768, 12 heads, MLP 3072, 288px images in 18px patches, 64k vocabulary,
 64 text positions) on ONE mixture-of-modality-experts stack instead of CoCa's towers. CoCa-Base
 has 12 image layers and 12 + 12 text layers; here 12 shared layers carry ffn_image and ffn_text,
@@ -6,7 +6,8 @@ and the top 4 also ffn_fusion (the multimodal layers' share of the depth, as in 
 scaled to CoCa's deeper fusion). ITM is on (VLMo's third loss).
 
   python -m coca_jax.train --config experiments/mome_coca_base.py --dry_run
-  python -m coca_jax.train --config experiments/mome_coca_base.py:batch=4096 --workdir W
+  python -m coca_jax.train --config experiments/mome_coca_base.py:batch=4096 --workdir W \
+      --config.data.name=NAME --config.data.data_dir=DIR   # built with coca_jax.data.build
 
 Args: as experiments/vlmo_base.py (stage=, init=, batch=, steps=, runlocal).
 Parameters (--dry_run): 263.6M total (CoCa-Base: 383M), 188.0M active per token (a token runs one

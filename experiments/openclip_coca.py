@@ -1,4 +1,4 @@
-"""open_clip's CoCa models (coca_ViT-B-32, coca_ViT-L-14: their model-config JSONs, mirrored in
+r"""open_clip's CoCa models (coca_ViT-B-32, coca_ViT-L-14: their model-config JSONs, mirrored in
 coca_jax/interop/open_clip.py MODEL_CONFIGS), ready to load the published weights and fine-tune
 them. Parameter counts equal open_clip's (253,560,065 and 638,450,177).
 

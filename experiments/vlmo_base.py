@@ -7,6 +7,8 @@ WordPiece vocabulary size (30,522); 40 text positions.
   python -m coca_jax.train --config experiments/vlmo_base.py:stage=image --workdir W1
   python -m coca_jax.train --config experiments/vlmo_base.py:stage=text,init=W1 --workdir W2
   python -m coca_jax.train --config experiments/vlmo_base.py:stage=image_text,init=W2 --workdir W3
+Each training command also takes the dataset, built with `python -m coca_jax.data.build`:
+--config.data.name=NAME --config.data.data_dir=DIR.
 
 Args (comma-separated after ':'):
   stage=S   image | text | image_text (default): VLMo's stagewise pretraining schedule, as

@@ -21,7 +21,7 @@
 #   --docker_image IMAGE    an image with this repo installed (workdir of the image = the repo);
 #                           without it xpk builds one from --base_docker_image and this directory
 #   --base_docker_image I   base for that build (default: python:3.11); `pip install 'jax[tpu]' -e .`
-#                           runs in each pod before training
+#                           runs in each pod before training (-e '.[gcs]' for a gs:// workdir)
 #   --max_restarts N        restarts of the whole workload after a failure or preemption
 #                           (default 3); each restart resumes from the latest checkpoint
 #   --dry_run               print the xpk command and run nothing
@@ -50,7 +50,9 @@ xpk+=(--workload "$workload" --tpu-type "$tpu_type" --num-slices "$slices"
 if [[ -n "$image" ]]; then
   xpk+=(--docker-image "$image" --command "$train")
 else
+  package="."
+  [[ "$workdir" != gs://* ]] || package+="[gcs]"  # gcsfs: coca_jax's gs:// file layer.
   xpk+=(--base-docker-image "$base_image" --script-dir .
-        --command "python3 -m pip install -q 'jax[tpu]' -e . && $train")
+        --command "python3 -m pip install -q 'jax[tpu]' -e $(quote "$package") && $train")
 fi
 run "${xpk[@]}"

@@ -23,6 +23,7 @@
 #                           --config.mesh.dcn_<axis>=N so that axis spans the slices over DCN
 #   --dcn_axis AXIS         mesh axis split across slices: data (default) or fsdp
 #   --setup                 copy this repo (git HEAD) to every worker and pip install it first
+#                           (with the gcs extra for a gs:// workdir)
 #   --repo_dir DIR          where the repo lives on the workers (default: coca_jax, in $HOME)
 #   --python PY             interpreter on the workers (default: python3)
 #   --check_fit TOPOLOGY    first, on this machine, compile the train step for the slice with
@@ -83,7 +84,9 @@ if ((setup)); then
   run git archive --format=tar.gz -o "$archive" HEAD
   run "${scp[@]}" "$archive" "$tpu:coca_jax.tar.gz"
   dir="$(quote "$repo_dir")"
-  run "${ssh[@]}" --command "mkdir -p $dir && tar -xzf coca_jax.tar.gz -C $dir && $(quote "$python" -m pip install -q "jax[tpu]" -e "$repo_dir")"
+  package="$repo_dir"
+  [[ "$workdir" != gs://* ]] || package+="[gcs]"  # gcsfs: coca_jax's gs:// file layer.
+  run "${ssh[@]}" --command "mkdir -p $dir && tar -xzf coca_jax.tar.gz -C $dir && $(quote "$python" -m pip install -q "jax[tpu]" -e "$package")"
 fi
 
 train=("$python" -m coca_jax.train --config "$config" --workdir "$workdir" "${extra[@]}")

@@ -130,6 +130,19 @@ def test_caption_and_evaluate_clis(smoke_workdir, scenes, tmp_path):
     assert key in results
 
 
+def test_evaluate_help_and_a_missing_workdir_are_usage_messages():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  run = lambda *args: subprocess.run([sys.executable, "-m", "coca_jax.evaluate", *args],
+                                     cwd=REPO, env=env, capture_output=True, text=True,
+                                     timeout=300)
+  result = run("--help")  # absl's --help exits 1.
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert "python -m coca_jax.evaluate --workdir DIR" in result.stdout
+  result = run()
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert "Flag --workdir must have a value" in result.stderr
+
+
 def test_float_images_embed_like_uint8_and_bad_ranges_are_rejected(model, scenes):
   uint8 = scenes["image"][:4]
   as_float = uint8.astype(np.float32) / 255.0

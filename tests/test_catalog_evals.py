@@ -296,7 +296,7 @@ def test_evaluate_cli_runs_the_catalog_eval_with_a_names_file_and_a_limit(traine
   assert whole["eval/zeroshot_top1"] == pytest.approx(direct_rotated, abs=1e-9)
   assert set(whole) == {"step", "eval/zeroshot_top1", "eval/zeroshot_top5", "eval/seconds"}
   # `examples` limits the eval to the first stored examples (a TFDS slice works as well); the
-  # names given as a tuple on the command line this time (a list cannot be parsed from a flag).
+  # names given on the command line this time (a tuple literal is taken for a list field).
   _run("coca_jax.evaluate", "--workdir", workdir, "--out", str(out),
        "--config.evals.retrieval.enabled=False", "--config.evals.zeroshot.examples=12",
        f"--config.evals.zeroshot.class_names={tuple(rotated)!r}")

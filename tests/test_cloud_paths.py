@@ -252,6 +252,17 @@ def test_local_writes_are_whole_or_absent(tmp_path):
   fs.write_text(path, "new")
   assert fs.read_text(path) == "new"
   assert os.listdir(tmp_path / "sub") == ["config.json"]  # No temporary file left behind.
+  # The mode open() gives (0666 less the umask), not the temporary file's owner-only 0600:
+  # configs and exported bundles are read by others on a shared file system.
+  old_mask = os.umask(0o022)
+  try:
+    fs.write_text(path, "shared")
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    os.umask(0o077)
+    fs.write_text(path, "private")
+    assert os.stat(path).st_mode & 0o777 == 0o600
+  finally:
+    os.umask(old_mask)
   assert fs.create_exclusive(tmp_path / "LOCK", b"1")
   assert not fs.create_exclusive(tmp_path / "LOCK", b"2")
   assert fs.read_text(tmp_path / "LOCK") == "1"

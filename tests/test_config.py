@@ -131,15 +131,49 @@ def test_overrides_apply_to_defaults_and_misspelled_ones_fail_in_process():
     values(argv)
 
 
-def test_misspelled_override_fails_on_the_command_line():
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run(
+def test_list_fields_are_overridden_with_a_list_literal():
+  # README: --config.evals.zeroshot.class_names="['cat', 'dog']" (ml_collections itself
+  # parses tuples from the command line, not lists).
+  spec = os.path.join(REPO, "experiments", "demo.py:smoke")
+  values = flags.FlagValues()
+  argv = ["prog", f"--config={spec}", "--config.evals.zeroshot.class_names=['cat', 'dog']",
+          "--config.evals.zeroshot.transfer_splits=[]",
+          '--config.optim.freeze_regex=(".*/ffn_image/.*",)']
+  config_lib.define_config_flag("config", flag_values=values, sys_argv=argv)
+  values(argv)
+  assert values.config.evals.zeroshot.class_names == ["cat", "dog"]
+  assert values.config.evals.zeroshot.transfer_splits == []
+  assert values.config.optim.freeze_regex == [".*/ffn_image/.*"]
+  values = flags.FlagValues()
+  argv = ["prog", f"--config={spec}", "--config.evals.zeroshot.class_names=cat"]
+  config_lib.define_config_flag("config", flag_values=values, sys_argv=argv)
+  with pytest.raises(flags.IllegalFlagValueError, match=r"'cat' is not a list; write a Python "
+                                                         r"list literal"):
+    values(argv)
+
+
+def _train_dry_run(*overrides: str) -> subprocess.CompletedProcess:
+  """`python -m coca_jax.train --config experiments/demo.py:smoke OVERRIDES --dry_run`."""
+  return subprocess.run(
       [sys.executable, "-m", "coca_jax.train", "--config", "experiments/demo.py:smoke",
-       "--config.trian.steps=5", "--dry_run"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+       *overrides, "--dry_run"],
+      cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+      timeout=300)
+
+
+def test_misspelled_override_fails_on_the_command_line():
+  result = _train_dry_run("--config.trian.steps=5")
   assert result.returncode != 0
   assert "--config.trian.steps: config.trian.steps is not a config key; did you mean " \
          "config.train.steps?" in result.stderr, result.stderr[-2000:]
+
+
+def test_train_reports_config_problems_without_a_traceback():
+  result = _train_dry_run("--config.data.image_size=40")
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.startswith("error: 1 config problem(s):\n  - config.data.image_size=40 "
+                                  "differs from config.model.image_size=32"), result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
 
 
 def _one_problem(config, num_devices=None) -> str:

@@ -93,6 +93,45 @@ def test_folder_csv_and_eval_holdout_partition(tmp_path):
     np.testing.assert_array_equal(merged[f"{i}.png"]["image"], _rgb(i, size=(8, 8)))
 
 
+def test_an_eval_holdout_that_took_nothing_says_so(tmp_path):
+  # A small folder with a small --eval_fraction can leave the eval split empty: nothing was
+  # skipped, so the error names the fraction and the fix instead of "every input was skipped".
+  src = tmp_path / "photos"
+  src.mkdir()
+  names = [f"{i}.png" for i in range(200) if not builders._in_eval_holdout(f"{i}.png", 0.05)][:3]
+  for i, name in enumerate(names):
+    (src / name).write_bytes(_encode(_rgb(i, size=(8, 8))))
+  (src / "captions.jsonl").write_text("".join(
+      json.dumps({"image": name, "caption": f"photo {name}"}) + "\n" for name in names))
+  with pytest.raises(builders.EmptyBuildError) as error:
+    builders.build_atomically("folder", "small", str(tmp_path / "tfds"), src=str(src),
+                              eval_fraction=0.05, show_progress=False)
+  message = str(error.value)
+  assert "--eval_fraction 0.05" in message and "took none of these 3" in message, message
+  assert "--eval_src" in message and "every input was skipped" not in message
+
+
+def test_demo_data_built_with_other_options_is_refused_not_reused(tmp_path):
+  from coca_jax.config import ConfigError
+  from coca_jax.data import prepare
+  from conftest import smoke_config
+  options = dict(num_train=8, num_test=4, num_digits=4, image_size=32, grid=8, num_transfer=4,
+                 show_progress=False)
+  data_dir = str(tmp_path / "tfds")
+  builders.build_atomically("demo", "digit_scenes", data_dir, **options)
+  config = smoke_config()
+  config.data.update(data_dir=data_dir, build_demo_options=options)
+  prepare.prepare_data(config, str(tmp_path / "run"))  # The same options: used as built.
+  config = smoke_config()
+  config.data.update(data_dir=data_dir, build_demo_options=dict(options, num_train=16))
+  with pytest.raises(ConfigError, match=r"num_train: built 8, asked 16.*own "
+                                        r"--config.data.data_dir"):
+    prepare.prepare_data(config, str(tmp_path / "run2"))
+  config.data.name = ""
+  with pytest.raises(ConfigError, match="config.data.name is empty"):
+    prepare.prepare_data(config, str(tmp_path / "run3"))
+
+
 def _write_tar(path, members):
   with tarfile.open(path, "w") as tar:
     for name, data in members:
@@ -244,6 +283,7 @@ def test_cli_builds_reports_and_refuses_to_overwrite(tmp_path, capsys):
   assert build_cli.main(argv) == 0
   out = capsys.readouterr().out
   assert "train: 1 examples written" in out and "unreadable image" in out and "y.png" in out
+  assert ".building-" not in out  # TFDS's "prepared to <our temporary directory>" is not shown.
   saved = json.loads((tmp_path / "tfds" / "cli_photos" / "1.0.0" / "build_report.json").read_text())
   assert saved["train"]["written"] == 1 and saved["train"]["skipped"] == {"unreadable image": 1}
 

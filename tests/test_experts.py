@@ -120,6 +120,27 @@ def test_causal_routing_never_lets_a_later_token_change_an_earlier_output():
   assert leaks[False] > 0  # The test setting is one where the old order does leak.
 
 
+@pytest.mark.parametrize("top_k,capacity_factor", [(1, 1.0), (2, 0.5), (2, 2.0)])
+def test_decoding_token_by_token_equals_the_full_causal_pass(top_k, capacity_factor):
+  """Cached decoding feeds one token a call; each call's tokens take buffer rows from 0 while
+  their slots (and so what capacity drops) continue the sequence's counts. (1, 1.0) and (2, 2.0)
+  give an expert more slots per sequence than one call's tokens need."""
+  module, params, x, y, stats = _routed(top_k, capacity_factor, causal=True)
+  step = FeedForward(MLP, num_experts=EXPERTS, routing="topk", top_k=top_k,
+                     capacity_factor=capacity_factor, causal=True, decode=True,
+                     capacity_length=LENGTH)
+  # init runs the module once, counting its token: start from empty counts.
+  cache = jax.tree.map(jnp.zeros_like, step.init(jax.random.key(1), x[:, :1])["cache"])
+  outputs = []
+  for t in range(LENGTH):
+    out, state = step.apply({"params": params, "cache": cache}, x[:, t:t + 1], mutable=["cache"])
+    cache = state["cache"]
+    outputs.append(np.asarray(out))
+  np.testing.assert_allclose(np.concatenate(outputs, axis=1), y, rtol=1e-5, atol=1e-6)
+  if capacity_factor < 1:
+    assert float(stats["dropped_count"]) > 0  # Capacity binds: later tokens are dropped.
+
+
 def test_mixed_stack_scanned_in_groups_equals_unscanned_and_sows_per_layer():
   experts = RoutedExperts(num_experts=EXPERTS, top_k=2, capacity_factor=1.0, every=2)
   kwargs = dict(depth=4, num_heads=2, mlp_dim=MLP, experts=experts)

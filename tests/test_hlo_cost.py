@@ -179,3 +179,4 @@ def test_bench_compile_mode_and_target_misuse():
   assert refused.returncode != 0
   assert ("--target=h200 compiles for an accelerator this host lacks: use --mode compile"
           in refused.stderr)
+  assert "Traceback" not in refused.stderr  # A usage problem, told as one line with its fix.

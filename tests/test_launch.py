@@ -51,6 +51,8 @@ def test_tpu_pod_multislice_create_setup_and_dcn_mesh():
   assert archive[:2] == ["git", "archive"]
   assert copy[:5] == ["gcloud", "compute", "tpus", "queued-resources", "scp"]
   assert "--node=all" in install and "pip" in install[install.index("--command") + 1]
+  # A gs:// workdir needs the gcs extra (gcsfs) on every worker.
+  assert shlex.split(install[install.index("--command") + 1])[-2:] == ["-e", "coca_jax[gcs]"]
   assert train[:5] == ["gcloud", "compute", "tpus", "queued-resources", "ssh"]
   assert "--node=all" in train and "--worker=all" in train
   words = _train_words(train[train.index("--command") + 1])

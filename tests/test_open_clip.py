@@ -104,6 +104,10 @@ def test_import_cli_bundle_loads_and_captions(tmp_path):
   tokens = generate.generate(model.module, model.params, jnp.asarray(images))["tokens"]
   np.testing.assert_array_equal(np.asarray(tokens), ref["greedy"][:2])
   assert isinstance(model.tokenizer, ClipBpeTokenizer)
+  # Fine-tuning from the bundle (experiments/openclip_coca.py:init=BUNDLE) reads the vocabulary
+  # kept in it: no bpe= and no open_clip install needed.
+  assert open_clip.experiment_config(TINY_JSON, f"init={out}").data.tokenizer == os.path.join(
+      out, "bpe_simple_vocab_16e6.txt.gz")
   # And back out to an open_clip state dict equal to the one imported.
   exported = str(tmp_path / "back.safetensors")
   proc = subprocess.run([sys.executable, "-m", "coca_jax.interop.open_clip", "export", "--src",
@@ -114,6 +118,17 @@ def test_import_cli_bundle_loads_and_captions(tmp_path):
   assert sorted(back) == sorted(state)
   assert all(back[k].shape == state[k].shape for k in state)
   assert max(float(np.abs(back[k] - state[k]).max()) for k in state) == 0.0
+
+
+def test_bfloat16_checkpoints_are_read(tmp_path):
+  import ml_dtypes
+  import safetensors.numpy
+  state = open_clip.read_state_dict(STATE)
+  path = str(tmp_path / "bf16.safetensors")
+  safetensors.numpy.save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in state.items()}, path)
+  back = open_clip.read_state_dict(path)
+  assert all(np.array_equal(back[k], state[k].astype(ml_dtypes.bfloat16).astype(np.float32))
+             for k in state)
 
 
 def _tokenizer_reference():

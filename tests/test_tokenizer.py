@@ -70,6 +70,15 @@ def test_decode_stops_at_eos_and_skips_bos_pad(trained):
   assert tok.decode(np.asarray([PAD_ID, BOS_ID, *pieces], np.int32)) == "a green horse"
 
 
+def test_decode_reads_ids_past_the_trained_pieces_as_unk(trained):
+  # A small corpus gives fewer pieces than the model's vocab_size (the limit is soft), and a
+  # model can generate those ids: captioning must not crash on them.
+  tok, _ = trained
+  pieces = tok.encode("a green horse")
+  text = tok.decode([BOS_ID, *pieces, tok.vocab_size, tok.vocab_size + 5, EOS_ID])
+  assert text.startswith("a green horse") and text.count("\u2047") == 2  # UNK: " ⁇ "
+
+
 def test_load_pickle_and_unknown_text(trained):
   tok, prefix = trained
   loaded = Tokenizer.load(prefix + ".model")

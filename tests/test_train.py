@@ -144,6 +144,15 @@ def test_train_cli_end_to_end_and_resume(tmp_path):
   assert steps == [2, 4, 6]
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "6"
 
+  # A finished run re-run: evaluates again without compiling a step it will not take.
+  third = _train_cli("--config", config, "--workdir", workdir, "--config.train.steps=6")
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert "Step 6 of 6 reached: nothing left to train" in third.stderr
+  assert "Compiled train step" not in third.stderr
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
+  assert "eval/zeroshot_top1" in records[-1] and records[-1]["step"] == 6
+
 
 def test_train_cli_dry_run_prints_summary_without_allocating():
   result = _train_cli("--config", os.path.join(REPO, "experiments", "demo.py"), "--dry_run",

@@ -58,6 +58,21 @@ def test_safetensors_bundle_has_flat_unscanned_keys_and_loads(trained):
   assert all(jax.tree.leaves(same))
 
 
+def test_bfloat16_safetensors_bundle_loads(trained, tmp_path):
+  # README: `coca_jax.export --format safetensors --dtype bfloat16`, opened by coca_jax.load
+  # (safetensors' numpy reader has no BF16).
+  out = str(tmp_path / "bundle_bf16")
+  export.write_bundle(out, trained["params"], trained["config"], Tokenizer.train(
+      [f"a red {i}" for i in range(50)], vocab_size=40, model_type="bpe"), step=15,
+      dtype="bfloat16", fmt="safetensors")
+  model = coca_jax.load(out, batch_size=2)
+  rounded = jax.tree.map(lambda p: np.asarray(jnp.asarray(p).astype(jnp.bfloat16), np.float32),
+                         trained["params"])
+  same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a, np.float32), b),
+                      model.params, rounded)
+  assert all(jax.tree.leaves(same))
+
+
 def test_warm_start_continues_from_the_same_loss_with_a_new_optimizer(trained):
   config = smoke_config()
   config.optim.update(name="adafactor", b1=0.0, lr=1e-3)

@@ -1,4 +1,4 @@
-"""Builds an image-caption dataset as TFDS array_record files.
+r"""Builds an image-caption dataset as TFDS array_record files.
 
   python -m coca_jax.data.build --format demo --name digit_scenes --data_dir ~/tfds
   python -m coca_jax.data.build --format folder --src photos/ --name my_captions --data_dir ~/tfds \
@@ -84,9 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   # Our own bars have totals; the TFDS ones would interleave with them.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
+  from coca_jax import console  # pylint: disable=g-import-not-at-top
   try:
-    version_dir, report = build(args.format, args.name, args.data_dir, args.overwrite,
-                                show_progress=not args.no_progress, **options)
+    # TFDS prints where it prepares the data: our temporary directory, renamed when done.
+    with console.quiet_stdout():
+      version_dir, report = build(args.format, args.name, args.data_dir, args.overwrite,
+                                  show_progress=not args.no_progress, **options)
   except (FileExistsError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -40,6 +40,7 @@ import csv
 import dataclasses
 import glob
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -578,6 +579,36 @@ def is_built(name: str, data_dir: str) -> bool:
                                      "dataset_info.json"))
 
 
+BUILD_OPTIONS_FILE = "build_options.json"  # What built a dataset: {"format", "options"}.
+
+
+def _options_record(format: str, options: dict) -> dict:  # pylint: disable=redefined-builtin
+  """The format and options of a build as plain JSON data, the builder's defaults filled in
+  (display options left out)."""
+  defaults = {n: p.default for n, p in
+              inspect.signature(_BUILDER_CLASSES[format].__init__).parameters.items()
+              if p.kind == p.KEYWORD_ONLY and p.default is not p.empty}
+  kept = {k: v for k, v in {**defaults, **options}.items() if k != "show_progress"}
+  return json.loads(json.dumps({"format": format, "options": kept}, default=str))
+
+
+def check_built_options(name: str, data_dir: str, format: str, options: dict) -> list[str]:  # pylint: disable=redefined-builtin
+  """How the finished build of `name` differs from building it with `format` and `options`
+  (one "option: built X, asked Y" line each); [] when they agree or the build recorded no
+  options (built before they were recorded)."""
+  path = os.path.join(local_data_dir(data_dir), name, VERSION, BUILD_OPTIONS_FILE)
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    built = json.load(f)
+  wanted = _options_record(format, options)
+  if built.get("format") != format:
+    return [f"format: built {built.get('format')!r}, asked {format!r}"]
+  have, want = built.get("options", {}), wanted["options"]
+  return [f"{key}: built {have.get(key, '(unset)')!r}, asked {want.get(key, '(unset)')!r}"
+          for key in sorted(set(have) | set(want)) if have.get(key) != want.get(key)]
+
+
 def _building_dir(data_dir: str, name: str) -> str:
   return os.path.join(data_dir, f".building-{name}-{socket.gethostname()}-{os.getpid()}")
 
@@ -634,14 +665,13 @@ def build_atomically(format: str, name: str, data_dir: str,  # pylint: disable=r
     except Exception as e:  # pylint: disable=broad-except  # TFDS: "No examples were yielded"
       empty = [split for split, r in builder.report.items() if r.written == 0]
       if empty:
-        raise EmptyBuildError(
-            f"no usable example in split(s) {', '.join(empty)} of {name!r}: every input was "
-            f"skipped. What was skipped and why:\n{format_report(name, builder.report)}"
-        ) from e
+        raise EmptyBuildError(_empty_split_message(name, empty, builder, options)) from e
       raise
     built = os.fspath(builder.data_path)
     with open(os.path.join(built, "build_report.json"), "w") as f:
       json.dump({split: r.to_json() for split, r in builder.report.items()}, f, indent=2)
+    with open(os.path.join(built, BUILD_OPTIONS_FILE), "w") as f:
+      json.dump(_options_record(format, options), f, indent=2, sort_keys=True)
     os.makedirs(os.path.dirname(final), exist_ok=True)
     try:
       os.rename(built, final)
@@ -652,6 +682,30 @@ def build_atomically(format: str, name: str, data_dir: str,  # pylint: disable=r
   finally:
     shutil.rmtree(temporary, ignore_errors=True)
   return final, builder.report
+
+
+def _empty_split_message(name: str, empty: list[str], builder, options: dict) -> str:
+  """Why each split in `empty` got no example: inputs skipped (the report says why), or none
+  reached it (an --eval_fraction holdout that took no key, an empty source)."""
+  report = builder.report
+  skipped = [split for split in empty if report[split].skipped]
+  reached_none = [split for split in empty if not report[split].skipped]
+  lines = []
+  if skipped:
+    lines.append(f"no usable example in split(s) {', '.join(skipped)} of {name!r}: every input "
+                 "was skipped.")
+  for split in reached_none:
+    fraction = options.get("eval_fraction") or 0.0
+    if split != "train" and fraction and not options.get("eval_src"):
+      total = sum(r.written + sum(r.skipped.values()) for r in report.values())
+      lines.append(
+          f"no input of {name!r} fell in the {split!r} split: --eval_fraction {fraction} holds "
+          f"out each input by a hash of its key, and took none of these {total} (expected "
+          f"{fraction * total:.1f}); raise --eval_fraction or give the eval inputs as "
+          "--eval_src.")
+    else:
+      lines.append(f"split {split!r} of {name!r} received no input: its source is empty.")
+  return " ".join(lines) + f" What was written and skipped:\n{format_report(name, report)}"
 
 
 def make_builder(format: str, name: str, data_dir: str, **options) -> _CaptionBuilder:  # pylint: disable=redefined-builtin

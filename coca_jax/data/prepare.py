@@ -35,6 +35,11 @@ def prepare_data(config, workdir: str) -> Tokenizer:
   (vocab_size, bos_id, eos_id).
   """
   data = config.data
+  if not data.name:
+    raise ConfigError(
+        "config.data.name is empty: name the dataset to train on, built with `python -m "
+        "coca_jax.data.build --format folder|webdataset --src SRC --name NAME --data_dir DIR`, "
+        "and pass --config.data.name=NAME --config.data.data_dir=DIR")
   if not data.data_dir:
     # array_record files are read with local file I/O: with a gs:// workdir the demo data goes
     # to TFDS's own default directory on this machine instead.
@@ -47,6 +52,16 @@ def prepare_data(config, workdir: str) -> Tokenizer:
       builders.build_atomically("demo", data.name, data.data_dir,
                                 **dict(data.build_demo_options))
     sync("demo dataset built")
+    # A dataset of this name built with other options (a smoke run's, or `coca_jax.data.build
+    # --format demo` defaults) would otherwise be trained on silently.
+    differences = builders.check_built_options(data.name, data.data_dir, "demo",
+                                               dict(data.build_demo_options))
+    if differences:
+      raise ConfigError(
+          f"dataset {data.name!r} in {data.data_dir} was built with other "
+          f"config.data.build_demo_options than this run's ({'; '.join(differences)}): give "
+          f"this run its own --config.data.data_dir, or remove "
+          f"{os.path.join(data.data_dir, data.name)} to build it again")
   kind = data.tokenizer_kind
   if kind == "clip_bpe":  # A fixed vocabulary: keep a copy beside the config, train nothing.
     tokenizer = load_tokenizer(data.tokenizer, kind)

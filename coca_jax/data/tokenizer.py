@@ -1,4 +1,4 @@
-"""SentencePiece tokenizer with the project's fixed special ids (pad=0, unk=1, bos=2, eos=3).
+r"""SentencePiece tokenizer with the project's fixed special ids (pad=0, unk=1, bos=2, eos=3).
 
 BOS/EOS/PAD are added in exactly one place, `Tokenizer.tokenize`, which produces the batch's
 "text" field: int32 `[batch, max_len]` = BOS, pieces..., EOS, PAD... A caption with more than
@@ -104,13 +104,15 @@ class Tokenizer:
     return list(self._sp.encode(text))
 
   def decode(self, ids: Sequence[int]) -> str:
-    """Text of `ids`: skips BOS and PAD, stops at the first EOS."""
-    out = []
+    """Text of `ids`: skips BOS and PAD, stops at the first EOS. An id past the trained
+    pieces reads as UNK (shown as ' ⁇ '): the vocabulary size is a soft limit, so a model's
+    `vocab_size` may exceed the pieces a small corpus gave, and it can generate those ids."""
+    out, size = [], self._sp.get_piece_size()
     for i in np.asarray(ids).reshape(-1).tolist():
       if i == EOS_ID:
         break
       if i not in (PAD_ID, BOS_ID):
-        out.append(i)
+        out.append(i if 0 <= i < size else UNK_ID)
     return self._sp.decode(out)
 
   def tokenize(self, texts: Sequence[str], max_len: int) -> np.ndarray:

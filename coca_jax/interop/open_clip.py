@@ -311,8 +311,8 @@ def experiment_config(model: str, arg: str = "") -> ml_collections.ConfigDict:
   (contrastive terms averaged, weights 1 : 2) and an AdamW fine-tuning recipe.
 
   Args (comma-separated): init=PATH (warm start: a bundle, workdir or step dir), name=, data_dir=
-  (a dataset built by coca_jax.data.build), bpe=PATH (the merges file; default: an installed
-  open_clip's), steps=, batch=, lr=, dtype=, remat= (default dots), unrolled, runlocal.
+  (a dataset built by coca_jax.data.build), bpe=PATH (the merges file; default: the one beside
+  init's config.json, else an installed open_clip's), steps=, batch=, lr=, dtype=, remat= (default dots), unrolled, runlocal.
 
   Layers are scanned with remat='dots' by default: on the 2-core CPU the B/32 train step (batch
   16, float32) then needs 2.86 GB of XLA scratch instead of 5.47 GB unrolled without remat, and
@@ -327,6 +327,14 @@ def experiment_config(model: str, arg: str = "") -> ml_collections.ConfigDict:
     if key not in known:
       raise ValueError(f"unknown config arg {key!r}; known: {list(known)}")
     args[key] = value or True
+  if args.get("init") and not args.get("bpe"):
+    # An import bundle (or a run fine-tuned from one) keeps the vocabulary beside its config:
+    # use it, so no open_clip install is needed to fine-tune.
+    from coca_jax import api  # pylint: disable=g-import-not-at-top
+    from coca_jax.data.tokenizer import TOKENIZER_FILES  # pylint: disable=g-import-not-at-top
+    beside = fs.join(api.resolve(fs.resolve(args["init"]))["root"], TOKENIZER_FILES["clip_bpe"])
+    if fs.exists(beside):
+      args["bpe"] = beside
   c = ml_collections.ConfigDict()
   c.model = model_group(read_model_config(model))
   c.model.dtype = args.get("dtype", "float32")
@@ -372,8 +380,8 @@ def read_state_dict(path: str) -> dict:
   if not fs.exists(path):
     raise FileNotFoundError(f"--src {path} does not exist")
   if path.endswith(".safetensors"):
-    import safetensors.numpy
-    state = safetensors.numpy.load(fs.read_bytes(path))
+    from coca_jax.interop.params import load_safetensors  # bf16 / fp16 checkpoints too.
+    state = load_safetensors(fs.read_bytes(path))
   else:
     try:
       import torch

@@ -8,11 +8,32 @@ from __future__ import annotations
 from flax import traverse_util
 import flax.linen as nn
 import jax
+import ml_dtypes
 import numpy as np
 
 from coca_jax.models.coca import CoCaConfig, unscanned_layers
 
 STACKS = ("vision", "unimodal", "multimodal")
+
+# safetensors dtype names -> numpy. safetensors' own numpy API has no BF16 (it writes bfloat16
+# arrays but cannot read them back), so bundles exported with --dtype bfloat16 are read here.
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                       "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
+                       "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32,
+                       "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def load_safetensors(data: bytes) -> dict[str, np.ndarray]:
+  """{name: numpy array} of a safetensors file's bytes, bfloat16 included."""
+  import safetensors
+  out = {}
+  for name, view in safetensors.deserialize(data):
+    if view["dtype"] not in _SAFETENSORS_DTYPES:
+      raise ValueError(f"safetensors tensor {name!r} has dtype {view['dtype']}, which is not "
+                       f"one of {sorted(_SAFETENSORS_DTYPES)}")
+    out[name] = np.frombuffer(view["data"], _SAFETENSORS_DTYPES[view["dtype"]]).reshape(
+        view["shape"])
+  return out
 
 
 def _paths(tree, prefix=""):

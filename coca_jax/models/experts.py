@@ -18,6 +18,8 @@ One implementation serves the model families by configuration:
     The router's raw statistics (sums over tokens, see `_routed`) are sown into the
     'intermediates' collection; `coca_jax.losses.router_losses` turns them into the auxiliary
     losses and metrics.
+Tokens reach the experts by index (a per-sequence scatter of slot -> token, then row gathers
+in and out), not by one-hot dispatch einsums whose cost grows with length x capacity.
 Expert parameters are stacked on a leading logical axis "expert", so `sharding.py` can place
 experts on the mesh's `expert` axis; the dispatched [expert, batch, capacity, embed] buffers are
 constrained to ("expert", "expert_batch", ...), so with mesh `expert` > 1 XLA moves tokens to
@@ -162,8 +164,9 @@ class FeedForward(nn.Module):
       slots = (jnp.cumsum(order, axis=1) - order).reshape(batch, length, k, num)
       if self.decode:
         counts = self.variable("cache", "expert_counts", jnp.zeros, (batch, num), jnp.int32)
-        slots = slots + counts.value[:, None, None, :]
-        counts.value = counts.value + jnp.sum(choice, axis=(1, 2))
+        counts_before = counts.value
+        slots = slots + counts_before[:, None, None, :]
+        counts.value = counts_before + jnp.sum(choice, axis=(1, 2))
     else:
       # Choice-rank: all first choices in position order, then all second choices, ...
       order = choice.transpose(0, 2, 1, 3).reshape(batch, k * length, num)
@@ -172,24 +175,46 @@ class FeedForward(nn.Module):
     slot = jnp.sum(slots * choice, axis=-1)  # [batch, length, k]
     chosen = jnp.sum(choice, axis=-1) > 0  # False for padding.
     kept = jnp.logical_and(chosen, slot < capacity)
-    # one_hot of an out-of-range slot is all zeros: a dropped choice dispatches nothing.
-    slot_hot = jax.nn.one_hot(jnp.where(kept, slot, capacity), capacity, dtype=jnp.float32)
-    choice = choice.astype(jnp.float32)
-    dispatch = jnp.einsum("blke,blkc->blec", choice, slot_hot)
-    combine = jnp.einsum("blke,blkc,blk->blec", choice, slot_hot, gates)
+    if self.decode:
+      # A decoding call's tokens take slots after the sequence's earlier ones, but only its own
+      # (at most length * k) need buffer rows: place them from 0, not at their absolute slot.
+      slot = slot - jnp.sum(counts_before[:, None, None, :] * choice, axis=-1)
+      buffer_rows = min(capacity, length * k)
+    else:
+      buffer_rows = capacity
     wi, bi, wo, bo = self._expert_weights(width)
     cast = lambda a: a.astype(self.dtype)
-    # Expert-major buffers [expert, batch, capacity, embed]: each expert's tokens are then one
-    # [batch * capacity, embed] matrix (a batched matmul over experts; on XLA:CPU the routed
-    # layer's fwd+bwd ran 1.5x faster so than from [batch, expert, capacity, mlp]). Expert
+    # Dispatch by index: row (e, c) of each sequence's [expert * buffer_rows] buffer holds the
+    # token that took slot c of expert e (a gather of rows), and each (token, choice) reads its
+    # row back (a gather) weighted by its gate. Empty slots and dropped choices point at an
+    # appended zero row. Unlike one-hot [batch, length, expert, capacity] dispatch and combine
+    # einsums, whose cost grows with length x capacity (~length^2), this moves each token once.
+    rows = num * buffer_rows
+    target = jnp.where(kept, index * buffer_rows + slot, rows)  # [batch, length, k]
+    # Per sequence (vmapped: the batch stays a batch axis of the scatter and gathers, so they
+    # stay on the batch's devices under sharding).
+    position = jnp.repeat(jnp.arange(length, dtype=jnp.int32), k)
+    token_of = jax.vmap(lambda t: jnp.full((rows + 1,), length, jnp.int32).at[t].set(position))(
+        target.reshape(batch, length * k))[:, :rows]
+    padded = jnp.concatenate([cast(h), jnp.zeros((batch, 1, width), self.dtype)], axis=1)
+    expert_in = jax.vmap(lambda x, i: x[i])(padded, token_of)  # [batch, rows, embed]
+    # Expert-major buffers [expert, batch, buffer_rows, embed]: each expert's tokens are then
+    # one [batch * buffer_rows, embed] matrix (a batched matmul over experts). Expert
     # parallelism: the constraint moves the buffers from the batch's shards to the experts'
     # devices (an all-to-all over the mesh's `expert` axis) and back.
     buffer_axes = ("expert", "expert_batch", None, "embed")
-    expert_in = constrain(jnp.einsum("blec,blw->ebcw", cast(dispatch), cast(h)), buffer_axes)
-    slots_in = expert_in.reshape(num, batch * capacity, width)
+    expert_in = constrain(expert_in.reshape(batch, num, buffer_rows, width).transpose(1, 0, 2, 3),
+                          buffer_axes)
+    slots_in = expert_in.reshape(num, batch * buffer_rows, width)
     hidden = nn.gelu(jnp.einsum("enw,ewm->enm", slots_in, cast(wi)) + cast(bi)[:, None])
     expert_out = jnp.einsum("enm,emw->enw", hidden, cast(wo)) + cast(bo)[:, None]
-    expert_out = constrain(expert_out.reshape(num, batch, capacity, width), buffer_axes)
+    expert_out = constrain(expert_out.reshape(num, batch, buffer_rows, width), buffer_axes)
+    expert_out = jnp.concatenate(
+        [expert_out.transpose(1, 0, 2, 3).reshape(batch, rows, width),
+         jnp.zeros((batch, 1, width), self.dtype)], axis=1)
+    picked = jax.vmap(lambda x, i: x[i])(expert_out, target.reshape(batch, length * k))
+    picked = picked.reshape(batch, length, k, width)
+    choice = choice.astype(jnp.float32)
     # Raw statistics as sums over the (valid) tokens, so microbatches add up exactly;
     # `losses.router_losses` combines them into losses and metrics.
     log_probs = jax.nn.log_softmax(logits, axis=-1)
@@ -201,4 +226,4 @@ class FeedForward(nn.Module):
         "dropped_count": jnp.sum(jnp.logical_and(chosen, ~kept).astype(jnp.float32)),
         "entropy_sum": -jnp.sum(jnp.sum(probs * log_probs, axis=-1) * valid),
     })
-    return jnp.einsum("blec,ebcw->blw", cast(combine), expert_out)
+    return jnp.einsum("blkw,blk->blw", picked, cast(gates * kept))
