@@ -88,7 +88,7 @@ def _defaults(backbone: str) -> dict:
                 contrastive=coca["contrastive"], tie_embeddings=coca["tie_embeddings"])
   if backbone == "mome":
     model = dict(common, backbone="mome", pooler_heads=mome["pooler_heads"],
-                 pooling=mome["pooling"],
+                 pooling=mome["pooling"], remat=mome["remat"],
                  text=dict(vocab_size=REQUIRED, max_len=REQUIRED, bos_id=mome["bos_id"],
                            eos_id=mome["eos_id"]),
                  mome=dict({name: REQUIRED for name in MOME_FIELDS},
@@ -424,6 +424,8 @@ def _validate_common_model(m, need, positive):
        f"config.model.dtype={m.dtype!r} is unknown; use float32 or bfloat16")
   need(0 < m.temperature_init < 1, f"config.model.temperature_init={m.temperature_init} must be "
        "in (0, 1); the paper uses 0.07")
+  need(m.remat in REMAT_NAMES,
+       f"config.model.remat={m.remat!r} is unknown; use one of {', '.join(REMAT_NAMES)}")
 
 
 def _validate_towers(config, need, positive, problems):
@@ -449,8 +451,6 @@ def _validate_towers(config, need, positive, problems):
          "(query 0 is contrastive, the rest feed the decoder)")
   need(m.pooling in ("cascade", "parallel", "open_clip"),
        f"config.model.pooling={m.pooling!r} is unknown; use cascade, parallel or open_clip")
-  need(m.remat in REMAT_NAMES,
-       f"config.model.remat={m.remat!r} is unknown; use one of {', '.join(REMAT_NAMES)}")
   need(m.activation in ("gelu_tanh", "gelu", "quick_gelu"),
        f"config.model.activation={m.activation!r} is unknown; use gelu_tanh, gelu (exact, "
        "open_clip) or quick_gelu")

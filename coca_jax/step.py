@@ -345,6 +345,21 @@ def train_step(state: TrainState, batch, *, model: CoCa, tx: optax.GradientTrans
   return guard_nonfinite(state, new_state, metrics, nonfinite)
 
 
+# XLA:CPU removes jax.checkpoint's optimization barriers ('cse_barrier_expander') before it
+# eliminates common subexpressions and schedules, so the recomputation of an unscanned
+# rematerialised layer is merged back into the forward pass or scheduled beside it: remat then
+# costs FLOPs and saves no memory (a 6-layer MoME, batch 32: 67.7 MB of scratch without remat,
+# 69.4 MB with remat='full'; with the barriers kept, 22.2 MB). The GPU and TPU compilers need
+# no such option (docs/scale.md, "MoME stacks by remat policy"); a scanned stack has no barriers
+# (its remat runs with prevent_cse off), and without remat the option changes nothing.
+CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+
+
+def compiler_options(mesh: Mesh) -> dict | None:
+  """XLA options for a step compiled for `mesh`'s devices (see CPU_COMPILER_OPTIONS)."""
+  return dict(CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else None
+
+
 def make_train_step(model, tx, config, schedule, mesh: Mesh, shardings: TrainState, rules):
   """The train step jitted with explicit in/out shardings; the old state is donated."""
   microbatches = int(config.train.microbatches)
@@ -359,7 +374,8 @@ def make_train_step(model, tx, config, schedule, mesh: Mesh, shardings: TrainSta
                            seed=int(config.train.seed),
                            nonfinite=config.train.nonfinite)
   return jax.jit(step, in_shardings=(shardings, batch_shardings(mesh)),
-                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,),
+                 compiler_options=compiler_options(mesh))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -215,7 +215,7 @@ def _use_mome(c: ml_collections.ConfigDict, smoke: bool, limoe: bool) -> None:
     # expert kept >= 0.7 of the mean share (README, "Learned routing").
     c.loss.update(router_balance_weight=0.05, router_local_entropy_weight=0.0,
                   router_global_entropy_weight=0.01)
-  for name in ("vision", "pooling", "n_gen_queries", "remat", "scan_layers"):
+  for name in ("vision", "pooling", "n_gen_queries", "scan_layers"):
     del c.model[name]
   c.model.text = ml_collections.ConfigDict(dict(vocab_size=text.vocab_size, max_len=text.max_len))
   c.model.backbone = "mome"

@@ -8,6 +8,7 @@ mixture-of-modality-experts layer are all this block with different settings.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -150,6 +151,28 @@ class Block(nn.Module):
     return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)
 
 
+# Block.__call__ arguments that are Python values fixed per call site (not arrays): a
+# rematerialised Block traces them as static, so they must be passed positionally.
+BLOCK_STATIC_ARGUMENTS = ("segments", "return_kv", "causal_routing", "routing_length")
+
+
+def remat_block(remat: str, prevent_cse: bool = True,
+                static_arguments: tuple[str, ...] = BLOCK_STATIC_ARGUMENTS):
+  """`Block`, or with remat != 'none' `nn.remat(Block)` under `REMAT_POLICIES[remat]`: the
+  backward pass recomputes what the policy does not save from the block's inputs. The named
+  `static_arguments` are static (pass them positionally; () when the block is only called with
+  x, mask, context); its parameters keep Block's names, so a checkpoint loads under any policy.
+  `prevent_cse` must stay on for unscanned layers (else XLA may merge the recomputation with
+  the forward pass and keep its activations)."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r} is unknown; use one of {sorted(REMAT_POLICIES)}")
+  if remat == "none":
+    return Block
+  names = list(inspect.signature(Block.__call__).parameters)  # names[0] is self, as flax counts.
+  return nn.remat(Block, policy=REMAT_POLICIES[remat], prevent_cse=prevent_cse,
+                  static_argnums=tuple(names.index(name) for name in static_arguments))
+
+
 class Stack(nn.Module):
   """`depth` Blocks. With `scan`, parameters are stacked on a leading "layers" axis and the
   block is traced once, so compile time does not grow with depth.
@@ -186,14 +209,10 @@ class Stack(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, context=None):
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat={self.remat!r} is unknown; use one of {sorted(REMAT_POLICIES)}")
     if self.decode and self.scan:
       raise ValueError("decoding runs unscanned layers: build the decoder with scan_layers=False "
                        "and its parameters with unscanned_params (coca.unscanned_layers does both)")
-    block_cls = Block
-    if self.remat != "none":
-      block_cls = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+    block_cls = remat_block(self.remat, prevent_cse=not self.scan, static_arguments=())
     kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
                   cross_attention=self.cross_attention, num_experts=self.num_experts,
                   decode=self.decode, cache_length=self.cache_length,

@@ -38,7 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from coca_jax.models.backbone import Block
+from coca_jax.models.backbone import remat_block
 from coca_jax.models.coca import (DTYPES, contrastive_parameters, l2_normalize, patchify,
                                   temperature_scale, text_attention_mask)
 from coca_jax.models.experts import RoutedExperts
@@ -72,6 +72,10 @@ class MoMEConfig:
   pooling: str = "attention"
   itm: bool = False  # Build the image-text matching head (config.loss.itm_weight > 0).
   dtype: str = "float32"
+  # Activation rematerialisation of every layer in training (backbone.REMAT_POLICIES: none, full,
+  # dots, minimal, dots_attention): every pass (image-only, text-only, captioning, ITM)
+  # recomputes in the backward pass what the policy does not save. Decoding never remats.
+  remat: str = "none"
   temperature_init: float = 0.07
   max_logit_scale: float = 100.0
   contrastive: str = "softmax"
@@ -94,7 +98,7 @@ class MoMEConfig:
         vocab_size=model.text.vocab_size, max_len=model.text.max_len, width=m.width,
         depth=m.depth, heads=m.heads, mlp_dim=m.mlp_dim, fusion_layers=m.fusion_layers,
         embed_dim=model.embed_dim, pooler_heads=model.pooler_heads,
-        pooling=model.pooling, dtype=model.dtype,
+        pooling=model.pooling, dtype=model.dtype, remat=model.get("remat", "none"),
         temperature_init=model.temperature_init, max_logit_scale=model.max_logit_scale,
         contrastive=model.get("contrastive", "softmax"),
         tie_embeddings=model.get("tie_embeddings", False),
@@ -166,7 +170,8 @@ def router_statistics(intermediates, config: MoMEConfig) -> dict[str, dict]:
 class MoME(nn.Module):
   """The MoME model, with the model-facing interface of `coca.CoCa` (`__call__`, `encode_image`
   -> (embed, context), `encode_text`, `temperature_scale`, `decode_step` with `decode=True`),
-  plus `itm_logits`. Layers are unrolled (no scan): each has its own set of experts."""
+  plus `itm_logits`. Layers are unrolled (no scan): each has its own set of experts; with
+  `config.remat` each is rematerialised in training (not with `decode`)."""
   config: MoMEConfig
   decode: bool = False
 
@@ -196,7 +201,8 @@ class MoME(nn.Module):
                                 jnp.float32)
     # Decoding caches the image prefix and the text positions of every layer.
     cache_length = c.image_tokens + c.max_len - 1
-    self.layers = [Block(c.heads, c.mlp_dim, dt, decode=self.decode, cache_length=cache_length,
+    block = remat_block("none" if self.decode else c.remat)
+    self.layers = [block(c.heads, c.mlp_dim, dt, decode=self.decode, cache_length=cache_length,
                          modality_experts=c.layer_experts(i), routed_experts=c.routed_experts(i))
                    for i in range(c.depth)]
     self.ln_image = LayerNorm(dt)
@@ -214,6 +220,14 @@ class MoME(nn.Module):
     if c.itm:
       self.itm_head = dense(2, ("embed", None), dt, "itm_head")
     contrastive_parameters(self, c)
+
+  def _layer(self, i: int, x, mask, segments, prefix_kv=None, return_kv: bool = False,
+             token_mask=None, causal_routing: bool = False, routing_length: int = 0):
+    """Layer `i` (a `backbone.Block`; see there for the arguments) on x [batch, length, width]
+    -> (x', keys/values or None). Every argument goes positionally: with config.remat the
+    block is rematerialised and takes its static ones (segments, flags) by position."""
+    return self.layers[i](x, mask, None, segments, prefix_kv, return_kv, token_mask,
+                          causal_routing, routing_length)
 
   # -- Inputs --------------------------------------------------------------------------------
 
@@ -250,10 +264,10 @@ class MoME(nn.Module):
     x = self._image_tokens(image)
     segments = ((IMAGE, x.shape[1]),)
     prefix_kv, entering_fusion = [], x
-    for i, layer in enumerate(self.layers):
+    for i in range(c.depth):
       if i == c.bottom_layers:
         entering_fusion = x
-      x, kv = layer(x, None, None, segments, return_kv=True)
+      x, kv = self._layer(i, x, None, segments, return_kv=True)
       if i < c.bottom_layers:  # Same states, so same keys/values, as in the fused pass.
         prefix_kv.append(kv)
     tokens = self.ln_image(x)
@@ -263,8 +277,8 @@ class MoME(nn.Module):
     # image tokens only. (Unused outputs, e.g. when only the embedding is wanted, are dropped by
     # XLA's dead-code elimination under jit.)
     y = entering_fusion
-    for layer in self.layers[c.bottom_layers:]:
-      y, kv = layer(y, None, None, ((FUSION, y.shape[1], IMAGE),), return_kv=True)
+    for i in range(c.bottom_layers, c.depth):
+      y, kv = self._layer(i, y, None, ((FUSION, y.shape[1], IMAGE),), return_kv=True)
       prefix_kv.append(kv)
     context = jnp.stack([jnp.stack(kv, axis=1) for kv in prefix_kv], axis=1)
     return image_embed, context
@@ -276,8 +290,9 @@ class MoME(nn.Module):
     x = self._text_tokens(text, with_cls=True)
     mask = text_attention_mask(text[:, :-1])
     valid = jnp.concatenate([text[:, :-1] != PAD_ID, jnp.ones((text.shape[0], 1), bool)], axis=1)
-    for layer in self.layers:
-      x, _ = layer(x, mask, None, ((TEXT, x.shape[1]),), token_mask=valid, causal_routing=True)
+    for i in range(self.config.depth):
+      x, _ = self._layer(i, x, mask, ((TEXT, x.shape[1]),), token_mask=valid,
+                         causal_routing=True)
     return l2_normalize(self.text_projection(self.ln_text(x[:, -1])))
 
   # -- Fused: captions -----------------------------------------------------------------------
@@ -288,10 +303,10 @@ class MoME(nn.Module):
     c = self.config
     x = self._text_tokens(text, with_cls=False)
     mask = prefix_causal_mask(text[:, :-1], context.shape[3])
-    for i, layer in enumerate(self.layers):
-      x, _ = layer(x, mask, None, ((c.fused_expert(i, TEXT), x.shape[1], TEXT),),
-                   prefix_kv=(context[:, i, 0], context[:, i, 1]),
-                   token_mask=text[:, :-1] != PAD_ID, **self._causal_text_routing())
+    for i in range(c.depth):
+      x, _ = self._layer(i, x, mask, ((c.fused_expert(i, TEXT), x.shape[1], TEXT),),
+                         prefix_kv=(context[:, i, 0], context[:, i, 1]),
+                         token_mask=text[:, :-1] != PAD_ID, **self._causal_text_routing())
     return self._vocab_logits(x)
 
   def _causal_text_routing(self) -> dict:
@@ -322,12 +337,12 @@ class MoME(nn.Module):
         [jnp.ones((x.shape[0], num_image), bool), text[:, :-1] != PAD_ID,
          jnp.ones((x.shape[0], 1), bool)], axis=1)
     mask = key_valid[:, None, None, :]
-    for i, layer in enumerate(self.layers):
+    for i in range(c.depth):
       if i < c.bottom_layers:
         segments = ((IMAGE, num_image), (TEXT, num_text))
       else:  # Each modality's tokens routed on their own (as in the other passes).
         segments = ((FUSION, num_image, IMAGE), (FUSION, num_text, TEXT))
-      x, _ = layer(x, mask, None, segments, token_mask=key_valid)
+      x, _ = self._layer(i, x, mask, segments, token_mask=key_valid)
     return self.itm_head(self.ln_fused(x[:, -1])).astype(jnp.float32)
 
   # -- Training interface --------------------------------------------------------------------
@@ -372,7 +387,8 @@ class MoME(nn.Module):
     pos = jax.lax.dynamic_slice_in_dim(self.text_pos_embed, start, tokens.shape[1], axis=0)
     x = x + pos.astype(x.dtype)
     self.position.value = start + tokens.shape[1]
-    for i, layer in enumerate(self.layers):
-      x, _ = layer(x, None, None, ((c.fused_expert(i, TEXT), x.shape[1], TEXT),),
-                   prefix_kv=(context[:, i, 0], context[:, i, 1]), **self._causal_text_routing())
+    for i in range(c.depth):
+      x, _ = self._layer(i, x, None, ((c.fused_expert(i, TEXT), x.shape[1], TEXT),),
+                         prefix_kv=(context[:, i, 0], context[:, i, 1]),
+                         **self._causal_text_routing())
     return self._vocab_logits(x)
