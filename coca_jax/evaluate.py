@@ -15,9 +15,8 @@ ImageNet / other TFDS datasets"):
       --config.evals.zeroshot.split=validation --config.evals.zeroshot.data_dir=~/tensorflow_datasets \
       --config.evals.zeroshot.class_names_file=open_clip:imagenet ...
 
-Without --config, the zero-shot group's list fields (class_names, templates, transfer_splits,
-transfer_templates) take tuples: --config.evals.zeroshot.transfer_splits='()' empties the
-demo's transfer splits, --config.evals.zeroshot.class_names="('cat', 'dog')" names classes.
+List fields take a quoted Python list: --config.evals.zeroshot.transfer_splits='[]' empties the
+demo's transfer splits, --config.evals.zeroshot.class_names="['cat', 'dog']" names classes.
 """
 
 from __future__ import annotations

@@ -859,7 +859,8 @@ def open_source(name: str, data_dir: str, split: str, decode_images: bool = True
   check_array_record(name, data_dir, path)
   builder = tfds.builder_from_directory(path)
   decoders = None
-  if not decode_images and _is_image_feature(builder.info.features, image_feature):
+  if not decode_images and isinstance(feature_spec(builder.info.features, image_feature),
+                                      tfds.features.Image):
     decoders = tfds.decode.SkipDecoding()
     for part in reversed(image_feature.split("/")):
       decoders = {part: decoders}
@@ -871,10 +872,14 @@ def open_source(name: str, data_dir: str, split: str, decode_images: bool = True
                      f"splits: {splits}): {e}") from e
 
 
-def _is_image_feature(features, path: str) -> bool:
+def feature_spec(features, path: str):
+  """The TFDS feature at `path` ("a/b" = nested, through Sequences such as coco_captions'
+  captions) of a FeaturesDict, or None when it has no such feature."""
   node = features
   for part in path.split("/"):
+    if isinstance(node, tfds.features.Sequence):
+      node = node.feature
     if not hasattr(node, "keys") or part not in node.keys():
-      return False
+      return None
     node = node[part]
-  return isinstance(node, tfds.features.Image)
+  return node

@@ -439,26 +439,6 @@ def _feature(element: Mapping[str, Any], path: str):
   return value
 
 
-def _has_feature(features, path: str) -> bool:
-  node = features
-  for part in path.split("/"):
-    if isinstance(node, tfds.features.Sequence):
-      node = node.feature
-    if not hasattr(node, "keys") or part not in node.keys():
-      return False
-    node = node[part]
-  return True
-
-
-def _feature_spec(features, path: str):
-  node = features
-  for part in path.split("/"):
-    if isinstance(node, tfds.features.Sequence):
-      node = node.feature
-    node = node[part]
-  return node
-
-
 class EvalSource:
   """Decoded evaluation examples (whole split, same on every host), in stored order.
 
@@ -486,7 +466,7 @@ class EvalSource:
 
   def has_feature(self, path: str) -> bool:
     """Whether the dataset stores feature `path` (True when the source has no metadata)."""
-    return self._spec is None or _has_feature(self._spec, path)
+    return self._spec is None or builders.feature_spec(self._spec, path) is not None
 
   @property
   def feature_names(self) -> list[str]:
@@ -496,9 +476,7 @@ class EvalSource:
   def class_names(self) -> list[str] | None:
     """The label feature's ClassLabel names in label order; None when it is not a ClassLabel
     (our builders store a plain integer) or absent."""
-    if self._spec is None or not _has_feature(self._spec, self.features.label):
-      return None
-    spec = _feature_spec(self._spec, self.features.label)
+    spec = None if self._spec is None else builders.feature_spec(self._spec, self.features.label)
     return list(spec.names) if isinstance(spec, tfds.features.ClassLabel) else None
 
   def __getitem__(self, index: int) -> dict[str, Any]:
@@ -573,7 +551,7 @@ def make_eval_source(config, split: str | None = None, name: str | None = None, 
   source = builders.open_source(name, data_dir, split, decode_images=False,
                                 image_feature=features.image)
   spec = source.dataset_info.features
-  if not _has_feature(spec, features.image):
+  if builders.feature_spec(spec, features.image) is None:
     raise ValueError(f"dataset {name!r} has no image feature {features.image!r} (its features: "
                      f"{', '.join(sorted(spec.keys()))}); name the image feature of the eval "
                      "(image_feature)")

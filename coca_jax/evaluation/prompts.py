@@ -8,9 +8,8 @@ Class names, in label order, come from the first of:
   the dataset        the label feature's ClassLabel names (e.g. cifar10's "airplane", ...).
 Prompt templates (each with one "{}" for the name) come from `templates_file` (one per line, or
 "open_clip:imagenet": open_clip's 80 ImageNet prompts, "open_clip:imagenet_simple": its short
-subset of them), else `templates`. A file replaces the config's list: list fields cannot be set
-from the command line (`--config.evals.zeroshot.class_names_file=names.txt` can), so a run's
-saved lists (the demo's digit names) give way to the file an eval names.
+subset of them), else `templates`. A file replaces the config's list, so a run's saved lists
+(the demo's digit names) give way to the file an eval names without being emptied first.
 
 Some catalog datasets label their classes with ids no prompt can use: imagenet2012's ClassLabel
 names are WordNet synset ids ("n01440764"). `wordnet_ids` detects them so the eval can ask for
