@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="Contrastive Captioners (CoCa) with an optional modality-experts backbone, in JAX",
     packages=find_packages(include=["coca_jax", "coca_jax.*"]),
-    package_data={"coca_jax.kernels": ["*.cc"]},  # Compiled on first use (kernels/cpu.py).
+    package_data={"coca_jax.models.kernels": ["*.cc"]},  # Compiled on first use (kernels/cpu.py).
     python_requires=">=3.10",
     # Lower bounds are the versions this project was tested with (see README), not tighter.
     install_requires=[
@@ -32,7 +32,7 @@ setup(
         "ftfy>=6",             # CLIP BPE tokenizer's text cleaning, as open_clip does it
         "tensorboardX>=2.6",   # TensorBoard event files without TensorFlow
         "matplotlib>=3.8",     # report and sweep curves (Agg backend, no display)
-        # XLA:CPU scratch memory is reused instead of page-faulted every step (coca_jax/runtime.py).
+        # XLA:CPU scratch memory is reused instead of page-faulted every step (coca_jax/core/runtime.py).
         "cmeel-mimalloc>=3.4; sys_platform == 'linux'",
     ],
     extras_require={

@@ -24,7 +24,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def child(config_spec: str, steps: int) -> dict:
   import jax
-  from coca_jax import bench, config as config_lib, step
+  from coca_jax import bench
+  from coca_jax.core import config as config_lib
+  from coca_jax.training import step
   config = config_lib.load_config(config_spec)
   built = step.setup(config)
   train_step = built.train_step()
@@ -63,7 +65,7 @@ def main() -> None:
   if args.child:
     print(json.dumps(child(args.config, args.steps)))
     return
-  from coca_jax import runtime
+  from coca_jax.core import runtime
   runs = {"system": [], "mimalloc": []}
   for _ in range(args.rounds):
     for allocator in runs:

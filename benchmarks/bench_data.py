@@ -74,7 +74,7 @@ def _pipeline_rate(options, seconds: float) -> float:
 
 def _load_demo_config(arg: str):
   """experiments/demo.py[:arg], completed with every default (what the CLIs load)."""
-  from coca_jax import config as config_lib
+  from coca_jax.core import config as config_lib
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "experiments", "demo.py")
   return config_lib.load_config(f"{path}:{arg}" if arg else path)
@@ -83,7 +83,9 @@ def _load_demo_config(arg: str):
 def _train_rates(config, seconds: float, data_options_by_workers) -> dict[str, float]:
   """Images/sec of the demo train step on a fixed batch, then fed by the pipeline."""
   import jax
-  from coca_jax import optim, sharding, step
+  from coca_jax.training import optim
+  from coca_jax.core import sharding
+  from coca_jax.training import step
   from coca_jax.data import pipeline
 
   mesh = sharding.make_mesh(config.mesh)

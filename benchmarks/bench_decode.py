@@ -11,7 +11,7 @@ r"""Greedy caption decoding: KV cache vs recomputing the whole prefix every toke
 Same model (the config's architecture, random weights: speed does not depend on them; text
 max_len raised to tokens + 2 so `tokens` fit), same images, exactly `tokens` new tokens per
 caption (EOS is forbidden until then). Three decoders, all jitted and warmed up first:
-  cached      coca_jax.generate: one decoder step per token over the KV cache (lax.while_loop).
+  cached      coca_jax.inference.generate: one decoder step per token over the KV cache (lax.while_loop).
   recompute   generate.recompute_greedy: every token re-runs both text decoders over the padded
               [batch, max_len] text (one compiled while_loop; no cache).
   prefix      every token re-runs the decoders over the prefix so far, [batch, t] (one compiled
@@ -43,7 +43,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from coca_jax import config as config_lib, generate as gen, step as step_lib  # noqa: E402
+from coca_jax.core import config as config_lib  # noqa: E402
+
+from coca_jax.inference import generate as gen
+
+from coca_jax.training import step as step_lib
 from coca_jax.data.tokenizer import BOS_ID, EOS_ID  # noqa: E402
 from coca_jax.models.coca import CoCa, text_attention_mask  # noqa: E402
 

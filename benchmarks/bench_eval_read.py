@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from coca_jax import config as config_lib
+from coca_jax.core import config as config_lib
 from coca_jax.data import pipeline
 
 NAME = "coca_jax_bench_photos"

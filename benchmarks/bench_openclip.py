@@ -18,11 +18,11 @@ the process CPU time.
   train    one AdamW step (fwd + bwd + global-norm clip 1.0 + update; b1 0.9, b2 0.98, eps 1e-6,
            weight decay 0.1), float32, batch `--batch` of random images and random captions of
            the full text length; open_clip's CoCaLoss against our loss with the same weights
-           (contrastive 1, caption 2). Ours: the jitted train step of `coca_jax.step`; theirs:
+           (contrastive 1, caption 2). Ours: the jitted train step of `coca_jax.training.step`; theirs:
            `loss.backward()` + `torch.optim.AdamW`. Also XLA's temp bytes of our step.
   caption  `--tokens` greedy tokens for `--caption_batch` images, image in, tokens out. Ours:
-           KV-cached `coca_jax.generate` (float32, and the int8 / bfloat16 decoding weights,
-           which on CPU run the kernels of `coca_jax.kernels.cpu`);
+           KV-cached `coca_jax.inference.generate` (float32, and the int8 / bfloat16 decoding weights,
+           which on CPU run the kernels of `coca_jax.models.kernels.cpu`);
            theirs: `CoCa.generate(generation_type="top_k", top_k=1)`, which re-runs the text
            decoders over the whole prefix each token. Both use OUR random weights, exported
            with `coca_jax.interop.open_clip.to_open_clip` (vocab head scaled x8 so argmax
@@ -85,7 +85,7 @@ def timed(fn, repeats: int, sync=lambda x: x) -> tuple[list, list]:
 
 def _our_config(batch: int, extra_args: str = ""):
   sys.path.insert(0, REPO)
-  from coca_jax import config as config_lib
+  from coca_jax.core import config as config_lib
   spec = CONFIG + (f",{extra_args}" if extra_args else "")
   config = config_lib.load_config(os.path.join(REPO, spec))
   config.train.batch_size = batch
@@ -95,7 +95,8 @@ def _our_config(batch: int, extra_args: str = ""):
 
 def ours_train(args) -> dict:
   import jax
-  from coca_jax import bench, step
+  from coca_jax import bench
+  from coca_jax.training import step
   config = _our_config(args.batch, args.config_args)
   built = step.setup(config)
   with jax.set_mesh(built.mesh):
@@ -120,7 +121,8 @@ def ours_caption(args) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from coca_jax import generate as gen, step
+  from coca_jax.inference import generate as gen
+  from coca_jax.training import step
   from coca_jax.interop import open_clip, params as flat_params
   from coca_jax.models.coca import CoCaConfig
   config = _our_config(args.caption_batch)
@@ -347,7 +349,7 @@ def main() -> None:
   if args.worker:
     if args.worker.startswith("ours"):
       sys.path.insert(0, REPO)
-      from coca_jax import runtime
+      from coca_jax.core import runtime
       runtime.preload_allocator()  # As the CLIs do (re-executes once with mimalloc).
     print(json.dumps(WORKERS[args.worker](args)))
     return

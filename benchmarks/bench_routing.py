@@ -25,7 +25,7 @@ SPECS = ("demo.py", "demo.py:limoe", "demo.py:limoe@image_capacity=2.0", "demo.p
 
 def load(spec: str):
   """experiments/<spec>; a suffix '@image_capacity=F' sets the image side's capacity factor."""
-  from coca_jax import config as config_lib
+  from coca_jax.core import config as config_lib
   spec, _, change = spec.partition("@")
   config = config_lib.load_config(os.path.join(REPO, "experiments", spec))
   if change:
@@ -44,7 +44,9 @@ def main(argv=None) -> None:
                       help="';'-separated experiments/ specs; the first is the baseline")
   args = parser.parse_args(argv)
   import jax
-  from coca_jax import bench, flops, step
+  from coca_jax import bench
+  from coca_jax.perf import flops
+  from coca_jax.training import step
   specs = args.specs.split(";")
   runs = {}
   for spec in specs:
@@ -85,6 +87,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  from coca_jax import runtime
+  from coca_jax.core import runtime
   runtime.preload_allocator()
   main()

@@ -21,9 +21,9 @@ directory opens in TensorBoard's profile plugin or Perfetto (ui.perfetto.dev).
 
 from __future__ import annotations
 
-from coca_jax import runtime
+from coca_jax.core import runtime
 
-if __name__ == "__main__":  # Before JAX starts; see coca_jax/runtime.py.
+if __name__ == "__main__":  # Before JAX starts; see coca_jax/core/runtime.py.
   runtime.preload_allocator()
 
 import json
@@ -33,7 +33,7 @@ import time
 from absl import app, flags
 
 from coca_jax import bench  # Defines --config (with overrides) and --steps.
-from coca_jax.trace_summary import hlo_index, op_times, summarize
+from coca_jax.perf.trace_summary import hlo_index, op_times, summarize
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("top", 25, "Ops (and model parts) to list.")
@@ -48,7 +48,8 @@ def main(argv) -> None:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_gpu_enable_command_buffer=").strip()
   import jax
-  from coca_jax import flops, step
+  from coca_jax.perf import flops
+  from coca_jax.training import step
 
   config = FLAGS.config
   built = step.setup(config)

@@ -6,7 +6,7 @@ r"""Train-step throughput / MFU, and compile-only memory planning, for an experi
   # devices; prints per-device bytes from XLA's memory analysis, compile time and FLOPs:
   python -m coca_jax.bench --config experiments/coca_2b.py:batch=1024 --mode compile \
       --devices 64 --json
-  # The same with the compiler of an accelerator this host does not have (coca_jax/targets.py):
+  # The same with the compiler of an accelerator this host does not have (coca_jax/perf/targets.py):
   # GPUs, with an estimate of the step time and MFU from the compiled module; TPU slices.
   python -m coca_jax.bench --config experiments/coca_base.py:batch=256 --mode compile \
       --target h200 [--devices 8] [--top 20]
@@ -22,9 +22,9 @@ fusion differ), good for "fits or not by a wide margin" before booking hardware.
 
 from __future__ import annotations
 
-from coca_jax import runtime
+from coca_jax.core import runtime
 
-if __name__ == "__main__":  # Before JAX starts (python -m); see coca_jax/runtime.py.
+if __name__ == "__main__":  # Before JAX starts (python -m); see coca_jax/core/runtime.py.
   runtime.preload_allocator()
 
 import json
@@ -35,7 +35,7 @@ import time
 
 from absl import app, flags
 
-from coca_jax import config as config_lib  # Starts no JAX backend (--devices comes later).
+from coca_jax.core import config as config_lib  # Starts no JAX backend (--devices comes later).
 
 FLAGS = flags.FLAGS
 config_lib.define_config_flag("config", "Experiment config file[:args].")
@@ -46,8 +46,8 @@ flags.DEFINE_integer("steps", 10, "Timed steps (train mode), after one warm-up s
 flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
 flags.DEFINE_string("target", None,
                     "Compile mode: compile here for an accelerator this host lacks, with its own "
-                    "compiler (coca_jax/targets.py: h100 or h200, --devices N of them, plus an "
-                    "estimate of the step from coca_jax/hlo_cost.py; or a TPU slice such as "
+                    "compiler (coca_jax/perf/targets.py: h100 or h200, --devices N of them, plus an "
+                    "estimate of the step from coca_jax/perf/hlo_cost.py; or a TPU slice such as "
                     "v5e:4x4, memory only).")
 flags.DEFINE_integer("top", 0, "With a GPU --target: also list this many ops with the most "
                      "bytes.")
@@ -55,7 +55,8 @@ flags.DEFINE_integer("top", 0, "With a GPU --target: also list this many ops wit
 
 def _abstract_batch(config, mesh):
   import jax
-  from coca_jax import sharding, step
+  from coca_jax.core import sharding
+  from coca_jax.training import step
   return {name: jax.ShapeDtypeStruct(shape.shape, shape.dtype,
                                      sharding=sharding.batch_sharding(mesh, len(shape.shape)))
           for name, shape in step.dummy_batch(config, config.train.batch_size).items()}
@@ -65,7 +66,7 @@ def _synthetic_batch(config, mesh, seed: int = 0):
   """Random normalised images and BOS..EOS captions of random lengths, placed on the mesh."""
   import jax
   import numpy as np
-  from coca_jax import sharding
+  from coca_jax.core import sharding
   rng = np.random.default_rng(seed)
   batch, size = config.train.batch_size, config.model.image_size
   length, vocab = config.model.text.max_len, config.model.text.vocab_size
@@ -92,10 +93,13 @@ def _memory_report(compiled) -> dict:
 def run(config, mode: str, steps: int = 10, target: str | None = None,
         devices: int | None = None) -> dict:
   """The benchmark as a dict (what `--json` prints). `target` (compile mode): compile for that
-  accelerator (`coca_jax/targets.py`; GPUs: `devices` of them) on this host, report whether the
+  accelerator (`coca_jax/perf/targets.py`; GPUs: `devices` of them) on this host, report whether the
   step fits its memory, and for GPUs add `hlo_cost`'s estimate of the step."""
   import jax
-  from coca_jax import config as config_lib, flops, step, targets
+  from coca_jax.core import config as config_lib
+  from coca_jax.perf import flops
+  from coca_jax.training import step
+  from coca_jax.perf import targets
 
   if target is not None and mode != "compile":
     raise targets.TargetError(f"--target={target} compiles for an accelerator this host lacks: use "
@@ -179,7 +183,9 @@ def run(config, mode: str, steps: int = 10, target: str | None = None,
 def _estimate(compiled, target: str, device, model_flops_per_device: float) -> dict:
   """hlo_cost's roofline of the compiled step on `target`: estimated step time, the MFU it
   would give, and the time per kind of op."""
-  from coca_jax import flops, hlo_cost, targets
+  from coca_jax.perf import flops
+  from coca_jax.perf import hlo_cost
+  from coca_jax.perf import targets
   try:
     costs = hlo_cost.op_costs(compiled.as_text())
   except ValueError as error:  # A module the estimate cannot read: say so, keep the rest.
@@ -211,14 +217,15 @@ def main(argv) -> None:
   if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. --config experiments/demo.py")
   if FLAGS.target:
-    from coca_jax import targets
+    from coca_jax.perf import targets
     targets.prepare(FLAGS.target)  # Before JAX starts.
   elif FLAGS.devices:
     # Must happen before JAX creates its CPU client: simulated devices for planning/testing.
     import jax
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", FLAGS.devices)
-  from coca_jax import config as config_lib, targets
+  from coca_jax.core import config as config_lib
+  from coca_jax.perf import targets
   try:
     result = run(FLAGS.config, FLAGS.mode, FLAGS.steps, FLAGS.target, FLAGS.devices)
   except (targets.TargetError, config_lib.ConfigError) as e:  # Each names its fix.

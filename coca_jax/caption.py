@@ -12,9 +12,9 @@ it on stderr; the exit code is then 1 (after the other images are captioned).
 
 from __future__ import annotations
 
-from coca_jax import runtime
+from coca_jax.core import runtime
 
-if __name__ == "__main__":  # Before JAX starts (python -m); see coca_jax/runtime.py.
+if __name__ == "__main__":  # Before JAX starts (python -m); see coca_jax/core/runtime.py.
   runtime.preload_allocator()
 
 import json
@@ -22,7 +22,11 @@ import sys
 
 from absl import app, flags
 
-from coca_jax import api, console, generate as gen
+from coca_jax.inference import api
+
+from coca_jax.core import console
+
+from coca_jax.inference import generate as gen
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Workdir, checkpoint step directory or export bundle.")

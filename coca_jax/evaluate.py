@@ -21,9 +21,9 @@ demo's transfer splits, --config.evals.zeroshot.class_names="['cat', 'dog']" nam
 
 from __future__ import annotations
 
-from coca_jax import runtime
+from coca_jax.core import runtime
 
-if __name__ == "__main__":  # Before JAX starts (python -m); see coca_jax/runtime.py.
+if __name__ == "__main__":  # Before JAX starts (python -m); see coca_jax/core/runtime.py.
   runtime.preload_allocator()
 
 import json
@@ -32,7 +32,15 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from coca_jax import api, checkpoint, config as config_lib, console, fs
+from coca_jax.inference import api
+
+from coca_jax.training import checkpoint
+
+from coca_jax.core import config as config_lib
+
+from coca_jax.core import console
+
+from coca_jax.core import fs
 from coca_jax.evaluation import evaluators
 
 FLAGS = flags.FLAGS

@@ -32,7 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from coca_jax import api, console, fs
+from coca_jax.inference import api
+
+from coca_jax.core import console
+
+from coca_jax.core import fs
 from coca_jax.data.tokenizer import TOKENIZER_FILES
 
 FLAGS = flags.FLAGS

@@ -16,9 +16,13 @@ import statistics
 
 from absl import app, flags
 
-from coca_jax import console, fs, metrics as metrics_lib
+from coca_jax.core import console
 
 # (file stem, title, keys) of the train-curve figures; a key a run never logged is left out.
+
+from coca_jax.core import fs
+
+from coca_jax.training import metrics_log as metrics_lib
 TRAIN_FIGURES = (
     ("loss", "Loss", ("loss", "contrastive_loss", "caption_loss")),
     ("lr", "Learning rate", ("learning_rate",)),

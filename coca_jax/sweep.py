@@ -43,7 +43,13 @@ from dataclasses import dataclass, field
 
 from absl import app, flags
 
-from coca_jax import config as config_lib, console, fs, metrics as metrics_lib
+from coca_jax.core import config as config_lib
+
+from coca_jax.core import console
+
+from coca_jax.core import fs
+
+from coca_jax.training import metrics_log as metrics_lib
 
 TRIAL_FILE = "trial.json"   # Written by the sweep into a trial's workdir when its run ends.
 VALUE_TYPES = (bool, int, float, str)

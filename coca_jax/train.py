@@ -17,9 +17,9 @@ discarded and counted (`nonfinite_steps` in metrics.jsonl) and the run stops aft
 
 from __future__ import annotations
 
-from coca_jax import runtime
+from coca_jax.core import runtime
 
-if __name__ == "__main__":  # Before JAX starts (python -m); see coca_jax/runtime.py.
+if __name__ == "__main__":  # Before JAX starts (python -m); see coca_jax/core/runtime.py.
   runtime.preload_allocator()
 
 import json
@@ -31,8 +31,21 @@ from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 
-from coca_jax import checkpoint, config as config_lib, console, flops, sharding, step as step_lib
-from coca_jax import fs, metrics as metrics_lib, preemption, warm_start
+from coca_jax.training import checkpoint
+
+from coca_jax.core import config as config_lib
+
+from coca_jax.core import console
+
+from coca_jax.perf import flops
+
+from coca_jax.core import sharding
+
+from coca_jax.training import step as step_lib
+from coca_jax.core import fs
+from coca_jax.training import metrics_log as metrics_lib
+from coca_jax.training import preemption
+from coca_jax.training import warm_start
 from coca_jax.data import pipeline, prepare
 from coca_jax.evaluation import evaluators
 

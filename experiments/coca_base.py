@@ -38,7 +38,7 @@ Optimizer: Adafactor (b1 0.9, b2 0.999), decoupled weight decay 0.01, peak lr 8e
 
 import ml_collections
 
-from coca_jax.metrics import PROFILE_DEFAULTS
+from coca_jax.training.metrics_log import PROFILE_DEFAULTS
 
 # Table 1 of the CoCa paper: (vision width, depth, mlp; text width, n_uni, n_multi, mlp; heads).
 PAPER_SIZES = {

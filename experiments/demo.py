@@ -49,7 +49,7 @@ import ml_collections
 
 from coca_jax.data.digit_scenes import (DIGIT_NAMES, TRANSFER_SPLITS, transfer_templates,
                                         zero_shot_templates)
-from coca_jax.metrics import PROFILE_DEFAULTS
+from coca_jax.training.metrics_log import PROFILE_DEFAULTS
 
 # Image-side routing: capacity is per image, and a scene's many near-identical background
 # patches pick the same expert; at 1.25x an even share 56-60% of the image choices were dropped

@@ -25,7 +25,9 @@ import ml_collections
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  from coca_jax import api, checkpoint, fs
+  from coca_jax.inference import api
+  from coca_jax.training import checkpoint
+  from coca_jax.core import fs
   args = {}
   for item in filter(None, arg.split(",")):
     key, _, value = item.partition("=")

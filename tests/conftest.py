@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coca_jax import config as config_lib
-from coca_jax import step as step_lib
+from coca_jax.core import config as config_lib
+from coca_jax.training import step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

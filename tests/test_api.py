@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from coca_jax import api, export, generate as gen
+from coca_jax.inference import api
+
+from coca_jax import export
+
+from coca_jax.inference import generate as gen
 from coca_jax.data import digit_scenes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,7 +172,7 @@ def test_unreadable_image_file_error_names_the_file(model, tmp_path):
 
 def test_load_picks_the_step_train_would_and_skips_unreadable_ones(smoke_workdir, tmp_path):
   import shutil
-  from coca_jax import checkpoint
+  from coca_jax.training import checkpoint
   workdir = tmp_path / "run"
   shutil.copytree(smoke_workdir, workdir)
   steps, _ = checkpoint.step_dirs(str(workdir))

@@ -21,7 +21,11 @@ import pytest
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from coca_jax import api, config as config_lib, export
+from coca_jax.inference import api
+
+from coca_jax.core import config as config_lib
+
+from coca_jax import export
 from coca_jax.data import builders, pipeline, preprocess
 from coca_jax.evaluation import evaluators, metrics, prompts
 from conftest import smoke_config

@@ -12,7 +12,11 @@ import jax
 import ml_collections
 import pytest
 
-from coca_jax import checkpoint, config as config_lib, step as step_lib
+from coca_jax.training import checkpoint
+
+from coca_jax.core import config as config_lib
+
+from coca_jax.training import step as step_lib
 from coca_jax.evaluation import evaluators
 from conftest import REPO, smoke_config
 

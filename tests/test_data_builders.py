@@ -112,7 +112,7 @@ def test_an_eval_holdout_that_took_nothing_says_so(tmp_path):
 
 
 def test_demo_data_built_with_other_options_is_refused_not_reused(tmp_path):
-  from coca_jax.config import ConfigError
+  from coca_jax.core.config import ConfigError
   from coca_jax.data import prepare
   from conftest import smoke_config
   options = dict(num_train=8, num_test=4, num_digits=4, image_size=32, grid=8, num_transfer=4,

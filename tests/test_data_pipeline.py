@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 
-from coca_jax import config as config_lib
+from coca_jax.core import config as config_lib
 from coca_jax.data import builders
 from coca_jax.data import pipeline
 from coca_jax.data import preprocess

@@ -33,8 +33,10 @@ def _worker() -> dict:
   import flax.linen as nn
   import jax
   import numpy as np
-  from coca_jax import config as config_lib
-  from coca_jax import optim, sharding, step
+  from coca_jax.core import config as config_lib
+  from coca_jax.training import optim
+  from coca_jax.core import sharding
+  from coca_jax.training import step
   from test_sharding import _max_rel_diff, tiny_batch
 
   config = routed_config()
@@ -111,7 +113,7 @@ def test_expert_weights_are_sharded_one_expert_per_device(expert_results):
 
 
 def test_expert_count_must_divide_the_expert_axis():
-  from coca_jax import config as config_lib
+  from coca_jax.core import config as config_lib
   c = routed_config()
   c.model.vision.experts["num_experts"] = 6
   c.mesh.update(MESH)

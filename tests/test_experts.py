@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coca_jax import generate as gen
-from coca_jax import losses, step
+from coca_jax.inference import generate as gen
+from coca_jax.training import losses
+from coca_jax.training import step
 from coca_jax.models.backbone import Stack, unscanned_params
 from coca_jax.models.coca import CoCa, CoCaConfig, TowerConfig, router_statistics
 from coca_jax.models.experts import FeedForward, RoutedExperts
@@ -259,7 +260,7 @@ def test_router_losses_reach_the_train_loss_and_the_router_gradient(routed_coca)
 
 def test_experts_config_is_validated_with_field_names():
   from conftest import smoke_config
-  from coca_jax import config as config_lib
+  from coca_jax.core import config as config_lib
   c = smoke_config()
   c.model.vision.experts = dict(num_experts=4, top_k=5, capacity_factor=0.0, every=1, k=2)
   c.model.text.experts = dict(num_experts=4, top_k=1, capacity_factor=1.0, every=2)

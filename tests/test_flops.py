@@ -12,7 +12,11 @@ import os
 import jax
 import pytest
 
-from coca_jax import config as config_lib, flops, step
+from coca_jax.core import config as config_lib
+
+from coca_jax.perf import flops
+
+from coca_jax.training import step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

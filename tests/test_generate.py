@@ -1,4 +1,4 @@
-"""Specs for caption decoding (coca_jax/generate.py) on a tiny random CoCa."""
+"""Specs for caption decoding (coca_jax/inference/generate.py) on a tiny random CoCa."""
 
 import functools
 import itertools
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coca_jax import generate as gen
+from coca_jax.inference import generate as gen
 from coca_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from coca_jax.models.coca import CoCa, CoCaConfig, TowerConfig
 
@@ -288,7 +288,7 @@ def test_int8_dense_matches_float32_within_its_rounding(rows):
 @pytest.mark.parametrize("kernels", [True, False])
 def test_decoding_weights_keep_greedy_and_beam_captions(tiny, weights, kernels, monkeypatch):
   """Both layouts: tiled for the CPU kernels (where they build), and the untiled one XLA widens."""
-  from coca_jax.kernels import cpu
+  from coca_jax.models.kernels import cpu
   if kernels and not cpu.available():
     pytest.skip("no C++ compiler on this machine")
   monkeypatch.setattr(cpu, "available", lambda: kernels)

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from coca_jax import hlo_cost
+from coca_jax.perf import hlo_cost
 
 # The shape of a GPU module as XLA prints it (names, layouts and configs as the CUDA compiler
 # writes them; sizes small): a scanned layer stack (an outer loop of 2 around an inner one of
@@ -136,7 +136,7 @@ def test_a_compiled_scan_counts_every_layer():
 def test_gpu_targets_name_their_requirements():
   """An unknown target names the known ones; without the CUDA plugin (CI), asking for a target's
   devices says what to install instead of failing deep inside JAX."""
-  from coca_jax import targets
+  from coca_jax.perf import targets
   for bad in ("a100", "v5e:4x4x4", "v4:4x4", "v6e:4xfour", "v5e"):
     with pytest.raises(ValueError, match=f"--target={bad!r} is unknown; use one of"):
       targets.prepare(bad)

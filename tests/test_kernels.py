@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coca_jax.kernels import cpu
+from coca_jax.models.kernels import cpu
 from coca_jax.models import layers
 
 PORTABLE = "coca_jax_tiled_matmul_portable"
@@ -97,7 +97,7 @@ def test_switch_off_builds_nothing(tmp_path):
   weights then keep the untiled layout, test_generate)."""
   import subprocess
   import sys
-  code = "from coca_jax.kernels import cpu; print(cpu.available())"
+  code = "from coca_jax.models.kernels import cpu; print(cpu.available())"
   env = dict(os.environ, COCA_JAX_CPU_KERNELS="0", COCA_JAX_CACHE=str(tmp_path))
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
   assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]

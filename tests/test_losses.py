@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coca_jax import losses
+from coca_jax.training import losses
 
 
 def _log_softmax(x, axis):

@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coca_jax import losses, step
+from coca_jax.training import losses
+
+from coca_jax.training import step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
@@ -54,7 +56,8 @@ def test_chunked_loss_on_8_device_ring_equals_gathered():
 import json, sys
 sys.path.insert(0, {os.path.join(REPO, 'tests')!r})
 import jax, jax.numpy as jnp, ml_collections
-from coca_jax import losses, sharding
+from coca_jax.training import losses
+from coca_jax.core import sharding
 from test_losses_scale import _embeddings
 from test_sharding import _max_rel_diff
 image, text = _embeddings(batch=32)

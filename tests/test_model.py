@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coca_jax import step as step_lib
+from coca_jax.training import step as step_lib
 from coca_jax.models.coca import CoCa, text_attention_mask
 from conftest import random_batch, smoke_config
 
@@ -141,7 +141,7 @@ def test_logit_scale_gradient_survives_past_the_cap(tiny_config, tiny_params, ti
   """Past the cap the forward value is capped but the gradient is not zero (straight-through),
   and a train step's update clamps the parameter back to log(cap)."""
   from coca_jax.models.coca import clamp_logit_scale
-  from coca_jax import losses
+  from coca_jax.training import losses
   batch = random_batch(tiny_config, 4)
   def loss(p):
     out = tiny_model.apply({"params": p}, batch["image"], batch["text"])
@@ -240,7 +240,7 @@ def test_remat_policy_names_and_the_attention_saving_policy():
   """Every remat name the config accepts builds a policy; dots_attention saves what dots saves
   plus cuDNN's fused-attention forward outputs, and nothing else (e.g. not elementwise ops)."""
   from types import SimpleNamespace
-  from coca_jax import config as config_lib
+  from coca_jax.core import config as config_lib
   from coca_jax.models.backbone import REMAT_POLICIES
   assert set(REMAT_POLICIES) == set(config_lib.REMAT_NAMES)
   policy = REMAT_POLICIES["dots_attention"]

@@ -10,7 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coca_jax import config as config_lib, flops, generate as gen, losses, optim, step as step_lib
+from coca_jax.core import config as config_lib
+
+from coca_jax.perf import flops
+
+from coca_jax.inference import generate as gen
+
+from coca_jax.training import losses
+
+from coca_jax.training import optim
+
+from coca_jax.training import step as step_lib
 from coca_jax.models.mome import FUSION, IMAGE, TEXT, MoME, MoMEConfig
 from conftest import REPO, random_batch
 
@@ -289,7 +299,7 @@ def mome_workdir(tmp_path_factory):
 
 def test_mome_trains_from_the_cli_and_loads_for_inference(mome_workdir):
   import json
-  from coca_jax import api
+  from coca_jax.inference import api
   from coca_jax.data import digit_scenes
   records = [json.loads(line) for line in open(os.path.join(mome_workdir, "metrics.jsonl"))]
   train = [r for r in records if "loss" in r]
@@ -318,7 +328,7 @@ def test_mome_trains_from_the_cli_and_loads_for_inference(mome_workdir):
 
 
 def test_init_source_loads_another_stage_and_names_what_differs(mome_workdir):
-  from coca_jax import checkpoint
+  from coca_jax.training import checkpoint
   config = mome_smoke_config()
   config.loss.itm_weight = 0.0  # This stage has no ITM head: the source's is ignored.
   built = step_lib.setup(config)
@@ -326,7 +336,7 @@ def test_init_source_loads_another_stage_and_names_what_differs(mome_workdir):
   params, report = checkpoint.load_params_for_init(mome_workdir, fresh,
                                                    built.state_shardings.params)
   assert report["ignored"] == ["itm_head/bias", "itm_head/kernel"] and not report["kept_fresh"]
-  from coca_jax import api
+  from coca_jax.inference import api
   trained = api.load(mome_workdir).params
   same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), params,
                       {k: v for k, v in trained.items() if k != "itm_head"})

@@ -12,7 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coca_jax import config as config_lib, generate as gen, step as step_lib
+from coca_jax.core import config as config_lib
+
+from coca_jax.inference import generate as gen
+
+from coca_jax.training import step as step_lib
 from coca_jax.models.experts import RoutedExperts
 from coca_jax.models.mome import MoME
 from conftest import REPO, smoke_config

@@ -13,7 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coca_jax import config as config_lib, flops, generate as gen, models, step
+from coca_jax.core import config as config_lib
+
+from coca_jax.perf import flops
+
+from coca_jax.inference import generate as gen
+
+from coca_jax import models
+
+from coca_jax.training import step
 from coca_jax.models.experts import RoutedExperts
 from coca_jax.models.mome import MoME
 from conftest import REPO, loss_and_grads_without_and_with_balance_loss

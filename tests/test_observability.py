@@ -10,7 +10,9 @@ import sys
 
 import pytest
 
-from coca_jax import metrics as metrics_lib, report
+from coca_jax.training import metrics_log as metrics_lib
+
+from coca_jax import report
 from conftest import REPO
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coca_jax import config as config_lib, flops, generate, step
+from coca_jax.core import config as config_lib
+
+from coca_jax.perf import flops
+
+from coca_jax.inference import generate
+
+from coca_jax.training import step
 from coca_jax.data.clip_bpe import ClipBpeTokenizer, installed_vocab_file
 from coca_jax.interop import open_clip, params as flat_params
 from coca_jax.models.coca import CoCaConfig

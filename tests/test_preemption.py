@@ -81,7 +81,7 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step_then_resumes(tmp_path
 
 
 def test_one_process_stops_on_sigterm_or_sigint():
-  from coca_jax import preemption
+  from coca_jax.training import preemption
   saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
   try:
     for sig in saved:

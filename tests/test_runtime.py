@@ -1,5 +1,5 @@
 """The CLIs run under mimalloc (XLA:CPU's per-step scratch memory is then reused, not
-page-faulted in again every step; see coca_jax/runtime.py), unless the user opts out."""
+page-faulted in again every step; see coca_jax/core/runtime.py), unless the user opts out."""
 
 import os
 import subprocess
@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from coca_jax import runtime
+from coca_jax.core import runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROBE = ("from coca_jax import runtime; runtime.preload_allocator(); "
+PROBE = ("from coca_jax.core import runtime; runtime.preload_allocator(); "
          "print('libmimalloc' in open('/proc/self/maps').read())")
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux")

@@ -18,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coca_jax import checkpoint, step as step_lib
+from coca_jax.training import checkpoint
+
+from coca_jax.training import step as step_lib
 from coca_jax import train as train_lib
 from coca_jax.data import build as build_cli
 from coca_jax.data import builders
@@ -104,7 +106,7 @@ def test_nonfinite_halt_exits_nonzero_and_keeps_the_good_checkpoints(four_steps,
 
 
 def _params(workdir, step):
-  from coca_jax import api
+  from coca_jax.inference import api
   config = checkpoint.read_config(str(workdir))
   abstract = step_lib.abstract_params(config)
   state_dir = os.path.join(checkpoint.checkpoint_dir(str(workdir)), str(step), checkpoint.STATE)
@@ -431,7 +433,7 @@ def test_eval_splits_and_prompts_are_checked_before_training(tmp_path):
 
 
 def test_zero_shot_names_and_templates_are_checked():
-  from coca_jax import config as config_lib
+  from coca_jax.core import config as config_lib
   config = smoke_config()
   config.evals.zeroshot.update(class_names=["zero", "zero", "one"],
                                templates=["a {} digit", "no placeholder"])
@@ -449,7 +451,7 @@ def test_zero_shot_names_and_templates_are_checked():
 
 
 def test_zero_shot_transfer_splits_are_checked():
-  from coca_jax import config as config_lib
+  from coca_jax.core import config as config_lib
   config = smoke_config()
   config.evals.zeroshot.transfer_splits = ["mnist_on_white", "test", "missing"]
 

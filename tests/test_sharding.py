@@ -30,7 +30,7 @@ UPDATE_RTOL = 2e-3
 def tiny_config(**loss):
   """The demo's smoke config shrunk further: every width 16-32, depth 1, 16px images."""
   sys.path.insert(0, REPO)
-  from coca_jax import config as config_lib
+  from coca_jax.core import config as config_lib
   c = config_lib.load_config(os.path.join(REPO, "experiments", "demo.py:smoke"))
   c.model.update(image_size=16, patch_size=8, embed_dim=16, n_gen_queries=4, pooler_heads=2)
   c.data.update(image_size=16, tokenizer_vocab=0)  # A valid config: the data fit the model.
@@ -82,7 +82,9 @@ def _worker() -> dict:
   import jax
   import numpy as np
   import optax
-  from coca_jax import optim, sharding, step
+  from coca_jax.training import optim
+  from coca_jax.core import sharding
+  from coca_jax.training import step
 
   results = {}
   config = tiny_config()
@@ -148,7 +150,7 @@ def _worker() -> dict:
   # A checkpoint written on the 3-axis mesh restores, bit for bit, onto other meshes, each array
   # landing with the TARGET mesh's sharding.
   import tempfile
-  from coca_jax import checkpoint
+  from coca_jax.training import checkpoint
   abstract, _ = step.state_shardings(model, tx, cfg, mesh, rules)
   saved = jax.tree.map(np.asarray, new_state)
   with tempfile.TemporaryDirectory() as workdir:

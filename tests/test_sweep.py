@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
-from coca_jax import config as config_lib, sweep
+from coca_jax.core import config as config_lib
+
+from coca_jax import sweep
 from conftest import REPO, smoke_config
 
 SMOKE = os.path.join(REPO, "experiments", "demo.py") + ":smoke"

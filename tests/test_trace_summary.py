@@ -1,4 +1,4 @@
-"""Spec: the trace summary (coca_jax/trace_summary.py, run on a train step by
+"""Spec: the trace summary (coca_jax/perf/trace_summary.py, run on a train step by
 benchmarks/profile_train_step.py) names what each op is and which part of the model it belongs
 to, and reads op times from a real trace.
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from coca_jax import trace_summary as profiler
+from coca_jax.perf import trace_summary as profiler
 
 
 # Instruction lines in the form XLA:GPU prints them (names, targets and backend configs as in

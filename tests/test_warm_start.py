@@ -10,7 +10,9 @@ import pytest
 import safetensors.numpy
 
 import coca_jax
-from coca_jax import export, step as step_lib, warm_start
+from coca_jax import export
+from coca_jax.training import step as step_lib
+from coca_jax.training import warm_start
 from coca_jax.data.tokenizer import Tokenizer
 from conftest import random_batch, smoke_config
 
@@ -144,7 +146,8 @@ def test_reinit_regex_and_vocab_change_keep_fresh_parameters(trained):
 
 
 def test_finetune_captions_config_builds_the_source_model(trained):
-  from coca_jax import config as config_lib, flops
+  from coca_jax.core import config as config_lib
+  from coca_jax.perf import flops
   from conftest import REPO
   spec = os.path.join(REPO, "experiments", "finetune_captions.py") + (
       f":init={trained['bundle']},name=my_captions,data_dir=/tmp/none")

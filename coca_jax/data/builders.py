@@ -58,7 +58,7 @@ from PIL import Image, ImageOps
 import tensorflow_datasets as tfds
 from tqdm import tqdm
 
-from coca_jax import fs
+from coca_jax.core import fs
 from coca_jax.data.digit_scenes import TRANSFER_SPLITS
 
 FORMATS = ("demo", "folder", "webdataset")

@@ -22,8 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-from coca_jax import fs
-from coca_jax.tokens import PAD_ID
+from coca_jax.core import fs
+from coca_jax.core.tokens import PAD_ID
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2

@@ -23,7 +23,7 @@ have produced, on any number of hosts:
       state=ocp.args.StandardRestore(abstract_state),
       data=checkpoint_args(train_iter, restore=True)))
 
-Config fields read (config.data.<field>; the schema and its defaults are in coca_jax/config.py,
+Config fields read (config.data.<field>; the schema and its defaults are in coca_jax/core/config.py,
 which every loaded config is completed with; this module reads completed configs only):
   name                 TFDS dataset name built by `python -m coca_jax.data.build` (required)
   data_dir             TFDS data_dir ("" = DEFAULT_DATA_DIR outside a training run)
@@ -99,7 +99,7 @@ class DataOptions:
     def field(name):
       if name not in data:
         raise ValueError(f"config.data.{name} is missing: pass a completed config "
-                         "(coca_jax.config.load_config / complete fill in every default)")
+                         "(coca_jax.core.config.load_config / complete fill in every default)")
       return data[name]
 
     options = cls(

@@ -14,8 +14,8 @@ import os
 
 import jax
 
-from coca_jax import fs
-from coca_jax.config import ConfigError
+from coca_jax.core import fs
+from coca_jax.core.config import ConfigError
 from coca_jax.data import builders
 from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
@@ -30,7 +30,7 @@ def sync(name: str) -> None:
 def prepare_data(config, workdir: str) -> Tokenizer:
   """Builds the demo dataset if it is missing and trains the tokenizer if none is given.
 
-  `config` is a completed config (`coca_jax.config.complete`). Fills config.data.data_dir /
+  `config` is a completed config (`coca_jax.core.config.complete`). Fills config.data.data_dir /
   config.data.tokenizer in place and returns the tokenizer, checked against config.model.text
   (vocab_size, bos_id, eos_id).
   """

@@ -23,7 +23,7 @@ from etils import epath
 import numpy as np
 import sentencepiece as spm
 
-from coca_jax.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID  # Re-exported: the batch contract.
+from coca_jax.core.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID  # Re-exported: the batch contract.
 
 
 class Tokenizer:

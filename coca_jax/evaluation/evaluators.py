@@ -1,7 +1,7 @@
 """Evaluators that run a model over evaluation sets: zero-shot classification, retrieval and
 captioning.
 
-Configured by `config.evals` (every field and default: `coca_jax.config.defaults`):
+Configured by `config.evals` (every field and default: `coca_jax.core.config.defaults`):
   every_steps          0 = only after training; N = also every N steps.
   batch_size           images / texts embedded per call.
   zeroshot             dict(enabled, dataset, split, examples, data_dir, image_feature,
@@ -173,7 +173,7 @@ def check_evals(config, make_source=None) -> None:
   strings, as many as the label's classes, templates each hold one '{}'. `make_source(split,
   group)` opens a split of an eval group (default: the pipeline's eval source). Raises
   config.ConfigError listing every problem (each naming the field)."""
-  from coca_jax import config as config_lib  # config imports nothing from here.
+  from coca_jax.core import config as config_lib  # config imports nothing from here.
   make_source = make_source or _eval_source(config)
   problems = config_lib.eval_problems(config)
   for name, group in _groups(config.evals):
@@ -283,7 +283,7 @@ def captioning_eval(embedder: Embedder, source, decoding, limit=None, batch_size
   """Greedy/beam/sampled captions of `source`'s images scored against its reference captions:
   eval/caption_cider (CIDEr-D), eval/caption_bleu4, eval/caption_exact_match (fraction whose
   normalised caption equals one of the references)."""
-  from coca_jax import generate as gen  # Imported here: generate imports this package's models.
+  from coca_jax.inference import generate as gen  # Imported here: generate imports this package's models.
   batch_size = batch_size or embedder.batch_size
   model, params, tokenizer = embedder.model, embedder.params, embedder.tokenizer
   rng = jax.random.key(0)
@@ -306,7 +306,7 @@ def captioning_eval(embedder: Embedder, source, decoding, limit=None, batch_size
 
 def decoding_from_config(captioning):
   """The generate.Decoding named by the fields of config.evals.captioning (others ignored)."""
-  from coca_jax import generate as gen  # See captioning_eval.
+  from coca_jax.inference import generate as gen  # See captioning_eval.
   fields = {f.name for f in dataclasses.fields(gen.Decoding)}
   decoding = {k: v for k, v in dict(captioning).items() if k in fields}
   decoding["max_new_tokens"] = decoding.get("max_new_tokens") or None  # 0 = max_len - 1.

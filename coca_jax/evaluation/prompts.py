@@ -23,7 +23,7 @@ import os
 import re
 from typing import Sequence
 
-from coca_jax import fs
+from coca_jax.core import fs
 from coca_jax.data import clip_bpe
 
 OPEN_CLIP_PREFIX = "open_clip:"

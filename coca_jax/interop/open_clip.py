@@ -28,7 +28,7 @@ import re
 import ml_collections
 import numpy as np
 
-from coca_jax import fs
+from coca_jax.core import fs
 
 # open_clip's model_configs/coca_ViT-B-32.json and coca_ViT-L-14.json (open_clip 3.3.0).
 MODEL_CONFIGS = {
@@ -330,7 +330,7 @@ def experiment_config(model: str, arg: str = "") -> ml_collections.ConfigDict:
   if args.get("init") and not args.get("bpe"):
     # An import bundle (or a run fine-tuned from one) keeps the vocabulary beside its config:
     # use it, so no open_clip install is needed to fine-tune.
-    from coca_jax import api  # pylint: disable=g-import-not-at-top
+    from coca_jax.inference import api  # pylint: disable=g-import-not-at-top
     from coca_jax.data.tokenizer import TOKENIZER_FILES  # pylint: disable=g-import-not-at-top
     beside = fs.join(api.resolve(fs.resolve(args["init"]))["root"], TOKENIZER_FILES["clip_bpe"])
     if fs.exists(beside):
@@ -367,7 +367,7 @@ def experiment_config(model: str, arg: str = "") -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 0
     c.evals.retrieval.examples = 64
     c.evals.captioning.update(examples=8, batch_size=8)
-  from coca_jax import config as config_lib  # Light at call time; config imports no interop.
+  from coca_jax.core import config as config_lib  # Light at call time; config imports no interop.
   return config_lib.complete(c)
 
 
@@ -408,7 +408,7 @@ def write_safetensors(state: dict, out: str, metadata: dict | None = None) -> st
 def import_params(state: dict, config) -> dict:
   """open_clip state dict -> our params tree for experiment `config` (scanned or not), checked
   leaf by leaf against the model's abstract parameters."""
-  from coca_jax import step
+  from coca_jax.training import step
   from coca_jax.interop import params as flat_params
   from coca_jax.models.coca import CoCaConfig
   model_config = CoCaConfig.from_config(config.model)
@@ -435,7 +435,7 @@ def import_bundle(src: str, model: str, out: str, bpe: str = "", dtype: str = "f
 
 def export_state_dict(src: str, out: str, step: int | None = None) -> str:
   """A workdir / step dir / bundle of an open_clip-layout model -> open_clip .safetensors."""
-  from coca_jax import api
+  from coca_jax.inference import api
   from coca_jax.interop import params as flat_params
   from coca_jax.models.coca import CoCaConfig
   loaded = api.load(src, step=step)

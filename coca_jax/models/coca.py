@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from coca_jax.models.backbone import Stack, unscanned_params
 from coca_jax.models.experts import RoutedExperts
 from coca_jax.models.layers import AttentionalPooler, LayerNorm, constrain, dense, embed_init, with_axes
-from coca_jax.tokens import PAD_ID
+from coca_jax.core.tokens import PAD_ID
 
 POOLINGS = ("cascade", "parallel", "open_clip")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

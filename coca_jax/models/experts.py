@@ -16,7 +16,7 @@ One implementation serves the model families by configuration:
         depends on a later token, and KV-cached decoding (`decode=True`) reproduces the full pass
         by carrying each sequence's per-expert counts in the 'cache' collection.
     The router's raw statistics (sums over tokens, see `_routed`) are sown into the
-    'intermediates' collection; `coca_jax.losses.router_losses` turns them into the auxiliary
+    'intermediates' collection; `coca_jax.training.losses.router_losses` turns them into the auxiliary
     losses and metrics.
 Tokens reach the experts by index (a per-sequence scatter of slot -> token, then row gathers
 in and out), not by one-hot dispatch einsums whose cost grows with length x capacity.

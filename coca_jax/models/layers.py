@@ -1,6 +1,6 @@
 """Transformer layers that speak logical axis names only.
 
-Logical axes used here (mapped to mesh axes by `coca_jax.sharding` alone):
+Logical axes used here (mapped to mesh axes by `coca_jax.core.sharding` alone):
   batch, length, embed, mlp, heads, kv (per-head features), vocab, queries, expert, layers.
 Parameters are always float32; `dtype` is the compute dtype.
 """
@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from coca_jax.kernels import cpu as cpu_kernels
+from coca_jax.models.kernels import cpu as cpu_kernels
 
 Dtype = Any
 with_axes = nn.with_logical_partitioning

@@ -44,7 +44,7 @@ from coca_jax.models.coca import (DTYPES, contrastive_parameters, l2_normalize, 
 from coca_jax.models.experts import RoutedExperts
 from coca_jax.models.layers import (AttentionalPooler, LayerNorm, constrain, dense, embed_init,
                                     with_axes)
-from coca_jax.tokens import PAD_ID
+from coca_jax.core.tokens import PAD_ID
 
 IMAGE, TEXT, FUSION = "image", "text", "fusion"
 EXPERTS = (IMAGE, TEXT, FUSION)

@@ -84,7 +84,8 @@ def jax_side(args):
   """Runs in the project's environment: import, our outputs, export (see main)."""
   sys.path.insert(0, REPO)
   import jax.numpy as jnp
-  from coca_jax import generate, step
+  from coca_jax.inference import generate
+  from coca_jax.training import step
   from coca_jax.interop import open_clip, params as flat_params
   from coca_jax.models.coca import CoCaConfig
   data = np.load(os.path.join(args.work, "inputs.npz"))

@@ -31,7 +31,9 @@ from absl import flags
 import ml_collections
 from ml_collections.config_flags import config_flags
 
-from coca_jax import fs, sharding
+from coca_jax.core import fs
+
+from coca_jax.core import sharding
 
 REQUIRED_GROUPS = ("model", "data", "train", "loss", "optim", "mesh", "checkpoint", "evals")
 
@@ -75,7 +77,7 @@ def _defaults(backbone: str) -> dict:
   `losses.ROUTER_LOSS_DEFAULTS`: each default has one home. A nested dict is a group (its keys
   are checked); any other value is a leaf (lists and tuples included).
   """
-  from coca_jax import losses  # Light: jax and optax, no model built.
+  from coca_jax.training import losses  # Light: jax and optax, no model built.
   from coca_jax.models.coca import CoCaConfig
   from coca_jax.models.experts import RoutedExperts
   from coca_jax.models.mome import MoMEConfig
@@ -109,7 +111,7 @@ def _defaults(backbone: str) -> dict:
                   multimodal_layout=coca["multimodal_layout"], cls_mask=coca["cls_mask"],
                   vocab_bias=coca["vocab_bias"], bos_id=coca["bos_id"], eos_id=coca["eos_id"],
                   experts=dict(experts)))
-  from coca_jax.generate import Decoding  # Its fields are the captioning eval's decoding knobs.
+  from coca_jax.inference.generate import Decoding  # Its fields are the captioning eval's decoding knobs.
   decoding = _dataclass_defaults(Decoding)
   decoding["max_new_tokens"] = 0  # 0 = config.model.text.max_len - 1 (Decoding's None).
   # An eval group runs when it is enabled and names a split; `dataset` "" = config.data.name,
@@ -172,7 +174,7 @@ def _defaults(backbone: str) -> dict:
 
 
 def _default_no_decay() -> str:
-  from coca_jax.optim import DEFAULT_NO_DECAY
+  from coca_jax.training.optim import DEFAULT_NO_DECAY
   return DEFAULT_NO_DECAY
 
 

@@ -39,7 +39,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from PIL import Image
 
-from coca_jax import checkpoint, fs, generate as gen, sharding, step as step_lib
+from coca_jax.training import checkpoint
+
+from coca_jax.core import fs
+
+from coca_jax.inference import generate as gen
+
+from coca_jax.core import sharding
+
+from coca_jax.training import step as step_lib
 from coca_jax.data import preprocess
 from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 from coca_jax.evaluation import evaluators, metrics
@@ -350,7 +358,7 @@ class Model:
     Raises:
       config.ConfigError naming each problem (not prepared, wrong count of names, ...).
     """
-    from coca_jax import config as config_lib  # Light; here to keep load() imports small.
+    from coca_jax.core import config as config_lib  # Light; here to keep load() imports small.
     config = config_lib.complete(self.config)
     group = config.evals.zeroshot
     unknown = sorted(set(fields) - set(group))

@@ -17,7 +17,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from coca_jax.trace_summary import op_kind
+from coca_jax.perf.trace_summary import op_kind
 
 _BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
           "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8,
@@ -275,7 +275,7 @@ def op_costs(hlo_text: str) -> list[OpCost]:
 @dataclass(frozen=True)
 class Device:
   """What the roofline needs: memory bandwidth and the rates this model's matmuls and fused
-  attention calls reach (measured, not the spec: see coca_jax/targets.py)."""
+  attention calls reach (measured, not the spec: see coca_jax/perf/targets.py)."""
   name: str
   bytes_per_s: float
   matmul_flops_per_s: float

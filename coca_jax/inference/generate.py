@@ -29,7 +29,7 @@ import numpy as np
 
 from coca_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from coca_jax import models
-from coca_jax.kernels import cpu as cpu_kernels
+from coca_jax.models.kernels import cpu as cpu_kernels
 from coca_jax.models import layers
 from coca_jax.models.coca import CoCa, CoCaConfig
 
@@ -127,7 +127,7 @@ def decoder_params(model: CoCa, params, weights: str | None = None) -> dict:
   `layers.quantize_kernel`) every Dense kernel stored in that format, which `Dense` then
   multiplies with float32 accumulation. A cached step streams all decoder weights per token, so
   narrower weights are faster where the matmul reads them in place: on CPU the kernels of
-  `coca_jax.kernels.cpu` do (the weights are then stored tiled for them; at B/32, batch 2, a
+  `coca_jax.models.kernels.cpu` do (the weights are then stored tiled for them; at B/32, batch 2, a
   token takes 9.0 ms in int8 vs 19.5 ms in float32, README); elsewhere XLA widens them first.
   Embedding tables (the token lookup; the vocab head when tied to it) and routed experts'
   weights stay float32. weights=None: float32, as trained."""

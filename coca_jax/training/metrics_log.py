@@ -22,7 +22,9 @@ from typing import Iterator
 
 import jax
 
-from coca_jax import config as config_lib, fs
+from coca_jax.core import config as config_lib
+
+from coca_jax.core import fs
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 
-from coca_jax.hlo_cost import Device
+from coca_jax.perf.hlo_cost import Device
 
 _GPU_MEMORY_H100, _GPU_MEMORY_H200 = 84_929_347_584, 150_754_820_096  # Bytes, as reported.
 

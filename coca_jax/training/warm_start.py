@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coca_jax import fs
+from coca_jax.core import fs
 from coca_jax.interop import params as flat_params
 from coca_jax.models.coca import CoCaConfig
 
@@ -113,7 +113,8 @@ def merge(source_flat: dict, fresh_flat: dict, source: CoCaConfig, target: CoCaC
 def warm_start_params(config, fresh_params):
   """The new run's parameters (same tree and dtypes as `fresh_params`, host numpy) from
   `config.init`. Logs and returns (params, report)."""
-  from coca_jax import api, checkpoint
+  from coca_jax.inference import api
+  from coca_jax.training import checkpoint
   init = config.init
   found = api.resolve(init.source)
   source_config = checkpoint.read_config(found["root"])
@@ -148,7 +149,7 @@ def warm_start(config, state, shardings):
   the regex filters, position-embedding resizing and vocabulary replacement are CoCa-towers
   features for now."""
   if config.model.backbone == "mome":
-    from coca_jax import checkpoint
+    from coca_jax.training import checkpoint
     params, report = checkpoint.load_params_for_init(config.init.source, state.params,
                                                      shardings.params)
     logging.info("Initialised %d parameter arrays from %s; kept fresh: %s; ignored: %s",

@@ -1,6 +1,6 @@
 """The optax chain built from `config.optim`.
 
-Fields (defaults: `coca_jax.config.defaults`):
+Fields (defaults: `coca_jax.core.config.defaults`):
   name: 'adamw' | 'adafactor'; lr (peak); b1, b2, eps (0 = adamw 1e-8, adafactor 1e-30);
   weight_decay (decoupled, multiplied by the schedule like AdamW); warmup_steps (int) or
   warmup_fraction (of train.steps);

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from coca_jax.tokens import PAD_ID
+from coca_jax.core.tokens import PAD_ID
 
-# The mesh axes the batch is split over (same as coca_jax.sharding.BATCH_AXES; repeated here so
+# The mesh axes the batch is split over (same as coca_jax.core.sharding.BATCH_AXES; repeated here so
 # losses stay importable without the sharding module's dependencies).
 BATCH_AXES = ("data", "fsdp", "expert")
 CONTRASTIVE_IMPLS = ("gathered", "chunked")

@@ -40,9 +40,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from coca_jax import losses, models, sharding
+from coca_jax.training import losses
+
+from coca_jax import models
+
+from coca_jax.core import sharding
 from coca_jax.models.coca import CoCa, clamp_logit_scale
-from coca_jax.tokens import PAD_ID
+from coca_jax.core.tokens import PAD_ID
 
 
 @flax.struct.dataclass
@@ -411,7 +415,7 @@ class TrainSetup:
 
 def setup(config, devices=None) -> TrainSetup:
   """Builds mesh, logical-axis rules, model, optimizer and the abstract sharded state."""
-  from coca_jax import optim  # optim imports nothing from here; kept local to stay light.
+  from coca_jax.training import optim  # optim imports nothing from here; kept local to stay light.
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.logical_axis_rules(config)
   model = build_model(config)

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coca_jax import step
+from coca_jax.training import step
 from coca_jax.models.coca import CoCaConfig
 from coca_jax.models.experts import RoutedExperts
 from coca_jax.models.mome import MoMEConfig

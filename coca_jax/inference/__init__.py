@@ -1,0 +1,1 @@
+"""Inference: `coca_jax.load` (api), KV-cached decoding (greedy, beam, nucleus; int8 weights)."""
