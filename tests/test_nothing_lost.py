@@ -148,3 +148,98 @@ def test_a_folder_without_captions_says_so(tmp_path, capsys):
                          "--data_dir", str(tmp_path / "tfds"), "--no_progress"]) == 2
   err = capsys.readouterr().err
   assert "no captions.jsonl or captions.csv" in err and "source is empty" not in err, err
+
+
+# -- Small ones: each bad input names the field, file or text, and the fix. ----------------------
+
+
+def test_a_wrong_typed_field_in_a_bundle_config_names_field_and_file(tmp_path):
+  from coca_jax import api, config as config_lib
+  from conftest import smoke_config
+  bundle = tmp_path / "bundle"
+  bundle.mkdir()
+  saved = smoke_config().to_dict()
+  saved["model"]["embed_dim"] = "32"  # Quoted by hand: JAX failed on it with no field named.
+  (bundle / "config.json").write_text(json.dumps(saved))
+  (bundle / api.EXPORT_MANIFEST).write_text(json.dumps({"params": "params"}))
+  with pytest.raises(config_lib.ConfigError) as error:
+    api.load(str(bundle))
+  message = str(error.value)
+  assert "config.model.embed_dim='32'" in message and "an integer" in message, message
+  assert str(bundle / "config.json") in message
+  # validate reports it too, instead of failing on `<` between str and int.
+  config = smoke_config()
+  with config.model.ignore_type():
+    config.model.temperature_init = "0.07"
+  with pytest.raises(config_lib.ConfigError, match=r"config.model.temperature_init='0.07'"):
+    config_lib.validate(config)
+
+
+def test_an_image_without_pixels_is_a_clear_error(tmp_path):
+  import types
+  from coca_jax import api
+  from coca_jax.data import preprocess
+  model = types.SimpleNamespace(image_size=32)  # All `images_to_uint8` reads of the model.
+  with pytest.raises(ValueError, match=r"image 1 has shape \(0, 0, 3\): it has no pixels"):
+    api.Model.images_to_uint8(model, [np.zeros((8, 8, 3), np.uint8),
+                                      np.zeros((0, 0, 3), np.uint8)])
+  with pytest.raises(ValueError, match="0x5: it has no pixels"):
+    preprocess.resize_and_center_crop(Image.new("RGB", (0, 5)), 32)
+
+
+def test_a_lone_surrogate_in_a_text_is_named(tmp_path):
+  from coca_jax.data.clip_bpe import ClipBpeTokenizer
+  from coca_jax.data.tokenizer import Tokenizer
+  sp = Tokenizer.train([f"a red {i} and a blue {i + 1}" for i in range(200)], vocab_size=40)
+  bpe = ClipBpeTokenizer.load(os.path.join(os.path.dirname(__file__), "data",
+                                           "clip_bpe_tiny.txt.gz"))
+  for tokenizer in (sp, bpe):
+    with pytest.raises(ValueError, match=r"text 1 .*not valid Unicode.*position 4"):
+      tokenizer.tokenize(["fine", "bad \ud800 text"], 8)
+    with pytest.raises(ValueError, match="text 0 .*surrogate"):
+      tokenizer.encode("x\udcff")
+    with pytest.raises(TypeError, match="text 0 is a bytes"):
+      tokenizer.tokenize([b"bytes"], 8)
+
+
+def test_a_damaged_safetensors_file_is_named(tmp_path):
+  from coca_jax.interop import open_clip
+  path = tmp_path / "model.safetensors"
+  path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+  with pytest.raises(ValueError, match=f"{path} is not a readable safetensors file"):
+    open_clip.read_state_dict(str(path))
+
+
+def test_metrics_jsonl_is_strict_json_and_reads_back(tmp_path):
+  from coca_jax import metrics, report
+  writer = metrics.MetricsWriter(str(tmp_path), tensorboard=False)
+  writer.write({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "mfu": 0.5})
+  writer.write({"step": 2, "loss": 1.5, "grad_norm": float("-inf")})
+
+  def refuse(constant):
+    raise ValueError(f"bare {constant} is not JSON")
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  strict = [json.loads(line, parse_constant=refuse) for line in lines]
+  assert strict[0]["loss"] == "NaN" and strict[0]["grad_norm"] == "Infinity"
+  assert strict[1]["grad_norm"] == "-Infinity"
+  records, bad = metrics.read_metrics(str(tmp_path))
+  assert bad == 0 and np.isnan(records[0]["loss"]) and records[0]["grad_norm"] == float("inf")
+  assert records[1]["grad_norm"] == float("-inf") and records[1]["loss"] == 1.5
+  assert "final loss 1.5000" in report.summary(str(tmp_path), [])
+
+
+def test_torch_load_is_refused_below_torch_2_6(tmp_path, monkeypatch):
+  import sys
+  import types
+  from coca_jax.interop import open_clip
+  path = tmp_path / "model.pt"
+  path.write_bytes(b"a pickle we must not unpickle")
+  loads = []
+  fake = types.SimpleNamespace(__version__="2.5.1+cu121", load=lambda *a, **k: loads.append(a))
+  monkeypatch.setitem(sys.modules, "torch", fake)
+  with pytest.raises(ImportError, match=r"torch >= 2.6 \(installed: 2.5.1\+cu121\).*CVE"):
+    open_clip.read_state_dict(str(path))
+  assert not loads
+  fake.__version__ = "2.6.0"
+  fake.load = lambda *a, **k: {}
+  assert open_clip.read_state_dict(str(path)) == {}
