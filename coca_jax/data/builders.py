@@ -683,8 +683,9 @@ def _check_target(name: str, data_dir: str, options: dict, overwrite: bool) -> N
   real_target = os.path.realpath(target)
   for source in _source_paths(options):
     if os.path.commonpath([source, real_target]) in (source, real_target):
-      inside = ("the source lies inside the dataset folder" if
-                os.path.commonpath([source, real_target]) == real_target else
+      common = os.path.commonpath([source, real_target])
+      inside = ("they are the same folder" if source == real_target else
+                "the source lies inside the dataset folder" if common == real_target else
                 "the dataset folder lies inside the source")
       raise ValueError(
           f"the source {source} and the dataset folder {real_target} (--data_dir/--name) "
