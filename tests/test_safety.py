@@ -41,7 +41,8 @@ def _train(workdir, *overrides, timeout=300):
 
 
 def _losses(workdir) -> dict:
-  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  from coca_jax.training import metrics_log as metrics  # Reads a NaN loss (written as the string "NaN") back as NaN.
+  records = metrics.read_metrics(str(workdir))[0]
   return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 

@@ -299,6 +299,49 @@ def unknown_keys(config) -> list[str]:
   return problems
 
 
+def type_problems(config) -> list[str]:
+  """One problem per field whose value has another type than its default (an int field given
+  "512" or 16.0, a flag given "yes"): a config.json edited by hand or written by another tool
+  would otherwise fail deep inside JAX with a TypeError naming no field. A float field takes an
+  int; a field whose default is None, or a group, is not checked here (nor `REQUIRED` ones
+  left out: `unknown_keys` reports those)."""
+  problems = []
+
+  def kind(default):
+    if isinstance(default, bool):
+      return (bool,), "true or false"
+    if isinstance(default, int):
+      return (int,), "an integer"
+    if isinstance(default, float):
+      return (int, float), "a number"
+    if isinstance(default, str):
+      return (str,), "a string"
+    if isinstance(default, (list, tuple)):
+      return (list, tuple), "a list"
+    return None, ""
+
+  def walk(node, group, prefix):
+    for key, default in node.items():
+      if not (hasattr(group, "items") and key in group):
+        continue
+      value = group[key]
+      if isinstance(default, dict):
+        walk(default, value, f"{prefix}{key}.")
+        continue
+      if default is REQUIRED:  # No default to compare with: every one is a count or size,
+        default = 0.0 if f"{prefix}{key}" == "optim.lr" else 0  # but the learning rate.
+      types, word = kind(default)
+      if types is None or (isinstance(value, types) and (bool in types or not isinstance(
+          value, bool))):
+        continue
+      like = "" if node[key] is REQUIRED else f", like its default {default!r}"
+      problems.append(f"config.{prefix}{key}={value!r} ({type(value).__name__}) must be "
+                      f"{word}{like}")
+
+  walk(defaults(_backbone(config)), config, "")
+  return problems
+
+
 def check_keys(config) -> None:
   """Raises ConfigError listing every unknown key and missing required field."""
   problems = unknown_keys(config)
@@ -677,6 +720,11 @@ def validate(config, num_devices: int | None = None) -> None:
   if any("is required" in p or "must be a group" in p for p in problems):
     raise ConfigError(f"{len(problems)} config problem(s):\n  - " + "\n  - ".join(problems))
   config = complete(config)
+  # The checks below compare values; a value of the wrong type would make them raise TypeError.
+  typed = type_problems(config)
+  if typed:
+    raise ConfigError(f"{len(problems + typed)} config problem(s):\n  - " +
+                      "\n  - ".join(problems + typed))
 
   def need(cond, message):
     if not cond:

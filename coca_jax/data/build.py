@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from typing import Sequence
 
@@ -31,16 +30,16 @@ def build(format: str, name: str, data_dir: str, overwrite: bool = False,  # pyl
   folder, per-split report).
 
   Raises:
-    FileExistsError: the dataset version exists and `overwrite` is False.
+    FileExistsError: `data_dir/name` exists (a build, or anything else) and `overwrite` is
+      False; with `overwrite` it is replaced once the new build has finished.
+    ValueError: the source and `data_dir/name` overlap (even with `overwrite`).
     builders.EmptyBuildError: every input of a split was skipped (the message has the report).
   """
   version_dir = os.path.join(builders.local_data_dir(data_dir), name, builders.VERSION)
-  if builders.is_built(name, data_dir):
-    if not overwrite:
-      raise FileExistsError(f"{version_dir} already holds a built dataset; pass --overwrite to "
-                            "rebuild it or choose another --name")
-    shutil.rmtree(os.path.dirname(version_dir))
-  return builders.build_atomically(format, name, data_dir, **options)
+  if builders.is_built(name, data_dir) and not overwrite:
+    raise FileExistsError(f"{version_dir} already holds a built dataset; pass --overwrite to "
+                          "rebuild it or choose another --name")
+  return builders.build_atomically(format, name, data_dir, overwrite=overwrite, **options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -68,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="demo: single-digit canvases (split 'digits', zero-shot eval)")
   parser.add_argument("--image_size", type=int, default=48, help="demo: canvas size in pixels")
   parser.add_argument("--seed", type=int, default=0, help="demo: generation seed")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing build")
+  parser.add_argument("--overwrite", action="store_true", help="replace what is at DATA_DIR/NAME (once the new build has finished)")
   parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
   args = parser.parse_args(argv)
 

@@ -47,6 +47,7 @@ import os
 import posixpath
 import shutil
 import socket
+import stat
 import tarfile
 import tempfile
 import types
@@ -446,6 +447,11 @@ class FolderBuilder(_FileBuilder, skip_registration=True):
         report.skip("image path outside --src (pass --allow_outside_src to allow)", where)
         continue
       try:
+        # A FIFO, device or socket would block the read (or never end): only regular files
+        # (through links) are read.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+          report.skip("not a regular file", where)
+          continue
         with open(path, "rb") as f:
           raw = f.read()
       except FileNotFoundError:
@@ -613,10 +619,26 @@ def _building_dir(data_dir: str, name: str) -> str:
   return os.path.join(data_dir, f".building-{name}-{socket.gethostname()}-{os.getpid()}")
 
 
+# Written into a temporary build directory when we create it: the one thing a build removes
+# without --overwrite is a directory holding this marker (ours, left by an interrupted build).
+BUILD_MARKER = ".coca_jax_building"
+
+
+def _make_building_dir(path: str) -> None:
+  os.makedirs(path)
+  with open(os.path.join(path, BUILD_MARKER), "w") as f:
+    json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
+
+
+def _ours(path: str) -> bool:
+  return os.path.isdir(path) and not os.path.islink(path) and os.path.isfile(
+      os.path.join(path, BUILD_MARKER))
+
+
 def _remove_interrupted_builds(data_dir: str, name: str) -> None:
-  """Removes what interrupted builds of `name` left: our own temporary directories whose
-  process is gone (on this host), and TFDS's `*.incomplete*` directories beside no finished
-  version. Each is reported."""
+  """Removes the temporary directories that interrupted builds of `name` left (on this host,
+  their process gone), recognised by the marker we wrote into them. Each is reported; a
+  directory of that name without our marker is left alone."""
   prefix = f".building-{name}-{socket.gethostname()}-"
   for entry in os.listdir(data_dir) if os.path.isdir(data_dir) else []:
     if entry.startswith(prefix) and entry[len(prefix):].isdigit():
@@ -628,41 +650,98 @@ def _remove_interrupted_builds(data_dir: str, name: str) -> None:
         pass
       except PermissionError:
         continue
+      path = os.path.join(data_dir, entry)
+      if not _ours(path):
+        logging.warning("Leaving %s alone: it is named like a temporary build directory but "
+                        "holds no %s marker, so this program did not make it", path, BUILD_MARKER)
+        continue
       logging.warning("Removing the half-built dataset %s left by an interrupted build "
-                      "(process %d); building %r again", os.path.join(data_dir, entry), pid, name)
-      shutil.rmtree(os.path.join(data_dir, entry), ignore_errors=True)
-  dataset_dir = os.path.join(data_dir, name)
-  if os.path.isdir(dataset_dir) and not is_built(name, data_dir):
-    logging.warning("%s holds no finished build (an interrupted build?): removing it and "
-                    "building %r again", dataset_dir, name)
-    shutil.rmtree(dataset_dir, ignore_errors=True)
+                      "(process %d); building %r again", path, pid, name)
+      shutil.rmtree(path, ignore_errors=True)
+
+
+def _source_paths(options: dict) -> list[str]:
+  """The folders (or files) a build reads: --src and --eval_src, a glob cut at its first
+  wildcard."""
+  paths = []
+  for key in ("src", "eval_src"):
+    value = options.get(key)
+    if not value:
+      continue
+    value = os.fspath(value)
+    if any(ch in value for ch in "*?["):
+      value = os.path.dirname(value[:min(value.index(ch) for ch in "*?[" if ch in value)])
+    paths.append(os.path.realpath(os.path.expanduser(value or ".")))
+  return paths
+
+
+def _check_target(name: str, data_dir: str, options: dict, overwrite: bool) -> None:
+  """Refuses a build whose sources and target overlap, and one whose target `data_dir/name`
+  holds something we would have to delete without --overwrite (a finished build is the
+  caller's to handle: `build_atomically` then keeps it)."""
+  target = os.path.join(data_dir, name)
+  real_target = os.path.realpath(target)
+  for source in _source_paths(options):
+    if os.path.commonpath([source, real_target]) in (source, real_target):
+      common = os.path.commonpath([source, real_target])
+      inside = ("they are the same folder" if source == real_target else
+                "the source lies inside the dataset folder" if common == real_target else
+                "the dataset folder lies inside the source")
+      raise ValueError(
+          f"the source {source} and the dataset folder {real_target} (--data_dir/--name) "
+          f"overlap: {inside}, so building (or --overwrite) would write into or delete the "
+          "source. Give another --data_dir or --name, outside the source")
+  if not os.path.lexists(target) or is_built(name, data_dir) or overwrite:
+    return
+  if os.path.isdir(target) and not os.path.islink(target) and not os.listdir(target):
+    return  # Empty (an interrupted build stops after making it): nothing to lose.
+  raise FileExistsError(
+      f"{target} exists and is not a dataset built by coca_jax.data.build (contents: "
+      f"{', '.join(sorted(os.listdir(target))[:5]) if os.path.isdir(target) else 'a file'}); "
+      "nothing was deleted. Pass --overwrite to replace it, or choose another --name or "
+      "--data_dir")
 
 
 def build_atomically(format: str, name: str, data_dir: str,  # pylint: disable=redefined-builtin
-                     **options) -> tuple[str, dict[str, SplitReport]]:
+                     overwrite: bool = False, **options) -> tuple[str, dict[str, SplitReport]]:
   """Builds `name` into a private temporary directory and moves the finished version directory
   to `data_dir/name/<version>` with one rename, so an interrupted build (Ctrl-C, a killed job)
   never leaves something that looks like a dataset, and two processes building at once do not
-  corrupt each other (the first to finish wins; the other's copy is discarded). Leftovers of
-  interrupted builds are detected and removed with a message. Also writes `build_report.json`.
+  corrupt each other (the first to finish wins; the other's copy is discarded). Temporary
+  directories of interrupted builds (marked as ours) are removed with a message. Also writes
+  `build_report.json`.
+
+  Nothing we did not create is deleted: a `data_dir/name` that is not empty and not a finished
+  build is an error unless `overwrite`; with `overwrite` the old folder is replaced only once
+  the new build has finished (a failed build leaves it as it was). A source that overlaps the
+  target is always an error.
 
   Returns:
     (the version directory, the per-split report).
 
   Raises:
     EmptyBuildError: a split had no usable example (the message holds the skip report).
+    FileExistsError: `data_dir/name` holds something else and `overwrite` is False.
+    ValueError: the source and `data_dir/name` overlap.
   """
   data_dir = local_data_dir(data_dir)
+  _check_target(name, data_dir, options, overwrite)
   os.makedirs(data_dir, exist_ok=True)
   _remove_interrupted_builds(data_dir, name)
   temporary = _building_dir(data_dir, name)
-  shutil.rmtree(temporary, ignore_errors=True)
-  final = os.path.join(data_dir, name, VERSION)
+  if os.path.lexists(temporary):
+    if not _ours(temporary):
+      raise FileExistsError(f"{temporary} exists and was not made by this program (no "
+                            f"{BUILD_MARKER} marker); move it away and build again")
+    shutil.rmtree(temporary)  # Ours, from a dead process that had our process id.
+  _make_building_dir(temporary)
+  target = os.path.join(data_dir, name)
+  final = os.path.join(target, VERSION)
   try:
     builder = make_builder(format, name, temporary, **options)
     try:
       builder.download_and_prepare()
-    except Exception as e:  # pylint: disable=broad-except  # TFDS: "No examples were yielded"
+    except AssertionError as e:  # TFDS: "No examples were yielded"
       empty = [split for split, r in builder.report.items() if r.written == 0]
       if empty:
         raise EmptyBuildError(_empty_split_message(name, empty, builder, options)) from e
@@ -672,7 +751,10 @@ def build_atomically(format: str, name: str, data_dir: str,  # pylint: disable=r
       json.dump({split: r.to_json() for split, r in builder.report.items()}, f, indent=2)
     with open(os.path.join(built, BUILD_OPTIONS_FILE), "w") as f:
       json.dump(_options_record(format, options), f, indent=2, sort_keys=True)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
+    if overwrite and os.path.lexists(target):
+      # Moved into our temporary directory (removed below) only now that the new build is done.
+      os.rename(target, os.path.join(temporary, "replaced"))
+    os.makedirs(target, exist_ok=True)
     try:
       os.rename(built, final)
     except OSError:

@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from coca_jax.core import fs
-from coca_jax.core.tokens import PAD_ID
+from coca_jax.core.tokens import PAD_ID, check_texts
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2
@@ -143,6 +143,7 @@ class ClipBpeTokenizer:
 
   def encode(self, text: str) -> list[int]:
     """Ids of `text`, without sot/eot."""
+    check_texts([text])
     symbols = byte_symbols()
     ids = []
     for token in self._words.findall(self._clean(text)):
@@ -165,6 +166,7 @@ class ClipBpeTokenizer:
     """int32 [len(texts), max_len] = sot, ids, eot, 0... (see the module docstring)."""
     if max_len < 3:
       raise ValueError(f"max_len={max_len} leaves no room for a token between sot and eot")
+    check_texts(texts)
     out = np.full((len(texts), max_len), PAD_ID, np.int32)
     for row, text in enumerate(texts):
       ids = self.encode(text)

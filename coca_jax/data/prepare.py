@@ -20,6 +20,9 @@ from coca_jax.data import builders
 from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
 
+DEMO_NAME = "digit_scenes"  # The one name config.data.build_demo builds (experiments/demo.py).
+
+
 def sync(name: str) -> None:
   """A barrier across the processes of a multi-process run (a no-op in a single process)."""
   if jax.process_count() > 1:
@@ -46,6 +49,14 @@ def prepare_data(config, workdir: str) -> Tokenizer:
     data.data_dir = (os.path.expanduser(os.path.join("~", "tensorflow_datasets"))
                      if fs.is_url(workdir) else fs.join(workdir, "tensorflow_datasets"))
   if data.build_demo:
+    # The auto-build makes the demo set under its own name only: any other name could be a
+    # dataset of the user's (built or being copied in) that the demo must not be mistaken for.
+    if data.name != DEMO_NAME:
+      raise ConfigError(
+          f"config.data.build_demo=True builds the demo set, named {DEMO_NAME!r}, but "
+          f"config.data.name={data.name!r}: set --config.data.name={DEMO_NAME} for the demo, "
+          f"or --config.data.build_demo=False to train on {data.name!r} (built with `python -m "
+          "coca_jax.data.build`)")
     # Only process 0 looks and builds; every process syncs (another process could see the
     # directory process 0 is still writing and skip the barrier).
     if jax.process_index() == 0 and not builders.is_built(data.name, data.data_dir):

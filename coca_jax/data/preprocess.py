@@ -67,6 +67,8 @@ def resize_and_center_crop(image: Image.Image, size: int) -> np.ndarray:
     uint8 `[size, size, 3]`.
   """
   width, height = image.size
+  if not width or not height:  # Scaling the shorter side would divide by zero.
+    raise ValueError(f"the image is {width}x{height}: it has no pixels to resize")
   scale = size / min(width, height)
   new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
   left, top = (new_w - size) // 2, (new_h - size) // 2

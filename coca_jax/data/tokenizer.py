@@ -24,6 +24,7 @@ import numpy as np
 import sentencepiece as spm
 
 from coca_jax.core.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID  # Re-exported: the batch contract.
+from coca_jax.core.tokens import check_texts
 
 
 class Tokenizer:
@@ -101,6 +102,7 @@ class Tokenizer:
 
   def encode(self, text: str) -> list[int]:
     """Piece ids of `text`, without BOS/EOS."""
+    check_texts([text])
     return list(self._sp.encode(text))
 
   def decode(self, ids: Sequence[int]) -> str:
@@ -124,6 +126,7 @@ class Tokenizer:
     if max_len < 3:
       raise ValueError(f"max_len={max_len} leaves no room for a token between BOS and EOS; "
                        "config.model.text.max_len must be >= 3")
+    check_texts(texts)
     out = np.full((len(texts), max_len), PAD_ID, np.int32)
     if not texts:
       return out

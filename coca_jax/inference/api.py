@@ -99,7 +99,7 @@ def read_safetensors_params(path: str, config, abstract):
   from coca_jax.interop import params as flat_params
   from coca_jax.models.coca import CoCaConfig
   flat = {k: np.asarray(v, np.float32)
-          for k, v in flat_params.load_safetensors(fs.read_bytes(path)).items()}
+          for k, v in flat_params.load_safetensors(fs.read_bytes(path), path).items()}
   params = flat_params.unflatten(CoCaConfig.from_config(config.model), flat)
   flat_params.check_against(abstract, params)
   device = jax.devices()[0]
@@ -144,6 +144,21 @@ def _find_tokenizer(root: str, config):
                           "beside config.json")
 
 
+def read_checked_config(root: str):
+  """The completed config.json of `root`, its field types checked: a field of the wrong type (a
+  hand-edited bundle) is an error naming the field and the file, not a TypeError from JAX."""
+  from coca_jax.core import config as config_lib
+  config = checkpoint.read_config(root)
+  # Types only: the full `validate` also checks the machine the run trained on (its
+  # config.init.source, its tokenizer path), which a copied bundle need not have.
+  problems = config_lib.type_problems(config)
+  if problems:
+    raise config_lib.ConfigError(
+        f"{fs.join(root, 'config.json')}: " + "; ".join(problems) + ". Fix the value in that "
+        "file (a number without quotes, true/false for a flag)")
+  return config
+
+
 def load(path: str, *, step: int | None = None, batch_size: int = 64,
          decode_weights: str | None = None) -> "Model":
   """Loads a trained CoCa from a workdir, a checkpoint step directory or an export bundle.
@@ -154,7 +169,7 @@ def load(path: str, *, step: int | None = None, batch_size: int = 64,
   token (`generate.decoder_params`); embeddings and the image tower stay float32.
   """
   found = resolve(path, step)
-  config = checkpoint.read_config(found["root"])
+  config = read_checked_config(found["root"])
   tokenizer = _find_tokenizer(found["root"], config)
   model, params = load_params(found, config)
   return Model(model, params, tokenizer, config, batch_size=batch_size, step=found["step"],
@@ -201,6 +216,9 @@ def as_pixels(image, what: str = "image") -> np.ndarray:
   if array.ndim != 3 or array.shape[-1] != 3:
     raise ValueError(f"{what} has shape {array.shape}: expected [H, W, 3] (RGB), a batch "
                      "[N, H, W, 3], or a file path")
+  if not array.shape[0] or not array.shape[1]:
+    raise ValueError(f"{what} has shape {array.shape}: it has no pixels (height and width "
+                     "must be at least 1)")
   if array.dtype == np.uint8:
     return array.astype(np.float32)
   if np.issubdtype(array.dtype, np.floating):

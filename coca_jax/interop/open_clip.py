@@ -374,6 +374,23 @@ def experiment_config(model: str, arg: str = "") -> ml_collections.ConfigDict:
 # -- Files ---------------------------------------------------------------------------------------
 
 
+# torch.load(weights_only=True) could still run code from a crafted file before torch 2.6
+# (CVE-2025-32434); a downloaded .pt/.bin is not read with an older torch.
+SAFE_TORCH_LOAD = (2, 6)
+
+
+def check_torch_load_is_safe(version: str, path: str) -> None:
+  """Raises ImportError naming the fix when torch `version` is older than SAFE_TORCH_LOAD."""
+  match = re.match(r"(\d+)\.(\d+)", version)
+  if match and tuple(int(x) for x in match.groups()) >= SAFE_TORCH_LOAD:
+    return
+  raise ImportError(
+      f"reading {path} needs torch >= {'.'.join(map(str, SAFE_TORCH_LOAD))} (installed: "
+      f"{version}): before 2.6, torch.load(weights_only=True) can still run code hidden in a "
+      "crafted checkpoint (CVE-2025-32434). Upgrade torch (pip install -U torch), or convert "
+      "the file to .safetensors where a trusted torch is installed")
+
+
 def read_state_dict(path: str) -> dict:
   """{key: float32 numpy} from an open_clip checkpoint: .safetensors (no torch needed) or a
   torch .pt/.bin (a state dict, or a training checkpoint holding one under 'state_dict')."""
@@ -381,13 +398,14 @@ def read_state_dict(path: str) -> dict:
     raise FileNotFoundError(f"--src {path} does not exist")
   if path.endswith(".safetensors"):
     from coca_jax.interop.params import load_safetensors  # bf16 / fp16 checkpoints too.
-    state = load_safetensors(fs.read_bytes(path))
+    state = load_safetensors(fs.read_bytes(path), path)
   else:
     try:
       import torch
     except ImportError as e:
       raise ImportError(f"reading {path} needs torch; or convert it to .safetensors where torch "
                         "is installed (safetensors.torch.save_file(state_dict, ...))") from e
+    check_torch_load_is_safe(torch.__version__, path)
     with fs.open(path, "rb") as f:
       state = torch.load(f, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)

@@ -23,16 +23,26 @@ _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
                        "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
 
 
-def load_safetensors(data: bytes) -> dict[str, np.ndarray]:
-  """{name: numpy array} of a safetensors file's bytes, bfloat16 included."""
+def load_safetensors(data: bytes, path: str = "safetensors data") -> dict[str, np.ndarray]:
+  """{name: numpy array} of a safetensors file's bytes, bfloat16 included. A damaged file
+  raises ValueError naming `path` (the file the bytes came from)."""
   import safetensors
   out = {}
-  for name, view in safetensors.deserialize(data):
+  try:
+    tensors = safetensors.deserialize(data)
+  except Exception as e:  # pylint: disable=broad-except  # SafetensorError, or a bad header
+    raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                     "it may be truncated or not a safetensors file: write it again") from e
+  for name, view in tensors:
     if view["dtype"] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f"safetensors tensor {name!r} has dtype {view['dtype']}, which is not "
+      raise ValueError(f"{path}: tensor {name!r} has dtype {view['dtype']}, which is not "
                        f"one of {sorted(_SAFETENSORS_DTYPES)}")
-    out[name] = np.frombuffer(view["data"], _SAFETENSORS_DTYPES[view["dtype"]]).reshape(
-        view["shape"])
+    try:
+      out[name] = np.frombuffer(view["data"], _SAFETENSORS_DTYPES[view["dtype"]]).reshape(
+          view["shape"])
+    except ValueError as e:
+      raise ValueError(f"{path}: tensor {name!r} does not match its shape {view['shape']} "
+                       f"({e})") from e
   return out
 
 

@@ -2,7 +2,9 @@
 spent waiting for data, and a profiler trace of a few chosen steps.
 
 Layout in the workdir:
-  DIR/metrics.jsonl    one JSON object per log step (and per evaluation), process 0 only
+  DIR/metrics.jsonl    one JSON object per log step (and per evaluation), process 0 only;
+                       strict JSON: a NaN or infinite value is the string "NaN", "Infinity"
+                       or "-Infinity" (see docs/training.md)
   DIR/tensorboard/     TensorBoard event files with the same keys (tensorboardX, no TensorFlow;
                        '@' becomes '_' in tags): `tensorboard --logdir DIR/tensorboard`
   DIR/profile/         a jax.profiler trace of steps [profile.start_step, + profile.num_steps)
@@ -13,6 +15,7 @@ Layout in the workdir:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import resource
@@ -45,7 +48,7 @@ class MetricsWriter:
     if not self.enabled:
       return
     with fs.open(self.path, "a") as f:
-      f.write(json.dumps(record, sort_keys=True) + "\n")
+      f.write(json.dumps(_json_safe(record), sort_keys=True, allow_nan=False) + "\n")
     if self.tensorboard_dir is None:
       return
     if self._summary is None:
@@ -63,6 +66,34 @@ class MetricsWriter:
       self._summary = None
 
 
+# Non-finite numbers are written as these strings: bare NaN / Infinity (Python's default) is not
+# JSON, and strict parsers (jq, JavaScript, Go, pandas' default engine) reject the whole line.
+# The string is Python's own spelling, so float(value) reads it back; `read_metrics` does so.
+NON_FINITE = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+
+
+def _json_safe(value):
+  """`value` with every non-finite float replaced by its NON_FINITE string."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+  if isinstance(value, dict):
+    return {k: _json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_safe(v) for v in value]
+  return value
+
+
+def _from_json(value):
+  """A record as written: NON_FINITE strings back to floats (the other way of `_json_safe`)."""
+  if isinstance(value, str) and value in NON_FINITE:
+    return NON_FINITE[value]
+  if isinstance(value, dict):
+    return {k: _from_json(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return [_from_json(v) for v in value]
+  return value
+
+
 def tensorboard_tag(key: str) -> str:
   """A metrics.jsonl key as a TensorBoard tag: characters TensorBoard rejects become '_'
   (`eval/i2t_recall@1` -> `eval/i2t_recall_1`); everything else is the same key."""
@@ -71,7 +102,8 @@ def tensorboard_tag(key: str) -> str:
 
 def read_metrics(workdir: str) -> tuple[list[dict], int]:
   """Records of DIR/metrics.jsonl in file order, and how many lines could not be parsed (a run
-  killed mid-write can leave a torn last line)."""
+  killed mid-write can leave a torn last line). Non-finite values, written as the strings
+  "NaN" / "Infinity" / "-Infinity", come back as floats."""
   path = fs.join(workdir, METRICS_FILE)
   if not fs.exists(path):
     raise FileNotFoundError(f"{path} does not exist; is {workdir!r} a coca_jax workdir?")
@@ -81,7 +113,8 @@ def read_metrics(workdir: str) -> tuple[list[dict], int]:
       if not line.strip():
         continue
       try:
-        records.append(json.loads(line))
+        # Bare NaN (files written before the strings) still parses: Python's json accepts it.
+        records.append(_from_json(json.loads(line)))
       except json.JSONDecodeError:
         bad += 1
   return records, bad
