@@ -221,9 +221,9 @@ def main(argv) -> None:
   except OSError as e:  # a full disk outside a checkpoint save (metrics, config.json, data)
     if not checkpoint.is_disk_full(e):
       raise
-    _exit_with(checkpoint.disk_full_message(
+    _exit_with(checkpoint.DiskFullError(checkpoint.disk_full_message(
         workdir, None, checkpoint.state_bytes(built.abstract_state),
-        checkpoint.read_known_good(workdir)), 2)
+        checkpoint.read_known_good(workdir))), 2)
   except NonFiniteError as e:
     _exit_with(e, NONFINITE_EXIT_CODE)
 
@@ -320,7 +320,6 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
                          known_good, record_known_good)
   if first_step > 0:
     watch.saved(first_step)  # the resumed checkpoint: known-good once a step runs cleanly from it
-  saving = None  # the step of the newest save started (a full disk names it)
 
   def flush(pending):
     nonlocal last_time, last_step
@@ -347,10 +346,17 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
     """Saves only a state the watch has cleared: the counters include this step's flag (the
     save would wait for the step anyway), so no state with a NaN/inf ever reaches the disk.
     The same check marks the newest known-good checkpoint, which rotation then keeps."""
-    nonlocal saving
     watch.check()
-    saving = step_num
-    if checkpoint.save(manager, step_num, state, train_iter, force=force):
+    try:
+      started = checkpoint.save(manager, step_num, state, train_iter, force=force)
+    except Exception as e:  # pylint: disable=broad-except  # only a full disk is turned into a message
+      if not checkpoint.is_disk_full(e):
+        raise
+      # The failed write is this save's, or (asynchronous saves) an earlier one's: the
+      # message names the step whose temporary directory is left, else this one.
+      raise checkpoint.DiskFullError(checkpoint.disk_full_message(
+          workdir, step_num, checkpoint.state_bytes(abstract_state), known_good.step)) from None
+    if started:
       watch.saved(step_num)
 
   # Built once per run (its compiled functions too): periodic evals do not recompile.
@@ -409,12 +415,15 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
         pass
     manager.wait_until_finished()  # finish writing the checkpoints already started
     raise NonFiniteError(f"{e} {checkpoint_facts(workdir, known_good.step)}") from None
+  except checkpoint.DiskFullError:
+    disk_full = True
+    raise
   except Exception as e:  # pylint: disable=broad-except  # only a full disk is turned into a message
     if not checkpoint.is_disk_full(e):
       raise
-    disk_full = True
+    disk_full = True  # an asynchronous save's failure, or metrics.jsonl's write
     raise checkpoint.DiskFullError(checkpoint.disk_full_message(
-        workdir, saving, checkpoint.state_bytes(abstract_state), known_good.step)) from None
+        workdir, None, checkpoint.state_bytes(abstract_state), known_good.step)) from None
   finally:
     try:
       manager.close()
