@@ -7,7 +7,9 @@ runs one block of every variant back to back (the order rotating), and each vari
 with the `unguarded` block of the same repetition, so slow swings of a shared machine's load
 cancel out; the figure is the median of those paired ratios.
   unguarded   the train step without the non-finite check (the check patched out)
-  halt        the default: the step's finite flag + the loop's on-device counters
+  halt        the default: the step's finite flag (loss, gradient norm, and an isfinite
+              reduction over the updated parameters and optimizer state) + the loop's
+              on-device counters
   skip        the flag, the counters, and the state kept when the flag is set (a select)
   halt+save   halt, plus one asynchronous orbax checkpoint at the block's first step; the block
               waits for the write to finish, so the whole cost of the save is inside it. Its

@@ -9,10 +9,14 @@ the config is the one checkpointed. One training at a time per workdir (DIR/LOCK
 `--dry_run` validates the config, builds the state abstractly (no allocation), prints one JSON
 object (parameter counts, mesh, batch, FLOPs per example) and exits.
 
-A NaN/inf loss or gradient norm stops the run with exit code 3 (`config.train.nonfinite=
-"halt"`, the default), before any non-finite state is saved; with "skip" the update is
-discarded and counted (`nonfinite_steps` in metrics.jsonl) and the run stops after
-`config.train.max_consecutive_skips` such steps in a row.
+A NaN/inf loss or gradient norm, or an update that leaves a NaN/inf in the parameters or the
+optimizer state, stops the run with exit code 3 (`config.train.nonfinite="halt"`, the
+default), before any such state is saved; with "skip" the update is discarded and counted
+(`nonfinite_steps` in metrics.jsonl) and the run stops after
+`config.train.max_consecutive_skips` such steps in a row. A checkpoint becomes known-good when a
+clean step has run from it (DIR/known_good.json); rotation (`config.checkpoint.keep`) never
+deletes the newest known-good one. A full disk ends the run with one message (exit code 2).
+See docs/training.md, "Safety".
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ def _to_python(tree) -> dict:
 
 
 class NonFiniteError(RuntimeError):
-  """The run met a NaN/inf loss or gradient norm and its policy says stop."""
+  """The run met a NaN/inf loss, gradient norm or updated state and its policy says stop."""
 
 
 def _count_nonfinite(counters: dict, flag, step) -> dict:
@@ -97,10 +101,20 @@ class NonFiniteWatch:
   sync) and reads the counts only where the host reads anyway: with the metrics of a log step
   (one step late) and before every checkpoint or evaluation (which wait for the step anyway).
   `check` raises NonFiniteError per the policy: "halt" at any non-finite step (the state after it
-  is never saved), "skip" after `max_consecutive` in a row."""
+  is never saved), "skip" after `max_consecutive` in a row.
 
-  def __init__(self, policy: str, max_consecutive: int, mesh):
+  It also marks checkpoints known-good. A saved state can be finite and still broken (weights
+  of 1e29 after a huge learning rate: the next forward pass gives NaN), so a checkpoint is
+  known-good only once the step run FROM it had a clear flag (finite loss, gradient and
+  update). That flag is kept on the device and read at the next `check`; the newest such step
+  goes to `known_good` (the rotation policy that keeps it) and to `on_known_good`."""
+
+  def __init__(self, policy: str, max_consecutive: int, mesh,
+               known_good: checkpoint.KnownGood | None = None, on_known_good=None):
     self.policy, self.max_consecutive = policy, max_consecutive
+    self.known_good = checkpoint.KnownGood() if known_good is None else known_good
+    self.on_known_good = on_known_good
+    self._unverified = {}  # saved step -> the flag of the step run from it (device), or None
     replicated = sharding.replicated(mesh)
     start = {"total": 0, "consecutive": 0, "longest": 0, "first": -1, "last": -1}
     # Made by a jitted function so that it also works on a mesh that spans processes.
@@ -108,25 +122,71 @@ class NonFiniteWatch:
                             out_shardings=replicated)()
     self._update = jax.jit(_count_nonfinite, out_shardings=replicated)
 
+  def saved(self, step: int) -> None:
+    """The state after `step` is in a checkpoint (or was restored from one): the flag of step
+    `step + 1` decides whether it is known-good."""
+    self._unverified[step] = None
+
   def observe(self, metrics: dict, step: int) -> None:
     self.counters = self._update(self.counters, metrics["nonfinite"], step)
+    if step - 1 in self._unverified and self._unverified[step - 1] is None:
+      self._unverified[step - 1] = metrics["nonfinite"]
+
+  def _verify(self) -> None:
+    ran = {s: flag for s, flag in self._unverified.items() if flag is not None}
+    if not ran:
+      return
+    newest = None
+    for step, flag in jax.device_get(ran).items():
+      del self._unverified[step]
+      if int(flag) == 0 and (self.known_good.step is None or step > self.known_good.step):
+        self.known_good.step = newest = step
+    if newest is not None and self.on_known_good is not None:
+      self.on_known_good(newest)
 
   def check(self, counters: dict | None = None) -> dict:
-    """Reads the counters (default: the current ones); returns {"nonfinite_steps": total}."""
+    """Reads the counters (default: the current ones) and the flags that decide known-good
+    checkpoints; returns {"nonfinite_steps": total}."""
+    self._verify()
     c = {k: int(v) for k, v in jax.device_get(counters or self.counters).items()}
     if self.policy == "halt" and c["first"] >= 0:
       raise NonFiniteError(
-          f"non-finite loss or gradient norm at step {c['first']} (config.train.nonfinite="
-          f"'halt'). No state from step {c['first']} on was saved; the checkpoints in the "
-          "workdir are intact. Lower config.optim.lr, check the data, or set "
-          "--config.train.nonfinite=skip to discard such updates.")
+          f"non-finite loss, gradient norm or updated state at step {c['first']} "
+          f"(config.train.nonfinite='halt'). No state from step {c['first']} on was saved. "
+          "Lower config.optim.lr, check the data, or set --config.train.nonfinite=skip to "
+          "discard such updates.")
     if self.policy == "skip" and c["longest"] >= self.max_consecutive:
       raise NonFiniteError(
-          f"{c['longest']} consecutive steps with a non-finite loss or gradient norm (the last "
-          f"at step {c['last']}; config.train.max_consecutive_skips={self.max_consecutive}). "
-          "Their updates were discarded, so the saved state is finite; the run is diverging: "
-          "lower config.optim.lr or check the data.")
+          f"{c['longest']} consecutive steps with a non-finite loss, gradient norm or updated "
+          f"state (the last at step {c['last']}; config.train.max_consecutive_skips="
+          f"{self.max_consecutive}). Their updates were discarded, so no NaN/inf entered the "
+          "state; but the state kept may itself be the cause (a finite, exploded state gives a "
+          "non-finite loss at every step). The run is diverging: lower config.optim.lr or "
+          "check the data.")
     return {"nonfinite_steps": c["total"]}
+
+
+def checkpoint_facts(workdir: str, known_good: int | None) -> str:
+  """What is on disk after a stop, checked now: the complete checkpoints, which one is
+  known-good, and how to resume from it."""
+  intact = checkpoint.intact_steps(workdir)
+  if not intact:
+    return "No complete checkpoint is on disk."
+  text = f"Complete checkpoints on disk (checked now): steps {intact}."
+  if known_good in intact:
+    text += (f" Step {known_good} is known-good (a train step ran from it with finite "
+             "values).")
+  else:
+    known_good = None
+  newer = [s for s in intact if known_good is None or s > known_good]
+  if newer:
+    text += (f" Not known to be good: {newer} (no clean train step has run from them; a "
+             "finite state can still be exploded).")
+  if known_good is not None and newer:
+    text += (f" A plain re-run resumes from step {intact[-1]}; to resume from the known-good "
+             f"one add --resume_step={known_good} (newer steps are then moved to "
+             f"{checkpoint.SET_ASIDE}, not deleted).")
+  return text
 
 
 def dry_run_summary(config, mesh) -> dict:
@@ -170,11 +230,24 @@ def main(argv) -> None:
   try:
     _train(config, workdir, built, profiler)
   except (checkpoint.CheckpointError, config_lib.ConfigError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _exit_with(e, 2)
+  except OSError as e:  # a full disk outside a checkpoint save (metrics, config.json, data)
+    if not checkpoint.is_disk_full(e):
+      raise
+    _exit_with(checkpoint.DiskFullError(checkpoint.disk_full_message(
+        workdir, None, checkpoint.state_bytes(built.abstract_state),
+        checkpoint.read_known_good(workdir))), 2)
   except NonFiniteError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(NONFINITE_EXIT_CODE)
+    _exit_with(e, NONFINITE_EXIT_CODE)
+
+
+def _exit_with(error, code: int) -> None:
+  print(f"error: {error}", file=sys.stderr)
+  if isinstance(error, checkpoint.DiskFullError) or checkpoint.is_disk_full(error):
+    # Storage threads that failed on the full disk may still complain while Python shuts
+    # down; the message above already said what happened.
+    sys.unraisablehook = lambda unraisable: None
+  sys.exit(code)
 
 
 def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
@@ -197,8 +270,9 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
 
   # ---- Checkpoint: resume from the newest readable step, or initialise ----------------------
   ckpt = config.checkpoint
+  known_good = checkpoint.KnownGood()  # rotation keeps it, whatever ckpt.keep says
   manager = checkpoint.make_manager(workdir, keep=ckpt.keep, every_steps=ckpt.every_steps,
-                                    async_save=ckpt.async_save)
+                                    async_save=ckpt.async_save, known_good=known_good)
   steps, _ = checkpoint.step_dirs(workdir)
   first_step = 0
   if steps or FLAGS.resume_step is not None:
@@ -222,6 +296,7 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
     state = built.init_state()
     if config.init.source:  # Parameters from another run or an import.
       state = warm_start.warm_start(config, state, state_shardings)
+  known_good.step = checkpoint.read_known_good(workdir)  # from an earlier run, if still there
   if jax.process_index() == 0:
     checkpoint.write_config(workdir, config)
 
@@ -250,8 +325,14 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
   pending = None
   last_time, last_step = time.perf_counter(), first_step
   progress = _Progress(config.train.steps, first_step)
-  watch = NonFiniteWatch(config.train.nonfinite,
-                         config.train.max_consecutive_skips, mesh)
+  def record_known_good(step):
+    if jax.process_index() == 0:
+      checkpoint.write_known_good(workdir, step)
+
+  watch = NonFiniteWatch(config.train.nonfinite, config.train.max_consecutive_skips, mesh,
+                         known_good, record_known_good)
+  if first_step > 0:
+    watch.saved(first_step)  # the resumed checkpoint: known-good once a step runs cleanly from it
 
   def flush(pending):
     nonlocal last_time, last_step
@@ -276,10 +357,20 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
 
   def save(step_num, force=False):
     """Saves only a state the watch has cleared: the counters include this step's flag (the
-    save would wait for the step anyway), so no non-finite state ever reaches the disk and
-    orbax's rotation never replaces good checkpoints with bad ones."""
+    save would wait for the step anyway), so no state with a NaN/inf ever reaches the disk.
+    The same check marks the newest known-good checkpoint, which rotation then keeps."""
     watch.check()
-    checkpoint.save(manager, step_num, state, train_iter, force=force)
+    try:
+      started = checkpoint.save(manager, step_num, state, train_iter, force=force)
+    except Exception as e:  # pylint: disable=broad-except  # only a full disk is turned into a message
+      if not checkpoint.is_disk_full(e):
+        raise
+      # The failed write is this save's, or (asynchronous saves) an earlier one's: the
+      # message names the step whose temporary directory is left, else this one.
+      raise checkpoint.DiskFullError(checkpoint.disk_full_message(
+          workdir, step_num, checkpoint.state_bytes(abstract_state), known_good.step)) from None
+    if started:
+      watch.saved(step_num)
 
   # Built once per run (its compiled functions too): periodic evals do not recompile.
   embedder = evaluators.Embedder(model, state.params, tokenizer,
@@ -290,7 +381,7 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
     return evaluators.evaluate(config, embedder)
 
   stop = preemption.StopSignal(manager)
-  step_num, stopped = first_step, False
+  step_num, stopped, disk_full = first_step, False, False
   try:
     with jax.set_mesh(mesh):
       for step_num in range(first_step + 1, config.train.steps + 1):
@@ -329,16 +420,29 @@ def _train(config, workdir: str, built: step_lib.TrainSetup, profiler) -> None:
                         "to resume", jax.process_index(), jax.process_count(), step_num)
         return
       results = evaluate()
-  except NonFiniteError:
+  except NonFiniteError as e:
     if pending is not None:
       try:  # the record of the step being logged: it shows where the loss went
         flush(pending)
       except NonFiniteError:
         pass
-    manager.wait_until_finished()  # finish writing the good checkpoints already started
+    manager.wait_until_finished()  # finish writing the checkpoints already started
+    raise NonFiniteError(f"{e} {checkpoint_facts(workdir, known_good.step)}") from None
+  except checkpoint.DiskFullError:
+    disk_full = True
     raise
+  except Exception as e:  # pylint: disable=broad-except  # only a full disk is turned into a message
+    if not checkpoint.is_disk_full(e):
+      raise
+    disk_full = True  # an asynchronous save's failure, or metrics.jsonl's write
+    raise checkpoint.DiskFullError(checkpoint.disk_full_message(
+        workdir, None, checkpoint.state_bytes(abstract_state), known_good.step)) from None
   finally:
-    manager.close()
+    try:
+      manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      if not (disk_full and checkpoint.is_disk_full(e)):  # already reported
+        raise
     writer.close()
     train_iter.close()
     lock.release()

@@ -93,8 +93,8 @@ def test_nonfinite_halt_exits_nonzero_and_keeps_the_good_checkpoints(four_steps,
   result = _train(workdir, "--config.train.steps=12", "--config.optim.lr=1e30",
                   "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=2")
   assert result.returncode == train_lib.NONFINITE_EXIT_CODE, result.stderr[-3000:]
-  assert "non-finite loss or gradient norm at step" in result.stderr
-  bad_step = int(result.stderr.split("non-finite loss or gradient norm at step ")[1].split()[0])
+  assert "non-finite loss, gradient norm or updated state at step" in result.stderr
+  bad_step = int(result.stderr.split("gradient norm or updated state at step ")[1].split()[0])
   assert not np.isfinite(_losses(workdir)[bad_step])
   steps = checkpoint.step_dirs(str(workdir))[0]
   assert steps and max(steps) < bad_step
@@ -154,6 +154,70 @@ def test_nonfinite_watch_policies():
   skip.observe({"nonfinite": jnp.int32(0)}, 7)  # the streak ended before the read: still seen
   with pytest.raises(train_lib.NonFiniteError, match="3 consecutive .*the last at step 6"):
     skip.check()
+
+
+def test_an_update_that_leaves_a_nonfinite_state_is_flagged_and_skipped():
+  # The loss and the gradient are finite, but a learning rate past float32's range makes the
+  # update inf: a guard that looked at the loss alone would let that state be saved.
+  config = smoke_config()
+  config.train.nonfinite = "skip"
+  config.optim.lr = 1e39
+  built = step_lib.setup(config)
+  state = built.init_state()
+  with jax.set_mesh(built.mesh):
+    before = jax.tree.map(np.array, state)
+    state, metrics = built.train_step()(state, random_batch(config, config.train.batch_size))
+  assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+  assert int(metrics["nonfinite"]) == 1
+  assert all(jax.tree.leaves(jax.tree.map(np.array_equal, jax.tree.map(np.array, state),
+                                          before)))
+
+
+def _max_abs(params) -> float:
+  return max(float(np.abs(leaf).max()) for leaf in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("policy", ["halt", "skip"])
+def test_exploded_but_finite_weights_never_rotate_the_newest_good_checkpoint_away(
+    four_steps, tmp_path, policy):
+  # lr=1e30: step 5's loss (from checkpoint 4) is finite and its update plants finite weights
+  # of ~1e29, whose forward pass is NaN from step 6 on. With keep=1, rotation must still keep
+  # checkpoint 4, the newest one a clean step ran from, and the message must name it.
+  workdir = _copy(four_steps, tmp_path)
+  good = _params(workdir, 4)
+  result = _train(workdir, "--config.train.steps=12", "--config.optim.lr=1e30",
+                  f"--config.train.nonfinite={policy}", "--config.train.max_consecutive_skips=3",
+                  "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=1")
+  assert result.returncode == train_lib.NONFINITE_EXIT_CODE, result.stderr[-3000:]
+  steps = checkpoint.step_dirs(str(workdir))[0]
+  assert 4 in steps, steps
+  jax.tree.map(np.testing.assert_array_equal, _params(workdir, 4), good)
+  exploded = [s for s in steps if s > 4]
+  assert exploded, steps  # the exploded state was saved (it is finite), but not alone
+  for step in exploded:
+    params = _params(workdir, step)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+    assert _max_abs(params) > 1e20
+  assert json.loads((workdir / checkpoint.KNOWN_GOOD_FILE).read_text()) == {"step": 4}
+  error = result.stderr.split("error: ")[-1]
+  assert "Step 4 is known-good" in error and "--resume_step=4" in error
+  assert f"Not known to be good: {exploded}" in error
+  assert "intact" not in error and "saved state is finite" not in error
+
+
+def test_rotation_keeps_the_known_good_step_whatever_keep_says(tmp_path):
+  config = smoke_config()
+  built = step_lib.setup(config)
+  state = built.init_state()
+  known_good = checkpoint.KnownGood()
+  manager = checkpoint.make_manager(str(tmp_path), keep=1, async_save=False,
+                                    known_good=known_good)
+  for step in range(1, 5):
+    if step == 3:
+      known_good.step = 2
+    checkpoint.save(manager, step, state, force=True)
+  manager.close()
+  assert checkpoint.step_dirs(str(tmp_path))[0] == [2, 4]
 
 
 def test_nan_embeddings_never_score():
@@ -263,6 +327,40 @@ def test_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path, cap
       {"pid": 1, "host": "another-host", "started": "earlier"}))
   with pytest.raises(checkpoint.CheckpointError, match="another-host"):
     checkpoint.WorkdirLock(str(tmp_path)).acquire()
+
+
+_FULL_DISK_AT_STEP_4 = """
+import errno, sys
+from coca_jax.training import checkpoint
+from coca_jax import train
+real_save = checkpoint.save
+def save(manager, step, *args, **kwargs):
+  if step >= 4:
+    raise OSError(errno.ENOSPC, "No space left on device")
+  return real_save(manager, step, *args, **kwargs)
+checkpoint.save = save
+sys.argv = ["train"] + sys.argv[1:]
+train.run()
+"""
+
+
+def test_a_full_disk_during_a_save_gives_one_message(tmp_path):
+  workdir = tmp_path / "run"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run(
+      [sys.executable, "-c", _FULL_DISK_AT_STEP_4, "--config", SMOKE, "--workdir", str(workdir),
+       "--config.train.steps=6", "--config.checkpoint.every_steps=2"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  error = result.stderr.split("error: ")[-1]
+  assert "the disk is full: writing the checkpoint of step 4" in error
+  config = checkpoint.read_config(str(workdir))
+  needed = checkpoint.state_bytes(step_lib.setup(config).abstract_state)
+  assert f"needs up to {needed / 1000:.1f} KB" in error
+  assert "Complete checkpoints on disk (checked now): steps 2." in error
+  assert "re-run the same command: it resumes from step 2" in error
+  assert checkpoint.step_dirs(str(workdir))[0] == [2]
 
 
 def test_train_refuses_a_workdir_locked_by_a_live_run(tmp_path):
@@ -489,3 +587,44 @@ def test_zero_shot_transfer_splits_are_checked():
     evaluators.check_evals(config, make_source)
   config.evals.zeroshot.transfer_templates = [["a black {}"], []]
   evaluators.check_evals(config, make_source)
+
+
+def _claim_lock(workdir, start, done, results):
+  start.wait()
+  try:
+    checkpoint.WorkdirLock(workdir).acquire()
+    results.put("held")
+  except checkpoint.CheckpointError as e:
+    results.put(f"refused: {e}")
+  except Exception as e:  # pylint: disable=broad-except  # reported, not a hang
+    results.put(f"crashed: {e!r}")
+  done.wait()  # a holder keeps its (live) pid in the LOCK until every claimant has tried
+  os._exit(0)
+
+
+def test_a_stale_lock_has_exactly_one_taker_among_concurrent_claimants(tmp_path):
+  # Read, liveness check and removal of a stale LOCK are three steps; 8 claimants doing them at
+  # once must still leave exactly one holder, in every trial.
+  import multiprocessing
+  import socket
+  ctx = multiprocessing.get_context("fork")
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  claimants = 8
+  for trial in range(6):
+    workdir = tmp_path / f"trial{trial}"
+    workdir.mkdir()
+    (workdir / checkpoint.LOCK_FILE).write_text(json.dumps(
+        {"pid": dead.pid, "host": socket.gethostname(), "started": f"trial {trial}"}))
+    start, done = ctx.Barrier(claimants), ctx.Barrier(claimants)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_claim_lock, args=(str(workdir), start, done, results))
+             for _ in range(claimants)]
+    for p in procs:
+      p.start()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+      p.join(timeout=60)
+    assert outcomes.count("held") == 1, (trial, outcomes)
+    holder = json.loads((workdir / checkpoint.LOCK_FILE).read_text())["pid"]
+    assert holder in {p.pid for p in procs}

@@ -9,6 +9,7 @@ formats it as the bare message; WARNING and above pass from everywhere, with the
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging as py_logging
 import os
 
@@ -17,11 +18,31 @@ from absl import logging
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
+DISK_FULL_TEXT = "No space left on device"
+
+
 class _OwnInfoAndWarnings(py_logging.Filter):
+  """Also drops other libraries' reports of a full disk: a failed checkpoint save makes each of
+  orbax's writer threads log its own traceback (hundreds of lines), and the trainer prints one
+  message of its own instead (checkpoint.disk_full_message)."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return (record.levelno >= py_logging.WARNING
-            or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR))
+    own = os.path.abspath(record.pathname).startswith(_PACKAGE_DIR)
+    if not own and record.levelno >= py_logging.WARNING and _mentions_disk_full(record):
+      return False
+    return record.levelno >= py_logging.WARNING or own
+
+
+def _mentions_disk_full(record: py_logging.LogRecord) -> bool:
+  if DISK_FULL_TEXT in record.getMessage():
+    return True
+  error, seen = (record.exc_info[1] if record.exc_info else None), set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if DISK_FULL_TEXT in str(error) or getattr(error, "errno", None) == errno.ENOSPC:
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 class _Formatter(py_logging.Formatter):

@@ -8,7 +8,10 @@ Layout of a workdir:
   DIR/checkpoints/<step>/{state,data}
   DIR/checkpoints_set_aside/<step>   unreadable steps, or steps newer than --resume_step, moved
                            out of the way by the trainer (never deleted)
+  DIR/known_good.json      {"step": S}: the newest checkpoint a clean train step has run from
+                           (kept whatever `keep` says until a newer one is known-good)
   DIR/LOCK                 {pid, host, started} of the training that writes here
+  DIR/LOCK.takeover-<id>   the claim of the one run that took over a stale LOCK
 
 Restoring takes an abstract TrainState whose leaves carry the TARGET shardings, so a checkpoint
 written on one mesh restores onto any other (orbax reshards on read).
@@ -24,8 +27,12 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import errno
+import hashlib
 import json
+import math
 import os
+import shutil
 import socket
 from typing import Any, Callable
 
@@ -48,15 +55,57 @@ class CheckpointError(RuntimeError):
   """No usable checkpoint, or a checkpoint that does not fit this run; says why."""
 
 
+class DiskFullError(CheckpointError):
+  """A save (or another write of the run) found no space left; see `disk_full_message`."""
+
+
 def checkpoint_dir(workdir: str) -> str:
   return fs.join(fs.resolve(workdir), "checkpoints")
 
 
+KNOWN_GOOD_FILE = "known_good.json"
+
+
+class KnownGood(ocp.checkpoint_managers.PreservationPolicy):
+  """Rotation's exception: the checkpoint at `step`, the newest known-good one, is never
+  deleted, whatever `keep` says. A checkpoint is known-good once a train step has run from it
+  with a finite loss, gradient and update (the train loop sets `step`; it only grows). A finite
+  state can still be broken (exploded weights give NaN in the next forward pass), so a state
+  is not known-good merely because its own values are finite."""
+
+  def __init__(self, step: int | None = None):
+    self.step = step
+
+  def should_preserve(self, checkpoints, *, context):
+    del context
+    return [info.step == self.step for info in checkpoints]
+
+
+def read_known_good(workdir: str) -> int | None:
+  """The step DIR/known_good.json names, if that checkpoint is still under DIR/checkpoints."""
+  path = fs.join(fs.resolve(workdir), KNOWN_GOOD_FILE)
+  try:
+    step = json.loads(fs.read_text(path)).get("step")
+  except (OSError, ValueError, AttributeError):
+    return None
+  return step if isinstance(step, int) and step in step_dirs(workdir)[0] else None
+
+
+def write_known_good(workdir: str, step: int) -> None:
+  fs.write_text(fs.join(fs.resolve(workdir), KNOWN_GOOD_FILE), json.dumps({"step": step}))
+
+
 def make_manager(workdir: str, *, keep: int = 2, every_steps: int = 0,
-                 async_save: bool = True) -> ocp.CheckpointManager:
-  """A manager saving every `every_steps` (0: only when forced) and on preemption."""
+                 async_save: bool = True, known_good: KnownGood | None = None,
+                 ) -> ocp.CheckpointManager:
+  """A manager saving every `every_steps` (0: only when forced) and on preemption. It keeps the
+  newest `keep` checkpoints and, with `known_good`, also the one that policy names."""
+  policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+  if known_good is not None:
+    policies.append(known_good)
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep,
+      max_to_keep=None,
+      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
       save_interval_steps=every_steps if every_steps > 0 else 1,
       enable_async_checkpointing=async_save,
       create=True,
@@ -251,6 +300,14 @@ class WorkdirLock:
   message naming the holder; left by a dead process on this host (a SIGKILL, a crash, a lost
   machine), it is taken over with a warning. In a multi-process run only process 0 holds it.
   Released on `release()` and at interpreter exit.
+
+  Taking over is atomic too: reading the stale LOCK, finding its process dead and replacing it
+  are three steps, and two runs doing them at once could each replace the other's fresh LOCK.
+  So a run first claims that one stale LOCK by exclusively creating DIR/LOCK.takeover-<id>,
+  <id> a hash of the stale LOCK's bytes: of all the runs that read the same stale LOCK, exactly
+  one creates the claim, and only it removes the LOCK and creates its own; the others are
+  refused. Claims are never removed (a run that read the stale LOCK long ago must still find
+  its claim taken); each is a few bytes, one per takeover.
   """
 
   def __init__(self, workdir: str):
@@ -264,18 +321,24 @@ class WorkdirLock:
   def _create(self) -> bool:
     return fs.create_exclusive(self.path, json.dumps(self._record()).encode("utf-8"))
 
+  def _held(self) -> "WorkdirLock":
+    self.held = True
+    atexit.register(self.release)
+    return self
+
   def acquire(self) -> "WorkdirLock":
     for _ in range(3):  # a lock removed between our attempts is simply tried again
       if self._create():
-        self.held = True
-        atexit.register(self.release)
-        return self
+        return self._held()
       try:
-        holder = json.loads(fs.read_text(self.path))
+        raw = fs.read_bytes(self.path)
       except FileNotFoundError:
         continue
-      except (OSError, ValueError):
+      try:
+        holder = json.loads(raw)
+      except ValueError:
         holder = {}
+      holder = holder if isinstance(holder, dict) else {}
       pid, host = holder.get("pid"), holder.get("host")
       described = f"pid {pid} on host {host}, started {holder.get('started', '?')}"
       if host != socket.gethostname() or not isinstance(pid, int):
@@ -288,9 +351,19 @@ class WorkdirLock:
             f"{fs.dirname(self.path)} is in use by another training ({described}): two "
             f"runs would interleave metrics and overwrite each other's checkpoints. Wait for it "
             f"to finish (or stop it), or use another --workdir.")
+      claim = f"{self.path}.takeover-{hashlib.sha256(raw).hexdigest()[:16]}"
+      if not fs.create_exclusive(claim, json.dumps(self._record()).encode("utf-8")):
+        raise CheckpointError(
+            f"{fs.dirname(self.path)}: another run is taking over the stale lock {self.path} "
+            f"({described}) at the same time; it keeps the workdir. If no other run is "
+            f"starting, delete {self.path} and {claim}.")
       logging.warning("Taking over the stale lock %s of a process that no longer runs (%s)",
                       self.path, described)
       fs.remove(self.path)
+      if self._create():
+        return self._held()
+      # A run that never saw the stale LOCK created one in between: theirs stands (the next
+      # attempt reads it); our claim stays, so no late reader of the stale LOCK removes theirs.
     raise CheckpointError(f"could not take the lock {self.path}; another run is starting "
                           "in the same --workdir")
 
@@ -396,3 +469,79 @@ def load_params_for_init(source: str, params, shardings) -> tuple[Any, dict]:
   merged = [loaded.get(path, leaf) for path, leaf in own.items()]
   return (jax.tree.unflatten(treedef, merged),
           {"loaded": len(loaded), "kept_fresh": kept_fresh, "ignored": ignored})
+
+
+# ----------------------------------------------------------------------------------------------
+# A full disk: one message of ours instead of the storage library's tracebacks.
+# ----------------------------------------------------------------------------------------------
+
+DISK_FULL_TEXT = "No space left on device"
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+  """True if `error` or an exception it was raised from is ENOSPC. orbax reports tensorstore's
+  ENOSPC as a ValueError('RESOURCE_EXHAUSTED: ... No space left on device'), so the text
+  counts too."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+      return True
+    if DISK_FULL_TEXT in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _size(num_bytes: float) -> str:
+  for unit in ("bytes", "KB", "MB", "GB", "TB"):
+    if num_bytes < 1000 or unit == "TB":
+      return f"{num_bytes:.0f} {unit}" if unit == "bytes" else f"{num_bytes:.1f} {unit}"
+    num_bytes /= 1000
+  return ""
+
+
+def state_bytes(state) -> int:
+  """Bytes of every array in `state`, uncompressed (global shapes): an upper estimate of one
+  checkpoint (orbax compresses the arrays; the data position adds a few bytes)."""
+  return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(state)
+             if hasattr(leaf, "dtype"))
+
+
+def intact_steps(workdir: str) -> list[int]:
+  """Steps under DIR/checkpoints whose layout is complete (see `unreadable_reason`)."""
+  return [s for s in step_dirs(workdir)[0] if unreadable_reason(workdir, s) is None]
+
+
+def disk_full_message(workdir: str, step: int | None, needed: int,
+                      known_good: int | None = None) -> str:
+  """The one message for a full disk: which save (the step whose orbax temporary directory is
+  left, else `step`, the newest save started), the space one checkpoint needs, what is
+  complete on disk (checked now), and how to resume."""
+  root = checkpoint_dir(workdir)
+  partial = sorted(name for name in fs.listdir(root) if "orbax-checkpoint-tmp" in name)
+  failed = sorted({int(name.split(".")[0]) for name in partial if name.split(".")[0].isdigit()})
+  failed = failed or ([step] if step is not None else [])
+  free = ""
+  if not fs.is_url(root):
+    probe = root
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+      probe = os.path.dirname(probe)
+    free = f"; {_size(shutil.disk_usage(probe).free)} free there now"
+  what = (f"the checkpoint of step {', '.join(map(str, failed))}" if failed
+          else "the run's files")
+  intact = intact_steps(workdir)
+  listed = ", ".join(str(s) + (" (known-good)" if s == known_good else "") for s in intact)
+  message = (f"the disk is full: writing {what} under {root} failed ({DISK_FULL_TEXT}). One "
+             f"checkpoint needs up to {_size(needed)} (the state's arrays, uncompressed){free}. "
+             f"Complete checkpoints on disk (checked now): "
+             f"{'steps ' + listed if intact else 'none'}.")
+  if partial:
+    message += (f" The partly written save is left as {', '.join(partial)}; resuming ignores "
+                "it, and it can be deleted.")
+  if intact:
+    message += (" Free space (or lower config.checkpoint.keep), then re-run the same command: "
+                f"it resumes from step {intact[-1]}, the newest complete checkpoint.")
+  else:
+    message += " Free space, then re-run the same command: with no checkpoint it starts at step 0."
+  return message

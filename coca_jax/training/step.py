@@ -308,13 +308,28 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
 NONFINITE_POLICIES = ("halt", "skip")
 
 
+def all_finite(tree) -> jax.Array:
+  """One bool: every floating-point leaf of `tree` is free of NaN/inf. One fused reduction per
+  leaf and an and over the leaves; integer leaves (step counters) cannot be non-finite."""
+  flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+           if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+  return functools.reduce(jnp.logical_and, flags, jnp.bool_(True))
+
+
 def guard_nonfinite(state: TrainState, new_state: TrainState, metrics: dict,
                     policy: str) -> tuple[TrainState, dict]:
-  """Adds metrics["nonfinite"] (int32 0/1: the loss or the gradient norm is NaN/inf) and, with
-  policy "skip", returns the old state unchanged (bit for bit, step counter included) when it is
-  set. The flag is computed inside the step, so the host learns of it with the metrics it reads
-  anyway, one step late; what to do then (halt, or count the skip) is the train loop's job."""
-  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+  """Adds metrics["nonfinite"] (int32 0/1): the loss or the gradient norm is NaN/inf, or the
+  update left a NaN/inf in the new parameters or optimizer state, i.e. in what a checkpoint
+  of `new_state` would hold. With policy "skip", returns the old state unchanged (bit for bit,
+  step counter included) when it is set. The flag is computed inside the step, so the host
+  learns of it with the metrics it reads anyway, one step late; what to do then (halt, or
+  count the skip) is the train loop's job.
+
+  A state can be finite and still broken (weights of 1e29 after a huge learning rate give NaN
+  in the next forward pass): that shows as the NEXT step's flag, which the train loop uses to
+  mark a checkpoint known-good (see train.NonFiniteWatch)."""
+  finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+            & all_finite((new_state.params, new_state.opt_state)))
   if policy == "skip":
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
   elif policy != "halt":
