@@ -70,7 +70,8 @@ class RoutedExperts:
     (i + 1) % every == 0: 1 = every layer, 2 = layers 1, 3, 5, ... (V-MoE's "every other").
   priority: non-causal tokens: 'batch' (Batch Priority Routing) or 'position' (see the module
     docstring). Causal text always routes by position.
-  group_size: examples per BPR group (0 = the whole batch of the call); must divide the batch.
+  group_size: examples per BPR group (0 = the whole batch of the call); a batch it does not
+    divide routes in groups of gcd(group_size, batch).
   noise_std: std of the Gaussian noise on the router logits in training (0 = none).
   """
   num_experts: int = 1
@@ -185,11 +186,12 @@ class FeedForward(nn.Module):
     # A routing group: `group` examples (BPR) or one sequence. The dispatch below runs per group.
     group = 1
     if batch_priority:
-      group = self.group_size or batch
-      if self.group_size < 0 or batch % group:
-        raise ValueError(f"group_size={self.group_size} must divide the batch {batch} of this "
-                         "routed layer; set the experts' group_size to a divisor of the batch "
-                         "per data shard (0 = the whole batch)")
+      if self.group_size < 0:
+        raise ValueError(f"group_size={self.group_size} must be >= 0 (0 = the whole batch)")
+      # A batch that is not a multiple of group_size (init's dummy batch, a last eval batch)
+      # routes in the largest groups that tile it; config.validate holds the training batch to
+      # multiples.
+      group = math.gcd(self.group_size, batch) if self.group_size else batch
     groups, tokens = batch // group, group * length
     capacity = expert_capacity(self.capacity_length * group or tokens, num, k,
                                self.capacity_factor)
