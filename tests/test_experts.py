@@ -181,6 +181,20 @@ def test_bpr_drops_image_patches_evenly_over_the_raster_where_position_priority_
   assert second - first > 10 * se and chi2 > 200.0, results
 
 
+def test_router_noise_is_drawn_from_the_router_rng_only():
+  """Noise on the router logits when the call passes a 'router' rng (the train step does), the
+  same noise for the same rng, and none without one (evaluation, decoding)."""
+  noisy = FeedForward(MLP, num_experts=EXPERTS, routing="topk", top_k=1, capacity_factor=1.0,
+                      noise_std=1.0)
+  _, params, x, quiet, _ = _routed(1, 1.0, priority="batch")
+  apply = lambda **kw: np.asarray(noisy.apply({"params": params}, x, **kw))
+  np.testing.assert_array_equal(apply(), quiet)
+  first = apply(rngs={"router": jax.random.key(5)})
+  np.testing.assert_array_equal(apply(rngs={"router": jax.random.key(5)}), first)
+  assert not np.allclose(first, quiet)
+  assert not np.allclose(apply(rngs={"router": jax.random.key(6)}), first)
+
+
 def test_padding_takes_no_slot_and_is_left_out_of_the_statistics():
   mask = np.ones((BATCH, LENGTH), bool)
   mask[0, 2:] = False
@@ -351,7 +365,8 @@ def test_experts_config_is_validated_with_field_names():
   from conftest import smoke_config
   from coca_jax import config as config_lib
   c = smoke_config()
-  c.model.vision.experts = dict(num_experts=4, top_k=5, capacity_factor=0.0, every=1, k=2)
+  c.model.vision.experts = dict(num_experts=4, top_k=5, capacity_factor=0.0, every=1, k=2,
+                                priority="gate", group_size=-1, noise_std=-0.5)
   c.model.text.experts = dict(num_experts=4, top_k=1, capacity_factor=1.0, every=2)
   c.loss.router_balance_weight = -1.0
   with pytest.raises(config_lib.ConfigError) as error:
@@ -362,6 +377,10 @@ def test_experts_config_is_validated_with_field_names():
                    "config.model.vision.experts.top_k=5 exceeds "
                    "config.model.vision.experts.num_experts=4",
                    "config.model.vision.experts.capacity_factor=0.0 must be > 0",
+                   "config.model.vision.experts.priority='gate' is unknown; use one of batch, "
+                   "position",
+                   "config.model.vision.experts.group_size=-1 must be an integer >= 0",
+                   "config.model.vision.experts.noise_std=-0.5 must be a number >= 0",
                    # The smoke decoders are 1 + 1 layers deep and scanned.
                    "config.model.text.n_uni=1 is not a multiple of config.model.text.experts.every=2",
                    "config.loss.router_balance_weight=-1.0 must be a number >= 0"):
