@@ -795,9 +795,11 @@ def validate(config, num_devices: int | None = None) -> None:
         # A BPR group must lie on one batch shard: else routing would need the other shards'
         # tokens (communication), and a group of "the shard's batch" would make the result
         # depend on the mesh. A fixed group size that divides the per-shard batch does neither.
-        # Only non-causal tokens route by batch priority: images, and a MoME's text in the
-        # bidirectional ITM pass; the towers' text decoders are causal.
-        non_causal = (field in ("model.vision.experts", "model.mome.experts.image")
+        # Only non-causal tokens route by batch priority: images (a MoME's ffn_fusion routes
+        # image tokens too) and a MoME's text in the bidirectional ITM pass; the towers' text
+        # decoders are causal.
+        non_causal = (field in ("model.vision.experts", "model.mome.experts.image",
+                                "model.mome.experts.fusion")
                       or (field.startswith("model.mome.") and config.loss.get("itm_weight", 0) > 0))
         group, batch = experts.get("group_size", 0), t.batch_size
         if (num > 1 and non_causal and experts.get("priority", "batch") == "batch" and shards > 1
