@@ -6,7 +6,13 @@ mode of the demo, side by side in one process.
 Every spec's train step is compiled first; then each round times `--steps` steps of every spec in
 turn on a synthetic batch (so all see the same machine load). Prints one JSON line per spec with
 the median step time over rounds, its ratio to the first spec's median (the dense demo by
-default), and the median over rounds of the per-round ratio.
+default), the median over rounds of the per-round ratio, and for routed specs the share of
+image-token choices over capacity (`image_dropped`, mean over the image-side routers, from the
+last timed step's metrics: the routers as the synthetic steps left them).
+
+A spec may end in '@' and comma-separated changes of the image side's experts:
+`image_capacity=F` (capacity factor), `image_priority=position|batch`, `image_group=G`
+(BPR group size), e.g. `demo.py:limoe@image_priority=position`.
 """
 
 from __future__ import annotations
@@ -23,17 +29,35 @@ SPECS = ("demo.py", "demo.py:limoe", "demo.py:limoe@image_capacity=2.0", "demo.p
          "demo.py:mome,limoe")
 
 
+IMAGE_CHANGES = {"image_capacity": ("capacity_factor", float), "image_priority": ("priority", str),
+                 "image_group": ("group_size", int)}
+
+
 def load(spec: str):
-  """experiments/<spec>; a suffix '@image_capacity=F' sets the image side's capacity factor."""
+  """experiments/<spec>; a suffix '@name=value,...' changes the image side's experts (see the
+  module docstring)."""
   from coca_jax.core import config as config_lib
-  spec, _, change = spec.partition("@")
+  spec, _, changes = spec.partition("@")
   config = config_lib.load_config(os.path.join(REPO, "experiments", spec))
-  if change:
-    factor = float(change.split("=")[1])
-    experts = (config.model.mome.experts.image if config.model.get("backbone") == "mome"
-               else config.model.vision.experts)
-    experts.capacity_factor = factor
+  mome = config.model.get("backbone") == "mome"
+  for change in filter(None, changes.split(",")):
+    name, _, value = change.partition("=")
+    if name not in IMAGE_CHANGES:
+      raise ValueError(f"bench_routing: unknown change {name!r}; known: {sorted(IMAGE_CHANGES)}")
+    field, kind = IMAGE_CHANGES[name]
+    groups = ([config.model.mome.experts.image] + (
+        [config.model.mome.experts.fusion] if config.model.mome.experts.get("fusion") else [])
+              if mome else [config.model.vision.experts])
+    for experts in groups:  # MoME: ffn_fusion routes image tokens too.
+      experts[field] = kind(value)
   return config
+
+
+def image_dropped(metrics) -> float | None:
+  """Mean dropped share of image-token choices over the image-side routers, or None."""
+  shares = [float(v) for k, v in metrics.items() if k.endswith("/dropped_fraction")
+            and ("router/vision/" in k or "/ffn_image/" in k or "/image/" in k)]
+  return round(sum(shares) / len(shares), 4) if shares else None
 
 
 def main(argv=None) -> None:
@@ -72,6 +96,7 @@ def main(argv=None) -> None:
           run["state"], metrics = run["step"](run["state"], run["batch"])
         jax.block_until_ready(metrics)
       run["times"].append((time.perf_counter() - start) / args.steps)
+      run["metrics"] = metrics
   base = statistics.median(runs[specs[0]]["times"])
   base_times = runs[specs[0]]["times"]
   for spec, run in runs.items():
@@ -83,6 +108,7 @@ def main(argv=None) -> None:
                           round_ratio_median=round(round_ratio, 3),
                           params_total=run["params_total"], params_active=run["params_active"],
                           forward_flops=run["forward_flops"],
+                          image_dropped=image_dropped(run["metrics"]),
                           times=[round(t, 4) for t in run["times"]])), flush=True)
 
 

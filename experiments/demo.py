@@ -18,8 +18,9 @@ Args (comma-separated after ':'):
   limoe  learned expert routing (LIMoE-style): 4 experts, top-1, in every other layer of the
          image encoder (layers 1, 3) and of the text decoder (text layers 1, 3), with the
          Switch balance loss and LIMoE's global-entropy loss; capacity factor 2.0 on the image
-         side (per-image capacity; 1.25 dropped most background patches), 1.25 on the text
-         side. Combines with smoke / mini.
+         side (chosen when capacity was per image, where 1.25 dropped most background patches;
+         image tokens now use Batch Priority Routing over the batch, docs/models.md), 1.25 on
+         the text side. Combines with smoke / mini.
   vary   half the scenes drawn varied: each one large stroke digit
          (coca_jax/data/stroke_digits.py, pen strokes like other people's handwriting) near
          the centre as in MNIST, at any pixel position; polarity, tint, ink colour; black ink
@@ -51,9 +52,11 @@ from coca_jax.data.digit_scenes import (DIGIT_NAMES, TRANSFER_SPLITS, transfer_t
                                         zero_shot_templates)
 from coca_jax.training.metrics_log import PROFILE_DEFAULTS
 
-# Image-side routing: capacity is per image, and a scene's many near-identical background
-# patches pick the same expert; at 1.25x an even share 56-60% of the image choices were dropped
-# after 150 steps, at 2.0x 39-40%, at no measurable step cost (README, "Learned routing").
+# Image-side routing. Measured when capacity was per image with position priority: a scene's
+# many near-identical background patches pick the same expert, and at 1.25x an even share 56-60%
+# of the image choices were dropped after 150 steps, at 2.0x 39-40%, at no measurable step cost
+# (README, "Learned routing"). Image tokens now route by Batch Priority Routing with capacity
+# over the batch (docs/models.md, "Learned routing"); the factor is kept until re-measured.
 IMAGE_CAPACITY_FACTOR = 2.0
 
 

@@ -1,7 +1,8 @@
 """Spec: routed experts sharded over the mesh's `expert` axis compute what one device computes.
 
-A tiny CoCa with routed feed-forwards in the image encoder (4 experts, top-2) and both text
-decoders (4 experts, top-1) on a (data=2, expert=4) mesh of 8 simulated CPU devices: loss and
+A tiny CoCa with routed feed-forwards in the image encoder (4 experts, top-2, Batch Priority
+Routing over groups of 2 examples, the batch per shard) and both text decoders (4 experts,
+top-1) on a (data=2, expert=4) mesh of 8 simulated CPU devices: loss and
 gradients equal the single-device values, and the compiled program holds one expert per device
 (the expert weights are sharded, not replicated). Runs in a subprocess, as tests/test_sharding.py.
 """
@@ -24,7 +25,8 @@ MESH = dict(data=2, expert=4)
 def routed_config():
   from test_sharding import tiny_config
   c = tiny_config()
-  c.model.vision.experts = dict(num_experts=4, top_k=2, capacity_factor=1.0, every=1)
+  c.model.vision.experts = dict(num_experts=4, top_k=2, capacity_factor=1.0, every=1,
+                                group_size=2)
   c.model.text.experts = dict(num_experts=4, top_k=1, capacity_factor=1.5, every=1)
   return c
 
@@ -121,6 +123,17 @@ def test_expert_count_must_divide_the_expert_axis():
     config_lib.validate(c, num_devices=8)
   assert "config.model.vision.experts.num_experts=6" in str(error.value)
   assert "config.mesh.expert=4" in str(error.value)
+
+
+def test_batch_priority_groups_must_lie_on_one_batch_shard():
+  from coca_jax.core import config as config_lib
+  c = routed_config()
+  c.mesh.update(MESH)
+  c.model.vision.experts["group_size"] = 0  # The whole batch: across the 8 shards.
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"config.model.vision.experts.group_size=0 must divide the 2 examples "
+                           r"per batch shard"):
+    config_lib.validate(c, num_devices=8)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""Learned expert routing: `FeedForward`'s top-k router against a per-token reference, causal
-safety (no token sees a later one; cached decoding equals the full pass), mixed dense/routed
-stacks, and the router's auxiliary losses reaching the train loss and its gradient."""
+"""Learned expert routing: `FeedForward`'s top-k router against a per-token reference (position
+priority, token-major causal priority, and Batch Priority Routing over groups of examples),
+dropped image tokens spread over the raster under BPR, causal safety (no token sees a later
+one; cached decoding equals the full pass), mixed dense/routed stacks, and the router's
+auxiliary losses reaching the train loss and its gradient."""
 
 import flax.linen as nn
 import jax
@@ -18,9 +20,11 @@ from coca_jax.models.experts import FeedForward, RoutedExperts
 BATCH, LENGTH, WIDTH, MLP, EXPERTS = 2, 6, 8, 16, 4
 
 
-def _routed(top_k, capacity_factor, causal=False, seed=0, token_mask=None):
+def _routed(top_k, capacity_factor, causal=False, seed=0, token_mask=None, priority="position",
+            group_size=0):
   module = FeedForward(MLP, num_experts=EXPERTS, routing="topk", top_k=top_k,
-                       capacity_factor=capacity_factor, causal=causal)
+                       capacity_factor=capacity_factor, causal=causal, priority=priority,
+                       group_size=group_size)
   x = jax.random.normal(jax.random.key(seed), (BATCH, LENGTH, WIDTH))
   params = nn.unbox(module.init(jax.random.key(1), x))["params"]
   # A router strong enough that its choices are not near-ties.
@@ -29,10 +33,13 @@ def _routed(top_k, capacity_factor, causal=False, seed=0, token_mask=None):
   return module, params, x, np.asarray(y), state["intermediates"]["router"][0]
 
 
-def _reference(params, x, top_k, capacity, causal, token_mask=None):
+def _reference(params, x, top_k, capacity, causal, token_mask=None, group=0):
   """Loops over tokens: the expected output, which (token, choice) pairs fit, the probs.
   Slots go in position order within each choice rank (causal=False: all first choices first) or
-  in choice order within each position (causal=True: token-major)."""
+  in choice order within each position (causal=True: token-major). group > 0: Batch Priority
+  Routing, written directly from V-MoE's description: the batch in groups of `group` sequences
+  sharing each expert's `capacity`; tokens ranked by their largest router probability (ties: the
+  earlier token), all first choices in that order, then all second choices."""
   p = jax.tree.map(np.asarray, params)
   x = np.asarray(x, np.float64)
   valid = np.ones(x.shape[:2], bool) if token_mask is None else np.asarray(token_mask)
@@ -45,13 +52,21 @@ def _reference(params, x, top_k, capacity, causal, token_mask=None):
   gelu = lambda a: np.asarray(nn.gelu(jnp.asarray(a, jnp.float32)), np.float64)
   out = np.zeros_like(x)
   kept = np.zeros((x.shape[0], x.shape[1], top_k), bool)
-  for b in range(x.shape[0]):
+  order = np.argsort(-probs, axis=-1, kind="stable")[..., :top_k]
+  batch, length = x.shape[:2]
+  if group:
+    groups = [[(b, t) for b in range(g, g + group) for t in range(length)]
+              for g in range(0, batch, group)]
+  else:
+    groups = [[(b, t) for t in range(length)] for b in range(batch)]
+  for tokens in groups:
     load = np.zeros(EXPERTS, int)
-    order = np.argsort(-probs[b], axis=-1, kind="stable")[:, :top_k]
-    pairs = ([(t, j) for t in range(x.shape[1]) for j in range(top_k)] if causal else
-             [(t, j) for j in range(top_k) for t in range(x.shape[1])])
-    for t, j in pairs:
-      e = order[t, j]
+    if group:
+      tokens = sorted(tokens, key=lambda bt: -probs[bt].max())  # sorted() is stable.
+    pairs = ([(bt, j) for bt in tokens for j in range(top_k)] if causal else
+             [(bt, j) for j in range(top_k) for bt in tokens])
+    for (b, t), j in pairs:
+      e = order[b, t, j]
       if valid[b, t] and load[e] < capacity:
         load[e] += 1
         kept[b, t, j] = True
@@ -95,6 +110,92 @@ def test_tokens_over_capacity_skip_the_expert_and_are_counted(causal):
                              rtol=1e-5)
 
 
+@pytest.mark.parametrize("top_k,group_size", [(1, 0), (2, 0), (2, 1)])
+def test_batch_priority_routing_equals_a_per_token_reference(top_k, group_size):
+  """BPR: capacity per group of examples (0: the whole batch), tokens queue by their top gate.
+  Some choices are dropped, so the order decides which."""
+  group = group_size or BATCH
+  factor = 0.5
+  capacity = int(np.ceil(top_k * group * LENGTH * factor / EXPERTS))
+  _, params, x, y, stats = _routed(top_k, factor, priority="batch", group_size=group_size)
+  expected, kept, _ = _reference(params, x, top_k, capacity, False, group=group)
+  assert 0 < kept.sum() < kept.size
+  np.testing.assert_allclose(y, expected, rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(float(stats["dropped_count"]), (~kept).sum())
+
+
+def test_batch_priority_routing_with_padding_and_odd_groups():
+  mask = np.ones((BATCH, LENGTH), bool)
+  mask[1, 3:] = False
+  _, params, x, y, stats = _routed(2, 0.5, token_mask=jnp.asarray(mask), priority="batch")
+  capacity = int(np.ceil(2 * BATCH * LENGTH * 0.5 / EXPERTS))
+  expected, kept, _ = _reference(params, x, 2, capacity, False, token_mask=mask, group=BATCH)
+  np.testing.assert_allclose(y, expected, rtol=2e-4, atol=2e-5)
+  assert float(stats["dropped_count"]) == (~kept[mask]).sum()
+  # A batch that group_size does not divide (init's dummy batch) routes in gcd-sized groups.
+  _, params, x, y, _ = _routed(2, 0.5, priority="batch", group_size=3)
+  expected, _, _ = _reference(params, x, 2, int(np.ceil(2 * LENGTH * 0.5 / EXPERTS)), False,
+                              group=1)
+  np.testing.assert_allclose(y, expected, rtol=2e-4, atol=2e-5)
+  with pytest.raises(ValueError, match="priority='gate' is unknown"):
+    _routed(1, 1.0, priority="gate")
+
+
+def _drop_rate_by_position(priority, examples=64, length=16):
+  """Top-1 routing of `examples` images of `length` i.i.d. patches, with a router that sends
+  about half the patches to expert 0, which has room for a quarter (capacity factor 1): the
+  fraction of images whose patch at each position is dropped. A dropped top-1 patch gets an
+  exactly zero update."""
+  module = FeedForward(MLP, num_experts=EXPERTS, routing="topk", top_k=1, capacity_factor=1.0,
+                       priority=priority)
+  x = jax.random.normal(jax.random.key(3), (examples, length, WIDTH))
+  params = nn.unbox(module.init(jax.random.key(1), x))["params"]
+  router = 2.0 * jax.random.normal(jax.random.key(2), params["router"].shape)
+  params["router"] = router.at[:, 0].set(0.0)
+  params["ln"]["LayerNorm_0"]["bias"] = jnp.zeros((WIDTH,)).at[0].set(1.0)
+  params["router"] = params["router"].at[0, 0].set(2.5)  # Expert 0 oversubscribed.
+  y = np.asarray(module.apply({"params": params}, x))
+  dropped = np.all(y == 0.0, axis=-1)
+  return dropped.mean(axis=0), dropped.mean()
+
+
+def test_bpr_drops_image_patches_evenly_over_the_raster_where_position_priority_drops_the_end():
+  """The patches are i.i.d., so nothing but the routing rule can make one position likelier to
+  be dropped. Position priority drops the end of every image; BPR's drop rate by position is
+  flat within binomial noise (chi-square over positions, and first half vs second half)."""
+  examples, length = 64, 16
+  results = {}
+  for priority in ("position", "batch"):
+    by_position, overall = _drop_rate_by_position(priority, examples, length)
+    assert 0.1 < overall < 0.5, (priority, overall)  # Capacity binds, not everything dropped.
+    first, second = by_position[:length // 2].mean(), by_position[length // 2:].mean()
+    # Binomial standard error of a half's mean drop rate, and of the difference of halves.
+    se = np.sqrt(2 * overall * (1 - overall) / (examples * length / 2))
+    counts = by_position * examples
+    expected = overall * examples
+    chi2 = np.sum((counts - expected) ** 2 / (expected * (1 - overall)))
+    results[priority] = (first, second, se, chi2)
+  first, second, se, chi2 = results["batch"]
+  assert abs(second - first) < 4 * se, results
+  assert chi2 < 45.0, results  # 15 degrees of freedom: P(chi2 > 45) < 1e-4 when flat.
+  first, second, se, chi2 = results["position"]
+  assert second - first > 10 * se and chi2 > 200.0, results
+
+
+def test_router_noise_is_drawn_from_the_router_rng_only():
+  """Noise on the router logits when the call passes a 'router' rng (the train step does), the
+  same noise for the same rng, and none without one (evaluation, decoding)."""
+  noisy = FeedForward(MLP, num_experts=EXPERTS, routing="topk", top_k=1, capacity_factor=1.0,
+                      noise_std=1.0)
+  _, params, x, quiet, _ = _routed(1, 1.0, priority="batch")
+  apply = lambda **kw: np.asarray(noisy.apply({"params": params}, x, **kw))
+  np.testing.assert_array_equal(apply(), quiet)
+  first = apply(rngs={"router": jax.random.key(5)})
+  np.testing.assert_array_equal(apply(rngs={"router": jax.random.key(5)}), first)
+  assert not np.allclose(first, quiet)
+  assert not np.allclose(apply(rngs={"router": jax.random.key(6)}), first)
+
+
 def test_padding_takes_no_slot_and_is_left_out_of_the_statistics():
   mask = np.ones((BATCH, LENGTH), bool)
   mask[0, 2:] = False
@@ -108,10 +209,11 @@ def test_padding_takes_no_slot_and_is_left_out_of_the_statistics():
 def test_causal_routing_never_lets_a_later_token_change_an_earlier_output():
   """Token-major slots: perturbing token t leaves every output before t bit-identical. The
   choice-rank order (bidirectional layers) does not have this property: a later token's first
-  choice can evict an earlier token's second choice."""
+  choice can evict an earlier token's second choice (and under BPR a later token's larger
+  gate can too)."""
   leaks = {False: 0, True: 0}
   for causal in (False, True):
-    module, params, x, y, _ = _routed(2, 0.5, causal)
+    module, params, x, y, _ = _routed(2, 0.5, causal, priority="batch")
     for trial in range(8):
       t = 2 + trial % (LENGTH - 2)
       noise = 3.0 * jax.random.normal(jax.random.key(10 + trial), (BATCH, LENGTH - t, WIDTH))
@@ -176,9 +278,11 @@ def test_bad_router_settings_fail_clearly():
 
 def routed_coca_config(capacity_factor=0.5) -> CoCaConfig:
   """Tiny CoCa, every text layer routed (4 experts, top-2) with a capacity that drops choices;
-  the image encoder routed too (bidirectional, choice-rank priority)."""
+  the image encoder routed too (bidirectional, batch priority per image)."""
   text = RoutedExperts(num_experts=4, top_k=2, capacity_factor=capacity_factor, every=1)
-  vision = RoutedExperts(num_experts=4, top_k=1, capacity_factor=1.0, every=1)
+  # group_size=1: BPR within each image, so microbatches route as the whole batch does (the
+  # accumulation test below relies on it).
+  vision = RoutedExperts(num_experts=4, top_k=1, capacity_factor=1.0, every=1, group_size=1)
   return CoCaConfig(
       image_size=16, patch_size=8, vision=TowerConfig(32, 1, 2, 64), vocab_size=32, max_len=8,
       text_width=32, text_heads=2, text_mlp_dim=64, n_uni=1, n_multi=2, embed_dim=16,
@@ -262,7 +366,8 @@ def test_experts_config_is_validated_with_field_names():
   from conftest import smoke_config
   from coca_jax.core import config as config_lib
   c = smoke_config()
-  c.model.vision.experts = dict(num_experts=4, top_k=5, capacity_factor=0.0, every=1, k=2)
+  c.model.vision.experts = dict(num_experts=4, top_k=5, capacity_factor=0.0, every=1, k=2,
+                                priority="gate", group_size=-1, noise_std=-0.5)
   c.model.text.experts = dict(num_experts=4, top_k=1, capacity_factor=1.0, every=2)
   c.loss.router_balance_weight = -1.0
   with pytest.raises(config_lib.ConfigError) as error:
@@ -273,6 +378,10 @@ def test_experts_config_is_validated_with_field_names():
                    "config.model.vision.experts.top_k=5 exceeds "
                    "config.model.vision.experts.num_experts=4",
                    "config.model.vision.experts.capacity_factor=0.0 must be > 0",
+                   "config.model.vision.experts.priority='gate' is unknown; use one of batch, "
+                   "position",
+                   "config.model.vision.experts.group_size=-1 must be an integer >= 0",
+                   "config.model.vision.experts.noise_std=-0.5 must be a number >= 0",
                    # The smoke decoders are 1 + 1 layers deep and scanned.
                    "config.model.text.n_uni=1 is not a multiple of config.model.text.experts.every=2",
                    "config.loss.router_balance_weight=-1.0 must be a number >= 0"):
@@ -282,7 +391,8 @@ def test_experts_config_is_validated_with_field_names():
 
 
 def test_accumulated_step_keeps_routing_and_router_metrics_of_the_whole_batch(routed_coca):
-  """Microbatches: capacity is per sequence, so routing, the caption and contrastive terms and
+  """Microbatches: capacity is per sequence (text) or per image (BPR with group_size=1), so
+  routing, the caption and contrastive terms and
   the router metrics (from summed statistics) equal the whole batch's; only the balance and
   global-entropy terms are per-microbatch averages (documented in step.py)."""
   import ml_collections

@@ -127,6 +127,30 @@ def test_router_losses_reach_the_mome_loss_and_every_router_gradient(routed_mome
       assert float(jnp.max(jnp.abs(delta))) > 0, (layer, expert)
 
 
+def test_router_statistics_count_each_pass_once(routed_mome):
+  """The step adds the ITM pass's router statistics to the main passes'. A router the ITM pass
+  does not run through (layer 1's ffn_image: ITM's image tokens take ffn_fusion there) keeps
+  the image-only pass's token count; one both run through (layer 0's ffn_text) gets the sum.
+  The old merge doubled the first kind, which ratios hid and counts do not."""
+  model, params, images = routed_mome
+  batch = {"image": images, "text": jnp.asarray(_text(np.random.default_rng(3)), jnp.int32)}
+  outputs, stats = step.apply_with_router_statistics(model, params, batch["image"], batch["text"])
+  _, _, itm_stats = step.image_text_matching(params, model, batch, outputs, jax.random.key(0))
+  merged = step.add_router_statistics(stats, itm_stats)
+  assert "layers_1/ffn_image" not in itm_stats
+  assert float(merged["layers_1/ffn_image"]["tokens"]) == 3 * ROUTED.image_tokens
+  assert float(merged["layers_1/ffn_image"]["choice_count"].sum()) == 3 * ROUTED.image_tokens
+  inputs = ROUTED.max_len - 1
+  # ffn_text of layer 0: text-only (T + CLS) and captioning (T) passes, plus ITM's 3 pairs of
+  # (T + 1) text tokens each per example.
+  itm_text = float(itm_stats["layers_0/ffn_text"]["tokens"])
+  assert itm_text == 3 * 3 * (inputs + 1)
+  assert float(merged["layers_0/ffn_text"]["tokens"]) == 3 * (2 * inputs + 1) + itm_text
+  np.testing.assert_allclose(merged["layers_0/ffn_text"]["prob_sum"],
+                             stats["layers_0/ffn_text"]["prob_sum"]
+                             + itm_stats["layers_0/ffn_text"]["prob_sum"], rtol=1e-6)
+
+
 def _mome_config(args):
   return config_lib.load_config(os.path.join(REPO, "experiments", "demo.py") + ":" + args)
 

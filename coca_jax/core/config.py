@@ -590,7 +590,8 @@ def routed_groups(config) -> list[tuple[str, dict]]:
 
 def _validate_experts(config, need) -> None:
   """Learned routing (`routed_groups`; absent = dense) and the router loss weights."""
-  from coca_jax.models.experts import EXPERTS_FIELDS  # Light: flax only, no model built.
+  from coca_jax.models.experts import (  # Light: flax only, no model built.
+      EXPERTS_FIELDS, PRIORITIES)
   for field, experts in routed_groups(config):
     prefix = f"config.{field}"
     side = field.split(".")[1]
@@ -609,6 +610,32 @@ def _validate_experts(config, need) -> None:
          f"{prefix}.capacity_factor={factor!r} must be > 0 (1.0 = an even share per expert)")
     need(isinstance(every, int) and every >= 1,
          f"{prefix}.every={every!r} must be a positive integer (1 = every layer routed)")
+    priority, group = experts.get("priority", "batch"), experts.get("group_size", 0)
+    noise = experts.get("noise_std", 0.0)
+    need(priority in PRIORITIES, f"{prefix}.priority={priority!r} is unknown; use one of "
+         f"{', '.join(PRIORITIES)} ('batch': V-MoE's Batch Priority Routing)")
+    need(isinstance(group, int) and group >= 0,
+         f"{prefix}.group_size={group!r} must be an integer >= 0 (examples per routing group; "
+         "0 = the whole batch)")
+    need(isinstance(noise, (int, float)) and noise >= 0,
+         f"{prefix}.noise_std={noise!r} must be a number >= 0 (0 = no router noise)")
+    if isinstance(noise, (int, float)) and noise > 0:
+      need(config.train.microbatches == 1,
+           f"{prefix}.noise_std={noise} needs config.train.microbatches=1: the accumulated step "
+           "embeds and backpropagates each microbatch in two passes, which would draw different "
+           "noise; set noise_std=0 or microbatches=1")
+    if isinstance(group, int) and group > 0 and priority == "batch":
+      batch, micro = config.train.batch_size, config.train.microbatches
+      if isinstance(batch, int) and isinstance(micro, int) and micro >= 1 and batch % micro == 0:
+        need((batch // micro) % group == 0,
+             f"{prefix}.group_size={group} does not divide the batch of a step "
+             f"(config.train.batch_size={batch} / config.train.microbatches={micro}); use a "
+             "divisor of it")
+      itm = config.loss.get("itm_examples", 0) if config.loss.get("itm_weight", 0) > 0 else 0
+      if isinstance(itm, int) and itm > 0:
+        need(itm % group == 0, f"{prefix}.group_size={group} does not divide "
+             f"config.loss.itm_examples={itm} (the ITM pass routes 3 x that many examples); use "
+             "a divisor of both")
     towers = side in ("vision", "text")
     if (towers and isinstance(every, int) and every > 1
         and config.model.get("scan_layers", True)):
@@ -815,6 +842,25 @@ def validate(config, num_devices: int | None = None) -> None:
               f"config.{field}.num_experts={num} is not divisible by "
               f"config.mesh.expert={expert_axis}; use a multiple of {expert_axis} experts or "
               "a mesh expert size that divides it")
+        # A BPR group must lie on one batch shard: else routing would need the other shards'
+        # tokens (communication), and a group of "the shard's batch" would make the result
+        # depend on the mesh. A fixed group size that divides the per-shard batch does neither.
+        # Only non-causal tokens route by batch priority: images (a MoME's ffn_fusion routes
+        # image tokens too) and a MoME's text in the bidirectional ITM pass; the towers' text
+        # decoders are causal.
+        non_causal = (field in ("model.vision.experts", "model.mome.experts.image",
+                                "model.mome.experts.fusion")
+                      or (field.startswith("model.mome.") and config.loss.get("itm_weight", 0) > 0))
+        group, batch = experts.get("group_size", 0), t.batch_size
+        if (num > 1 and non_causal and experts.get("priority", "batch") == "batch" and shards > 1
+            and isinstance(group, int) and isinstance(batch, int) and batch > 0):
+          per_shard = batch // shards // max(microbatches if isinstance(microbatches, int) else 1,
+                                             1)
+          if group == 0 or per_shard % group:
+            problems.append(
+                f"config.{field}.group_size={group} must divide the {per_shard} examples per batch "
+                f"shard ({shards} shards of config.mesh's data x fsdp x expert) so that each Batch "
+                f"Priority Routing group lies on one shard; e.g. group_size={per_shard}")
       tensor = sizes["tensor"]
       for field, heads in heads_of(config):
         if isinstance(heads, int) and heads % tensor:

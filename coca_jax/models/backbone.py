@@ -73,6 +73,10 @@ class Block(nn.Module):
   layout: str = "coca"
   activation: str = "gelu_tanh"
   norm_eps: float = 1e-6
+  # Non-causal routing (experts.RoutedExperts): slot priority, BPR group, router noise.
+  priority: str = "batch"
+  group_size: int = 0
+  noise_std: float = 0.0
 
   @nn.compact
   def __call__(self, x, mask, context, segments: Sequence[tuple] | None = None,
@@ -121,7 +125,8 @@ class Block(nn.Module):
     token_mask = None if mask is None else jnp.diagonal(mask[:, 0], axis1=-2, axis2=-1)
     return FeedForward(self.mlp_dim, self.dtype, self.num_experts, self.routing, self.top_k,
                        self.capacity_factor, self.causal, self.decode, self.capacity_length,
-                       self.activation, self.norm_eps, name=name)(x, token_mask)
+                       self.activation, self.norm_eps, self.priority, self.group_size,
+                       self.noise_std, name=name)(x, token_mask)
 
   def _modality_ffn(self, x, segments, token_mask, causal_routing, routing_length):
     """Each static segment of the length axis through its modality's own feed-forward."""
@@ -139,7 +144,9 @@ class Block(nn.Module):
         settings = {} if experts is None else dict(
             num_experts=experts.num_experts, routing="topk", top_k=experts.top_k,
             capacity_factor=experts.capacity_factor, causal=causal_routing,
-            decode=self.decode and causal_routing, capacity_length=routing_length)
+            decode=self.decode and causal_routing, capacity_length=routing_length,
+            priority=experts.priority, group_size=experts.group_size,
+            noise_std=experts.noise_std)
         modules[name] = FeedForward(self.mlp_dim, self.dtype, activation=self.activation,
                                     norm_eps=self.norm_eps, name=f"ffn_{name}", **settings)
       modality = modality[0] if modality else name

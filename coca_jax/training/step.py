@@ -22,8 +22,12 @@ With learned routing, the router terms (`losses.router_losses`) are computed per
 averaged. The local-entropy term is a mean over tokens, so (with equal token counts per
 microbatch) it is exact; the balance and global-entropy terms are products / entropies of
 batch means, so they are the microbatch average of the per-microbatch values: approximated, the
-way MoE trainers compute them per device group anyway. Capacity is per sequence, so routing
-itself is unchanged by the split. The logged router metrics (load, dropped fraction, entropy)
+way MoE trainers compute them per device group anyway. Causal text and `priority='position'`
+have capacity per sequence, so their routing is unchanged by the split; Batch Priority Routing
+(image tokens) shares capacity over groups of `group_size` examples, and a group is then that
+many examples of one microbatch (rows j, j + m, ...), so which image choices are dropped can
+differ from the whole batch's (`group_size=1` keeps it exact). Router noise needs
+microbatches=1 (config.validate). The logged router metrics (load, dropped fraction, entropy)
 are computed from statistics summed over microbatches: those of the whole batch.
 """
 
@@ -131,18 +135,32 @@ def make_init_fn(model: CoCa, tx: optax.GradientTransformation, config, sharding
   return jax.jit(init, out_shardings=shardings)
 
 
-def apply_with_router_statistics(model: CoCa, params, image, text):
+def apply_with_router_statistics(model: CoCa, params, image, text, rng=None):
   """The training forward pass -> (outputs, {layer: router statistics}). The statistics come
-  from the 'intermediates' collection routed feed-forwards sow into (empty for a dense model)."""
+  from the 'intermediates' collection routed feed-forwards sow into (empty for a dense model).
+  `rng`: the routers' noise (experts' noise_std > 0); None routes without noise."""
+  rngs = {} if rng is None else {"router": rng}
   outputs, state = model.apply({"params": params}, image, text, train=True,
-                               mutable=["intermediates"])
+                               mutable=["intermediates"], rngs=rngs)
   return outputs, models.router_statistics(state.get("intermediates", {}), model.config)
+
+
+def add_router_statistics(*parts):
+  """{layer: statistics} of several passes -> one dict: a router that several passes run
+  through gets the sums of their statistics, one that a single pass touches keeps its own."""
+  total = {}
+  for part in parts:
+    for name, stats in part.items():
+      total[name] = jax.tree.map(jnp.add, total[name], stats) if name in total else stats
+  return total
 
 
 def loss_fn(params, model: CoCa, batch, loss_config, rng=None):
   """(loss, metrics) of one batch. `rng` draws the ITM hard negatives (config.loss.itm_weight >
-  0, MoME only)."""
-  outputs, stats = apply_with_router_statistics(model, params, batch["image"], batch["text"])
+  0, MoME only) and the routers' noise (experts' noise_std > 0; None: no noise)."""
+  router_rng = None if rng is None else jax.random.fold_in(rng, 1)
+  outputs, stats = apply_with_router_statistics(model, params, batch["image"], batch["text"],
+                                                router_rng)
   total, metrics = losses.coca_loss(
       outputs, batch["text"],
       contrastive_weight=loss_config.contrastive_weight,
@@ -158,8 +176,7 @@ def loss_fn(params, model: CoCa, batch, loss_config, rng=None):
     total = total + itm_weight * itm
     metrics = {**metrics, **itm_metrics, "loss": total}
     # Routers the ITM pass also runs through: their statistics cover its tokens too.
-    stats = {name: jax.tree.map(jnp.add, stats[name], s) if name in stats else s
-             for name, s in {**stats, **itm_stats}.items()}
+    stats = add_router_statistics(stats, itm_stats)
   if stats:
     router, router_metrics = losses.router_losses(stats, **losses.router_loss_settings(loss_config))
     total = total + router
@@ -194,8 +211,10 @@ def image_text_matching(params, model, batch, outputs, rng, examples: int = 0):
   labels = jnp.concatenate([jnp.ones((batch_size,), jnp.int32),
                             jnp.zeros((2 * batch_size,), jnp.int32)])
   weights = jnp.concatenate([jnp.ones((batch_size,)), text_ok, image_ok]).astype(jnp.float32)
+  # The routers' noise (if any) from its own stream: fold 1 of `rng` is the main pass's.
   logits, state = model.apply({"params": params}, images, texts, method="itm_logits",
-                              mutable=["intermediates"])
+                              mutable=["intermediates"],
+                              rngs={"router": jax.random.fold_in(rng, 2)})
   loss, metrics = losses.itm_loss(logits, labels, weights)
   stats = models.router_statistics(state.get("intermediates", {}), model.config)
   return loss, {"itm_loss": loss, **metrics}, stats
