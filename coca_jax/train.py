@@ -35,6 +35,7 @@ from coca_jax.training import checkpoint
 
 from coca_jax.core import config as config_lib
 
+from coca_jax.core import cli
 from coca_jax.core import console
 
 from coca_jax.perf import flops
@@ -368,8 +369,7 @@ class _Progress:
 
 def run() -> None:
   runtime.preload_allocator()  # Console scripts.
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main, required=("config",))
 
 
 if __name__ == "__main__":
