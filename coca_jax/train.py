@@ -137,6 +137,8 @@ def dry_run_summary(config, mesh) -> dict:
       "devices": mesh.size,
       "global_batch": config.train.batch_size,
       "model_flops_per_example": flops.model_flops_per_example(config),
+      # The launch scripts refuse an empty name before a machine is created (launch/common.sh).
+      "data_name": config.data.name,
   }
 
 
