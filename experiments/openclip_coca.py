@@ -29,6 +29,7 @@ Args (comma-separated after ':'):
 import ml_collections
 
 from coca_jax.core import fs
+from coca_jax.core import recipes
 from coca_jax.core.config_args import parse_arg
 from coca_jax.data.tokenizer import TOKENIZER_FILES
 from coca_jax.inference import api
@@ -50,23 +51,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.update(dtype=args.dtype, scan_layers=not args.unrolled, remat=args.remat)
   c.data.update(name=args.name, data_dir=args.data_dir, train_split="train", eval_split="test",
                 num_workers=0, random_resized_crop=True)
-  c.train = ml_collections.ConfigDict(dict(
-      steps=args.steps, batch_size=args.batch, seed=0, log_every=50, microbatches=1))
-  c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=args.lr, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
-      warmup_fraction=0.05, decay="cosine", end_lr_fraction=0.0, clip_norm=1.0,
-      freeze_regex=[]))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2, async_save=True))
-  c.evals = ml_collections.ConfigDict(dict(
-      every_steps=0, batch_size=64,
-      retrieval=dict(split="test", examples=1_000),
-      captioning=dict(enabled=True, split="test", examples=500, batch_size=64, method="greedy")))
-  c.init = ml_collections.ConfigDict(dict(
-      source=args.init, include_regex="", exclude_regex="", reinit_regex=""))
-  if args.runlocal:
-    c.train.update(steps=10, batch_size=8, log_every=1)
-    c.checkpoint.every_steps = 0
-    c.evals.retrieval.examples = 64
-    c.evals.captioning.update(examples=8, batch_size=8)
-  return c
+  return recipes.finetune(c, source=args.init, steps=args.steps, batch=args.batch, lr=args.lr,
+                          eval_every=0, runlocal=args.runlocal)

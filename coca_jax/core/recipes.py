@@ -179,3 +179,31 @@ def mome(width, depth, heads, mlp_dim, fusion_layers, arg: str = "",
     c.checkpoint.update(every_steps=0)
     shrink_evals(c.evals)
   return c
+
+
+def finetune(c: ml_collections.ConfigDict, *, source: str, steps: int, batch: int, lr: float,
+             eval_every: int, runlocal: bool) -> ml_collections.ConfigDict:
+  """Adds an AdamW fine-tuning recipe (train, optim, mesh, checkpoint, evals: retrieval and
+  greedy captioning on the "test" split, init from `source`) to `c`, which holds the model, data
+  and loss groups; `runlocal`: 10 steps of batch 8, small evals. Shared by
+  experiments/finetune_captions.py and experiments/openclip_coca.py."""
+  c.train = ml_collections.ConfigDict(dict(steps=steps, batch_size=batch, seed=0, log_every=50,
+                                           microbatches=1))
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=lr, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, warmup_fraction=0.05,
+      decay="cosine", end_lr_fraction=0.0, clip_norm=1.0, freeze_regex=[]))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2, async_save=True))
+  c.evals = ml_collections.ConfigDict(dict(
+      every_steps=eval_every, batch_size=64,
+      retrieval=dict(split="test", examples=1_000),
+      captioning=dict(enabled=True, split="test", examples=500, batch_size=64, method="greedy")))
+  c.init = ml_collections.ConfigDict(dict(source=source, include_regex="", exclude_regex="",
+                                          reinit_regex=""))
+  if runlocal:
+    c.train.update(steps=10, batch_size=8, log_every=1)
+    c.checkpoint.every_steps = 0
+    c.evals.every_steps = 0
+    c.evals.retrieval.examples = 64
+    c.evals.captioning.update(examples=8, batch_size=8)
+  return c
