@@ -110,14 +110,12 @@ def usage_errors(prog: str | None = None, also: tuple[type[Exception], ...] = ()
     fail(str(e))
 
 
-def run(main, *, required: tuple[str, ...] = (), define=None, module_name: str | None = None,
-        doc: str | None = None) -> None:
+def run(main, *, required: tuple[str, ...] = (), define=None) -> None:
   """`app.run(main)` with the convention above. `define(argv)`, if given, defines the flags
   that depend on the command line first (evaluate's --config); `required` flags must be given.
   Call it from the CLI module (its flags and docstring are found from the caller)."""
   caller = sys._getframe(1).f_globals  # pylint: disable=protected-access
-  module_name = module_name or calling_module_name(2)
-  doc = doc if doc is not None else caller.get("__doc__")
+  module_name, doc = calling_module_name(2), caller.get("__doc__")
   spec = caller.get("__spec__")
   if caller.get("__name__") == "__main__" and spec is not None:
     _program[0] = f"python -m {spec.name}"
