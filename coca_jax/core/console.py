@@ -14,7 +14,7 @@ import os
 
 from absl import logging
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # coca_jax/, not core/.
 
 
 class _OwnInfoAndWarnings(py_logging.Filter):
