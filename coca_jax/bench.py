@@ -35,6 +35,7 @@ import time
 
 from absl import app, flags
 
+from coca_jax.core import cli
 from coca_jax.core import config as config_lib  # Starts no JAX backend (--devices comes later).
 
 FLAGS = flags.FLAGS
@@ -90,7 +91,7 @@ def _memory_report(compiled) -> dict:
   return report
 
 
-def run(config, mode: str, steps: int = 10, target: str | None = None,
+def benchmark(config, mode: str, steps: int = 10, target: str | None = None,
         devices: int | None = None) -> dict:
   """The benchmark as a dict (what `--json` prints). `target` (compile mode): compile for that
   accelerator (`coca_jax/perf/targets.py`; GPUs: `devices` of them) on this host, report whether the
@@ -227,7 +228,7 @@ def main(argv) -> None:
   from coca_jax.core import config as config_lib
   from coca_jax.perf import targets
   try:
-    result = run(FLAGS.config, FLAGS.mode, FLAGS.steps, FLAGS.target, FLAGS.devices)
+    result = benchmark(FLAGS.config, FLAGS.mode, FLAGS.steps, FLAGS.target, FLAGS.devices)
   except (targets.TargetError, config_lib.ConfigError) as e:  # Each names its fix.
     sys.exit(f"error: {e}")
   if FLAGS.json:
@@ -240,6 +241,11 @@ def main(argv) -> None:
     sys.exit(f"does not fit {FLAGS.target}: {why}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+  runtime.preload_allocator()  # Console scripts.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-  app.run(main)
+  cli.run(main, required=("config",))
+
+
+if __name__ == "__main__":
+  run()

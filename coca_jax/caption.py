@@ -24,6 +24,7 @@ from absl import app, flags
 
 from coca_jax.inference import api
 
+from coca_jax.core import cli
 from coca_jax.core import console
 
 from coca_jax.inference import generate as gen
@@ -86,7 +87,7 @@ def main(argv) -> None:
 
 def run() -> None:
   runtime.preload_allocator()  # Console scripts.
-  app.run(main)
+  cli.run(main, required=("model",))
 
 
 if __name__ == "__main__":

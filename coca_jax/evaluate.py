@@ -29,7 +29,7 @@ if __name__ == "__main__":  # Before JAX starts (python -m); see coca_jax/core/r
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from coca_jax.inference import api
@@ -38,6 +38,7 @@ from coca_jax.training import checkpoint
 
 from coca_jax.core import config as config_lib
 
+from coca_jax.core import cli
 from coca_jax.core import console
 
 from coca_jax.core import fs
@@ -66,7 +67,6 @@ def define_config_flag(argv) -> None:
   workdir = _flag_value(argv, "workdir")
   if not workdir:  # --help, or a missing --workdir that absl reports as a usage error.
     config_lib.define_config_flag("config", "Config file[:args] for evals/data.")
-    flags.mark_flag_as_required("workdir")
     return
   root = api.resolve(workdir)["root"]
   config = with_eval_defaults(checkpoint.read_config(root))
@@ -108,8 +108,7 @@ def main(argv) -> None:
 
 def run() -> None:
   runtime.preload_allocator()  # Console scripts.
-  define_config_flag(sys.argv)
-  app.run(main)
+  cli.run(main, define=define_config_flag, required=("workdir",))
 
 
 if __name__ == "__main__":

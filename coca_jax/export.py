@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 
 from coca_jax.inference import api
 
+from coca_jax.core import cli
 from coca_jax.core import console
 
 from coca_jax.core import fs
@@ -113,7 +114,7 @@ def main(argv) -> None:
 
 def run() -> None:
   _define_flags()
-  app.run(main)
+  cli.run(main, required=("workdir", "out"))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ import io
 import json
 import statistics
 
-from absl import app, flags
+from absl import flags
 
+from coca_jax.core import cli
 from coca_jax.core import console
 
 # (file stem, title, keys) of the train-curve figures; a key a run never logged is left out.
@@ -158,8 +159,7 @@ def main(argv) -> None:
 
 def run() -> None:
   _define_flags()
-  flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  cli.run(main, required=("workdir",))
 
 
 if __name__ == "__main__":

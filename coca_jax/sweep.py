@@ -45,6 +45,7 @@ from absl import app, flags
 
 from coca_jax.core import config as config_lib
 
+from coca_jax.core import cli
 from coca_jax.core import console
 
 from coca_jax.core import fs
@@ -458,8 +459,7 @@ def main(argv) -> None:
 
 def run() -> None:
   _define_flags()
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main, required=("config", "workdir"))
 
 
 if __name__ == "__main__":

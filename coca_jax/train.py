@@ -39,6 +39,7 @@ from coca_jax.training import checkpoint
 
 from coca_jax.core import config as config_lib
 
+from coca_jax.core import cli
 from coca_jax.core import console
 
 from coca_jax.perf import flops
@@ -196,6 +197,8 @@ def dry_run_summary(config, mesh) -> dict:
       "devices": mesh.size,
       "global_batch": config.train.batch_size,
       "model_flops_per_example": flops.model_flops_per_example(config),
+      # The launch scripts refuse an empty name before a machine is created (launch/common.sh).
+      "data_name": config.data.name,
   }
 
 
@@ -472,8 +475,7 @@ class _Progress:
 
 def run() -> None:
   runtime.preload_allocator()  # Console scripts.
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main, required=("config",))
 
 
 if __name__ == "__main__":

@@ -7,14 +7,8 @@ Same recipe and args as experiments/coca_base.py (read its docstring); only the 
       --workdir gs://BUCKET/coca_2b [-- --config.data.name=YOUR_TFDS_DATASET ...]
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "coca_base", os.path.join(os.path.dirname(os.path.abspath(__file__)), "coca_base.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from coca_jax.core import recipes
 
 
 def get_config(arg: str = ""):
-  return _base.paper_config("2b", arg)
+  return recipes.coca_paper("2b", arg)

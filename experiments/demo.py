@@ -50,7 +50,8 @@ import ml_collections
 
 from coca_jax.data.digit_scenes import (DIGIT_NAMES, TRANSFER_SPLITS, transfer_templates,
                                         zero_shot_templates)
-from coca_jax.training.metrics_log import PROFILE_DEFAULTS
+from coca_jax.core.config import PROFILE_DEFAULTS
+from coca_jax.core.config_args import parse_arg
 
 # Image-side routing. Measured when capacity was per image with position priority: a scene's
 # many near-identical background patches pick the same expert, and at 1.25x an even share 56-60%
@@ -61,14 +62,11 @@ IMAGE_CAPACITY_FACTOR = 2.0
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  args = set(filter(None, arg.split(",")))
-  unknown = args - {"smoke", "mini", "limoe", "mome", "vary"}
-  if unknown:
-    raise ValueError(f"experiments/demo.py: unknown args {sorted(unknown)}; known: limoe, mini, "
-                     "mome, smoke, vary")
-  if {"smoke", "mini"} <= args:
+  args = parse_arg(arg, "experiments/demo.py", smoke=False, mini=False, limoe=False,
+                   mome=False, vary=False)
+  if args.smoke and args.mini:
     raise ValueError("experiments/demo.py: use one of the args 'mini' or 'smoke', not both")
-  smoke, mini, limoe, mome = "smoke" in args, "mini" in args, "limoe" in args, "mome" in args
+  smoke, mini, limoe, mome = args.smoke, args.mini, args.limoe, args.mome
   c = ml_collections.ConfigDict()
 
   c.model = ml_collections.ConfigDict(dict(
@@ -162,7 +160,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                   router_global_entropy_weight=0.01)
   if mome:
     _use_mome(c, smoke, limoe)
-  if "vary" in args:
+  if args.vary:
     _vary_scenes(c, full_size=not (smoke or mini or mome))
   return c
 

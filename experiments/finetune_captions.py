@@ -23,22 +23,20 @@ import os
 
 import ml_collections
 
+from coca_jax.core import fs
+from coca_jax.core import recipes
+from coca_jax.core.config_args import parse_arg
+from coca_jax.inference import api
+from coca_jax.training import checkpoint
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  from coca_jax.inference import api
-  from coca_jax.training import checkpoint
-  from coca_jax.core import fs
-  args = {}
-  for item in filter(None, arg.split(",")):
-    key, _, value = item.partition("=")
-    known = ("init", "name", "data_dir", "steps", "batch", "lr", "caption_only", "runlocal")
-    if key not in known:
-      raise ValueError(f"experiments/finetune_captions.py: unknown arg {key!r}; known: {known}")
-    args[key] = value or True
-  if not args.get("init"):
+  args = parse_arg(arg, "experiments/finetune_captions.py", init="", name="", data_dir="",
+                   steps=2_000, batch=64, lr=1e-5, caption_only=False, runlocal=False)
+  if not args.init:
     raise ValueError("experiments/finetune_captions.py needs init=PATH: a bundle, workdir or "
                      "checkpoints/<step> directory to start from")
-  source = fs.resolve(args["init"])  # A local path or a gs:// URL.
+  source = fs.resolve(args.init)  # A local path or a gs:// URL.
   found = api.resolve(source)
   source_config = checkpoint.read_config(found["root"])  # Completed with today's defaults.
   tokenizer = api.TOKENIZER_FILES[source_config.data.tokenizer_kind]
@@ -46,33 +44,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = source_config.model
   c.data = ml_collections.ConfigDict(dict(
-      name=args.get("name", ""), data_dir=os.path.expanduser(args.get("data_dir", "")),
+      name=args.name, data_dir=os.path.expanduser(args.data_dir),
       train_split="train", eval_split="test", image_size=c.model.image_size,
       tokenizer=fs.join(found["root"], tokenizer),
       tokenizer_kind=source_config.data.tokenizer_kind,
       num_workers=0, random_resized_crop=True, crop_scale=(0.8, 1.0)))
-  c.train = ml_collections.ConfigDict(dict(
-      steps=int(args.get("steps", 2_000)), batch_size=int(args.get("batch", 64)), seed=0,
-      log_every=50, microbatches=1))
   c.loss = source_config.loss  # The source's loss settings (contrastive kind, reduction, ...).
-  c.loss.update(dict(contrastive_weight=0.0 if args.get("caption_only") else 1.0,
+  c.loss.update(dict(contrastive_weight=0.0 if args.caption_only else 1.0,
                      caption_weight=2.0))
-  c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=float(args.get("lr", 1e-5)), b1=0.9, b2=0.98, eps=1e-6,
-      weight_decay=0.1, warmup_fraction=0.05, decay="cosine", end_lr_fraction=0.0,
-      clip_norm=1.0, freeze_regex=[]))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2, async_save=True))
-  c.evals = ml_collections.ConfigDict(dict(
-      every_steps=500, batch_size=64,
-      retrieval=dict(split="test", examples=1_000),
-      captioning=dict(enabled=True, split="test", examples=500, batch_size=64, method="greedy")))
-  c.init = ml_collections.ConfigDict(dict(source=source, include_regex="", exclude_regex="",
-                                          reinit_regex=""))
-  if args.get("runlocal"):
-    c.train.update(steps=10, batch_size=8, log_every=1)
-    c.checkpoint.every_steps = 0
-    c.evals.update(every_steps=0)
-    c.evals.retrieval.examples = 16
-    c.evals.captioning.update(examples=8, batch_size=8)
-  return c
+  return recipes.finetune(c, source=source, steps=args.steps, batch=args.batch, lr=args.lr,
+                          eval_every=500, runlocal=args.runlocal)

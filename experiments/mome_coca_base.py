@@ -17,16 +17,13 @@ Learned routing inside the modality experts (LIMoE-style): set, in a config buil
 text=..., fusion=...)` (README, "Learned routing"; experiments/demo.py:mome,limoe does so).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vlmo_base import mome_config  # noqa: E402  (experiments/ is not a package)
+from coca_jax.core import recipes
 
 
 def get_config(arg: str = ""):
-  c = mome_config(width=768, depth=12, heads=12, mlp_dim=3072, fusion_layers=4, arg=arg,
-                  image_size=288, patch_size=18, tie_embeddings=False, pooling="attention")
+  c = recipes.mome(width=768, depth=12, heads=12, mlp_dim=3072, fusion_layers=4, arg=arg,
+                   where="experiments/mome_coca_base.py",
+                   image_size=288, patch_size=18, tie_embeddings=False, pooling="attention")
   c.model.text.update(vocab_size=64_000, max_len=64)
   c.data.update(tokenizer_vocab=64_000, image_size=288)
   c.loss.update(caption_weight=2.0, itm_weight=c.loss.itm_weight)

@@ -8,19 +8,48 @@ them. Parameter counts equal open_clip's (253,560,065 and 638,450,177).
       --config experiments/openclip_coca.py:model=coca_ViT-B-32,init=/tmp/coca_ViT-B-32,name=NAME,data_dir=DIR \
       --workdir /tmp/finetune
 
-Args: model= (a MODEL_CONFIGS name or an open_clip model-config JSON path; default
-coca_ViT-B-32), then those of coca_jax.interop.open_clip.experiment_config (init=, name=,
-data_dir=, bpe=, steps=, batch=, lr=, dtype=, remat=, unrolled, runlocal; layers are scanned
-with remat='dots' unless `unrolled`).
+The model, tokenizer and loss convention are open_clip's (`open_clip.base_config`: the model
+group, the CLIP BPE tokenizer, contrastive terms averaged, weights 1 : 2); this file adds an
+AdamW fine-tuning recipe around them.
+
+Args (comma-separated after ':'):
+  model=M      a MODEL_CONFIGS name or an open_clip model-config JSON path (default coca_ViT-B-32)
+  init=PATH    warm start: a bundle, workdir or checkpoints/<step> directory
+  name=, data_dir=   a dataset built by `python -m coca_jax.data.build`
+  bpe=PATH     the CLIP BPE merges file (default: the one beside init's config.json, else an
+               installed open_clip's)
+  steps=N (2000), batch=N (64), lr=F (1e-5), dtype=D (float32)
+  remat=R      default dots: layers are scanned with remat='dots' (on CPU the B/32 step then
+               needs about half the XLA scratch memory of the unrolled stack without remat, for
+               a slightly slower step; docs/performance.md)
+  unrolled     one parameter set per layer instead of the scanned stack
+  runlocal     10 steps of batch 8, small evals
 """
 
+import ml_collections
+
+from coca_jax.core import fs
+from coca_jax.core import recipes
+from coca_jax.core.config_args import parse_arg
+from coca_jax.data.tokenizer import TOKENIZER_FILES
+from coca_jax.inference import api
 from coca_jax.interop import open_clip
 
-DEFAULT_MODEL = "coca_ViT-B-32"
 
-
-def get_config(arg: str = ""):
-  items = [item for item in arg.split(",") if item]
-  models = [item.partition("=")[2] for item in items if item.startswith("model=")]
-  rest = ",".join(item for item in items if not item.startswith("model="))
-  return open_clip.experiment_config(models[-1] if models else DEFAULT_MODEL, rest)
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  args = parse_arg(arg, "experiments/openclip_coca.py", model="coca_ViT-B-32", init="",
+                   name="", data_dir="", bpe="", steps=2_000, batch=64, lr=1e-5,
+                   dtype="float32", remat="dots", unrolled=False, runlocal=False)
+  bpe = args.bpe
+  if args.init and not bpe:
+    # An import bundle (or a run fine-tuned from one) keeps the vocabulary beside its config:
+    # use it, so no open_clip install is needed to fine-tune.
+    beside = fs.join(api.resolve(fs.resolve(args.init))["root"], TOKENIZER_FILES["clip_bpe"])
+    if fs.exists(beside):
+      bpe = beside
+  c = open_clip.base_config(args.model, bpe)
+  c.model.update(dtype=args.dtype, scan_layers=not args.unrolled, remat=args.remat)
+  c.data.update(name=args.name, data_dir=args.data_dir, train_split="train", eval_split="test",
+                num_workers=0, random_resized_crop=True)
+  return recipes.finetune(c, source=args.init, steps=args.steps, batch=args.batch, lr=args.lr,
+                          eval_every=0, runlocal=args.runlocal)

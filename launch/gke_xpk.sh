@@ -4,8 +4,12 @@
 #
 #   launch/gke_xpk.sh --cluster CLUSTER --zone ZONE [--project PROJECT] --tpu_type v5p-256 \
 #       --workload coca-base-1 --config experiments/coca_base.py \
-#       --workdir gs://BUCKET/runs/coca_base [--slices N] [--docker_image IMAGE] [--dry_run] \
-#       [-- --config.train.steps=1000 ...]
+#       --workdir gs://BUCKET/runs/coca_base [--slices N] [--docker_image IMAGE] \
+#       [--gcsfuse BUCKET] [--dry_run] [-- --config.data.name=NAME --config.train.steps=1000 ...]
+#
+# Before the workload is created, the config is checked here (`coca_jax.train --dry_run` with the
+# overrides: needs coca_jax installed on this machine; --skip_config_check skips it), and a
+# config whose data.name is empty is refused. Try every launch with --dry_run first.
 #
 # Flags:
 #   --cluster NAME          xpk cluster (made with `xpk cluster create`)
@@ -24,7 +28,14 @@
 #                           runs in each pod before training (-e '.[gcs]' for a gs:// workdir)
 #   --max_restarts N        restarts of the whole workload after a failure or preemption
 #                           (default 3); each restart resumes from the latest checkpoint
-#   --dry_run               print the xpk command and run nothing
+#   --gcsfuse BUCKET        every pod mounts gs://BUCKET with gcsfuse (installed first if
+#                           missing; the pod needs /dev/fuse, as xpk's privileged TPU pods have)
+#                           at --gcsfuse_dir before training; then point the data at it:
+#                           -- --config.data.data_dir=/tmp/gcsfuse/BUCKET/tfds
+#   --gcsfuse_dir DIR       the mount point in the pods (default /tmp/gcsfuse/BUCKET)
+#   --skip_config_check     do not check the config on this machine first
+#   --dry_run               print the commands and run nothing (also when given after --)
+#   -h, --help              this text
 #   -- ARGS...              passed to `python -m coca_jax.train` (config overrides)
 set -euo pipefail
 
@@ -32,17 +43,22 @@ script=gke_xpk.sh
 source "$(dirname "$0")/common.sh"
 
 cluster="" zone="" project="" tpu_type="" workload="" config="" workdir="" slices=1 dcn_axis=data
-image="" base_image="python:3.11" max_restarts=3 dry_run=0
+image="" base_image="python:3.11" max_restarts=3 dry_run=0 gcsfuse="" gcsfuse_dir=""
+skip_config_check=0
 parse_flags cluster zone project tpu_type workload config workdir slices dcn_axis \
-  docker_image=image base_docker_image=base_image max_restarts dry_run! -- "$@"
+  docker_image=image base_docker_image=base_image max_restarts gcsfuse gcsfuse_dir \
+  skip_config_check! dry_run! -- "$@"
 require cluster zone tpu_type workload config workdir
 [[ "$slices" =~ ^[1-9][0-9]*$ ]] || die "--slices must be a positive integer, got '$slices'"
 [[ "$dcn_axis" == data || "$dcn_axis" == fsdp ]] || die "--dcn_axis must be data or fsdp"
 [[ "$workload" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] || die "--workload '$workload': use lowercase letters, digits and '-'"
 
+[[ -z "$gcsfuse" ]] || gcsfuse_flags
 
+((skip_config_check)) || check_config
 ((slices == 1)) || extra=("--config.mesh.dcn_${dcn_axis}=$slices" "${extra[@]}")
 train="$(quote python3 -m coca_jax.train --config "$config" --workdir "$workdir" "${extra[@]}")"
+[[ -z "$gcsfuse" ]] || train="$(gcsfuse_mount "$bucket" "$mount_dir") && $train"
 xpk=(xpk workload create --cluster "$cluster" --zone "$zone")
 [[ -z "$project" ]] || xpk+=(--project "$project")
 xpk+=(--workload "$workload" --tpu-type "$tpu_type" --num-slices "$slices"

@@ -12,7 +12,9 @@
 #   --num_processes N      processes to start (default 2); each gets one CPU device
 #   --port PORT            coordinator port on 127.0.0.1 (default: a free one)
 #   --python PY            interpreter (default: python)
-#   --dry_run              print the commands, one per line, and start nothing
+#   --dry_run              print the commands, one per line, and start nothing (also
+#                          when given after --)
+#   -h, --help             this text
 #   -- ARGS...             passed to every `python -m coca_jax.train` (config overrides)
 #
 # Each process's output lines are prefixed with "[process I]", and its pid is printed first.

@@ -5,7 +5,11 @@
 #   launch/tpu_pod.sh --tpu NAME --zone ZONE [--project PROJECT] \
 #       --config experiments/coca_base.py --workdir gs://BUCKET/runs/coca_base \
 #       [--accelerator_type v5p-64 --create] [--slices N] [--setup] [--check_fit v5p:4x4x2] \
-#       [--dry_run] [-- --config.train.steps=1000 ...]
+#       [--gcsfuse BUCKET] [--dry_run] [-- --config.data.name=NAME --config.train.steps=1000 ...]
+#
+# Before anything is created or started, the config is checked here (`coca_jax.train --dry_run`
+# with the overrides: needs coca_jax installed on this machine; --skip_config_check skips it),
+# and a config whose data.name is empty is refused. Try every launch with --dry_run first.
 #
 # Flags:
 #   --tpu NAME              TPU VM name (with --slices > 1: the queued resource's name)
@@ -30,7 +34,15 @@
 #                           the TPU compiler (`coca_jax.bench --mode compile --target TOPOLOGY`,
 #                           e.g. v5e:4x4 = v5litepod-16, v5p:4x4x2 = v5p-64; needs jax[tpu]
 #                           here, no TPU) and stop unless it fits the chips' memory. One slice.
-#   --dry_run               print the commands, one per line, and run none
+#   --gcsfuse BUCKET        mount gs://BUCKET on every worker with gcsfuse (installed there
+#                           first if missing) before training, at --gcsfuse_dir; then point
+#                           the data at it: -- --config.data.data_dir=/tmp/gcsfuse/BUCKET/tfds
+#                           (config.data.data_dir must be a local or mounted path)
+#   --gcsfuse_dir DIR       the mount point on the workers (default /tmp/gcsfuse/BUCKET)
+#   --skip_config_check     do not check the config on this machine first
+#   --dry_run               print the commands, one per line, and run none (also when given
+#                           after --)
+#   -h, --help              this text
 #   -- ARGS...              passed to `python -m coca_jax.train` (config overrides)
 #
 # Preemption: a maintenance event or spot reclaim sends SIGTERM to the workers; JAX's preemption
@@ -43,8 +55,10 @@ source "$(dirname "$0")/common.sh"
 
 tpu="" zone="" project="" config="" workdir="" accel="" runtime="tpu-ubuntu2204-base"
 create=0 slices=1 dcn_axis=data setup=0 repo_dir=coca_jax python=python3 dry_run=0 check_fit=""
+gcsfuse="" gcsfuse_dir="" skip_config_check=0
 parse_flags tpu zone project config workdir accelerator_type=accel runtime_version=runtime \
-  create! slices dcn_axis setup! repo_dir python check_fit dry_run! -- "$@"
+  create! slices dcn_axis setup! repo_dir python check_fit gcsfuse gcsfuse_dir skip_config_check! \
+  dry_run! -- "$@"
 require tpu zone config workdir
 ((create == 0)) || [[ -n "$accel" ]] || die "--create needs --accelerator_type (e.g. v5p-64)"
 [[ "$slices" =~ ^[1-9][0-9]*$ ]] || die "--slices must be a positive integer, got '$slices'"
@@ -52,6 +66,9 @@ require tpu zone config workdir
 [[ -z "$check_fit" ]] || ((slices == 1)) || die "--check_fit compiles one slice; with \
 --slices $slices, check one slice's share (--config.train.batch_size / $slices) without --slices"
 
+[[ -z "$gcsfuse" ]] || gcsfuse_flags
+
+((skip_config_check)) || check_config
 if [[ -n "$check_fit" ]]; then  # Before anything is created or started: a non-zero exit stops here.
   run "${PYTHON:-python3}" -m coca_jax.bench --config "$config" --mode compile \
     --target "$check_fit" "${extra[@]}"
@@ -87,6 +104,10 @@ if ((setup)); then
   package="$repo_dir"
   [[ "$workdir" != gs://* ]] || package+="[gcs]"  # gcsfs: coca_jax's gs:// file layer.
   run "${ssh[@]}" --command "mkdir -p $dir && tar -xzf coca_jax.tar.gz -C $dir && $(quote "$python" -m pip install -q "jax[tpu]" -e "$package")"
+fi
+
+if [[ -n "$gcsfuse" ]]; then
+  run "${ssh[@]}" --command "$(gcsfuse_mount "$bucket" "$mount_dir")"
 fi
 
 train=("$python" -m coca_jax.train --config "$config" --workdir "$workdir" "${extra[@]}")

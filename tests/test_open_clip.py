@@ -28,9 +28,13 @@ TINY_JSON = os.path.join(DATA, "open_clip_tiny_coca.json")
 STATE = os.path.join(DATA, "open_clip_tiny_coca.safetensors")
 
 
+def _experiment(arg: str):
+  return config_lib.load_config(os.path.join(REPO, "experiments", "openclip_coca.py") + ":" + arg)
+
+
 @pytest.fixture(scope="module")
 def imported():
-  config = open_clip.experiment_config(TINY_JSON, "unrolled")  # The export test scans it too.
+  config = _experiment(f"model={TINY_JSON},unrolled")  # The export test scans it too.
   state = open_clip.read_state_dict(STATE)
   params = open_clip.import_params(state, config)
   reference = dict(np.load(os.path.join(DATA, "open_clip_tiny_coca_outputs.npz")))
@@ -112,7 +116,7 @@ def test_import_cli_bundle_loads_and_captions(tmp_path):
   assert isinstance(model.tokenizer, ClipBpeTokenizer)
   # Fine-tuning from the bundle (experiments/openclip_coca.py:init=BUNDLE) reads the vocabulary
   # kept in it: no bpe= and no open_clip install needed.
-  assert open_clip.experiment_config(TINY_JSON, f"init={out}").data.tokenizer == os.path.join(
+  assert _experiment(f"model={TINY_JSON},init={out}").data.tokenizer == os.path.join(
       out, "bpe_simple_vocab_16e6.txt.gz")
   # And back out to an open_clip state dict equal to the one imported.
   exported = str(tmp_path / "back.safetensors")

@@ -172,6 +172,7 @@ def test_train_cli_dry_run_prints_summary_without_allocating():
   assert summary["params"]["total"] > summary["params"]["vision"]
   assert summary["global_batch"] == 128
   assert summary["model_flops_per_example"] > 0
+  assert summary["data_name"] == "digit_scenes"  # The launch scripts refuse an empty one.
 
 
 def test_train_cli_rejects_bad_override_with_clear_message(tmp_path):

@@ -353,8 +353,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   """Loads 'path/to/file.py[:arg]' the same way the CLIs' --config flag does: the file's
   get_config(arg) completed with the defaults; raises ConfigError on unknown keys."""
   path, _, arg = spec.partition(":")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"config file {path!r} does not exist")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"--config {path}: no such file (from {os.getcwd()}); give the path of an experiment "
+        "config file, e.g. experiments/demo.py, and its args after ':'")
   module_spec = importlib.util.spec_from_file_location("_coca_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -442,7 +444,11 @@ def define_config_flag(name: str = "config", help_string: str = "Experiment conf
       parser=_CompletingParser(name, sys_argv), serializer=flags.ArgumentSerializer(),
       name=name, default=None, help_string=help_string, flag_values=flag_values,
       sys_argv=sys_argv)
-  return flags.DEFINE_flag(flag, flag_values)
+  # Filed under the CLI that calls this (as absl names it: sys.argv[0] for __main__), so that
+  # CLI's --help lists --config, not only --helpfull.
+  caller = sys._getframe(1).f_globals.get("__name__", "")  # pylint: disable=protected-access
+  return flags.DEFINE_flag(flag, flag_values,
+                           module_name=sys.argv[0] if caller == "__main__" else caller)
 
 
 # config.model.remat: the keys of models/backbone.py's REMAT_POLICIES (not imported: config

@@ -15,7 +15,7 @@ import os
 
 from absl import logging
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # coca_jax/, not core/.
 
 
 DISK_FULL_TEXT = "No space left on device"

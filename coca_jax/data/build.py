@@ -1,14 +1,33 @@
 r"""Builds an image-caption dataset as TFDS array_record files.
 
-  python -m coca_jax.data.build --format demo --name digit_scenes --data_dir ~/tfds
   python -m coca_jax.data.build --format folder --src photos/ --name my_captions --data_dir ~/tfds \
-      --eval_fraction 0.02
+      --eval_fraction 0.05
   python -m coca_jax.data.build --format webdataset --src laion_shards/ --name laion_subset \
       --data_dir ~/tfds --eval_src laion_eval_shards/ --max_image_side 512
+  python -m coca_jax.data.build --format demo --name digit_scenes --data_dir ~/tfds
+
+Formats (--src):
+  folder      a folder of images (any depth; JPEG, PNG, WebP, ...) and ONE captions file beside
+              them naming each image by its path relative to the folder, either
+                captions.jsonl   one JSON object per line:
+                                 {"image": "beach/0001.jpg", "caption": "a dog runs on the sand"}
+                                 ("captions": ["...", "..."] gives several at once)
+                captions.csv     a header line, then one row per caption:
+                                 image,caption
+                                 beach/0001.jpg,a dog runs on the sand
+              An image named on several lines gets all of those captions.
+  webdataset  tar shards as img2dataset writes them: 000000.tar holding KEY.jpg + KEY.txt (the
+              caption) per sample; --src is a folder of *.tar, one tar, or a glob.
+  demo        the digit-scenes demo data, made offline (no --src).
+
+--eval_fraction F holds out a stable fraction F of --src as the eval split "test" (what the
+retrieval and captioning evals read; or give --eval_src). Then train on it:
+  python -m coca_jax.train --config experiments/byo.py:name=my_captions,data_dir=~/tfds \
+      --workdir /tmp/my_run
 
 Shows a progress bar per split and ends with a report: examples written per split, inputs
 skipped and why, images converted and how, captions dropped and why. The report is also saved
-as `build_report.json` next to the data. See `coca_jax/data/builders.py` for the formats.
+as `build_report.json` next to the data. See `coca_jax/data/builders.py` for the schema.
 """
 
 from __future__ import annotations
@@ -44,9 +63,8 @@ def build(format: str, name: str, data_dir: str, overwrite: bool = False,  # pyl
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m coca_jax.data.build",
-                                   description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog=__doc__.split("\n\n", 1)[1])
+                                   description=__doc__.split("\n\n", 1)[1],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--format", required=True, choices=builders.FORMATS)
   parser.add_argument("--name", required=True, help="TFDS dataset name (lower_snake_case)")
   parser.add_argument("--data_dir", required=True, help="TFDS data_dir to write into")
@@ -76,7 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    image_size=args.image_size, seed=args.seed)
   else:
     if not args.src:
-      parser.error(f"--format {args.format} needs --src")
+      parser.error(f"--format {args.format} needs --src (see the formats below --help)")
+    for flag, src in (("--src", args.src), ("--eval_src", args.eval_src)):
+      if src and not any(c in src for c in "*?[") and not os.path.exists(
+          os.path.expanduser(src)):
+        parser.exit(2, f"{parser.prog}: error: {flag} {src}: no such file or folder "
+                    f"(from {os.getcwd()})\n")
     options = dict(src=args.src, eval_src=args.eval_src, eval_fraction=args.eval_fraction,
                    eval_split=args.eval_split, max_image_side=args.max_image_side,
                    allow_outside_src=args.allow_outside_src)

@@ -23,6 +23,7 @@ from etils import epath
 import numpy as np
 import sentencepiece as spm
 
+from coca_jax.core import cli
 from coca_jax.core.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID  # Re-exported: the batch contract.
 from coca_jax.core.tokens import check_texts
 
@@ -183,7 +184,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   show.add_argument("--model", required=True)
   show.add_argument("text", nargs="+")
   args = parser.parse_args(argv)
+  with cli.usage_errors(parser.prog, also=(ValueError,)):
+    _main(parser, args)
 
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   if args.command == "show":
     tokenizer = Tokenizer.load(args.model)
     for text in args.text:

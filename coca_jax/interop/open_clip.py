@@ -28,6 +28,8 @@ import re
 import ml_collections
 import numpy as np
 
+from coca_jax.core import cli
+from coca_jax.core import config as config_lib
 from coca_jax.core import fs
 
 # open_clip's model_configs/coca_ViT-B-32.json and coca_ViT-L-14.json (open_clip 3.3.0).
@@ -302,73 +304,23 @@ def to_open_clip(flat: dict, config) -> dict:
   return state
 
 
-# -- Experiment configs ------------------------------------------------------------------------
+# -- The config a bundle carries --------------------------------------------------------------
 
 
-def experiment_config(model: str, arg: str = "") -> ml_collections.ConfigDict:
-  """A full experiment config around open_clip model `model` (MODEL_CONFIGS name or JSON path):
-  the model group of `model_group`, the CLIP BPE tokenizer, open_clip's CoCa loss convention
-  (contrastive terms averaged, weights 1 : 2) and an AdamW fine-tuning recipe.
-
-  Args (comma-separated): init=PATH (warm start: a bundle, workdir or step dir), name=, data_dir=
-  (a dataset built by coca_jax.data.build), bpe=PATH (the merges file; default: the one beside
-  init's config.json, else an installed open_clip's), steps=, batch=, lr=, dtype=, remat= (default dots), unrolled, runlocal.
-
-  Layers are scanned with remat='dots' by default: on the 2-core CPU the B/32 train step (batch
-  16, float32) then needs 2.86 GB of XLA scratch instead of 5.47 GB unrolled without remat, and
-  peak RSS 6.8 GB instead of 10.2 GB, for an 8% slower step (6.03 s vs 5.57 s; README, "Against
-  open_clip"); `unrolled` keeps one parameter set per layer.
-  """
-  args = {}
-  for item in filter(None, arg.split(",")):
-    key, _, value = item.partition("=")
-    known = ("init", "name", "data_dir", "bpe", "steps", "batch", "lr", "dtype", "remat",
-             "unrolled", "runlocal")
-    if key not in known:
-      raise ValueError(f"unknown config arg {key!r}; known: {list(known)}")
-    args[key] = value or True
-  if args.get("init") and not args.get("bpe"):
-    # An import bundle (or a run fine-tuned from one) keeps the vocabulary beside its config:
-    # use it, so no open_clip install is needed to fine-tune.
-    from coca_jax.inference import api  # pylint: disable=g-import-not-at-top
-    from coca_jax.data.tokenizer import TOKENIZER_FILES  # pylint: disable=g-import-not-at-top
-    beside = fs.join(api.resolve(fs.resolve(args["init"]))["root"], TOKENIZER_FILES["clip_bpe"])
-    if fs.exists(beside):
-      args["bpe"] = beside
+def base_config(model: str, bpe: str = "") -> ml_collections.ConfigDict:
+  """The groups that say what open_clip model `model` (MODEL_CONFIGS name or JSON path) is: its
+  model group (`model_group`), its tokenizer (CLIP BPE from `bpe`; empty: an installed
+  open_clip's) and open_clip's CoCa loss convention (contrastive terms averaged, weights 1 : 2).
+  An imported bundle carries these (completed with the schema's defaults); the fine-tuning
+  experiment (experiments/openclip_coca.py) adds its training groups around them."""
   c = ml_collections.ConfigDict()
   c.model = model_group(read_model_config(model))
-  c.model.dtype = args.get("dtype", "float32")
-  c.model.scan_layers = not args.get("unrolled", False)
-  c.model.remat = args.get("remat", "dots")
-  c.data = ml_collections.ConfigDict(dict(
-      name=args.get("name", ""), data_dir=args.get("data_dir", ""), train_split="train",
-      eval_split="test", image_size=c.model.image_size, tokenizer=args.get("bpe", ""),
-      tokenizer_kind="clip_bpe", num_workers=0, random_resized_crop=True))
-  c.train = ml_collections.ConfigDict(dict(
-      steps=int(args.get("steps", 2_000)), batch_size=int(args.get("batch", 64)), seed=0,
-      log_every=50, microbatches=1))
+  c.data = ml_collections.ConfigDict(dict(image_size=c.model.image_size, tokenizer=bpe,
+                                          tokenizer_kind="clip_bpe"))
   c.loss = ml_collections.ConfigDict(dict(
       contrastive_weight=1.0, caption_weight=2.0, label_smoothing=0.0, contrastive="softmax",
       contrastive_impl="gathered", contrastive_reduction="mean"))
-  c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=float(args.get("lr", 1e-5)), b1=0.9, b2=0.98, eps=1e-6,
-      weight_decay=0.1, warmup_fraction=0.05, decay="cosine", end_lr_fraction=0.0,
-      clip_norm=1.0, freeze_regex=[]))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2, async_save=True))
-  c.evals = ml_collections.ConfigDict(dict(
-      every_steps=0, batch_size=64,
-      retrieval=dict(split="test", examples=1_000),
-      captioning=dict(enabled=True, split="test", examples=500, batch_size=64, method="greedy")))
-  c.init = ml_collections.ConfigDict(dict(
-      source=args.get("init", ""), include_regex="", exclude_regex="", reinit_regex=""))
-  if args.get("runlocal"):
-    c.train.update(steps=10, batch_size=8, log_every=1)
-    c.checkpoint.every_steps = 0
-    c.evals.retrieval.examples = 64
-    c.evals.captioning.update(examples=8, batch_size=8)
-  from coca_jax.core import config as config_lib  # Light at call time; config imports no interop.
-  return config_lib.complete(c)
+  return c
 
 
 # -- Files ---------------------------------------------------------------------------------------
@@ -440,7 +392,7 @@ def import_bundle(src: str, model: str, out: str, bpe: str = "", dtype: str = "f
   """open_clip checkpoint `src` of model `model` -> a coca_jax bundle at `out`."""
   from coca_jax import export
   from coca_jax.data.clip_bpe import ClipBpeTokenizer
-  config = experiment_config(model, f"bpe={bpe}" if bpe else "")
+  config = config_lib.complete(base_config(model, bpe))
   tokenizer = ClipBpeTokenizer.load(bpe)
   if tokenizer.vocab_size != config.model.text.vocab_size:
     raise ConversionError(f"the tokenizer {tokenizer.source} has {tokenizer.vocab_size} ids but "
@@ -478,10 +430,11 @@ def main(argv=None) -> None:
   exp.add_argument("--out", required=True, help="FILE.safetensors to write")
   exp.add_argument("--step", type=int, default=None)
   args = parser.parse_args(argv)
-  if args.command == "import":
-    print(import_bundle(args.src, args.model, args.out, args.bpe, args.dtype))
-  else:
-    print(export_state_dict(args.src, args.out, args.step))
+  with cli.usage_errors(parser.prog, also=(ConversionError,)):
+    if args.command == "import":
+      print(import_bundle(args.src, args.model, args.out, args.bpe, args.dtype))
+    else:
+      print(export_state_dict(args.src, args.out, args.step))
 
 
 if __name__ == "__main__":

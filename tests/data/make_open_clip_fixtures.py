@@ -89,7 +89,8 @@ def jax_side(args):
   from coca_jax.interop import open_clip, params as flat_params
   from coca_jax.models.coca import CoCaConfig
   data = np.load(os.path.join(args.work, "inputs.npz"))
-  config = open_clip.experiment_config(args.model)
+  from coca_jax.core import config as config_lib
+  config = config_lib.complete(open_clip.base_config(args.model))
   params = open_clip.import_params(open_clip.read_state_dict(os.path.join(args.work, "oc.safetensors")), config)
   model = step.build_model(config)
   images = jnp.asarray(data["images"].transpose(0, 2, 3, 1))

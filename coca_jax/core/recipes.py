@@ -1,0 +1,209 @@
+"""Recipes several experiment files build on, importable by any config file (yours too):
+
+  from coca_jax.core import recipes
+  def get_config(arg=""):
+    c = recipes.coca_paper("large", arg)        # experiments/coca_large.py
+    c.train.steps = 100_000
+    return c
+
+`coca_paper(size, arg)`: the CoCa paper's model sizes (Table 1) and pretraining recipe
+(experiments/coca_base.py documents its args); `mome(..., arg)`: the VLMo-style MoME recipe
+(experiments/vlmo_base.py documents its args). Both parse their `:args` with
+`config_args.parse_arg`, so an unknown arg names the file and the known ones.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from coca_jax.core.config_args import given, parse_arg
+
+# Table 1 of the CoCa paper: (vision width, depth, mlp; text width, n_uni, n_multi, mlp; heads).
+PAPER_SIZES = {
+    "base": dict(vision=dict(width=768, depth=12, heads=12, mlp_dim=3072),
+                 text=dict(width=768, heads=12, mlp_dim=3072, n_uni=12, n_multi=12),
+                 embed_dim=768, pooler_heads=12),
+    "large": dict(vision=dict(width=1024, depth=24, heads=16, mlp_dim=4096),
+                  text=dict(width=1024, heads=16, mlp_dim=4096, n_uni=12, n_multi=12),
+                  embed_dim=1024, pooler_heads=16),
+    "2b": dict(vision=dict(width=1408, depth=40, heads=16, mlp_dim=6144),
+               text=dict(width=1408, heads=16, mlp_dim=5632, n_uni=18, n_multi=18),
+               embed_dim=1408, pooler_heads=16, tie_embeddings=True),
+}
+PAPER_PARAMS = {"base": 383e6, "large": 787e6, "2b": 2.1e9}
+PAPER_FILES = {"base": "experiments/coca_base.py", "large": "experiments/coca_large.py",
+               "2b": "experiments/coca_2b.py"}
+VOCAB_SIZE = 64_000
+# Evals every 10k steps and at the end (coca_jax/evaluation/evaluators.py): image-text retrieval
+# and greedy captioning on the eval split of config.data.name, and zero-shot classification
+# once you name a labelled dataset (the `imagenet` arg, or any prepared TFDS dataset: its
+# ClassLabel names are the class names unless a file gives them, one per line in label order),
+# e.g.
+#   --config.evals.zeroshot.dataset=cifar100 --config.evals.zeroshot.split=test \
+#   --config.evals.zeroshot.data_dir=~/tensorflow_datasets
+#   [--config.evals.zeroshot.class_names_file=names.txt]
+# Any group is switched off with --config.evals.<group>.enabled=False.
+EVALS = dict(
+    every_steps=10_000, batch_size=256,
+    zeroshot=dict(dataset="", split="", examples=50_000, class_names=[],
+                  templates=["a photo of a {}.", "a picture of a {}.", "an image of a {}."]),
+    retrieval=dict(split="test", examples=5_000),
+    captioning=dict(split="test", examples=5_000, batch_size=256, method="greedy"))
+
+# Zero-shot ImageNet-1k (the CoCa paper's 86.3%, open_clip coca_ViT-L-14's 75.6%): the 50,000
+# validation images of TFDS's imagenet2012, whose label names are WordNet ids, so the names and
+# prompts are open_clip's (read from an installed open_clip_torch; never copied here).
+IMAGENET_ZEROSHOT = dict(dataset="imagenet2012", split="validation", examples=0,
+                         class_names_file="open_clip:imagenet", templates_file="open_clip:imagenet")
+
+
+def coca_paper(size: str, arg: str = "") -> ml_collections.ConfigDict:
+  """The paper's recipe at `size` in PAPER_SIZES; `arg` as in experiments/coca_base.py."""
+  args = parse_arg(arg, PAPER_FILES[size], batch=65_536, steps=500_000, dtype="bfloat16",
+                   remat="dots", runlocal=False, b32=False, imagenet=None)
+  named = given(arg)
+  s = PAPER_SIZES[size]
+  c = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict(dict(
+      image_size=288, patch_size=18, embed_dim=s["embed_dim"], pooling="cascade",
+      n_gen_queries=256, pooler_heads=s["pooler_heads"], dtype=args.dtype,
+      remat=args.remat, scan_layers=True, temperature_init=0.07,
+      max_logit_scale=100.0, tie_embeddings=s.get("tie_embeddings", False),
+      vision=dict(s["vision"]),
+      text=dict(vocab_size=VOCAB_SIZE, max_len=64, **s["text"]),
+  ))
+  # Your image-text data, built by `python -m coca_jax.data.build` (--config.data.name=NAME
+  # --config.data.data_dir=DIR); a SentencePiece tokenizer of VOCAB_SIZE pieces is trained on
+  # its train captions unless --config.data.tokenizer names one.
+  c.data = ml_collections.ConfigDict(dict(
+      name="", train_split="train", eval_split="test", image_size=288,
+      tokenizer_vocab=VOCAB_SIZE))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=args.steps, batch_size=args.batch, seed=0,
+      log_every=100, microbatches=1, nonfinite="halt", max_consecutive_skips=10))
+  c.loss = ml_collections.ConfigDict(dict(
+      contrastive_weight=1.0, caption_weight=2.0, label_smoothing=0.0, contrastive="softmax",
+      contrastive_reduction="sum",  # i2t + t2i, the paper's eq. 1.
+      contrastive_impl="chunked"))  # Memory-bounded logits: the [B, B] matrix never exists whole.
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adafactor", lr=8e-4, b1=0.9, b2=0.999, eps=1e-30, weight_decay=0.01,
+      warmup_fraction=0.02, decay="linear", end_lr_fraction=0.0, clip_norm=0.0,
+      freeze_regex=[]))
+  # Parameters and optimizer state fully sharded across every chip; batch over the same chips.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5_000, keep=3, async_save=True))
+  c.evals = ml_collections.ConfigDict(EVALS)
+  if args.imagenet:
+    data_dir = args.imagenet if isinstance(args.imagenet, str) else ""
+    c.evals.zeroshot.update(IMAGENET_ZEROSHOT, data_dir=data_dir)
+  if args.b32:
+    c.model.update(image_size=224, patch_size=32, embed_dim=512, pooling="open_clip",
+                   n_gen_queries=256, pooler_heads=8,
+                   dtype=args.dtype if "dtype" in named else "float32",
+                   remat=args.remat if "remat" in named else "none", tie_embeddings=False,
+                   # 12 layers compile in ~30 s unscanned, and the CPU step is faster without
+                   # the scan's stacking of per-layer activations.
+                   scan_layers=False)
+    c.model.vision.update(width=768, depth=12, heads=12, mlp_dim=3072)
+    c.model.text.update(vocab_size=49_408, max_len=76, width=512, heads=8, mlp_dim=2048,
+                        n_uni=12, n_multi=12)
+    c.data.update(image_size=224, tokenizer_vocab=49_408)
+    c.loss.contrastive_impl = "gathered"
+    c.mesh.update(data=-1, fsdp=1)
+    if "batch" not in named:
+      c.train.batch_size = 16
+  if args.runlocal:
+    c.train.update(steps=10, log_every=1)
+    if "batch" not in named:
+      c.train.batch_size = 8
+    c.checkpoint.update(every_steps=0)
+    shrink_evals(c.evals)
+  return c
+
+
+def shrink_evals(evals: ml_collections.ConfigDict) -> None:
+  """runlocal: the evals only at the end, on a few examples."""
+  evals.every_steps = 0
+  evals.zeroshot.examples = evals.retrieval.examples = 64
+  evals.captioning.update(examples=8, batch_size=8)
+
+
+# VLMo's stagewise pretraining as parameter freezing (`optim.freeze_regex`).
+MOME_STAGES = ("image", "text", "image_text")
+TEXT_SIDE = [r"(^|/)ffn_text/", r"(^|/)ffn_fusion/", r"^token_embed/", r"^text_pos_embed$",
+             r"^cls_token$", r"^ln_text/", r"^text_projection/", r"^ln_fused/", r"^vocab_head/"]
+SHARED_AND_IMAGE = [r"/attention/", r"/ln_attention/", r"(^|/)ffn_image/"]
+
+
+def mome(width, depth, heads, mlp_dim, fusion_layers, arg: str = "",
+         where: str = "experiments/vlmo_base.py", **model_fields) -> ml_collections.ConfigDict:
+  """A MoME experiment with VLMo's recipe (experiments/vlmo_base.py documents `arg`);
+  `model_fields` override config.model fields."""
+  args = parse_arg(arg, where, stage="image_text", init="", batch=1024, steps=200_000,
+                   runlocal=False)
+  if args.stage not in MOME_STAGES:
+    raise ValueError(f"{where}: stage={args.stage!r}; use one of {MOME_STAGES}")
+  c = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict(dict(
+      backbone="mome", image_size=224, patch_size=16, embed_dim=768, pooler_heads=heads,
+      pooling="cls",
+      dtype="bfloat16", temperature_init=0.07, max_logit_scale=100.0, tie_embeddings=True,
+      text=dict(vocab_size=30_522, max_len=40),
+      mome=dict(depth=depth, width=width, heads=heads, mlp_dim=mlp_dim,
+                fusion_layers=fusion_layers)))
+  c.model.update(model_fields)
+  c.data = ml_collections.ConfigDict(dict(
+      name="", train_split="train", eval_split="test", image_size=c.model.image_size,
+      tokenizer_vocab=c.model.text.vocab_size))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=args.steps, batch_size=args.batch, seed=0, log_every=100, microbatches=1))
+  c.loss = ml_collections.ConfigDict(dict(
+      contrastive_weight=1.0, caption_weight=1.0, label_smoothing=0.0, contrastive="softmax",
+      contrastive_impl="gathered", itm_weight=1.0 if args.stage == "image_text" else 0.0,
+      itm_examples=0))
+  freeze = {"image": TEXT_SIDE, "text": SHARED_AND_IMAGE, "image_text": []}[args.stage]
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=2e-4, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01,
+      warmup_fraction=0.025, decay="linear", end_lr_fraction=0.0, clip_norm=0.0,
+      freeze_regex=list(freeze)))
+  c.init = ml_collections.ConfigDict(dict(source=args.init))
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5_000, keep=3, async_save=True))
+  # As the CoCa paper configs (EVALS): retrieval and captioning on the eval split of
+  # config.data.name, zero-shot on a labelled dataset you name.
+  c.evals = ml_collections.ConfigDict(EVALS)
+  if args.runlocal:
+    c.train.update(steps=10, log_every=1)
+    if "batch" not in given(arg):
+      c.train.batch_size = 8
+    c.checkpoint.update(every_steps=0)
+    shrink_evals(c.evals)
+  return c
+
+
+def finetune(c: ml_collections.ConfigDict, *, source: str, steps: int, batch: int, lr: float,
+             eval_every: int, runlocal: bool) -> ml_collections.ConfigDict:
+  """Adds an AdamW fine-tuning recipe (train, optim, mesh, checkpoint, evals: retrieval and
+  greedy captioning on the "test" split, init from `source`) to `c`, which holds the model, data
+  and loss groups; `runlocal`: 10 steps of batch 8, small evals. Shared by
+  experiments/finetune_captions.py and experiments/openclip_coca.py."""
+  c.train = ml_collections.ConfigDict(dict(steps=steps, batch_size=batch, seed=0, log_every=50,
+                                           microbatches=1))
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=lr, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, warmup_fraction=0.05,
+      decay="cosine", end_lr_fraction=0.0, clip_norm=1.0, freeze_regex=[]))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2, async_save=True))
+  c.evals = ml_collections.ConfigDict(dict(
+      every_steps=eval_every, batch_size=64,
+      retrieval=dict(split="test", examples=1_000),
+      captioning=dict(enabled=True, split="test", examples=500, batch_size=64, method="greedy")))
+  c.init = ml_collections.ConfigDict(dict(source=source, include_regex="", exclude_regex="",
+                                          reinit_regex=""))
+  if runlocal:
+    c.train.update(steps=10, batch_size=8, log_every=1)
+    c.checkpoint.every_steps = 0
+    c.evals.every_steps = 0
+    c.evals.retrieval.examples = 64
+    c.evals.captioning.update(examples=8, batch_size=8)
+  return c

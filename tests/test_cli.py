@@ -1,0 +1,136 @@
+"""Spec: every command a user types follows one convention. The installed `coca-*` scripts
+(setup.py's console_scripts) and `python -m` of every CLI module print their help with -h /
+--help and exit 0, listing their own flags (--config, --workdir); a usage mistake is one line
+that names the fix, exit code 2, no traceback. Experiment files parse their `:args` one way."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from coca_jax.core.config_args import parse_arg
+from conftest import REPO
+
+BIN = os.path.dirname(sys.executable)  # `pip install -e .` puts the console scripts beside it.
+# CLI module -> flags its --help must list.
+MODULES = {
+    "coca_jax.train": ("--config", "--workdir", "--dry_run"),
+    "coca_jax.evaluate": ("--config", "--workdir", "--step"),
+    "coca_jax.caption": ("--model", "--method"),
+    "coca_jax.export": ("--workdir", "--out"),
+    "coca_jax.sweep": ("--config", "--workdir", "--parallel"),
+    "coca_jax.report": ("--workdir", "--out"),
+    "coca_jax.bench": ("--config", "--mode"),
+    "coca_jax.data.build": ("--format", "--src", "captions.jsonl", "captions.csv"),
+    "coca_jax.data.tokenizer": ("train", "show"),
+    "coca_jax.interop.open_clip": ("import", "export"),
+}
+
+
+def _env():
+  # This checkout's package, whichever checkout the venv's editable install points at.
+  return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+              JAX_PLATFORMS="cpu")
+
+
+def _run_all(commands: dict) -> dict:
+  """{name: argv} -> {name: CompletedProcess}, all started at once (each pays its imports)."""
+  procs = {name: subprocess.Popen(argv, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+           for name, argv in commands.items()}
+  done = {}
+  for name, proc in procs.items():
+    out, err = proc.communicate(timeout=300)
+    done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+  return done
+
+
+def _console_scripts() -> dict[str, str]:
+  text = open(os.path.join(REPO, "setup.py")).read()
+  return {script: module for script, module in re.findall(r'"(coca-[\w-]+)=([\w.]+):\w+"', text)}
+
+
+def test_every_console_script_and_cli_module_shows_its_help():
+  scripts = _console_scripts()
+  assert len(scripts) >= 9 and set(scripts.values()) <= set(MODULES), scripts
+  missing = [s for s in scripts if not os.path.exists(os.path.join(BIN, s))]
+  assert not missing, f"{missing} not installed in {BIN}: run `pip install -e .`"
+  commands = {f"script {s}": [os.path.join(BIN, s), "--help"] for s in scripts}
+  commands.update({f"-m {m}": [sys.executable, "-m", m, "-h"] for m in MODULES})
+  results = _run_all(commands)
+  for name, result in results.items():
+    module = scripts[name.split()[1]] if name.startswith("script") else name.split()[1]
+    assert result.returncode == 0, (name, result.stderr[-2000:])
+    for flag in MODULES[module]:
+      assert flag in result.stdout, (name, flag, result.stdout[-3000:])
+    assert "Traceback" not in result.stderr, (name, result.stderr[-2000:])
+
+
+def test_usage_mistakes_are_one_line_naming_the_fix_exit_2(tmp_path):
+  python = [sys.executable, "-m"]
+  nowhere = str(tmp_path / "nowhere")
+  cases = {
+      # (argv, what the one line must say)
+      "config field as a flag": (python + ["coca_jax.train", "--config", "experiments/demo.py",
+                                           "--workdir", nowhere, "--steps", "100"],
+                                 "--config.train.steps=100"),
+      "config field with =": (python + ["coca_jax.sweep", "--config", "experiments/demo.py",
+                                        "--workdir", nowhere, "--batch_size=8"],
+                              "--config.train.batch_size=8"),
+      "missing config file": (python + ["coca_jax.train", "--config", "experiments/nope.py",
+                                        "--workdir", nowhere],
+                              "--config experiments/nope.py: no such file"),
+      "missing workdir": (python + ["coca_jax.evaluate", "--workdir", nowhere], nowhere),
+      "missing flag": (python + ["coca_jax.export", "--src", nowhere], "missing --out"),
+      "bad caption model": (python + ["coca_jax.caption", "--model", nowhere,
+                                      os.path.join(REPO, "setup.py")], nowhere),
+      "missing tokenizer input": (python + ["coca_jax.data.tokenizer", "train",
+                                            "--captions_file", nowhere, "--output", nowhere],
+                                  nowhere),
+      "missing open_clip source": (python + ["coca_jax.interop.open_clip", "export", "--src",
+                                             nowhere, "--out", nowhere + ".safetensors"],
+                                   nowhere),
+      "missing data source": (python + ["coca_jax.data.build", "--format", "folder", "--src",
+                                        nowhere, "--name", "x", "--data_dir", nowhere],
+                              "--src " + nowhere),
+  }
+  results = _run_all({name: argv for name, (argv, _) in cases.items()})
+  for name, result in results.items():
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, (name, result.stderr[-2000:])
+    assert len(lines) == 1 and cases[name][1] in lines[0], (name, result.stderr[-2000:])
+    assert not os.path.exists(nowhere), name  # Nothing was created.
+
+
+def test_parse_arg_types_args_from_their_defaults_and_names_unknown_ones():
+  defaults = dict(batch=64, lr=1e-3, name="", runlocal=False, imagenet=None)
+  args = parse_arg("batch=8,lr=3e-4,name=pets,runlocal", "experiments/x.py", **defaults)
+  assert (args.batch, args.lr, args.name, args.runlocal, args.imagenet) == (
+      8, 3e-4, "pets", True, None)
+  assert isinstance(args.batch, int) and isinstance(args.lr, float)
+  assert parse_arg("imagenet", **defaults).imagenet is True
+  assert parse_arg("imagenet=/data", **defaults).imagenet == "/data"
+  assert parse_arg("runlocal=false", **defaults).runlocal is False
+  assert parse_arg("", **defaults).batch == 64
+  for arg, message in (("batchsize=8", "experiments/x.py: unknown arg 'batchsize'; did you mean "
+                        "'batch'? (known: batch, imagenet, lr, name, runlocal)"),
+                       ("batch=eight", "batch='eight' is not an integer"),
+                       ("batch", "arg 'batch' needs a value"),
+                       ("runlocal=maybe", "is not a switch value")):
+    with pytest.raises(ValueError, match=re.escape(message)):
+      parse_arg(arg, "experiments/x.py", **defaults)
+
+
+@pytest.mark.parametrize("spec,error", [
+    ("coca_large.py:bach=8", "experiments/coca_large.py: unknown arg 'bach'; did you mean 'batch'"),
+    ("vlmo_base.py:stage=txt", "stage='txt'; use one of"),
+    ("mome_coca_base.py:steps=x", "experiments/mome_coca_base.py: steps='x' is not an integer"),
+    ("openclip_coca.py:modl=x", "experiments/openclip_coca.py: unknown arg 'modl'"),
+    ("demo.py:smoke,mini", "use one of the args 'mini' or 'smoke'"),
+])
+def test_experiment_files_report_bad_args_by_file_and_name(spec, error):
+  from coca_jax.core import config as config_lib
+  with pytest.raises(ValueError, match=re.escape(error)):
+    config_lib.load_config(os.path.join(REPO, "experiments", spec))
