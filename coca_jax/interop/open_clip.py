@@ -314,10 +314,10 @@ def experiment_config(model: str, arg: str = "") -> ml_collections.ConfigDict:
   (a dataset built by coca_jax.data.build), bpe=PATH (the merges file; default: the one beside
   init's config.json, else an installed open_clip's), steps=, batch=, lr=, dtype=, remat= (default dots), unrolled, runlocal.
 
-  Layers are scanned with remat='dots' by default: on the 2-core CPU the B/32 train step (batch
-  16, float32) then needs 2.86 GB of XLA scratch instead of 5.47 GB unrolled without remat, and
-  peak RSS 6.8 GB instead of 10.2 GB, for an 8% slower step (6.03 s vs 5.57 s; README, "Against
-  open_clip"); `unrolled` keeps one parameter set per layer.
+  Layers are scanned with remat='dots' by default: a scanned stack saves only what the policy
+  keeps per layer, so the step needs about half the scratch memory of unrolled layers without
+  remat for a slightly slower step (docs/performance.md, "Against open_clip", has the figures and
+  the command); `unrolled` keeps one parameter set per layer.
   """
   args = {}
   for item in filter(None, arg.split(",")):
