@@ -5,6 +5,7 @@ from setuptools import find_packages, setup
 setup(
     name="coca_jax",
     version="0.1.0",
+    license="Apache-2.0",
     description="Contrastive Captioners (CoCa) with an optional modality-experts backbone, in JAX",
     packages=find_packages(include=["coca_jax", "coca_jax.*"]),
     package_data={"coca_jax.models.kernels": ["*.cc"]},  # Compiled on first use (kernels/cpu.py).

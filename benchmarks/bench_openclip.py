@@ -31,7 +31,7 @@ the process CPU time.
 open_clip runs under `--torch_python`, a Python with torch, open_clip_torch and transformers
 (which open_clip's `generate` needs); this package's environment needs no torch. Without one,
 the benchmark prints why and exits with status 0 (it is a benchmark, not a test). How the torch
-environment of the README figures was made:
+environment of the figures in docs/performance.md was made:
   python -m venv /work/venv-torch
   /work/venv-torch/bin/pip install torch==2.14.1 torchvision==0.29.1 open_clip_torch==3.3.0 \
       "transformers<4.56"

@@ -33,7 +33,7 @@ declare -A spec=(
   [b512_dots_attention_auto]="512 dots_attention auto"
 )
 # First the best setting measured so far (batch 256-512, remat dots) for a before/after of the
-# odd attention lengths padded for cuDNN (the multimodal decoder; docs/scale.md), then remat
+# odd attention lengths padded for cuDNN (the multimodal decoder; docs/performance.md), then remat
 # dots_attention (no attention forward recomputed; estimated -1.7%), then full remat at the
 # batches its memory allows (estimated as fast as dots). Each line carries hlo_cost's estimate
 # beside the measurement. Not here: three XLA options compiled without a device produced the

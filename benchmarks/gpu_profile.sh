@@ -20,7 +20,7 @@ declare -A spec=(
   [b512_dots]="experiments/coca_base.py:batch=512,remat=dots|"
   [b256_none_unrolled]="experiments/coca_base.py:batch=256,remat=none --config.model.scan_layers=False|"
 )
-# b256_dots first: the default setting, profiled since odd lengths reach cuDNN (docs/scale.md).
+# b256_dots first: the default setting, profiled since odd lengths reach cuDNN (docs/performance.md).
 order=${PROFILES:-"b256_dots b512_dots"}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv || true
 timeout 120 $python benchmarks/matmul_ceiling.py --batch 256 2>&1 | tee "$out/ceiling.txt"

@@ -8,8 +8,8 @@ Without --config the run's own DIR/config.json is used (its data paths, model an
 `--config.<field>=value` overrides any field of it. With --config FILE[:args] the evals and data
 settings come from that file; the model always comes from the checkpoint's config.json.
 --workdir may also be a checkpoint step directory or an export bundle. Any eval may read a TFDS
-catalog dataset prepared as array_record, e.g. ImageNet zero-shot (README, "Zero-shot on
-ImageNet / other TFDS datasets"):
+catalog dataset prepared as array_record, e.g. ImageNet zero-shot (docs/evaluation.md,
+"Zero-shot on ImageNet / other TFDS datasets"):
 
   python -m coca_jax.evaluate --workdir DIR --config.evals.zeroshot.dataset=imagenet2012 \
       --config.evals.zeroshot.split=validation --config.evals.zeroshot.data_dir=~/tensorflow_datasets \

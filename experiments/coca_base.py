@@ -17,7 +17,7 @@ change the model size. Args (comma-separated after ':'):
   steps=N      train steps (paper: 500k)
   dtype=D      compute dtype, bfloat16 (default) or float32
   remat=R      none | full | dots | minimal (default: dots; on one H200, dots at 256-512
-               examples per chip was the fastest measured: 29.3% MFU at 512, docs/scale.md)
+               examples per chip was the fastest measured: 29.3% MFU at 512, docs/performance.md)
   runlocal     shrink the data and step counts for a smoke run on one machine (model size kept)
   imagenet[=D] zero-shot ImageNet-1k in the evals: TFDS's imagenet2012 "validation" (50,000
                images) prepared as array_record in D (default: config.data.data_dir) with
@@ -26,7 +26,7 @@ change the model size. Args (comma-separated after ':'):
                installed; read from its files, torch is not imported)
   b32          NOT a paper size: open_clip's coca_ViT-B-32 shapes (224px, patch 32, vision
                768 x 12, text 512 x 12+12, 8 heads, vocab 49,408, 76 tokens, one 256-query
-               pooler), batch 16, float32, no remat: the CPU MFU benchmark of docs/scale.md
+               pooler), batch 16, float32, no remat: the CPU MFU benchmark of docs/performance.md
 Model: 288px images, 18px patches (256 patches), 256 generative pooler queries, cascade pooling,
 64k SentencePiece vocabulary. Base and Large have an untied vocab head: with it their counts match
 Table 1's text decoders exactly (297M, 484M). For the 2.1B model an untied head would give a

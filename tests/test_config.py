@@ -136,7 +136,7 @@ def test_overrides_apply_to_defaults_and_misspelled_ones_fail_in_process():
 
 
 def test_list_fields_are_overridden_with_a_list_literal():
-  # README: --config.evals.zeroshot.class_names="['cat', 'dog']" (ml_collections itself
+  # docs/config.md: --config.evals.zeroshot.class_names="['cat', 'dog']" (ml_collections itself
   # parses tuples from the command line, not lists).
   spec = os.path.join(REPO, "experiments", "demo.py:smoke")
   values = flags.FlagValues()

@@ -2,7 +2,7 @@
 benchmarks/profile_train_step.py) names what each op is and which part of the model it belongs
 to, and reads op times from a real trace.
 
-Its kind and model-part tables are what a user reads to decide where to work (docs/scale.md's GPU
+Its kind and model-part tables are what a user reads to decide where to work (docs/performance.md's GPU
 profile came from them), so a GEMM must not be reported as elementwise work, nor a backward op
 as a forward one.
 """

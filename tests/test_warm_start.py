@@ -61,7 +61,7 @@ def test_safetensors_bundle_has_flat_unscanned_keys_and_loads(trained):
 
 
 def test_bfloat16_safetensors_bundle_loads(trained, tmp_path):
-  # README: `coca_jax.export --format safetensors --dtype bfloat16`, opened by coca_jax.load
+  # docs/open_clip.md: `coca_jax.export --format safetensors --dtype bfloat16`, opened by coca_jax.load
   # (safetensors' numpy reader has no BF16).
   out = str(tmp_path / "bundle_bf16")
   export.write_bundle(out, trained["params"], trained["config"], Tokenizer.train(

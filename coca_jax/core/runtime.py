@@ -1,10 +1,11 @@
 """Process-level setup for the command-line programs: the memory allocator.
 
-XLA:CPU allocates each step's scratch buffer (425 MB for the demo's train step, 4.3 GB for a
-CoCa-B/32 step) with `malloc`. glibc serves blocks that large with a fresh `mmap` and returns
-them with `munmap`, so every step page-faults its whole scratch buffer in again: ~105k minor
-faults and ~40% of the CPU time of a demo step spent in the kernel. mimalloc keeps freed memory
-mapped and reuses it (faults fall ~100x). An allocator can only be swapped before the process
+XLA:CPU allocates each step's scratch buffer (hundreds of MB for the demo's train step, GBs for
+larger models) with `malloc`. glibc serves blocks that large with a fresh `mmap` and returns
+them with `munmap`, so every step page-faults its whole scratch buffer in again and a large
+share of the step's CPU time goes to the kernel. mimalloc keeps freed memory mapped and reuses
+it (docs/performance.md, "Allocator", measures the difference with
+benchmarks/bench_allocator.py). An allocator can only be swapped before the process
 starts, so the training, evaluation, captioning and benchmark CLIs re-execute themselves once
 with mimalloc preloaded (`LD_PRELOAD`), from the `cmeel-mimalloc` wheel this package depends on.
 

@@ -390,7 +390,7 @@ def retrieval_ceiling(
   best images can serve at most the copies whose images are among them, so a group scores at
   most the k largest per-image counts. E.g. 1,000 scenes with 503 distinct captions cap
   image->text and text->image R@1 at 0.503 however good the model: "chance 0.001" undersells
-  the task, and a measured 0.45 is ~90% of what is attainable.
+  the task, and a recall is read against it, not against 1.
 
   Args:
     texts: Nt caption strings, compared exactly.

@@ -127,8 +127,8 @@ def decoder_params(model: CoCa, params, weights: str | None = None) -> dict:
   `layers.quantize_kernel`) every Dense kernel stored in that format, which `Dense` then
   multiplies with float32 accumulation. A cached step streams all decoder weights per token, so
   narrower weights are faster where the matmul reads them in place: on CPU the kernels of
-  `coca_jax.models.kernels.cpu` do (the weights are then stored tiled for them; at B/32, batch 2, a
-  token takes 9.0 ms in int8 vs 19.5 ms in float32, README); elsewhere XLA widens them first.
+  `coca_jax.models.kernels.cpu` do (the weights are then stored tiled for them;
+  docs/performance.md, "Decoding weights"); elsewhere XLA widens them first.
   Embedding tables (the token lookup; the vocab head when tied to it) and routed experts'
   weights stay float32. weights=None: float32, as trained."""
   if weights is not None and weights not in layers.DECODE_WEIGHTS:

@@ -28,9 +28,9 @@ REMAT_POLICIES = {
     # before, is an alias of it); the name stays so that existing configs keep working.
     "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     # dots, and the outputs of cuDNN's fused attention (output and softmax statistics), so the
-    # backward pass does not run each attention forward again: on a GPU ~6 ms less of an
-    # estimated 192 ms CoCa-Base step at batch 256 for +2.2 GB (docs/scale.md). Where attention
-    # is XLA's (CPU, TPU), the same as dots.
+    # backward pass does not run each attention forward again: a little less time for a little
+    # more memory on a GPU (docs/performance.md, "Changes ranked without a device"). Where
+    # attention is XLA's (CPU, TPU), the same as dots.
     "dots_attention": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         lambda prim, *_, **__: prim.name.startswith("dot_product_attention_fwd")),

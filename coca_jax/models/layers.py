@@ -122,7 +122,7 @@ def quantize_kernel(kernel, in_dims: int, weights: str, tiled: bool = False) -> 
 def tiled_matmul(x, tiles, scale, in_dims: int, features: tuple[int, ...]):
   """x [..., *in] @ tiled decoding weights (`quantize_kernel(tiled=True)`) -> float32
   [..., *features]: on CPU the kernel (`kernels.cpu.tiled_matmul`; it reads the weights once for
-  all rows and beats XLA's float32 dot from 2 to 256 rows at B/32 shapes, README), elsewhere (or
+  all rows; docs/performance.md, "Decoding weights", compares it with XLA's dot), elsewhere (or
   with no kernel built) the weights untiled and widened for XLA's dot. Both accumulate in
   float32 from float32 inputs."""
   lead = x.shape[:x.ndim - in_dims]
@@ -151,8 +151,8 @@ def int8_matmul(x, kernel, scale, in_dims: int, dtype):
 
   The kernel is widened to `dtype` and multiplied by the usual dot; the per-channel scale is
   applied to the float32 result. (A fused multiply-reduce that reads the int8 kernel in place
-  was tried on XLA:CPU: 3-4x slower than the float32 dot on the layer matrices and ~3,500x on
-  the 49,408-wide vocab head, so it is not used.)
+  was tried on XLA:CPU and was far slower than the float32 dot, so it is not used;
+  docs/performance.md, "Captions: the float32 floor".)
   """
   contract = (tuple(range(x.ndim - in_dims, x.ndim)), tuple(range(in_dims)))
   y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())),
@@ -403,7 +403,7 @@ class MLP(nn.Module):
     shape = x.shape
     # Tokens are flattened to [batch * length, embed] around the activation: XLA:CPU fuses the
     # GELU derivative into a transpose for the weight gradient, and from a 3-D layout that fusion
-    # ran 4x slower than the whole 2-D MLP (61 ms vs 15 ms fwd+bwd at the demo's shapes).
+    # is several times slower than the whole 2-D MLP (docs/performance.md, "XLA:CPU notes").
     h = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "wi")(x.reshape(-1, shape[-1]))
     h = constrain(ACTIVATIONS[self.activation](h), ("batch", "mlp"))
     y = dense(shape[-1], ("mlp", "embed"), self.dtype, "wo")(h)

@@ -7,7 +7,7 @@ not have (`coca_jax.bench --mode compile --target h100`), and it ranks changes t
 to XLA's options by the memory traffic they cause before any device time is spent. It is an
 estimate, not a measurement: each op is charged its operands and outputs once (a slice read
 or an in-place update only for the part it touches), as if caches held nothing between ops;
-docs/scale.md compares it with a measured GPU profile.
+docs/performance.md compares it with a measured GPU profile.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ only: the roofline rates are measured for GPUs. Needs libtpu (no TPU):
 
 Each GPU target names the device description and the roofline rates of `hlo_cost.Device`:
 bandwidth and the matmul / fused-attention rates this model's shapes reached on a real device
-(docs/scale.md, "One H200, 2026-11-28"), not the spec sheet's.
+(docs/performance.md, "One H200: a profile of the step"), not the spec sheet's.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ runtime_version {{ major: 13 minor: 0 }}
 device_description_str: "{name}"
 """
 
-# Rates measured on one H200 (batch-256 profile: cuBLAS + Triton GEMMs at 650 TFLOP/s of model
-# FLOPs, cuDNN attention at 150 by hlo_cost's count, device copies at ~4.3 TB/s). The H100 has
+# Rates from the H200 profile of the batch-256 step (docs/performance.md, "Estimating a GPU step
+# without the GPU"): what its GEMMs, cuDNN attention and device copies reached. The H100 has
 # the same SMs and clock: its rates are the H200's with bandwidth scaled by the spec ratio
 # (3.35 / 4.8 TB/s), not measured. Collectives: NVLink 4's 450 GB/s per direction (spec).
 GPU_TARGETS = {
@@ -74,7 +74,7 @@ GPU_TARGETS = {
 
 # Without autotuning, XLA cannot always pick tile sizes for its Triton GEMMs (it fails to
 # compile some of this model's dots), so target compiles use cuBLAS for every matmul, which on
-# the H200 ran the batch-128 and batch-256 steps as fast (docs/scale.md).
+# the H200 ran this model's steps as fast (docs/performance.md).
 GPU_TARGET_XLA_FLAGS = "--xla_gpu_enable_triton_gemm=false"
 
 

@@ -5,7 +5,7 @@ kernels on the device's streams, each carrying the HLO instruction that launched
 `hlo_index(compiled.as_text())` reads what each instruction is; `op_kind` and `model_part`
 classify an op (GEMM through cuBLAS or Triton, fused attention, reduction or elementwise fusion,
 scan slicing, ...) and place it in the model from its source metadata; `summarize` prints the
-three tables. benchmarks/profile_train_step.py runs them on a train step (docs/scale.md).
+three tables. benchmarks/profile_train_step.py runs them on a train step (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -217,8 +217,8 @@ def caption_loss(logits, labels, pad_id: int = 0, label_smoothing: float = 0.0):
   count = jnp.maximum(weights.sum(), 1.0)
   loss = jnp.sum(per_token * weights) / count
   # A token is right when its label's logit is the row's maximum. Not an argmax: XLA:CPU runs
-  # that variadic reduce over the vocabulary slowly (~0.2 s of a 6 s CoCa-B/32 step; this max is
-  # the one the cross-entropy computes anyway). Exact ties would count as right; float logits
+  # that variadic reduce over the vocabulary slowly (docs/performance.md, "Against open_clip");
+  # this max is the one the cross-entropy computes anyway. Exact ties would count as right; float logits
   # practically never tie.
   label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
   accuracy = jnp.sum((label_logit >= jnp.max(logits, axis=-1)) * weights) / count

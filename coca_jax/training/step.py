@@ -386,9 +386,8 @@ def train_step(state: TrainState, batch, *, model: CoCa, tx: optax.GradientTrans
 # XLA:CPU removes jax.checkpoint's optimization barriers ('cse_barrier_expander') before it
 # eliminates common subexpressions and schedules, so the recomputation of an unscanned
 # rematerialised layer is merged back into the forward pass or scheduled beside it: remat then
-# costs FLOPs and saves no memory (a 6-layer MoME, batch 32: 67.7 MB of scratch without remat,
-# 69.4 MB with remat='full'; with the barriers kept, 22.2 MB). The GPU and TPU compilers need
-# no such option (docs/scale.md, "MoME stacks by remat policy"); a scanned stack has no barriers
+# costs FLOPs and saves no memory (docs/performance.md, "MoME stacks by remat policy", measures
+# it). The GPU and TPU compilers need no such option; a scanned stack has no barriers
 # (its remat runs with prevent_cse off), and without remat the option changes nothing.
 CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
