@@ -3,6 +3,8 @@
 import io
 import json
 import os
+import socket
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -406,11 +408,18 @@ def test_decoded_cache_is_reused_and_never_stale(tmp_path, monkeypatch):
   # The dataset changes in place (its files replaced by another build's): the old cache is not
   # used, the new one decodes the new content and the old one is removed.
   old_first = pipeline.InMemoryBatches(options, cached).host_batch(0)
+  # A build killed half way left its temporary directory behind.
+  finished = subprocess.Popen(["true"])
+  finished.wait()
+  leftover = os.path.join(os.path.dirname(cached.path),
+                          f".tmp-{socket.gethostname()}-{finished.pid}-0")
+  os.makedirs(leftover)
   for file in second.iterdir():
     if file.is_file():
       (first / file.name).write_bytes(file.read_bytes())
   fresh = pipeline.load_decoded(options)
   assert fresh.path != cached.path and not os.path.exists(cached.path)
+  assert not os.path.exists(leftover)
   streaming = next(iter(pipeline.make_host_loader(options, shard_index=0, shard_count=1)))
   _assert_same(pipeline.InMemoryBatches(options, fresh).host_batch(0), streaming, "batch 0")
   assert (old_first["image"] != streaming["image"]).any()  # The content did change.

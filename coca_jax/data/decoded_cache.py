@@ -40,6 +40,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import uuid
 from typing import Callable, Sequence
 
@@ -151,7 +152,9 @@ def load_or_build(name: str, data_dir: str, split: str, source, *, image_size: i
   logging.info("Decoding %s/%s once (%d examples) into %s", name, split, len(source), final)
   try:
     os.makedirs(root, exist_ok=True)
-    temporary = os.path.join(root, f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    _remove_interrupted(root)
+    temporary = os.path.join(root, f"{_TMP}{socket.gethostname()}-{os.getpid()}-"
+                                   f"{uuid.uuid4().hex[:8]}")
     os.makedirs(temporary)
   except OSError as e:
     logging.warning("Cannot write a decoded cache next to %s (%s): decoding %s/%s into this "
@@ -171,6 +174,31 @@ def load_or_build(name: str, data_dir: str, split: str, source, *, image_size: i
   if loaded is None:
     raise RuntimeError(f"the decoded cache {final} just written does not read back")
   return loaded
+
+
+_TMP = ".tmp-"
+
+
+def _remove_interrupted(root: str) -> None:
+  """Removes the temporary directories of builds on this host whose process is gone (a
+  killed run); other hosts' and live processes' are left alone."""
+  for entry in os.listdir(root):
+    if not entry.startswith(_TMP):
+      continue
+    host, _, rest = entry[len(_TMP):].rpartition("-")[0].rpartition("-")
+    try:
+      pid = int(rest)
+    except ValueError:
+      continue
+    if host != socket.gethostname():
+      continue
+    try:
+      os.kill(pid, 0)
+    except ProcessLookupError:
+      logging.info("Removing an interrupted decoded-cache build: %s", entry)
+      shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+    except OSError:  # Alive under another user: not ours to judge.
+      pass
 
 
 def _image_bytes(element, image_feature: str) -> bytes:
