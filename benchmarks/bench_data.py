@@ -298,7 +298,8 @@ def main():
   demo = _load_demo_config("")
   base = pipeline.DataOptions(
       name="bench_photos", data_dir=data_dir, train_split="train", eval_split="train",
-      image_size=224, tokenizer=os.path.join(workdir, "photos_sp.model"), num_workers=0,
+      image_size=224, tokenizer=os.path.join(workdir, "photos_sp.model"),
+      tokenizer_kind="sentencepiece", num_workers=0,
       worker_buffer_size=2, random_resized_crop=True, crop_scale=(0.9, 1.0),
       crop_ratio=(3 / 4, 4 / 3), max_len=demo.model.text.max_len,
       global_batch_size=args.batch_size, seed=0)
