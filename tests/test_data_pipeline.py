@@ -2,6 +2,9 @@
 
 import io
 import json
+import os
+import socket
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +16,7 @@ import pytest
 
 from coca_jax.core import config as config_lib
 from coca_jax.data import builders
+from coca_jax.data import decoded_cache
 from coca_jax.data import pipeline
 from coca_jax.data import preprocess
 from coca_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
@@ -151,7 +155,7 @@ def test_close_stops_the_reading_threads(dataset):
                                           sharding)
   next(iterator)
   started = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-  assert started  # grain reads ahead on a thread of its own.
+  assert started  # The input path reads ahead on a thread of its own.
   iterator.close()
   iterator.close()  # Twice is harmless.
   for thread in started:
@@ -256,3 +260,166 @@ def test_worker_processes_resume_exactly(dataset):
     np.testing.assert_array_equal(got["text"], want["text"])
   with pytest.raises(ValueError, match="[Ww]orker count"):
     iter(_host_loader(dataset, num_workers=0)).set_state(state)
+
+
+# ---- In-memory path: the streaming path's batches, bit for bit ---------------------------------
+
+# Sizes with a shorter side below 2 x IMAGE_SIZE (no reduced-scale JPEG decode), one caption to
+# three per image: the layout of varied sizes, the caption draw and the crop draw are all used.
+JPEG_SIZES = ((20, 14), (24, 24), (31, 18), (17, 29), (26, 22), (18, 18), (30, 25))
+
+
+@pytest.fixture(scope="module")
+def jpeg_dataset(tmp_path_factory):
+  """7 JPEGs of varied sizes with 1-3 captions each (folder build), and a tokenizer."""
+  root = tmp_path_factory.mktemp("jpegs")
+  src = root / "src"
+  src.mkdir()
+  rng = np.random.default_rng(1)
+  rows, captions = [], []
+  for index, (width, height) in enumerate(JPEG_SIZES):
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), np.uint8)).save(
+        buffer, format="JPEG", quality=85)
+    (src / f"{index}.jpg").write_bytes(buffer.getvalue())
+    for c in range(1 + index % 3):
+      captions.append(f"picture {index} take {c}")
+      rows.append(json.dumps({"image": f"{index}.jpg", "caption": captions[-1]}))
+  (src / "captions.jsonl").write_text("\n".join(rows))
+  builders.make_builder("folder", "jpegs", str(root / "tfds"), src=str(src),
+                        show_progress=False).download_and_prepare()
+  Tokenizer.train(captions * 5, str(root / "sp"), vocab_size=40, model_type="bpe")
+  return root
+
+
+def _jpeg_config(root, batch_size=4, **data):
+  config = _config(root, batch_size, **data)
+  config.data.update(name="jpegs", data_dir=str(root / "tfds"), tokenizer=str(root / "sp.model"))
+  return config
+
+
+def _assert_same(got, want, what):
+  assert set(got) == set(want), what
+  for key in want:
+    np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]),
+                                  err_msg=f"{what}: {key}")
+
+
+@pytest.mark.parametrize("which", ["scenes, random crop", "scenes, center crop",
+                                   "varied JPEGs, random crop"])
+def test_in_memory_batches_equal_streaming_bit_for_bit(dataset, jpeg_dataset, which):
+  # Both hosts of 2, across epoch boundaries: the same images, tokens and keys as the
+  # streaming loader gives for the same seed and position.
+  if which.startswith("scenes"):
+    config = _config(dataset, random_resized_crop=which.endswith("random crop"))
+  else:
+    config = _jpeg_config(jpeg_dataset)
+  options = pipeline.DataOptions.from_config(config)
+  decoded = pipeline.load_decoded(options)
+  assert decoded is not None and decoded.path  # cached next to the dataset
+  for host in (0, 1):
+    streaming = iter(pipeline.make_host_loader(options, shard_index=host, shard_count=2))
+    in_memory = pipeline.InMemoryBatches(options, decoded, shard_index=host, shard_count=2)
+    for n in range(8):
+      _assert_same(in_memory.host_batch(n), next(streaming), f"{which}, host {host}, batch {n}")
+
+
+def test_in_memory_iterator_resumes_like_the_streaming_one(dataset, jpeg_dataset):
+  # The prefetching iterator gives the streaming iterator's global batches, also after
+  # set_position (a restore) while a batch for another position is already prepared, and
+  # on another number of hosts.
+  mesh, sharding = _batch_sharding()
+  config = _jpeg_config(jpeg_dataset, batch_size=2 * jax.device_count())
+  options = pipeline.DataOptions.from_config(config)
+  in_memory = pipeline.make_train_iterator(config, mesh, sharding)
+  assert isinstance(in_memory, pipeline.InMemoryTrainIterator)
+  streaming = pipeline.TrainIterator(
+      pipeline.make_host_loader(options, shard_index=0, shard_count=1), sharding)
+  for n in range(3):
+    _assert_same(next(in_memory), next(streaming), f"batch {n}")
+  for position in (7, 1):
+    in_memory.set_position(position)
+    streaming.set_position(position)
+    for n in range(2):
+      _assert_same(next(in_memory), next(streaming), f"after set_position({position}), {n}")
+  assert in_memory.position == streaming.position == 3
+  in_memory.close()
+  in_memory.close()
+  with pytest.raises(StopIteration):
+    next(in_memory)
+
+
+def test_size_rule_streams_a_split_over_the_budget(dataset, jpeg_dataset):
+  mesh, sharding = _batch_sharding()
+  batch_size = 2 * jax.device_count()
+
+  def path(config):
+    iterator = pipeline.make_train_iterator(config, mesh, sharding)
+    iterator.close()
+    return type(iterator).__name__
+
+  # 30 decoded 16-px images are 23,040 bytes: over a 0.01 MiB budget, within the default.
+  assert path(_config(dataset, batch_size)) == "InMemoryTrainIterator"
+  assert path(_config(dataset, batch_size, in_memory_max_mb=0.01)) == "TrainIterator"
+  assert path(_config(dataset, batch_size, in_memory_max_mb=0.01,
+                      in_memory="always")) == "InMemoryTrainIterator"
+  assert path(_config(dataset, batch_size, in_memory="never")) == "TrainIterator"
+  budget = pipeline.in_memory_budget(
+      pipeline.DataOptions.from_config(_config(dataset, in_memory_max_mb=1e9)))
+  assert budget <= pipeline.IN_MEMORY_RAM_FRACTION * (
+      os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+  # Random crops of JPEGs at least twice the output size are decoded at reduced scale by the
+  # streaming path: a decoded copy cannot give the same pixels, so "auto" streams them.
+  small_output = _jpeg_config(jpeg_dataset, batch_size)
+  small_output.data.image_size = 6
+  assert path(small_output) == "TrainIterator"
+  small_output.data.in_memory = "always"
+  with pytest.raises(ValueError, match="config.data.in_memory='always'"):
+    path(small_output)
+  with pytest.raises(ValueError, match="config.data.in_memory="):
+    pipeline.DataOptions.from_config(_config(dataset, in_memory="yes"))
+
+
+def test_decoded_cache_is_reused_and_never_stale(tmp_path, monkeypatch):
+  def build(data_dir, seed):
+    builders.make_builder("demo", "scenes", str(tmp_path / data_dir), num_train=8, num_test=2,
+                          num_digits=2, image_size=16, seed=seed,
+                          show_progress=False).download_and_prepare()
+    return tmp_path / data_dir / "scenes" / builders.VERSION
+
+  first, second = build("first", 0), build("second", 1)
+  source = builders.open_source("scenes", str(tmp_path / "second"), "train",
+                                decode_images=False)
+  Tokenizer.train([c.decode() for i in range(len(source)) for c in source[i]["captions"]],
+                  str(tmp_path / "sp"), vocab_size=60, model_type="bpe")
+  config = _config(tmp_path, batch_size=4, random_resized_crop=False)
+  config.data.update(name="scenes", data_dir=str(tmp_path / "first"),
+                     tokenizer=str(tmp_path / "sp.model"))
+  options = pipeline.DataOptions.from_config(config)
+  cached = pipeline.load_decoded(options)
+
+  def no_decoding(*args, **kwargs):
+    raise AssertionError("decoded again although a valid cache exists")
+
+  with monkeypatch.context() as patch:  # A second run maps the cache and decodes nothing.
+    patch.setattr(decoded_cache, "_build", no_decoding)
+    assert pipeline.load_decoded(options).path == cached.path
+
+  # The dataset changes in place (its files replaced by another build's): the old cache is not
+  # used, the new one decodes the new content and the old one is removed.
+  old_first = pipeline.InMemoryBatches(options, cached).host_batch(0)
+  # A build killed half way left its temporary directory behind.
+  finished = subprocess.Popen(["true"])
+  finished.wait()
+  leftover = os.path.join(os.path.dirname(cached.path),
+                          f".tmp-{socket.gethostname()}-{finished.pid}-0")
+  os.makedirs(leftover)
+  for file in second.iterdir():
+    if file.is_file():
+      (first / file.name).write_bytes(file.read_bytes())
+  fresh = pipeline.load_decoded(options)
+  assert fresh.path != cached.path and not os.path.exists(cached.path)
+  assert not os.path.exists(leftover)
+  streaming = next(iter(pipeline.make_host_loader(options, shard_index=0, shard_count=1)))
+  _assert_same(pipeline.InMemoryBatches(options, fresh).host_batch(0), streaming, "batch 0")
+  assert (old_first["image"] != streaming["image"]).any()  # The content did change.

@@ -132,6 +132,9 @@ def _defaults(backbone: str) -> dict:
           tokenizer_type="unigram",  # SentencePiece model type of a trained tokenizer.
           num_workers=0, worker_buffer_size=2, random_resized_crop=True, crop_scale=(0.9, 1.0),
           crop_ratio=(3.0 / 4.0, 4.0 / 3.0),
+          # Training input path: "auto" decodes a split that fits in_memory_max_mb (MiB, and a
+          # quarter of RAM) once and keeps it memory-mapped; "always" / "never" force it.
+          in_memory="auto", in_memory_max_mb=1024.0,
           build_demo=False,  # Build the digit-scenes demo set into data_dir if missing.
           # Keyword arguments of data.builders.DemoBuilder (its defaults).
           build_demo_options=dict(num_train=5000, num_test=500, num_digits=1000, image_size=48,
@@ -691,6 +694,15 @@ def _validate_pairs(config, need) -> None:
        "clip_bpe")
 
 
+def _validate_input_path(data, need) -> None:
+  need(data.in_memory in ("auto", "always", "never"),
+       f"config.data.in_memory={data.in_memory!r} is unknown; use auto (in memory when the "
+       "decoded split fits config.data.in_memory_max_mb), always or never (streaming)")
+  budget = data.in_memory_max_mb
+  need(isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget >= 0,
+       f"config.data.in_memory_max_mb={budget!r} must be a number of MiB >= 0")
+
+
 def _validate_microbatches(config, need) -> None:
   """Without a device count: the batch must at least split into the microbatches (with one,
   sharding.batch_split_problem checks shards x microbatches)."""
@@ -823,6 +835,7 @@ def validate(config, num_devices: int | None = None) -> None:
   need(config.checkpoint.every_steps >= 0, "config.checkpoint.every_steps must be >= 0 (0 = off)")
   need(config.checkpoint.keep >= 1, f"config.checkpoint.keep={config.checkpoint.keep} must be >= 1")
   _validate_pairs(config, need)
+  _validate_input_path(config.data, need)
   _validate_evals(config, need)
   if num_devices is None:
     _validate_microbatches(config, need)

@@ -40,8 +40,30 @@ which every loaded config is completed with; this module reads completed configs
   crop_scale           area fraction range of the random crop ((0.9, 1.0)); small values can crop
                        out the objects a caption names
   crop_ratio           aspect ratio range of the random crop ((3/4, 4/3))
+  in_memory            "auto" | "always" | "never": which training input path ("auto", see
+                       below)
+  in_memory_max_mb     the "auto" rule's budget for the decoded split, MiB (1024)
 Other fields: config.train.batch_size (global batch B), config.train.seed (shuffle/augment seed),
 config.model.text.max_len (L).
+
+Two paths give the same batches, bit for bit, for the same (dataset, seed, position):
+  streaming  grain reads, decodes, crops and tokenises each example when its batch is due
+             (`make_host_loader`, `TrainIterator`); for any size of dataset.
+  in-memory  the split is decoded once into memory-mapped uint8 arrays cached next to the
+             dataset (`decoded_cache`), its captions are tokenised once per run, and each batch
+             is a gather (plus, with random_resized_crop, one Pillow resize per example from
+             the decoded pixels, with the streaming path's own random draws) that a background
+             thread prepares one batch ahead (`InMemoryBatches`, `InMemoryTrainIterator`).
+The rule (config.data.in_memory="auto"): in-memory when the split's decoded images fit the
+budget min(config.data.in_memory_max_mb MiB, a quarter of this machine's RAM), counted as
+N * S * S * 3 bytes without random crops (what is cached is the final image) and as the stored
+images' h * w * 3 bytes with them (crops are drawn per epoch from the full image), and, with
+random crops, no stored JPEG's shorter side reaches 2 * S (the streaming path decodes those at
+reduced scale, which a decoded copy cannot reproduce); otherwise streaming. "always" ignores
+the budget (and fails on such a JPEG); "never" always streams. Each host decides for itself:
+both paths give the same batches, so hosts may differ. The crops stay per example: the batches
+must equal the streaming path's, whose resampling is Pillow's fixed-point bicubic, and a numpy
+version over the batch would have to reproduce its integer rounding exactly.
 
 Programs that use num_workers > 0 must start under `if __name__ == "__main__":` (grain spawns
 workers that re-import the main module).
@@ -49,6 +71,7 @@ workers that re-import the main module).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -66,11 +89,15 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from coca_jax.data import builders
+from coca_jax.data import decoded_cache
 from coca_jax.data import preprocess
 from coca_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 # Where config.data.data_dir is "" (the schema's default) outside a training run.
 DEFAULT_DATA_DIR = "~/tensorflow_datasets"
+IN_MEMORY_MODES = ("auto", "always", "never")
+# The "auto" rule's budget is at most this share of the machine's RAM.
+IN_MEMORY_RAM_FRACTION = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +118,8 @@ class DataOptions:
   max_len: int
   global_batch_size: int
   seed: int
+  in_memory: str = "auto"
+  in_memory_max_mb: float = 1024.0
 
   @classmethod
   def from_config(cls, config) -> "DataOptions":
@@ -114,7 +143,16 @@ class DataOptions:
         crop_scale=tuple(float(x) for x in field("crop_scale")),
         crop_ratio=tuple(float(x) for x in field("crop_ratio")),
         max_len=int(config.model.text.max_len), global_batch_size=int(config.train.batch_size),
-        seed=int(config.train.seed))
+        seed=int(config.train.seed), in_memory=field("in_memory"),
+        in_memory_max_mb=field("in_memory_max_mb"))
+    if options.in_memory not in IN_MEMORY_MODES:
+      raise ValueError(f"config.data.in_memory={options.in_memory!r} is unknown; use one of "
+                       f"{', '.join(IN_MEMORY_MODES)} ('auto': in memory when the decoded split "
+                       "fits config.data.in_memory_max_mb)")
+    if (not isinstance(options.in_memory_max_mb, (int, float))
+        or isinstance(options.in_memory_max_mb, bool) or options.in_memory_max_mb < 0):
+      raise ValueError(f"config.data.in_memory_max_mb={options.in_memory_max_mb!r} must be a "
+                       "number of MiB >= 0")
     if not 0.0 < options.crop_scale[0] <= options.crop_scale[1] <= 1.0:
       raise ValueError(f"config.data.crop_scale={options.crop_scale} must satisfy "
                        "0 < low <= high <= 1")
@@ -231,16 +269,11 @@ def make_host_loader(options: DataOptions, *, shard_index: int, shard_count: int
     with b = global_batch_size / shard_count: rows [shard_index * b, (shard_index + 1) * b) of
     each global batch (see `GlobalOrderSampler`). It repeats epochs forever.
   """
-  if options.global_batch_size % shard_count:
-    raise ValueError(f"config.train.batch_size={options.global_batch_size} is not divisible by "
-                     f"the {shard_count} hosts (jax.process_count()); use a multiple of "
-                     f"{shard_count}")
+  _check_hosts(options, shard_count)
   host_batch_size = options.global_batch_size // shard_count
   source = builders.open_source(options.name, options.data_dir, split or options.train_split,
                                 decode_images=False)
-  if len(source) < shard_count:
-    raise ValueError(f"split {split or options.train_split!r} of {options.name!r} has "
-                     f"{len(source)} examples, fewer than the {shard_count} hosts")
+  _check_records(options, len(source), shard_count, split)
   tokenizer = tokenizer or load_tokenizer(options.tokenizer, options.tokenizer_kind)
   shard_options = grain.sharding.ShardOptions(
       shard_index=shard_index, shard_count=shard_count, drop_remainder=False)
@@ -258,6 +291,130 @@ def make_host_loader(options: DataOptions, *, shard_index: int, shard_count: int
                           worker_count=options.num_workers,
                           worker_buffer_size=options.worker_buffer_size,
                           shard_options=shard_options)
+
+
+def _check_hosts(options: DataOptions, shard_count: int) -> None:
+  if options.global_batch_size % shard_count:
+    raise ValueError(f"config.train.batch_size={options.global_batch_size} is not divisible by "
+                     f"the {shard_count} hosts (jax.process_count()); use a multiple of "
+                     f"{shard_count}")
+
+
+def _check_records(options: DataOptions, num_records: int, shard_count: int,
+                   split: str | None) -> None:
+  if num_records < shard_count:
+    raise ValueError(f"split {split or options.train_split!r} of {options.name!r} has "
+                     f"{num_records} examples, fewer than the {shard_count} hosts")
+
+
+def in_memory_budget(options: DataOptions) -> float:
+  """Bytes the "auto" rule lets a decoded split take: min(config.data.in_memory_max_mb MiB,
+  IN_MEMORY_RAM_FRACTION of this machine's RAM)."""
+  budget = float(options.in_memory_max_mb) * 2**20
+  try:
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (AttributeError, ValueError, OSError):  # No sysconf: the configured budget alone.
+    return budget
+  return min(budget, IN_MEMORY_RAM_FRACTION * ram)
+
+
+def load_decoded(options: DataOptions, split: str | None = None
+                 ) -> decoded_cache.DecodedSplit | None:
+  """The decoded split for the in-memory path, or None where the rule (module docstring)
+  picks streaming. Decodes and caches it on first use."""
+  mode, split = options.in_memory, split or options.train_split
+  if mode == "never":
+    return None
+  source = builders.open_source(options.name, options.data_dir, split, decode_images=False)
+  geometry = "full" if options.random_resized_crop else "center"
+  budget = None if mode == "always" else in_memory_budget(options)
+  estimate = decoded_cache.estimate_bytes(source, options.image_size, geometry)
+  where = f"{options.name}/{split}"
+  if budget is not None and estimate > budget:
+    logging.info("Input: streaming %s: decoded it would take ~%.0f MiB, over the in-memory "
+                 "budget of %.0f MiB (config.data.in_memory_max_mb, at most %.0f%% of RAM)",
+                 where, estimate / 2**20, budget / 2**20, 100 * IN_MEMORY_RAM_FRACTION)
+    return None
+  try:
+    decoded = decoded_cache.load_or_build(options.name, options.data_dir, split, source,
+                                          image_size=options.image_size, geometry=geometry,
+                                          max_bytes=budget)
+  except decoded_cache.TooLarge as e:
+    logging.info("Input: streaming %s: %s (config.data.in_memory_max_mb)", where, e)
+    return None
+  except decoded_cache.NotExact as e:
+    if mode == "always":
+      raise ValueError(f"config.data.in_memory='always' cannot hold {where}: {e}; use "
+                       "config.data.in_memory='auto' or 'never' (streaming)") from e
+    logging.info("Input: streaming %s: %s", where, e)
+    return None
+  logging.info("Input: %s in memory (%.0f MiB decoded, %s)", where, decoded.nbytes / 2**20,
+               decoded.path or "not cached")
+  return decoded
+
+
+class InMemoryBatches:
+  """Host batches from a decoded split: `host_batch(n)` is, bit for bit, the n-th batch this
+  host's streaming loader (`make_host_loader` with the same options) yields.
+
+  The same global order and per-record generators as the streaming path (`GlobalOrderSampler`
+  over grain's `IndexSampler`): record keys from the same shuffle, the caption choice and the
+  crop drawn from the record's own generator in the same order, the same Pillow resize of the
+  same decoded pixels, the same tokens and normalisation. Thread-safe: `host_batch` reads only.
+  """
+
+  def __init__(self, options: DataOptions, decoded: decoded_cache.DecodedSplit,
+               tokenizer: Tokenizer | None = None, *, shard_index: int = 0,
+               shard_count: int = 1, split: str | None = None):
+    _check_hosts(options, shard_count)
+    _check_records(options, len(decoded), shard_count, split)
+    self.options, self.decoded = options, decoded
+    self.sampler = GlobalOrderSampler(len(decoded), options.seed, options.global_batch_size,
+                                      shard_index, shard_count, num_workers=0)
+    # The sampler's own order (IndexSampler shuffles MapDataset.range with the seed), read
+    # without making each record's generator where no random choice needs it.
+    self._order = grain.MapDataset.range(len(decoded)).shuffle(seed=options.seed)
+    tokenizer = tokenizer or load_tokenizer(options.tokenizer, options.tokenizer_kind)
+    before = tokenizer.num_truncated
+    self.tokens = decoded_cache.tokenize_all(decoded, tokenizer.tokenize, options.max_len)
+    truncated = tokenizer.num_truncated - before
+    if truncated:
+      logging.warning("%d of the %d captions are longer than config.model.text.max_len=%d and "
+                      "are truncated", truncated, len(self.tokens), options.max_len)
+    self._caption_count = np.asarray(decoded.caption_count)
+    self._random = options.random_resized_crop or bool(
+        (np.diff(self._caption_count) > 1).any())
+
+  def host_batch(self, global_batch: int, keys: bool = True) -> dict[str, np.ndarray]:
+    """This host's rows of global batch `global_batch`: "image" float32 [b, S, S, 3],
+    "text" int32 [b, L], and with `keys` "key" str [b] (which stored examples)."""
+    sampler, options = self.sampler, self.options
+    start = (global_batch * sampler.global_batch_size
+             + sampler.shard_index * sampler.host_batch_size)
+    positions = range(start, start + sampler.host_batch_size)
+    count = self._caption_count
+    records = np.empty(len(positions), np.int64)
+    captions = np.empty(len(positions), np.int64)
+    crops = []
+    for row, position in enumerate(positions):
+      if self._random:
+        metadata = sampler.global_order[position]
+        record, rng = metadata.record_key, metadata.rng
+      else:
+        record, rng = self._order[position], None
+      first, choices = int(count[record]), int(count[record + 1] - count[record])
+      # The streaming path's draws in its order: the caption, then the crop (_DecodeExample).
+      captions[row] = first + (int(rng.integers(choices)) if choices > 1 else 0)
+      records[row] = record
+      if options.random_resized_crop:
+        crops.append(preprocess.random_resized_crop(
+            Image.fromarray(self.decoded.image(record)), options.image_size, rng,
+            options.crop_scale, options.crop_ratio))
+    images = np.stack(crops) if crops else self.decoded.images[records]
+    batch = {"image": preprocess.normalize_images(images), "text": self.tokens[captions]}
+    if keys:
+      batch["key"] = np.asarray([self.decoded.key(int(r)) for r in records])
+    return batch
 
 
 class TrainIterator:
@@ -330,8 +487,66 @@ class TrainIterator:
     self.grain_iterator.set_state(state)
 
 
+class InMemoryTrainIterator:
+  """`TrainIterator`'s interface over `InMemoryBatches`, one batch prepared ahead.
+
+  A background thread makes global batch `position + 1` (host rows, normalised, and the global
+  `jax.Array`s) while the step runs on batch `position`. Each prepared batch is tagged with its
+  position: `set_position` (a restore) discards one prepared for another, so the next batch is
+  always `host_batch(position)` whatever the thread did.
+  """
+
+  def __init__(self, batches: InMemoryBatches, batch_sharding):
+    self.batches = batches
+    self.batch_sharding = batch_sharding
+    self.position = 0
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="coca-input")
+    self._ahead: tuple[int, concurrent.futures.Future] | None = None
+    self._closed = False
+
+  def __iter__(self) -> "InMemoryTrainIterator":
+    return self
+
+  @property
+  def sampler(self) -> GlobalOrderSampler:
+    return self.batches.sampler
+
+  def _make(self, global_batch: int) -> dict[str, jax.Array]:
+    host_batch = self.batches.host_batch(global_batch, keys=False)
+    return {key: jax.make_array_from_process_local_data(self._sharding(key), host_batch[key])
+            for key in ("image", "text")}
+
+  def _sharding(self, key: str):
+    if isinstance(self.batch_sharding, Mapping):
+      return self.batch_sharding[key]
+    return self.batch_sharding
+
+  def __next__(self) -> dict[str, jax.Array]:
+    if self._closed:
+      raise StopIteration
+    if self._ahead is not None and self._ahead[0] == self.position:
+      future = self._ahead[1]
+    else:
+      future = self._pool.submit(self._make, self.position)
+    batch = future.result()
+    self.position += 1
+    self._ahead = (self.position, self._pool.submit(self._make, self.position))
+    return batch
+
+  def set_position(self, global_batches: int) -> None:
+    """Moves to global batch `global_batches` (0 = the first), on any number of hosts."""
+    self.position = int(global_batches)
+
+  def close(self) -> None:
+    """Stops the prefetch thread; safe to call twice; the iterator yields nothing after it."""
+    self._closed = True
+    self._ahead = None
+    self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def make_train_iterator(config, mesh: jax.sharding.Mesh | None, batch_sharding,
-                        tokenizer: Tokenizer | None = None) -> TrainIterator:
+                        tokenizer: Tokenizer | None = None
+                        ) -> TrainIterator | InMemoryTrainIterator:
   """The training input stream of this host, as global jax.Arrays.
 
   Args:
@@ -343,10 +558,16 @@ def make_train_iterator(config, mesh: jax.sharding.Mesh | None, batch_sharding,
       config.data.tokenizer.
 
   Returns:
-    A `TrainIterator`; each host reads only its shard (jax.process_index()).
+    An `InMemoryTrainIterator` or a `TrainIterator` (config.data.in_memory; the same batches
+    either way); each host reads only its shard (jax.process_index()).
   """
   del mesh
   options = DataOptions.from_config(config)
+  decoded = load_decoded(options)
+  if decoded is not None:
+    batches = InMemoryBatches(options, decoded, tokenizer, shard_index=jax.process_index(),
+                              shard_count=jax.process_count())
+    return InMemoryTrainIterator(batches, batch_sharding)
   loader = make_host_loader(options, shard_index=jax.process_index(),
                             shard_count=jax.process_count(), tokenizer=tokenizer)
   return TrainIterator(loader, batch_sharding)
