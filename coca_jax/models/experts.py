@@ -28,7 +28,6 @@ their experts' devices (an all-to-all) and back.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -36,45 +35,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from coca_jax.core import schema
 from coca_jax.models.layers import MLP, LayerNorm, constrain
 
 Dtype = Any
-EXPERTS_FIELDS = ("num_experts", "top_k", "capacity_factor", "every")
-
-
-@dataclasses.dataclass(frozen=True)
-class RoutedExperts:
-  """Learned-routing settings of one side of the model (`config.model.<side>.experts`).
-
-  num_experts: experts per routed feed-forward (1 = every layer dense).
-  top_k: experts each token runs through.
-  capacity_factor: each expert takes ceil(top_k * length * capacity_factor / num_experts)
-    tokens per sequence; the rest skip it.
-  every: layer i (0-based, counted over the side's whole stack) is routed when
-    (i + 1) % every == 0: 1 = every layer, 2 = layers 1, 3, 5, ... (V-MoE's "every other").
-  """
-  num_experts: int = 1
-  top_k: int = 1
-  capacity_factor: float = 1.0
-  every: int = 1
-
-  @classmethod
-  def from_config(cls, group) -> "RoutedExperts | None":
-    """None for an absent group or num_experts <= 1 (dense)."""
-    if not group:
-      return None
-    experts = cls(**{k: group[k] for k in EXPERTS_FIELDS if k in group})
-    return experts if experts.num_experts > 1 else None
-
-  def routed(self, layer: int) -> bool:
-    return self.num_experts > 1 and (layer + 1) % self.every == 0
-
-  def ffn_kwargs(self, layer: int) -> dict:
-    """`FeedForward` settings of layer `layer`: routed, or {} (dense)."""
-    if not self.routed(layer):
-      return {}
-    return dict(num_experts=self.num_experts, routing="topk", top_k=self.top_k,
-                capacity_factor=self.capacity_factor)
+# Learned-routing settings of one side of the model (`config.model.<side>.experts`).
+RoutedExperts = schema.Routing
 
 
 def expert_capacity(length: int, num_experts: int, top_k: int, capacity_factor: float) -> int:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-DEFAULT_NO_DECAY = r"(^|/)(bias|scale|ln_[^/]*|[^/]*pos_embed|token_embed|cls_token|queries|logit_scale|logit_bias)(/|$)"
+from coca_jax.core.schema import DEFAULT_NO_DECAY
 
 
 def param_paths(params) -> object:
