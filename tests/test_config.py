@@ -279,6 +279,7 @@ def test_schema_is_the_one_home_of_defaults_and_model_settings():
   mome = config_lib.defaults("mome")["model"]
   assert set(mome["mome"]["experts"]) == {"image", "text", "fusion"}
   assert config_lib.defaults()["optim"]["no_decay_regex"] == schema.DEFAULT_NO_DECAY
+  assert set(tokenizer.TOKENIZER_FILES) == set(schema.TOKENIZER_KINDS)
 
   def leaves(tree, prefix=""):
     for key, value in tree.items():

@@ -52,8 +52,8 @@ def routed_mome():
 
 
 def _text(rng, batch=3):
-  return np.concatenate([np.full((batch, 1), 1), rng.integers(4, ROUTED.text.vocab_size,
-                                                              (batch, ROUTED.text.max_len - 1))], 1)
+  words = rng.integers(4, ROUTED.text.vocab_size, (batch, ROUTED.text.max_len - 1))
+  return np.concatenate([np.full((batch, 1), 1), words], 1)
 
 
 def test_routed_experts_sit_where_configured_and_sow_per_modality(routed_mome):

@@ -395,7 +395,8 @@ def ensure_eos(tokens, eos_id: int = EOS_ID):
 def _rerank(model: CoCa, params, image_embed, result, num_candidates: int):
   """Keeps, per image, the candidate whose text embedding is most similar to the image's.
   result leaves are [B * N, ...] with the N candidates of image b at rows b*N .. b*N+N-1."""
-  text_embed = model.apply({"params": params}, ensure_eos(result["tokens"], model.config.text.eos_id),
+  text_embed = model.apply({"params": params},
+                           ensure_eos(result["tokens"], model.config.text.eos_id),
                            method="encode_text")
   batch = image_embed.shape[0]
   similarity = jnp.einsum("bd,bnd->bn", image_embed,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import re
 
@@ -196,11 +197,12 @@ def mapping(config) -> list[tuple[str, str, str]]:
 def check_open_clip_layout(config) -> None:
   """Raises ConversionError unless `config` (CoCaConfig) is open_clip's CoCa architecture (so
   its parameters mean the same thing there)."""
-  want = dict(pooling="open_clip", class_token=True, ln_pre=True, vision_final_norm=False,
-              patch_bias=False, multimodal_layout="open_clip", vocab_bias=False,
-              tie_embeddings=False, contrastive="softmax", norm_eps=1e-5)
-  wrong = [f"{k}={getattr(config, k)!r} (open_clip: {v!r})" for k, v in want.items()
-           if getattr(config, k) != v]
+  want = {"pooling": "open_clip", "vision.class_token": True, "vision.ln_pre": True,
+          "vision.final_norm": False, "vision.patch_bias": False,
+          "text.multimodal_layout": "open_clip", "text.vocab_bias": False,
+          "tie_embeddings": False, "contrastive": "softmax", "norm_eps": 1e-5}
+  field = lambda path: functools.reduce(getattr, path.split("."), config)
+  wrong = [f"{k}={field(k)!r} (open_clip: {v!r})" for k, v in want.items() if field(k) != v]
   if config.activation not in ("gelu", "quick_gelu"):
     wrong.append(f"activation={config.activation!r} (open_clip: 'gelu', or 'quick_gelu' with "
                  "quick_gelu=True)")

@@ -114,7 +114,8 @@ def unscanned_layers(config: CoCaConfig, params) -> tuple[CoCaConfig, dict]:
   if not config.scan_layers:
     return config, params
   params = dict(nn.meta.unbox(params))
-  depths = {"vision": config.vision.depth, "unimodal": config.text.n_uni, "multimodal": config.text.n_multi}
+  depths = {"vision": config.vision.depth, "unimodal": config.text.n_uni,
+            "multimodal": config.text.n_multi}
   for name, depth in depths.items():
     params[name] = unscanned_params(params[name], depth)
   return dataclasses.replace(config, scan_layers=False), params
@@ -127,7 +128,8 @@ def router_statistics(intermediates, config: CoCaConfig) -> dict[str, dict]:
   if not intermediates:  # A dense model sows nothing.
     return {}
   found = {}
-  depths = {"vision": config.vision.depth, "unimodal": config.text.n_uni, "multimodal": config.text.n_multi}
+  depths = {"vision": config.vision.depth, "unimodal": config.text.n_uni,
+            "multimodal": config.text.n_multi}
   for stack_name, depth in depths.items():
     if stack_name not in intermediates:
       continue
@@ -200,7 +202,8 @@ class CoCa(nn.Module):
                                  use_bias=False)
     self.multimodal = stack(c.text.n_multi, c.text.heads, c.text.mlp_dim, cross_attention=True,
                             decode=self.decode, cache_length=cache_length,
-                            layout=c.text.multimodal_layout, **text_routing(c.text.n_uni, c.text.max_len - 1))
+                            layout=c.text.multimodal_layout,
+                            **text_routing(c.text.n_uni, c.text.max_len - 1))
     self.ln_decoder = LayerNorm(dt, eps)
     if not c.tie_embeddings:
       self.vocab_head = dense(c.text.vocab_size, ("embed", "vocab"), dt, "vocab_head",

@@ -115,15 +115,16 @@ class MoME(nn.Module):
         c.text.vocab_size, c.mome.width, dtype=dt, param_dtype=jnp.float32,
         embedding_init=with_axes(embed_init, ("vocab", "embed")))
     self.text_pos_embed = self.param(
-        "text_pos_embed", with_axes(embed_init, ("length", "embed")), (c.text.max_len, c.mome.width),
-        jnp.float32)
+        "text_pos_embed", with_axes(embed_init, ("length", "embed")),
+        (c.text.max_len, c.mome.width), jnp.float32)
     self.cls_token = self.param("cls_token", with_axes(embed_init, ("embed",)), (c.mome.width,),
                                 jnp.float32)
     # Decoding caches the image prefix and the text positions of every layer.
     cache_length = c.image_tokens + c.text.max_len - 1
     block = remat_block("none" if self.decode else c.remat)
-    self.layers = [block(c.mome.heads, c.mome.mlp_dim, dt, decode=self.decode, cache_length=cache_length,
-                         modality_experts=c.mome.layer_experts(i), routed_experts=c.mome.routed_experts(i))
+    self.layers = [block(c.mome.heads, c.mome.mlp_dim, dt, decode=self.decode,
+                         cache_length=cache_length, modality_experts=c.mome.layer_experts(i),
+                         routed_experts=c.mome.routed_experts(i))
                    for i in range(c.mome.depth)]
     self.ln_image = LayerNorm(dt)
     if c.pooling == "attention":

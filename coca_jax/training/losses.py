@@ -146,8 +146,8 @@ def chunked_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias=No
   'sigmoid' (as `sigmoid_contrastive_loss`, needs `logit_bias`). mesh: the device mesh; default
   the one set by `jax.set_mesh` (no mesh: one device, one block). Returns (loss, metrics).
   """
-  if kind not in ("softmax", "sigmoid"):
-    raise ValueError(f"kind={kind!r} is unknown; use 'softmax' or 'sigmoid'")
+  if kind not in CONTRASTIVE_KINDS:
+    raise ValueError(f"kind={kind!r} is unknown; use one of {CONTRASTIVE_KINDS}")
   if kind == "sigmoid" and logit_bias is None:
     raise ValueError("the sigmoid contrastive loss needs the model's logit_bias")
   global_batch = image_embed.shape[0]
@@ -198,7 +198,7 @@ def contrastive_loss(image_embed, text_embed, logit_scale, logit_bias=None, *,
   return sigmoid_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias)
 
 
-def caption_loss(logits, labels, pad_id: int = 0, label_smoothing: float = 0.0):
+def caption_loss(logits, labels, pad_id: int = PAD_ID, label_smoothing: float = 0.0):
   """Next-token cross-entropy averaged over non-pad labels.
 
   logits: [batch, T, vocab] float32; labels: [batch, T] int32 (text[:, 1:]).
@@ -222,7 +222,7 @@ def caption_loss(logits, labels, pad_id: int = 0, label_smoothing: float = 0.0):
 
 
 def coca_loss(outputs, text, *, contrastive_weight: float = 1.0, caption_weight: float = 2.0,
-              label_smoothing: float = 0.0, contrastive: str = "softmax", pad_id: int = 0,
+              label_smoothing: float = 0.0, contrastive: str = "softmax", pad_id: int = PAD_ID,
               contrastive_impl: str = "gathered", mesh=None, contrastive_reduction: str = "sum"):
   """CoCa objective: contrastive_weight * contrastive + caption_weight * caption (paper: 1, 2).
 
