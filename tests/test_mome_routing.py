@@ -169,7 +169,8 @@ def test_mome_experts_config_is_validated_with_field_names():
   with pytest.raises(config_lib.ConfigError) as error:
     config_lib.validate(c, num_devices=1)
   message = str(error.value)
-  for expected in ("config.model.mome.experts has unknown modality experts ['audio']",
+  for expected in ("config.model.mome.experts.audio is not a config key; did you mean "
+                   "config.model.mome.experts.fusion?",
                    "config.model.mome.experts.image.top_k=5 exceeds "
                    "config.model.mome.experts.image.num_experts=4",
                    "config.model.mome.experts.image.every=3 routes none of the layers 0..1"):
