@@ -124,7 +124,7 @@ def ours_caption(args) -> dict:
   from coca_jax.inference import generate as gen
   from coca_jax.training import step
   from coca_jax.interop import open_clip, params as flat_params
-  from coca_jax.models.coca import CoCaConfig
+  from coca_jax.core import schema
   config = _our_config(args.caption_batch)
   model = step.build_model(config)
   size = config.model.image_size
@@ -133,7 +133,7 @@ def ours_caption(args) -> dict:
   images = np.asarray(jax.random.normal(jax.random.key(1), (args.caption_batch, size, size, 3)))
   weights_file = os.path.join(args.workdir, "weights.safetensors")
   if not os.path.exists(weights_file):  # Shared with the open_clip side.
-    model_config = CoCaConfig.from_config(config.model)
+    model_config = schema.build(schema.CoCa, config.model)
     state = open_clip.to_open_clip(flat_params.flatten(model_config, params), model_config)
     open_clip.write_safetensors(state, weights_file, {"format": "pt"})
     np.save(os.path.join(args.workdir, "images.npy"), images)  # NHWC, normalised.

@@ -34,9 +34,17 @@ import sys
 import time
 
 from absl import app, flags
+import jax  # Imported, not started: --devices and --target configure it before first use.
+import numpy as np
 
 from coca_jax.core import cli
-from coca_jax.core import config as config_lib  # Starts no JAX backend (--devices comes later).
+from coca_jax.core import config as config_lib
+from coca_jax.core import sharding
+from coca_jax.data import tokenizer as tokenizer_lib
+from coca_jax.perf import flops
+from coca_jax.perf import hlo_cost
+from coca_jax.perf import targets
+from coca_jax.training import step
 
 FLAGS = flags.FLAGS
 config_lib.define_config_flag("config", "Experiment config file[:args].")
@@ -55,9 +63,6 @@ flags.DEFINE_integer("top", 0, "With a GPU --target: also list this many ops wit
 
 
 def _abstract_batch(config, mesh):
-  import jax
-  from coca_jax.core import sharding
-  from coca_jax.training import step
   return {name: jax.ShapeDtypeStruct(shape.shape, shape.dtype,
                                      sharding=sharding.batch_sharding(mesh, len(shape.shape)))
           for name, shape in step.dummy_batch(config, config.train.batch_size).items()}
@@ -65,9 +70,6 @@ def _abstract_batch(config, mesh):
 
 def _synthetic_batch(config, mesh, seed: int = 0):
   """Random normalised images and BOS..EOS captions of random lengths, placed on the mesh."""
-  import jax
-  import numpy as np
-  from coca_jax.core import sharding
   rng = np.random.default_rng(seed)
   batch, size = config.train.batch_size, config.model.image_size
   length, vocab = config.model.text.max_len, config.model.text.vocab_size
@@ -96,11 +98,6 @@ def benchmark(config, mode: str, steps: int = 10, target: str | None = None,
   """The benchmark as a dict (what `--json` prints). `target` (compile mode): compile for that
   accelerator (`coca_jax/perf/targets.py`; GPUs: `devices` of them) on this host, report whether the
   step fits its memory, and for GPUs add `hlo_cost`'s estimate of the step."""
-  import jax
-  from coca_jax.core import config as config_lib
-  from coca_jax.perf import flops
-  from coca_jax.training import step
-  from coca_jax.perf import targets
 
   if target is not None and mode != "compile":
     raise targets.TargetError(f"--target={target} compiles for an accelerator this host lacks: use "
@@ -109,7 +106,8 @@ def benchmark(config, mode: str, steps: int = 10, target: str | None = None,
   if target is not None:
     target_devices = targets.devices(target, devices)
   device_list = target_devices or jax.devices()
-  config_lib.validate(config, num_devices=len(device_list))
+  config_lib.validate(config, num_devices=len(device_list),
+                      load_tokenizer=tokenizer_lib.load_tokenizer)
   built = step.setup(config, devices=target_devices)
   mesh = built.mesh
   train_step = built.train_step()
@@ -184,9 +182,6 @@ def benchmark(config, mode: str, steps: int = 10, target: str | None = None,
 def _estimate(compiled, target: str, device, model_flops_per_device: float) -> dict:
   """hlo_cost's roofline of the compiled step on `target`: estimated step time, the MFU it
   would give, and the time per kind of op."""
-  from coca_jax.perf import flops
-  from coca_jax.perf import hlo_cost
-  from coca_jax.perf import targets
   try:
     costs = hlo_cost.op_costs(compiled.as_text())
   except ValueError as error:  # A module the estimate cannot read: say so, keep the rest.
@@ -218,15 +213,11 @@ def main(argv) -> None:
   if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. --config experiments/demo.py")
   if FLAGS.target:
-    from coca_jax.perf import targets
     targets.prepare(FLAGS.target)  # Before JAX starts.
   elif FLAGS.devices:
     # Must happen before JAX creates its CPU client: simulated devices for planning/testing.
-    import jax
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", FLAGS.devices)
-  from coca_jax.core import config as config_lib
-  from coca_jax.perf import targets
   try:
     result = benchmark(FLAGS.config, FLAGS.mode, FLAGS.steps, FLAGS.target, FLAGS.devices)
   except (targets.TargetError, config_lib.ConfigError) as e:  # Each names its fix.

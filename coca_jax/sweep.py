@@ -43,12 +43,14 @@ from dataclasses import dataclass, field
 
 from absl import app, flags
 
+from coca_jax import report
 from coca_jax.core import config as config_lib
 
 from coca_jax.core import cli
 from coca_jax.core import console
 
 from coca_jax.core import fs
+from coca_jax.data import tokenizer as tokenizer_lib
 
 from coca_jax.training import metrics_log as metrics_lib
 
@@ -199,7 +201,7 @@ def make_trials(config_spec: str, base_config, root: str, sweep_overrides: list[
     trial_problems = apply_overrides(config, overrides)
     if not trial_problems:
       try:
-        config_lib.validate(config)
+        config_lib.validate(config, load_tokenizer=tokenizer_lib.load_tokenizer)
       except config_lib.ConfigError as e:
         trial_problems.append(str(e))
     problems += [f"trial {name}: {p}" for p in trial_problems]
@@ -348,7 +350,6 @@ def _cell(value) -> str:
 
 def write_results(root: str, trials: list[Trial]) -> list[str]:
   """ROOT/results.csv, ROOT/results.md and ROOT/curves.png; returns the paths written."""
-  from coca_jax import report
   columns, rows = collect(trials)
   marks = best_marks(columns, rows)
   csv_path = fs.join(root, "results.csv")

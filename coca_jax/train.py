@@ -52,6 +52,7 @@ from coca_jax.training import metrics_log as metrics_lib
 from coca_jax.training import preemption
 from coca_jax.training import warm_start
 from coca_jax.data import pipeline, prepare
+from coca_jax.data import tokenizer as tokenizer_lib
 from coca_jax.evaluation import evaluators
 
 FLAGS = flags.FLAGS
@@ -212,7 +213,8 @@ def main(argv) -> None:
 
   # ---- Validate -----------------------------------------------------------------------------
   try:
-    config_lib.validate(config, num_devices=jax.device_count())
+    config_lib.validate(config, num_devices=jax.device_count(),
+                        load_tokenizer=tokenizer_lib.load_tokenizer)
   except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -2,6 +2,7 @@
 abstractly; unknown keys, misspelled overrides and inconsistent pairs fail with one clear error;
 runs saved before a field existed still load; the paper configs run their evals."""
 
+import functools
 import json
 import os
 import subprocess
@@ -14,10 +15,13 @@ import pytest
 
 from coca_jax.training import checkpoint
 
+from coca_jax import models
 from coca_jax.core import config as config_lib
+from coca_jax.core import schema
 
 from coca_jax.training import step as step_lib
 from coca_jax.evaluation import evaluators
+from coca_jax.data import tokenizer
 from conftest import REPO, smoke_config
 
 # Every experiments/ file with the args its docstring documents (finetune_captions needs a
@@ -182,7 +186,7 @@ def test_train_reports_config_problems_without_a_traceback():
 
 def _one_problem(config, num_devices=None) -> str:
   with pytest.raises(config_lib.ConfigError) as err:
-    config_lib.validate(config, num_devices=num_devices)
+    config_lib.validate(config, num_devices=num_devices, load_tokenizer=tokenizer.load_tokenizer)
   text = str(err.value)
   assert text.startswith("1 config problem(s)"), text
   return text
@@ -258,3 +262,57 @@ def test_finetune_config_from_an_old_saved_run(tmp_path):
   config_lib.validate(config, num_devices=1)
   assert config.model.image_size == config.data.image_size == 32
   assert config.train.max_consecutive_skips == 10
+
+
+def test_schema_is_the_one_home_of_defaults_and_model_settings():
+  """defaults() is the schema's dataclasses as dicts, and the model settings built from a
+  completed config mirror its tree leaf for leaf (config.model.vision.width is cfg.vision.width),
+  so a field added to the schema is a config field with its default and a model attribute."""
+  for backbone, cls in schema.MODELS.items():
+    model = config_lib.defaults(backbone)["model"]
+    assert model == schema.defaults_of(cls)
+    assert model["backbone"] == backbone
+  towers = config_lib.defaults("towers")["model"]
+  assert towers["vision"]["width"] is schema.REQUIRED
+  assert towers["text"]["experts"] == {"num_experts": 1, "top_k": 1, "capacity_factor": 1.0,
+                                       "every": 1}
+  mome = config_lib.defaults("mome")["model"]
+  assert set(mome["mome"]["experts"]) == {"image", "text", "fusion"}
+  assert config_lib.defaults()["optim"]["no_decay_regex"] == schema.DEFAULT_NO_DECAY
+  assert set(tokenizer.TOKENIZER_FILES) == set(schema.TOKENIZER_KINDS)
+
+  def leaves(tree, prefix=""):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        yield from leaves(value, f"{prefix}{key}.")
+      else:
+        yield prefix + key, value
+
+  for spec in ("demo.py", "demo.py:mome,limoe,smoke"):
+    config = _load(spec)
+    settings = models.model_config(config.model)
+    for path, value in leaves(config.model.to_dict()):
+      built = functools.reduce(getattr, path.split("."), settings)
+      assert built == (tuple(value) if isinstance(value, list) else value), path
+    hash(settings)  # A jit static argument.
+
+
+def test_enumerations_and_types_are_checked_from_the_schema():
+  config = smoke_config().to_dict()  # As an experiment file writes it (no typed defaults yet).
+  config["model"]["text"]["cls_mask"] = "legacy"
+  config["model"]["vision"]["final_norm"] = "yes"
+  config["loss"]["contrastive_reduction"] = "avg"
+  config["evals"]["captioning"]["method"] = "nucleus"
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate(ml_collections.ConfigDict(config))
+  text = str(err.value)
+  assert text.startswith("4 config problem(s)"), text
+  assert ("config.model.text.cls_mask='legacy' is unknown; use one of correct, "
+          "open_clip_legacy") in text
+  assert "config.model.vision.final_norm='yes' must be True or False" in text
+  assert "config.loss.contrastive_reduction='avg' is unknown; use one of sum, mean" in text
+  assert "config.evals.captioning.method='nucleus' is unknown; use one of greedy, beam" in text
+  mome = config_lib.load_config(os.path.join(REPO, "experiments", "demo.py:mome,smoke"))
+  mome.model.pooling = "cascade"  # A towers pooling: not one of a MoME's.
+  assert "config.model.pooling='cascade' is unknown; use one of attention, cls" in (
+      _one_problem(mome))

@@ -4,6 +4,7 @@ dropped image tokens spread over the raster under BPR, causal safety (no token s
 one; cached decoding equals the full pass), mixed dense/routed stacks, and the router's
 auxiliary losses reaching the train loss and its gradient."""
 
+import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,8 @@ from coca_jax.inference import generate as gen
 from coca_jax.training import losses
 from coca_jax.training import step
 from coca_jax.models.backbone import Stack, unscanned_params
-from coca_jax.models.coca import CoCa, CoCaConfig, TowerConfig, router_statistics
+from coca_jax.core import schema
+from coca_jax.models.coca import CoCa, CoCaConfig, router_statistics
 from coca_jax.models.experts import FeedForward, RoutedExperts
 
 BATCH, LENGTH, WIDTH, MLP, EXPERTS = 2, 6, 8, 16, 4
@@ -257,7 +259,8 @@ def test_mixed_stack_scanned_in_groups_equals_unscanned_and_sows_per_layer():
   y2, state2 = Stack(**kwargs, scan=False).apply({"params": flat}, x, mutable=["intermediates"])
   np.testing.assert_allclose(y, y2, rtol=1e-5, atol=1e-6)
   config = routed_coca_config()
-  config = config.__class__(**{**config.__dict__, "vision": TowerConfig(WIDTH, 4, 2, MLP)})
+  config = dataclasses.replace(config, vision=schema.Vision(width=WIDTH, depth=4, heads=2,
+                                                            mlp_dim=MLP))
   stats = router_statistics({"vision": state["intermediates"]}, config)
   stats2 = router_statistics({"vision": state2["intermediates"]}, config)
   assert sorted(stats) == sorted(stats2) == ["vision/layer_1", "vision/layer_3"]
@@ -283,11 +286,12 @@ def routed_coca_config(capacity_factor=0.5) -> CoCaConfig:
   # group_size=1: BPR within each image, so microbatches route as the whole batch does (the
   # accumulation test below relies on it).
   vision = RoutedExperts(num_experts=4, top_k=1, capacity_factor=1.0, every=1, group_size=1)
-  return CoCaConfig(
-      image_size=16, patch_size=8, vision=TowerConfig(32, 1, 2, 64), vocab_size=32, max_len=8,
-      text_width=32, text_heads=2, text_mlp_dim=64, n_uni=1, n_multi=2, embed_dim=16,
-      n_gen_queries=4, pooler_heads=2, scan_layers=True, vision_experts=vision,
-      text_experts=text)
+  return schema.CoCa(
+      image_size=16, patch_size=8, embed_dim=16, n_gen_queries=4, pooler_heads=2,
+      scan_layers=True,
+      vision=schema.Vision(width=32, depth=1, heads=2, mlp_dim=64, experts=vision),
+      text=schema.Text(vocab_size=32, max_len=8, width=32, heads=2, mlp_dim=64, n_uni=1,
+                       n_multi=2, experts=text))
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +300,7 @@ def routed_coca():
   model = CoCa(config)
   images = jax.random.normal(jax.random.key(1), (3, 16, 16, 3))
   params = nn.unbox(jax.jit(model.init)(
-      jax.random.key(0), images[:1], jnp.zeros((1, config.max_len), jnp.int32))["params"])
+      jax.random.key(0), images[:1], jnp.zeros((1, config.text.max_len), jnp.int32))["params"])
   params["vocab_head"]["kernel"] = params["vocab_head"]["kernel"] * 4.0  # Peaked next tokens.
   # Routers strong enough to make decisive (and capacity-limited) choices.
   for name in ("unimodal", "multimodal"):

@@ -11,14 +11,16 @@ import pytest
 
 from coca_jax.inference import generate as gen
 from coca_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from coca_jax.models.coca import CoCa, CoCaConfig, TowerConfig
+from coca_jax.core import schema
+from coca_jax.models.coca import CoCa, CoCaConfig
 
 
 def tiny_config(vocab_size=32, max_len=8, scan_layers=True) -> CoCaConfig:
-  return CoCaConfig(
-      image_size=16, patch_size=8, vision=TowerConfig(32, 1, 2, 64), vocab_size=vocab_size,
-      max_len=max_len, text_width=32, text_heads=2, text_mlp_dim=64, n_uni=1, n_multi=2,
-      embed_dim=16, n_gen_queries=4, pooler_heads=2, scan_layers=scan_layers)
+  return schema.CoCa(
+      image_size=16, patch_size=8, embed_dim=16, n_gen_queries=4, pooler_heads=2,
+      scan_layers=scan_layers, vision=schema.Vision(width=32, depth=1, heads=2, mlp_dim=64),
+      text=schema.Text(vocab_size=vocab_size, max_len=max_len, width=32, heads=2, mlp_dim=64,
+                       n_uni=1, n_multi=2))
 
 
 def init(config: CoCaConfig, seed=0, logit_gain=4.0):
@@ -27,7 +29,7 @@ def init(config: CoCaConfig, seed=0, logit_gain=4.0):
   model = CoCa(config)
   images = jax.random.normal(jax.random.key(seed + 1), (3, 16, 16, 3))
   params = jax.jit(model.init)(jax.random.key(seed), images[:1],
-                               jnp.zeros((1, config.max_len), jnp.int32))["params"]
+                               jnp.zeros((1, config.text.max_len), jnp.int32))["params"]
   params = nn.unbox(params)
   params["vocab_head"]["kernel"] = params["vocab_head"]["kernel"] * logit_gain
   return model, params, images
@@ -225,12 +227,12 @@ def test_decoding_cache_is_per_layer_and_heads_major(scan_layers):
   for (path, leaf), ax in zip(jax.tree_util.tree_leaves_with_path(cache),
                               jax.tree.leaves(axes, is_leaf=lambda x: x is None)):
     found.setdefault(jax.tree_util.keystr(path).split("'")[-2], []).append((leaf.shape, ax))
-  heads, head_dim = config.text_heads, config.text_width // config.text_heads
-  layers = config.n_uni + config.n_multi
+  heads, head_dim = config.text.heads, config.text.width // config.text.heads
+  layers = config.text.n_uni + config.text.n_multi
   assert found["cached_key"] == found["cached_value"] == (
-      [((3, heads, config.max_len - 1, head_dim), 0)] * layers)
+      [((3, heads, config.text.max_len - 1, head_dim), 0)] * layers)
   assert found["cross_key"] == found["cross_value"] == (
-      [((3, heads, 4, head_dim), 0)] * config.n_multi)
+      [((3, heads, 4, head_dim), 0)] * config.text.n_multi)
   assert found["cache_index"] == [((), None)] * layers and found["position"] == [((), None)]
 
 
@@ -244,7 +246,7 @@ def test_scanned_decoder_is_refused_with_the_fix():
 
 def test_ensure_eos_puts_eos_where_the_text_tower_reads_it(tiny):
   model, params, _ = tiny
-  length = model.config.max_len  # 8: the text tower reads positions 0..6.
+  length = model.config.text.max_len  # 8: the text tower reads positions 0..6.
   tokens = jnp.asarray([
       [BOS_ID, 5, 6, 7, 8, 9, 10, 11],          # Filled the whole sequence, no EOS.
       [BOS_ID, 5, 6, PAD_ID, PAD_ID, PAD_ID, PAD_ID, PAD_ID],  # Stopped by max_new_tokens.

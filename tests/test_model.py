@@ -241,8 +241,11 @@ def test_remat_policy_names_and_the_attention_saving_policy():
   plus cuDNN's fused-attention forward outputs, and nothing else (e.g. not elementwise ops)."""
   from types import SimpleNamespace
   from coca_jax.core import config as config_lib
+  from coca_jax.core import schema
+  from coca_jax.models import layers
   from coca_jax.models.backbone import REMAT_POLICIES
-  assert set(REMAT_POLICIES) == set(config_lib.REMAT_NAMES)
+  assert set(REMAT_POLICIES) == set(config_lib.REMAT_NAMES) == set(schema.REMAT_NAMES)
+  assert set(layers.ACTIVATIONS) == set(schema.ACTIVATION_NAMES)  # Each name maps to a function.
   policy = REMAT_POLICIES["dots_attention"]
   for name in ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper"):
     assert policy(SimpleNamespace(name=name)) is True

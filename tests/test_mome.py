@@ -21,17 +21,20 @@ from coca_jax.training import losses
 from coca_jax.training import optim
 
 from coca_jax.training import step as step_lib
-from coca_jax.models.mome import FUSION, IMAGE, TEXT, MoME, MoMEConfig
+from coca_jax.core import schema
+from coca_jax.models.mome import FUSION, IMAGE, TEXT, MoME
 from conftest import REPO, random_batch
 
-CONFIG = MoMEConfig(image_size=16, patch_size=8, vocab_size=24, max_len=7, width=16, depth=3,
-                    heads=2, mlp_dim=32, fusion_layers=2, embed_dim=8, pooler_heads=2, itm=True,
-                    pooling="cls")  # demo.py:mome (the CLI and freeze tests) covers 'attention'.
+CONFIG = schema.MoME(
+    image_size=16, patch_size=8, embed_dim=8, pooler_heads=2,
+    pooling="cls",  # demo.py:mome (the CLI and freeze tests) covers 'attention'.
+    text=schema.MoMEText(vocab_size=24, max_len=7),
+    mome=schema.MoMEStack(width=16, depth=3, heads=2, mlp_dim=32, fusion_layers=2))
 
 
 @pytest.fixture(scope="module")
 def tiny():
-  model = MoME(CONFIG)
+  model = MoME(CONFIG, itm=True)
   rng = np.random.default_rng(0)
   image = jnp.asarray(rng.standard_normal((3, 16, 16, 3)), jnp.float32)
   text = jnp.asarray([[1, 5, 6, 7, 9, 2, 0], [1, 8, 2, 0, 0, 0, 0], [1, 4, 4, 11, 12, 13, 2]],
@@ -63,7 +66,7 @@ def _perturb(params, layer: int, expert: str):
 
 def test_each_layer_holds_named_modality_experts(tiny):
   _, params, _, _ = tiny
-  for i in range(CONFIG.depth):
+  for i in range(CONFIG.mome.depth):
     experts = {k for k in params[f"layers_{i}"] if k.startswith("ffn_")}
     expected = {"ffn_image", "ffn_text"} | ({"ffn_fusion"} if i >= 1 else set())
     assert experts == expected, (i, experts)
@@ -111,8 +114,8 @@ def test_prefix_causal_later_text_never_changes_earlier_outputs(tiny):
   # Image tokens see only image tokens: the prefix the text reads is a function of the image.
   _, context = jax.jit(lambda p, i: model.apply({"params": p}, i, method="encode_image"))(
       params, image)
-  assert context.shape == (3, CONFIG.depth, 2, CONFIG.image_tokens, CONFIG.heads,
-                           CONFIG.width // CONFIG.heads)
+  assert context.shape == (3, CONFIG.mome.depth, 2, CONFIG.image_tokens, CONFIG.mome.heads,
+                           CONFIG.mome.width // CONFIG.mome.heads)
 
 
 def _naive_fused_logits(module, image, text):
@@ -133,7 +136,7 @@ def _naive_fused_logits(module, image, text):
                                text[:, :-1] != 0], axis=1)
   mask = (image_row_ok | text_row_ok)[None, None] & key_valid[:, None, None, :]
   for i, layer in enumerate(module.layers):
-    if i < c.bottom_layers:
+    if i < c.mome.bottom_layers:
       segments = ((IMAGE, num_image), (TEXT, num_text))
     else:
       segments = ((FUSION, length),)

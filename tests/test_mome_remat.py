@@ -17,6 +17,7 @@ from coca_jax.core import config as config_lib
 from coca_jax.inference import generate as gen
 
 from coca_jax.training import step as step_lib
+from coca_jax.core.schema import MoMEExperts
 from coca_jax.models.experts import RoutedExperts
 from coca_jax.models.mome import MoME
 from conftest import REPO, smoke_config
@@ -25,9 +26,9 @@ from test_mome import CONFIG
 # Two layers (the bottom one, a fusion one), ITM on, and a routed VL-FFN (top-2, capacity
 # binding) that the captioning and ITM passes route through: its sown router statistics and the
 # router loss terms must come out of the rematerialised layers too.
-ROUTED = dataclasses.replace(
-    CONFIG, depth=2, fusion_layers=1,
-    fusion_experts=RoutedExperts(num_experts=4, top_k=2, capacity_factor=0.5, every=1))
+ROUTED = dataclasses.replace(CONFIG, mome=dataclasses.replace(
+    CONFIG.mome, depth=2, fusion_layers=1, experts=MoMEExperts(
+        fusion=RoutedExperts(num_experts=4, top_k=2, capacity_factor=0.5, every=1))))
 
 
 def _mome_smoke_config():
@@ -39,12 +40,12 @@ BATCH = 16  # Enough examples that activations dominate the step's scratch memor
 
 @pytest.fixture(scope="module")
 def routed():
-  model = MoME(ROUTED)
+  model = MoME(ROUTED, itm=True)
   rng = np.random.default_rng(0)
-  text = np.zeros((BATCH, ROUTED.max_len), np.int32)
+  text = np.zeros((BATCH, ROUTED.text.max_len), np.int32)
   for row in range(BATCH):  # BOS, 1-5 words, EOS, padding.
-    words = rng.integers(4, ROUTED.vocab_size, 1 + row % 5)
-    text[row, :len(words) + 2] = [ROUTED.bos_id, *words, ROUTED.eos_id]
+    words = rng.integers(4, ROUTED.text.vocab_size, 1 + row % 5)
+    text[row, :len(words) + 2] = [ROUTED.text.bos_id, *words, ROUTED.text.eos_id]
   batch = {"image": jax.random.normal(jax.random.key(1), (BATCH, 16, 16, 3)),
            "text": jnp.asarray(text)}
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch["image"][:1],
@@ -57,7 +58,7 @@ def routed():
 def _compiled_loss_and_grads(remat, params, batch, loss_config):
   """(((loss, metrics), grads), XLA temp bytes) of `step.loss_fn`, compiled as a train step is
   on this host (`step.compiler_options`)."""
-  model = MoME(dataclasses.replace(ROUTED, remat=remat))
+  model = MoME(dataclasses.replace(ROUTED, remat=remat), itm=True)
   grad_fn = jax.value_and_grad(step_lib.loss_fn, has_aux=True)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
   compiled = jax.jit(lambda p: grad_fn(p, model, batch, loss_config, jax.random.key(3)),
@@ -97,8 +98,8 @@ def test_remat_keeps_loss_and_gradients_and_lowers_scratch_memory(routed, withou
 def test_cached_decoding_and_itm_work_with_remat():
   """Inference with a remat config: cached greedy decoding equals recomputation and the ITM
   logits equal remat='none' (the decode model never rematerialises)."""
-  model = MoME(dataclasses.replace(CONFIG, remat="dots"))
-  plain = MoME(CONFIG)
+  model = MoME(dataclasses.replace(CONFIG, remat="dots"), itm=True)
+  plain = MoME(CONFIG, itm=True)
   rng = np.random.default_rng(0)
   image = jnp.asarray(rng.standard_normal((2, 16, 16, 3)), jnp.float32)
   text = jnp.asarray([[1, 5, 6, 7, 9, 2, 0], [1, 8, 2, 0, 0, 0, 0]], jnp.int32)

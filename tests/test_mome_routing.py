@@ -22,6 +22,7 @@ from coca_jax.inference import generate as gen
 from coca_jax import models
 
 from coca_jax.training import step
+from coca_jax.core.schema import MoMEExperts
 from coca_jax.models.experts import RoutedExperts
 from coca_jax.models.mome import MoME
 from conftest import REPO, loss_and_grads_without_and_with_balance_loss
@@ -30,29 +31,29 @@ from test_mome import CONFIG
 # Text and fusion experts: top-2 with room for half the choices, so capacity binds and slot
 # order matters (choice-rank order would let a later token evict an earlier second choice).
 TEXT = RoutedExperts(num_experts=4, top_k=2, capacity_factor=0.5, every=1)
-ROUTED = dataclasses.replace(
-    CONFIG, image_experts=RoutedExperts(num_experts=4, top_k=1, capacity_factor=1.0, every=2),
-    text_experts=TEXT, fusion_experts=TEXT)
+ROUTED = dataclasses.replace(CONFIG, mome=dataclasses.replace(CONFIG.mome, experts=MoMEExperts(
+    image=RoutedExperts(num_experts=4, top_k=1, capacity_factor=1.0, every=2), text=TEXT,
+    fusion=TEXT)))
 
 
 @pytest.fixture(scope="module")
 def routed_mome():
-  model = MoME(ROUTED)
+  model = MoME(ROUTED, itm=True)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.standard_normal((3, 16, 16, 3)), jnp.float32)
   params = nn.unbox(jax.jit(model.init)(
-      jax.random.key(0), images[:1], jnp.zeros((1, ROUTED.max_len), jnp.int32))["params"])
+      jax.random.key(0), images[:1], jnp.zeros((1, ROUTED.text.max_len), jnp.int32))["params"])
   params["vocab_head"]["kernel"] = params["vocab_head"]["kernel"] * 4.0  # Peaked next tokens.
-  for layer in range(ROUTED.depth):  # Decisive routers: capacity-limited choices.
-    for name, _ in ROUTED.routed_experts(layer):
+  for layer in range(ROUTED.mome.depth):  # Decisive routers: capacity-limited choices.
+    for name, _ in ROUTED.mome.routed_experts(layer):
       ffn = params[f"layers_{layer}"][f"ffn_{name}"]
       ffn["router"] = 20.0 * ffn["router"]
   return model, params, images
 
 
 def _text(rng, batch=3):
-  return np.concatenate([np.full((batch, 1), 1), rng.integers(4, ROUTED.vocab_size,
-                                                              (batch, ROUTED.max_len - 1))], 1)
+  words = rng.integers(4, ROUTED.text.vocab_size, (batch, ROUTED.text.max_len - 1))
+  return np.concatenate([np.full((batch, 1), 1), words], 1)
 
 
 def test_routed_experts_sit_where_configured_and_sow_per_modality(routed_mome):
@@ -70,7 +71,7 @@ def test_routed_experts_sit_where_configured_and_sow_per_modality(routed_mome):
                         "layers_2/ffn_text"}
   # ffn_text routes the text-only pass (T inputs + CLS) and, in the bottom layer, the captioning
   # pass (T inputs): its statistics cover both.
-  inputs = ROUTED.max_len - 1
+  inputs = ROUTED.text.max_len - 1
   assert float(stats["layers_0/ffn_text"]["tokens"]) == 3 * (2 * inputs + 1)
   assert float(stats["layers_1/ffn_fusion/image"]["tokens"]) == 3 * ROUTED.image_tokens
   assert float(stats["layers_1/ffn_fusion/text"]["tokens"]) == 3 * inputs
@@ -85,9 +86,9 @@ def test_routed_mome_text_never_depends_on_later_tokens(routed_mome):
   out, state = apply(jnp.asarray(text, jnp.int32))
   stats = models.router_statistics(state["intermediates"], ROUTED)
   assert float(stats["layers_2/ffn_fusion/text"]["dropped_count"]) > 0  # Capacity binds.
-  for t in range(2, ROUTED.max_len - 1):
+  for t in range(2, ROUTED.text.max_len - 1):
     changed = text.copy()
-    changed[:, t:] = rng.integers(4, ROUTED.vocab_size, (3, ROUTED.max_len - t))
+    changed[:, t:] = rng.integers(4, ROUTED.text.vocab_size, (3, ROUTED.text.max_len - t))
     out2, _ = apply(jnp.asarray(changed, jnp.int32))
     # Logits predicting tokens 1..t depend only on inputs 0..t-1.
     np.testing.assert_array_equal(out2["caption_logits"][:, :t], out["caption_logits"][:, :t])
@@ -96,7 +97,7 @@ def test_routed_mome_text_never_depends_on_later_tokens(routed_mome):
 
 def test_routed_mome_cached_decoding_equals_full_recomputation(routed_mome):
   model, params, images = routed_mome
-  min_len = ROUTED.max_len - 2  # Long captions: the routers' capacity binds while decoding.
+  min_len = ROUTED.text.max_len - 2  # Long captions: the routers' capacity binds while decoding.
   cached = gen.generate(model, params, images, gen.Decoding(min_len=min_len), return_logits=True)
   recomputed = gen.recompute_greedy(model, params, images, min_len=min_len, return_logits=True)
   np.testing.assert_array_equal(cached["tokens"], recomputed["tokens"])
@@ -120,8 +121,8 @@ def test_router_losses_reach_the_mome_loss_and_every_router_gradient(routed_mome
                "layers_2/ffn_fusion/text"):
     for metric in ("load_min", "load_max", "dropped_fraction", "entropy", "balance_loss"):
       assert f"router/{name}/{metric}" in m1, (name, metric)
-  for layer in range(ROUTED.depth):
-    for expert, _ in ROUTED.routed_experts(layer):
+  for layer in range(ROUTED.mome.depth):
+    for expert, _ in ROUTED.mome.routed_experts(layer):
       delta = (g1[f"layers_{layer}"][f"ffn_{expert}"]["router"]
                - g0[f"layers_{layer}"][f"ffn_{expert}"]["router"])
       assert float(jnp.max(jnp.abs(delta))) > 0, (layer, expert)
@@ -160,8 +161,8 @@ def test_flops_and_active_params_count_the_experts_a_token_runs_through():
   for c in (dense, routed):
     c.loss.itm_weight = 0.0
   m = models.model_config(routed.model)
-  width, experts = m.width, 4
-  patches, inputs = m.image_tokens, m.max_len - 1
+  width, experts = m.mome.width, 4
+  patches, inputs = m.image_tokens, m.text.max_len - 1
   # Top-1 of 4 experts in layer 1 (the top layer: ffn_fusion on the fused pass): a token runs
   # one expert, as in the dense model, plus the router.
   router = lambda tokens: 2 * tokens * width * experts
@@ -175,12 +176,12 @@ def test_flops_and_active_params_count_the_experts_a_token_runs_through():
   routed.model.mome.experts.text.top_k = 2
   top2 = flops.model_flops_per_example(routed, train=False)
   routed.model.mome.experts.text.top_k = 1
-  mlp = 2 * 2 * width * m.mlp_dim
+  mlp = 2 * 2 * width * m.mome.mlp_dim
   assert top2 - flops.model_flops_per_example(routed, train=False) == (inputs + 1) * mlp
   # Parameters: 4x the expert weights in layer 1, but one token runs through one expert of one
   # modality expert (plus its router).
   dense_counts, routed_counts = flops.param_counts(dense), flops.param_counts(routed)
-  assert routed_counts["total"] > dense_counts["total"] + 3 * 3 * 2 * width * m.mlp_dim
+  assert routed_counts["total"] > dense_counts["total"] + 3 * 3 * 2 * width * m.mome.mlp_dim
   assert routed_counts["active"] - dense_counts["active"] == width * experts
 
 
@@ -192,7 +193,8 @@ def test_mome_experts_config_is_validated_with_field_names():
   with pytest.raises(config_lib.ConfigError) as error:
     config_lib.validate(c, num_devices=1)
   message = str(error.value)
-  for expected in ("config.model.mome.experts has unknown modality experts ['audio']",
+  for expected in ("config.model.mome.experts.audio is not a config key; did you mean "
+                   "config.model.mome.experts.fusion?",
                    "config.model.mome.experts.image.top_k=5 exceeds "
                    "config.model.mome.experts.image.num_experts=4",
                    "config.model.mome.experts.image.every=3 routes none of the layers 0..1"):

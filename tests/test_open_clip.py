@@ -20,7 +20,7 @@ from coca_jax.inference import generate
 from coca_jax.training import step
 from coca_jax.data.clip_bpe import ClipBpeTokenizer, installed_vocab_file
 from coca_jax.interop import open_clip, params as flat_params
-from coca_jax.models.coca import CoCaConfig
+from coca_jax.core import schema
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +66,7 @@ def test_imported_model_matches_open_clip_outputs(imported):
 
 def test_export_gives_back_the_open_clip_state_dict(imported):
   config, state, params, _ = imported
-  model_config = CoCaConfig.from_config(config.model)
+  model_config = schema.build(schema.CoCa, config.model)
   exported = open_clip.to_open_clip(flat_params.flatten(model_config, params), model_config)
   assert sorted(exported) == sorted(state)
   for key, value in state.items():
@@ -76,7 +76,7 @@ def test_export_gives_back_the_open_clip_state_dict(imported):
   config.model.scan_layers = True
   scanned = open_clip.import_params(state, config)
   assert scanned["vision"]["layers"]["attention"]["query"]["kernel"].shape[0] == 2
-  scanned_config = CoCaConfig.from_config(config.model)
+  scanned_config = schema.build(schema.CoCa, config.model)
   again = open_clip.to_open_clip(flat_params.flatten(scanned_config, scanned), scanned_config)
   for key, value in state.items():
     np.testing.assert_array_equal(again[key], value, err_msg=key)
@@ -165,7 +165,7 @@ def test_clip_bpe_ids_match_open_clip_with_the_full_vocab():
 
 
 def test_export_refuses_a_model_open_clip_cannot_express(tiny_config, tiny_params):
-  model_config = CoCaConfig.from_config(tiny_config.model)  # Our demo CoCa: cascade pooling etc.
+  model_config = schema.build(schema.CoCa, tiny_config.model)  # Our demo CoCa: cascade pooling etc.
   with pytest.raises(open_clip.ConversionError, match="pooling='cascade'.*activation"):
     open_clip.to_open_clip(flat_params.flatten(model_config, tiny_params), model_config)
 

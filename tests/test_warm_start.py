@@ -10,6 +10,7 @@ import pytest
 import safetensors.numpy
 
 import coca_jax
+from coca_jax.core import schema
 from coca_jax import export
 from coca_jax.training import step as step_lib
 from coca_jax.training import warm_start
@@ -102,7 +103,7 @@ def test_warm_start_at_a_new_image_size_interpolates_the_position_embedding(trai
   assert state.params["image_pos_embed"].shape == (25, old.shape[1])
   np.testing.assert_allclose(state.params["image_pos_embed"],
                              warm_start.resize_pos_embed(np.asarray(old), *(
-                                 coca_jax.models.coca.CoCaConfig.from_config(c.model)
+                                 schema.build(schema.CoCa, c.model)
                                  for c in (trained["config"], config))), atol=1e-6)
   batch = dict(trained["batch"])
   batch["image"] = _smooth_images(batch["image"].shape[0], 40)

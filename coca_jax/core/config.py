@@ -32,8 +32,9 @@ import ml_collections
 from ml_collections.config_flags import config_flags
 
 from coca_jax.core import fs
-
+from coca_jax.core import schema
 from coca_jax.core import sharding
+from coca_jax.core.schema import REQUIRED
 
 REQUIRED_GROUPS = ("model", "data", "train", "loss", "optim", "mesh", "checkpoint", "evals")
 
@@ -42,25 +43,8 @@ class ConfigError(ValueError):
   """One or more config problems; the message lists each with its fix."""
 
 
-class _Required:
-  """Marks a schema field with no default (the experiment config must set it)."""
-
-  def __repr__(self):
-    return "REQUIRED"
-
-  def __deepcopy__(self, memo):  # One marker: `is REQUIRED` holds in copies of the schema.
-    return self
-
-
-REQUIRED = _Required()
-
 # config.profile: a jax.profiler trace of num_steps steps from start_step (0 = off).
 PROFILE_DEFAULTS = {"start_step": 0, "num_steps": 3}
-
-
-def _dataclass_defaults(cls) -> dict:
-  return {f.name: f.default for f in dataclasses.fields(cls)
-          if f.default is not dataclasses.MISSING}
 
 
 def defaults(backbone: str = "towers") -> dict:
@@ -72,47 +56,11 @@ def defaults(backbone: str = "towers") -> dict:
 def _defaults(backbone: str) -> dict:
   """Every config field and its default (REQUIRED: none), as nested dicts, for `backbone`.
 
-  Model defaults come from the model dataclasses (`CoCaConfig`, `MoMEConfig`, `RoutedExperts`),
-  decoding defaults from `generate.Decoding`, router-loss defaults from
-  `losses.ROUTER_LOSS_DEFAULTS`: each default has one home. A nested dict is a group (its keys
+  The model, train, loss and optim groups and the captioning eval's decoding knobs come from
+  their `schema` dataclasses: each default has one home. A nested dict is a group (its keys
   are checked); any other value is a leaf (lists and tuples included).
   """
-  from coca_jax.training import losses  # Light: jax and optax, no model built.
-  from coca_jax.models.coca import CoCaConfig
-  from coca_jax.models.experts import RoutedExperts
-  from coca_jax.models.mome import MoMEConfig
-  coca, mome = _dataclass_defaults(CoCaConfig), _dataclass_defaults(MoMEConfig)
-  experts = _dataclass_defaults(RoutedExperts)  # num_experts=1: dense.
-  common = dict(backbone="towers", image_size=REQUIRED, patch_size=REQUIRED, embed_dim=REQUIRED,
-                dtype=coca["dtype"], temperature_init=coca["temperature_init"],
-                max_logit_scale=coca["max_logit_scale"],
-                # Follows config.loss.contrastive when the model is built (step.build_model).
-                contrastive=coca["contrastive"], tie_embeddings=coca["tie_embeddings"])
-  if backbone == "mome":
-    model = dict(common, backbone="mome", pooler_heads=mome["pooler_heads"],
-                 pooling=mome["pooling"], remat=mome["remat"],
-                 text=dict(vocab_size=REQUIRED, max_len=REQUIRED, bos_id=mome["bos_id"],
-                           eos_id=mome["eos_id"]),
-                 mome=dict({name: REQUIRED for name in MOME_FIELDS},
-                           # Learned routing inside each modality expert (num_experts 1: dense).
-                           experts={name: dict(experts) for name in MOME_EXPERTS}))
-  else:
-    model = dict(
-        common, pooling=coca["pooling"], n_gen_queries=coca["n_gen_queries"],
-        pooler_heads=coca["pooler_heads"], remat=coca["remat"], scan_layers=coca["scan_layers"],
-        activation=coca["activation"], norm_eps=coca["norm_eps"],
-        pooler_width=coca["pooler_width"],
-        vision=dict(width=REQUIRED, depth=REQUIRED, heads=REQUIRED, mlp_dim=REQUIRED,
-                    class_token=coca["class_token"], ln_pre=coca["ln_pre"],
-                    final_norm=coca["vision_final_norm"], patch_bias=coca["patch_bias"],
-                    experts=dict(experts)),
-        text=dict(vocab_size=REQUIRED, max_len=REQUIRED, width=REQUIRED, heads=REQUIRED,
-                  mlp_dim=REQUIRED, n_uni=REQUIRED, n_multi=REQUIRED,
-                  multimodal_layout=coca["multimodal_layout"], cls_mask=coca["cls_mask"],
-                  vocab_bias=coca["vocab_bias"], bos_id=coca["bos_id"], eos_id=coca["eos_id"],
-                  experts=dict(experts)))
-  from coca_jax.inference.generate import Decoding  # Its fields are the captioning eval's decoding knobs.
-  decoding = _dataclass_defaults(Decoding)
+  decoding = schema.defaults_of(schema.Decoding)
   decoding["max_new_tokens"] = 0  # 0 = config.model.text.max_len - 1 (Decoding's None).
   # An eval group runs when it is enabled and names a split; `dataset` "" = config.data.name,
   # else another prepared dataset: one built by coca_jax.data.build, or a TFDS catalog dataset
@@ -121,7 +69,7 @@ def _defaults(backbone: str) -> dict:
   eval_group = dict(enabled=True, dataset="", split="", examples=0, data_dir="",
                     image_feature="image")
   return dict(
-      model=model,
+      model=schema.defaults_of(schema.MODELS[backbone]),
       data=dict(
           name="",  # The dataset built by `python -m coca_jax.data.build` (TFDS name).
           data_dir="",  # "" = DIR/tensorflow_datasets under the workdir (train fills it in).
@@ -140,16 +88,9 @@ def _defaults(backbone: str) -> dict:
           build_demo_options=dict(num_train=5000, num_test=500, num_digits=1000, image_size=48,
                                   seed=0, grid=0, variation=0.0, strokes=0.0, varied_grid=-1,
                                   varied_single=-1.0, num_transfer=0, show_progress=True)),
-      train=dict(steps=REQUIRED, batch_size=REQUIRED, seed=0, log_every=100, microbatches=1,
-                 nonfinite="halt", max_consecutive_skips=10),
-      loss=dict(contrastive_weight=1.0, caption_weight=2.0, label_smoothing=0.0,
-                contrastive="softmax", contrastive_impl="gathered", contrastive_reduction="sum",
-                itm_weight=0.0, itm_examples=0, **losses.ROUTER_LOSS_DEFAULTS),
-      optim=dict(name="adamw", lr=REQUIRED, b1=0.9, b2=0.999,
-                 eps=0.0,  # 0 = the optimizer's own: adamw 1e-8, adafactor 1e-30.
-                 weight_decay=0.0, warmup_steps=0, warmup_fraction=0.0, decay="cosine",
-                 end_lr_fraction=0.0, clip_norm=0.0, freeze_regex=[],
-                 no_decay_regex=_default_no_decay()),
+      train=schema.defaults_of(schema.Train),
+      loss=schema.defaults_of(schema.Loss),
+      optim=schema.defaults_of(schema.Optim),
       mesh=dict(data=-1, fsdp=1, tensor=1, expert=1,
                 **{f"dcn_{axis}": 1 for axis in sharding.MESH_AXES},
                 rules=[]),  # (logical axis, mesh axes) pairs overriding sharding.RULES.
@@ -176,11 +117,6 @@ def _defaults(backbone: str) -> dict:
   )
 
 
-def _default_no_decay() -> str:
-  from coca_jax.training.optim import DEFAULT_NO_DECAY
-  return DEFAULT_NO_DECAY
-
-
 def _has(tree: dict, dotted: str) -> bool:
   for part in dotted.split("."):
     if not (isinstance(tree, dict) and part in tree):
@@ -192,7 +128,7 @@ def _has(tree: dict, dotted: str) -> bool:
 def _backbone(config) -> str:
   model = config.get("model") if hasattr(config, "get") else None
   backbone = model.get("backbone", "towers") if hasattr(model, "get") else "towers"
-  return backbone if backbone in ("towers", "mome") else "towers"
+  return backbone if backbone in schema.BACKBONES else "towers"
 
 
 def _merge(schema: dict, given) -> dict:
@@ -454,12 +390,8 @@ def define_config_flag(name: str = "config", help_string: str = "Experiment conf
                            module_name=sys.argv[0] if caller == "__main__" else caller)
 
 
-# config.model.remat: the keys of models/backbone.py's REMAT_POLICIES (not imported: config
-# stays free of the model code).
-REMAT_NAMES = ("none", "full", "dots", "minimal", "dots_attention")
-MOME_FIELDS = ("depth", "width", "heads", "mlp_dim", "fusion_layers")
-MOME_OPTIONAL_FIELDS = ("experts",)  # Learned routing inside the modality experts.
-MOME_EXPERTS = ("image", "text", "fusion")
+REMAT_NAMES = schema.REMAT_NAMES
+MOME_EXPERTS = tuple(f.name for f in dataclasses.fields(schema.MoMEExperts))
 
 
 def _validate_common_model(m, need, positive):
@@ -474,12 +406,8 @@ def _validate_common_model(m, need, positive):
   if isinstance(m.text.max_len, int):
     need(m.text.max_len >= 3, f"config.model.text.max_len={m.text.max_len} must be >= 3 "
          "(BOS, at least one token, EOS)")
-  need(m.dtype in ("float32", "bfloat16"),
-       f"config.model.dtype={m.dtype!r} is unknown; use float32 or bfloat16")
   need(0 < m.temperature_init < 1, f"config.model.temperature_init={m.temperature_init} must be "
        "in (0, 1); the paper uses 0.07")
-  need(m.remat in REMAT_NAMES,
-       f"config.model.remat={m.remat!r} is unknown; use one of {', '.join(REMAT_NAMES)}")
 
 
 def _validate_towers(config, need, positive, problems):
@@ -503,17 +431,6 @@ def _validate_towers(config, need, positive, problems):
     need(not (m.pooling == "open_clip" and m.n_gen_queries < 2),
          "config.model.pooling='open_clip' needs config.model.n_gen_queries >= 2 "
          "(query 0 is contrastive, the rest feed the decoder)")
-  need(m.pooling in ("cascade", "parallel", "open_clip"),
-       f"config.model.pooling={m.pooling!r} is unknown; use cascade, parallel or open_clip")
-  need(m.activation in ("gelu_tanh", "gelu", "quick_gelu"),
-       f"config.model.activation={m.activation!r} is unknown; use gelu_tanh, gelu (exact, "
-       "open_clip) or quick_gelu")
-  need(m.text.multimodal_layout in ("coca", "open_clip"),
-       f"config.model.text.multimodal_layout={m.text.multimodal_layout!r} is unknown; use coca "
-       "or open_clip")
-  need(m.text.cls_mask in ("correct", "open_clip_legacy"),
-       f"config.model.text.cls_mask={m.text.cls_mask!r} is unknown; use correct or "
-       "open_clip_legacy")
   need(isinstance(m.pooler_width, int) and m.pooler_width >= 0
        and m.pooler_width % m.pooler_heads == 0,
        f"config.model.pooler_width={m.pooler_width!r} must be 0 (the vision width) or a "
@@ -525,22 +442,8 @@ def _validate_mome(config, need, positive):
   image/patch size, vocabulary and text length from the usual fields."""
   m = config.model
   _validate_common_model(m, need, positive)
-  need(m.pooling in ("attention", "cls"), f"config.model.pooling={m.pooling!r} is not a MoME "
-       "pooling; use 'attention' (an attentional pooler, as CoCa) or 'cls' (an image [CLS] "
-       "token, as VLMo)")
   s = m.mome
-  missing = [f for f in MOME_FIELDS if f not in s]
-  known = list(MOME_FIELDS + MOME_OPTIONAL_FIELDS)
-  extra = sorted(set(s.keys()) - set(known))
-  need(not missing, f"config.model.mome is missing {missing}; it needs {list(MOME_FIELDS)}")
-  need(not extra, f"config.model.mome has unknown fields {extra}; known: {known}")
   experts = s.get("experts") or {}
-  unknown = sorted(set(experts) - set(MOME_EXPERTS))
-  need(not unknown, f"config.model.mome.experts has unknown modality experts {unknown}; route "
-       f"any of {', '.join(MOME_EXPERTS)} (each dict(num_experts, top_k, capacity_factor, "
-       "every) or None)")
-  if missing:
-    return
   for name in ("depth", "width", "heads", "mlp_dim"):
     positive("model.mome", s, name)
   need(isinstance(s.fusion_layers, int) and 0 <= s.fusion_layers,
@@ -599,13 +502,9 @@ def routed_groups(config) -> list[tuple[str, dict]]:
 
 def _validate_experts(config, need) -> None:
   """Learned routing (`routed_groups`; absent = dense) and the router loss weights."""
-  from coca_jax.models.experts import (  # Light: flax only, no model built.
-      EXPERTS_FIELDS, PRIORITIES)
   for field, experts in routed_groups(config):
     prefix = f"config.{field}"
     side = field.split(".")[1]
-    unknown = sorted(set(experts) - set(EXPERTS_FIELDS))
-    need(not unknown, f"{prefix} has unknown fields {unknown}; known: {', '.join(EXPERTS_FIELDS)}")
     num, top_k = experts.get("num_experts", 1), experts.get("top_k", 1)
     factor, every = experts.get("capacity_factor", 1.0), experts.get("every", 1)
     need(isinstance(num, int) and num >= 1,
@@ -621,8 +520,6 @@ def _validate_experts(config, need) -> None:
          f"{prefix}.every={every!r} must be a positive integer (1 = every layer routed)")
     priority, group = experts.get("priority", "batch"), experts.get("group_size", 0)
     noise = experts.get("noise_std", 0.0)
-    need(priority in PRIORITIES, f"{prefix}.priority={priority!r} is unknown; use one of "
-         f"{', '.join(PRIORITIES)} ('batch': V-MoE's Batch Priority Routing)")
     need(isinstance(group, int) and group >= 0,
          f"{prefix}.group_size={group!r} must be an integer >= 0 (examples per routing group; "
          "0 = the whole batch)")
@@ -662,8 +559,10 @@ def _validate_experts(config, need) -> None:
          f"config.loss.{name}={weight!r} must be a number >= 0")
 
 
-def _validate_pairs(config, need) -> None:
-  """Fields that must agree with each other; each problem names both fields and the fix."""
+def _validate_pairs(config, need, load_tokenizer) -> None:
+  """Fields that must agree with each other; each problem names both fields and the fix.
+  `load_tokenizer` (data.tokenizer's; None: skip) reads a given tokenizer to check it against
+  the model's vocabulary and special ids."""
   m, data = config.model, config.data
   if isinstance(data.image_size, int) and isinstance(m.image_size, int):
     need(data.image_size == m.image_size,
@@ -671,10 +570,9 @@ def _validate_pairs(config, need) -> None:
          f"{m.image_size}: the pipeline would feed images the model was not built for; set "
          f"both to the same size (e.g. --config.data.image_size={m.image_size})")
   vocab = m.text.vocab_size
-  kinds = ("sentencepiece", "clip_bpe")
-  if isinstance(vocab, int) and data.tokenizer and data.tokenizer_kind in kinds and (
-      os.path.isfile(os.path.expanduser(data.tokenizer))):
-    from coca_jax.data.tokenizer import load_tokenizer  # Light: sentencepiece, no TFDS.
+  kinds = schema.TOKENIZER_KINDS
+  if load_tokenizer and isinstance(vocab, int) and data.tokenizer and (
+      data.tokenizer_kind in kinds) and (os.path.isfile(os.path.expanduser(data.tokenizer))):
     tokenizer = load_tokenizer(os.path.expanduser(data.tokenizer), data.tokenizer_kind)
     need(tokenizer.vocab_size <= vocab,
          f"config.model.text.vocab_size={vocab} is smaller than the {tokenizer.vocab_size} "
@@ -690,8 +588,8 @@ def _validate_pairs(config, need) -> None:
          f"config.model.text.vocab_size={vocab}: the trained tokenizer's ids would not fit the "
          f"embedding; set config.data.tokenizer_vocab <= {vocab} (0 = the same)")
   need(data.tokenizer_kind in kinds,
-       f"config.data.tokenizer_kind={data.tokenizer_kind!r} is unknown; use sentencepiece or "
-       "clip_bpe")
+       f"config.data.tokenizer_kind={data.tokenizer_kind!r} is unknown; use one of "
+       f"{', '.join(map(repr, kinds))}")
 
 
 def _validate_input_path(data, need) -> None:
@@ -751,8 +649,10 @@ def eval_problems(config) -> list[str]:
   return problems
 
 
-def validate(config, num_devices: int | None = None) -> None:
-  """Raises ConfigError listing every problem found. `num_devices` enables mesh checks.
+def validate(config, num_devices: int | None = None, load_tokenizer=None) -> None:
+  """Raises ConfigError listing every problem found. `num_devices` enables mesh checks;
+  `load_tokenizer` (`data.tokenizer.load_tokenizer`; core does not import data) enables the
+  check of a given config.data.tokenizer against config.model.text.
 
   `config` may be partial (fields left out take their defaults) but every key must be known.
   """
@@ -782,7 +682,7 @@ def validate(config, num_devices: int | None = None) -> None:
 
   m = config.model
   backbone = m.backbone
-  need(backbone in ("towers", "mome"),
+  need(backbone in schema.BACKBONES,
        f"config.model.backbone={backbone!r} is unknown; use 'towers' (CoCa) or 'mome' "
        "(one shared stack with modality experts)")
   itm_weight = config.loss.itm_weight
@@ -801,25 +701,11 @@ def validate(config, num_devices: int | None = None) -> None:
   t = config.train
   for name in ("steps", "batch_size", "log_every"):
     positive("train", t, name)
-  need(config.optim.name in ("adamw", "adafactor"),
-       f"config.optim.name={config.optim.name!r} is unknown; use adamw or adafactor")
-  need(config.optim.lr > 0, f"config.optim.lr={config.optim.lr} must be > 0")
-  need(config.optim.decay in ("cosine", "linear", "constant"),
-       f"config.optim.decay={config.optim.decay!r} is unknown; use cosine, linear or constant")
-  need(config.loss.contrastive in ("softmax", "sigmoid"),
-       f"config.loss.contrastive={config.loss.contrastive!r} is unknown; use softmax or sigmoid")
-  need(config.loss.contrastive_impl in ("gathered", "chunked"),
-       f"config.loss.contrastive_impl={config.loss.contrastive_impl!r} is unknown; use "
-       "gathered or chunked")
-  need(t.nonfinite in ("halt", "skip"),
-       f"config.train.nonfinite={t.nonfinite!r} is unknown; use halt (stop at the first "
-       "NaN/inf loss or gradient) or skip (discard that update and go on)")
+  need(not isinstance(config.optim.lr, (int, float)) or config.optim.lr > 0,
+       f"config.optim.lr={config.optim.lr} must be > 0")
   skips = t.max_consecutive_skips
   need(isinstance(skips, int) and skips >= 1,
        f"config.train.max_consecutive_skips={skips!r} must be a positive integer")
-  need(config.loss.contrastive_reduction in ("sum", "mean"),
-       f"config.loss.contrastive_reduction={config.loss.contrastive_reduction!r} is "
-       "unknown; use sum (the paper's eq. 1) or mean (open_clip)")
   init = config.init
   for name in ("include_regex", "exclude_regex", "reinit_regex"):
     try:
@@ -834,7 +720,7 @@ def validate(config, num_devices: int | None = None) -> None:
        "one of its checkpoint step directories (DIR/checkpoints/<step>)")
   need(config.checkpoint.every_steps >= 0, "config.checkpoint.every_steps must be >= 0 (0 = off)")
   need(config.checkpoint.keep >= 1, f"config.checkpoint.keep={config.checkpoint.keep} must be >= 1")
-  _validate_pairs(config, need)
+  _validate_pairs(config, need, load_tokenizer)
   _validate_input_path(config.data, need)
   _validate_evals(config, need)
   if num_devices is None:
@@ -885,5 +771,20 @@ def validate(config, num_devices: int | None = None) -> None:
         if isinstance(heads, int) and heads % tensor:
           problems.append(f"config.model.{field}={heads} is not divisible by config.mesh.tensor="
                           f"{tensor}; use a tensor size that divides every head count")
+  _validate_types(config, problems)
   if problems:
     raise ConfigError(f"{len(problems)} config problem(s):\n  - " + "\n  - ".join(problems))
+
+
+def _validate_types(config, problems) -> None:
+  """Enumerations and scalar types, from the schema's field types. A field a hand-written check
+  above already reported is not reported again."""
+  reported = {p.split("=", 1)[0] for p in problems}
+  groups = [(schema.MODELS.get(config.model.backbone), config.model, "model."),
+            (schema.Train, config.train, "train."), (schema.Loss, config.loss, "loss."),
+            (schema.Optim, config.optim, "optim."),
+            (schema.Decoding, config.evals.captioning, "evals.captioning.")]
+  for cls, group, prefix in groups:
+    if cls is not None:
+      problems += [p for p in schema.problems_of(cls, group, prefix)
+                   if p.split("=", 1)[0] not in reported]

@@ -37,6 +37,7 @@ import os
 import sys
 from typing import Sequence
 
+from coca_jax.core import console
 from coca_jax.data import builders
 
 
@@ -106,7 +107,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   # Our own bars have totals; the TFDS ones would interleave with them.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
-  from coca_jax.core import console  # pylint: disable=g-import-not-at-top
   try:
     # TFDS prints where it prepares the data: our temporary directory, renamed when done.
     with console.quiet_stdout():

@@ -267,7 +267,7 @@ class DemoBuilder(_CaptionBuilder, skip_registration=True):
     return [split for split, num in self.num_per_split.items() if num > 0]
 
   def _generate_examples(self, split):
-    from coca_jax.data import digit_scenes  # Lazy: pulls in scikit-learn.
+    from coca_jax.data import digit_scenes  # heavy: pulls in scikit-learn.
 
     report = self._new_report(split)
     num = self.num_per_split[split]

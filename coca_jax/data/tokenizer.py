@@ -24,6 +24,7 @@ import numpy as np
 import sentencepiece as spm
 
 from coca_jax.core import cli
+from coca_jax.data.clip_bpe import ClipBpeTokenizer
 from coca_jax.core.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID  # Re-exported: the batch contract.
 from coca_jax.core.tokens import check_texts
 
@@ -150,7 +151,6 @@ def load_tokenizer(path: str, kind: str = "sentencepiece"):
   """A `Tokenizer` (SentencePiece .model) or, for kind 'clip_bpe', a `clip_bpe.ClipBpeTokenizer`
   (open_clip's merges file; empty path: the one of an installed open_clip)."""
   if kind == "clip_bpe":
-    from coca_jax.data.clip_bpe import ClipBpeTokenizer
     return ClipBpeTokenizer.load(path)
   if kind != "sentencepiece":
     raise ValueError(f"config.data.tokenizer_kind={kind!r} is unknown; use one of "
@@ -160,7 +160,7 @@ def load_tokenizer(path: str, kind: str = "sentencepiece"):
 
 def _captions_from_dataset(name: str, data_dir: str, split: str) -> Iterable[str]:
   """Streams every caption of a built TFDS split (images are not decoded)."""
-  from coca_jax.data import builders  # Lazy: TFDS import is slow and unneeded for load().
+  from coca_jax.data import builders  # heavy: TFDS import is slow and unneeded for load().
 
   source = builders.open_source(name, data_dir, split, decode_images=False)
   for index in range(len(source)):

@@ -40,7 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from coca_jax.core import config as config_lib
 from coca_jax.data import preprocess
+from coca_jax.inference import generate as gen
 from coca_jax.evaluation import metrics
 from coca_jax.evaluation import prompts
 from coca_jax.models.coca import CoCa
@@ -65,7 +67,7 @@ class Embedder:
   def __init__(self, model: CoCa, params, tokenizer, batch_size: int = 256):
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.batch_size = batch_size
-    self.max_len = model.config.max_len
+    self.max_len = model.config.text.max_len
     self._image_fn = jax.jit(lambda p, x: model.apply({"params": p}, x,
                                                       method="encode_image")[0])
     self._text_fn = jax.jit(lambda p, t: model.apply({"params": p}, t, method="encode_text"))
@@ -152,7 +154,7 @@ def _groups(evals):
 
 def _eval_source(config):
   """make_source(split, group): the split of the group's dataset, read with its features."""
-  from coca_jax.data import pipeline  # Heavy (grain, TFDS): only where evals run.
+  from coca_jax.data import pipeline  # heavy: grain and TFDS, only where evals run.
 
   def make_source(split, group):
     features = pipeline.EvalFeatures(**{kind: group[f"{kind}_feature"] for kind in (
@@ -173,7 +175,6 @@ def check_evals(config, make_source=None) -> None:
   strings, as many as the label's classes, templates each hold one '{}'. `make_source(split,
   group)` opens a split of an eval group (default: the pipeline's eval source). Raises
   config.ConfigError listing every problem (each naming the field)."""
-  from coca_jax.core import config as config_lib  # config imports nothing from here.
   make_source = make_source or _eval_source(config)
   problems = config_lib.eval_problems(config)
   for name, group in _groups(config.evals):
@@ -283,7 +284,6 @@ def captioning_eval(embedder: Embedder, source, decoding, limit=None, batch_size
   """Greedy/beam/sampled captions of `source`'s images scored against its reference captions:
   eval/caption_cider (CIDEr-D), eval/caption_bleu4, eval/caption_exact_match (fraction whose
   normalised caption equals one of the references)."""
-  from coca_jax.inference import generate as gen  # Imported here: generate imports this package's models.
   batch_size = batch_size or embedder.batch_size
   model, params, tokenizer = embedder.model, embedder.params, embedder.tokenizer
   rng = jax.random.key(0)
@@ -306,7 +306,6 @@ def captioning_eval(embedder: Embedder, source, decoding, limit=None, batch_size
 
 def decoding_from_config(captioning):
   """The generate.Decoding named by the fields of config.evals.captioning (others ignored)."""
-  from coca_jax.inference import generate as gen  # See captioning_eval.
   fields = {f.name for f in dataclasses.fields(gen.Decoding)}
   decoding = {k: v for k, v in dict(captioning).items() if k in fields}
   decoding["max_new_tokens"] = decoding.get("max_new_tokens") or None  # 0 = max_len - 1.

@@ -39,6 +39,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from PIL import Image
 
+from coca_jax.core import config as config_lib
+from coca_jax.core import schema
+from coca_jax.interop import params as flat_params
 from coca_jax.training import checkpoint
 
 from coca_jax.core import fs
@@ -96,11 +99,9 @@ def restore_exported_params(params_dir: str, abstract, dtype=None):
 def read_safetensors_params(path: str, config, abstract):
   """A bundle's model.safetensors (flat unscanned keys, f32 or bf16) -> float32 params in the
   layout of `config` (scanned or not); every leaf checked against `abstract`."""
-  from coca_jax.interop import params as flat_params
-  from coca_jax.models.coca import CoCaConfig
   flat = {k: np.asarray(v, np.float32)
           for k, v in flat_params.load_safetensors(fs.read_bytes(path), path).items()}
-  params = flat_params.unflatten(CoCaConfig.from_config(config.model), flat)
+  params = flat_params.unflatten(schema.build(schema.CoCa, config.model), flat)
   flat_params.check_against(abstract, params)
   device = jax.devices()[0]
   return jax.tree.map(lambda p, a: jax.device_put(jnp.asarray(p, a.dtype), device),
@@ -326,7 +327,7 @@ class Model:
                          step_rng, decoder_params=self.decoder_params)
       results.append({k: np.asarray(v)[:len(chunk)] for k, v in out.items()})
     if not results:
-      return {"tokens": np.zeros((0, self.module.config.max_len), np.int32)}
+      return {"tokens": np.zeros((0, self.module.config.text.max_len), np.int32)}
     return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
 
   def caption(self, images, decoding: gen.Decoding | None = None, seed: int = 0,
@@ -376,7 +377,6 @@ class Model:
     Raises:
       config.ConfigError naming each problem (not prepared, wrong count of names, ...).
     """
-    from coca_jax.core import config as config_lib  # Light; here to keep load() imports small.
     config = config_lib.complete(self.config)
     group = config.evals.zeroshot
     unknown = sorted(set(fields) - set(group))
@@ -415,7 +415,7 @@ class Model:
     if isinstance(texts, str):
       texts = [texts]
     images = preprocess.normalize_images(self.images_to_uint8(images))
-    tokens = self.tokenizer.tokenize(list(texts), self.module.config.max_len)
+    tokens = self.tokenizer.tokenize(list(texts), self.module.config.text.max_len)
     num_images, num_texts = len(images), len(tokens)
     pair_image = np.repeat(np.arange(num_images), num_texts)
     pair_text = np.tile(np.arange(num_texts), num_images)

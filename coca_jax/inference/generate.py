@@ -27,13 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coca_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from coca_jax.core import schema
+from coca_jax.core.tokens import BOS_ID, EOS_ID, PAD_ID
 from coca_jax import models
 from coca_jax.models.kernels import cpu as cpu_kernels
 from coca_jax.models import layers
 from coca_jax.models.coca import CoCa, CoCaConfig
 
-METHODS = ("greedy", "beam", "sample")
+METHODS = schema.DECODING_METHODS
 NEG_INF = -1e30  # Finite, so `0 * NEG_INF` and `NEG_INF - NEG_INF` never produce NaN.
 
 
@@ -41,30 +42,8 @@ NEG_INF = -1e30  # Finite, so `0 * NEG_INF` and `NEG_INF - NEG_INF` never produc
 TRACED_FIELDS = ("max_new_tokens", "min_len", "length_penalty", "temperature", "top_k", "top_p")
 
 
-@dataclasses.dataclass(frozen=True)
-class Decoding:
-  """How to decode. `generate` compiles once per (method, num_beams, num_candidates, batch
-  shape); the other fields are traced.
-
-  method: 'greedy' | 'beam' | 'sample'.
-  max_new_tokens: most generated tokens, EOS included; None = max_len - 1 (the most the decoder
-    was trained on).
-  min_len: EOS is forbidden until this many tokens have been generated.
-  num_beams, length_penalty: beam search; a finished beam ranks by
-    sum(log p) / length**length_penalty (0 = raw log-probability, 1 = mean per token).
-  temperature, top_k, top_p: sampling; top_k=0 and top_p=1.0 switch the filters off.
-  num_candidates: with method='sample', draw this many captions per image and keep the one whose
-    text embedding best matches the image embedding (contrastive re-ranking).
-  """
-  method: str = "greedy"
-  max_new_tokens: int | None = None
-  min_len: int = 0
-  num_beams: int = 4
-  length_penalty: float = 0.6
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  num_candidates: int = 1
+class Decoding(schema.Decoding):
+  """How to decode: the fields of `schema.Decoding` (see there), with their checks."""
 
   def validate(self, max_len: int) -> "Decoding":
     """Returns self with max_new_tokens resolved; raises ValueError naming the bad field."""
@@ -95,7 +74,7 @@ class Decoding:
 
   def split(self) -> tuple["Decoding", dict]:
     """(the static part with traced fields at their defaults, {field: jnp scalar})."""
-    default = Decoding()
+    default = type(self)()
     static = dataclasses.replace(self, **{f: getattr(default, f) for f in TRACED_FIELDS})
     dtypes = dict(max_new_tokens=jnp.int32, min_len=jnp.int32, top_k=jnp.int32)
     knobs = {f: jnp.asarray(getattr(self, f), dtypes.get(f, jnp.float32)) for f in TRACED_FIELDS}
@@ -159,7 +138,7 @@ def _quantize_kernels(tree, weights: str, tiled: bool):
 
 def _first_step(decoder: CoCa, params, context):
   """BOS through the decoder: fills the cache (and the cross-attention K/V). -> (logits [B,V], cache)."""
-  bos = jnp.full((context.shape[0], 1), decoder.config.bos_id, jnp.int32)
+  bos = jnp.full((context.shape[0], 1), decoder.config.text.bos_id, jnp.int32)
   logits, variables = decoder.apply(
       {"params": params}, bos, context, method="decode_step", mutable=["cache"])
   return logits[:, 0], variables["cache"]
@@ -223,8 +202,8 @@ def _sample_loop(model: CoCa, params, context, rng, d: Decoding, return_logits: 
   """Greedy (rng None) or sampling from the cache. -> dict(tokens [B, L], lengths [B],
   scores [B] = sum of the chosen tokens' log-probabilities under the unfiltered model,
   [logits [B, max_len - 1, V] raw step logits])."""
-  batch, max_len = context.shape[0], model.config.max_len
-  bos_id, eos_id = model.config.bos_id, model.config.eos_id
+  batch, max_len = context.shape[0], model.config.text.max_len
+  bos_id, eos_id = model.config.text.bos_id, model.config.text.eos_id
   max_new = d.max_new_tokens
   decoder, decoder_params = _decoder(model, params, prepared)
   logits, cache = _first_step(decoder, decoder_params, context)
@@ -307,8 +286,8 @@ def _length_norm(scores, lengths, alpha: float):
 def _beam_search(model: CoCa, params, context, d: Decoding, prepared=None):
   """Beam search with a length penalty. -> dict(tokens [B, L], lengths [B], scores [B] (the
   length-normalised log-probability of the chosen beam))."""
-  batch, max_len = context.shape[0], model.config.max_len
-  bos_id, eos_id = model.config.bos_id, model.config.eos_id
+  batch, max_len = context.shape[0], model.config.text.max_len
+  bos_id, eos_id = model.config.text.bos_id, model.config.text.eos_id
   beams, max_new, alpha = d.num_beams, d.max_new_tokens, d.length_penalty
   axes = cache_batch_axes(model, params, context, prepared)
   decoder, decoder_params = _decoder(model, params, prepared)
@@ -416,7 +395,8 @@ def ensure_eos(tokens, eos_id: int = EOS_ID):
 def _rerank(model: CoCa, params, image_embed, result, num_candidates: int):
   """Keeps, per image, the candidate whose text embedding is most similar to the image's.
   result leaves are [B * N, ...] with the N candidates of image b at rows b*N .. b*N+N-1."""
-  text_embed = model.apply({"params": params}, ensure_eos(result["tokens"], model.config.eos_id),
+  text_embed = model.apply({"params": params},
+                           ensure_eos(result["tokens"], model.config.text.eos_id),
                            method="encode_text")
   batch = image_embed.shape[0]
   similarity = jnp.einsum("bd,bnd->bn", image_embed,
@@ -472,7 +452,7 @@ def generate(model: CoCa, params, images, decoding: Decoding = Decoding(), rng=N
   prepared once, e.g. int8 decoding weights; None: sliced from `params` inside each call. The
   image encoder and contrastive re-ranking always use `params`.
   """
-  d = decoding.validate(model.config.max_len)
+  d = decoding.validate(model.config.text.max_len)
   if d.method == "sample" and rng is None:
     raise ValueError("method='sample' needs rng=jax.random.key(seed)")
   if d.method == "beam" and return_logits:
@@ -492,7 +472,7 @@ def recompute_greedy(model: CoCa, params, images, max_new_tokens: int | None = N
   """Greedy decoding WITHOUT a cache: each token re-runs both text decoders over the full
   padded text [B, max_len] (the causal mask makes the padding irrelevant). Same result layout
   as `generate`; jitted. The reference for tests and the baseline for benchmarks."""
-  d = Decoding(max_new_tokens=max_new_tokens, min_len=min_len).validate(model.config.max_len)
+  d = Decoding(max_new_tokens=max_new_tokens, min_len=min_len).validate(model.config.text.max_len)
   return _compiled_recompute(model.config, return_logits)(
       params, images, jnp.int32(d.max_new_tokens), jnp.int32(d.min_len))
 
@@ -506,10 +486,10 @@ def _compiled_recompute(config: CoCaConfig, return_logits: bool):
 def _recompute_greedy(model: CoCa, params, images, max_new_tokens, min_len, return_logits):
   d = Decoding(max_new_tokens=max_new_tokens, min_len=min_len)
   _, context = model.apply({"params": params}, images, method="encode_image")
-  batch, max_len = images.shape[0], model.config.max_len
-  bos_id, eos_id = model.config.bos_id, model.config.eos_id
+  batch, max_len = images.shape[0], model.config.text.max_len
+  bos_id, eos_id = model.config.text.bos_id, model.config.text.eos_id
   tokens = jnp.full((batch, max_len), PAD_ID, jnp.int32).at[:, 0].set(bos_id)
-  vocab = model.config.vocab_size
+  vocab = model.config.text.vocab_size
   state = dict(i=jnp.array(0, jnp.int32), tokens=tokens, done=jnp.zeros((batch,), bool),
                scores=jnp.zeros((batch,), jnp.float32),
                all_logits=jnp.zeros((batch, max_len - 1, vocab), jnp.float32))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import re
 
@@ -31,6 +32,13 @@ import numpy as np
 from coca_jax.core import cli
 from coca_jax.core import config as config_lib
 from coca_jax.core import fs
+from coca_jax.core import schema
+from coca_jax.data.clip_bpe import ClipBpeTokenizer
+from coca_jax.data.tokenizer import TOKENIZER_FILES
+from coca_jax.inference import api
+from coca_jax.inference import bundle
+from coca_jax.interop import params as flat_params
+from coca_jax.training import step as step_lib
 
 # open_clip's model_configs/coca_ViT-B-32.json and coca_ViT-L-14.json (open_clip 3.3.0).
 MODEL_CONFIGS = {
@@ -174,9 +182,9 @@ def mapping(config) -> list[tuple[str, str, str]]:
   ]
   for i in range(config.vision.depth):
     rows += _block(f"vision/layer_{i}", f"visual.transformer.resblocks.{i}")
-  for i in range(config.n_uni):
+  for i in range(config.text.n_uni):
     rows += _block(f"unimodal/layer_{i}", f"text.transformer.resblocks.{i}")
-  for i in range(config.n_multi):
+  for i in range(config.text.n_multi):
     ours, self_attn, cross = f"multimodal/layer_{i}", f"text_decoder.resblocks.{i}", \
         f"text_decoder.cross_attn.{i}"
     rows += _block(ours, self_attn)
@@ -190,11 +198,12 @@ def mapping(config) -> list[tuple[str, str, str]]:
 def check_open_clip_layout(config) -> None:
   """Raises ConversionError unless `config` (CoCaConfig) is open_clip's CoCa architecture (so
   its parameters mean the same thing there)."""
-  want = dict(pooling="open_clip", class_token=True, ln_pre=True, vision_final_norm=False,
-              patch_bias=False, multimodal_layout="open_clip", vocab_bias=False,
-              tie_embeddings=False, contrastive="softmax", norm_eps=1e-5)
-  wrong = [f"{k}={getattr(config, k)!r} (open_clip: {v!r})" for k, v in want.items()
-           if getattr(config, k) != v]
+  want = {"pooling": "open_clip", "vision.class_token": True, "vision.ln_pre": True,
+          "vision.final_norm": False, "vision.patch_bias": False,
+          "text.multimodal_layout": "open_clip", "text.vocab_bias": False,
+          "tie_embeddings": False, "contrastive": "softmax", "norm_eps": 1e-5}
+  field = lambda path: functools.reduce(getattr, path.split("."), config)
+  wrong = [f"{k}={field(k)!r} (open_clip: {v!r})" for k, v in want.items() if field(k) != v]
   if config.activation not in ("gelu", "quick_gelu"):
     wrong.append(f"activation={config.activation!r} (open_clip: 'gelu', or 'quick_gelu' with "
                  "quick_gelu=True)")
@@ -213,7 +222,7 @@ def _heads(config, ours: str) -> tuple[int, int]:
   elif ours.startswith("generative_pooler/"):
     heads, width = config.pooler_heads, config.pooler_width or config.vision.width
   else:
-    heads, width = config.text_heads, config.text_width
+    heads, width = config.text.heads, config.text.width
   return heads, width // heads
 
 
@@ -349,8 +358,7 @@ def read_state_dict(path: str) -> dict:
   if not fs.exists(path):
     raise FileNotFoundError(f"--src {path} does not exist")
   if path.endswith(".safetensors"):
-    from coca_jax.interop.params import load_safetensors  # bf16 / fp16 checkpoints too.
-    state = load_safetensors(fs.read_bytes(path), path)
+    state = flat_params.load_safetensors(fs.read_bytes(path), path)  # bf16 / fp16 too.
   else:
     try:
       import torch
@@ -378,20 +386,15 @@ def write_safetensors(state: dict, out: str, metadata: dict | None = None) -> st
 def import_params(state: dict, config) -> dict:
   """open_clip state dict -> our params tree for experiment `config` (scanned or not), checked
   leaf by leaf against the model's abstract parameters."""
-  from coca_jax.training import step
-  from coca_jax.interop import params as flat_params
-  from coca_jax.models.coca import CoCaConfig
-  model_config = CoCaConfig.from_config(config.model)
+  model_config = schema.build(schema.CoCa, config.model)
   params = flat_params.unflatten(model_config, from_open_clip(state, model_config))
-  abstract = step.abstract_params(config)
+  abstract = step_lib.abstract_params(config)
   flat_params.check_against(abstract, params)
   return params
 
 
 def import_bundle(src: str, model: str, out: str, bpe: str = "", dtype: str = "float32") -> str:
   """open_clip checkpoint `src` of model `model` -> a coca_jax bundle at `out`."""
-  from coca_jax import export
-  from coca_jax.data.clip_bpe import ClipBpeTokenizer
   config = config_lib.complete(base_config(model, bpe))
   tokenizer = ClipBpeTokenizer.load(bpe)
   if tokenizer.vocab_size != config.model.text.vocab_size:
@@ -399,17 +402,14 @@ def import_bundle(src: str, model: str, out: str, bpe: str = "", dtype: str = "f
                           f"{model} has a vocabulary of {config.model.text.vocab_size}")
   config.data.tokenizer = ""  # The bundle keeps its own copy beside config.json.
   params = import_params(read_state_dict(src), config)
-  return export.write_bundle(out, params, config, tokenizer, source=fs.resolve(src),
+  return bundle.write_bundle(out, params, config, tokenizer, source=fs.resolve(src),
                              dtype=dtype)
 
 
 def export_state_dict(src: str, out: str, step: int | None = None) -> str:
   """A workdir / step dir / bundle of an open_clip-layout model -> open_clip .safetensors."""
-  from coca_jax.inference import api
-  from coca_jax.interop import params as flat_params
-  from coca_jax.models.coca import CoCaConfig
   loaded = api.load(src, step=step)
-  model_config = CoCaConfig.from_config(loaded.config.model)
+  model_config = schema.build(schema.CoCa, loaded.config.model)
   state = to_open_clip(flat_params.flatten(model_config, loaded.params), model_config)
   return write_safetensors(state, out, {"format": "pt", "source": "coca_jax"})
 

@@ -68,8 +68,8 @@ def unflatten(config: CoCaConfig, flat: dict) -> dict:
   re-stacked on a leading axis when `config.scan_layers`)."""
   tree = traverse_util.unflatten_dict(flat, sep="/")
   if config.scan_layers:
-    depths = {"vision": config.vision.depth, "unimodal": config.n_uni,
-              "multimodal": config.n_multi}
+    depths = {"vision": config.vision.depth, "unimodal": config.text.n_uni,
+              "multimodal": config.text.n_multi}
     for name, depth in depths.items():
       if name in tree:
         layers = [tree[name].pop(f"layer_{i}") for i in range(depth)]

@@ -4,28 +4,28 @@
 `coca.CoCa`) or 'mome' (one shared stack with modality experts, `mome.MoME`). Both have the same
 model-facing interface; `model_config`, `build` and `unscanned_layers` dispatch on it.
 """
-from coca_jax.models.coca import CoCa, CoCaConfig, TowerConfig
+from coca_jax.core import schema
+from coca_jax.models.coca import CoCa, CoCaConfig
 from coca_jax.models.coca import router_statistics as _coca_router_statistics
 from coca_jax.models.coca import unscanned_layers as _coca_unscanned_layers
 from coca_jax.models.mome import MoME, MoMEConfig
 from coca_jax.models.mome import router_statistics as _mome_router_statistics
 
-BACKBONES = ("towers", "mome")
+BACKBONES = schema.BACKBONES
 
 
 def model_config(model) -> CoCaConfig | MoMEConfig:
-  """The hashable model settings of `config.model`, for its backbone."""
-  backbone = model.backbone
-  if backbone == "mome":
-    return MoMEConfig.from_config(model)
-  if backbone != "towers":
-    raise ValueError(f"config.model.backbone={backbone!r} is unknown; use one of {BACKBONES}")
-  return CoCaConfig.from_config(model)
+  """The hashable model settings of `config.model` (`schema.CoCa` or `schema.MoME`, by its
+  backbone)."""
+  return schema.build_model(model)
 
 
-def build(config: CoCaConfig | MoMEConfig, decode: bool = False) -> CoCa | MoME:
-  """The model for `config` (`decode=True`: built for KV-cached `decode_step`)."""
-  return (MoME if isinstance(config, MoMEConfig) else CoCa)(config, decode=decode)
+def build(config: CoCaConfig | MoMEConfig, decode: bool = False, itm: bool = False) -> CoCa | MoME:
+  """The model for `config` (`decode=True`: built for KV-cached `decode_step`; `itm`: a MoME
+  with its image-text matching head)."""
+  if isinstance(config, MoMEConfig):
+    return MoME(config, decode=decode, itm=itm)
+  return CoCa(config, decode=decode)
 
 
 def unscanned_layers(config, params):
@@ -46,5 +46,5 @@ def router_statistics(intermediates, config) -> dict[str, dict]:
   return _coca_router_statistics(intermediates, config)
 
 
-__all__ = ["BACKBONES", "CoCa", "CoCaConfig", "MoME", "MoMEConfig", "TowerConfig", "build",
+__all__ = ["BACKBONES", "CoCa", "CoCaConfig", "MoME", "MoMEConfig", "build",
            "model_config", "router_statistics", "unscanned_layers"]

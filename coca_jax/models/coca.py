@@ -17,103 +17,21 @@ import jax
 import jax.numpy as jnp
 
 from coca_jax.models.backbone import Stack, unscanned_params
-from coca_jax.models.experts import RoutedExperts
 from coca_jax.models.layers import AttentionalPooler, LayerNorm, constrain, dense, embed_init, with_axes
+from coca_jax.core import schema
 from coca_jax.core.tokens import PAD_ID
 
-POOLINGS = ("cascade", "parallel", "open_clip")
+POOLINGS = schema.TOWERS_POOLINGS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-@dataclasses.dataclass(frozen=True)
-class TowerConfig:
-  width: int
-  depth: int
-  heads: int
-  mlp_dim: int
+# The settings the model takes: config.model (backbone='towers') built by `schema.build`.
+CoCaConfig = schema.CoCa
 
 
-@dataclasses.dataclass(frozen=True)
-class CoCaConfig:
-  """Hashable model settings, built from `config.model` with `CoCaConfig.from_config`."""
-  image_size: int
-  patch_size: int
-  vision: TowerConfig
-  vocab_size: int
-  max_len: int
-  text_width: int
-  text_heads: int
-  text_mlp_dim: int
-  n_uni: int
-  n_multi: int
-  embed_dim: int
-  pooling: str = "cascade"
-  n_gen_queries: int = 256
-  pooler_heads: int = 8
-  dtype: str = "float32"
-  remat: str = "none"
-  scan_layers: bool = True
-  temperature_init: float = 0.07
-  max_logit_scale: float = 100.0
-  # 'sigmoid' (SigLIP) adds a learnable logit bias (init -10) and starts the scale at 10.
-  contrastive: str = "softmax"
-  # Share the token embedding with the vocab head (CoCa-2B's 2.1B count implies it; see
-  # experiments/coca_2b.py). Base/Large (383M / 787M) match Table 1 only with an untied head.
-  tie_embeddings: bool = False
-  # Learned routing (config.model.vision.experts / config.model.text.experts); None = dense.
-  vision_experts: RoutedExperts | None = None
-  text_experts: RoutedExperts | None = None
-  # Architecture options where open_clip's CoCa differs from ours (experiments/openclip_*.py
-  # set them all; defaults are our CoCa). `layers.ACTIVATIONS` names the activations.
-  activation: str = "gelu_tanh"
-  norm_eps: float = 1e-6
-  class_token: bool = False      # ViT class token in front (pos-embed over grid + 1 tokens).
-  ln_pre: bool = False           # LayerNorm on the embedded patches before the encoder layers.
-  vision_final_norm: bool = True  # LayerNorm on the encoder output before the poolers.
-  patch_bias: bool = True
-  pooler_width: int = 0          # Width of the pooler queries/outputs; 0 = vision width.
-  multimodal_layout: str = "coca"  # Or 'open_clip' (see backbone.Block.layout).
-  cls_mask: str = "correct"      # Or 'open_clip_legacy' (see text_attention_mask).
-  vocab_bias: bool = True
-  # Special ids the decoder starts from and stops at (ours: the SentencePiece layout of
-  # data/tokenizer.py; CLIP BPE: sot 49406, eot 49407). PAD is 0 in both.
-  bos_id: int = 2
-  eos_id: int = 3
-
-  @classmethod
-  def from_config(cls, model) -> "CoCaConfig":
-    v, t = model.vision, model.text
-    return cls(
-        image_size=model.image_size, patch_size=model.patch_size,
-        vision=TowerConfig(v.width, v.depth, v.heads, v.mlp_dim),
-        vocab_size=t.vocab_size, max_len=t.max_len, text_width=t.width, text_heads=t.heads,
-        text_mlp_dim=t.mlp_dim, n_uni=t.n_uni, n_multi=t.n_multi, embed_dim=model.embed_dim,
-        pooling=model.pooling, n_gen_queries=model.n_gen_queries,
-        pooler_heads=model.pooler_heads, dtype=model.dtype, remat=model.remat,
-        scan_layers=model.scan_layers, temperature_init=model.temperature_init,
-        max_logit_scale=model.max_logit_scale, contrastive=model.contrastive,
-        tie_embeddings=model.tie_embeddings,
-        vision_experts=RoutedExperts.from_config(v.experts),
-        text_experts=RoutedExperts.from_config(t.experts),
-        activation=model.activation, norm_eps=model.norm_eps,
-        class_token=v.class_token, ln_pre=v.ln_pre,
-        vision_final_norm=v.final_norm, patch_bias=v.patch_bias,
-        pooler_width=model.pooler_width, multimodal_layout=t.multimodal_layout,
-        cls_mask=t.cls_mask, vocab_bias=t.vocab_bias,
-        bos_id=t.bos_id, eos_id=t.eos_id)
-
-  @property
-  def num_patches(self) -> int:
-    return (self.image_size // self.patch_size) ** 2
-
-  @property
-  def image_tokens(self) -> int:
-    """Encoder tokens: the patches, plus the class token if any."""
-    return self.num_patches + int(self.class_token)
-
-  @property
-  def compute_dtype(self):
-    return DTYPES[self.dtype]
+def compute_dtype(config):
+  """The activations' dtype of a model config (its `dtype` name)."""
+  return DTYPES[config.dtype]
 
 
 def text_attention_mask(text_inputs, cls_mask: str = "correct"):
@@ -141,12 +59,12 @@ def text_attention_mask(text_inputs, cls_mask: str = "correct"):
 
 
 def patchify(image, config):
-  """image [batch, S, S, 3] -> patches [batch, (S / p)^2, p * p * 3] in config.compute_dtype,
+  """image [batch, S, S, 3] -> patches [batch, (S / p)^2, p * p * 3] in compute_dtype(config),
   row-major (p = config.patch_size); S must be config.image_size."""
   if image.shape[1:3] != (config.image_size, config.image_size):
     raise ValueError(f"image shape {image.shape} does not match config.model.image_size="
                      f"{config.image_size}")
-  return einops.rearrange(image.astype(config.compute_dtype), "b (h p) (w q) c -> b (h w) (p q c)",
+  return einops.rearrange(image.astype(compute_dtype(config)), "b (h p) (w q) c -> b (h w) (p q c)",
                           p=config.patch_size, q=config.patch_size)
 
 
@@ -196,7 +114,8 @@ def unscanned_layers(config: CoCaConfig, params) -> tuple[CoCaConfig, dict]:
   if not config.scan_layers:
     return config, params
   params = dict(nn.meta.unbox(params))
-  depths = {"vision": config.vision.depth, "unimodal": config.n_uni, "multimodal": config.n_multi}
+  depths = {"vision": config.vision.depth, "unimodal": config.text.n_uni,
+            "multimodal": config.text.n_multi}
   for name, depth in depths.items():
     params[name] = unscanned_params(params[name], depth)
   return dataclasses.replace(config, scan_layers=False), params
@@ -209,7 +128,8 @@ def router_statistics(intermediates, config: CoCaConfig) -> dict[str, dict]:
   if not intermediates:  # A dense model sows nothing.
     return {}
   found = {}
-  depths = {"vision": config.vision.depth, "unimodal": config.n_uni, "multimodal": config.n_multi}
+  depths = {"vision": config.vision.depth, "unimodal": config.text.n_uni,
+            "multimodal": config.text.n_multi}
   for stack_name, depth in depths.items():
     if stack_name not in intermediates:
       continue
@@ -231,24 +151,24 @@ class CoCa(nn.Module):
     c = self.config
     if c.pooling not in POOLINGS:
       raise ValueError(f"config.model.pooling={c.pooling!r} is unknown; use one of {POOLINGS}")
-    dt = c.compute_dtype
+    dt = compute_dtype(c)
     eps = c.norm_eps
     stack = lambda depth, heads, mlp, **kw: Stack(
         depth=depth, num_heads=heads, mlp_dim=mlp, dtype=dt, scan=c.scan_layers,
         remat="none" if self.decode else c.remat, activation=c.activation, norm_eps=eps, **kw)
     # Image tower.
     self.patch_embed = dense(c.vision.width, ("patch", "embed"), dt, "patch_embed",
-                             use_bias=c.patch_bias)
-    if c.class_token:
+                             use_bias=c.vision.patch_bias)
+    if c.vision.class_token:
       self.image_cls_token = self.param("image_cls_token", with_axes(embed_init, ("embed",)),
                                         (c.vision.width,), jnp.float32)
     self.image_pos_embed = self.param(
         "image_pos_embed", with_axes(embed_init, ("length", "embed")),
         (c.image_tokens, c.vision.width), jnp.float32)
-    if c.ln_pre:
+    if c.vision.ln_pre:
       self.ln_pre = LayerNorm(dt, eps)
-    self.vision = stack(c.vision.depth, c.vision.heads, c.vision.mlp_dim, experts=c.vision_experts)
-    if c.vision_final_norm:
+    self.vision = stack(c.vision.depth, c.vision.heads, c.vision.mlp_dim, experts=c.vision.experts)
+    if c.vision.final_norm:
       self.ln_vision = LayerNorm(dt, eps)
     n_queries = c.n_gen_queries
     self.generative_pooler = AttentionalPooler(n_queries, c.pooler_heads, dt, c.pooler_width, eps)
@@ -262,31 +182,32 @@ class CoCa(nn.Module):
                                   use_bias=False)
     # Text tower.
     self.token_embed = nn.Embed(
-        c.vocab_size, c.text_width, dtype=dt, param_dtype=jnp.float32,
+        c.text.vocab_size, c.text.width, dtype=dt, param_dtype=jnp.float32,
         embedding_init=with_axes(embed_init, ("vocab", "embed")))
     self.text_pos_embed = self.param(
         "text_pos_embed", with_axes(embed_init, ("length", "embed")),
-        (c.max_len, c.text_width), jnp.float32)
+        (c.text.max_len, c.text.width), jnp.float32)
     self.cls_token = self.param("cls_token", with_axes(embed_init, ("embed",)),
-                                (c.text_width,), jnp.float32)
-    cache_length = c.max_len - 1
+                                (c.text.width,), jnp.float32)
+    cache_length = c.text.max_len - 1
     # Routed text layers are causal (token-major slots); their capacity comes from the training
     # length (T-1 inputs + CLS, and T-1) so decoding a token at a time routes as training does.
     # `every` counts text layers across both decoders.
-    text_routing = lambda offset, length: dict(experts=c.text_experts, layer_offset=offset,
+    text_routing = lambda offset, length: dict(experts=c.text.experts, layer_offset=offset,
                                                causal=True, capacity_length=length)
-    self.unimodal = stack(c.n_uni, c.text_heads, c.text_mlp_dim, decode=self.decode,
-                          cache_length=cache_length, **text_routing(0, c.max_len))
+    self.unimodal = stack(c.text.n_uni, c.text.heads, c.text.mlp_dim, decode=self.decode,
+                          cache_length=cache_length, **text_routing(0, c.text.max_len))
     self.ln_text_embed = LayerNorm(dt, eps)
     self.text_projection = dense(c.embed_dim, ("embed", "joint"), dt, "text_projection",
                                  use_bias=False)
-    self.multimodal = stack(c.n_multi, c.text_heads, c.text_mlp_dim, cross_attention=True,
+    self.multimodal = stack(c.text.n_multi, c.text.heads, c.text.mlp_dim, cross_attention=True,
                             decode=self.decode, cache_length=cache_length,
-                            layout=c.multimodal_layout, **text_routing(c.n_uni, c.max_len - 1))
+                            layout=c.text.multimodal_layout,
+                            **text_routing(c.text.n_uni, c.text.max_len - 1))
     self.ln_decoder = LayerNorm(dt, eps)
     if not c.tie_embeddings:
-      self.vocab_head = dense(c.vocab_size, ("embed", "vocab"), dt, "vocab_head",
-                              use_bias=c.vocab_bias, out_dtype=jnp.float32)
+      self.vocab_head = dense(c.text.vocab_size, ("embed", "vocab"), dt, "vocab_head",
+                              use_bias=c.text.vocab_bias, out_dtype=jnp.float32)
     contrastive_parameters(self, c)
 
   # -- Image ---------------------------------------------------------------------------------
@@ -296,15 +217,15 @@ class CoCa(nn.Module):
     decoder context [batch, context_tokens, pooler width (vision width unless pooler_width)])."""
     c = self.config
     x = self.patch_embed(patchify(image, c))
-    if c.class_token:
+    if c.vision.class_token:
       cls = jnp.broadcast_to(self.image_cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
       x = jnp.concatenate([cls, x], axis=1)
-    x = x + self.image_pos_embed.astype(c.compute_dtype)
-    if c.ln_pre:
+    x = x + self.image_pos_embed.astype(compute_dtype(c))
+    if c.vision.ln_pre:
       x = self.ln_pre(x)
     x = constrain(x, ("batch", "length", "embed"))
     tokens = self.vision(x)
-    if c.vision_final_norm:
+    if c.vision.final_norm:
       tokens = self.ln_vision(tokens)
     generative = self.generative_pooler(tokens)
     if c.pooling == "cascade":
@@ -322,13 +243,13 @@ class CoCa(nn.Module):
   def _unimodal(self, text):
     """text [batch, L] -> (token states [batch, L-1, width], text_embed [batch, D])."""
     c = self.config
-    if text.shape[1] != c.max_len:
-      raise ValueError(f"text length {text.shape[1]} != config.model.text.max_len={c.max_len}")
+    if text.shape[1] != c.text.max_len:
+      raise ValueError(f"text length {text.shape[1]} != config.model.text.max_len={c.text.max_len}")
     inputs = text[:, :-1]
     x = self.token_embed(inputs)
     cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
     x = jnp.concatenate([x, cls], axis=1) + self.text_pos_embed.astype(x.dtype)
-    x = self.unimodal(x, mask=text_attention_mask(inputs, c.cls_mask))
+    x = self.unimodal(x, mask=text_attention_mask(inputs, c.text.cls_mask))
     text_embed = l2_normalize(self.text_projection(self.ln_text_embed(x[:, -1])))
     return x[:, :-1], text_embed
 
@@ -338,7 +259,7 @@ class CoCa(nn.Module):
 
   def caption_logits(self, token_states, text_inputs, context):
     """Multimodal decoder: [batch, T, width] states -> float32 logits [batch, T, vocab]."""
-    mask = text_attention_mask(text_inputs, self.config.cls_mask)[:, :, :-1, :-1]
+    mask = text_attention_mask(text_inputs, self.config.text.cls_mask)[:, :, :-1, :-1]
     x = self.multimodal(token_states, mask=mask, context=context)
     logits = self._vocab_logits(self.ln_decoder(x))
     return constrain(logits, ("batch", "length", "vocab")).astype(jnp.float32)

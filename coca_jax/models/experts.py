@@ -41,7 +41,6 @@ their experts' devices (an all-to-all) and back.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -49,57 +48,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from coca_jax.core import schema
 from coca_jax.models.layers import MLP, LayerNorm, constrain
 
 Dtype = Any
-EXPERTS_FIELDS = ("num_experts", "top_k", "capacity_factor", "every", "priority", "group_size",
-                  "noise_std")
-PRIORITIES = ("batch", "position")
-
-
-@dataclasses.dataclass(frozen=True)
-class RoutedExperts:
-  """Learned-routing settings of one side of the model (`config.model.<side>.experts`).
-
-  num_experts: experts per routed feed-forward (1 = every layer dense).
-  top_k: experts each token runs through.
-  capacity_factor: each expert takes ceil(top_k * tokens * capacity_factor / num_experts)
-    tokens of a routing group (a sequence for causal text, `group_size` examples for image
-    tokens); the rest skip it.
-  every: layer i (0-based, counted over the side's whole stack) is routed when
-    (i + 1) % every == 0: 1 = every layer, 2 = layers 1, 3, 5, ... (V-MoE's "every other").
-  priority: non-causal tokens: 'batch' (Batch Priority Routing) or 'position' (see the module
-    docstring). Causal text always routes by position.
-  group_size: examples per BPR group (0 = the whole batch of the call); a batch it does not
-    divide routes in groups of gcd(group_size, batch).
-  noise_std: std of the Gaussian noise on the router logits in training (0 = none).
-  """
-  num_experts: int = 1
-  top_k: int = 1
-  capacity_factor: float = 1.0
-  every: int = 1
-  priority: str = "batch"
-  group_size: int = 0
-  noise_std: float = 0.0
-
-  @classmethod
-  def from_config(cls, group) -> "RoutedExperts | None":
-    """None for an absent group or num_experts <= 1 (dense)."""
-    if not group:
-      return None
-    experts = cls(**{k: group[k] for k in EXPERTS_FIELDS if k in group})
-    return experts if experts.num_experts > 1 else None
-
-  def routed(self, layer: int) -> bool:
-    return self.num_experts > 1 and (layer + 1) % self.every == 0
-
-  def ffn_kwargs(self, layer: int) -> dict:
-    """`FeedForward` settings of layer `layer`: routed, or {} (dense)."""
-    if not self.routed(layer):
-      return {}
-    return dict(num_experts=self.num_experts, routing="topk", top_k=self.top_k,
-                capacity_factor=self.capacity_factor, priority=self.priority,
-                group_size=self.group_size, noise_std=self.noise_std)
+# Learned-routing settings of one side of the model (`config.model.<side>.experts`).
+RoutedExperts = schema.Routing
 
 
 def expert_capacity(length: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -180,8 +134,8 @@ class FeedForward(nn.Module):
     if self.decode and not self.causal:
       raise ValueError("cached decoding with routed experts needs causal=True (token-major "
                        "priority); batch and choice-rank priority look at later tokens")
-    if self.priority not in PRIORITIES:
-      raise ValueError(f"priority={self.priority!r} is unknown; use one of {PRIORITIES}")
+    if self.priority not in schema.allowed(schema.RoutingPriority):
+      raise ValueError(f"priority={self.priority!r} is unknown; use one of {schema.allowed(schema.RoutingPriority)}")
     batch_priority = not self.causal and self.priority == "batch"
     # A routing group: `group` examples (BPR) or one sequence. The dispatch below runs per group.
     group = 1

@@ -32,7 +32,6 @@ layer's KV cache on its first step; each later step costs one text token.
 
 from __future__ import annotations
 
-import dataclasses
 
 import flax.linen as nn
 import jax
@@ -41,101 +40,21 @@ import jax.numpy as jnp
 from coca_jax.models.backbone import remat_block
 from coca_jax.models.coca import (DTYPES, contrastive_parameters, l2_normalize, patchify,
                                   temperature_scale, text_attention_mask)
-from coca_jax.models.experts import RoutedExperts
 from coca_jax.models.layers import (AttentionalPooler, LayerNorm, constrain, dense, embed_init,
                                     with_axes)
+from coca_jax.core import schema
 from coca_jax.core.tokens import PAD_ID
 
-IMAGE, TEXT, FUSION = "image", "text", "fusion"
-EXPERTS = (IMAGE, TEXT, FUSION)
-POOLINGS = ("attention", "cls")
+IMAGE, TEXT, FUSION = EXPERTS = schema.MODALITY_EXPERTS
+POOLINGS = schema.MOME_POOLINGS
 
 
-@dataclasses.dataclass(frozen=True)
-class MoMEConfig:
-  """Hashable settings of the MoME model, from `config.model` (backbone='mome') with
-  `MoMEConfig.from_config`. The stack is `config.model.mome`; image and patch size, vocabulary
-  and text length come from the same fields as for CoCa towers."""
-  image_size: int
-  patch_size: int
-  vocab_size: int
-  max_len: int
-  width: int
-  depth: int
-  heads: int
-  mlp_dim: int
-  fusion_layers: int
-  embed_dim: int
-  pooler_heads: int = 8
-  # The contrastive image embedding: 'attention' (an attentional pooler over the image tokens,
-  # as in CoCa) or 'cls' (a learned [CLS] token prepended to the patches, as in VLMo).
-  pooling: str = "attention"
-  itm: bool = False  # Build the image-text matching head (config.loss.itm_weight > 0).
-  dtype: str = "float32"
-  # Activation rematerialisation of every layer in training (backbone.REMAT_POLICIES: none, full,
-  # dots, minimal, dots_attention): every pass (image-only, text-only, captioning, ITM)
-  # recomputes in the backward pass what the policy does not save. Decoding never remats.
-  remat: str = "none"
-  temperature_init: float = 0.07
-  max_logit_scale: float = 100.0
-  contrastive: str = "softmax"
-  tie_embeddings: bool = False
-  bos_id: int = 2  # Special ids the decoder starts from and stops at (see CoCaConfig).
-  eos_id: int = 3
-  # Learned routing inside a modality expert (config.model.mome.experts.<image|text|fusion>):
-  # that ffn_<name> becomes top-k experts behind a router in the layers `routed(layer)` picks
-  # (`every` counts the layers of the shared stack); None = dense.
-  image_experts: RoutedExperts | None = None
-  text_experts: RoutedExperts | None = None
-  fusion_experts: RoutedExperts | None = None
+# The settings the model takes: config.model (backbone='mome') built by `schema.build`.
+MoMEConfig = schema.MoME
 
-  @classmethod
-  def from_config(cls, model) -> "MoMEConfig":
-    m = model.mome
-    experts = m.get("experts") or {}
-    return cls(
-        image_size=model.image_size, patch_size=model.patch_size,
-        vocab_size=model.text.vocab_size, max_len=model.text.max_len, width=m.width,
-        depth=m.depth, heads=m.heads, mlp_dim=m.mlp_dim, fusion_layers=m.fusion_layers,
-        embed_dim=model.embed_dim, pooler_heads=model.pooler_heads,
-        pooling=model.pooling, dtype=model.dtype, remat=model.get("remat", "none"),
-        temperature_init=model.temperature_init, max_logit_scale=model.max_logit_scale,
-        contrastive=model.get("contrastive", "softmax"),
-        tie_embeddings=model.get("tie_embeddings", False),
-        bos_id=model.text.get("bos_id", 2), eos_id=model.text.get("eos_id", 3),
-        image_experts=RoutedExperts.from_config(experts.get(IMAGE)),
-        text_experts=RoutedExperts.from_config(experts.get(TEXT)),
-        fusion_experts=RoutedExperts.from_config(experts.get(FUSION)))
 
-  @property
-  def num_patches(self) -> int:
-    return (self.image_size // self.patch_size) ** 2
-
-  @property
-  def image_tokens(self) -> int:
-    """Image tokens of every pass: the patches, and the [CLS] first with pooling='cls'."""
-    return self.num_patches + (self.pooling == "cls")
-
-  @property
-  def bottom_layers(self) -> int:
-    return self.depth - self.fusion_layers
-
-  @property
-  def compute_dtype(self):
-    return DTYPES[self.dtype]
-
-  def layer_experts(self, layer: int) -> tuple[str, ...]:
-    return (IMAGE, TEXT, FUSION) if layer >= self.bottom_layers else (IMAGE, TEXT)
-
-  def routed_experts(self, layer: int) -> tuple[tuple[str, RoutedExperts], ...]:
-    """((expert name, its routing), ...) of the modality experts of `layer` that are routed."""
-    settings = {IMAGE: self.image_experts, TEXT: self.text_experts, FUSION: self.fusion_experts}
-    return tuple((name, settings[name]) for name in self.layer_experts(layer)
-                 if settings[name] is not None and settings[name].routed(layer))
-
-  def fused_expert(self, layer: int, modality: str) -> str:
-    """The expert a token of `modality` uses at `layer` of a fused image+text sequence."""
-    return FUSION if layer >= self.bottom_layers else modality
+def compute_dtype(config):
+  return DTYPES[config.dtype]
 
 
 def prefix_causal_mask(text_inputs, prefix_len: int):
@@ -156,7 +75,7 @@ def router_statistics(intermediates, config: MoMEConfig) -> dict[str, dict]:
   sums the statistics of those calls, i.e. those of every token it routed this step.
   Statistics: see `experts.FeedForward._routed`."""
   found = {}
-  for i in range(config.depth):
+  for i in range(config.mome.depth):
     for expert in EXPERTS:
       sown = intermediates.get(f"layers_{i}", {}).get(f"ffn_{expert}", {})
       for key, calls in sorted(sown.items()):
@@ -174,37 +93,39 @@ class MoME(nn.Module):
   `config.remat` each is rematerialised in training (not with `decode`)."""
   config: MoMEConfig
   decode: bool = False
+  itm: bool = False  # Build the image-text matching head (config.loss.itm_weight > 0).
 
   def setup(self):
     c = self.config
-    if not 0 <= c.fusion_layers <= c.depth:
-      raise ValueError(f"config.model.mome.fusion_layers={c.fusion_layers} must be in "
-                       f"[0, depth={c.depth}]")
+    if not 0 <= c.mome.fusion_layers <= c.mome.depth:
+      raise ValueError(f"config.model.mome.fusion_layers={c.mome.fusion_layers} must be in "
+                       f"[0, depth={c.mome.depth}]")
     if c.pooling not in POOLINGS:
       raise ValueError(f"config.model.pooling={c.pooling!r} is unknown for a MoME; use one of "
                        f"{POOLINGS}")
-    dt = c.compute_dtype
-    self.patch_embed = dense(c.width, ("patch", "embed"), dt, "patch_embed")
+    dt = compute_dtype(c)
+    self.patch_embed = dense(c.mome.width, ("patch", "embed"), dt, "patch_embed")
     self.image_pos_embed = self.param(
         "image_pos_embed", with_axes(embed_init, ("length", "embed")),
-        (c.image_tokens, c.width), jnp.float32)
+        (c.image_tokens, c.mome.width), jnp.float32)
     if c.pooling == "cls":
       self.image_cls_token = self.param("image_cls_token", with_axes(embed_init, ("embed",)),
-                                        (c.width,), jnp.float32)
+                                        (c.mome.width,), jnp.float32)
     self.token_embed = nn.Embed(
-        c.vocab_size, c.width, dtype=dt, param_dtype=jnp.float32,
+        c.text.vocab_size, c.mome.width, dtype=dt, param_dtype=jnp.float32,
         embedding_init=with_axes(embed_init, ("vocab", "embed")))
     self.text_pos_embed = self.param(
-        "text_pos_embed", with_axes(embed_init, ("length", "embed")), (c.max_len, c.width),
-        jnp.float32)
-    self.cls_token = self.param("cls_token", with_axes(embed_init, ("embed",)), (c.width,),
+        "text_pos_embed", with_axes(embed_init, ("length", "embed")),
+        (c.text.max_len, c.mome.width), jnp.float32)
+    self.cls_token = self.param("cls_token", with_axes(embed_init, ("embed",)), (c.mome.width,),
                                 jnp.float32)
     # Decoding caches the image prefix and the text positions of every layer.
-    cache_length = c.image_tokens + c.max_len - 1
+    cache_length = c.image_tokens + c.text.max_len - 1
     block = remat_block("none" if self.decode else c.remat)
-    self.layers = [block(c.heads, c.mlp_dim, dt, decode=self.decode, cache_length=cache_length,
-                         modality_experts=c.layer_experts(i), routed_experts=c.routed_experts(i))
-                   for i in range(c.depth)]
+    self.layers = [block(c.mome.heads, c.mome.mlp_dim, dt, decode=self.decode,
+                         cache_length=cache_length, modality_experts=c.mome.layer_experts(i),
+                         routed_experts=c.mome.routed_experts(i))
+                   for i in range(c.mome.depth)]
     self.ln_image = LayerNorm(dt)
     if c.pooling == "attention":
       self.contrastive_pooler = AttentionalPooler(1, c.pooler_heads, dt)
@@ -216,8 +137,8 @@ class MoME(nn.Module):
                                  use_bias=False)
     self.ln_fused = LayerNorm(dt)
     if not c.tie_embeddings:
-      self.vocab_head = dense(c.vocab_size, ("embed", "vocab"), dt, "vocab_head")
-    if c.itm:
+      self.vocab_head = dense(c.text.vocab_size, ("embed", "vocab"), dt, "vocab_head")
+    if self.itm:
       self.itm_head = dense(2, ("embed", None), dt, "itm_head")
     contrastive_parameters(self, c)
 
@@ -239,15 +160,15 @@ class MoME(nn.Module):
     if c.pooling == "cls":
       cls = jnp.broadcast_to(self.image_cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
       x = jnp.concatenate([cls, x], axis=1)
-    x = x + self.image_pos_embed.astype(c.compute_dtype)
+    x = x + self.image_pos_embed.astype(compute_dtype(c))
     return constrain(x, ("batch", "length", "embed"))
 
   def _text_tokens(self, text, with_cls: bool):
     """text [batch, L] -> embedded inputs text[:, :-1] [batch, T, width] (+ the CLS at the end:
     [batch, T + 1, width])."""
     c = self.config
-    if text.shape[1] != c.max_len:
-      raise ValueError(f"text length {text.shape[1]} != config.model.text.max_len={c.max_len}")
+    if text.shape[1] != c.text.max_len:
+      raise ValueError(f"text length {text.shape[1]} != config.model.text.max_len={c.text.max_len}")
     x = self.token_embed(text[:, :-1])
     if with_cls:
       cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
@@ -264,11 +185,11 @@ class MoME(nn.Module):
     x = self._image_tokens(image)
     segments = ((IMAGE, x.shape[1]),)
     prefix_kv, entering_fusion = [], x
-    for i in range(c.depth):
-      if i == c.bottom_layers:
+    for i in range(c.mome.depth):
+      if i == c.mome.bottom_layers:
         entering_fusion = x
       x, kv = self._layer(i, x, None, segments, return_kv=True)
-      if i < c.bottom_layers:  # Same states, so same keys/values, as in the fused pass.
+      if i < c.mome.bottom_layers:  # Same states, so same keys/values, as in the fused pass.
         prefix_kv.append(kv)
     tokens = self.ln_image(x)
     pooled = tokens[:, 0] if c.pooling == "cls" else self.contrastive_pooler(tokens)[:, 0]
@@ -277,7 +198,7 @@ class MoME(nn.Module):
     # image tokens only. (Unused outputs, e.g. when only the embedding is wanted, are dropped by
     # XLA's dead-code elimination under jit.)
     y = entering_fusion
-    for i in range(c.bottom_layers, c.depth):
+    for i in range(c.mome.bottom_layers, c.mome.depth):
       y, kv = self._layer(i, y, None, ((FUSION, y.shape[1], IMAGE),), return_kv=True)
       prefix_kv.append(kv)
     context = jnp.stack([jnp.stack(kv, axis=1) for kv in prefix_kv], axis=1)
@@ -290,7 +211,7 @@ class MoME(nn.Module):
     x = self._text_tokens(text, with_cls=True)
     mask = text_attention_mask(text[:, :-1])
     valid = jnp.concatenate([text[:, :-1] != PAD_ID, jnp.ones((text.shape[0], 1), bool)], axis=1)
-    for i in range(self.config.depth):
+    for i in range(self.config.mome.depth):
       x, _ = self._layer(i, x, mask, ((TEXT, x.shape[1]),), token_mask=valid,
                          causal_routing=True)
     return l2_normalize(self.text_projection(self.ln_text(x[:, -1])))
@@ -303,8 +224,8 @@ class MoME(nn.Module):
     c = self.config
     x = self._text_tokens(text, with_cls=False)
     mask = prefix_causal_mask(text[:, :-1], context.shape[3])
-    for i in range(c.depth):
-      x, _ = self._layer(i, x, mask, ((c.fused_expert(i, TEXT), x.shape[1], TEXT),),
+    for i in range(c.mome.depth):
+      x, _ = self._layer(i, x, mask, ((c.mome.fused_expert(i, TEXT), x.shape[1], TEXT),),
                          prefix_kv=(context[:, i, 0], context[:, i, 1]),
                          token_mask=text[:, :-1] != PAD_ID, **self._causal_text_routing())
     return self._vocab_logits(x)
@@ -312,7 +233,7 @@ class MoME(nn.Module):
   def _causal_text_routing(self) -> dict:
     """Routed experts on the captioning text: slots token-major, capacity from the training
     length T, so decoding a token at a time routes exactly as the teacher-forced pass."""
-    return dict(causal_routing=True, routing_length=self.config.max_len - 1)
+    return dict(causal_routing=True, routing_length=self.config.text.max_len - 1)
 
   def _vocab_logits(self, x):
     """[batch, T, width] fused text states -> float32 [batch, T, vocab]."""
@@ -327,7 +248,7 @@ class MoME(nn.Module):
     tokens, text inputs and the CLS; 2-way logits float32 [batch, 2] (index 1 = match) from the
     CLS. Needs the ITM head (config.loss.itm_weight > 0)."""
     c = self.config
-    if not c.itm:
+    if not self.itm:
       raise ValueError("this MoME has no ITM head; train it with config.loss.itm_weight > 0")
     image_tokens = self._image_tokens(image)
     text_tokens = self._text_tokens(text, with_cls=True)
@@ -337,8 +258,8 @@ class MoME(nn.Module):
         [jnp.ones((x.shape[0], num_image), bool), text[:, :-1] != PAD_ID,
          jnp.ones((x.shape[0], 1), bool)], axis=1)
     mask = key_valid[:, None, None, :]
-    for i in range(c.depth):
-      if i < c.bottom_layers:
+    for i in range(c.mome.depth):
+      if i < c.mome.bottom_layers:
         segments = ((IMAGE, num_image), (TEXT, num_text))
       else:  # Each modality's tokens routed on their own (as in the other passes).
         segments = ((FUSION, num_image, IMAGE), (FUSION, num_text, TEXT))
@@ -357,7 +278,7 @@ class MoME(nn.Module):
                "logit_scale": self.temperature_scale()}
     if self.config.contrastive == "sigmoid":
       outputs["logit_bias"] = self.logit_bias
-    if self.config.itm and self.is_initializing():
+    if self.itm and self.is_initializing():
       self.itm_logits(image, text)  # Creates the ffn_fusion/ITM parameters the ITM pass uses.
     return outputs
 
@@ -387,8 +308,8 @@ class MoME(nn.Module):
     pos = jax.lax.dynamic_slice_in_dim(self.text_pos_embed, start, tokens.shape[1], axis=0)
     x = x + pos.astype(x.dtype)
     self.position.value = start + tokens.shape[1]
-    for i in range(c.depth):
-      x, _ = self._layer(i, x, None, ((c.fused_expert(i, TEXT), x.shape[1], TEXT),),
+    for i in range(c.mome.depth):
+      x, _ = self._layer(i, x, None, ((c.mome.fused_expert(i, TEXT), x.shape[1], TEXT),),
                          prefix_kv=(context[:, i, 0], context[:, i, 1]),
                          **self._causal_text_routing())
     return self._vocab_logits(x)

@@ -43,9 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from coca_jax.training import step
-from coca_jax.models.coca import CoCaConfig
-from coca_jax.models.experts import RoutedExperts
-from coca_jax.models.mome import MoMEConfig
+from coca_jax.core import schema
+from coca_jax.core.schema import Routing
 
 TRAIN_MULTIPLIER = 3  # forward + backward (2x forward).
 
@@ -92,7 +91,7 @@ def _block_flops(tokens: int, width: int, mlp_dim: int, *, context_tokens: int =
 
 
 def _stack_flops(depth: int, tokens: int, width: int, mlp_dim: int,
-                 experts: RoutedExperts | None, layer_offset: int = 0, **block) -> int:
+                 experts: Routing | None, layer_offset: int = 0, **block) -> int:
   """A stack's blocks; routed layers run top_k experts per token plus the router."""
   flops = 0
   for i in range(depth):
@@ -104,49 +103,49 @@ def _stack_flops(depth: int, tokens: int, width: int, mlp_dim: int,
   return flops
 
 
-def _routing_extra_flops(m: MoMEConfig, tokens: int, expert: str, layers) -> int:
+def _routing_extra_flops(m: schema.MoME, tokens: int, expert: str, layers) -> int:
   """Beyond one dense FFN per token: what `tokens` tokens routed through ffn_<expert> in
   `layers` add (top_k - 1 more expert MLPs, and the router)."""
   extra = 0
   for layer in layers:
-    experts = dict(m.routed_experts(layer)).get(expert)
+    experts = dict(m.mome.routed_experts(layer)).get(expert)
     if experts is not None:
-      extra += ((experts.top_k - 1) * _mlp_flops(tokens, m.width, m.mlp_dim)
-                + 2 * tokens * m.width * experts.num_experts)
+      extra += ((experts.top_k - 1) * _mlp_flops(tokens, m.mome.width, m.mome.mlp_dim)
+                + 2 * tokens * m.mome.width * experts.num_experts)
   return extra
 
 
 def _mome_flops_breakdown(config, batch_size: int) -> dict[str, int]:
   """`forward_flops_breakdown` of a MoME (see the module docstring)."""
-  m = MoMEConfig.from_config(config.model)
-  patches, width, inputs = m.image_tokens, m.width, m.max_len - 1
-  all_layers, top_layers = range(m.depth), range(m.bottom_layers, m.depth)
-  bottom_layers = range(m.bottom_layers)
+  m = schema.build(schema.MoME, config.model)
+  patches, width, inputs = m.image_tokens, m.mome.width, m.text.max_len - 1
+  all_layers, top_layers = range(m.mome.depth), range(m.mome.bottom_layers, m.mome.depth)
+  bottom_layers = range(m.mome.bottom_layers)
   routed = functools.partial(_routing_extra_flops, m)
-  text_ffn = _mlp_flops(inputs, width, m.mlp_dim)
+  text_ffn = _mlp_flops(inputs, width, m.mome.mlp_dim)
   # The fused text tokens' attention: their own Q/K/V/out projections, scores and values over
   # P image keys plus the text keys.
   fused_text_layer = (2 * inputs * width * width * 4 + 2 * inputs * (patches + inputs) * width * 2
                       + text_ffn)
   parts = {
       "patch_embed": 2 * m.num_patches * (m.patch_size ** 2 * 3) * width,
-      "image_only": (m.depth * _block_flops(patches, width, m.mlp_dim)
+      "image_only": (m.mome.depth * _block_flops(patches, width, m.mome.mlp_dim)
                      + routed(patches, "image", all_layers)),
       "contrastive_pooler": _attention_flops(1, patches, width) if m.pooling == "attention" else 0,
       "image_projection": 2 * width * m.embed_dim,
-      "fused_image": (m.fusion_layers * _block_flops(patches, width, m.mlp_dim)
+      "fused_image": (m.mome.fusion_layers * _block_flops(patches, width, m.mome.mlp_dim)
                       + routed(patches, "fusion", top_layers)),
-      "text_only": (m.depth * _block_flops(inputs + 1, width, m.mlp_dim)
+      "text_only": (m.mome.depth * _block_flops(inputs + 1, width, m.mome.mlp_dim)
                     + routed(inputs + 1, "text", all_layers)),
       "text_projection": 2 * width * m.embed_dim,
-      "fused_text": (m.depth * fused_text_layer + routed(inputs, "text", bottom_layers)
+      "fused_text": (m.mome.depth * fused_text_layer + routed(inputs, "text", bottom_layers)
                      + routed(inputs, "fusion", top_layers)),
-      "vocab_head": 2 * inputs * width * m.vocab_size,
+      "vocab_head": 2 * inputs * width * m.text.vocab_size,
       "contrastive_logits": 2 * batch_size * m.embed_dim,
   }
   if config.loss.itm_weight > 0:
     share = (config.loss.itm_examples or batch_size) / batch_size
-    pair = (m.depth * _block_flops(patches + inputs + 1, width, m.mlp_dim) + 2 * width * 2
+    pair = (m.mome.depth * _block_flops(patches + inputs + 1, width, m.mome.mlp_dim) + 2 * width * 2
             + routed(patches, "image", bottom_layers) + routed(inputs + 1, "text", bottom_layers)
             + routed(patches + inputs + 1, "fusion", top_layers))
     parts["itm"] = int(3 * share * (pair + 2 * m.num_patches * (m.patch_size ** 2 * 3) * width))
@@ -159,13 +158,13 @@ def forward_flops_breakdown(config, batch_size: int | None = None) -> dict[str, 
   batch_size = int(batch_size or config.train.batch_size)
   if config.model.backbone == "mome":
     return _mome_flops_breakdown(config, batch_size)
-  c = CoCaConfig.from_config(config.model)
+  c = schema.build(schema.CoCa, config.model)
   patches, wv = c.image_tokens, c.vision.width  # Patches (+ the class token, if any).
   pw = c.pooler_width or wv  # open_clip's pooler works at embed_dim, reading wv-wide tokens.
   parts: dict[str, int] = {}
   parts["patch_embed"] = 2 * c.num_patches * (c.patch_size ** 2 * 3) * wv
   parts["image_encoder"] = _stack_flops(c.vision.depth, patches, wv, c.vision.mlp_dim,
-                                        c.vision_experts)
+                                        c.vision.experts)
   parts["generative_pooler"] = _attention_flops(c.n_gen_queries, patches, pw, wv)
   if c.pooling == "cascade":
     parts["contrastive_pooler"] = _attention_flops(1, c.n_gen_queries, pw)
@@ -175,16 +174,16 @@ def forward_flops_breakdown(config, batch_size: int | None = None) -> dict[str, 
     parts["contrastive_pooler"] = 0
   context_tokens = c.n_gen_queries - (1 if c.pooling == "open_clip" else 0)
   parts["image_projection"] = 2 * pw * c.embed_dim
-  wt, inputs = c.text_width, c.max_len - 1
-  parts["unimodal_decoder"] = _stack_flops(c.n_uni, inputs + 1, wt, c.text_mlp_dim,
-                                           c.text_experts)
+  wt, inputs = c.text.width, c.text.max_len - 1
+  parts["unimodal_decoder"] = _stack_flops(c.text.n_uni, inputs + 1, wt, c.text.mlp_dim,
+                                           c.text.experts)
   parts["text_projection"] = 2 * wt * c.embed_dim
   parts["multimodal_decoder"] = _stack_flops(
-      c.n_multi, inputs, wt, c.text_mlp_dim, c.text_experts, layer_offset=c.n_uni,
+      c.text.n_multi, inputs, wt, c.text.mlp_dim, c.text.experts, layer_offset=c.text.n_uni,
       context_tokens=context_tokens, context_width=pw)
-  if c.multimodal_layout == "open_clip":  # A second (dense) MLP, after cross-attention.
-    parts["multimodal_decoder"] += c.n_multi * _mlp_flops(inputs, wt, c.text_mlp_dim)
-  parts["vocab_head"] = 2 * inputs * wt * c.vocab_size
+  if c.text.multimodal_layout == "open_clip":  # A second (dense) MLP, after cross-attention.
+    parts["multimodal_decoder"] += c.text.n_multi * _mlp_flops(inputs, wt, c.text.mlp_dim)
+  parts["vocab_head"] = 2 * inputs * wt * c.text.vocab_size
   parts["contrastive_logits"] = 2 * batch_size * c.embed_dim
   return parts
 
@@ -201,7 +200,7 @@ def model_flops_per_example(config, batch_size: int | None = None, train: bool =
 EXPERT_WEIGHTS = ("wi", "bi", "wo", "bo")
 
 
-def _inactive_expert_weights(tree, experts: RoutedExperts | None, under: str | None = None) -> int:
+def _inactive_expert_weights(tree, experts: Routing | None, under: str | None = None) -> int:
   """Expert weights of `tree` a token does not run through: (num_experts - top_k) / num_experts
   of each routed expert weight (leaves named EXPERT_WEIGHTS, below a key `under` if given)."""
   if experts is None:
@@ -225,11 +224,11 @@ def param_counts(config) -> dict[str, int]:
   counts: dict[str, int] = {name: size(subtree) for name, subtree in params.items()}
   inactive = 0
   if config.model.backbone == "mome":
-    m = MoMEConfig.from_config(config.model)
+    m = schema.build(schema.MoME, config.model)
     layers = [name for name in counts if name.startswith("layers_")]
     counts["layers"] = sum(counts.pop(name) for name in layers)
     for name in layers:
-      routed = dict(m.routed_experts(int(name.split("_")[1])))
+      routed = dict(m.mome.routed_experts(int(name.split("_")[1])))
       ffns = {key[len("ffn_"):]: tree for key, tree in params[name].items()
               if key.startswith("ffn_")}
       # A token runs one modality expert; inside a routed one, top_k of its num_experts.
@@ -237,9 +236,9 @@ def param_counts(config) -> dict[str, int]:
                 for expert, tree in ffns.items()]
       inactive += sum(size(tree) for tree in ffns.values()) - max(active)
   else:
-    c = CoCaConfig.from_config(config.model)
-    side_experts = {"vision": c.vision_experts, "unimodal": c.text_experts,
-                    "multimodal": c.text_experts}
+    c = schema.build(schema.CoCa, config.model)
+    side_experts = {"vision": c.vision.experts, "unimodal": c.text.experts,
+                    "multimodal": c.text.experts}
     for name, subtree in params.items():
       experts = side_experts.get(name)
       if experts is not None:

@@ -41,6 +41,7 @@ from flax import traverse_util
 import jax
 import orbax.checkpoint as ocp
 
+from coca_jax.core import config as config_lib
 from coca_jax.core import fs
 
 from coca_jax.core import sharding
@@ -406,7 +407,6 @@ def read_config(workdir: str):
     raise FileNotFoundError(f"{path} does not exist; is {workdir!r} a coca_jax workdir?")
   saved = ml_collections.ConfigDict(json.loads(fs.read_text(path)))
   # Fields added since the run was saved take their defaults.
-  from coca_jax.core import config as config_lib  # config imports nothing from checkpoint.
   return config_lib.complete(saved)
 
 

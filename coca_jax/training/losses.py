@@ -18,17 +18,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from coca_jax.core import schema
+from coca_jax.core.sharding import BATCH_AXES
 from coca_jax.core.tokens import PAD_ID
 
-# The mesh axes the batch is split over (same as coca_jax.core.sharding.BATCH_AXES; repeated here so
-# losses stay importable without the sharding module's dependencies).
-BATCH_AXES = ("data", "fsdp", "expert")
-CONTRASTIVE_IMPLS = ("gathered", "chunked")
-CONTRASTIVE_KINDS = ("softmax", "sigmoid")
-# How the softmax loss combines its image->text and text->image terms: 'sum' is the CoCa paper's
-# eq. 1 (so with loss weights 1:2 the contrastive term has the paper's weight); 'mean' halves it,
-# the CLIP / open_clip convention (their configs set it).
-CONTRASTIVE_REDUCTIONS = ("sum", "mean")
+CONTRASTIVE_IMPLS = schema.CONTRASTIVE_IMPLS
+CONTRASTIVE_KINDS = schema.CONTRASTIVE_KINDS
+CONTRASTIVE_REDUCTIONS = schema.CONTRASTIVE_REDUCTIONS
 
 
 def _combine(i2t, t2i, reduction: str):
@@ -150,8 +146,8 @@ def chunked_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias=No
   'sigmoid' (as `sigmoid_contrastive_loss`, needs `logit_bias`). mesh: the device mesh; default
   the one set by `jax.set_mesh` (no mesh: one device, one block). Returns (loss, metrics).
   """
-  if kind not in ("softmax", "sigmoid"):
-    raise ValueError(f"kind={kind!r} is unknown; use 'softmax' or 'sigmoid'")
+  if kind not in CONTRASTIVE_KINDS:
+    raise ValueError(f"kind={kind!r} is unknown; use one of {CONTRASTIVE_KINDS}")
   if kind == "sigmoid" and logit_bias is None:
     raise ValueError("the sigmoid contrastive loss needs the model's logit_bias")
   global_batch = image_embed.shape[0]
@@ -202,7 +198,7 @@ def contrastive_loss(image_embed, text_embed, logit_scale, logit_bias=None, *,
   return sigmoid_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias)
 
 
-def caption_loss(logits, labels, pad_id: int = 0, label_smoothing: float = 0.0):
+def caption_loss(logits, labels, pad_id: int = PAD_ID, label_smoothing: float = 0.0):
   """Next-token cross-entropy averaged over non-pad labels.
 
   logits: [batch, T, vocab] float32; labels: [batch, T] int32 (text[:, 1:]).
@@ -226,7 +222,7 @@ def caption_loss(logits, labels, pad_id: int = 0, label_smoothing: float = 0.0):
 
 
 def coca_loss(outputs, text, *, contrastive_weight: float = 1.0, caption_weight: float = 2.0,
-              label_smoothing: float = 0.0, contrastive: str = "softmax", pad_id: int = 0,
+              label_smoothing: float = 0.0, contrastive: str = "softmax", pad_id: int = PAD_ID,
               contrastive_impl: str = "gathered", mesh=None, contrastive_reduction: str = "sum"):
   """CoCa objective: contrastive_weight * contrastive + caption_weight * caption (paper: 1, 2).
 
@@ -247,18 +243,9 @@ def coca_loss(outputs, text, *, contrastive_weight: float = 1.0, caption_weight:
 
 # -- Router (learned expert routing) --------------------------------------------------------
 
-# config.loss fields of the router terms and their defaults (one home for both). Switch
-# Transformer's balance weight is 0.01; LIMoE's entropy terms are off unless asked for. The
-# global-entropy threshold is in nats; None = log(num_experts), i.e. the term acts whenever the
-# mean routing distribution is less than uniform.
-ROUTER_LOSS_DEFAULTS = dict(router_balance_weight=0.01, router_local_entropy_weight=0.0,
-                            router_global_entropy_weight=0.0,
-                            router_global_entropy_threshold=None)
-
-
 def router_loss_settings(loss_config) -> dict:
-  """The router terms' settings from a completed `config.loss` (see ROUTER_LOSS_DEFAULTS)."""
-  return {name: loss_config[name] for name in ROUTER_LOSS_DEFAULTS}
+  """The router terms' settings from a completed `config.loss` (their defaults: schema.Loss)."""
+  return {name: loss_config[name] for name in schema.ROUTER_LOSS_FIELDS}
 
 
 def router_losses(statistics, *, router_balance_weight: float = 0.01,

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-DEFAULT_NO_DECAY = r"(^|/)(bias|scale|ln_[^/]*|[^/]*pos_embed|token_embed|cls_token|queries|logit_scale|logit_bias)(/|$)"
+from coca_jax.core import schema
+from coca_jax.core.schema import DEFAULT_NO_DECAY
 
 
 def param_paths(params) -> object:
@@ -41,7 +42,8 @@ def learning_rate_schedule(optim, total_steps: int) -> optax.Schedule:
   elif decay == "constant":
     after = optax.constant_schedule(peak)
   else:
-    raise ValueError(f"config.optim.decay={decay!r} is unknown; use cosine, linear or constant")
+    raise ValueError(f"config.optim.decay={decay!r} is unknown; use one of "
+                     f"{', '.join(schema.allowed(schema.DecayName))}")
   if not warmup:
     return after
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
@@ -72,7 +74,8 @@ def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformatio
     if optim.b1:
       parts.append(optax.ema(optim.b1, debias=True))
   else:
-    raise ValueError(f"config.optim.name={name!r} is unknown; use 'adamw' or 'adafactor'")
+    raise ValueError(f"config.optim.name={name!r} is unknown; use one of "
+                     f"{', '.join(schema.allowed(schema.OptimizerName))}")
   if optim.weight_decay:
     no_decay = optim.no_decay_regex
     parts.append(optax.add_decayed_weights(

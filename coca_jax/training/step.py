@@ -48,7 +48,9 @@ from coca_jax.training import losses
 
 from coca_jax import models
 
+from coca_jax.core import schema
 from coca_jax.core import sharding
+from coca_jax.training import optim
 from coca_jax.models.coca import CoCa, clamp_logit_scale
 from coca_jax.core.tokens import PAD_ID
 
@@ -81,12 +83,9 @@ def build_model(config) -> CoCa:
   sigmoid contrastive loss needs a learnable logit bias in the model, so the model's
   `contrastive` follows `config.loss.contrastive`; a MoME gets its ITM head when
   `config.loss.itm_weight` > 0."""
-  model_config = models.model_config(config.model)
-  loss = config.loss
-  changes = {"contrastive": loss.contrastive}
-  if isinstance(model_config, models.MoMEConfig):
-    changes["itm"] = loss.itm_weight > 0
-  return models.build(dataclasses.replace(model_config, **changes))
+  model_config = dataclasses.replace(models.model_config(config.model),
+                                     contrastive=config.loss.contrastive)
+  return models.build(model_config, itm=config.loss.itm_weight > 0)
 
 
 def _init_boxed_params(model: CoCa, config, rng):
@@ -324,7 +323,7 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
   return (total, metrics), grads
 
 
-NONFINITE_POLICIES = ("halt", "skip")
+NONFINITE_POLICIES = schema.NONFINITE_POLICIES
 
 
 def all_finite(tree) -> jax.Array:
@@ -448,7 +447,6 @@ class TrainSetup:
 
 def setup(config, devices=None) -> TrainSetup:
   """Builds mesh, logical-axis rules, model, optimizer and the abstract sharded state."""
-  from coca_jax.training import optim  # optim imports nothing from here; kept local to stay light.
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.logical_axis_rules(config)
   model = build_model(config)

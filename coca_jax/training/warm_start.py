@@ -36,7 +36,11 @@ import numpy as np
 
 from coca_jax.core import fs
 from coca_jax.interop import params as flat_params
+from coca_jax.core import schema
+from coca_jax.data.tokenizer import TOKENIZER_FILES
+from coca_jax.inference import api
 from coca_jax.models.coca import CoCaConfig
+from coca_jax.training import checkpoint
 
 VOCAB_LEAVES = re.compile(r"^(token_embed/embedding|vocab_head/(kernel|bias))$")
 
@@ -46,7 +50,6 @@ class WarmStartError(ValueError):
 
 
 def _tokenizer_digest(config, root: str | None = None) -> tuple[str, str]:
-  from coca_jax.data.tokenizer import TOKENIZER_FILES
   kind = config.data.tokenizer_kind
   candidates = [fs.join(root, TOKENIZER_FILES.get(kind, ""))] if root else []
   candidates.append(config.data.tokenizer)
@@ -59,8 +62,8 @@ def _tokenizer_digest(config, root: str | None = None) -> tuple[str, str]:
 def resize_pos_embed(table: np.ndarray, source: CoCaConfig, target: CoCaConfig) -> np.ndarray:
   """[source image tokens, width] -> [target image tokens, width]: the patch rows resized as a
   2-D grid, the class-token row (first, if any) unchanged."""
-  cls_rows = int(source.class_token)
-  if cls_rows != int(target.class_token):
+  cls_rows = int(source.vision.class_token)
+  if cls_rows != int(target.vision.class_token):
     raise WarmStartError("image_pos_embed: source and target disagree on model.vision.class_token")
   grid_in = int(math.isqrt(table.shape[0] - cls_rows))
   grid_out = target.image_size // target.patch_size
@@ -113,18 +116,16 @@ def merge(source_flat: dict, fresh_flat: dict, source: CoCaConfig, target: CoCaC
 def warm_start_params(config, fresh_params):
   """The new run's parameters (same tree and dtypes as `fresh_params`, host numpy) from
   `config.init`. Logs and returns (params, report)."""
-  from coca_jax.inference import api
-  from coca_jax.training import checkpoint
   init = config.init
   found = api.resolve(init.source)
   source_config = checkpoint.read_config(found["root"])
   _, source_params = api.load_params(found, source_config)
-  source_model = CoCaConfig.from_config(source_config.model)
-  target_model = CoCaConfig.from_config(config.model)
+  source_model = schema.build(schema.CoCa, source_config.model)
+  target_model = schema.build(schema.CoCa, config.model)
   (source_kind, source_digest), (kind, digest) = (
       _tokenizer_digest(source_config, found["root"]), _tokenizer_digest(config))
   # A file on both sides that differs, another kind, or another size: ids mean other pieces.
-  tokenizer_changed = (source_model.vocab_size != target_model.vocab_size
+  tokenizer_changed = (source_model.text.vocab_size != target_model.text.vocab_size
                        or source_kind != kind
                        or bool(source_digest and digest and source_digest != digest))
   flat, report = merge(
@@ -149,7 +150,6 @@ def warm_start(config, state, shardings):
   the regex filters, position-embedding resizing and vocabulary replacement are CoCa-towers
   features for now."""
   if config.model.backbone == "mome":
-    from coca_jax.training import checkpoint
     params, report = checkpoint.load_params_for_init(config.init.source, state.params,
                                                      shardings.params)
     logging.info("Initialised %d parameter arrays from %s; kept fresh: %s; ignored: %s",

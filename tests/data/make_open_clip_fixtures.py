@@ -87,7 +87,7 @@ def jax_side(args):
   from coca_jax.inference import generate
   from coca_jax.training import step
   from coca_jax.interop import open_clip, params as flat_params
-  from coca_jax.models.coca import CoCaConfig
+  from coca_jax.core import schema
   data = np.load(os.path.join(args.work, "inputs.npz"))
   from coca_jax.core import config as config_lib
   config = config_lib.complete(open_clip.base_config(args.model))
@@ -100,7 +100,7 @@ def jax_side(args):
   np.savez(os.path.join(args.work, "ours.npz"), image_features=np.asarray(out["image_embed"]),
            text_features=np.asarray(out["text_embed"]),
            logits=np.asarray(out["caption_logits"]), greedy=np.asarray(greedy["tokens"]))
-  model_config = CoCaConfig.from_config(config.model)
+  model_config = schema.build(schema.CoCa, config.model)
   state = open_clip.to_open_clip(flat_params.flatten(model_config, params), model_config)
   open_clip.write_safetensors(state, os.path.join(args.work, "exported.safetensors"))
 
