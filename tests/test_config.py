@@ -275,7 +275,8 @@ def test_schema_is_the_one_home_of_defaults_and_model_settings():
   towers = config_lib.defaults("towers")["model"]
   assert towers["vision"]["width"] is schema.REQUIRED
   assert towers["text"]["experts"] == {"num_experts": 1, "top_k": 1, "capacity_factor": 1.0,
-                                       "every": 1}
+                                       "every": 1, "priority": "batch", "group_size": 0,
+                                       "noise_std": 0.0}
   mome = config_lib.defaults("mome")["model"]
   assert set(mome["mome"]["experts"]) == {"image", "text", "fusion"}
   assert config_lib.defaults()["optim"]["no_decay_regex"] == schema.DEFAULT_NO_DECAY

@@ -148,7 +148,6 @@ def _find_tokenizer(root: str, config):
 def read_checked_config(root: str):
   """The completed config.json of `root`, its field types checked: a field of the wrong type (a
   hand-edited bundle) is an error naming the field and the file, not a TypeError from JAX."""
-  from coca_jax.core import config as config_lib
   config = checkpoint.read_config(root)
   # Types only: the full `validate` also checks the machine the run trained on (its
   # config.init.source, its tokenizer path), which a copied bundle need not have.
