@@ -115,7 +115,8 @@ def test_ann_recall_on_random_unit_vectors():
   np.testing.assert_allclose(scores, np.take_along_axis(queries @ data.T, ids, 1), atol=1e-5)
 
 
-def test_ann_index_answers_like_exact_and_survives_reopening(model, folder, tmp_path):
+def test_ann_index_answers_like_exact_and_survives_reopening(model, folder, tmp_path,
+                                                              monkeypatch):
   out = str(tmp_path / "idx")
   index_lib.Index.build(model, folder, out, ann="usearch", progress=False)
   index = index_lib.Index.open(out, model)
@@ -124,6 +125,10 @@ def test_ann_index_answers_like_exact_and_survives_reopening(model, folder, tmp_
   ann, exact = index.search(texts=queries, k=5), index.search(texts=queries, k=5, exact=True)
   np.testing.assert_array_equal(ann.ids, exact.ids)  # 10 vectors: the graph is exact
   np.testing.assert_allclose(ann.scores, exact.scores, atol=1e-5)
+  # Where usearch is not installed the same index still answers, exactly.
+  monkeypatch.setattr(index_lib, "ann_available", lambda: False)
+  without = index_lib.Index.open(out, model).search(texts=queries, k=5)
+  np.testing.assert_array_equal(without.ids, exact.ids)
 
 
 class _Killed(Exception):
@@ -188,7 +193,9 @@ def test_append_embeds_only_new_images_and_leaves_old_rows(model, folder, tmp_pa
 def test_a_query_with_another_model_is_refused(model, folder, tmp_path):
   out = str(tmp_path / "idx")
   index_lib.Index.build(model, folder, out, ann="none", progress=False)
-  other = _bundle(str(tmp_path / "other"), seed=1)  # same config, other weights
+  # Same config, weights one fine-tuning step away.
+  other = api.Model(model.module, jax.tree.map(lambda p: p * 1.001, model.params),
+                    model.tokenizer, model.config, batch_size=4)
   with pytest.raises(index_lib.ModelMismatch, match="weights_hash"):
     index_lib.Index.open(out, other)
   with pytest.raises(index_lib.ModelMismatch, match="built with the model at"):
@@ -211,9 +218,6 @@ def test_cli_build_and_query(bundle, folder, tmp_path):
   assert "10 images" in built.stdout
   assert "broken.png" in built.stderr and "skipped 1 unreadable" in built.stderr
   query_image = [f for f in _image_files(folder) if f.endswith("7.png")][0]
-  found = _cli("query", "--index", out, "--image", query_image, "--text", "", "--k", "3",
-               "--json")
-  assert found.returncode != 0  # --text and --image together: a usage error
   found = _cli("query", "--index", out, "--image", query_image, "--k", "3", "--json")
   assert found.returncode == 0, found.stderr[-3000:]
   result = json.loads(found.stdout.strip().splitlines()[-1])

@@ -153,8 +153,8 @@ class _Source:
       example = self.eval_source[item.row]
     except Exception as e:  # pylint: disable=broad-except  # a damaged record: skip, say why
       raise api.ImageFileError(f"cannot read {item.ref}: {type(e).__name__}: {e}") from e
-    return example["image"], f"{self.dataset.name}/{self.dataset.split}/{example['key']}", \
-        example["captions"]
+    # The key is the builder's (ours: "<split>/<number>"), else "<split>/<row>".
+    return example["image"], f"{self.dataset.name}/{example['key']}", example["captions"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,10 +169,14 @@ def model_identity(model: api.Model, path: str | None = None) -> dict:
   config_hash = hashlib.sha256(
       model.config.model.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:16]
   weights = hashlib.sha256()
-  for key_path, leaf in jax.tree_util.tree_leaves_with_path(model.params):
+  # One device call for the whole tree (an eager slice per leaf would compile per shape).
+  samples = jax.jit(lambda tree: jax.tree.map(
+      lambda leaf: leaf.reshape(-1)[:64].astype(np.float32), tree))(model.params)
+  for (key_path, leaf), sample in zip(jax.tree_util.tree_leaves_with_path(model.params),
+                                      jax.tree.leaves(samples)):
     weights.update(jax.tree_util.keystr(key_path).encode())
     weights.update(str(tuple(leaf.shape)).encode())
-    weights.update(np.asarray(leaf.reshape(-1)[:64], np.float32).tobytes())
+    weights.update(np.asarray(sample).tobytes())
   path = path or model.path
   return {"path": fs.resolve(path) if path else None, "step": model.step,
           "embed_dim": int(model.module.config.embed_dim), "config_hash": config_hash,
