@@ -113,6 +113,8 @@ def test_ann_recall_on_random_unit_vectors():
   recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(ids, exact)])
   assert recall >= 0.95
   np.testing.assert_allclose(scores, np.take_along_axis(queries @ data.T, ids, 1), atol=1e-5)
+  one = ann.search(queries[:1], 10)  # a single query (usearch answers it in another type)
+  np.testing.assert_array_equal(one[1], ids[:1])
 
 
 def test_ann_index_answers_like_exact_and_survives_reopening(model, folder, tmp_path,

@@ -306,7 +306,8 @@ class UsearchAnn:
     found = self.index.search(np.asarray(queries, np.float32), k, threads=threads)
     keys = np.asarray(found.keys).reshape(len(queries), -1)[:, :k].astype(np.int64)
     scores = 1.0 - np.asarray(found.distances, np.float32).reshape(len(queries), -1)[:, :k]
-    counts = np.asarray(found.counts).reshape(-1)
+    # One query comes back as a `Matches` (no counts), several as `BatchMatches`.
+    counts = np.asarray(getattr(found, "counts", [len(found.keys)])).reshape(-1)
     missing = np.arange(keys.shape[1])[None, :] >= counts[:, None]
     keys[missing], scores[missing] = -1, -np.inf
     if keys.shape[1] < k:
