@@ -120,7 +120,7 @@ def main(argv) -> None:
     raise app.UsageError(USAGE)
   try:
     build() if argv[1] == "build" else query()
-  except (FileNotFoundError, FileExistsError, index_lib.IndexError_) as e:
+  except (FileNotFoundError, FileExistsError, index_lib.SearchIndexError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from coca_jax.data.tokenizer import Tokenizer
 from coca_jax.evaluation import metrics
 from coca_jax.inference import api
 from coca_jax.inference import index as index_lib
+from coca_jax.training import step as step_lib
 from tests.conftest import smoke_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,8 +26,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _bundle(out, seed):
   config = smoke_config()
-  from coca_jax.training import step as step_lib
-  import flax.linen as nn
   module = step_lib.build_model(config)
   size, length = config.model.image_size, config.model.text.max_len
   variables = jax.jit(module.init)(jax.random.key(seed), np.zeros((1, size, size, 3), np.float32),

@@ -66,11 +66,11 @@ ANN_CHOICES = ("auto", "usearch", "none")
 AUTO_ANN_MIN = 20_000
 
 
-class IndexError_(ValueError):
+class SearchIndexError(ValueError):
   """A problem with an index directory or its use; the message names the path and the fix."""
 
 
-class ModelMismatch(IndexError_):
+class ModelMismatch(SearchIndexError):
   """A query (or an append) with another model than the one the index was built with."""
 
 
@@ -124,7 +124,7 @@ class _Source:
                                       images.split, decode_images=False,
                                       image_feature=images.image_feature)
       except ValueError as e:  # A split it does not have, or not array_record: the fix is in e.
-        raise IndexError_(str(e)) from e
+        raise SearchIndexError(str(e)) from e
       self.eval_source = pipeline.EvalSource(
           opened, image_size, images.name, images.split,
           pipeline.EvalFeatures(image=images.image_feature, captions=images.captions_feature))
@@ -336,7 +336,7 @@ class UsearchAnn:
       return cls(usearch_index.Index.restore(fs.read_bytes(path)))
     index = usearch_index.Index.restore(path)
     if index is None:
-      raise IndexError_(f"{path} is not a usearch index file; delete it and run "
+      raise SearchIndexError(f"{path} is not a usearch index file; delete it and run "
                         "`python -m coca_jax.index build` again to rebuild the graph")
     return cls(index)
 
@@ -408,7 +408,7 @@ class Index:
                               f"{path}")
     manifest = json.loads(fs.read_text(manifest_path))
     if manifest.get("format") != FORMAT:
-      raise IndexError_(f"{manifest_path} has format {manifest.get('format')!r}, not {FORMAT!r}; "
+      raise SearchIndexError(f"{manifest_path} has format {manifest.get('format')!r}, not {FORMAT!r}; "
                         "rebuild the index with this version of coca_jax")
     index = cls(path, manifest)
     if model is not None:
@@ -595,7 +595,7 @@ class Index:
         file = self._chunk_file(chunk["name"], "npy")
         part = np.load(io.BytesIO(fs.read_bytes(file)))
         if part.shape != (chunk["count"], self.dim):
-          raise IndexError_(f"{file} holds {part.shape}, but {MANIFEST} lists "
+          raise SearchIndexError(f"{file} holds {part.shape}, but {MANIFEST} lists "
                             f"{(chunk['count'], self.dim)}; the index is damaged: build it "
                             "again into a new directory")
         parts.append(part.astype(np.float32))
@@ -640,7 +640,7 @@ class Index:
       raise ValueError(f"search: query vectors have shape {vectors.shape}; this index holds "
                        f"[N, {self.dim}] embeddings")
     if not len(self):
-      raise IndexError_(f"index {self.path} is empty; add images first")
+      raise SearchIndexError(f"index {self.path} is empty; add images first")
     k = min(k, len(self))
     ann = None if exact else self._load_ann()
     if ann is not None:
