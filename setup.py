@@ -39,8 +39,12 @@ setup(
     extras_require={
         # gs:// paths through etils.epath (orbax writes arrays to gs:// by itself).
         "gcs": ["gcsfs>=2024.2"],
+        # The search index's approximate nearest-neighbour graph (docs/search.md says why
+        # usearch); exact search needs nothing beyond JAX.
+        "search": ["usearch>=2.26"],
         "test": ["pytest>=8", "pytest-xdist>=3", "portpicker>=1.6",
-                 "gcsfs>=2024.2", "gcp-storage-emulator>=2026.7"],  # the gs:// round trip
+                 "gcsfs>=2024.2", "gcp-storage-emulator>=2026.7",  # the gs:// round trip
+                 "usearch>=2.26"],
     },
     entry_points={
         "console_scripts": [
@@ -53,6 +57,7 @@ setup(
             "coca-export=coca_jax.export:run",
             "coca-sweep=coca_jax.sweep:run",
             "coca-report=coca_jax.report:run",
+            "coca-index=coca_jax.index:run",
         ],
     },
 )

@@ -236,6 +236,7 @@ def sharded_topk(
     mesh: Mesh | None = None,
     gallery_axes: str | Sequence[str] | None = None,
     query_block_size: int = 1024,
+    num_gallery: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Top-k gallery items per query, with the gallery sharded over devices.
 
@@ -253,6 +254,9 @@ def sharded_topk(
     gallery_axes: mesh axis name(s) the gallery rows are split over. If None: the axes of
       `gallery.sharding`'s row spec when the gallery carries one, else every mesh axis.
     query_block_size: queries per device call (the last block is padded to this size).
+    num_gallery: how many leading rows of `gallery` are real (default: all). A caller that keeps
+      a gallery on the devices between calls pads it to a multiple of the shard count once and
+      passes its true size here; the rows after it are never returned.
 
   Returns:
     (scores float32 [Nq, k], indices int32 [Nq, k] into the gallery), best first; identical to
@@ -274,18 +278,23 @@ def sharded_topk(
     if axis not in mesh.axis_names:
       raise ValueError(f'sharded_topk: gallery_axes names {axis!r}, which is not an axis of the '
                        f'mesh {tuple(mesh.axis_names)}; pick from those.')
-  _check_topk_args(queries, gallery, k)
+  num_rows = gallery.shape[0]
+  num_gallery = num_rows if num_gallery is None else num_gallery
+  if not 0 <= num_gallery <= num_rows:
+    raise ValueError(f'sharded_topk: num_gallery={num_gallery} must be in [0, {num_rows}] (the '
+                     'gallery rows given).')
+  _check_topk_args(queries, jax.ShapeDtypeStruct((num_gallery, *gallery.shape[1:]),
+                                                 gallery.dtype), k)
 
-  num_gallery = gallery.shape[0]
   num_shards = int(np.prod([mesh.shape[axis] for axis in gallery_axes]))
-  padded_size = -(-num_gallery // num_shards) * num_shards
+  padded_size = -(-num_rows // num_shards) * num_shards
   row_sharding = NamedSharding(mesh, P(gallery_axes))
   gallery_index = jax.device_put(np.arange(padded_size, dtype=np.int32), row_sharding)
   # Pad where the gallery lives, so a big gallery is never gathered onto one device: numpy on
   # the host (device_put then sends each device only its slice), a jax.Array in a jitted pad
   # whose output is already row-sharded.
-  pad_widths = ((0, padded_size - num_gallery), (0, 0))
-  if isinstance(gallery, jax.Array) and padded_size != num_gallery:
+  pad_widths = ((0, padded_size - num_rows), (0, 0))
+  if isinstance(gallery, jax.Array) and padded_size != num_rows:
     gallery = jax.jit(lambda g: jnp.pad(g, pad_widths), out_shardings=row_sharding)(gallery)
   elif not isinstance(gallery, jax.Array):
     gallery = np.pad(np.asarray(gallery), pad_widths)

@@ -172,8 +172,13 @@ def load(path: str, *, step: int | None = None, batch_size: int = 64,
   config = read_checked_config(found["root"])
   tokenizer = _find_tokenizer(found["root"], config)
   model, params = load_params(found, config)
-  return Model(model, params, tokenizer, config, batch_size=batch_size, step=found["step"],
-               decode_weights=decode_weights)
+  loaded = Model(model, params, tokenizer, config, batch_size=batch_size, step=found["step"],
+                 decode_weights=decode_weights)
+  # Where exactly these weights came from (a workdir pinned to the step read), so that what
+  # records the model (a search index) can load the same weights again later.
+  loaded.path = (fs.join(checkpoint.checkpoint_dir(found["root"]), str(found["step"]))
+                 if found["kind"] == "workdir" else fs.resolve(path))
+  return loaded
 
 
 def load_params(found: dict, config):
@@ -256,7 +261,8 @@ def image_files(paths_or_folders: Sequence[str]) -> list[str]:
 class Model:
   """A loaded model (CoCa towers or MoME) with its tokenizer. Attributes: module (CoCa or
   MoME), params, tokenizer, config, image_size, step (checkpoint step or None), decode_weights
-  and decoder_params (what captioning decodes with; see `load`)."""
+  and decoder_params (what captioning decodes with; see `load`), path (what `load` read: the
+  export, or the checkpoint step directory; None for a Model built in memory)."""
 
   def __init__(self, module: CoCa, params, tokenizer: Tokenizer, config, *, batch_size: int = 64,
                step: int | None = None, decode_weights: str | None = None):
@@ -264,6 +270,7 @@ class Model:
     self.image_size = module.config.image_size
     self.batch_size = batch_size
     self.step = step
+    self.path = None
     self.decode_weights = decode_weights
     # Prepared once: the unscanned (and maybe quantized) decoder every caption call streams.
     self.decoder_params = gen.decoder_params(module, params, decode_weights)

@@ -1,0 +1,235 @@
+"""Approximate nearest-neighbour libraries against exact search, on random unit vectors.
+
+  python benchmarks/bench_index.py [--num 100000] [--dim 512] [--queries 1000] [--k 10]
+      [--backends coca_jax,usearch,faiss_hnsw,faiss_ivf,hnswlib,scann] [--threads 0]
+
+Random unit vectors (Gaussian, normalised) are the hard case for an ANN index: no clusters, and
+every distance close to every other. The exact reference is the index's exact search
+(`Index.exact_search`: `metrics.sharded_topk`, a jitted matmul + top_k with the gallery kept on
+the devices). For each library, and for
+each search-effort setting, it prints build time (wall and process CPU seconds: on a shared
+machine CPU-s is the steadier figure), batched query time per query, single-query latency
+(median of 100 one-query calls) and recall@k against exact (the fraction of the exact
+top-k ids the ANN returns). `coca_jax` is the index's own ANN back end (`coca_jax.inference.index
+.UsearchAnn`, what `python -m coca_jax.index build` writes); the others are the libraries called
+directly with the settings shown. A library that is not installed is reported and skipped.
+Results: docs/search.md.
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from coca_jax.evaluation import metrics
+from coca_jax.inference import index as index_lib
+
+
+def unit_vectors(num: int, dim: int, seed: int) -> np.ndarray:
+  x = np.random.default_rng(seed).standard_normal((num, dim), dtype=np.float32)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def exact_searcher(data):
+  """The index's exact search over `data` (gallery placed on the devices once)."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  rows = -(-len(data) // mesh.size) * mesh.size
+  gallery = jax.device_put(index_lib.pad_rows(data, rows), NamedSharding(mesh, P("data")))
+  return lambda queries, k: metrics.sharded_topk(queries, gallery, k, mesh=mesh,
+                                                 gallery_axes="data", num_gallery=len(data))[1]
+
+
+def recall(found: np.ndarray, exact: np.ndarray) -> float:
+  k = exact.shape[1]
+  return float(np.mean([len(set(f[:k]) & set(e)) / k for f, e in zip(found, exact)]))
+
+
+# Each back end: build(data, threads) -> searcher; searcher.set(effort); searcher(queries, k)
+# -> int ids [Q, k]. `efforts` are the search-effort settings swept (higher = slower, better).
+
+
+class UsearchRaw:
+  name, efforts = "usearch", (128, 256, 512)
+
+  def __init__(self, data, threads, dtype="f32", connectivity=32, expansion_add=128):
+    from usearch.index import Index
+    self.threads = threads
+    self.index = Index(ndim=data.shape[1], metric="ip", dtype=dtype, connectivity=connectivity,
+                       expansion_add=expansion_add)
+    self.index.add(np.arange(len(data)), data, threads=threads)
+
+  def set(self, effort):
+    self.index.expansion_search = effort
+
+  def __call__(self, queries, k):
+    return np.asarray(self.index.search(queries, k, threads=self.threads).keys)
+
+
+class UsearchF16(UsearchRaw):
+  name = "usearch_f16"
+
+  def __init__(self, data, threads):
+    super().__init__(data, threads, dtype="f16")
+
+
+class CocaJax:
+  """The index's own back end, as `Index` builds and searches it."""
+  name, efforts = "coca_jax", (128, 256, 512)
+
+  def __init__(self, data, threads):
+    self.ann = index_lib.UsearchAnn.build(data, threads=threads)
+    self.threads = threads
+
+  def set(self, effort):
+    self.ann.expansion_search = effort
+
+  def __call__(self, queries, k):
+    return self.ann.search(queries, k, threads=self.threads)[1]
+
+
+class FaissHnsw:
+  name, efforts = "faiss_hnsw", (128, 256, 512)
+
+  def __init__(self, data, threads):
+    import faiss
+    if threads:
+      faiss.omp_set_num_threads(threads)
+    self.index = faiss.IndexHNSWFlat(data.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+    self.index.hnsw.efConstruction = 128
+    self.index.add(data)
+
+  def set(self, effort):
+    self.index.hnsw.efSearch = effort
+
+  def __call__(self, queries, k):
+    return self.index.search(queries, k)[1]
+
+
+class FaissIvf:
+  name, efforts = "faiss_ivf", (32, 64, 128, 256)
+
+  def __init__(self, data, threads):
+    import faiss
+    if threads:
+      faiss.omp_set_num_threads(threads)
+    lists = int(4 * np.sqrt(len(data)))
+    self.index = faiss.IndexIVFFlat(faiss.IndexFlatIP(data.shape[1]), data.shape[1], lists,
+                                    faiss.METRIC_INNER_PRODUCT)
+    self.index.train(data)
+    self.index.add(data)
+
+  def set(self, effort):
+    self.index.nprobe = effort
+
+  def __call__(self, queries, k):
+    return self.index.search(queries, k)[1]
+
+
+class Hnswlib:
+  name, efforts = "hnswlib", (128, 256, 512)
+
+  def __init__(self, data, threads):
+    import hnswlib
+    self.index = hnswlib.Index(space="ip", dim=data.shape[1])
+    self.index.init_index(max_elements=len(data), M=32, ef_construction=128)
+    self.index.set_num_threads(threads or os.cpu_count())
+    self.index.add_items(data, np.arange(len(data)))
+
+  def set(self, effort):
+    self.index.set_ef(effort)
+
+  def __call__(self, queries, k):
+    return self.index.knn_query(queries, k)[0]
+
+
+class Scann:
+  """Partitioning (sqrt(N)*2 leaves) + anisotropic hashing + exact re-ranking of the top 100;
+  the effort is the number of leaves searched."""
+  name, efforts = "scann", (32, 64, 128, 256)
+
+  def __init__(self, data, threads):
+    import scann
+    leaves = int(2 * np.sqrt(len(data)))
+    builder = scann.scann_ops_pybind.builder(data, 10, "dot_product")
+    self.searcher = (builder.tree(num_leaves=leaves, num_leaves_to_search=64,
+                                  training_sample_size=min(len(data), 100_000))
+                     .score_ah(2, anisotropic_quantization_threshold=0.2)
+                     .reorder(100).set_n_training_threads(threads or os.cpu_count()).build())
+    self.leaves = 64
+
+  def set(self, effort):
+    self.leaves = effort
+
+  def __call__(self, queries, k):
+    if len(queries) == 1:
+      return self.searcher.search(queries[0], k, leaves_to_search=self.leaves,
+                                  pre_reorder_num_neighbors=100)[0][None]
+    return self.searcher.search_batched(queries, k, leaves_to_search=self.leaves,
+                                        pre_reorder_num_neighbors=100)[0]
+
+
+BACKENDS = {b.name: b for b in (CocaJax, UsearchRaw, UsearchF16, FaissHnsw, FaissIvf, Hnswlib,
+                                Scann)}
+
+
+def single_query_ms(search, queries, k, calls=100) -> float:
+  times = []
+  for q in queries[:calls]:
+    start = time.perf_counter()
+    search(q[None], k)
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--num", type=int, default=100_000)
+  parser.add_argument("--dim", type=int, default=512)
+  parser.add_argument("--queries", type=int, default=1000)
+  parser.add_argument("--k", type=int, default=10)
+  parser.add_argument("--threads", type=int, default=0, help="0 = every core")
+  parser.add_argument("--backends", default=",".join(BACKENDS))
+  args = parser.parse_args()
+  data = unit_vectors(args.num, args.dim, seed=0)
+  queries = unit_vectors(args.queries, args.dim, seed=1)
+  print(f"{args.num:,} x {args.dim} random unit vectors, {args.queries} queries, k={args.k}, "
+        f"{os.cpu_count()} cores")
+
+  exact_search = exact_searcher(data)
+  exact_search(queries[:1], args.k)  # compile both shapes before timing
+  exact_search(queries, args.k)
+  start = time.perf_counter()
+  exact = exact_search(queries, args.k)
+  batched = time.perf_counter() - start
+  single = single_query_ms(exact_search, queries, args.k)
+  print(f"{'exact':24s} build      0.0 s       0 CPU-s  batched "
+        f"{1e3 * batched / args.queries:7.3f} ms/query  single {single:7.2f} ms  "
+        f"recall@{args.k} 1.000", flush=True)
+
+  for name in args.backends.split(","):
+    try:
+      start, cpu = time.perf_counter(), time.process_time()
+      searcher = BACKENDS[name](data, args.threads)
+      build, cpu = time.perf_counter() - start, time.process_time() - cpu
+    except ImportError as e:
+      print(f"{name:24s} skipped: {e}")
+      continue
+    for effort in BACKENDS[name].efforts:
+      searcher.set(effort)
+      searcher(queries[:10], args.k)  # warm
+      start = time.perf_counter()
+      found = searcher(queries, args.k)
+      batched = time.perf_counter() - start
+      single = single_query_ms(searcher, queries, args.k)
+      print(f"{f'{name} effort={effort}':24s} build {build:6.1f} s {cpu:7.1f} CPU-s  batched "
+            f"{1e3 * batched / args.queries:7.3f} ms/query  single {single:7.2f} ms  "
+            f"recall@{args.k} {recall(found, exact):.3f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
