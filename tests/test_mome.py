@@ -327,27 +327,7 @@ def test_mome_trains_from_the_cli_and_loads_for_inference(mome_workdir):
   assert model.embed_images(images).shape == (3, 32)
 
 
-def test_init_source_loads_another_stage_and_names_what_differs(mome_workdir):
-  from coca_jax.training import checkpoint
-  config = mome_smoke_config()
-  config.loss.itm_weight = 0.0  # This stage has no ITM head: the source's is ignored.
-  built = step_lib.setup(config)
-  fresh = built.init_state().params
-  params, report = checkpoint.load_params_for_init(mome_workdir, fresh,
-                                                   built.state_shardings.params)
-  assert report["ignored"] == ["itm_head/bias", "itm_head/kernel"] and not report["kept_fresh"]
-  from coca_jax.inference import api
-  trained = api.load(mome_workdir).params
-  same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), params,
-                      {k: v for k, v in trained.items() if k != "itm_head"})
-  assert all(jax.tree.leaves(same))
-  wider = mome_smoke_config()
-  wider.model.mome.mlp_dim = 128
-  built = step_lib.setup(wider)
-  with pytest.raises(ValueError, match=r"layers_0/ffn_image/mlp/wi/kernel: checkpoint \(32, 64\) "
-                                       r"vs model \(32, 128\)"):
-    checkpoint.load_params_for_init(mome_workdir, built.abstract_state.params,
-                                    built.state_shardings.params)
+# Warm starting one stage from another: tests/test_warm_start.py (the MoME cases).
 
 
 def test_vlmo_stages_freeze_what_vlmo_freezes():
