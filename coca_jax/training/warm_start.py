@@ -106,7 +106,8 @@ def merge(source_flat: dict, fresh_flat: dict, source: CoCaConfig, target: CoCaC
     if layout_rules and path == "image_pos_embed" and value.shape != fresh.shape:
       value = resize_pos_embed(value, source, target)
       report["interpolated"].append(path)
-    elif layout_rules and VOCAB_LEAVES.match(path) and (tokenizer_changed or value.shape != fresh.shape):
+    elif (layout_rules and VOCAB_LEAVES.match(path)
+          and (tokenizer_changed or value.shape != fresh.shape)):
       out[path] = fresh
       report["reinitialised"].append(path)
       continue
