@@ -214,6 +214,39 @@ def test_hard_negatives_follow_the_similarities():
 # -- Training ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("itm_examples", [0, 2], ids=["all_rows", "itm_examples"])
+def test_accumulated_step_with_itm_equals_the_whole_batch_step(tiny, itm_examples):
+  """train.microbatches with ITM: the hard negatives are drawn once from the whole batch's
+  embeddings, so loss, every metric and the gradients equal the unaccumulated step's."""
+  import ml_collections
+  model, params, _, _ = tiny
+  rng = np.random.default_rng(2)
+  text = np.concatenate([np.full((4, 1), 1), rng.integers(4, 14, (4, 6))], axis=1)
+  text[1, 4:] = 0  # Padding: microbatches with unequal token counts.
+  batch = {"image": jnp.asarray(rng.standard_normal((4, 16, 16, 3)), jnp.float32),
+           "text": jnp.asarray(text, jnp.int32)}
+  loss_config = ml_collections.ConfigDict(mome_smoke_config().loss.to_dict())
+  loss_config.update(itm_weight=1.0, itm_examples=itm_examples)
+  key = jax.random.key(5)
+
+  @jax.jit
+  def both(p):
+    whole = jax.value_and_grad(step_lib.loss_fn, has_aux=True)(p, model, batch, loss_config, key)
+    return whole, step_lib.accumulated_loss_and_grads(p, model, batch, loss_config, 2, key)
+
+  ((loss1, m1), g1), ((loss2, m2), g2) = both(params)
+  assert set(m1) == set(m2) and {"itm_loss", "itm_accuracy", "caption_tokens"} <= set(m1)
+  assert float(m1["itm_loss"]) > 0
+  for name in m1:
+    np.testing.assert_allclose(m2[name], m1[name], rtol=2e-5, atol=1e-6, err_msg=name)
+  np.testing.assert_allclose(loss2, loss1, rtol=2e-5)
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g1))
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g1)[0], jax.tree.leaves(g2)):
+    np.testing.assert_allclose(b, a, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
+
+
+
+
 def mome_smoke_config(limoe: bool = False):
   args = "mome,limoe,smoke" if limoe else "mome,smoke"
   return config_lib.load_config(os.path.join(REPO, "experiments", "demo.py") + ":" + args)
@@ -330,27 +363,7 @@ def test_mome_trains_from_the_cli_and_loads_for_inference(mome_workdir):
   assert model.embed_images(images).shape == (3, 32)
 
 
-def test_init_source_loads_another_stage_and_names_what_differs(mome_workdir):
-  from coca_jax.training import checkpoint
-  config = mome_smoke_config()
-  config.loss.itm_weight = 0.0  # This stage has no ITM head: the source's is ignored.
-  built = step_lib.setup(config)
-  fresh = built.init_state().params
-  params, report = checkpoint.load_params_for_init(mome_workdir, fresh,
-                                                   built.state_shardings.params)
-  assert report["ignored"] == ["itm_head/bias", "itm_head/kernel"] and not report["kept_fresh"]
-  from coca_jax.inference import api
-  trained = api.load(mome_workdir).params
-  same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), params,
-                      {k: v for k, v in trained.items() if k != "itm_head"})
-  assert all(jax.tree.leaves(same))
-  wider = mome_smoke_config()
-  wider.model.mome.mlp_dim = 128
-  built = step_lib.setup(wider)
-  with pytest.raises(ValueError, match=r"layers_0/ffn_image/mlp/wi/kernel: checkpoint \(32, 64\) "
-                                       r"vs model \(32, 128\)"):
-    checkpoint.load_params_for_init(mome_workdir, built.abstract_state.params,
-                                    built.state_shardings.params)
+# Warm starting one stage from another: tests/test_warm_start.py (the MoME cases).
 
 
 def test_vlmo_stages_freeze_what_vlmo_freezes():

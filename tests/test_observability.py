@@ -121,3 +121,30 @@ def test_report_of_a_synthetic_log_skips_torn_lines_and_missing_keys(tmp_path):
   assert "throughput.png" not in text and "eval.png" not in text  # Nothing logged for them.
   with open(os.path.join(workdir, "loss.png"), "rb") as f:
     assert f.read(8) == PNG
+
+
+def test_trainer_writes_the_final_evals_before_closing_its_writers(tmp_path):
+  """The Trainer's parts in-process, no FLAGS: the final evals are the last metrics.jsonl line
+  and a TensorBoard event at the last step, written before the writer closes (a write after
+  close would open a second event file that nothing flushes)."""
+  import jax
+  from coca_jax.core import config as config_lib
+  from coca_jax.training import loop
+  from coca_jax.training import step as step_lib
+  config = config_lib.load_config(os.path.join(REPO, "experiments", "demo.py") + ":smoke")
+  config.train.steps = 2
+  config.evals.captioning.enabled = False
+  config_lib.validate(config, num_devices=jax.device_count())
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  trainer = loop.Trainer(config, workdir, step_lib.setup(config), loop.TrainOptions())
+  results = trainer.run()
+  assert results and trainer.writer._summary is None  # closed, after the last write
+  records, bad = metrics_lib.read_metrics(workdir)
+  assert bad == 0 and records[-1]["step"] == 2
+  assert {k: records[-1][k] for k in results} == pytest.approx(results)
+  assert len(os.listdir(os.path.join(workdir, "tensorboard"))) == 1
+  scalars = _tensorboard_scalars(os.path.join(workdir, "tensorboard"))
+  assert scalars["eval/i2t_recall_1"] == {2: pytest.approx(results["eval/i2t_recall@1"])}
+  from coca_jax.training import checkpoint
+  assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE))  # released

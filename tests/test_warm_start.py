@@ -157,3 +157,77 @@ def test_finetune_captions_config_builds_the_source_model(trained):
   assert config.init.source == trained["bundle"]
   assert config.data.tokenizer == os.path.join(trained["bundle"], "tokenizer.model")
   assert flops.param_counts(config) == flops.param_counts(trained["config"])
+
+
+# -- MoME: the same path, a MoME parameter mapping ------------------------------------------------
+
+
+def _mome_config():
+  from coca_jax.core import config as config_lib
+  from conftest import REPO
+  return config_lib.load_config(os.path.join(REPO, "experiments", "demo.py") + ":mome,smoke")
+
+
+def _shifted(params, by):
+  return jax.tree.map(lambda p: p + by, params)
+
+
+def _assert_params_equal(a, b):
+  same = jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b)
+  assert all(jax.tree.leaves(same))
+
+
+@pytest.fixture(scope="module")
+def mome_built():
+  config = _mome_config()
+  built = step_lib.setup(config)
+  return config, built, built.init_state()
+
+
+def test_mome_warm_start_reads_an_export_bundle(mome_built, tmp_path):
+  config, built, state = mome_built
+  source = _shifted(state.params, 0.5)
+  tokenizer = Tokenizer.train([f"a red {i}" for i in range(50)], vocab_size=40, model_type="bpe")
+  bundle = str(tmp_path / "bundle")
+  export.write_bundle(bundle, source, config, tokenizer, step=7)
+  target = _mome_config()
+  target.init.source = bundle
+  warmed = warm_start.warm_start(target, state, built.state_shardings)
+  _assert_params_equal(warmed.params, source)
+  # The optimizer starts fresh: only the parameters came from the bundle.
+  _assert_params_equal(warmed.opt_state, state.opt_state)
+
+
+def test_mome_warm_start_from_a_workdir_skips_an_unreadable_newest_step(mome_built, tmp_path):
+  from coca_jax.training import checkpoint
+  config, built, state = mome_built
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  checkpoint.write_config(workdir, config)
+  manager = checkpoint.make_manager(workdir, keep=5)
+  readable = state.replace(params=_shifted(state.params, 0.25))
+  checkpoint.save(manager, 10, readable, force=True)
+  checkpoint.save(manager, 20, state.replace(params=_shifted(state.params, 1.0)), force=True)
+  manager.wait_until_finished()
+  # Step 20 is the highest but its save never finished: its metadata is gone.
+  os.remove(os.path.join(workdir, "checkpoints", "20", "state", "_METADATA"))
+  target = _mome_config()
+  target.init.source = workdir
+  params, report = warm_start.warm_start_params(target, state.params)
+  assert report["step"] == 10
+  _assert_params_equal(params, readable.params)
+  # A stage without the ITM head ignores the source's, and a wider model is refused by name.
+  target.loss.itm_weight = 0.0
+  fresh = step_lib.setup(target).abstract_state.params
+  _, report = warm_start.warm_start_params(target, jax.tree.map(
+      lambda a: np.zeros(a.shape, a.dtype), fresh))
+  assert report["unused"] == ["itm_head/bias", "itm_head/kernel"]
+  assert not report["missing_in_source"]
+  wider = _mome_config()
+  wider.model.mome.mlp_dim = 128
+  wider.init.source = workdir
+  fresh = step_lib.setup(wider).abstract_state.params
+  with pytest.raises(warm_start.WarmStartError,
+                     match=r"layers_0/ffn_image/mlp/wi/kernel: source \(32, 64\), new model "
+                           r"\(32, 128\)"):
+    warm_start.warm_start_params(wider, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), fresh))

@@ -469,9 +469,14 @@ def _validate_mome(config, need, positive):
     if isinstance(m.pooler_heads, int) and m.pooler_heads > 0:
       need(s.width % m.pooler_heads == 0, f"config.model.mome.width={s.width} is not divisible "
            f"by config.model.pooler_heads={m.pooler_heads}")
-  need(config.train.microbatches == 1 or not config.loss.itm_weight,
-       "config.loss.itm_weight > 0 (image-text matching) needs config.train.microbatches=1")
   itm_examples = config.loss.itm_examples
+  microbatches = config.train.microbatches
+  # Under microbatches each one scores the ITM pairs of its share of the kept rows.
+  need(not config.loss.itm_weight or not isinstance(itm_examples, int) or not itm_examples
+       or not isinstance(microbatches, int) or microbatches < 1
+       or itm_examples % microbatches == 0,
+       f"config.loss.itm_examples={itm_examples!r} does not split into config.train."
+       f"microbatches={microbatches!r}; use a multiple of {microbatches!r}")
   batch = config.train.batch_size
   need(isinstance(itm_examples, int) and itm_examples >= 0
        and (not itm_examples or (isinstance(batch, int) and batch % itm_examples == 0)),

@@ -15,7 +15,8 @@ import os
 
 from absl import logging
 
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # coca_jax/, not core/.
+# The whole package (this file lives in coca_jax/core/): every module of ours logs INFO.
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 DISK_FULL_TEXT = "No space left on device"

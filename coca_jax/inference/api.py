@@ -29,14 +29,12 @@ Only the parameters are read; the optimizer state in a training checkpoint is sk
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from PIL import Image
 
 from coca_jax.core import config as config_lib
@@ -48,16 +46,22 @@ from coca_jax.core import fs
 
 from coca_jax.inference import generate as gen
 
-from coca_jax.core import sharding
 
 from coca_jax.training import step as step_lib
+from coca_jax.training import warm_start
 from coca_jax.data import preprocess
 from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 from coca_jax.evaluation import evaluators, metrics
 from coca_jax.models.coca import CoCa, temperature_scale
 
-EXPORT_MANIFEST = "export.json"
-EXPORT_PARAMS = "params"
+# Finding and reading a source is shared with warm starts (one rule for both).
+EXPORT_MANIFEST = warm_start.EXPORT_MANIFEST
+EXPORT_PARAMS = warm_start.EXPORT_PARAMS
+resolve = warm_start.resolve
+load_params = warm_start.load_params
+restore_params_from_state = warm_start.restore_params_from_state
+restore_exported_params = warm_start.restore_exported_params
+read_safetensors_params = warm_start.read_safetensors_params
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -65,72 +69,6 @@ def model_and_abstract_params(config):
   """(the module `config` builds, its parameter ShapeDtypeStructs; nothing allocated)."""
   model = step_lib.build_model(config)
   return model, step_lib.abstract_params(config, model)
-
-
-def _on_device(abstract, device=None):
-  """Restore targets: each leaf placed whole on one device."""
-  return sharding.with_shardings(
-      abstract, jax.sharding.SingleDeviceSharding(device or jax.devices()[0]))
-
-
-def restore_params_from_state(state_dir: str, abstract):
-  """Reads only TrainState.params from an orbax StandardSave of the TrainState at state_dir."""
-  target = _on_device(abstract)
-  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
-  with ocp.PyTreeCheckpointer() as ckptr:
-    restored = ckptr.restore(
-        fs.as_path(state_dir),
-        args=ocp.args.PyTreeRestore(item={"params": target},
-                                    restore_args={"params": restore_args}, partial_restore=True))
-  return restored["params"]
-
-
-def restore_exported_params(params_dir: str, abstract, dtype=None):
-  """Reads an exported params tree (saved in f32 or bf16) and casts it to `dtype` (default: the
-  abstract dtypes, i.e. float32 master weights)."""
-  with ocp.StandardCheckpointer() as ckptr:
-    stored = ckptr.metadata(fs.as_path(params_dir)).item_metadata
-    target = jax.tree.map(lambda a, m: jax.ShapeDtypeStruct(a.shape, m.dtype),
-                          abstract, stored.tree if hasattr(stored, "tree") else stored)
-    params = ckptr.restore(fs.as_path(params_dir), _on_device(target))
-  return jax.tree.map(lambda p, a: p.astype(dtype or a.dtype), params, abstract)
-
-
-def read_safetensors_params(path: str, config, abstract):
-  """A bundle's model.safetensors (flat unscanned keys, f32 or bf16) -> float32 params in the
-  layout of `config` (scanned or not); every leaf checked against `abstract`."""
-  flat = {k: np.asarray(v, np.float32)
-          for k, v in flat_params.load_safetensors(fs.read_bytes(path), path).items()}
-  params = flat_params.unflatten(schema.build(schema.CoCa, config.model), flat)
-  flat_params.check_against(abstract, params)
-  device = jax.devices()[0]
-  return jax.tree.map(lambda p, a: jax.device_put(jnp.asarray(p, a.dtype), device),
-                      params, abstract)
-
-
-def resolve(path: str, step: int | None = None) -> dict:
-  """Finds what `path` is. Returns dict(kind, root (where config.json lives), state_dir or
-  params_dir, step)."""
-  path = fs.resolve(path)
-  if fs.exists(fs.join(path, EXPORT_MANIFEST)):
-    manifest = json.loads(fs.read_text(fs.join(path, EXPORT_MANIFEST)))
-    return dict(kind="export", root=path,
-                params_dir=fs.join(path, manifest.get("params", EXPORT_PARAMS)),
-                step=manifest.get("step"))
-  if fs.isdir(fs.join(path, checkpoint.STATE)):  # DIR/checkpoints/<step>
-    root = fs.dirname(fs.dirname(path))
-    return dict(kind="checkpoint", root=root, state_dir=fs.join(path, checkpoint.STATE),
-                step=int(fs.basename(path)))
-  if fs.exists(fs.join(path, "config.json")):
-    ckpt_dir = checkpoint.checkpoint_dir(path)
-    if not checkpoint.step_dirs(path)[0]:
-      raise FileNotFoundError(f"{path} is a workdir without checkpoints under {ckpt_dir}; "
-                              "train it first (python -m coca_jax.train)")
-    # The step is chosen when the parameters are read (`load`), by the rule train uses.
-    return dict(kind="workdir", root=path, step=step, state_dir=None)
-  raise FileNotFoundError(
-      f"{path} is neither a training workdir (config.json + checkpoints/), a checkpoint step "
-      f"directory (checkpoints/<step>/state) nor an export ({EXPORT_MANIFEST}); pass one of those")
 
 
 def _find_tokenizer(root: str, config):
@@ -179,26 +117,6 @@ def load(path: str, *, step: int | None = None, batch_size: int = 64,
   loaded.path = (fs.join(checkpoint.checkpoint_dir(found["root"]), str(found["step"]))
                  if found["kind"] == "workdir" else fs.resolve(path))
   return loaded
-
-
-def load_params(found: dict, config):
-  """(CoCa module, float32 params on one device) of what `resolve` found, built from `config`
-  (the config stored beside it)."""
-  model, abstract = model_and_abstract_params(config)
-  if found["kind"] == "export" and found["params_dir"].endswith(".safetensors"):
-    params = read_safetensors_params(found["params_dir"], config, abstract)
-  elif found["kind"] == "export":
-    params = restore_exported_params(found["params_dir"], abstract)
-  elif found["kind"] == "workdir":
-    # The same rule as `train`: the requested step, else the newest readable one.
-    root = found["root"]
-    params, found["step"], _ = checkpoint.restore_newest_readable(
-        root, lambda s: restore_params_from_state(
-            fs.join(checkpoint.checkpoint_dir(root), str(s), checkpoint.STATE), abstract),
-        step=found["step"])
-  else:
-    params = restore_params_from_state(found["state_dir"], abstract)
-  return model, params
 
 
 class ImageFileError(ValueError):

@@ -37,7 +37,6 @@ import socket
 from typing import Any, Callable
 
 from absl import logging
-from flax import traverse_util
 import jax
 import orbax.checkpoint as ocp
 
@@ -408,67 +407,6 @@ def read_config(workdir: str):
   saved = ml_collections.ConfigDict(json.loads(fs.read_text(path)))
   # Fields added since the run was saved take their defaults.
   return config_lib.complete(saved)
-
-
-def state_dir_for_init(source: str) -> str:
-  """The TrainState directory of `source`: a workdir (its latest checkpoint) or one checkpoint
-  step directory (DIR/checkpoints/<step>)."""
-  source = fs.resolve(source)
-  if fs.isdir(fs.join(source, STATE)):
-    return fs.join(source, STATE)
-  ckpt_dir = checkpoint_dir(source)
-  steps = sorted(int(d) for d in fs.listdir(ckpt_dir)
-                 if d.isdigit() and fs.isdir(fs.join(ckpt_dir, d, STATE)))
-  if not steps:
-    raise FileNotFoundError(f"config.init.source={source!r} is neither a workdir with "
-                            "checkpoints nor a checkpoint step directory (DIR/checkpoints/<step>)")
-  return fs.join(ckpt_dir, str(steps[-1]), STATE)
-
-
-def _paths(tree) -> dict[str, Any]:
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in flat}
-
-
-def load_params_for_init(source: str, params, shardings) -> tuple[Any, dict]:
-  """Warm start (`config.init.source`): the parameters of another run's checkpoint, placed with
-  `shardings`, for a run that starts fresh otherwise (its own optimizer state and step 0).
-
-  params: this model's freshly initialised parameters (arrays or ShapeDtypeStructs). A leaf the
-  source lacks keeps its fresh value (e.g. a head a later stage adds); a source leaf this model
-  lacks is ignored; both are reported. A leaf whose shape differs is an error naming each one.
-  Returns (params, report: dict(loaded, kept_fresh: [paths], ignored: [paths])).
-  """
-  state_dir = state_dir_for_init(source)
-  with ocp.PyTreeCheckpointer() as ckptr:
-    stored = ckptr.metadata(state_dir)
-    stored = getattr(stored, "item_metadata", stored)
-    stored = getattr(stored, "tree", stored)
-  stored = _paths(stored["params"])
-  own = _paths(params)
-  mismatched = [f"{path}: checkpoint {tuple(stored[path].shape)} vs model {tuple(leaf.shape)}"
-                for path, leaf in own.items()
-                if path in stored and tuple(stored[path].shape) != tuple(leaf.shape)]
-  if mismatched:
-    raise ValueError(f"config.init.source={source!r} does not fit this model; {len(mismatched)} "
-                     "parameter(s) differ in shape:\n  " + "\n  ".join(mismatched))
-  kept_fresh = sorted(set(own) - set(stored))
-  ignored = sorted(set(stored) - set(own))
-  # Restore exactly the leaves both have, each onto this model's sharding.
-  flat_shardings = _paths(shardings)
-  common = [path for path in own if path in stored]
-  target = sharding.with_shardings({p: own[p] for p in common},
-                                   {p: flat_shardings[p] for p in common})
-  nested = traverse_util.unflatten_dict(target, sep="/")
-  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), nested)
-  with ocp.PyTreeCheckpointer() as ckptr:
-    restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item={"params": nested}, restore_args={"params": restore_args}, partial_restore=True))
-  loaded = _paths(restored["params"])
-  treedef = jax.tree.structure(params)
-  merged = [loaded.get(path, leaf) for path, leaf in own.items()]
-  return (jax.tree.unflatten(treedef, merged),
-          {"loaded": len(loaded), "kept_fresh": kept_fresh, "ignored": ignored})
 
 
 # ----------------------------------------------------------------------------------------------

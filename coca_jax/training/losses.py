@@ -198,11 +198,11 @@ def contrastive_loss(image_embed, text_embed, logit_scale, logit_bias=None, *,
   return sigmoid_contrastive_loss(image_embed, text_embed, logit_scale, logit_bias)
 
 
-def caption_loss(logits, labels, pad_id: int = PAD_ID, label_smoothing: float = 0.0):
-  """Next-token cross-entropy averaged over non-pad labels.
+def caption_sums(logits, labels, pad_id: int = PAD_ID, label_smoothing: float = 0.0):
+  """(cross-entropy summed over non-pad labels, right tokens, counted tokens): the parts a
+  batch-wide mean is built from, so microbatches can share one token count.
 
   logits: [batch, T, vocab] float32; labels: [batch, T] int32 (text[:, 1:]).
-  Returns (loss, metrics) with token accuracy and the number of counted tokens.
   """
   if label_smoothing:
     targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
@@ -210,15 +210,24 @@ def caption_loss(logits, labels, pad_id: int = PAD_ID, label_smoothing: float = 
   else:  # No [batch, T, vocab] one-hot array: a gather of the label's logit is enough.
     per_token = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   weights = (labels != pad_id).astype(jnp.float32)
-  count = jnp.maximum(weights.sum(), 1.0)
-  loss = jnp.sum(per_token * weights) / count
   # A token is right when its label's logit is the row's maximum. Not an argmax: XLA:CPU runs
   # that variadic reduce over the vocabulary slowly (docs/performance.md, "Against open_clip");
   # this max is the one the cross-entropy computes anyway. Exact ties would count as right; float logits
   # practically never tie.
   label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-  accuracy = jnp.sum((label_logit >= jnp.max(logits, axis=-1)) * weights) / count
-  return loss, {"caption_accuracy": accuracy, "caption_tokens": weights.sum()}
+  hits = jnp.sum((label_logit >= jnp.max(logits, axis=-1)) * weights)
+  return jnp.sum(per_token * weights), hits, weights.sum()
+
+
+def caption_loss(logits, labels, pad_id: int = 0, label_smoothing: float = 0.0):
+  """Next-token cross-entropy averaged over non-pad labels.
+
+  logits: [batch, T, vocab] float32; labels: [batch, T] int32 (text[:, 1:]).
+  Returns (loss, metrics) with token accuracy and the number of counted tokens.
+  """
+  total, hits, tokens = caption_sums(logits, labels, pad_id, label_smoothing)
+  count = jnp.maximum(tokens, 1.0)
+  return total / count, {"caption_accuracy": hits / count, "caption_tokens": tokens}
 
 
 def coca_loss(outputs, text, *, contrastive_weight: float = 1.0, caption_weight: float = 2.0,
@@ -335,11 +344,16 @@ def hard_negatives(image_embed, text_embed, logit_scale, rng, duplicate_cosine: 
           (text_allowed.any(1), image_allowed.any(1)))
 
 
-def itm_loss(logits, labels, weights):
-  """Weighted 2-way cross-entropy. logits [N, 2] float32, labels [N] int (1 = match),
-  weights [N] float (0 drops a pair). Returns (loss, metrics: itm_accuracy)."""
+def itm_sums(logits, labels, weights):
+  """(weighted 2-way cross-entropy summed over pairs, weighted right pairs). logits [N, 2]
+  float32, labels [N] int (1 = match), weights [N] float (0 drops a pair)."""
   per_pair = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return (jnp.sum(per_pair * weights),
+          jnp.sum((jnp.argmax(logits, -1) == labels) * weights))
+
+
+def itm_loss(logits, labels, weights):
+  """Weighted 2-way cross-entropy (see `itm_sums`). Returns (loss, metrics: itm_accuracy)."""
+  total, hits = itm_sums(logits, labels, weights)
   count = jnp.maximum(jnp.sum(weights), 1.0)
-  loss = jnp.sum(per_pair * weights) / count
-  accuracy = jnp.sum((jnp.argmax(logits, -1) == labels) * weights) / count
-  return loss, {"itm_accuracy": accuracy}
+  return total / count, {"itm_accuracy": hits / count}

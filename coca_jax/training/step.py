@@ -14,6 +14,11 @@ phases (the "gradient cache" scheme):
   3. backprop: a scan over microbatches re-runs the full forward pass and backpropagates the
      caption loss plus the cached embedding gradients (a linear surrogate <g, embed>), summing
      parameter gradients.
+The loss is one list of weighted terms (`loss_terms`) that both steps iterate. Terms that are
+sums over examples (caption, ITM) draw what they need from the whole batch once, between phases
+1 and 3 (the token count; ITM's hard negatives, sampled from the global-batch similarities of
+the phase-1 embeddings with the step's rng), and each microbatch adds its sum divided by that
+whole-batch count, so they are exact too.
 Cost: one extra forward pass of the image encoder and unimodal decoder per step (about +20% of
 a step's FLOPs); memory: activations of one microbatch. Captions are normalised by the token
 count of the whole batch, so the caption term is exact too.
@@ -144,79 +149,52 @@ def apply_with_router_statistics(model: CoCa, params, image, text, rng=None):
   return outputs, models.router_statistics(state.get("intermediates", {}), model.config)
 
 
-def add_router_statistics(*parts):
-  """{layer: statistics} of several passes -> one dict: a router that several passes run
-  through gets the sums of their statistics, one that a single pass touches keeps its own."""
-  total = {}
-  for part in parts:
-    for name, stats in part.items():
-      total[name] = jax.tree.map(jnp.add, total[name], stats) if name in total else stats
-  return total
+# ----------------------------------------------------------------------------------------------
+# The loss: one list of weighted terms, iterated by the plain and the accumulated step.
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LossTerm:
+  """One weighted term of the training loss; its metric is `<name>_loss`.
+
+  Most terms are a sum over examples divided by a count that does not depend on the parameters
+  (caption tokens, ITM pairs). Such a term has
+    prepare(batch, embeds, rng) -> plan: run once on the WHOLE batch, without gradients, before
+      any backward pass: plan["count"] (the denominator), plan["metrics"] (whole-batch values
+      logged as they are) and plan["rows"] ({name: [N, ...]} per-example data, N divisible
+      by the microbatches, split among them the way the batch is);
+    fn(params, model, outputs, microbatch, rows, batch) -> (sum, {metric: sum}, router
+      statistics of any extra forward pass);
+  so a microbatch's share is its sum over the whole batch's count, and the shares add up to the
+  plain step's term exactly. The contrastive term (`over_embeddings`) is the other kind: every
+  example's negatives are the whole batch, so it is a function of all the embeddings,
+  fn(image_embed, text_embed, logit_scale, logit_bias) -> (loss, metrics), whose gradient with
+  respect to the embeddings the accumulated step caches (module docstring).
+  A new term (e.g. masked language modelling: prepare draws the masks, fn scores them) is one
+  more entry of `loss_terms`.
+  """
+  name: str
+  weight: float
+  fn: Callable
+  prepare: Callable | None = None
+  over_embeddings: bool = False
 
 
-def loss_fn(params, model: CoCa, batch, loss_config, rng=None):
-  """(loss, metrics) of one batch. `rng` draws the ITM hard negatives (config.loss.itm_weight >
-  0, MoME only) and the routers' noise (experts' noise_std > 0; None: no noise)."""
-  router_rng = None if rng is None else jax.random.fold_in(rng, 1)
-  outputs, stats = apply_with_router_statistics(model, params, batch["image"], batch["text"],
-                                                router_rng)
-  total, metrics = losses.coca_loss(
-      outputs, batch["text"],
-      contrastive_weight=loss_config.contrastive_weight,
-      caption_weight=loss_config.caption_weight,
-      label_smoothing=loss_config.label_smoothing,
-      contrastive=loss_config.contrastive,
-      contrastive_impl=loss_config.contrastive_impl,
-      contrastive_reduction=loss_config.contrastive_reduction)
-  itm_weight = loss_config.itm_weight
-  if itm_weight > 0:
-    itm, itm_metrics, itm_stats = image_text_matching(params, model, batch, outputs, rng,
-                                                      loss_config.itm_examples)
-    total = total + itm_weight * itm
-    metrics = {**metrics, **itm_metrics, "loss": total}
-    # Routers the ITM pass also runs through: their statistics cover its tokens too.
-    stats = add_router_statistics(stats, itm_stats)
-  if stats:
-    router, router_metrics = losses.router_losses(stats, **losses.router_loss_settings(loss_config))
-    total = total + router
-    metrics = {**metrics, **router_metrics, "loss": total}
-  return total, metrics
-
-
-def image_text_matching(params, model, batch, outputs, rng, examples: int = 0):
-  """VLMo's ITM term: the positive pairs, each image with a hard negative text and each text
-  with a hard negative image (sampled from the global-batch contrastive similarities, see
-  `losses.hard_negatives`): 3 pairs per example through the bidirectional fused pass.
-  `examples` > 0 (config.loss.itm_examples) runs ITM on that many examples only, every
-  (B / examples)-th row so each device keeps an equal share; their negatives still come from
-  the whole batch. Returns (loss, metrics: itm_loss, itm_accuracy, router statistics of the
-  pass: see `models.router_statistics`)."""
-  if rng is None:
-    raise ValueError("config.loss.itm_weight > 0 needs an rng for the hard negatives")
-  image, text = batch["image"], batch["text"]
-  neg_text, neg_image, (text_ok, image_ok) = losses.hard_negatives(
-      outputs["image_embed"], outputs["text_embed"], outputs["logit_scale"], rng)
-  if examples:
-    if image.shape[0] % examples:
-      raise ValueError(f"config.loss.itm_examples={examples} must divide the batch "
-                       f"{image.shape[0]}")
-    rows = jnp.arange(examples) * (image.shape[0] // examples)
-    image, text = image[rows], text[rows]
-    neg_text, neg_image = neg_text[rows], neg_image[rows]
-    text_ok, image_ok = text_ok[rows], image_ok[rows]
-  images = jnp.concatenate([image, image, batch["image"][neg_image]], axis=0)
-  texts = jnp.concatenate([text, batch["text"][neg_text], text], axis=0)
-  batch_size = image.shape[0]
-  labels = jnp.concatenate([jnp.ones((batch_size,), jnp.int32),
-                            jnp.zeros((2 * batch_size,), jnp.int32)])
-  weights = jnp.concatenate([jnp.ones((batch_size,)), text_ok, image_ok]).astype(jnp.float32)
-  # The routers' noise (if any) from its own stream: fold 1 of `rng` is the main pass's.
-  logits, state = model.apply({"params": params}, images, texts, method="itm_logits",
-                              mutable=["intermediates"],
-                              rngs={"router": jax.random.fold_in(rng, 2)})
-  loss, metrics = losses.itm_loss(logits, labels, weights)
-  stats = models.router_statistics(state.get("intermediates", {}), model.config)
-  return loss, {"itm_loss": loss, **metrics}, stats
+def loss_terms(loss_config) -> list[LossTerm]:
+  """The weighted terms `config.loss` asks for. Contrastive and caption are always computed
+  (their metrics are logged even at weight 0); ITM only when its weight is positive."""
+  terms = [
+      LossTerm("contrastive", loss_config.contrastive_weight,
+               functools.partial(_contrastive, loss_config=loss_config), over_embeddings=True),
+      LossTerm("caption", loss_config.caption_weight,
+               functools.partial(_caption_sums, label_smoothing=loss_config.label_smoothing),
+               prepare=_caption_plan),
+  ]
+  if loss_config.itm_weight > 0:
+    terms.append(LossTerm("itm", loss_config.itm_weight, _itm_sums,
+                          prepare=functools.partial(_itm_plan,
+                                                    examples=loss_config.itm_examples)))
+  return terms
 
 
 def _contrastive(image_embed, text_embed, logit_scale, logit_bias, loss_config):
@@ -225,6 +203,98 @@ def _contrastive(image_embed, text_embed, logit_scale, logit_bias, loss_config):
       image_embed, text_embed, logit_scale, logit_bias if kind == "sigmoid" else None,
       kind=kind, impl=loss_config.contrastive_impl,
       reduction=loss_config.contrastive_reduction)
+
+
+def _caption_plan(batch, embeds, rng):
+  del embeds, rng
+  tokens = jnp.sum((batch["text"][:, 1:] != PAD_ID).astype(jnp.float32))
+  return {"count": jnp.maximum(tokens, 1.0), "metrics": {"caption_tokens": tokens}, "rows": {}}
+
+
+def _caption_sums(params, model, outputs, microbatch, rows, batch, *, label_smoothing):
+  del params, model, rows, batch
+  total, hits, _ = losses.caption_sums(outputs["caption_logits"], microbatch["text"][:, 1:],
+                                       label_smoothing=label_smoothing)
+  return total, {"caption_accuracy": hits}, {}
+
+
+def _itm_plan(batch, embeds, rng, examples: int = 0):
+  """VLMo's ITM pairs, drawn once for the whole batch: per example row i, the positive (i, i),
+  a hard negative text (i, t_i) and a hard negative image (m_i, i), sampled from the GLOBAL-batch
+  contrastive similarities (`losses.hard_negatives`). Drawing them here, once, from the whole
+  batch's embeddings is what makes the accumulated step equal the plain one: each microbatch
+  then scores the pairs of its own rows. `examples` > 0 (config.loss.itm_examples) keeps the
+  pairs of every (B / examples)-th row only, so each device keeps an equal share (under
+  microbatches, `examples` must split into them too); their negatives still come from the
+  whole batch."""
+  if rng is None:
+    raise ValueError("config.loss.itm_weight > 0 needs an rng for the hard negatives")
+  batch_size = batch["image"].shape[0]
+  neg_text, neg_image, (text_ok, image_ok) = losses.hard_negatives(
+      embeds["image_embed"], embeds["text_embed"], embeds["logit_scale"], rng)
+  rows = jnp.arange(batch_size, dtype=jnp.int32)
+  if examples:
+    if batch_size % examples:
+      raise ValueError(f"config.loss.itm_examples={examples} must divide the batch {batch_size}")
+    rows = rows[::batch_size // examples]
+  # [E, 3]: the positive, the negative text and the negative image of each kept row.
+  images = jnp.stack([rows, rows, neg_image[rows]], axis=1)
+  texts = jnp.stack([rows, neg_text[rows], rows], axis=1)
+  labels = jnp.broadcast_to(jnp.array([1, 0, 0], jnp.int32), images.shape)
+  weights = jnp.stack([jnp.ones(rows.shape), text_ok[rows], image_ok[rows]],
+                      axis=1).astype(jnp.float32)
+  return {"count": jnp.maximum(jnp.sum(weights), 1.0), "metrics": {},
+          "rows": {"image": images, "text": texts, "label": labels, "weight": weights}}
+
+
+def _itm_sums(params, model, outputs, microbatch, rows, batch):
+  """The ITM pairs of this microbatch's share of the rows through the bidirectional fused pass,
+  images and texts gathered from the whole batch."""
+  del outputs, microbatch
+  logits, state = model.apply({"params": params}, batch["image"][rows["image"].reshape(-1)],
+                              batch["text"][rows["text"].reshape(-1)], method="itm_logits",
+                              mutable=["intermediates"])
+  total, hits = losses.itm_sums(logits, rows["label"].reshape(-1), rows["weight"].reshape(-1))
+  return total, {"itm_accuracy": hits}, models.router_statistics(state.get("intermediates", {}),
+                                                                  model.config)
+
+
+def _add_statistics(a: dict, b: dict) -> dict:
+  """Router statistics of two passes through the same routers: summed per router."""
+  return {name: jax.tree.map(jnp.add, a[name], s) if name in a else s
+          for name, s in {**a, **b}.items()}
+
+
+def loss_fn(params, model: CoCa, batch, loss_config, rng=None):
+  """(loss, metrics) of one batch: the weighted `loss_terms` plus the router terms. `rng` draws
+  the ITM hard negatives (config.loss.itm_weight > 0, MoME only) and, from its own stream, the
+  routers' noise of the main pass (experts' noise_std > 0; the config refuses noise with
+  microbatches, so the accumulated step routes without it)."""
+  router_rng = None if rng is None else jax.random.fold_in(rng, 1)
+  outputs, stats = apply_with_router_statistics(model, params, batch["image"], batch["text"],
+                                                router_rng)
+  embeds = {"image_embed": outputs["image_embed"], "text_embed": outputs["text_embed"],
+            "logit_scale": outputs["logit_scale"],
+            "logit_bias": outputs.get("logit_bias", jnp.zeros((), jnp.float32))}
+  total, metrics = 0.0, {"logit_scale": outputs["logit_scale"]}
+  for term in loss_terms(loss_config):
+    if term.over_embeddings:
+      value, term_metrics = term.fn(embeds["image_embed"], embeds["text_embed"],
+                                    embeds["logit_scale"], embeds["logit_bias"])
+    else:
+      plan = term.prepare(batch, jax.lax.stop_gradient(embeds), rng)
+      value, sums, term_stats = term.fn(params, model, outputs, batch, plan["rows"], batch)
+      value = value / plan["count"]
+      term_metrics = {**{k: v / plan["count"] for k, v in sums.items()}, **plan["metrics"]}
+      stats = _add_statistics(stats, term_stats)
+    total = total + term.weight * value
+    metrics.update({f"{term.name}_loss": value, **term_metrics})
+  if stats:
+    router, router_metrics = losses.router_losses(stats, **losses.router_loss_settings(loss_config))
+    total = total + router
+    metrics.update(router_metrics)
+  metrics["loss"] = total
+  return total, metrics
 
 
 def split_microbatches(batch, microbatches: int):
@@ -248,16 +318,20 @@ def merge_microbatches(x):
   return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
-def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbatches: int):
-  """((loss, metrics), grads) equal to `jax.value_and_grad(loss_fn)` on the whole batch,
-  with activation memory of one microbatch (see the module docstring for the three phases)."""
+def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbatches: int,
+                               rng=None):
+  """((loss, metrics), grads) equal to `jax.value_and_grad(loss_fn)` on the whole batch, with
+  activation memory of one microbatch (see the module docstring for the three phases). The same
+  `loss_terms` as `loss_fn`; a term's per-example plan (ITM pairs) is drawn once on the whole
+  batch between phases 1 and 3, so `rng` draws the same negatives as in `loss_fn`."""
   text = batch["text"]
   if text.shape[0] % microbatches:
     raise ValueError(f"batch {text.shape[0]} is not divisible by config.train.microbatches="
                      f"{microbatches}")
   micro = split_microbatches(batch, microbatches)
-  con_weight, cap_weight = loss_config.contrastive_weight, loss_config.caption_weight
-  smoothing = loss_config.label_smoothing
+  terms = loss_terms(loss_config)
+  global_terms = [t for t in terms if t.over_embeddings]
+  summed_terms = [t for t in terms if not t.over_embeddings]
   variables = {"params": params}
 
   # 1. Embeddings of every example, one microbatch at a time.
@@ -267,55 +341,66 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
   _, (image_embed, text_embed) = jax.lax.scan(embed, None, micro)
   image_embed, text_embed = merge_microbatches(image_embed), merge_microbatches(text_embed)
 
-  # 2. The global contrastive loss and its gradient w.r.t. the embeddings and temperature.
+  # 2. Whole-batch work: the contrastive loss with its gradient w.r.t. the embeddings and
+  # temperature, and each summed term's plan (its count, its sampled pairs).
   scale_and_bias = lambda p: (model.apply({"params": p}, method="temperature_scale"),
                               p.get("logit_bias", jnp.zeros((), jnp.float32)))
   scale, bias = scale_and_bias(params)
-  con_fn = lambda i, t, s, b: _contrastive(i, t, s, b, loss_config)
-  (con, con_metrics), con_grads = jax.value_and_grad(con_fn, argnums=(0, 1, 2, 3), has_aux=True)(
-      image_embed, text_embed, scale, bias)
-  g_image, g_text, g_scale, g_bias = con_grads
+
+  def embedding_terms(i, t, s, b):
+    values = {t_.name: t_.fn(i, t, s, b) for t_ in global_terms}
+    return sum(t_.weight * values[t_.name][0] for t_ in global_terms), values
+  (_, global_values), (g_image, g_text, g_scale, g_bias) = jax.value_and_grad(
+      embedding_terms, argnums=(0, 1, 2, 3), has_aux=True)(image_embed, text_embed, scale, bias)
+  embeds = jax.lax.stop_gradient({"image_embed": image_embed, "text_embed": text_embed,
+                                  "logit_scale": scale, "logit_bias": bias})
+  plans = {t.name: t.prepare(batch, embeds, rng) for t in summed_terms}
   cached = split_microbatches({"image": g_image, "text": g_text}, microbatches)
+  rows = split_microbatches({name: plan["rows"] for name, plan in plans.items()}, microbatches)
 
-  # 3. Backprop per microbatch: caption loss (normalised by the WHOLE batch's token count) plus
-  # the linear surrogate whose gradient is the cached contrastive gradient.
-  total_tokens = jnp.maximum(jnp.sum((text[:, 1:] != PAD_ID).astype(jnp.float32)), 1.0)
-
-  def surrogate(p, mb, g_i, g_t):
+  # 3. Backprop per microbatch: each summed term's share (its sum over the WHOLE batch's
+  # count), the linear surrogate whose gradient is the cached contrastive gradient, and the
+  # router terms of this microbatch's passes.
+  def surrogate(p, mb, g_i, g_t, mb_rows):
     outputs, stats = apply_with_router_statistics(model, p, mb["image"], mb["text"])
-    cap, cap_metrics = losses.caption_loss(outputs["caption_logits"], mb["text"][:, 1:],
-                                           label_smoothing=smoothing)
-    tokens = cap_metrics["caption_tokens"]
-    cap_share = cap * jnp.maximum(tokens, 1.0) / total_tokens
     s, b = scale_and_bias(p)
-    linear = (jnp.sum(g_i * outputs["image_embed"]) + jnp.sum(g_t * outputs["text_embed"])
-              + (g_scale * s + g_bias * b) / microbatches)
-    acc_share = cap_metrics["caption_accuracy"] * jnp.maximum(tokens, 1.0) / total_tokens
+    total = (jnp.sum(g_i * outputs["image_embed"]) + jnp.sum(g_t * outputs["text_embed"])
+             + (g_scale * s + g_bias * b) / microbatches)
+    shares = {}
+    for term in summed_terms:
+      value, sums, term_stats = term.fn(p, model, outputs, mb, mb_rows[term.name], batch)
+      count = plans[term.name]["count"]
+      shares[term.name] = (value / count, {k: v / count for k, v in sums.items()})
+      total = total + term.weight * shares[term.name][0]
+      stats = _add_statistics(stats, term_stats)
     # Router terms per microbatch, averaged (see the module docstring).
-    router, _ = losses.router_losses(stats, **router_settings)
-    router_share = router / microbatches
-    return (con_weight * linear + cap_weight * cap_share + router_share,
-            (cap_share, acc_share, router_share, stats))
+    router, _ = losses.router_losses(stats, **losses.router_loss_settings(loss_config))
+    return total + router / microbatches, (shares, router / microbatches, stats)
 
   def backprop(grads, xs):
-    mb, g_i, g_t = xs
-    (_, (cap_share, acc_share, router_share, stats)), g = jax.value_and_grad(
-        surrogate, has_aux=True)(params, mb, g_i, g_t)
-    return jax.tree.map(jnp.add, grads, g), (cap_share, acc_share, router_share, stats)
+    mb, g_i, g_t, mb_rows = xs
+    (_, aux), g = jax.value_and_grad(surrogate, has_aux=True)(params, mb, g_i, g_t, mb_rows)
+    return jax.tree.map(jnp.add, grads, g), aux
 
-  router_settings = losses.router_loss_settings(loss_config)
   zeros = jax.tree.map(jnp.zeros_like, params)
-  grads, (cap_shares, acc_shares, router_shares, stats) = jax.lax.scan(
-      backprop, zeros, (micro, cached["image"], cached["text"]))
-  cap = jnp.sum(cap_shares)
-  total = con_weight * con + cap_weight * cap
-  metrics = {"contrastive_loss": con, "caption_loss": cap,
-             "logit_scale": scale, **con_metrics, "caption_accuracy": jnp.sum(acc_shares),
-             "caption_tokens": jnp.sum((text[:, 1:] != PAD_ID).astype(jnp.float32))}
+  grads, (shares, router_shares, stats) = jax.lax.scan(
+      backprop, zeros, (micro, cached["image"], cached["text"], rows))
+
+  # The terms and metrics of the whole batch, named as `loss_fn` names them.
+  total, metrics = 0.0, {"logit_scale": scale}
+  for term in terms:
+    if term.over_embeddings:
+      value, term_metrics = global_values[term.name]
+    else:
+      value = jnp.sum(shares[term.name][0])
+      term_metrics = {**jax.tree.map(jnp.sum, shares[term.name][1]),
+                      **plans[term.name]["metrics"]}
+    total = total + term.weight * value
+    metrics.update({f"{term.name}_loss": value, **term_metrics})
   if stats:
     # Metrics from the statistics summed over microbatches: those of the whole batch.
     _, router_metrics = losses.router_losses(jax.tree.map(lambda a: jnp.sum(a, axis=0), stats),
-                                             **router_settings)
+                                             **losses.router_loss_settings(loss_config))
     router = jnp.sum(router_shares)
     total = total + router
     metrics.update({**router_metrics, "router_loss": router})
@@ -365,10 +450,8 @@ def train_step(state: TrainState, batch, *, model: CoCa, tx: optax.GradientTrans
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
   with nn.logical_axis_rules(rules):
     if microbatches > 1:
-      if loss_config.itm_weight > 0:
-        raise ValueError("config.loss.itm_weight > 0 needs config.train.microbatches=1")
       (_, metrics), grads = accumulated_loss_and_grads(
-          state.params, model, batch, loss_config, microbatches)
+          state.params, model, batch, loss_config, microbatches, rng)
     else:
       grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
       (_, metrics), grads = grad_fn(state.params, model, batch, loss_config, rng)

@@ -4,8 +4,9 @@
       --config.init.source=OLD_WORKDIR_OR_STEP_DIR_OR_BUNDLE
 
 Fields of `config.init` (all optional except source):
-  source         a workdir (its latest checkpoint), a checkpoints/<step> directory, or a bundle
-                 (`coca_jax.export`, `coca_jax.interop.open_clip import`).
+  source         a workdir (its newest READABLE checkpoint, the rule resuming uses), a
+                 checkpoints/<step> directory, or a bundle (`coca_jax.export`, orbax or
+                 safetensors; `coca_jax.interop.open_clip import`).
   include_regex  only parameters whose '/'-joined unscanned path matches are copied ('' = all);
   exclude_regex  parameters that match are not copied;
   reinit_regex   parameters that match keep their fresh initialisation (same as exclude; named
@@ -25,22 +26,30 @@ in `scan_layers` (paths are compared in the unscanned layout).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import math
 import re
+from typing import Any, Callable
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from coca_jax.core import fs
+from coca_jax.core import sharding
 from coca_jax.interop import params as flat_params
 from coca_jax.core import schema
 from coca_jax.data.tokenizer import TOKENIZER_FILES
-from coca_jax.inference import api
-from coca_jax.models.coca import CoCaConfig
 from coca_jax.training import checkpoint
+from coca_jax.training import step as step_lib
+
+EXPORT_MANIFEST = "export.json"
+EXPORT_PARAMS = "params"
 
 VOCAB_LEAVES = re.compile(r"^(token_embed/embedding|vocab_head/(kernel|bias))$")
 
@@ -59,7 +68,7 @@ def _tokenizer_digest(config, root: str | None = None) -> tuple[str, str]:
   return kind, ""
 
 
-def resize_pos_embed(table: np.ndarray, source: CoCaConfig, target: CoCaConfig) -> np.ndarray:
+def resize_pos_embed(table: np.ndarray, source: schema.CoCa, target: schema.CoCa) -> np.ndarray:
   """[source image tokens, width] -> [target image tokens, width]: the patch rows resized as a
   2-D grid, the class-token row (first, if any) unchanged."""
   cls_rows = int(source.vision.class_token)
@@ -72,10 +81,12 @@ def resize_pos_embed(table: np.ndarray, source: CoCaConfig, target: CoCaConfig) 
   return np.concatenate([table[:cls_rows], np.asarray(resized).reshape(grid_out ** 2, -1)])
 
 
-def merge(source_flat: dict, fresh_flat: dict, source: CoCaConfig, target: CoCaConfig, *,
+def merge(source_flat: dict, fresh_flat: dict, source: schema.CoCa, target: schema.CoCa, *,
           include: str = "", exclude: str = "", reinit: str = "",
-          tokenizer_changed: bool = False) -> tuple[dict, dict]:
+          tokenizer_changed: bool = False, layout_rules: bool = True) -> tuple[dict, dict]:
   """Target flat params: source values where they apply, fresh ones elsewhere.
+  `layout_rules`: the CoCa position-embedding and vocabulary rules apply (`source`, `target`
+  are then schema.CoCa); without them every leaf must agree in shape.
   Returns (flat params, report {copied, interpolated, reinitialised, missing_in_source, unused})."""
   out, problems = {}, []
   report = {"copied": [], "interpolated": [], "reinitialised": [], "missing_in_source": [],
@@ -92,10 +103,11 @@ def merge(source_flat: dict, fresh_flat: dict, source: CoCaConfig, target: CoCaC
       report["missing_in_source"].append(path)
       continue
     value = source_flat[path]
-    if path == "image_pos_embed" and value.shape != fresh.shape:
+    if layout_rules and path == "image_pos_embed" and value.shape != fresh.shape:
       value = resize_pos_embed(value, source, target)
       report["interpolated"].append(path)
-    elif VOCAB_LEAVES.match(path) and (tokenizer_changed or value.shape != fresh.shape):
+    elif (layout_rules and VOCAB_LEAVES.match(path)
+          and (tokenizer_changed or value.shape != fresh.shape)):
       out[path] = fresh
       report["reinitialised"].append(path)
       continue
@@ -113,49 +125,196 @@ def merge(source_flat: dict, fresh_flat: dict, source: CoCaConfig, target: CoCaC
   return out, report
 
 
+# ----------------------------------------------------------------------------------------------
+# Finding and reading a source: a workdir, one checkpoint step, or an export bundle.
+# ----------------------------------------------------------------------------------------------
+
+def resolve(path: str, step: int | None = None) -> dict:
+  """Finds what `path` is. Returns dict(kind, root (where config.json lives), state_dir or
+  params_dir, step)."""
+  path = fs.resolve(path)
+  if fs.exists(fs.join(path, EXPORT_MANIFEST)):
+    manifest = json.loads(fs.read_text(fs.join(path, EXPORT_MANIFEST)))
+    return dict(kind="export", root=path,
+                params_dir=fs.join(path, manifest.get("params", EXPORT_PARAMS)),
+                step=manifest.get("step"))
+  if fs.isdir(fs.join(path, checkpoint.STATE)):  # DIR/checkpoints/<step>
+    root = fs.dirname(fs.dirname(path))
+    return dict(kind="checkpoint", root=root, state_dir=fs.join(path, checkpoint.STATE),
+                step=int(fs.basename(path)))
+  if fs.exists(fs.join(path, "config.json")):
+    ckpt_dir = checkpoint.checkpoint_dir(path)
+    if not checkpoint.step_dirs(path)[0]:
+      raise FileNotFoundError(f"{path} is a workdir without checkpoints under {ckpt_dir}; "
+                              "train it first (python -m coca_jax.train)")
+    # The step is chosen when the parameters are read (`load_params`), by the rule train uses.
+    return dict(kind="workdir", root=path, step=step, state_dir=None)
+  raise FileNotFoundError(
+      f"{path} is neither a training workdir (config.json + checkpoints/), a checkpoint step "
+      f"directory (checkpoints/<step>/state) nor an export ({EXPORT_MANIFEST}); pass one of those")
+
+
+def _on_device(abstract, device=None):
+  """Restore targets: each leaf placed whole on one of this host's devices."""
+  return sharding.with_shardings(
+      abstract, jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0]))
+
+
+def restore_params_from_state(state_dir: str, abstract):
+  """Reads only TrainState.params from an orbax StandardSave of the TrainState at state_dir."""
+  target = _on_device(abstract)
+  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    restored = ckptr.restore(
+        fs.as_path(state_dir),
+        args=ocp.args.PyTreeRestore(item={"params": target},
+                                    restore_args={"params": restore_args}, partial_restore=True))
+  return restored["params"]
+
+
+def restore_exported_params(params_dir: str, abstract, dtype=None):
+  """Reads an exported params tree (saved in f32 or bf16) and casts it to `dtype` (default: the
+  abstract dtypes, i.e. float32 master weights)."""
+  with ocp.StandardCheckpointer() as ckptr:
+    stored = ckptr.metadata(fs.as_path(params_dir)).item_metadata
+    target = jax.tree.map(lambda a, m: jax.ShapeDtypeStruct(a.shape, m.dtype),
+                          abstract, stored.tree if hasattr(stored, "tree") else stored)
+    params = ckptr.restore(fs.as_path(params_dir), _on_device(target))
+  return jax.tree.map(lambda p, a: p.astype(dtype or a.dtype), params, abstract)
+
+
+def read_safetensors_params(path: str, config, abstract):
+  """A bundle's model.safetensors (flat unscanned keys, f32 or bf16) -> float32 params in the
+  layout of `config` (scanned or not); every leaf checked against `abstract`."""
+  flat = {k: np.asarray(v, np.float32)
+          for k, v in flat_params.load_safetensors(fs.read_bytes(path), path).items()}
+  params = flat_params.unflatten(schema.build(schema.CoCa, config.model), flat)
+  flat_params.check_against(abstract, params)
+  device = jax.local_devices()[0]
+  return jax.tree.map(lambda p, a: jax.device_put(jnp.asarray(p, a.dtype), device),
+                      params, abstract)
+
+
+def load_params(found: dict, config):
+  """(module, float32 params on one device) of what `resolve` found, built from `config` (the
+  config stored beside it). A workdir gives its requested step, else its newest readable one
+  (the rule `train` resumes by); `found["step"]` is set to the step read."""
+  model = step_lib.build_model(config)
+  abstract = step_lib.abstract_params(config, model)
+  if found["kind"] == "export" and found["params_dir"].endswith(".safetensors"):
+    params = read_safetensors_params(found["params_dir"], config, abstract)
+  elif found["kind"] == "export":
+    params = restore_exported_params(found["params_dir"], abstract)
+  elif found["kind"] == "workdir":
+    root = found["root"]
+    params, found["step"], _ = checkpoint.restore_newest_readable(
+        root, lambda s: restore_params_from_state(
+            fs.join(checkpoint.checkpoint_dir(root), str(s), checkpoint.STATE), abstract),
+        step=found["step"], need_data=False)
+  else:
+    params = restore_params_from_state(found["state_dir"], abstract)
+  return model, params
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-backbone part: params <-> {'/'-joined path: numpy array}.
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ParamMapping:
+  """How a backbone's parameter tree maps to flat paths compared leaf by leaf."""
+  flatten: Callable[[Any, Any], dict]    # (config, params) -> {path: np.ndarray}
+  unflatten: Callable[[Any, dict], Any]  # (config, {path: array}) -> params
+  resizes_and_revocabs: bool             # the CoCa-layout rules of `merge` apply
+
+
+def _tower_flatten(config, params):
+  return flat_params.flatten(schema.build(schema.CoCa, config.model), params)
+
+
+def _tower_unflatten(config, flat):
+  return flat_params.unflatten(schema.build(schema.CoCa, config.model), flat)
+
+
+def _path_flatten(config, params):
+  del config
+  flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+  return {k: np.asarray(v) for k, v in flat.items()}
+
+
+def _path_unflatten(config, flat):
+  del config
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+MAPPINGS = {
+    # Towers compare in the unscanned layout, so source and target may differ in scan_layers.
+    "towers": ParamMapping(_tower_flatten, _tower_unflatten, resizes_and_revocabs=True),
+    # MoME stages (VLMo) share one layout: paths as they are.
+    "mome": ParamMapping(_path_flatten, _path_unflatten, resizes_and_revocabs=False),
+}
+
+
+def _mapping(config) -> ParamMapping:
+  backbone = config.model.get("backbone", "towers")
+  if backbone not in MAPPINGS:
+    raise WarmStartError(f"config.model.backbone={backbone!r} has no warm-start mapping; "
+                         f"known: {sorted(MAPPINGS)}")
+  return MAPPINGS[backbone]
+
+
 def warm_start_params(config, fresh_params):
   """The new run's parameters (same tree and dtypes as `fresh_params`, host numpy) from
   `config.init`. Logs and returns (params, report)."""
   init = config.init
-  found = api.resolve(init.source)
+  found = resolve(init.source)
   source_config = checkpoint.read_config(found["root"])
-  _, source_params = api.load_params(found, source_config)
-  source_model = schema.build(schema.CoCa, source_config.model)
-  target_model = schema.build(schema.CoCa, config.model)
-  (source_kind, source_digest), (kind, digest) = (
-      _tokenizer_digest(source_config, found["root"]), _tokenizer_digest(config))
-  # A file on both sides that differs, another kind, or another size: ids mean other pieces.
-  tokenizer_changed = (source_model.text.vocab_size != target_model.text.vocab_size
-                       or source_kind != kind
-                       or bool(source_digest and digest and source_digest != digest))
+  source_backbone = source_config.model.get("backbone", "towers")
+  if source_backbone != config.model.get("backbone", "towers"):
+    raise WarmStartError(
+        f"config.init.source={init.source!r} is a {source_backbone!r} model and this run builds "
+        f"a {config.model.get('backbone', 'towers')!r} one; start from a source of the same "
+        "config.model.backbone")
+  mapping = _mapping(config)
+  _, source_params = load_params(found, source_config)
+  source_flat = mapping.flatten(source_config, source_params)
+  del source_params
+  fresh_flat = mapping.flatten(config, fresh_params)
+  tokenizer_changed, source_model, target_model = False, None, None
+  if mapping.resizes_and_revocabs:
+    source_model = schema.build(schema.CoCa, source_config.model)
+    target_model = schema.build(schema.CoCa, config.model)
+    (source_kind, source_digest), (kind, digest) = (
+        _tokenizer_digest(source_config, found["root"]), _tokenizer_digest(config))
+    # A file on both sides that differs, another kind, or another size: ids mean other pieces.
+    tokenizer_changed = (source_model.text.vocab_size != target_model.text.vocab_size
+                         or source_kind != kind
+                         or bool(source_digest and digest and source_digest != digest))
   flat, report = merge(
-      flat_params.flatten(source_model, source_params),
-      flat_params.flatten(target_model, fresh_params), source_model, target_model,
-      include=init.include_regex, exclude=init.exclude_regex,
-      reinit=init.reinit_regex, tokenizer_changed=tokenizer_changed)
-  params = flat_params.unflatten(target_model, flat)
+      source_flat, fresh_flat, source_model, target_model,
+      include=init.include_regex, exclude=init.exclude_regex, reinit=init.reinit_regex,
+      tokenizer_changed=tokenizer_changed, layout_rules=mapping.resizes_and_revocabs)
+  params = mapping.unflatten(config, flat)
+  report["step"] = found["step"]
   logging.info("Warm start from %s%s: %d copied, %d interpolated %s, %d re-initialised "
                "%s, %d not in the source %s, %d source parameters unused %s", init.source,
-               "" if found["step"] is None else f" (step {found['step']})", len(report["copied"]), len(report["interpolated"]),
-               report["interpolated"], len(report["reinitialised"]), report["reinitialised"][:10],
+               "" if found["step"] is None else f" (step {found['step']})",
+               len(report["copied"]), len(report["interpolated"]), report["interpolated"],
+               len(report["reinitialised"]), report["reinitialised"][:10],
                len(report["missing_in_source"]), report["missing_in_source"][:10],
                len(report["unused"]), report["unused"][:10])
   return params, report
 
 
+def _place(value: np.ndarray, target: jax.sharding.Sharding):
+  # Every host holds the whole array and hands each of its devices its own slice.
+  return jax.make_array_from_callback(value.shape, target, lambda index: value[index])
+
+
 def warm_start(config, state, shardings):
   """TrainState with its params replaced by `warm_start_params`, placed on `shardings`
-  (the optimizer state stays fresh). A MoME (VLMo stages) takes its source's parameters leaf by
-  leaf (`checkpoint.load_params_for_init`: same-shaped leaves copied, new heads kept fresh);
-  the regex filters, position-embedding resizing and vocabulary replacement are CoCa-towers
-  features for now."""
-  if config.model.backbone == "mome":
-    params, report = checkpoint.load_params_for_init(config.init.source, state.params,
-                                                     shardings.params)
-    logging.info("Initialised %d parameter arrays from %s; kept fresh: %s; ignored: %s",
-                 report["loaded"], config.init.source, report["kept_fresh"] or "none",
-                 report["ignored"] or "none")
-    return state.replace(params=params)
+  (the optimizer state stays fresh)."""
   params, _ = warm_start_params(config, state.params)
-  params = jax.tree.map(lambda p, s: jax.device_put(p, s), params, shardings.params)
+  params = jax.tree.map(
+      lambda p, f, s: _place(np.asarray(p, f.dtype), s), params, state.params, shardings.params)
   return state.replace(params=params)
