@@ -78,7 +78,7 @@ def _defaults(backbone: str) -> dict:
   from coca_jax import losses  # Light: jax and optax, no model built.
   from coca_jax.models.coca import CoCaConfig
   from coca_jax.models.experts import RoutedExperts
-  from coca_jax.models.mome import MoMEConfig
+  from coca_jax.models.mome import VLMO_FIELDS, MoMEConfig
   coca, mome = _dataclass_defaults(CoCaConfig), _dataclass_defaults(MoMEConfig)
   experts = _dataclass_defaults(RoutedExperts)  # num_experts=1: dense.
   common = dict(backbone="towers", image_size=REQUIRED, patch_size=REQUIRED, embed_dim=REQUIRED,
@@ -93,7 +93,9 @@ def _defaults(backbone: str) -> dict:
                            eos_id=mome["eos_id"]),
                  mome=dict({name: REQUIRED for name in MOME_FIELDS},
                            # Learned routing inside each modality expert (num_experts 1: dense).
-                           experts={name: dict(experts) for name in MOME_EXPERTS}))
+                           experts={name: dict(experts) for name in MOME_EXPERTS},
+                           # VLMo as published (docs/vlmo.md); defaults: MoME-CoCa.
+                           **{name: mome[name] for name in VLMO_FIELDS}))
   else:
     model = dict(
         common, pooling=coca["pooling"], n_gen_queries=coca["n_gen_queries"],
@@ -125,7 +127,8 @@ def _defaults(backbone: str) -> dict:
           data_dir="",  # "" = DIR/tensorflow_datasets under the workdir (train fills it in).
           train_split="train", eval_split="test", image_size=REQUIRED,
           tokenizer="",  # "" = train a SentencePiece tokenizer on the train captions.
-          tokenizer_kind="sentencepiece",  # Or "clip_bpe" (open_clip's fixed 49,408 BPE).
+          # Or "clip_bpe" (open_clip's fixed 49,408 BPE) or "wordpiece" (BERT's, VLMo's).
+          tokenizer_kind="sentencepiece",
           tokenizer_vocab=0,  # Pieces of a trained tokenizer; 0 = config.model.text.vocab_size.
           tokenizer_type="unigram",  # SentencePiece model type of a trained tokenizer.
           num_workers=0, worker_buffer_size=2, random_resized_crop=True, crop_scale=(0.9, 1.0),
@@ -474,9 +477,10 @@ def _validate_mome(config, need, positive):
   need(m.pooling in ("attention", "cls"), f"config.model.pooling={m.pooling!r} is not a MoME "
        "pooling; use 'attention' (an attentional pooler, as CoCa) or 'cls' (an image [CLS] "
        "token, as VLMo)")
+  from coca_jax.models.mome import TEXT_ENCODERS, VLMO_FIELDS  # Light: flax, no model built.
   s = m.mome
   missing = [f for f in MOME_FIELDS if f not in s]
-  known = list(MOME_FIELDS + MOME_OPTIONAL_FIELDS)
+  known = list(MOME_FIELDS + MOME_OPTIONAL_FIELDS + VLMO_FIELDS)
   extra = sorted(set(s.keys()) - set(known))
   need(not missing, f"config.model.mome is missing {missing}; it needs {list(MOME_FIELDS)}")
   need(not extra, f"config.model.mome has unknown fields {extra}; known: {known}")
@@ -512,6 +516,7 @@ def _validate_mome(config, need, positive):
     if isinstance(m.pooler_heads, int) and m.pooler_heads > 0:
       need(s.width % m.pooler_heads == 0, f"config.model.mome.width={s.width} is not divisible "
            f"by config.model.pooler_heads={m.pooler_heads}")
+  _validate_vlmo_options(config, need)
   need(config.train.microbatches == 1 or not config.loss.itm_weight,
        "config.loss.itm_weight > 0 (image-text matching) needs config.train.microbatches=1")
   itm_examples = config.loss.itm_examples
@@ -520,6 +525,45 @@ def _validate_mome(config, need, positive):
        and (not itm_examples or (isinstance(batch, int) and batch % itm_examples == 0)),
        f"config.loss.itm_examples={itm_examples!r} must be 0 (the whole batch) or divide "
        f"config.train.batch_size={batch}")
+
+
+def _validate_vlmo_options(config, need) -> None:
+  """config.model.mome's VLMo options (models.mome.VLMO_FIELDS): which need the BERT text
+  encoder, and what the BERT text encoder rules out."""
+  from coca_jax.models.layers import ACTIVATIONS  # Light: flax, no model built.
+  from coca_jax.models.mome import TEXT_ENCODERS
+  m, s = config.model, config.model.mome
+  encoder = s.text_encoder
+  need(encoder in TEXT_ENCODERS, f"config.model.mome.text_encoder={encoder!r} is unknown; use "
+       "'causal' (MoME-CoCa: CLS at the end, captioning) or 'bert' (VLMo)")
+  need(s.activation in ACTIVATIONS, f"config.model.mome.activation={s.activation!r} is unknown; "
+       f"use one of {sorted(ACTIVATIONS)}")
+  need(isinstance(s.layer_scale, (int, float)) and s.layer_scale >= 0,
+       f"config.model.mome.layer_scale={s.layer_scale!r} must be a number >= 0 (0 = none)")
+  rate = s.drop_path_rate
+  need(isinstance(rate, (int, float)) and 0 <= rate < 1,
+       f"config.model.mome.drop_path_rate={rate!r} must be in [0, 1)")
+  if encoder == "causal":
+    bert_only = [name for name, off in (("token_types", False), ("relative_position", False),
+                                        ("shared_final_norm", False), ("vl_contrastive", False),
+                                        ("mlm_head", False), ("drop_path_rate", 0.0))
+                 if s[name] != off]
+    need(not bert_only, f"config.model.mome {bert_only} are VLMo options of the BERT text "
+         "encoder; set config.model.mome.text_encoder='bert' or leave them off")
+  elif encoder == "bert":
+    need(m.pooling == "cls", f"config.model.pooling={m.pooling!r}: the BERT text encoder (VLMo) "
+         "pools the image [CLS] token; set config.model.pooling='cls'")
+    caption = config.loss.caption_weight
+    need(not caption, f"config.loss.caption_weight={caption} needs a causal text path, which "
+         "config.model.mome.text_encoder='bert' (VLMo) does not have; set "
+         "config.loss.caption_weight=0, or text_encoder='causal' for captioning")
+    need(config.train.microbatches == 1, "config.model.mome.text_encoder='bert' needs "
+         f"config.train.microbatches=1 (got {config.train.microbatches})")
+    if s.relative_position and isinstance(m.text.max_len, int):
+      need(isinstance(s.relative_text_length, int) and s.relative_text_length >= m.text.max_len,
+           f"config.model.mome.relative_text_length={s.relative_text_length!r} is shorter than "
+           f"config.model.text.max_len={m.text.max_len}; the relative position table needs "
+           f"relative_text_length >= {m.text.max_len}")
 
 
 def heads_of(config) -> tuple[tuple[str, int], ...]:
@@ -590,7 +634,7 @@ def _validate_pairs(config, need) -> None:
          f"{m.image_size}: the pipeline would feed images the model was not built for; set "
          f"both to the same size (e.g. --config.data.image_size={m.image_size})")
   vocab = m.text.vocab_size
-  kinds = ("sentencepiece", "clip_bpe")
+  kinds = ("sentencepiece", "clip_bpe", "wordpiece")
   if isinstance(vocab, int) and data.tokenizer and data.tokenizer_kind in kinds and (
       os.path.isfile(os.path.expanduser(data.tokenizer))):
     from coca_jax.data.tokenizer import load_tokenizer  # Light: sentencepiece, no TFDS.
@@ -609,8 +653,8 @@ def _validate_pairs(config, need) -> None:
          f"config.model.text.vocab_size={vocab}: the trained tokenizer's ids would not fit the "
          f"embedding; set config.data.tokenizer_vocab <= {vocab} (0 = the same)")
   need(data.tokenizer_kind in kinds,
-       f"config.data.tokenizer_kind={data.tokenizer_kind!r} is unknown; use sentencepiece or "
-       "clip_bpe")
+       f"config.data.tokenizer_kind={data.tokenizer_kind!r} is unknown; use sentencepiece, "
+       "clip_bpe or wordpiece")
 
 
 def _validate_microbatches(config, need) -> None:

@@ -127,18 +127,31 @@ def make_init_fn(model: CoCa, tx: optax.GradientTransformation, config, sharding
   return jax.jit(init, out_shardings=shardings)
 
 
-def apply_with_router_statistics(model: CoCa, params, image, text):
+def dropout_rngs(model: CoCa, rng, stream: int) -> dict:
+  """{'dropout': key} for a training apply of a model with stochastic depth (MoME
+  drop_path_rate > 0), folded from the step's rng by `stream` (one per pass, apart from the
+  hard-negative draws); {} otherwise."""
+  if rng is None or not getattr(model.config, "drop_path_rate", 0.0):
+    return {}
+  return {"dropout": jax.random.fold_in(rng, stream)}
+
+
+def apply_with_router_statistics(model: CoCa, params, image, text, rng=None):
   """The training forward pass -> (outputs, {layer: router statistics}). The statistics come
-  from the 'intermediates' collection routed feed-forwards sow into (empty for a dense model)."""
+  from the 'intermediates' collection routed feed-forwards sow into (empty for a dense model).
+  `rng`: the step's, for stochastic depth where the model has it."""
+  if rng is None and getattr(model.config, "drop_path_rate", 0.0):
+    raise ValueError("config.model.mome.drop_path_rate > 0 needs an rng for stochastic depth")
   outputs, state = model.apply({"params": params}, image, text, train=True,
-                               mutable=["intermediates"])
+                               mutable=["intermediates"], rngs=dropout_rngs(model, rng, 1))
   return outputs, models.router_statistics(state.get("intermediates", {}), model.config)
 
 
 def loss_fn(params, model: CoCa, batch, loss_config, rng=None):
   """(loss, metrics) of one batch. `rng` draws the ITM hard negatives (config.loss.itm_weight >
   0, MoME only)."""
-  outputs, stats = apply_with_router_statistics(model, params, batch["image"], batch["text"])
+  outputs, stats = apply_with_router_statistics(model, params, batch["image"], batch["text"],
+                                                rng)
   total, metrics = losses.coca_loss(
       outputs, batch["text"],
       contrastive_weight=loss_config.contrastive_weight,
@@ -190,8 +203,9 @@ def image_text_matching(params, model, batch, outputs, rng, examples: int = 0):
   labels = jnp.concatenate([jnp.ones((batch_size,), jnp.int32),
                             jnp.zeros((2 * batch_size,), jnp.int32)])
   weights = jnp.concatenate([jnp.ones((batch_size,)), text_ok, image_ok]).astype(jnp.float32)
-  logits, state = model.apply({"params": params}, images, texts, method="itm_logits",
-                              mutable=["intermediates"])
+  logits, state = model.apply({"params": params}, images, texts, train=True,
+                              method="itm_logits", mutable=["intermediates"],
+                              rngs=dropout_rngs(model, rng, 2))
   loss, metrics = losses.itm_loss(logits, labels, weights)
   stats = models.router_statistics(state.get("intermediates", {}), model.config)
   return loss, {"itm_loss": loss, **metrics}, stats

@@ -139,15 +139,20 @@ class Tokenizer:
 
 
 # config.data.tokenizer_kind -> the file a workdir or bundle keeps beside config.json.
-TOKENIZER_FILES = {"sentencepiece": "tokenizer.model", "clip_bpe": "bpe_simple_vocab_16e6.txt.gz"}
+TOKENIZER_FILES = {"sentencepiece": "tokenizer.model", "clip_bpe": "bpe_simple_vocab_16e6.txt.gz",
+                   "wordpiece": "vocab.txt"}
 
 
 def load_tokenizer(path: str, kind: str = "sentencepiece"):
   """A `Tokenizer` (SentencePiece .model) or, for kind 'clip_bpe', a `clip_bpe.ClipBpeTokenizer`
-  (open_clip's merges file; empty path: the one of an installed open_clip)."""
+  (open_clip's merges file; empty path: the one of an installed open_clip), or for kind
+  'wordpiece' a `wordpiece.WordPieceTokenizer` (BERT's vocab.txt)."""
   if kind == "clip_bpe":
     from coca_jax.data.clip_bpe import ClipBpeTokenizer
     return ClipBpeTokenizer.load(path)
+  if kind == "wordpiece":
+    from coca_jax.data.wordpiece import WordPieceTokenizer
+    return WordPieceTokenizer.load(path)
   if kind != "sentencepiece":
     raise ValueError(f"config.data.tokenizer_kind={kind!r} is unknown; use one of "
                      f"{sorted(TOKENIZER_FILES)}")
