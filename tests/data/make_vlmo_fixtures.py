@@ -141,6 +141,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--unilm", required=True, help="microsoft/unilm git dir or work tree")
   parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+  parser.add_argument("--check", default="", help="instead: load this .safetensors (e.g. "
+                      "`python -m coca_jax.interop.vlmo export` of the tiny model) into the "
+                      "official tiny module with load_state_dict(strict=True)")
   args = parser.parse_args()
   import torch
   from safetensors.torch import save_file
@@ -158,6 +161,15 @@ def main():
         img_size=img_size, patch_size=t["patch_size"], embed_dim=t["width"], depth=t["depth"],
         num_heads=t["heads"], mlp_ratio=4, qkv_bias=True, vlffn_start_layer_index=t["vlffn_start"],
         **kwargs)
+
+  if args.check:
+    from safetensors.torch import load_file
+    model = vlmo_module.VLMo(vlmo_config(
+        "vlmo_tiny_patch8", t["image_size"], t["vocab_size"], t["max_text_len"],
+        t["max_text_len_of_initckpt"], 0.0))
+    model.load_state_dict(load_file(args.check), strict=True)
+    print(f"{args.check}: loaded into the official module with strict=True")
+    return
 
   # VLMo-Base at full size: only its parameter count is kept (drop_path_rate 0: see above).
   base = vlmo_module.VLMo(vlmo_config("vlmo_base_patch16", 224, 30522, 40, 196, 0.0))
