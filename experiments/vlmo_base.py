@@ -49,8 +49,6 @@ point; docs/vlmo.md):
     BEiT's masked image modelling (it starts from BEiT weights) and stage 2 is text-only MLM on
     Wikipedia + BookCorpus with the VL-FFN absent. Only the freezing is VLMo's, and only
     approximately (run.py's exact lists are not reproduced).
-  - ITM: positives and negatives pass through the fused pass; VLMo samples a negative text and
-    a negative image per example from the softmax of the ITC similarities, as here.
   - Stochastic depth: one draw per example per residual branch; in the fused pass's bottom
     layers VLMo draws the text and the image halves separately.
   - Data: VLMo's RandAugment and its [-1, 1] pixel normalisation (mean = std = 0.5) are not
