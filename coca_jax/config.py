@@ -559,6 +559,10 @@ def _validate_vlmo_options(config, need) -> None:
          "config.loss.caption_weight=0, or text_encoder='causal' for captioning")
     need(config.train.microbatches == 1, "config.model.mome.text_encoder='bert' needs "
          f"config.train.microbatches=1 (got {config.train.microbatches})")
+    captioning = config.evals.captioning
+    need(not (captioning.enabled and captioning.split), "config.evals.captioning needs a "
+         "captioner, which config.model.mome.text_encoder='bert' (VLMo) is not; set "
+         "config.evals.captioning.enabled=False")
     if s.relative_position and isinstance(m.text.max_len, int):
       need(isinstance(s.relative_text_length, int) and s.relative_text_length >= m.text.max_len,
            f"config.model.mome.relative_text_length={s.relative_text_length!r} is shorter than "

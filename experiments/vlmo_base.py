@@ -142,4 +142,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # VLMo has no captioning; its ITC averages image->text and text->image (vlmo/objectives.py).
   c.loss.update(caption_weight=0.0, contrastive_reduction="mean")
   c.optim.update(warmup_fraction=0.1)
+  c.evals.captioning.enabled = False  # No captioner; retrieval and zero-shot evaluate it.
   return c

@@ -3,6 +3,7 @@ vlmo/) on committed fixtures (tests/data/make_vlmo_fixtures.py builds them in a 
 environment; no torch here), VLMo checkpoints in and out, and BERT's WordPiece tokenizer."""
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -60,43 +61,50 @@ def tiny():
   return model, params
 
 
+def _all_passes(model, params, image, text, mlm_text):
+  """Every output the fixture holds, from one jitted function (one compilation)."""
+  v = {"params": params}
+  out = dict(model.apply(v, image, text))
+  out["image_tokens"] = model.apply(v, image, method=lambda m, i: m._bert_image(i)["tokens"])
+  out["text_tokens"] = model.apply(v, text, method=lambda m, t: m._bert_text(t)["tokens"])
+  fused = model.apply(v, image, text, method="fused_features")
+  out.update(fused_text_tokens=fused["text_tokens"], fused_image_tokens=fused["image_tokens"],
+             fused_pooled=fused["pooled"])
+  out["itm_logits"] = model.apply(v, image, text, method="itm_logits")
+  # MLM on the text-only pass (VLMo's stage 2) and on the fused pass (stage 3).
+  out["text_mlm_logits"] = model.apply(v, mlm_text, method="mlm_logits")
+  out["fused_mlm_logits"] = model.apply(v, mlm_text, None, image, method="mlm_logits")
+  out["picked_mlm_logits"] = model.apply(v, mlm_text, jnp.array([[2, 0], [4, 7]]), image,
+                                         method="mlm_logits")
+  return out
+
+
 def test_every_pass_equals_the_official_module(tiny):
   model, params = tiny
-  v = {"params": params}
-  image, text, mlm_text = (jnp.asarray(OUT[k]) for k in ("image", "text", "mlm_text"))
-  out = model.apply(v, image, text)
-  for name in ("image_embed", "image_vl_embed", "text_embed", "text_vl_embed"):
+  out = jax.jit(functools.partial(_all_passes, model))(
+      params, *(jnp.asarray(OUT[k]) for k in ("image", "text", "mlm_text")))
+  names = ("image_embed", "image_vl_embed", "text_embed", "text_vl_embed", "logit_scale",
+           "logit_vl_scale", "image_tokens", "text_tokens", "fused_text_tokens",
+           "fused_image_tokens", "fused_pooled", "itm_logits", "text_mlm_logits",
+           "fused_mlm_logits")
+  for name in names:
     np.testing.assert_allclose(out[name], OUT[name], **TOL, err_msg=name)
-  np.testing.assert_allclose(out["logit_scale"], OUT["logit_scale"], **TOL)
-  np.testing.assert_allclose(out["logit_vl_scale"], OUT["logit_vl_scale"], **TOL)
-  # Token states of the image-only and text-only passes (after the shared final norm).
-  image_tokens = model.apply(v, image, method=lambda m, i: m._bert_image(i)["tokens"])
-  np.testing.assert_allclose(image_tokens, OUT["image_tokens"], **TOL)
-  text_tokens = model.apply(v, text, method=lambda m, t: m._bert_text(t)["tokens"])
-  np.testing.assert_allclose(text_tokens, OUT["text_tokens"], **TOL)
-  fused = model.apply(v, image, text, method="fused_features")
-  np.testing.assert_allclose(fused["text_tokens"], OUT["fused_text_tokens"], **TOL)
-  np.testing.assert_allclose(fused["image_tokens"], OUT["fused_image_tokens"], **TOL)
-  np.testing.assert_allclose(fused["pooled"], OUT["fused_pooled"], **TOL)
-  np.testing.assert_allclose(model.apply(v, image, text, method="itm_logits"), OUT["itm_logits"],
-                             **TOL)
-  # MLM on the text-only pass (VLMo's stage 2) and on the fused pass (stage 3).
-  np.testing.assert_allclose(model.apply(v, mlm_text, method="mlm_logits"),
-                             OUT["text_mlm_logits"], **TOL)
-  np.testing.assert_allclose(model.apply(v, mlm_text, None, image, method="mlm_logits"),
-                             OUT["fused_mlm_logits"], **TOL)
   # Logits at chosen positions are those positions' rows.
-  positions = jnp.array([[2, 0], [4, 7]])
-  picked = model.apply(v, mlm_text, positions, image, method="mlm_logits")
-  np.testing.assert_allclose(picked, np.take_along_axis(
-      OUT["fused_mlm_logits"], np.asarray(positions)[..., None], axis=1), **TOL)
+  np.testing.assert_allclose(out["picked_mlm_logits"], np.take_along_axis(
+      OUT["fused_mlm_logits"], np.array([[2, 0], [4, 7]])[..., None], axis=1), **TOL)
 
 
-def test_parameter_counts_equal_the_official_modules(tiny):
+@pytest.fixture(scope="module")
+def base():
+  """experiments/vlmo_base.py: (config, abstract params)."""
+  config = config_lib.load_config(os.path.join(REPO, "experiments", "vlmo_base.py"))
+  return config, step_lib.abstract_params(config)
+
+
+def test_parameter_counts_equal_the_official_modules(tiny, base):
   _, params = tiny
   assert sum(x.size for x in jax.tree.leaves(params)) == INFO["parameters"]
-  base = config_lib.load_config(os.path.join(REPO, "experiments", "vlmo_base.py"))
-  abstract = step_lib.abstract_params(base)
+  base, abstract = base
   assert (sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
           == INFO["vlmo_base"]["parameters"] == 202_445_470)
   m = base.model.mome
@@ -105,7 +113,7 @@ def test_parameter_counts_equal_the_official_modules(tiny):
           base.model.text.max_len) == (224, 16, 30_522, 40)
 
 
-def test_export_is_the_official_state_dict(tiny):
+def test_export_is_the_official_state_dict(tiny, base):
   model, params = tiny
   state = vlmo.to_vlmo(vlmo.flatten(params), model.config)
   official = _state()
@@ -113,8 +121,7 @@ def test_export_is_the_official_state_dict(tiny):
   for key, value in official.items():
     np.testing.assert_array_equal(state[key], value, err_msg=key)
   # VLMo-Base: the layout the official module loads with load_state_dict(strict=True).
-  base = config_lib.load_config(os.path.join(REPO, "experiments", "vlmo_base.py"))
-  abstract = step_lib.abstract_params(base)
+  base, abstract = base
   state = vlmo.to_vlmo(_shaped(abstract), step_lib.build_model(base).config, contiguous=False)
   assert {k: list(v.shape) for k, v in state.items()} == INFO["vlmo_base"]["state_dict"]
 
@@ -183,17 +190,19 @@ def test_stochastic_depth_only_in_training(tiny):
   dropping = MoME(config)
   v = {"params": params}
   image, text = jnp.asarray(OUT["image"]), jnp.asarray(OUT["text"])
-  evaluated = dropping.apply(v, image, text)  # train=False: no rng needed, nothing dropped.
-  np.testing.assert_allclose(evaluated["image_embed"], OUT["image_embed"], **TOL)
-  np.testing.assert_allclose(dropping.apply(v, image, text, method="itm_logits"),
-                             OUT["itm_logits"], **TOL)
-  trained = [dropping.apply(v, image, text, train=True, rngs={"dropout": jax.random.key(s)})
-             for s in (0, 0, 1)]
-  np.testing.assert_array_equal(trained[0]["text_embed"], trained[1]["text_embed"])
-  assert not np.allclose(trained[0]["text_embed"], OUT["text_embed"], atol=1e-3)
-  assert not np.allclose(trained[0]["text_embed"], trained[2]["text_embed"], atol=1e-3)
-  with pytest.raises(Exception, match="dropout"):
-    dropping.apply(v, image, text, train=True)
+  # train=False: no rng needed, nothing dropped.
+  evaluated = jax.jit(lambda: (dropping.apply(v, image, text)["text_embed"],
+                               dropping.apply(v, image, text, method="itm_logits")))()
+  np.testing.assert_allclose(evaluated[0], OUT["text_embed"], **TOL)
+  np.testing.assert_allclose(evaluated[1], OUT["itm_logits"], **TOL)
+  train = jax.jit(lambda key: dropping.apply(v, image, text, train=True,
+                                             rngs={"dropout": key})["text_embed"])
+  trained = [train(jax.random.key(s)) for s in (0, 0, 1)]
+  np.testing.assert_array_equal(trained[0], trained[1])
+  assert not np.allclose(trained[0], OUT["text_embed"], atol=1e-3)
+  assert not np.allclose(trained[0], trained[2], atol=1e-3)
+  with pytest.raises(Exception, match="dropout"):  # Training without an rng is refused.
+    jax.eval_shape(lambda: dropping.apply(v, image, text, train=True))
 
 
 def test_vlmo_train_step_runs(tiny):

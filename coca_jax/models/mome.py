@@ -600,10 +600,11 @@ class MoME(nn.Module):
     bias = self.relative_position_bias[index]  # [length, length, depth * heads]
     return bias.reshape(*index.shape, c.depth, c.heads).transpose(2, 3, 0, 1)
 
-  def _bert_stack(self, x, mask, segments, top_segments, bias, train: bool, token_mask=None):
-    """The stack on one modality's tokens -> (final states, states run through ffn_fusion in
-    the top layers instead: VLMo's VL-FFN features of a single modality). `segments` are the
-    bottom layers', `top_segments` those of the top layers in the main path."""
+  def _bert_stack(self, x, mask, segments, top_segments, bias, train: bool, token_mask=None,
+                  with_vl: bool = False):
+    """The stack -> (final states, and with `with_vl` (one modality's tokens) the states
+    entering the top layers run through them with ffn_fusion instead: VLMo's VL-FFN features;
+    else None). `segments` are the bottom layers', `top_segments` the top layers'."""
     c = self.config
     deterministic = self._deterministic(train)
     layer_bias = lambda i: None if bias is None else bias[i]
@@ -614,13 +615,14 @@ class MoME(nn.Module):
       x, _ = self._layer(i, x, mask, segments if i < c.bottom_layers else top_segments,
                          token_mask=token_mask, attention_bias=layer_bias(i),
                          deterministic=deterministic)
+    if not with_vl:
+      return x, None
     vl = x if c.bottom_layers == c.depth else entering_fusion
-    if c.vl_contrastive:
-      modality = segments[0][0]
-      for i in range(c.bottom_layers, c.depth):
-        vl, _ = self._layer(i, vl, mask, ((FUSION, vl.shape[1], modality),),
-                            token_mask=token_mask, attention_bias=layer_bias(i),
-                            deterministic=deterministic)
+    modality = segments[0][0]
+    for i in range(c.bottom_layers, c.depth):
+      vl, _ = self._layer(i, vl, mask, ((FUSION, vl.shape[1], modality),),
+                          token_mask=token_mask, attention_bias=layer_bias(i),
+                          deterministic=deterministic)
     return x, vl
 
   def _bert_image(self, image, train: bool = False) -> dict:
@@ -628,7 +630,8 @@ class MoME(nn.Module):
     [CLS] after the final norm, tokens [batch, P + 1, width] (final-normed)[, image_vl_embed]."""
     x = self._bert_image_tokens(image)
     segments = ((IMAGE, x.shape[1]),)
-    x, vl = self._bert_stack(x, None, segments, segments, self._position_bias("image"), train)
+    x, vl = self._bert_stack(x, None, segments, segments, self._position_bias("image"), train,
+                             with_vl=self.config.vl_contrastive)
     tokens = self._norm("image")(x)
     out = {"image_embed": l2_normalize(self.image_projection(tokens[:, 0])), "tokens": tokens}
     if self.config.vl_contrastive:
@@ -643,7 +646,8 @@ class MoME(nn.Module):
     valid = text != PAD_ID
     segments = ((TEXT, x.shape[1]),)
     x, vl = self._bert_stack(x, valid[:, None, None, :], segments, segments,
-                             self._position_bias("text"), train, token_mask=valid)
+                             self._position_bias("text"), train, token_mask=valid,
+                             with_vl=self.config.vl_contrastive)
     tokens = self._norm("text")(x)
     out = {"text_embed": l2_normalize(self.text_projection(tokens[:, 0])), "tokens": tokens}
     if self.config.vl_contrastive:
