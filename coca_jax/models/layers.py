@@ -212,8 +212,8 @@ class Attention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
-    proj = lambda name: dense((self.num_heads, head_dim), ("embed", "heads", "kv"), self.dtype, name,
-                              use_bias=name != "key" or self.key_bias)
+    proj = lambda name: dense((self.num_heads, head_dim), ("embed", "heads", "kv"), self.dtype,
+                              name, use_bias=name != "key" or self.key_bias)
     query = constrain(proj("query")(x), ("batch", "length", "heads", "kv"))
     is_cross = context is not None
     if is_cross and prefix_kv is not None:
