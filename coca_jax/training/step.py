@@ -134,13 +134,32 @@ def make_init_fn(model: CoCa, tx: optax.GradientTransformation, config, sharding
   return jax.jit(init, out_shardings=shardings)
 
 
+def _drop_path_rate(model) -> float:
+  """The model's stochastic depth rate (MoME config.model.mome.drop_path_rate; CoCa: 0)."""
+  return getattr(getattr(model.config, "mome", None), "drop_path_rate", 0.0)
+
+
+def training_rngs(model: CoCa, rng) -> dict:
+  """The rngs of one training pass from its own key `rng`: the routers' noise (experts'
+  noise_std > 0), and 'dropout' for stochastic depth where the model has it (MoME
+  drop_path_rate > 0); {} for None (no noise; an error with stochastic depth)."""
+  if rng is None:
+    if _drop_path_rate(model):
+      raise ValueError("config.model.mome.drop_path_rate > 0 needs an rng for stochastic depth")
+    return {}
+  rngs = {"router": rng}
+  if _drop_path_rate(model):
+    rngs["dropout"] = jax.random.fold_in(rng, 1)
+  return rngs
+
+
 def apply_with_router_statistics(model: CoCa, params, image, text, rng=None):
   """The training forward pass -> (outputs, {layer: router statistics}). The statistics come
   from the 'intermediates' collection routed feed-forwards sow into (empty for a dense model).
-  `rng`: the routers' noise (experts' noise_std > 0); None routes without noise."""
-  rngs = {} if rng is None else {"router": rng}
+  `rng`: the pass's key (`training_rngs`: router noise, stochastic depth); None routes without
+  noise."""
   outputs, state = model.apply({"params": params}, image, text, train=True,
-                               mutable=["intermediates"], rngs=rngs)
+                               mutable=["intermediates"], rngs=training_rngs(model, rng))
   return outputs, models.router_statistics(state.get("intermediates", {}), model.config)
 
 
@@ -156,10 +175,11 @@ def add_router_statistics(*parts):
 
 def loss_fn(params, model: CoCa, batch, loss_config, rng=None):
   """(loss, metrics) of one batch. `rng` draws the ITM hard negatives (config.loss.itm_weight >
-  0, MoME only) and the routers' noise (experts' noise_std > 0; None: no noise)."""
-  router_rng = None if rng is None else jax.random.fold_in(rng, 1)
+  0, MoME only), the routers' noise (experts' noise_std > 0; None: no noise) and stochastic
+  depth (MoME drop_path_rate > 0, which needs it)."""
+  pass_rng = None if rng is None else jax.random.fold_in(rng, 1)
   outputs, stats = apply_with_router_statistics(model, params, batch["image"], batch["text"],
-                                                router_rng)
+                                                pass_rng)
   total, metrics = losses.coca_loss(
       outputs, batch["text"],
       contrastive_weight=loss_config.contrastive_weight,
@@ -210,10 +230,11 @@ def image_text_matching(params, model, batch, outputs, rng, examples: int = 0):
   labels = jnp.concatenate([jnp.ones((batch_size,), jnp.int32),
                             jnp.zeros((2 * batch_size,), jnp.int32)])
   weights = jnp.concatenate([jnp.ones((batch_size,)), text_ok, image_ok]).astype(jnp.float32)
-  # The routers' noise (if any) from its own stream: fold 1 of `rng` is the main pass's.
-  logits, state = model.apply({"params": params}, images, texts, method="itm_logits",
-                              mutable=["intermediates"],
-                              rngs={"router": jax.random.fold_in(rng, 2)})
+  # The pass's router noise and stochastic depth from their own stream: fold 1 of `rng` is the
+  # main pass's.
+  logits, state = model.apply({"params": params}, images, texts, train=True,
+                              method="itm_logits", mutable=["intermediates"],
+                              rngs=training_rngs(model, jax.random.fold_in(rng, 2)))
   loss, metrics = losses.itm_loss(logits, labels, weights)
   stats = models.router_statistics(state.get("intermediates", {}), model.config)
   return loss, {"itm_loss": loss, **metrics}, stats
