@@ -4,30 +4,29 @@ r"""Writes the config reference (docs/config.md) from the schema itself, so it c
 
 Every field comes from `config.defaults(backbone)` for both backbones; its note is the comment
 written beside (or just above) the field where its default is declared: in `config._defaults`,
-or for model and decoding fields in the dataclass that holds the default. tests/test_config_doc.py
-fails when the committed page differs from this module's output.
+or for the fields declared in `schema` (model, train, loss, optim, and the captioning eval's
+decoding) in their dataclass, else the field's `name: text` entry in that class's docstring. A
+`Literal` field's note ends with its allowed values. tests/test_config_doc.py fails when the
+committed page differs from this module's output.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
+import functools
 import inspect
 import io
-import pathlib
+import re
 import sys
 import textwrap
 import tokenize
+import typing
 
 from coca_jax.core import config as config_lib
+from coca_jax.core import schema
 
 BACKBONES = ("towers", "mome")
-
-# Dataclasses whose fields carry the model and decoding defaults (config._defaults reads them),
-# as (file under coca_jax/, class). Their source is parsed, not imported (core imports nothing
-# above it), and a class that moved only loses its notes: the page still renders.
-_FIELD_CLASSES = (("models/coca.py", "CoCaConfig"), ("models/mome.py", "MoMEConfig"),
-                  ("models/experts.py", "RoutedExperts"), ("inference/generate.py", "Decoding"))
-_PACKAGE_DIR = pathlib.Path(__file__).resolve().parents[1]
 
 _GROUP_NOTES = {
     "model": "The architecture. `backbone` picks the family: `towers` (CoCa) or `mome` (VLMo-style "
@@ -109,6 +108,8 @@ def _schema_notes() -> tuple[dict, dict]:
         if kw.arg:
           starts.append((kw.lineno, kw.col_offset, path + (kw.arg,)))
           visit(kw.value, path + (kw.arg,))
+        else:  # `**decoding`: its keys land in this dict.
+          visit(kw.value, path)
     elif isinstance(node, ast.Dict):
       for k, v in zip(node.keys, node.values):
         if isinstance(k, ast.Constant) and isinstance(k.value, str):
@@ -120,6 +121,11 @@ def _schema_notes() -> tuple[dict, dict]:
         stmt.targets[0], ast.Name):
       assigned[stmt.lineno] = stmt.targets[0].id
       visit(stmt.value, ("*" + stmt.targets[0].id,))
+    elif isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Subscript) and (
+        isinstance(stmt.targets[0].value, ast.Name)
+        and isinstance(stmt.targets[0].slice, ast.Constant)):  # `decoding["key"] = value`
+      target = stmt.targets[0]
+      starts.append((stmt.lineno, stmt.col_offset, ("*" + target.value.id, target.slice.value)))
     elif isinstance(stmt, ast.Return):
       visit(stmt.value, ())
 
@@ -146,37 +152,88 @@ def _schema_notes() -> tuple[dict, dict]:
   return notes, bases
 
 
-def _field_notes() -> dict[str, dict[str, str]]:
-  """{class name: {field: note}} from the comments beside the fields of `_FIELD_CLASSES`."""
-  found = {}
-  for file_name, class_name in _FIELD_CLASSES:
+# A docstring entry documenting fields: "name: text" or "a, b: text", continued by indented lines.
+_DOC_ENTRY = re.compile(r"^(\w+(?:, \w+)*): (.*)")
+
+
+def _docstring_notes(cls) -> dict[str, str]:
+  """{field: text} of the `name: text` entries of `cls`'s own docstring."""
+  notes, names = {}, []
+  for line in inspect.cleandoc(vars(cls).get("__doc__") or "").splitlines():
+    match = _DOC_ENTRY.match(line)
+    if match:
+      names = match[1].split(", ")
+      notes.update(dict.fromkeys(names, match[2]))
+    elif names and line.startswith(" "):
+      for name in names:
+        notes[name] += " " + line.strip()
+    else:
+      names = []
+  return notes
+
+
+@functools.lru_cache(maxsize=None)
+def _class_notes(cls) -> dict[str, str]:
+  """{field: note} of a schema dataclass: the comment beside or above the field in the class that
+  declares it (a subclass's before its base's), else the field's entry in that class's docstring."""
+  fields, notes = {f.name for f in dataclasses.fields(cls)}, {}
+  for klass in cls.__mro__:
+    if not dataclasses.is_dataclass(klass):
+      continue
     try:
-      module_source = (_PACKAGE_DIR / file_name).read_text()
-    except OSError:
+      source = textwrap.dedent(inspect.getsource(klass))
+    except (OSError, TypeError):
       continue
-    node = next((n for n in ast.walk(ast.parse(module_source))
-                 if isinstance(n, ast.ClassDef) and n.name == class_name), None)
-    if node is None:
-      continue
-    source = textwrap.dedent(ast.get_source_segment(module_source, node, padded=True))
-    tree = ast.parse(source)
-    starts = [(n.lineno, n.col_offset, n.target.id) for n in ast.walk(tree)
+    body = ast.parse(source).body[0].body
+    starts = [(n.lineno, n.col_offset, n.target.id) for n in body
               if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
-    trailing, block = _source_comments(source)
-    found[class_name] = _attach(starts, trailing, block)
-  return found
+    own = {**_docstring_notes(klass), **_attach(starts, *_source_comments(source))}
+    for name, note in own.items():
+      if name in fields:
+        notes.setdefault(name, note)
+  return notes
 
 
-def _model_note(fields: dict, path: tuple, cls: str) -> str:
-  """The dataclass comment of a model or decoding field (`model.vision.final_norm` is
-  CoCaConfig's `vision_final_norm`; `...experts.top_k` is RoutedExperts' `top_k`)."""
-  leaf = path[-1]
-  if path[0] == "evals":
-    return fields.get("Decoding", {}).get(leaf, "") if path[1] == "captioning" else ""
-  if "experts" in path[:-1]:
-    return fields.get("RoutedExperts", {}).get(leaf, "")
-  names = [f"{path[-2]}_{leaf}", leaf] if len(path) > 2 else [leaf]
-  return next((fields.get(cls, {})[n] for n in names if n in fields.get(cls, {})), "")
+@functools.lru_cache(maxsize=None)
+def _alias_notes() -> dict:
+  """{Literal alias: note} from the comment beside or above each `Name = Literal[...]` of schema."""
+  source = inspect.getsource(schema)
+  starts = [(n.lineno, n.col_offset, n.targets[0].id) for n in ast.parse(source).body
+            if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)]
+  notes = _attach(starts, *_source_comments(source))
+  return {getattr(schema, name): note for name, note in notes.items()
+          if typing.get_origin(getattr(schema, name)) is typing.Literal}
+
+
+def _schema_field(backbone: str, path: tuple):
+  """(dataclass, field name) that declares a config path, or None. As in `config._defaults`:
+  model, train, loss and optim are schema dataclasses, and evals.captioning holds Decoding's."""
+  roots = {"model": schema.MODELS[backbone], "train": schema.Train, "loss": schema.Loss,
+           "optim": schema.Optim}
+  if path[:2] == ("evals", "captioning"):
+    cls, keys = schema.Decoding, path[2:]
+  else:
+    cls, keys = roots.get(path[0]), path[1:]
+  for key in keys[:-1]:
+    cls = typing.get_type_hints(cls).get(key) if cls else None
+  if not (keys and dataclasses.is_dataclass(cls)
+          and keys[-1] in {f.name for f in dataclasses.fields(cls)}):
+    return None
+  return cls, keys[-1]
+
+
+def _schema_note(backbone: str, path: tuple) -> str:
+  """The schema note of a config path ("" if it has none), with a Literal's allowed values."""
+  found = _schema_field(backbone, path)
+  if found is None:
+    return ""
+  cls, name = found
+  kind = typing.get_type_hints(cls)[name]
+  # A Literal field without a note of its own takes its alias's comment (what the names pick).
+  parts = [_class_notes(cls).get(name) or _alias_notes().get(kind, "")]
+  if typing.get_origin(kind) is typing.Literal:
+    parts.append("Allowed: " + ", ".join(f"`{v}`" for v in schema.allowed(kind)) + ".")
+  return " ".join(p for p in parts if p)
 
 
 def _format(value) -> str:
@@ -210,25 +267,24 @@ def render() -> str:
   trees = {b: config_lib.defaults(b) for b in BACKBONES}
   leaves = {b: _leaves(trees[b]) for b in BACKBONES}
   notes, bases = _schema_notes()
-  fields = _field_notes()
+
+  def schema_note(path):
+    # Each backbone's own dataclass; where both have the field, a note says whose it is.
+    own = {b: _schema_note(b, path) if path in leaves[b] or path in groups[b] else ""
+           for b in BACKBONES}
+    if own["towers"] == own["mome"]:
+      return own["towers"]
+    both = all(path in leaves[b] or path in groups[b] for b in BACKBONES)
+    return " ".join(f"{b}: {n}" if both else n for b, n in own.items() if n)
 
   def note_of(path):
-    text = notes.get(path, "")
-    if not text and path[0] in ("model", "evals"):
-      # Each backbone's own dataclass; where both have the field, a note says whose it is.
-      own = {b: _model_note(fields, path, cls) if path in leaves[b] else ""
-             for b, cls in zip(BACKBONES, ("CoCaConfig", "MoMEConfig"))}
-      both = all(path in leaves[b] for b in BACKBONES)
-      if own["towers"] == own["mome"]:
-        text = own["towers"]
-      else:
-        text = " ".join(f"{b}: {n}" if both else n for b, n in own.items() if n)
-    return text.replace("|", "\\|")
+    return " ".join(n for n in (schema_note(path), notes.get(path, "")) if n).replace("|", "\\|")
 
+  groups = {b: _groups(trees[b]) for b in BACKBONES}
   group_notes = {}
   for backbone in BACKBONES:
-    for group in _groups(trees[backbone]):
-      parts = [notes.get(group, "")] + bases.get(group, [])
+    for group in groups[backbone]:
+      parts = [notes.get(group, ""), schema_note(group)] + bases.get(group, [])
       text = " ".join(p for p in parts if p)
       if text:
         group_notes.setdefault(group, text.replace("|", "\\|"))

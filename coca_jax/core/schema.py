@@ -222,14 +222,14 @@ MODALITY_EXPERTS = tuple(f.name for f in dataclasses.fields(MoMEExperts))  # ima
 @_frozen
 class MoMEStack:
   """config.model.mome: the one shared stack of a MoME; the top `fusion_layers` also hold the
-  vision-language expert."""
+  vision-language expert. The fields from `text_encoder` on select VLMo's architecture as
+  published (docs/vlmo.md); their defaults are MoME-CoCa's."""
   width: int
   depth: int
   heads: int
   mlp_dim: int
   fusion_layers: int
   experts: MoMEExperts = _group(MoMEExperts)
-  # -- VLMo as published (docs/vlmo.md). The defaults are MoME-CoCa's. --
   # 'causal': CLS at the end, captioning. 'bert': VLMo's text encoder; needs pooling='cls'.
   text_encoder: TextEncoder = "causal"
   token_types: bool = False  # VLMo's modality type embeddings (text 0, image 1), 'bert' only.
