@@ -141,7 +141,7 @@ def test_router_statistics_count_each_pass_once(routed_mome):
   assert "layers_1/ffn_image" not in itm_stats
   assert float(merged["layers_1/ffn_image"]["tokens"]) == 3 * ROUTED.image_tokens
   assert float(merged["layers_1/ffn_image"]["choice_count"].sum()) == 3 * ROUTED.image_tokens
-  inputs = ROUTED.max_len - 1
+  inputs = ROUTED.text.max_len - 1
   # ffn_text of layer 0: text-only (T + CLS) and captioning (T) passes, plus ITM's 3 pairs of
   # (T + 1) text tokens each per example.
   itm_text = float(itm_stats["layers_0/ffn_text"]["tokens"])

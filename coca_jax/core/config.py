@@ -75,7 +75,8 @@ def _defaults(backbone: str) -> dict:
           data_dir="",  # "" = DIR/tensorflow_datasets under the workdir (train fills it in).
           train_split="train", eval_split="test", image_size=REQUIRED,
           tokenizer="",  # "" = train a SentencePiece tokenizer on the train captions.
-          tokenizer_kind="sentencepiece",  # Or "clip_bpe" (open_clip's fixed 49,408 BPE).
+          # Or "clip_bpe" (open_clip's fixed 49,408 BPE) or "wordpiece" (BERT's, VLMo's).
+          tokenizer_kind="sentencepiece",
           tokenizer_vocab=0,  # Pieces of a trained tokenizer; 0 = config.model.text.vocab_size.
           tokenizer_type="unigram",  # SentencePiece model type of a trained tokenizer.
           num_workers=0, worker_buffer_size=2, random_resized_crop=True, crop_scale=(0.9, 1.0),
@@ -469,6 +470,7 @@ def _validate_mome(config, need, positive):
     if isinstance(m.pooler_heads, int) and m.pooler_heads > 0:
       need(s.width % m.pooler_heads == 0, f"config.model.mome.width={s.width} is not divisible "
            f"by config.model.pooler_heads={m.pooler_heads}")
+  _validate_vlmo_options(config, need)
   itm_examples = config.loss.itm_examples
   microbatches = config.train.microbatches
   # Under microbatches each one scores the ITM pairs of its share of the kept rows.
@@ -482,6 +484,43 @@ def _validate_mome(config, need, positive):
        and (not itm_examples or (isinstance(batch, int) and batch % itm_examples == 0)),
        f"config.loss.itm_examples={itm_examples!r} must be 0 (the whole batch) or divide "
        f"config.train.batch_size={batch}")
+
+
+def _validate_vlmo_options(config, need) -> None:
+  """config.model.mome's VLMo options (docs/vlmo.md): which need the BERT text encoder, and what
+  the BERT text encoder rules out. Their allowed values and types come from schema.MoMEStack."""
+  m, s = config.model, config.model.mome
+  encoder = s.text_encoder
+  need(not isinstance(s.layer_scale, (int, float)) or s.layer_scale >= 0,
+       f"config.model.mome.layer_scale={s.layer_scale!r} must be >= 0 (0 = none)")
+  rate = s.drop_path_rate
+  need(not isinstance(rate, (int, float)) or 0 <= rate < 1,
+       f"config.model.mome.drop_path_rate={rate!r} must be in [0, 1)")
+  if encoder == "causal":
+    bert_only = [name for name, off in (("token_types", False), ("relative_position", False),
+                                        ("shared_final_norm", False), ("vl_contrastive", False),
+                                        ("mlm_head", False), ("drop_path_rate", 0.0))
+                 if s[name] != off]
+    need(not bert_only, f"config.model.mome {bert_only} are VLMo options of the BERT text "
+         "encoder; set config.model.mome.text_encoder='bert' or leave them off")
+  elif encoder == "bert":
+    need(m.pooling == "cls", f"config.model.pooling={m.pooling!r}: the BERT text encoder (VLMo) "
+         "pools the image [CLS] token; set config.model.pooling='cls'")
+    caption = config.loss.caption_weight
+    need(not caption, f"config.loss.caption_weight={caption} needs a causal text path, which "
+         "config.model.mome.text_encoder='bert' (VLMo) does not have; set "
+         "config.loss.caption_weight=0, or text_encoder='causal' for captioning")
+    need(config.train.microbatches == 1, "config.model.mome.text_encoder='bert' needs "
+         f"config.train.microbatches=1 (got {config.train.microbatches})")
+    captioning = config.evals.captioning
+    need(not (captioning.enabled and captioning.split), "config.evals.captioning needs a "
+         "captioner, which config.model.mome.text_encoder='bert' (VLMo) is not; set "
+         "config.evals.captioning.enabled=False")
+    if s.relative_position and isinstance(m.text.max_len, int):
+      need(isinstance(s.relative_text_length, int) and s.relative_text_length >= m.text.max_len,
+           f"config.model.mome.relative_text_length={s.relative_text_length!r} is shorter than "
+           f"config.model.text.max_len={m.text.max_len}; the relative position table needs "
+           f"relative_text_length >= {m.text.max_len}")
 
 
 def heads_of(config) -> tuple[tuple[str, int], ...]:

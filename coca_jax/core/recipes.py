@@ -130,17 +130,24 @@ def shrink_evals(evals: ml_collections.ConfigDict) -> None:
 
 # VLMo's stagewise pretraining as parameter freezing (`optim.freeze_regex`).
 MOME_STAGES = ("image", "text", "image_text")
+# MoME-CoCa's text side (causal text) and VLMo's (BERT text, `interop.vlmo.model_group`).
 TEXT_SIDE = [r"(^|/)ffn_text/", r"(^|/)ffn_fusion/", r"^token_embed/", r"^text_pos_embed$",
-             r"^cls_token$", r"^ln_text/", r"^text_projection/", r"^ln_fused/", r"^vocab_head/"]
+             r"^cls_token$", r"^ln_text/", r"^text_projection/", r"^ln_fused/", r"^vocab_head/",
+             r"^text_type_embed$", r"^ln_text_embed/", r"^text_vl_projection/", r"^mlm/"]
 SHARED_AND_IMAGE = [r"/attention/", r"/ln_attention/", r"(^|/)ffn_image/"]
 
 
+# The args of `mome` (experiments/vlmo_base.py documents them) and their defaults.
+MOME_ARGS = dict(stage="image_text", init="", batch=1024, steps=200_000, runlocal=False)
+
+
 def mome(width, depth, heads, mlp_dim, fusion_layers, arg: str = "",
-         where: str = "experiments/vlmo_base.py", **model_fields) -> ml_collections.ConfigDict:
+         where: str = "experiments/vlmo_base.py", extra_args: dict | None = None,
+         **model_fields) -> ml_collections.ConfigDict:
   """A MoME experiment with VLMo's recipe (experiments/vlmo_base.py documents `arg`);
-  `model_fields` override config.model fields."""
-  args = parse_arg(arg, where, stage="image_text", init="", batch=1024, steps=200_000,
-                   runlocal=False)
+  `model_fields` override config.model fields. `extra_args`: more known args (name: default)
+  that the calling file reads itself (`parse_arg(arg, where, **MOME_ARGS, **extra_args)`)."""
+  args = parse_arg(arg, where, **MOME_ARGS, **(extra_args or {}))
   if args.stage not in MOME_STAGES:
     raise ValueError(f"{where}: stage={args.stage!r}; use one of {MOME_STAGES}")
   c = ml_collections.ConfigDict()

@@ -40,7 +40,10 @@ MoMEPooling = Literal["attention", "cls"]
 DecodingMethod = Literal["greedy", "beam", "sample"]
 RoutingPriority = Literal["batch", "position"]  # Non-causal tokens (models/experts.py).
 Nonfinite = Literal["halt", "skip"]
-TokenizerKind = Literal["sentencepiece", "clip_bpe"]
+TokenizerKind = Literal["sentencepiece", "clip_bpe", "wordpiece"]
+# A MoME's text pass: 'causal' (MoME-CoCa: CLS at the end, captioning) or 'bert' (VLMo's BERT
+# text encoder; models/mome.py).
+TextEncoder = Literal["causal", "bert"]
 OptimizerName = Literal["adamw", "adafactor"]
 DecayName = Literal["cosine", "linear", "constant"]
 
@@ -219,13 +222,34 @@ MODALITY_EXPERTS = tuple(f.name for f in dataclasses.fields(MoMEExperts))  # ima
 @_frozen
 class MoMEStack:
   """config.model.mome: the one shared stack of a MoME; the top `fusion_layers` also hold the
-  vision-language expert."""
+  vision-language expert. The fields from `text_encoder` on select VLMo's architecture as
+  published (docs/vlmo.md); their defaults are MoME-CoCa's."""
   width: int
   depth: int
   heads: int
   mlp_dim: int
   fusion_layers: int
   experts: MoMEExperts = _group(MoMEExperts)
+  # 'causal': CLS at the end, captioning. 'bert': VLMo's text encoder; needs pooling='cls'.
+  text_encoder: TextEncoder = "causal"
+  token_types: bool = False  # VLMo's modality type embeddings (text 0, image 1), 'bert' only.
+  layer_scale: float = 0.0  # Residual layer scale init (VLMo 0.1); 0 = none.
+  # VLMo's relative position bias: one table [rows, depth * heads] for every layer and pass
+  # (image, text, fused); then no absolute image positions and BERT's text positions are kept
+  # but unused, as in the official code. 'bert' only.
+  relative_position: bool = False
+  relative_text_length: int = 196  # The text length the table's text rows are sized for.
+  key_bias: bool = True  # False: q/v-only attention biases (VLMo).
+  shared_final_norm: bool = False  # One final LayerNorm for every pass ('bert' only).
+  itm_pooler: bool = False  # ITM through dense + tanh on the first token (VLMo's pooler).
+  drop_path_rate: float = 0.0  # Stochastic depth, 0 .. rate over the layers; training only.
+  activation: Activation = "gelu_tanh"  # FFN non-linearity; VLMo: 'gelu'.
+  vl_contrastive: bool = False  # VLMo's second ITC on VL-FFN features ('bert' only).
+  mlm_head: bool = False  # VLMo's (BERT's) MLM head ('bert' only).
+
+  @property
+  def bert(self) -> bool:
+    return self.text_encoder == "bert"
 
   @property
   def bottom_layers(self) -> int:

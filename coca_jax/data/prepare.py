@@ -74,7 +74,7 @@ def prepare_data(config, workdir: str) -> Tokenizer:
           f"this run its own --config.data.data_dir, or remove "
           f"{os.path.join(data.data_dir, data.name)} to build it again")
   kind = data.tokenizer_kind
-  if kind == "clip_bpe":  # A fixed vocabulary: keep a copy beside the config, train nothing.
+  if kind in ("clip_bpe", "wordpiece"):  # Fixed: keep a copy beside the config, train nothing.
     tokenizer = load_tokenizer(data.tokenizer, kind)
     data.tokenizer = fs.join(workdir, TOKENIZER_FILES[kind])
     if jax.process_index() == 0 and not fs.exists(data.tokenizer):

@@ -25,6 +25,7 @@ import sentencepiece as spm
 
 from coca_jax.core import cli
 from coca_jax.data.clip_bpe import ClipBpeTokenizer
+from coca_jax.data.wordpiece import WordPieceTokenizer
 from coca_jax.core.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID  # Re-exported: the batch contract.
 from coca_jax.core.tokens import check_texts
 
@@ -144,14 +145,18 @@ class Tokenizer:
 
 
 # config.data.tokenizer_kind -> the file a workdir or bundle keeps beside config.json.
-TOKENIZER_FILES = {"sentencepiece": "tokenizer.model", "clip_bpe": "bpe_simple_vocab_16e6.txt.gz"}
+TOKENIZER_FILES = {"sentencepiece": "tokenizer.model", "clip_bpe": "bpe_simple_vocab_16e6.txt.gz",
+                   "wordpiece": "vocab.txt"}
 
 
 def load_tokenizer(path: str, kind: str = "sentencepiece"):
   """A `Tokenizer` (SentencePiece .model) or, for kind 'clip_bpe', a `clip_bpe.ClipBpeTokenizer`
-  (open_clip's merges file; empty path: the one of an installed open_clip)."""
+  (open_clip's merges file; empty path: the one of an installed open_clip), or for kind
+  'wordpiece' a `wordpiece.WordPieceTokenizer` (BERT's vocab.txt)."""
   if kind == "clip_bpe":
     return ClipBpeTokenizer.load(path)
+  if kind == "wordpiece":
+    return WordPieceTokenizer.load(path)
   if kind != "sentencepiece":
     raise ValueError(f"config.data.tokenizer_kind={kind!r} is unknown; use one of "
                      f"{sorted(TOKENIZER_FILES)}")

@@ -333,7 +333,7 @@ class Model:
     """Probability that each image matches each text, float32 [num_images, num_texts], from
     the ITM head on the bidirectional fused pass (one pass per pair: use it to re-rank a short
     list, e.g. the top candidates of `retrieve` or of sampled captions)."""
-    if not getattr(self.module.config, "itm", False):
+    if not getattr(self.module, "itm", False):
       raise ValueError("this model has no image-text matching head: itm_score needs a MoME "
                        "(config.model.backbone='mome') trained with config.loss.itm_weight > 0")
     if isinstance(texts, str):

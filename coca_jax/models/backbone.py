@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from coca_jax.models.experts import FeedForward, RoutedExperts
-from coca_jax.models.layers import Attention, LayerNorm, constrain
+from coca_jax.models.layers import Attention, LayerNorm, constrain, with_axes
 
 Dtype = Any
 
@@ -55,6 +55,13 @@ class Block(nn.Module):
       is self-attention, FFN, cross-attention (its context layer-normed, 'ln_cross_context'),
       a second FFN ('cross_ffn'): open_clip's MultimodalTransformer layer.
     activation, norm_eps: the dense FFN's non-linearity (layers.ACTIVATIONS), LayerNorm epsilon.
+    layer_scale: > 0: each residual update (self-attention, feed-forward) is multiplied by its
+      own learned per-channel scale initialised to this value (CaiT/BEiT/VLMo layer scale,
+      'layer_scale_attention' and 'layer_scale_ffn'); 0: none.
+    drop_path: stochastic depth: in training (`deterministic=False`, a 'dropout' rng) each
+      example's residual updates are dropped with this probability and the kept ones scaled by
+      1 / (1 - drop_path); evaluation and decoding never drop.
+    key_bias: False: the attention's key projection has no bias (VLMo/BEiT q/v-only biases).
   """
   num_heads: int
   mlp_dim: int
@@ -77,11 +84,15 @@ class Block(nn.Module):
   priority: str = "batch"
   group_size: int = 0
   noise_std: float = 0.0
+  layer_scale: float = 0.0
+  drop_path: float = 0.0
+  key_bias: bool = True
 
   @nn.compact
   def __call__(self, x, mask, context, segments: Sequence[tuple] | None = None,
                prefix_kv=None, return_kv: bool = False, token_mask=None,
-               causal_routing: bool = False, routing_length: int = 0):
+               causal_routing: bool = False, routing_length: int = 0, attention_bias=None,
+               deterministic: bool = True):
     """x [batch, length, embed] -> (x', None), or (x', (keys, values) of x) with `return_kv`.
 
     segments: with modality experts, static ((expert name, length[, modality]), ...) covering
@@ -95,6 +106,9 @@ class Block(nn.Module):
       [batch, length] bool non-padding mask (None = all tokens), whether its slots go
       token-major (a causal pass; needed with `decode`) and the length its capacity comes from
       (0 = the segment's length); see `experts.FeedForward`.
+    attention_bias: float32 [heads, length, prefix_len + length] (or broadcastable with a
+      batch axis) added to the self-attention logits (a relative position bias).
+    deterministic: False in training: stochastic depth (`drop_path`) is on.
     """
     if self.layout not in ("coca", "open_clip"):
       raise ValueError(f"layout={self.layout!r} is unknown; use 'coca' or 'open_clip'")
@@ -102,9 +116,11 @@ class Block(nn.Module):
     routing = (token_mask, causal_routing, routing_length)
     x = constrain(x, ("batch", "length", "embed"))
     h = norm("ln_attention")(x)
-    update, kv = Attention(self.num_heads, self.dtype, self.cache_length, name="attention")(
-        h, mask=mask, decode=self.decode, prefix_kv=prefix_kv, return_kv=True)
-    x = x + update
+    update, kv = Attention(self.num_heads, self.dtype, self.cache_length, self.key_bias,
+                           name="attention")(
+        h, mask=mask, decode=self.decode, prefix_kv=prefix_kv, return_kv=True,
+        bias=attention_bias)
+    x = x + self._residual("attention", update, deterministic)
     open_clip = self.cross_attention and self.layout == "open_clip"
     if open_clip:
       x = x + self._ffn("ffn", x, mask, segments, routing)
@@ -114,8 +130,23 @@ class Block(nn.Module):
         context = norm("ln_cross_context")(context)
       x = x + Attention(self.num_heads, self.dtype, name="cross_attention")(
           h, context, decode=self.decode)
-    x = x + self._ffn("cross_ffn" if open_clip else "ffn", x, mask, segments, routing)
+    update = self._ffn("cross_ffn" if open_clip else "ffn", x, mask, segments, routing)
+    x = x + self._residual("ffn", update, deterministic)
     return constrain(x, ("batch", "length", "embed")), (kv if return_kv else None)
+
+  def _residual(self, name, update, deterministic):
+    """A residual branch's update after layer scale and stochastic depth (both optional)."""
+    if self.layer_scale:
+      scale = self.param(f"layer_scale_{name}", with_axes(
+          nn.initializers.constant(self.layer_scale), ("embed",)), (update.shape[-1],),
+          jnp.float32)
+      update = update * scale.astype(update.dtype)
+    if deterministic or not self.drop_path or self.decode:
+      return update
+    keep = 1.0 - self.drop_path
+    kept = jax.random.bernoulli(self.make_rng("dropout"), keep,
+                                (update.shape[0],) + (1,) * (update.ndim - 1))
+    return jnp.where(kept, update / jnp.asarray(keep, update.dtype), jnp.zeros_like(update))
 
   def _ffn(self, name, x, mask, segments, routing):
     """The feed-forward update: per-modality experts, or one (dense or routed) FFN."""
@@ -160,7 +191,8 @@ class Block(nn.Module):
 
 # Block.__call__ arguments that are Python values fixed per call site (not arrays): a
 # rematerialised Block traces them as static, so they must be passed positionally.
-BLOCK_STATIC_ARGUMENTS = ("segments", "return_kv", "causal_routing", "routing_length")
+BLOCK_STATIC_ARGUMENTS = ("segments", "return_kv", "causal_routing", "routing_length",
+                          "deterministic")
 
 
 def remat_block(remat: str, prevent_cse: bool = True,

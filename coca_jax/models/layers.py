@@ -194,25 +194,33 @@ class Attention(nn.Module):
   num_heads: int
   dtype: Dtype = jnp.float32
   cache_length: int = 0
+  # False: the key projection has no bias (VLMo/BEiT: a key bias only shifts every logit of a
+  # query by the same amount, so it changes nothing; their checkpoints have q and v biases only).
+  key_bias: bool = True
 
   @nn.compact
   def __call__(self, x, context=None, mask=None, decode: bool = False, prefix_kv=None,
-               return_kv: bool = False):
+               return_kv: bool = False, bias=None):
     """`prefix_kv` (keys, values), each [batch, prefix_len, heads, kv] (self-attention only):
     already projected tokens every query also attends to, placed before x (a modality-experts
     layer's image tokens, for its text tokens). The mask then covers [.., prefix_len + kv_len]
     keys. With `decode`, they are written once into the head of the cache (its `cache_length`
-    counts them) on the first step. `return_kv`: also return this call's own (keys, values)."""
+    counts them) on the first step. `return_kv`: also return this call's own (keys, values).
+    `bias`: float32 added to the scaled logits, broadcastable to [batch, heads, q_len, kv_len]
+    (a relative position bias; full-sequence attention only, computed by XLA)."""
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
-    proj = lambda name: dense((self.num_heads, head_dim), ("embed", "heads", "kv"), self.dtype, name)
+    proj = lambda name: dense((self.num_heads, head_dim), ("embed", "heads", "kv"), self.dtype,
+                              name, use_bias=name != "key" or self.key_bias)
     query = constrain(proj("query")(x), ("batch", "length", "heads", "kv"))
     is_cross = context is not None
     if is_cross and prefix_kv is not None:
       raise ValueError("prefix_kv extends self-attention; cross-attention takes `context` only")
     own_kv = None
+    if decode and bias is not None:
+      raise ValueError("an attention bias is not supported with the KV cache (decode=True)")
     if decode:
       if is_cross:
         key, value = self._cached_cross_kv(context, proj)
@@ -228,7 +236,7 @@ class Attention(nn.Module):
       if prefix_kv is not None:
         key = jnp.concatenate([prefix_kv[0].astype(key.dtype), key], axis=1)
         value = jnp.concatenate([prefix_kv[1].astype(value.dtype), value], axis=1)
-      out = dot_product_attention(query, key, value, mask)
+      out = dot_product_attention(query, key, value, mask, bias)
     out = dense(width, ("heads", "kv", "embed"), self.dtype, "out", in_dims=2)(out)
     return (out, own_kv) if return_kv else out
 
@@ -346,13 +354,22 @@ def _cudnn_attention(query, key, value, mask):
   return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn")
 
 
-def dot_product_attention(query, key, value, mask=None):
+def dot_product_attention(query, key, value, mask=None, bias=None):
   """query [batch, q_len, heads, kv], key/value [batch, kv_len, heads, kv], mask (True = may
   attend) broadcastable to [batch, heads, q_len, kv_len] -> [batch, q_len, heads, kv].
+  `bias` (float32, broadcastable like the mask) is added to the scaled logits; attention with a
+  bias is XLA's (its logits are float32, as VLMo's relative position bias is added).
 
   With 'auto', shapes cuDNN rejects (e.g. a head width it has no kernel for) fall back to XLA
   with one warning; an explicit 'cudnn' raises instead. Odd lengths go to cuDNN padded to even
   ones (`_cudnn_shapes`)."""
+  if bias is not None:
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(1.0 / math.sqrt(query.shape[-1])) + bias
+    if mask is not None:
+      logits = jnp.where(mask, logits, MASKED_LOGIT)
+    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, value)
   implementation = attention_implementation(query.dtype)
   if implementation == "cudnn" and not _cudnn_has_kernel(query):
     if os.environ.get(ATTENTION_ENV, "auto") == "cudnn":

@@ -122,6 +122,8 @@ def _mome_flops_breakdown(config, batch_size: int) -> dict[str, int]:
   all_layers, top_layers = range(m.mome.depth), range(m.mome.bottom_layers, m.mome.depth)
   bottom_layers = range(m.mome.bottom_layers)
   routed = functools.partial(_routing_extra_flops, m)
+  if m.mome.bert:
+    return _vlmo_flops_breakdown(config, m, batch_size)
   text_ffn = _mlp_flops(inputs, width, m.mome.mlp_dim)
   # The fused text tokens' attention: their own Q/K/V/out projections, scores and values over
   # P image keys plus the text keys.
@@ -149,6 +151,41 @@ def _mome_flops_breakdown(config, batch_size: int) -> dict[str, int]:
             + routed(patches, "image", bottom_layers) + routed(inputs + 1, "text", bottom_layers)
             + routed(patches + inputs + 1, "fusion", top_layers))
     parts["itm"] = int(3 * share * (pair + 2 * m.num_patches * (m.patch_size ** 2 * 3) * width))
+  return parts
+
+
+def _vlmo_flops_breakdown(config, m: schema.MoME, batch_size: int) -> dict[str, int]:
+  """A MoME with the BERT text encoder (VLMo): image-only over the [CLS] and P patches and
+  text-only over all L positions, each L x block; with vl_contrastive the top F layers again on
+  each modality through ffn_fusion; ITM: 3 pairs per ITM example of the fused pass over L + P
+  + 1 tokens, the pooler and the head. (The MLM head runs on masked positions only; not
+  counted here.)"""
+  image, text, width = m.image_tokens, m.text.max_len, m.mome.width
+  all_layers, top_layers = range(m.mome.depth), range(m.mome.bottom_layers, m.mome.depth)
+  routed = functools.partial(_routing_extra_flops, m)
+  parts = {
+      "patch_embed": 2 * m.num_patches * (m.patch_size ** 2 * 3) * width,
+      "image_only": (m.mome.depth * _block_flops(image, width, m.mome.mlp_dim)
+                     + routed(image, "image", all_layers)),
+      "image_projection": 2 * width * m.embed_dim,
+      "text_only": (m.mome.depth * _block_flops(text, width, m.mome.mlp_dim)
+                    + routed(text, "text", all_layers)),
+      "text_projection": 2 * width * m.embed_dim,
+      "contrastive_logits": 2 * batch_size * m.embed_dim,
+  }
+  if m.mome.vl_contrastive:
+    parts["vl_contrastive"] = (
+        m.mome.fusion_layers * (_block_flops(image, width, m.mome.mlp_dim)
+                           + _block_flops(text, width, m.mome.mlp_dim))
+        + routed(image, "fusion", top_layers) + routed(text, "fusion", top_layers)
+        + 2 * 2 * width * m.embed_dim + 2 * batch_size * m.embed_dim)
+  if config.loss.itm_weight > 0:
+    share = (config.loss.itm_examples or batch_size) / batch_size
+    bottom_layers = range(m.mome.bottom_layers)
+    pair = (m.mome.depth * _block_flops(image + text, width, m.mome.mlp_dim) + 2 * width * width
+            + 2 * width * 2 + routed(image, "image", bottom_layers)
+            + routed(text, "text", bottom_layers) + routed(image + text, "fusion", top_layers))
+    parts["itm"] = int(3 * share * (pair + parts["patch_embed"]))
   return parts
 
 

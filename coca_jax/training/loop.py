@@ -413,6 +413,8 @@ class _Progress:
     done = record["step"] - self.start
     elapsed = time.perf_counter() - self.t0
     eta = elapsed / max(done, 1) * (self.total - record["step"])
+    # A model without captioning (MoME with BERT text, VLMo) has no caption loss.
+    caption = (f"caption {record['caption_loss']:.4f}  " if "caption_loss" in record else "")
     print(f"step {record['step']:>6}/{self.total}  loss {record['loss']:.4f}  "
-          f"contrastive {record['contrastive_loss']:.4f}  caption {record['caption_loss']:.4f}  "
+          f"contrastive {record['contrastive_loss']:.4f}  {caption}"
           f"{record.get('examples_per_sec', 0):.0f} ex/s  eta {eta:.0f}s", flush=True)

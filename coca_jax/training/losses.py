@@ -244,6 +244,10 @@ def coca_loss(outputs, text, *, contrastive_weight: float = 1.0, caption_weight:
       outputs["image_embed"], outputs["text_embed"], outputs["logit_scale"],
       outputs.get("logit_bias"), kind=contrastive, impl=contrastive_impl, mesh=mesh,
       reduction=contrastive_reduction)
+  if "caption_logits" not in outputs:  # A model without captioning (MoME with BERT text).
+    total = contrastive_weight * con
+    return total, {"loss": total, "contrastive_loss": con, "logit_scale": outputs["logit_scale"],
+                   **con_metrics}
   cap, cap_metrics = caption_loss(outputs["caption_logits"], text[:, 1:], pad_id, label_smoothing)
   total = contrastive_weight * con + caption_weight * cap
   return total, {"loss": total, "contrastive_loss": con, "caption_loss": cap,

@@ -139,13 +139,32 @@ def make_init_fn(model: CoCa, tx: optax.GradientTransformation, config, sharding
   return jax.jit(init, out_shardings=shardings)
 
 
+def _drop_path_rate(model) -> float:
+  """The model's stochastic depth rate (MoME config.model.mome.drop_path_rate; CoCa: 0)."""
+  return getattr(getattr(model.config, "mome", None), "drop_path_rate", 0.0)
+
+
+def training_rngs(model: CoCa, rng) -> dict:
+  """The rngs of one training pass from its own key `rng`: the routers' noise (experts'
+  noise_std > 0), and 'dropout' for stochastic depth where the model has it (MoME
+  drop_path_rate > 0); {} for None (no noise; an error with stochastic depth)."""
+  if rng is None:
+    if _drop_path_rate(model):
+      raise ValueError("config.model.mome.drop_path_rate > 0 needs an rng for stochastic depth")
+    return {}
+  rngs = {"router": rng}
+  if _drop_path_rate(model):
+    rngs["dropout"] = jax.random.fold_in(rng, 1)
+  return rngs
+
+
 def apply_with_router_statistics(model: CoCa, params, image, text, rng=None):
   """The training forward pass -> (outputs, {layer: router statistics}). The statistics come
   from the 'intermediates' collection routed feed-forwards sow into (empty for a dense model).
-  `rng`: the routers' noise (experts' noise_std > 0); None routes without noise."""
-  rngs = {} if rng is None else {"router": rng}
+  `rng`: the pass's key (`training_rngs`: router noise, stochastic depth); None routes without
+  noise."""
   outputs, state = model.apply({"params": params}, image, text, train=True,
-                               mutable=["intermediates"], rngs=rngs)
+                               mutable=["intermediates"], rngs=training_rngs(model, rng))
   return outputs, models.router_statistics(state.get("intermediates", {}), model.config)
 
 
@@ -211,8 +230,9 @@ def _caption_plan(batch, embeds, rng):
   return {"count": jnp.maximum(tokens, 1.0), "metrics": {"caption_tokens": tokens}, "rows": {}}
 
 
-def _caption_sums(params, model, outputs, microbatch, rows, batch, *, label_smoothing):
-  del params, model, rows, batch
+def _caption_sums(params, model, outputs, microbatch, rows, batch, rng=None, *,
+                  label_smoothing):
+  del params, model, rows, batch, rng
   total, hits, _ = losses.caption_sums(outputs["caption_logits"], microbatch["text"][:, 1:],
                                        label_smoothing=label_smoothing)
   return total, {"caption_accuracy": hits}, {}
@@ -247,13 +267,15 @@ def _itm_plan(batch, embeds, rng, examples: int = 0):
           "rows": {"image": images, "text": texts, "label": labels, "weight": weights}}
 
 
-def _itm_sums(params, model, outputs, microbatch, rows, batch):
+def _itm_sums(params, model, outputs, microbatch, rows, batch, rng=None):
   """The ITM pairs of this microbatch's share of the rows through the bidirectional fused pass,
-  images and texts gathered from the whole batch."""
+  images and texts gathered from the whole batch. `rng`: the pass's own key (router noise,
+  stochastic depth; see `training_rngs`)."""
   del outputs, microbatch
   logits, state = model.apply({"params": params}, batch["image"][rows["image"].reshape(-1)],
-                              batch["text"][rows["text"].reshape(-1)], method="itm_logits",
-                              mutable=["intermediates"])
+                              batch["text"][rows["text"].reshape(-1)], train=True,
+                              method="itm_logits", mutable=["intermediates"],
+                              rngs=training_rngs(model, rng))
   total, hits = losses.itm_sums(logits, rows["label"].reshape(-1), rows["weight"].reshape(-1))
   return total, {"itm_accuracy": hits}, models.router_statistics(state.get("intermediates", {}),
                                                                   model.config)
@@ -265,25 +287,35 @@ def _add_statistics(a: dict, b: dict) -> dict:
           for name, s in {**a, **b}.items()}
 
 
+def model_loss_terms(model: CoCa, loss_config) -> list[LossTerm]:
+  """`loss_terms` that `model` can compute: a MoME with the BERT text encoder (VLMo) has no
+  captioner, so no caption term (the config refuses a caption weight for it)."""
+  mome = getattr(model.config, "mome", None)
+  captions = not (mome is not None and mome.bert)
+  return [t for t in loss_terms(loss_config) if captions or t.name != "caption"]
+
+
 def loss_fn(params, model: CoCa, batch, loss_config, rng=None):
   """(loss, metrics) of one batch: the weighted `loss_terms` plus the router terms. `rng` draws
-  the ITM hard negatives (config.loss.itm_weight > 0, MoME only) and, from its own stream, the
-  routers' noise of the main pass (experts' noise_std > 0; the config refuses noise with
-  microbatches, so the accumulated step routes without it)."""
-  router_rng = None if rng is None else jax.random.fold_in(rng, 1)
+  the ITM hard negatives (config.loss.itm_weight > 0, MoME only) and, each pass from its own
+  stream, the routers' noise (experts' noise_std > 0) and stochastic depth (MoME
+  drop_path_rate > 0). The config refuses both with microbatches, so the accumulated step runs
+  without them."""
+  pass_rng = None if rng is None else jax.random.fold_in(rng, 1)
   outputs, stats = apply_with_router_statistics(model, params, batch["image"], batch["text"],
-                                                router_rng)
+                                                pass_rng)
   embeds = {"image_embed": outputs["image_embed"], "text_embed": outputs["text_embed"],
             "logit_scale": outputs["logit_scale"],
             "logit_bias": outputs.get("logit_bias", jnp.zeros((), jnp.float32))}
   total, metrics = 0.0, {"logit_scale": outputs["logit_scale"]}
-  for term in loss_terms(loss_config):
+  for term in model_loss_terms(model, loss_config):
     if term.over_embeddings:
       value, term_metrics = term.fn(embeds["image_embed"], embeds["text_embed"],
                                     embeds["logit_scale"], embeds["logit_bias"])
     else:
       plan = term.prepare(batch, jax.lax.stop_gradient(embeds), rng)
-      value, sums, term_stats = term.fn(params, model, outputs, batch, plan["rows"], batch)
+      value, sums, term_stats = term.fn(params, model, outputs, batch, plan["rows"], batch,
+                                        None if rng is None else jax.random.fold_in(rng, 2))
       value = value / plan["count"]
       term_metrics = {**{k: v / plan["count"] for k, v in sums.items()}, **plan["metrics"]}
       stats = _add_statistics(stats, term_stats)
@@ -329,7 +361,7 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
     raise ValueError(f"batch {text.shape[0]} is not divisible by config.train.microbatches="
                      f"{microbatches}")
   micro = split_microbatches(batch, microbatches)
-  terms = loss_terms(loss_config)
+  terms = model_loss_terms(model, loss_config)
   global_terms = [t for t in terms if t.over_embeddings]
   summed_terms = [t for t in terms if not t.over_embeddings]
   variables = {"params": params}
