@@ -45,6 +45,7 @@ from coca_jax.perf import flops
 from coca_jax.training import step as step_lib
 from coca_jax.core import fs
 from coca_jax.training import metrics_log as metrics_lib
+from coca_jax.data import tokenizer as tokenizer_lib
 from coca_jax.training import loop
 from coca_jax.training.loop import (  # the CLI's exit codes name these; tests use them here
     NonFiniteError, NonFiniteWatch, checkpoint_facts)
