@@ -712,6 +712,12 @@ def validate(config, num_devices: int | None = None, load_tokenizer=None) -> Non
   # The checks below compare values; a value of the wrong type would make them raise TypeError.
   typed = type_problems(config)
   if typed:
+    # The schema's own enumeration and type messages where it declares the field; the
+    # default-type ones for the rest (data, evals, ...).
+    declared = []
+    _validate_types(config, declared)
+    reported = {p.split("=", 1)[0] for p in declared}
+    typed = declared + [p for p in typed if p.split("=", 1)[0] not in reported]
     raise ConfigError(f"{len(problems + typed)} config problem(s):\n  - " +
                       "\n  - ".join(problems + typed))
 
