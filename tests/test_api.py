@@ -139,12 +139,12 @@ def test_evaluate_help_and_a_missing_workdir_are_usage_messages():
   run = lambda *args: subprocess.run([sys.executable, "-m", "coca_jax.evaluate", *args],
                                      cwd=REPO, env=env, capture_output=True, text=True,
                                      timeout=300)
-  result = run("--help")  # absl's --help exits 1.
+  result = run("--help")
   assert "Traceback" not in result.stderr, result.stderr[-3000:]
   assert "python -m coca_jax.evaluate --workdir DIR" in result.stdout
-  result = run()
-  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-  assert "Flag --workdir must have a value" in result.stderr
+  result = run()  # A usage mistake: one line, exit 2 (core/cli.py).
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert "missing --workdir" in result.stderr
 
 
 def test_float_images_embed_like_uint8_and_bad_ranges_are_rejected(model, scenes):
