@@ -32,6 +32,7 @@ import sys
 
 from absl import app, flags
 
+from coca_jax.core import cli
 from coca_jax.core import console
 from coca_jax.inference import api
 from coca_jax.inference import index as index_lib
@@ -127,7 +128,7 @@ def main(argv) -> None:
 
 def run() -> None:
   runtime.preload_allocator()  # Console scripts.
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

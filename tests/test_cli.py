@@ -26,6 +26,8 @@ MODULES = {
     "coca_jax.data.build": ("--format", "--src", "captions.jsonl", "captions.csv"),
     "coca_jax.data.tokenizer": ("train", "show"),
     "coca_jax.interop.open_clip": ("import", "export"),
+    "coca_jax.interop.vlmo": ("import", "export"),
+    "coca_jax.index": ("--model", "--index", "--images"),
 }
 
 
