@@ -169,8 +169,9 @@ def test_train_writes_every_workdir_file_to_the_bucket(gs_run):
   # A path mangled by os.path.abspath would have created <cwd>/gs:/... locally.
   assert not os.path.exists(gs_run["tmp"] / "gs:"), os.listdir(gs_run["tmp"])
   workdir = gs_run["workdir"]
-  assert fs.listdir(workdir) == sorted(["checkpoints", "config.json", "metrics.jsonl",
-                                        "tensorboard", "tokenizer.model"])  # LOCK released.
+  # LOCK released; known_good.json names the newest checkpoint a clean step ran from.
+  assert fs.listdir(workdir) == sorted(["checkpoints", "config.json", "known_good.json",
+                                        "metrics.jsonl", "tensorboard", "tokenizer.model"])
   assert checkpoint.step_dirs(workdir) == ([3, 6], [])
   assert checkpoint.unreadable_reason(workdir, 6) is None
   records = [json.loads(line) for line in fs.read_text(fs.join(workdir, "metrics.jsonl"))
