@@ -136,8 +136,10 @@ def test_router_statistics_count_each_pass_once(routed_mome):
   model, params, images = routed_mome
   batch = {"image": images, "text": jnp.asarray(_text(np.random.default_rng(3)), jnp.int32)}
   outputs, stats = step.apply_with_router_statistics(model, params, batch["image"], batch["text"])
-  _, _, itm_stats = step.image_text_matching(params, model, batch, outputs, jax.random.key(0))
-  merged = step.add_router_statistics(stats, itm_stats)
+  embeds = {k: outputs[k] for k in ("image_embed", "text_embed", "logit_scale")}
+  plan = step._itm_plan(batch, embeds, jax.random.key(0))  # pylint: disable=protected-access
+  _, _, itm_stats = step._itm_sums(params, model, outputs, batch, plan["rows"], batch)  # pylint: disable=protected-access
+  merged = step._add_statistics(stats, itm_stats)  # pylint: disable=protected-access
   assert "layers_1/ffn_image" not in itm_stats
   assert float(merged["layers_1/ffn_image"]["tokens"]) == 3 * ROUTED.image_tokens
   assert float(merged["layers_1/ffn_image"]["choice_count"].sum()) == 3 * ROUTED.image_tokens

@@ -283,8 +283,8 @@ def _itm_sums(params, model, outputs, microbatch, rows, batch, rng=None):
 
 def _add_statistics(a: dict, b: dict) -> dict:
   """Router statistics of two passes through the same routers: summed per router."""
-  return {name: jax.tree.map(jnp.add, a[name], s) if name in a else s
-          for name, s in {**a, **b}.items()}
+  return {**a, **{name: jax.tree.map(jnp.add, a[name], s) if name in a else s
+                  for name, s in b.items()}}
 
 
 def model_loss_terms(model: CoCa, loss_config) -> list[LossTerm]:
