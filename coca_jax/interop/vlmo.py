@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from coca_jax.core import cli
 from coca_jax.core import config as config_lib
 from coca_jax.core import fs
 from coca_jax.data.wordpiece import WordPieceTokenizer
@@ -406,10 +407,11 @@ def main(argv=None) -> None:
   exp.add_argument("--out", required=True, help="FILE.safetensors to write")
   exp.add_argument("--step", type=int, default=None)
   args = parser.parse_args(argv)
-  if args.command == "import":
-    print(import_bundle(args.src, args.model, args.out, args.vocab, args.dtype))
-  else:
-    print(export_state_dict(args.src, args.out, args.step))
+  with cli.usage_errors(parser.prog, also=(ConversionError,)):
+    if args.command == "import":
+      print(import_bundle(args.src, args.model, args.out, args.vocab, args.dtype))
+    else:
+      print(export_state_dict(args.src, args.out, args.step))
 
 
 if __name__ == "__main__":
