@@ -58,6 +58,22 @@ def test_a_source_inside_the_target_is_refused_and_kept(tmp_path, capsys):
   assert _snapshot(src) == before
 
 
+def test_a_glob_source_is_checked_by_what_it_matches(tmp_path):
+  # Shards beside the target are fine (the glob's stem folder holds the target, its matches do
+  # not); shards inside the target are refused, as a folder source would be.
+  for folder in ("a", "b"):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "00000.tar").write_bytes(b"")
+  builders._check_target("x", str(tmp_path / "tfds"),
+                         {"src": str(tmp_path / "*" / "00000.tar")}, overwrite=False)
+  inside = tmp_path / "tfds" / "x" / "shards"
+  inside.mkdir(parents=True)
+  (inside / "00000.tar").write_bytes(b"")
+  with pytest.raises(ValueError, match="the source lies inside the dataset folder"):
+    builders._check_target("x", str(tmp_path / "tfds"),
+                           {"src": str(tmp_path / "tfds" / "x" / "*" / "*.tar")}, overwrite=True)
+
+
 def test_a_foreign_finished_build_survives_a_build_of_its_name(tmp_path, capsys):
   data_dir = tmp_path / "tfds"
   mnist = data_dir / "mnist" / "3.0.1"  # A TFDS build of another version: not ours.

@@ -661,8 +661,8 @@ def _remove_interrupted_builds(data_dir: str, name: str) -> None:
 
 
 def _source_paths(options: dict) -> list[str]:
-  """The folders (or files) a build reads: --src and --eval_src, a glob cut at its first
-  wildcard."""
+  """The folders (or files) a build reads: --src and --eval_src; a glob gives the paths it
+  matches (cut at its first wildcard when it matches nothing here)."""
   paths = []
   for key in ("src", "eval_src"):
     value = options.get(key)
@@ -670,6 +670,10 @@ def _source_paths(options: dict) -> list[str]:
       continue
     value = os.fspath(value)
     if any(ch in value for ch in "*?["):
+      matches = glob.glob(os.path.expanduser(value))
+      if matches:
+        paths.extend(os.path.realpath(match) for match in matches)
+        continue
       value = os.path.dirname(value[:min(value.index(ch) for ch in "*?[" if ch in value)])
     paths.append(os.path.realpath(os.path.expanduser(value or ".")))
   return paths

@@ -301,6 +301,11 @@ class Trainer:
       except Exception as e:  # pylint: disable=broad-except  # only a full disk becomes a message
         if not checkpoint.is_disk_full(e):
           raise
+        try:  # an earlier asynchronous save still in flight: let it finish (or fail) first,
+          manager.wait_until_finished()  # so the message lists what is really on disk
+        except Exception as pending_error:  # pylint: disable=broad-except
+          if not checkpoint.is_disk_full(pending_error):
+            raise
         # The failed write is this save's, or (asynchronous saves) an earlier one's: the
         # message names the step whose temporary directory is left, else this one.
         raise checkpoint.DiskFullError(checkpoint.disk_full_message(
