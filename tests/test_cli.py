@@ -27,6 +27,7 @@ MODULES = {
     "coca_jax.data.tokenizer": ("train", "show"),
     "coca_jax.interop.open_clip": ("import", "export"),
     "coca_jax.interop.vlmo": ("import", "export"),
+    "coca_jax.interop.beit": ("import",),
     "coca_jax.index": ("--model", "--index", "--images"),
 }
 

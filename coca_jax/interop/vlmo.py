@@ -308,7 +308,10 @@ def read_state_dict(path: str) -> dict:
   if not fs.exists(path):
     raise FileNotFoundError(f"--src {path} does not exist")
   if path.endswith(".safetensors"):
-    state = flat_params.load_safetensors(fs.read_bytes(path))  # bf16 / fp16 too.
+    try:
+      state = flat_params.load_safetensors(fs.read_bytes(path), path)  # bf16 / fp16 too.
+    except ValueError as e:  # Truncated or not safetensors: a usage error naming the file.
+      raise ConversionError(str(e)) from e
   else:
     try:
       import torch
@@ -407,7 +410,7 @@ def main(argv=None) -> None:
   exp.add_argument("--out", required=True, help="FILE.safetensors to write")
   exp.add_argument("--step", type=int, default=None)
   args = parser.parse_args(argv)
-  with cli.usage_errors(parser.prog, also=(ConversionError,)):
+  with cli.usage_errors(parser.prog, also=(ConversionError, ImportError)):
     if args.command == "import":
       print(import_bundle(args.src, args.model, args.out, args.vocab, args.dtype))
     else:
