@@ -116,7 +116,7 @@ def check_architecture(beit: dict, arch: dict, model_name: str = "") -> None:
           f"{key} is for {size} but {target} has a {grid}x{grid} grid "
           f"({arch['image_size']}px / {arch['patch_size']}px); the table is not resampled "
           f"here: import a BEiT trained at {arch['image_size']}px in {arch['patch_size']}px "
-          "patches, or fine-tune the VLMo model at the other size after importing")
+          "patches (e.g. beit_base_patch16_224 for vlmo_base_patch16)")
     elif table.shape[1] != arch["heads"]:
       problems.append(f"{key} has {table.shape[1]} heads, {target} has {arch['heads']}")
     break  # Every table of a model has the same shape; one report is enough.
