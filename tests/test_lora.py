@@ -4,7 +4,6 @@ on load, folded by export --merge_lora; their optimizer state next to full fine-
 import json
 import os
 
-import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -173,3 +172,24 @@ def test_a_targets_regex_that_matches_nothing_is_a_config_error(tiny_config):
   config.optim.lora = dict(rank=4, targets="(")
   with pytest.raises(config_lib.ConfigError, match=r"config\.optim\.lora\.targets"):
     config_lib.validate(config)
+
+
+def test_adapters_shard_like_their_kernels(run):
+  """A carries its kernel's stacked and input mesh axes, B its stacked and output ones; the
+  rank axis is never split."""
+  built = run["built"]
+  adapters = built.state_shardings.params[lora_lib.ADAPTERS]
+  kernels = traverse_util.flatten_dict(built.lora.base_shardings)
+  pad = lambda spec, n: tuple(spec) + (None,) * (n - len(spec))
+  split = set()
+  for path, t in built.lora.targets.items():
+    kernel = pad(kernels[path].spec, len(t.shape))
+    node = adapters
+    for key in path:
+      node = node[key]
+    a = pad(node[lora_lib.LORA_A].spec, len(t.shape) - len(t.out_shape) + 1)
+    b = pad(node[lora_lib.LORA_B].spec, len(t.shape) - len(t.in_shape) + 1)
+    assert a == kernel[:t.stack + t.inputs] + (None,), path
+    assert b == kernel[:t.stack] + (None,) + kernel[t.stack + t.inputs:], path
+    split |= {axis for axis in a + b if axis}
+  assert {"fsdp", "tensor"} <= split  # embed and heads/mlp are split as in the base
