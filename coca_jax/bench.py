@@ -93,6 +93,22 @@ def _memory_report(compiled) -> dict:
   return report
 
 
+def _tree_bytes(tree) -> int:
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
+
+
+def state_bytes(built: step.TrainSetup) -> dict:
+  """Bytes of the train state's parts, from the abstract state (nothing allocated or compiled):
+  the trained parameters, their optimizer state, and under LoRA the frozen base (read, never
+  updated or checkpointed)."""
+  abstract = built.abstract_state
+  report = {"trained_param_bytes": _tree_bytes(abstract.params),
+            "optimizer_state_bytes": _tree_bytes(abstract.opt_state)}
+  if built.lora is not None:
+    report["frozen_param_bytes"] = _tree_bytes(built.lora.base_abstract)
+  return report
+
+
 def benchmark(config, mode: str, steps: int = 10, target: str | None = None,
         devices: int | None = None) -> dict:
   """The benchmark as a dict (what `--json` prints). `target` (compile mode): compile for that
@@ -112,6 +128,7 @@ def benchmark(config, mode: str, steps: int = 10, target: str | None = None,
   mesh = built.mesh
   train_step = built.train_step()
   abstract_state = built.sharded_abstract_state
+  extra_args = built.step_args(built.sharded_abstract_base)
   flops_per_example = flops.model_flops_per_example(config)
   result = {
       "mode": mode,
@@ -126,10 +143,11 @@ def benchmark(config, mode: str, steps: int = 10, target: str | None = None,
       "remat": config.model.remat,
       "contrastive_impl": config.loss.contrastive_impl,
       "model_flops_per_example": flops_per_example,
+      **state_bytes(built),
   }
   with jax.set_mesh(mesh):
     start = time.perf_counter()
-    lowered = train_step.lower(abstract_state, _abstract_batch(config, mesh))
+    lowered = train_step.lower(abstract_state, _abstract_batch(config, mesh), *extra_args)
     try:
       compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as error:
@@ -155,14 +173,16 @@ def benchmark(config, mode: str, steps: int = 10, target: str | None = None,
     return result
 
   with jax.set_mesh(mesh):
-    state = built.init_state(seed=0)
+    # Under LoRA the base is freshly initialised: the step's cost does not depend on its values.
+    args = built.step_args(built.init_base(0) if built.lora is not None else None)
+    state = built.init_state(seed=0, **({"base": args[0]} if args else {}))
     batch = _synthetic_batch(config, mesh)
-    state, metrics = compiled(state, batch)  # Warm-up (first-run allocations).
+    state, metrics = compiled(state, batch, *args)  # Warm-up (first-run allocations).
     jax.block_until_ready(metrics)
     times = []
     for _ in range(steps):
       start = time.perf_counter()
-      state, metrics = compiled(state, batch)
+      state, metrics = compiled(state, batch, *args)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - start)
   step_seconds = statistics.median(times)

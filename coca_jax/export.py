@@ -2,7 +2,7 @@ r"""Exports a trained model as a self-contained bundle: parameters only (no opti
 the config and the tokenizer.
 
   python -m coca_jax.export --src DIR --out OUT [--step N] [--dtype bfloat16] \
-      [--format orbax|safetensors]
+      [--format orbax|safetensors] [--merge_lora]
 
 DIR is a training workdir, a checkpoints/<step> directory or another bundle (`--workdir` is the
 same flag). OUT is a directory holding:
@@ -18,6 +18,9 @@ scan_layers the model used, e.g. `vision/layer_3/attention/query/kernel` [width,
 `vision/layer_3/ffn/mlp/wi/kernel` [width, mlp], `token_embed/embedding` [vocab, width],
 `vocab_head/kernel` [width, vocab], `logit_scale` [] (log of the contrastive scale).
 Dense kernels are [inputs..., outputs...] (x @ kernel), not torch's [out, in].
+A LoRA run (`config.optim.lora`) checkpoints its adapters only; `--merge_lora` folds them into
+the base its config.init.source names (W + alpha / rank * A @ B) and writes a plain bundle
+(its config.json has optim.lora.rank = 0), which loads and fine-tunes like any other.
 The bundle is written to a temporary directory beside OUT and renamed into place, so OUT is
 either absent or complete. `coca_jax.load(OUT)` reads either format back as float32.
 """
@@ -29,7 +32,8 @@ from absl import app, flags
 from coca_jax.core import cli
 from coca_jax.core import console
 # The library functions behind the CLI (kept importable from here for existing callers).
-from coca_jax.inference.bundle import FORMAT, SAFETENSORS_FILE, export, write_bundle  # noqa: F401
+from coca_jax.inference.bundle import (  # noqa: F401
+    FORMAT, SAFETENSORS_FILE, LoraExportError, export, write_bundle)
 
 FLAGS = flags.FLAGS
 
@@ -44,6 +48,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored parameter dtype.")
   flags.DEFINE_enum("format", "orbax", ["orbax", "safetensors"], "Parameter file format.")
+  flags.DEFINE_bool("merge_lora", False, "A LoRA run (config.optim.lora): fold its adapters "
+                    "into the base (config.init.source) and write a plain bundle.")
 
 
 def main(argv) -> None:
@@ -51,7 +57,11 @@ def main(argv) -> None:
   console.setup()
   if not FLAGS.workdir or not FLAGS.out:
     raise app.UsageError("--src (or --workdir) and --out are required")
-  print(export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype, fmt=FLAGS.format))
+  try:
+    print(export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype,
+                 fmt=FLAGS.format, merge_lora=FLAGS.merge_lora))
+  except LoraExportError as e:  # A LoRA run without --merge_lora: the message names the flag.
+    raise app.UsageError(str(e)) from None
 
 
 def run() -> None:

@@ -693,6 +693,29 @@ def eval_problems(config) -> list[str]:
   return problems
 
 
+def _validate_lora(config, need, problems) -> None:
+  """config.optim.lora: a rank >= 0, a positive alpha, regexes that compile. Whether `targets`
+  matches a kernel is checked when the model is known (training/lora.py); the base comes from
+  config.init.source when training starts (warm_start.base_params says so if it is unset), so
+  `bench` can plan a LoRA run without one."""
+  lora = config.optim.lora
+  need(lora.rank >= 0, f"config.optim.lora.rank={lora.rank} must be >= 0 (0 = off)")
+  if lora.rank <= 0:
+    return
+  need(lora.alpha > 0, f"config.optim.lora.alpha={lora.alpha} must be > 0 (the scale is "
+       "alpha / rank)")
+  for name in ("targets", "unfrozen_regex"):
+    try:
+      re.compile(lora[name] or "")
+    except re.error as e:
+      problems.append(f"config.optim.lora.{name}={lora[name]!r} is not a valid regex ({e})")
+  need(lora.targets != "", "config.optim.lora.targets is empty; give a regex over parameter "
+       "paths (its default adapts attention and MLP kernels)")
+  need(not config.optim.freeze_regex, "config.optim.freeze_regex with config.optim.lora: "
+       "LoRA already freezes every parameter but the adapters and "
+       "config.optim.lora.unfrozen_regex; drop freeze_regex")
+
+
 def validate(config, num_devices: int | None = None, load_tokenizer=None) -> None:
   """Raises ConfigError listing every problem found. `num_devices` enables mesh checks;
   `load_tokenizer` (`data.tokenizer.load_tokenizer`; core does not import data) enables the
@@ -762,6 +785,7 @@ def validate(config, num_devices: int | None = None, load_tokenizer=None) -> Non
       re.compile(init[name] or "")
     except re.error as e:
       problems.append(f"config.init.{name}={init[name]!r} is not a valid regex ({e})")
+  _validate_lora(config, need, problems)
   microbatches = t.microbatches
   need(isinstance(microbatches, int) and microbatches >= 1,
        f"config.train.microbatches={microbatches!r} must be a positive integer")

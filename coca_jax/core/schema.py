@@ -355,6 +355,38 @@ class Loss:
 ROUTER_LOSS_FIELDS = tuple(f.name for f in dataclasses.fields(Loss) if f.name.startswith("router_"))
 
 
+# LoRA's default targets: the attention projections (query, key, value, out; self- and
+# cross-attention) and the feed-forward matrices (wi, wo: dense MLPs, routed experts and MoME's
+# modality experts), in every tower.
+DEFAULT_LORA_TARGETS = r"(attention/(query|key|value|out)|(^|/)(wi|wo))(/kernel)?$"
+
+
+@_frozen
+class Lora:
+  """config.optim.lora: low-rank adapters on frozen Dense kernels (training/lora.py).
+
+  rank: the adapters' rank r (0 = off: every parameter is trained).
+  alpha: the adapters' scale is alpha / rank: W + alpha / rank * A @ B.
+  targets: regex over '/'-joined parameter paths (the scanned layout, e.g.
+    'vision/layers/attention/query/kernel'); each matching Dense kernel gets an adapter. A
+    regex that matches no kernel is an error.
+  unfrozen_regex: parameters trained in full beside the adapters ('' = none), e.g.
+    'logit_scale' or '(^|/)bias$'. Every other parameter stays as config.init.source has it.
+  """
+  rank: int = 0
+  alpha: float = 16.0
+  targets: str = DEFAULT_LORA_TARGETS
+  unfrozen_regex: str = ""
+
+  @property
+  def enabled(self) -> bool:
+    return self.rank > 0
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
 @_frozen
 class Optim:
   """config.optim."""
@@ -371,6 +403,7 @@ class Optim:
   clip_norm: float = 0.0
   freeze_regex: list = dataclasses.field(default_factory=list)
   no_decay_regex: str = DEFAULT_NO_DECAY
+  lora: Lora = _group(Lora)
 
 
 # -- Derived: defaults, validation, building ----------------------------------------------------

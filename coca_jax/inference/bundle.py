@@ -4,6 +4,7 @@ described in `coca_jax/export.py` (the CLI)."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import jax
@@ -17,6 +18,7 @@ from coca_jax.core import schema
 from coca_jax.data.tokenizer import TOKENIZER_FILES
 from coca_jax.inference import api
 from coca_jax.interop import params as flat_params
+from coca_jax.training import lora as lora_lib
 
 FORMAT = "coca_jax.export/1"
 SAFETENSORS_FILE = "model.safetensors"
@@ -57,9 +59,26 @@ def write_bundle(out: str, params, config, tokenizer, *, step=None, source: str 
                           ) from None
 
 
+class LoraExportError(ValueError):
+  """A LoRA run exported without merge_lora."""
+
+
 def export(source: str, out: str, *, step: int | None = None, dtype: str = "float32",
-           fmt: str = "orbax") -> str:
-  """Writes the bundle for `source` (a workdir, checkpoint step dir or bundle) to `out`."""
+           fmt: str = "orbax", merge_lora: bool = False) -> str:
+  """Writes the bundle for `source` (a workdir, checkpoint step dir or bundle) to `out`. A
+  LoRA run's checkpoint (config.optim.lora) holds adapters only: `merge_lora` folds them into
+  their base (W + alpha / rank * A @ B) and writes a plain bundle whose config has LoRA off."""
+  found = api.resolve(source, step)
+  config = api.read_checked_config(found["root"])
+  is_lora = lora_lib.enabled(config) and found["kind"] != "export"
+  if is_lora and not merge_lora:
+    raise LoraExportError(f"{source} is a LoRA run (config.optim.lora.rank="
+                     f"{config.optim.lora.rank}): its checkpoints hold adapters, not a model; "
+                     "pass --merge_lora to fold them into their base as a plain bundle")
   model = api.load(source, step=step)
-  return write_bundle(out, model.params, model.config, model.tokenizer, step=model.step,
+  config = model.config
+  if is_lora:
+    config = copy.deepcopy(config)
+    config.optim.lora.rank = 0  # The bundle is the adapted model itself.
+  return write_bundle(out, model.params, config, model.tokenizer, step=model.step,
                       source=fs.resolve(source), dtype=dtype, fmt=fmt)

@@ -27,6 +27,7 @@ from coca_jax.data import pipeline, prepare
 from coca_jax.evaluation import evaluators
 from coca_jax.perf import flops
 from coca_jax.training import checkpoint
+from coca_jax.training import lora as lora_lib
 from coca_jax.training import metrics_log as metrics_lib
 from coca_jax.training import preemption
 from coca_jax.training import step as step_lib
@@ -161,6 +162,7 @@ class Trainer:
     self.profiler = profiler or metrics_lib.Profiler(config, workdir)
     self.lock = self.train_iter = self.manager = self.writer = None
     self.state, self.first_step, self.compiled = None, 0, None
+    self.base = None  # LoRA: the frozen base parameters (config.init.source), on their shards
 
   def run(self) -> dict:
     """restore_or_init, compile, loop, finish; the workdir's lock, data, checkpoint manager and
@@ -199,6 +201,8 @@ class Trainer:
         workdir, keep=ckpt.keep, every_steps=ckpt.every_steps, async_save=ckpt.async_save,
         known_good=self.known_good)
     steps, _ = checkpoint.step_dirs(workdir)
+    if built.lora is not None:  # Checkpoints hold the adapters; the base is read every time.
+      self.base = warm_start.lora_base(config, built)
     resume_step = self.options.resume_step
     if steps or resume_step is not None:
       self.state, self.first_step, skipped = checkpoint.restore_newest_readable(
@@ -219,6 +223,10 @@ class Trainer:
         print(f"Resumed from step {first_step}; unreadable newer steps were moved to "
               f"{fs.join(workdir, checkpoint.SET_ASIDE)}: " +
               "; ".join(f"step {s}: {r}" for s, r in skipped), file=sys.stderr)
+    elif built.lora is not None:
+      self.state = built.init_state(base=self.base)
+      logging.info("LoRA: %s trained values on %d kernels", lora_lib.counts(self.state.params),
+                   len(built.lora.targets))
     else:
       self.state = built.init_state()
       if config.init.source:  # Parameters from another run or an import.
@@ -239,7 +247,8 @@ class Trainer:
     with jax.set_mesh(self.built.mesh):
       t0 = time.perf_counter()
       self.compiled = train_step.lower(
-          self.state, step_lib.dummy_batch(config, config.train.batch_size)).compile()
+          self.state, step_lib.dummy_batch(config, config.train.batch_size),
+          *self.built.step_args(self.base)).compile()
       compile_seconds = time.perf_counter() - t0
     memory = self.compiled.memory_analysis()
     logging.info("Compiled train step in %.1fs; temp bytes/device %s", compile_seconds,
@@ -315,13 +324,14 @@ class Trainer:
         watch.saved(step_num)
 
     # Built once per run (its compiled functions too): periodic evals do not recompile.
-    embedder = evaluators.Embedder(built.model, self.state.params, self.tokenizer,
-                                   batch_size=config.evals.batch_size)
+    embedder = evaluators.Embedder(built.model, built.model_params(self.state, self.base),
+                                   self.tokenizer, batch_size=config.evals.batch_size)
 
     def evaluate():
-      embedder.params = self.state.params
+      embedder.params = built.model_params(self.state, self.base)
       return evaluators.evaluate(config, embedder)
 
+    step_args = built.step_args(self.base)
     stop = preemption.StopSignal(manager)
     step_num, stopped, self._disk_full = first_step, False, False
     try:
@@ -329,7 +339,7 @@ class Trainer:
         for step_num in range(first_step + 1, config.train.steps + 1):
           batch = next(data_wait)
           self.profiler.before(step_num)
-          self.state, metrics = self.compiled(self.state, batch)
+          self.state, metrics = self.compiled(self.state, batch, *step_args)
           self.profiler.after(step_num, self.state)
           watch.observe(metrics, step_num)
           if pending is not None:

@@ -55,6 +55,7 @@ from coca_jax import models
 
 from coca_jax.core import schema
 from coca_jax.core import sharding
+from coca_jax.training import lora as lora_lib
 from coca_jax.training import optim
 from coca_jax.models.coca import CoCa, clamp_logit_scale
 from coca_jax.core.tokens import PAD_ID
@@ -62,7 +63,9 @@ from coca_jax.core.tokens import PAD_ID
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything the step updates. A pytree: checkpointed and sharded as one."""
+  """Everything the step updates. A pytree: checkpointed and sharded as one. Under LoRA
+  (`config.optim.lora`), `params` is the trainable tree of `training/lora.py` (adapters and
+  unfrozen parameters); the frozen base is the step's separate, read-only argument."""
   step: jax.Array
   params: Any
   opt_state: Any
@@ -116,11 +119,37 @@ def abstract_params(config, model: CoCa | None = None, *, boxed: bool = False):
   return params if boxed else nn.unbox(params)
 
 
-def state_shardings(model: CoCa, tx: optax.GradientTransformation, config, mesh: Mesh, rules):
-  """(abstract TrainState of ShapeDtypeStructs, TrainState of NamedShardings)."""
+@dataclasses.dataclass(frozen=True)
+class LoraParts:
+  """What a LoRA run (config.optim.lora) adds to its setup: the settings, the adapted kernels
+  (`lora.targets`), and the frozen base parameters' abstract tree and shardings."""
+  settings: schema.Lora
+  targets: dict
+  base_abstract: Any
+  base_shardings: Any
+
+
+def lora_parts(config, model: CoCa, mesh: Mesh, rules) -> LoraParts | None:
+  """The LoRA parts of `config` on `mesh` (None when config.optim.lora.rank is 0)."""
+  settings = lora_lib.lora_settings(config)
+  if not settings.enabled:
+    return None
   boxed = abstract_params(config, model, boxed=True)
-  param_specs = nn.get_partition_spec(boxed)
-  params_abstract = nn.unbox(boxed)
+  return LoraParts(settings, lora_lib.targets(boxed, settings), nn.unbox(boxed),
+                   sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules))
+
+
+def state_shardings(model: CoCa, tx: optax.GradientTransformation, config, mesh: Mesh, rules):
+  """(abstract TrainState of ShapeDtypeStructs, TrainState of NamedShardings). Under LoRA the
+  params are the trainable tree, each adapter carrying its kernel's logical axes."""
+  boxed = abstract_params(config, model, boxed=True)
+  settings = lora_lib.lora_settings(config)
+  if settings.enabled:
+    params_abstract, param_specs = lora_lib.abstract_trainable(
+        lora_lib.targets(boxed, settings), boxed, settings)
+  else:
+    param_specs = nn.get_partition_spec(boxed)
+    params_abstract = nn.unbox(boxed)
   param_shardings = sharding.logical_to_sharding(param_specs, mesh, rules)
   opt_abstract = jax.eval_shape(tx.init, params_abstract)
   opt_shardings = sharding.shardings_like_params(opt_abstract, param_shardings, params_abstract, mesh)
@@ -131,8 +160,16 @@ def state_shardings(model: CoCa, tx: optax.GradientTransformation, config, mesh:
   return abstract, shardings
 
 
-def make_init_fn(model: CoCa, tx: optax.GradientTransformation, config, shardings: TrainState):
-  """A jitted rng -> TrainState that materialises each array on its own shards."""
+def make_init_fn(model: CoCa, tx: optax.GradientTransformation, config, shardings: TrainState,
+                 lora: LoraParts | None = None):
+  """A jitted rng -> TrainState that materialises each array on its own shards. Under LoRA it
+  is (rng, base) -> TrainState: fresh adapters, unfrozen parameters copied from `base`."""
+  if lora is not None:
+    def init_adapters(rng, base):
+      params = lora_lib.init_trainable(lora.targets, base, lora.settings, rng)
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return jax.jit(init_adapters, out_shardings=shardings)
+
   def init(rng):
     params = nn.unbox(_init_boxed_params(model, config, rng))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
@@ -473,23 +510,36 @@ def guard_nonfinite(state: TrainState, new_state: TrainState, metrics: dict,
   return new_state, {**metrics, "nonfinite": (~finite).astype(jnp.int32)}
 
 
-def train_step(state: TrainState, batch, *, model: CoCa, tx: optax.GradientTransformation,
-               loss_config, schedule: Callable, rules, microbatches: int = 1,
-               seed: int = 0, nonfinite: str = "halt") -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch, base=None, *, model: CoCa,
+               tx: optax.GradientTransformation, loss_config, schedule: Callable, rules,
+               microbatches: int = 1, seed: int = 0, nonfinite: str = "halt",
+               lora_scale: float = 1.0) -> tuple[TrainState, dict]:
   """One optimizer update. Pure: (state, batch) -> (new state, metrics). Randomness (ITM hard
   negatives) comes from (seed, state.step), so a resumed run draws what it would have drawn.
-  `nonfinite`: see `guard_nonfinite`."""
+  `nonfinite`: see `guard_nonfinite`. `base`: under LoRA, the frozen base parameters; the model
+  then runs with `lora.apply(base, state.params, lora_scale)` and only state.params (adapters,
+  unfrozen parameters) get gradients and updates."""
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
+  to_params = ((lambda p: p) if base is None
+               else (lambda p: lora_lib.apply(base, p, lora_scale)))
   with nn.logical_axis_rules(rules):
     if microbatches > 1:
-      (_, metrics), grads = accumulated_loss_and_grads(
-          state.params, model, batch, loss_config, microbatches, rng)
+      # The accumulated step differentiates the model's parameters; the chain rule through
+      # the LoRA transform (its VJP) turns those gradients into the adapters'.
+      params, pullback = jax.vjp(to_params, state.params)
+      (_, metrics), model_grads = accumulated_loss_and_grads(
+          params, model, batch, loss_config, microbatches, rng)
+      grads, = pullback(model_grads)
     else:
-      grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+      grad_fn = jax.value_and_grad(lambda p, *args: loss_fn(to_params(p), *args), has_aux=True)
       (_, metrics), grads = grad_fn(state.params, model, batch, loss_config, rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = clamp_logit_scale(optax.apply_updates(state.params, updates),
-                             model.config.max_logit_scale)
+  params = optax.apply_updates(state.params, updates)
+  if base is None:
+    params = clamp_logit_scale(params, model.config.max_logit_scale)
+  elif lora_lib.UNFROZEN in params:  # A trained logit_scale lives among the unfrozen.
+    params = {**params, lora_lib.UNFROZEN: clamp_logit_scale(params[lora_lib.UNFROZEN],
+                                                             model.config.max_logit_scale)}
   metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
              "param_norm": optax.tree.norm(state.params),
              "learning_rate": schedule(state.step)}
@@ -511,8 +561,10 @@ def compiler_options(mesh: Mesh) -> dict | None:
   return dict(CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else None
 
 
-def make_train_step(model, tx, config, schedule, mesh: Mesh, shardings: TrainState, rules):
-  """The train step jitted with explicit in/out shardings; the old state is donated."""
+def make_train_step(model, tx, config, schedule, mesh: Mesh, shardings: TrainState, rules,
+                    lora: LoraParts | None = None):
+  """The train step jitted with explicit in/out shardings; the old state is donated. Under
+  LoRA it is (state, batch, base) -> (state, metrics), the base read, never donated."""
   microbatches = int(config.train.microbatches)
   if microbatches < 1:
     raise ValueError(f"config.train.microbatches={microbatches} must be at least 1")
@@ -523,8 +575,12 @@ def make_train_step(model, tx, config, schedule, mesh: Mesh, shardings: TrainSta
   step = functools.partial(train_step, model=model, tx=tx, loss_config=config.loss,
                            schedule=schedule, rules=rules, microbatches=microbatches,
                            seed=int(config.train.seed),
-                           nonfinite=config.train.nonfinite)
-  return jax.jit(step, in_shardings=(shardings, batch_shardings(mesh)),
+                           nonfinite=config.train.nonfinite,
+                           lora_scale=lora.settings.scale if lora is not None else 1.0)
+  in_shardings = (shardings, batch_shardings(mesh))
+  if lora is not None:
+    in_shardings += (lora.base_shardings,)
+  return jax.jit(step, in_shardings=in_shardings,
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,),
                  compiler_options=compiler_options(mesh))
 
@@ -542,22 +598,51 @@ class TrainSetup:
   schedule: Callable
   abstract_state: TrainState
   state_shardings: TrainState
+  lora: LoraParts | None = None
 
   @property
   def sharded_abstract_state(self) -> TrainState:
     """The abstract state with each leaf carrying its sharding (ahead-of-time `lower` target)."""
     return sharding.with_shardings(self.abstract_state, self.state_shardings)
 
-  def init_state(self, seed: int | None = None) -> TrainState:
-    """The initial state, each array materialised on its own shards (seed: config.train.seed)."""
+  @property
+  def sharded_abstract_base(self):
+    """Under LoRA, the frozen base's abstract tree with its shardings (None otherwise)."""
+    if self.lora is None:
+      return None
+    return sharding.with_shardings(self.lora.base_abstract, self.lora.base_shardings)
+
+  def init_state(self, seed: int | None = None, base=None) -> TrainState:
+    """The initial state, each array materialised on its own shards (seed: config.train.seed).
+    Under LoRA, `base` (default: `init_base(seed)`) gives the unfrozen parameters' start."""
     seed = self.config.train.seed if seed is None else seed
-    return make_init_fn(self.model, self.tx, self.config, self.state_shardings)(
-        jax.random.key(seed))
+    init = make_init_fn(self.model, self.tx, self.config, self.state_shardings, self.lora)
+    if self.lora is None:
+      return init(jax.random.key(seed))
+    return init(jax.random.key(seed), self.init_base(seed) if base is None else base)
+
+  def init_base(self, seed: int = 0):
+    """Freshly initialised base parameters on the base's shards (LoRA only; a real run reads
+    its base from config.init.source, `warm_start.lora_base`)."""
+    return jax.jit(lambda r: nn.unbox(_init_boxed_params(self.model, self.config, r)),
+                   out_shardings=self.lora.base_shardings)(jax.random.key(seed))
+
+  def model_params(self, state: TrainState, base=None):
+    """The parameters the model runs with: `state.params`, or under LoRA the base with the
+    adapters applied (what evals and exports use)."""
+    if self.lora is None:
+      return state.params
+    return jax.jit(functools.partial(lora_lib.apply, scale=self.lora.settings.scale))(
+        base, state.params)
+
+  def step_args(self, base=None) -> tuple:
+    """The train step's arguments after (state, batch): (base,) under LoRA, else ()."""
+    return () if self.lora is None else (base,)
 
   def train_step(self):
     """The jitted train step (see `make_train_step`)."""
     return make_train_step(self.model, self.tx, self.config, self.schedule, self.mesh,
-                           self.state_shardings, self.rules)
+                           self.state_shardings, self.rules, self.lora)
 
 
 def setup(config, devices=None) -> TrainSetup:
@@ -567,5 +652,6 @@ def setup(config, devices=None) -> TrainSetup:
   model = build_model(config)
   tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
   abstract, shardings = state_shardings(model, tx, config, mesh, rules)
-  return TrainSetup(config, mesh, rules, model, tx, schedule, abstract, shardings)
+  return TrainSetup(config, mesh, rules, model, tx, schedule, abstract, shardings,
+                    lora_parts(config, model, mesh, rules))
 

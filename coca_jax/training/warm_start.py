@@ -46,6 +46,7 @@ from coca_jax.interop import params as flat_params
 from coca_jax.core import schema
 from coca_jax.data.tokenizer import TOKENIZER_FILES
 from coca_jax.training import checkpoint
+from coca_jax.training import lora as lora_lib
 from coca_jax.training import step as step_lib
 
 EXPORT_MANIFEST = "export.json"
@@ -198,22 +199,68 @@ def read_safetensors_params(path: str, config, abstract):
 def load_params(found: dict, config):
   """(module, float32 params on one device) of what `resolve` found, built from `config` (the
   config stored beside it). A workdir gives its requested step, else its newest readable one
-  (the rule `train` resumes by); `found["step"]` is set to the step read."""
+  (the rule `train` resumes by); `found["step"]` is set to the step read. A LoRA run's
+  checkpoint (config.optim.lora) holds adapters only: they are read and applied to the base
+  its config.init.source names, so the params returned are the adapted model's."""
   model = step_lib.build_model(config)
+  settings = lora_lib.lora_settings(config)
+  if settings.enabled and found["kind"] != "export":
+    boxed = step_lib.abstract_params(config, model, boxed=True)
+    trainable, _ = lora_lib.abstract_trainable(lora_lib.targets(boxed, settings), boxed,
+                                               settings)
+    adapters = _restore_state_params(found, trainable)
+    return model, jax.jit(lora_lib.apply, static_argnums=2)(
+        _on_device_tree(base_params(config)), adapters, settings.scale)
   abstract = step_lib.abstract_params(config, model)
   if found["kind"] == "export" and found["params_dir"].endswith(".safetensors"):
     params = read_safetensors_params(found["params_dir"], config, abstract)
   elif found["kind"] == "export":
     params = restore_exported_params(found["params_dir"], abstract)
-  elif found["kind"] == "workdir":
+  else:
+    params = _restore_state_params(found, abstract)
+  return model, params
+
+
+def _restore_state_params(found: dict, abstract):
+  """TrainState.params of a workdir (its step by the resume rule) or a checkpoint step."""
+  if found["kind"] == "workdir":
     root = found["root"]
     params, found["step"], _ = checkpoint.restore_newest_readable(
         root, lambda s: restore_params_from_state(
             fs.join(checkpoint.checkpoint_dir(root), str(s), checkpoint.STATE), abstract),
         step=found["step"], need_data=False)
-  else:
-    params = restore_params_from_state(found["state_dir"], abstract)
-  return model, params
+    return params
+  return restore_params_from_state(found["state_dir"], abstract)
+
+
+def _on_device_tree(params):
+  device = jax.local_devices()[0]
+  return jax.tree.map(lambda p: jax.device_put(jnp.asarray(p), device), params)
+
+
+def base_params(config):
+  """The frozen base of a LoRA run (host numpy, this config's layout): config.init.source read
+  as a warm start reads it, every parameter from the source. A parameter the source lacks
+  (or that include/exclude/reinit or a tokenizer change would re-initialise) is an error: a
+  frozen random weight would never learn."""
+  if not config.init.source:
+    raise WarmStartError("config.optim.lora adapts a trained model: set config.init.source to "
+                         "its workdir, checkpoint step or bundle")
+  fresh = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), step_lib.abstract_params(config))
+  params, report = warm_start_params(config, fresh)
+  fresh_leaves = report["missing_in_source"] + report["reinitialised"]
+  if fresh_leaves:
+    raise WarmStartError(
+        f"config.init.source={config.init.source!r} does not give every parameter of the LoRA "
+        f"base ({len(fresh_leaves)} would stay at zero: {fresh_leaves[:5]}); use a source of "
+        "the same model and tokenizer, without config.init include/exclude/reinit regexes")
+  return params
+
+
+def lora_base(config, built):
+  """`base_params` placed on the base's shards of `built` (a LoRA TrainSetup)."""
+  return jax.tree.map(lambda p, s: _place(np.asarray(p), s), base_params(config),
+                      built.lora.base_shardings)
 
 
 # ----------------------------------------------------------------------------------------------
