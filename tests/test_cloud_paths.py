@@ -245,9 +245,9 @@ def test_resolve_keeps_urls_and_makes_local_paths_absolute(tmp_path, monkeypatch
 
 
 def test_a_url_data_dir_is_refused_with_the_fix():
-  from coca_jax.data import builders
+  from coca_jax.data import sources
   with pytest.raises(ValueError, match=r"config.data.data_dir='gs://b/tfds'.*gcsfuse"):
-    builders.open_source("digit_scenes", "gs://b/tfds", "train")
+    sources.open_source("digit_scenes", "gs://b/tfds", "train")
 
 
 def test_local_writes_are_whole_or_absent(tmp_path):

@@ -16,6 +16,7 @@ import pytest
 
 from coca_jax.core import config as config_lib
 from coca_jax.data import builders
+from coca_jax.data import sources
 from coca_jax.data import decoded_cache
 from coca_jax.data import pipeline
 from coca_jax.data import preprocess
@@ -33,7 +34,7 @@ def dataset(tmp_path_factory):
   builder = builders.make_builder("demo", "tiny_scenes", str(root / "tfds"), num_train=NUM_TRAIN,
                                   num_test=6, num_digits=5, image_size=24, show_progress=False)
   builder.download_and_prepare()
-  source = builders.open_source("tiny_scenes", str(root / "tfds"), "train", decode_images=False)
+  source = sources.open_source("tiny_scenes", str(root / "tfds"), "train", decode_images=False)
   captions = [c.decode() for i in range(len(source)) for c in source[i]["captions"]]
   Tokenizer.train(captions, str(root / "sp"), vocab_size=100, model_type="bpe")
   return root
@@ -388,7 +389,7 @@ def test_decoded_cache_is_reused_and_never_stale(tmp_path, monkeypatch):
     return tmp_path / data_dir / "scenes" / builders.VERSION
 
   first, second = build("first", 0), build("second", 1)
-  source = builders.open_source("scenes", str(tmp_path / "second"), "train",
+  source = sources.open_source("scenes", str(tmp_path / "second"), "train",
                                 decode_images=False)
   Tokenizer.train([c.decode() for i in range(len(source)) for c in source[i]["captions"]],
                   str(tmp_path / "sp"), vocab_size=60, model_type="bpe")

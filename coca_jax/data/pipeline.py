@@ -88,9 +88,9 @@ import orbax.checkpoint as ocp
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from coca_jax.data import builders
 from coca_jax.data import decoded_cache
 from coca_jax.data import preprocess
+from coca_jax.data import sources
 from coca_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 # Where config.data.data_dir is "" (the schema's default) outside a training run.
@@ -271,7 +271,7 @@ def make_host_loader(options: DataOptions, *, shard_index: int, shard_count: int
   """
   _check_hosts(options, shard_count)
   host_batch_size = options.global_batch_size // shard_count
-  source = builders.open_source(options.name, options.data_dir, split or options.train_split,
+  source = sources.open_source(options.name, options.data_dir, split or options.train_split,
                                 decode_images=False)
   _check_records(options, len(source), shard_count, split)
   tokenizer = tokenizer or load_tokenizer(options.tokenizer, options.tokenizer_kind)
@@ -325,7 +325,7 @@ def load_decoded(options: DataOptions, split: str | None = None
   mode, split = options.in_memory, split or options.train_split
   if mode == "never":
     return None
-  source = builders.open_source(options.name, options.data_dir, split, decode_images=False)
+  source = sources.open_source(options.name, options.data_dir, split, decode_images=False)
   geometry = "full" if options.random_resized_crop else "center"
   budget = None if mode == "always" else in_memory_budget(options)
   estimate = decoded_cache.estimate_bytes(source, options.image_size, geometry)
@@ -687,7 +687,7 @@ class EvalSource:
 
   def has_feature(self, path: str) -> bool:
     """Whether the dataset stores feature `path` (True when the source has no metadata)."""
-    return self._spec is None or builders.feature_spec(self._spec, path) is not None
+    return self._spec is None or sources.feature_spec(self._spec, path) is not None
 
   @property
   def feature_names(self) -> list[str]:
@@ -697,7 +697,7 @@ class EvalSource:
   def class_names(self) -> list[str] | None:
     """The label feature's ClassLabel names in label order; None when it is not a ClassLabel
     (our builders store a plain integer) or absent."""
-    spec = None if self._spec is None else builders.feature_spec(self._spec, self.features.label)
+    spec = None if self._spec is None else sources.feature_spec(self._spec, self.features.label)
     return list(spec.names) if isinstance(spec, tfds.features.ClassLabel) else None
 
   def __getitem__(self, index: int) -> dict[str, Any]:
@@ -769,10 +769,10 @@ def make_eval_source(config, split: str | None = None, name: str | None = None, 
   name = name or options.name
   data_dir = os.path.expanduser(data_dir) if data_dir else options.data_dir
   features = features or EvalFeatures()
-  source = builders.open_source(name, data_dir, split, decode_images=False,
+  source = sources.open_source(name, data_dir, split, decode_images=False,
                                 image_feature=features.image)
   spec = source.dataset_info.features
-  if builders.feature_spec(spec, features.image) is None:
+  if sources.feature_spec(spec, features.image) is None:
     raise ValueError(f"dataset {name!r} has no image feature {features.image!r} (its features: "
                      f"{', '.join(sorted(spec.keys()))}); name the image feature of the eval "
                      "(image_feature)")

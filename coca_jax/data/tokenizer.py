@@ -165,9 +165,9 @@ def load_tokenizer(path: str, kind: str = "sentencepiece"):
 
 def _captions_from_dataset(name: str, data_dir: str, split: str) -> Iterable[str]:
   """Streams every caption of a built TFDS split (images are not decoded)."""
-  from coca_jax.data import builders  # heavy: TFDS import is slow and unneeded for load().
+  from coca_jax.data import sources  # heavy: TFDS import is slow and unneeded for load().
 
-  source = builders.open_source(name, data_dir, split, decode_images=False)
+  source = sources.open_source(name, data_dir, split, decode_images=False)
   for index in range(len(source)):
     for caption in source[index]["captions"]:
       yield caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
