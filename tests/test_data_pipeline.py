@@ -16,11 +16,12 @@ import pytest
 
 from coca_jax.core import config as config_lib
 from coca_jax.data import builders
-from coca_jax.data import sources
 from coca_jax.data import decoded_cache
 from coca_jax.data import pipeline
 from coca_jax.data import preprocess
+from coca_jax.data import sources
 from coca_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from coca_jax.training import checkpoint
 
 NUM_TRAIN = 30
 IMAGE_SIZE = 16
@@ -176,7 +177,7 @@ def test_model_and_iterator_restore_from_one_orbax_checkpoint(dataset, tmp_path)
   options = ocp.CheckpointManagerOptions(max_to_keep=2)
   with ocp.CheckpointManager(tmp_path / "ckpt", options=options) as manager:
     manager.save(3, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(train_state), data=pipeline.checkpoint_args(iterator)))
+        state=ocp.args.StandardSave(train_state), data=checkpoint.checkpoint_args(iterator)))
     manager.wait_until_finished()
   expected = [next(iterator) for _ in range(3)]
 
@@ -186,7 +187,7 @@ def test_model_and_iterator_restore_from_one_orbax_checkpoint(dataset, tmp_path)
   with ocp.CheckpointManager(tmp_path / "ckpt", options=options) as manager:
     restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract),
-        data=pipeline.checkpoint_args(fresh, restore=True)))
+        data=checkpoint.checkpoint_args(fresh, restore=True)))
   np.testing.assert_array_equal(restored["state"]["params"]["w"], train_state["params"]["w"])
   for want in expected:
     got = next(fresh)

@@ -12,16 +12,10 @@ The sequence of global batches is therefore the same whatever the number of proc
 grain workers): a 1-process debug run sees a pod run's batches, and a run resumed on a
 different number of hosts continues the same order. Every random choice comes from a
 per-record generator seeded by (seed, global position), so the stream is a pure function of
-(dataset, seed, global position). The checkpointed iterator state is one number, the global
-batches consumed (`DIR/checkpoints/<step>/data/position.json`), saved next to the model in one
-orbax checkpoint; restoring it resumes with exactly the batches the uninterrupted run would
-have produced, on any number of hosts:
-
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(train_state), data=checkpoint_args(train_iter)))
-  manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=checkpoint_args(train_iter, restore=True)))
+(dataset, seed, global position). The iterator's state is one number, `position`, the global
+batches consumed; `set_position(n)` moves to batch n on any number of hosts.
+`coca_jax.training.checkpoint` saves it next to the model (`DIR/checkpoints/<step>/data/`), so
+a resumed run sees exactly the batches the uninterrupted run would have produced.
 
 Config fields read (config.data.<field>; the schema and its defaults are in coca_jax/core/config.py,
 which every loaded config is completed with; this module reads completed configs only):
@@ -80,11 +74,9 @@ from typing import Any, Iterator, Mapping
 
 from absl import flags
 from absl import logging
-from etils import epath
 import grain
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from PIL import Image
 import tensorflow_datasets as tfds
 
@@ -421,8 +413,8 @@ class TrainIterator:
   """Yields global batches {"image": float32 [B, S, S, 3], "text": int32 [B, L]} as jax.Arrays.
 
   `position` is the number of global batches returned so far; `set_position(n)` moves to the
-  n-th global batch on any number of hosts. `checkpoint_args` saves and restores the position
-  with orbax. (`get_state()` / `set_state()` expose grain's own host-local state, bytes.)
+  n-th global batch on any number of hosts (`training.checkpoint` saves and restores it).
+  (`get_state()` / `set_state()` expose grain's own host-local state, bytes.)
   """
 
   def __init__(self, loader: grain.DataLoader, batch_sharding):
@@ -571,75 +563,6 @@ def make_train_iterator(config, mesh: jax.sharding.Mesh | None, batch_sharding,
   loader = make_host_loader(options, shard_index=jax.process_index(),
                             shard_count=jax.process_count(), tokenizer=tokenizer)
   return TrainIterator(loader, batch_sharding)
-
-
-POSITION_FILE = "position.json"
-
-
-class PositionHandler:
-  """orbax CheckpointHandler for a `TrainIterator`: one JSON file, written by process 0,
-  {"global_batches", "global_batch_size", "seed", "num_records"}. Restoring moves the iterator
-  (on however many hosts now run) to that global batch."""
-
-  def save(self, directory: epath.Path, item=None, args=None) -> None:
-    iterator = item or args.item
-    if jax.process_index() == 0:
-      sampler = iterator.sampler
-      record = {"global_batches": iterator.position,
-                "global_batch_size": sampler.global_batch_size, "seed": sampler.seed,
-                "num_records": sampler.num_records}
-      (epath.Path(directory) / POSITION_FILE).write_text(json.dumps(record))
-
-  def restore(self, directory: epath.Path, item=None, args=None):
-    iterator = item or args.item
-    path = epath.Path(directory) / POSITION_FILE
-    if not path.exists():
-      raise FileNotFoundError(f"{path} (the data iterator's position) is missing")
-    record = json.loads(path.read_text())
-    sampler = iterator.sampler
-    changed = [f"{name} {record[name]} -> {now}" for name, now in (
-        ("global_batch_size", sampler.global_batch_size), ("seed", sampler.seed),
-        ("num_records", sampler.num_records)) if record.get(name) != now]
-    if changed:
-      logging.warning("The data order changed since the checkpoint (%s): resuming at global "
-                      "batch %d of the new order, not where the old one stopped",
-                      ", ".join(changed), record["global_batches"])
-    iterator.set_position(int(record["global_batches"]))
-    return iterator
-
-  def structure(self, directory):  # Required by orbax's interface.
-    del directory
-
-  def metadata(self, directory):
-    del directory
-
-  def finalize(self, directory):
-    del directory
-
-  def close(self):
-    pass
-
-  @classmethod
-  def typestr(cls):
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-@ocp.args.register_with_handler(PositionHandler, for_save=True)
-@dataclasses.dataclass
-class PositionSave(ocp.args.CheckpointArgs):
-  item: Any
-
-
-@ocp.args.register_with_handler(PositionHandler, for_restore=True)
-@dataclasses.dataclass
-class PositionRestore(ocp.args.CheckpointArgs):
-  item: Any
-
-
-def checkpoint_args(iterator: TrainIterator, restore: bool = False):
-  """orbax args item for the iterator's position: use as the "data" item of a Composite. The
-  position is in global batches, so a checkpoint restores on any number of hosts."""
-  return PositionRestore(iterator) if restore else PositionSave(iterator)
 
 
 @dataclasses.dataclass(frozen=True)
