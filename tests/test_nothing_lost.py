@@ -196,9 +196,9 @@ def test_an_image_without_pixels_is_a_clear_error(tmp_path):
   import types
   from coca_jax.inference import api
   from coca_jax.data import preprocess
-  model = types.SimpleNamespace(image_size=32)  # All `images_to_uint8` reads of the model.
+  model = types.SimpleNamespace(image_size=32)  # All `pixels_at_model_size` reads of the model.
   with pytest.raises(ValueError, match=r"image 1 has shape \(0, 0, 3\): it has no pixels"):
-    api.Model.images_to_uint8(model, [np.zeros((8, 8, 3), np.uint8),
+    api.Model.pixels_at_model_size(model, [np.zeros((8, 8, 3), np.uint8),
                                       np.zeros((0, 0, 3), np.uint8)])
   with pytest.raises(ValueError, match="0x5: it has no pixels"):
     preprocess.resize_and_center_crop(Image.new("RGB", (0, 5)), 32)

@@ -197,11 +197,12 @@ class Model:
 
   # -- Inputs ------------------------------------------------------------------------------------
 
-  def images_to_uint8(self, images) -> np.ndarray:
+  def pixels_at_model_size(self, images) -> np.ndarray:
     """File paths, or arrays (uint8 in [0, 255] or float in [0, 1]; [N,H,W,3] or a list of
     [H,W,3]) of any size -> float32 pixel values in [0, 255], [N, S, S, 3], at the model's image
     size (shorter side resized, center crop; images of another size are resized in 8 bits).
-    (The name is historical: uint8 inputs stay exact integers.)"""
+    float32, not uint8: a float image already at the model's size keeps its exact values (uint8
+    inputs stay exact integers)."""
     if isinstance(images, (str, os.PathLike)):
       images = [images]
     if isinstance(images, np.ndarray) and images.ndim != 4 and images.dtype != object:
@@ -226,7 +227,7 @@ class Model:
 
   def embed_images(self, images) -> np.ndarray:
     """Paths, uint8 [0, 255] or float [0, 1] images -> L2-normalised float32 [N, D]."""
-    return self.embedder.embed_images(self.images_to_uint8(images))
+    return self.embedder.embed_images(self.pixels_at_model_size(images))
 
   def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
     """Strings -> L2-normalised float32 [N, D]."""
@@ -240,7 +241,7 @@ class Model:
                      **decoding_fields) -> dict:
     """Like `caption` but returns generate's arrays (tokens [N, L], lengths, scores), numpy."""
     decoding = decoding or gen.Decoding(**decoding_fields)
-    images = preprocess.normalize_images(self.images_to_uint8(images))
+    images = preprocess.normalize_images(self.pixels_at_model_size(images))
     rng = jax.random.key(seed) if decoding.method == "sample" else None
     results = []
     for start in range(0, len(images), self.batch_size):
@@ -338,7 +339,7 @@ class Model:
                        "(config.model.backbone='mome') trained with config.loss.itm_weight > 0")
     if isinstance(texts, str):
       texts = [texts]
-    images = preprocess.normalize_images(self.images_to_uint8(images))
+    images = preprocess.normalize_images(self.pixels_at_model_size(images))
     tokens = self.tokenizer.tokenize(list(texts), self.module.config.text.max_len)
     num_images, num_texts = len(images), len(tokens)
     pair_image = np.repeat(np.arange(num_images), num_texts)
