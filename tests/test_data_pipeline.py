@@ -57,13 +57,13 @@ def _host_loader(root, shard_index=0, shard_count=1, batch_size=6, **data):
 
 def _batch_sharding():
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
-  return mesh, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
 
 def test_batches_follow_the_contract(dataset):
-  mesh, sharding = _batch_sharding()
+  sharding = _batch_sharding()
   batch_size = 2 * jax.device_count()
-  iterator = pipeline.make_train_iterator(_config(dataset, batch_size), mesh, sharding)
+  iterator = pipeline.make_train_iterator(_config(dataset, batch_size), sharding)
   batch = next(iterator)
   assert set(batch) == {"image", "text"}
   assert isinstance(batch["image"], jax.Array) and batch["image"].sharding == sharding
@@ -151,9 +151,9 @@ def test_close_stops_the_reading_threads(dataset):
   """Training closes its iterator when it ends: grain's prefetch threads stop then, instead of
   living on until a garbage collection (which fails when it runs on such a thread)."""
   import threading
-  mesh, sharding = _batch_sharding()
+  sharding = _batch_sharding()
   before = set(threading.enumerate())
-  iterator = pipeline.make_train_iterator(_config(dataset, 2 * jax.device_count()), mesh,
+  iterator = pipeline.make_train_iterator(_config(dataset, 2 * jax.device_count()),
                                           sharding)
   next(iterator)
   started = [t for t in threading.enumerate() if t not in before and t.is_alive()]
@@ -166,12 +166,12 @@ def test_close_stops_the_reading_threads(dataset):
 
 
 def test_model_and_iterator_restore_from_one_orbax_checkpoint(dataset, tmp_path):
-  mesh, sharding = _batch_sharding()
+  sharding = _batch_sharding()
   batch_size = 2 * jax.device_count()
   config = _config(dataset, batch_size)
   train_state = {"params": {"w": jnp.arange(6.0).reshape(2, 3)}, "step": jnp.asarray(3)}
 
-  iterator = pipeline.make_train_iterator(config, mesh, sharding)
+  iterator = pipeline.make_train_iterator(config, sharding)
   for _ in range(3):
     next(iterator)
   options = ocp.CheckpointManagerOptions(max_to_keep=2)
@@ -181,7 +181,7 @@ def test_model_and_iterator_restore_from_one_orbax_checkpoint(dataset, tmp_path)
     manager.wait_until_finished()
   expected = [next(iterator) for _ in range(3)]
 
-  fresh = pipeline.make_train_iterator(config, mesh, sharding)
+  fresh = pipeline.make_train_iterator(config, sharding)
   next(fresh)  # a fresh iterator that moved elsewhere must be rewound by the restore
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, train_state)
   with ocp.CheckpointManager(tmp_path / "ckpt", options=options) as manager:
@@ -330,10 +330,10 @@ def test_in_memory_iterator_resumes_like_the_streaming_one(dataset, jpeg_dataset
   # The prefetching iterator gives the streaming iterator's global batches, also after
   # set_position (a restore) while a batch for another position is already prepared, and
   # on another number of hosts.
-  mesh, sharding = _batch_sharding()
+  sharding = _batch_sharding()
   config = _jpeg_config(jpeg_dataset, batch_size=2 * jax.device_count())
   options = pipeline.DataOptions.from_config(config)
-  in_memory = pipeline.make_train_iterator(config, mesh, sharding)
+  in_memory = pipeline.make_train_iterator(config, sharding)
   assert isinstance(in_memory, pipeline.InMemoryTrainIterator)
   streaming = pipeline.TrainIterator(
       pipeline.make_host_loader(options, shard_index=0, shard_count=1), sharding)
@@ -352,11 +352,11 @@ def test_in_memory_iterator_resumes_like_the_streaming_one(dataset, jpeg_dataset
 
 
 def test_size_rule_streams_a_split_over_the_budget(dataset, jpeg_dataset):
-  mesh, sharding = _batch_sharding()
+  sharding = _batch_sharding()
   batch_size = 2 * jax.device_count()
 
   def path(config):
-    iterator = pipeline.make_train_iterator(config, mesh, sharding)
+    iterator = pipeline.make_train_iterator(config, sharding)
     iterator.close()
     return type(iterator).__name__
 

@@ -536,14 +536,13 @@ class InMemoryTrainIterator:
     self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def make_train_iterator(config, mesh: jax.sharding.Mesh | None, batch_sharding,
+def make_train_iterator(config, batch_sharding,
                         tokenizer: Tokenizer | None = None
                         ) -> TrainIterator | InMemoryTrainIterator:
   """The training input stream of this host, as global jax.Arrays.
 
   Args:
     config: experiment config (fields: see module docstring).
-    mesh: the device mesh (unused beyond documentation of intent: the sharding carries it).
     batch_sharding: a `jax.sharding.Sharding` for the leading (batch) axis, applied to both
       "image" [B, S, S, 3] and "text" [B, L]; or a dict {"image": ..., "text": ...}.
     tokenizer: the run's tokenizer (e.g. from `prepare.prepare_data`); default: loaded from
@@ -553,7 +552,6 @@ def make_train_iterator(config, mesh: jax.sharding.Mesh | None, batch_sharding,
     An `InMemoryTrainIterator` or a `TrainIterator` (config.data.in_memory; the same batches
     either way); each host reads only its shard (jax.process_index()).
   """
-  del mesh
   options = DataOptions.from_config(config)
   decoded = load_decoded(options)
   if decoded is not None:
