@@ -22,9 +22,9 @@ import statistics
 import time
 
 import jax
-import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
 
 from coca_jax.evaluation import metrics
 from coca_jax.inference import index as index_lib

@@ -8,15 +8,13 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 from PIL import Image
-
-from coca_jax.inference import api
+import pytest
 
 from coca_jax import export
-
-from coca_jax.inference import generate as gen
 from coca_jax.data import digit_scenes
+from coca_jax.inference import api
+from coca_jax.inference import generate as gen
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -17,17 +17,15 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 import tensorflow_datasets as tfds
 
-from coca_jax.inference import api
-
-from coca_jax.core import config as config_lib
-
 from coca_jax import export
+from coca_jax.core import config as config_lib
 from coca_jax.data import pipeline, preprocess, sources
 from coca_jax.evaluation import evaluators, metrics, prompts
+from coca_jax.inference import api
 from conftest import smoke_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -23,11 +23,9 @@ if importlib.util.find_spec("gcsfs") is None:  # Not imported here: see `gcs` fo
   pytest.skip("gs:// needs gcsfs (pip install -e .[gcs])", allow_module_level=True)
 emulator = pytest.importorskip("gcp_storage_emulator.server")
 
-from coca_jax.inference import api  # pylint: disable=g-import-not-at-top
-
-from coca_jax.training import checkpoint
-
 from coca_jax.core import fs
+from coca_jax.inference import api  # pylint: disable=g-import-not-at-top
+from coca_jax.training import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "coca-test"

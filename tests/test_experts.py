@@ -5,19 +5,20 @@ one; cached decoding equals the full pass), mixed dense/routed stacks, and the r
 auxiliary losses reaching the train loss and its gradient."""
 
 import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coca_jax.inference import generate as gen
-from coca_jax.training import losses
-from coca_jax.training import step
-from coca_jax.models.backbone import Stack, unscanned_params
 from coca_jax.core import schema
+from coca_jax.inference import generate as gen
+from coca_jax.models.backbone import Stack, unscanned_params
 from coca_jax.models.coca import CoCa, CoCaConfig, router_statistics
 from coca_jax.models.experts import FeedForward, RoutedExperts
+from coca_jax.training import losses
+from coca_jax.training import step
 
 BATCH, LENGTH, WIDTH, MLP, EXPERTS = 2, 6, 8, 16, 4
 

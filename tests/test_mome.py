@@ -11,18 +11,13 @@ import numpy as np
 import pytest
 
 from coca_jax.core import config as config_lib
-
-from coca_jax.perf import flops
-
-from coca_jax.inference import generate as gen
-
-from coca_jax.training import losses
-
-from coca_jax.training import optim
-
-from coca_jax.training import step as step_lib
 from coca_jax.core import schema
+from coca_jax.inference import generate as gen
 from coca_jax.models.mome import FUSION, IMAGE, TEXT, MoME
+from coca_jax.perf import flops
+from coca_jax.training import losses
+from coca_jax.training import optim
+from coca_jax.training import step as step_lib
 from conftest import REPO, random_batch
 
 CONFIG = schema.MoME(

@@ -19,14 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coca_jax.training import checkpoint
-
-from coca_jax.training import step as step_lib
 from coca_jax import train as train_lib
 from coca_jax.data import build as build_cli
 from coca_jax.data import builders
 from coca_jax.data import sources
 from coca_jax.evaluation import evaluators, metrics
+from coca_jax.training import checkpoint
+from coca_jax.training import step as step_lib
 from conftest import REPO, random_batch, smoke_config
 
 SMOKE = os.path.join(REPO, "experiments", "demo.py") + ":smoke"

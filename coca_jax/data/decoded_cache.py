@@ -41,15 +41,15 @@ import json
 import os
 import shutil
 import socket
-import uuid
 from typing import Callable, Sequence
+import uuid
 
 from absl import logging
 import numpy as np
 from PIL import Image
 
-from coca_jax.data import sources
 from coca_jax.data import preprocess
+from coca_jax.data import sources
 
 # Bump when the files' meaning changes: every older cache then misses.
 LAYOUT_VERSION = 1

@@ -24,10 +24,10 @@ import numpy as np
 import sentencepiece as spm
 
 from coca_jax.core import cli
-from coca_jax.data.clip_bpe import ClipBpeTokenizer
-from coca_jax.data.wordpiece import WordPieceTokenizer
 from coca_jax.core.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID  # Re-exported: the batch contract.
 from coca_jax.core.tokens import check_texts
+from coca_jax.data.clip_bpe import ClipBpeTokenizer
+from coca_jax.data.wordpiece import WordPieceTokenizer
 
 
 class Tokenizer:

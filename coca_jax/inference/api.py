@@ -38,21 +38,15 @@ import numpy as np
 from PIL import Image
 
 from coca_jax.core import config as config_lib
-from coca_jax.core import schema
-from coca_jax.interop import params as flat_params
-from coca_jax.training import checkpoint
-
 from coca_jax.core import fs
-
-from coca_jax.inference import generate as gen
-
-
-from coca_jax.training import step as step_lib
-from coca_jax.training import warm_start
 from coca_jax.data import preprocess
 from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 from coca_jax.evaluation import evaluators, metrics
+from coca_jax.inference import generate as gen
 from coca_jax.models.coca import CoCa, temperature_scale
+from coca_jax.training import checkpoint
+from coca_jax.training import step as step_lib
+from coca_jax.training import warm_start
 
 # Finding and reading a source is shared with warm starts (one rule for both).
 EXPORT_MANIFEST = warm_start.EXPORT_MANIFEST

@@ -44,9 +44,9 @@ from typing import Iterable, Sequence
 
 from absl import logging
 import jax
-import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
 import tqdm
 
 from coca_jax.core import fs

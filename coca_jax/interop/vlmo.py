@@ -23,9 +23,9 @@ from __future__ import annotations
 import argparse
 import re
 
+from flax import traverse_util
 import ml_collections
 import numpy as np
-from flax import traverse_util
 
 from coca_jax.core import cli
 from coca_jax.core import config as config_lib
