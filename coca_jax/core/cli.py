@@ -178,3 +178,16 @@ def conversion_parser(prog: str, description: str, *, imports: str, src_help: st
   exp.add_argument("--out", required=True, help="FILE.safetensors to write")
   exp.add_argument("--step", type=int, default=None)
   return parser, imp
+
+
+def run_conversion(parser: argparse.ArgumentParser, argv, *, import_bundle, export_state_dict,
+                   errors: tuple[type[Exception], ...] = ()) -> None:
+  """Runs a `conversion_parser` command line: `import_bundle(args)` or
+  `export_state_dict(src, out, step)`, printing what it returns (the path written); a bad path
+  or one of `errors` is a one-line usage error (exit 2)."""
+  args = parser.parse_args(argv)
+  with usage_errors(parser.prog, also=errors):
+    if args.command == "import":
+      print(import_bundle(args))
+    else:
+      print(export_state_dict(args.src, args.out, args.step))

@@ -421,12 +421,9 @@ def main(argv=None) -> None:
   imp.add_argument("--model", required=True,
                    help=f"one of {sorted(MODEL_CONFIGS)} or an open_clip model-config JSON")
   imp.add_argument("--bpe", default="", help="CLIP BPE merges file (default: open_clip's)")
-  args = parser.parse_args(argv)
-  with cli.usage_errors(parser.prog, also=(ConversionError,)):
-    if args.command == "import":
-      print(import_bundle(args.src, args.model, args.out, args.bpe, args.dtype))
-    else:
-      print(export_state_dict(args.src, args.out, args.step))
+  cli.run_conversion(
+      parser, argv, errors=(ConversionError,), export_state_dict=export_state_dict,
+      import_bundle=lambda a: import_bundle(a.src, a.model, a.out, a.bpe, a.dtype))
 
 
 if __name__ == "__main__":

@@ -396,12 +396,9 @@ def main(argv=None) -> None:
   imp.add_argument("--model", required=True, choices=sorted(MODEL_CONFIGS))
   imp.add_argument("--vocab", required=True,
                    help="BERT's WordPiece vocabulary (bert-base-uncased's vocab.txt)")
-  args = parser.parse_args(argv)
-  with cli.usage_errors(parser.prog, also=(ConversionError,)):
-    if args.command == "import":
-      print(import_bundle(args.src, args.model, args.out, args.vocab, args.dtype))
-    else:
-      print(export_state_dict(args.src, args.out, args.step))
+  cli.run_conversion(
+      parser, argv, errors=(ConversionError,), export_state_dict=export_state_dict,
+      import_bundle=lambda a: import_bundle(a.src, a.model, a.out, a.vocab, a.dtype))
 
 
 if __name__ == "__main__":
