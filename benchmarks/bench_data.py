@@ -95,10 +95,10 @@ def _train_rates(config, seconds: float, data_options_by_workers) -> dict[str, f
   """Images/sec of the demo train step on a fixed batch, then fed by the pipeline."""
   import dataclasses
   import jax
-  from coca_jax.training import optim
   from coca_jax.core import sharding
-  from coca_jax.training import step
   from coca_jax.data import pipeline
+  from coca_jax.training import optim
+  from coca_jax.training import step
 
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_axis_rules(config)

@@ -368,8 +368,8 @@ def test_router_losses_reach_the_train_loss_and_the_router_gradient(routed_coca)
 
 
 def test_experts_config_is_validated_with_field_names():
-  from conftest import smoke_config
   from coca_jax.core import config as config_lib
+  from conftest import smoke_config
   c = smoke_config()
   c.model.vision.experts = dict(num_experts=4, top_k=5, capacity_factor=0.0, every=1, k=2,
                                 priority="gate", group_size=-1, noise_std=-0.5)

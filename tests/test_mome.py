@@ -332,8 +332,8 @@ def mome_workdir(tmp_path_factory):
 
 def test_mome_trains_from_the_cli_and_loads_for_inference(mome_workdir):
   import json
-  from coca_jax.inference import api
   from coca_jax.data import digit_scenes
+  from coca_jax.inference import api
   records = [json.loads(line) for line in open(os.path.join(mome_workdir, "metrics.jsonl"))]
   train = [r for r in records if "loss" in r]
   for key in ("itm_loss", "itm_accuracy", "caption_loss", "contrastive_loss"):
