@@ -95,10 +95,10 @@ def _train_rates(config, seconds: float, data_options_by_workers) -> dict[str, f
   """Images/sec of the demo train step on a fixed batch, then fed by the pipeline."""
   import dataclasses
   import jax
-  from coca_jax.training import optim
   from coca_jax.core import sharding
-  from coca_jax.training import step
   from coca_jax.data import pipeline
+  from coca_jax.training import optim
+  from coca_jax.training import step
 
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_axis_rules(config)
@@ -204,7 +204,7 @@ def _train_data_wait(data_dir: str, workdir: str, steps: int, in_memory: str) ->
 def _paths(args, workdir: str, photo_options) -> None:
   """Section 5 (module docstring): both input paths side by side."""
   import dataclasses
-  from coca_jax.data import builders, pipeline
+  from coca_jax.data import builders, pipeline, sources
   from coca_jax.data.tokenizer import Tokenizer
 
   print("\ninput paths, alternating rounds (median of the rounds):")
@@ -220,7 +220,7 @@ def _paths(args, workdir: str, photo_options) -> None:
     start = time.perf_counter()
     builders.build_atomically("demo", name, data_dir, **dict(demo.data.build_demo_options))
     print(f"  built the demo set in {time.perf_counter() - start:.0f}s")
-  source = builders.open_source(name, data_dir, demo.data.train_split, decode_images=False)
+  source = sources.open_source(name, data_dir, demo.data.train_split, decode_images=False)
   sp = os.path.join(workdir, "paths_sp")
   Tokenizer.train([c.decode() for i in range(len(source)) for c in source[i]["captions"]], sp,
                   vocab_size=demo.data.tokenizer_vocab, model_type=demo.data.tokenizer_type)
@@ -272,7 +272,7 @@ def main():
   import dataclasses
   import jax
   import tensorflow_datasets as tfds
-  from coca_jax.data import builders, pipeline
+  from coca_jax.data import builders, pipeline, sources
   from coca_jax.data.tokenizer import Tokenizer
   tfds.disable_progress_bar()
 
@@ -316,7 +316,7 @@ def main():
   builder = builders.make_builder("demo", "bench_digit_scenes", data_dir, num_train=2048,
                                   num_test=0, num_digits=0, image_size=size, show_progress=False)
   builder.download_and_prepare()
-  source = builders.open_source("bench_digit_scenes", data_dir, "train", decode_images=False)
+  source = sources.open_source("bench_digit_scenes", data_dir, "train", decode_images=False)
   Tokenizer.train([c.decode() for i in range(len(source)) for c in source[i]["captions"]],
                   os.path.join(workdir, "demo_sp"), vocab_size=demo.model.text.vocab_size,
                   model_type="bpe")

@@ -44,12 +44,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from coca_jax.core import config as config_lib  # noqa: E402
-
-from coca_jax.inference import generate as gen
-
-from coca_jax.training import step as step_lib
 from coca_jax.data.tokenizer import BOS_ID, EOS_ID  # noqa: E402
+from coca_jax.inference import generate as gen  # noqa: E402
 from coca_jax.models.coca import CoCa, text_attention_mask  # noqa: E402
+from coca_jax.training import step as step_lib  # noqa: E402
 
 
 def last_token_logits(module: CoCa, prefix, context):

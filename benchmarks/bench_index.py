@@ -22,9 +22,9 @@ import statistics
 import time
 
 import jax
-import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
 
 from coca_jax.evaluation import metrics
 from coca_jax.inference import index as index_lib
@@ -186,6 +186,21 @@ def single_query_ms(search, queries, k, calls=100) -> float:
   return 1e3 * statistics.median(times)
 
 
+def timed_row(label, search, warm_queries, queries, k, exact=None, build=0.0, cpu=0.0):
+  """Warms `search` on `warm_queries`, times it batched and one query at a time, prints one
+  row; returns what the batched search found. Recall is against `exact` (itself if None)."""
+  search(warm_queries, k)
+  start = time.perf_counter()
+  found = search(queries, k)
+  batched = time.perf_counter() - start
+  single = single_query_ms(search, queries, k)
+  recall_at_k = 1.0 if exact is None else recall(found, exact)
+  print(f"{label:24s} build {build:6.1f} s {cpu:7.1f} CPU-s  batched "
+        f"{1e3 * batched / len(queries):7.3f} ms/query  single {single:7.2f} ms  "
+        f"recall@{k} {recall_at_k:.3f}", flush=True)
+  return found
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--num", type=int, default=100_000)
@@ -202,14 +217,7 @@ def main():
 
   exact_search = exact_searcher(data)
   exact_search(queries[:1], args.k)  # compile both shapes before timing
-  exact_search(queries, args.k)
-  start = time.perf_counter()
-  exact = exact_search(queries, args.k)
-  batched = time.perf_counter() - start
-  single = single_query_ms(exact_search, queries, args.k)
-  print(f"{'exact':24s} build      0.0 s       0 CPU-s  batched "
-        f"{1e3 * batched / args.queries:7.3f} ms/query  single {single:7.2f} ms  "
-        f"recall@{args.k} 1.000", flush=True)
+  exact = timed_row("exact", exact_search, queries, queries, args.k)
 
   for name in args.backends.split(","):
     try:
@@ -221,14 +229,8 @@ def main():
       continue
     for effort in BACKENDS[name].efforts:
       searcher.set(effort)
-      searcher(queries[:10], args.k)  # warm
-      start = time.perf_counter()
-      found = searcher(queries, args.k)
-      batched = time.perf_counter() - start
-      single = single_query_ms(searcher, queries, args.k)
-      print(f"{f'{name} effort={effort}':24s} build {build:6.1f} s {cpu:7.1f} CPU-s  batched "
-            f"{1e3 * batched / args.queries:7.3f} ms/query  single {single:7.2f} ms  "
-            f"recall@{args.k} {recall(found, exact):.3f}", flush=True)
+      timed_row(f"{name} effort={effort}", searcher, queries[:10], queries, args.k, exact,
+                build, cpu)
 
 
 if __name__ == "__main__":

@@ -121,10 +121,10 @@ def ours_caption(args) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from coca_jax.inference import generate as gen
-  from coca_jax.training import step
-  from coca_jax.interop import open_clip, params as flat_params
   from coca_jax.core import schema
+  from coca_jax.inference import generate as gen
+  from coca_jax.interop import open_clip, params as flat_params
+  from coca_jax.training import step
   config = _our_config(args.caption_batch)
   model = step.build_model(config)
   size = config.model.image_size

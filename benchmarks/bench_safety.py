@@ -31,12 +31,10 @@ import jax
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from coca_jax.training import checkpoint  # noqa: E402
-
-from coca_jax.core import config as config_lib
-
-from coca_jax.training import step as step_lib
 from coca_jax import train as train_lib  # noqa: E402
+from coca_jax.core import config as config_lib  # noqa: E402
+from coca_jax.training import checkpoint  # noqa: E402
+from coca_jax.training import step as step_lib  # noqa: E402
 
 
 def _random_batch(config):

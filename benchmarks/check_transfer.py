@@ -23,9 +23,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from coca_jax.inference import api  # noqa: E402
 from coca_jax.data import digit_scenes  # noqa: E402
 from coca_jax.evaluation import evaluators  # noqa: E402
+from coca_jax.inference import api  # noqa: E402
 
 
 def main() -> None:

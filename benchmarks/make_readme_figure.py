@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 
 import coca_jax  # pylint: disable=wrong-import-position
 from coca_jax import report  # pylint: disable=wrong-import-position
-from coca_jax.data import builders  # pylint: disable=wrong-import-position
+from coca_jax.data import sources  # pylint: disable=wrong-import-position
 
 
 def caption_grid(workdir: str, path: str, num: int = 8, cols: int = 4) -> list[tuple[str, str]]:
@@ -32,7 +32,7 @@ def caption_grid(workdir: str, path: str, num: int = 8, cols: int = 4) -> list[t
   (model caption, true caption) pairs."""
   model = coca_jax.load(workdir)
   data = model.config.data
-  source = builders.open_source(data.name, data.data_dir, data.eval_split)
+  source = sources.open_source(data.name, data.data_dir, data.eval_split)
   examples = [source[i] for i in range(num)]
   images = [e["image"] for e in examples]
   truths = [e["captions"][0] for e in examples]

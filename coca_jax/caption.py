@@ -22,11 +22,9 @@ import sys
 
 from absl import app, flags
 
-from coca_jax.inference import api
-
 from coca_jax.core import cli
 from coca_jax.core import console
-
+from coca_jax.inference import api
 from coca_jax.inference import generate as gen
 
 FLAGS = flags.FLAGS

@@ -32,17 +32,13 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from coca_jax.inference import api
-
-from coca_jax.training import checkpoint
-
-from coca_jax.core import config as config_lib
-
 from coca_jax.core import cli
+from coca_jax.core import config as config_lib
 from coca_jax.core import console
-
 from coca_jax.core import fs
 from coca_jax.evaluation import evaluators
+from coca_jax.inference import api
+from coca_jax.training import checkpoint
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir, checkpoints/<step> dir, or export.")

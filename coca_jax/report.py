@@ -18,12 +18,10 @@ from absl import flags
 
 from coca_jax.core import cli
 from coca_jax.core import console
+from coca_jax.core import fs
+from coca_jax.training import metrics_log as metrics_lib
 
 # (file stem, title, keys) of the train-curve figures; a key a run never logged is left out.
-
-from coca_jax.core import fs
-
-from coca_jax.training import metrics_log as metrics_lib
 TRAIN_FIGURES = (
     ("loss", "Loss", ("loss", "contrastive_loss", "caption_loss")),
     ("lr", "Learning rate", ("learning_rate",)),

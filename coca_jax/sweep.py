@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import builtins
 import csv
+from dataclasses import dataclass, field
 import difflib
 import hashlib
 import importlib.util
@@ -39,19 +40,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 
 from absl import app, flags
 
 from coca_jax import report
-from coca_jax.core import config as config_lib
-
 from coca_jax.core import cli
+from coca_jax.core import config as config_lib
 from coca_jax.core import console
-
 from coca_jax.core import fs
 from coca_jax.data import tokenizer as tokenizer_lib
-
 from coca_jax.training import metrics_log as metrics_lib
 
 TRIAL_FILE = "trial.json"   # Written by the sweep into a trial's workdir when its run ends.

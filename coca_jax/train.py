@@ -33,20 +33,16 @@ import sys
 from absl import app, flags, logging
 import jax
 
-from coca_jax.training import checkpoint
-
-from coca_jax.core import config as config_lib
-
 from coca_jax.core import cli
+from coca_jax.core import config as config_lib
 from coca_jax.core import console
-
-from coca_jax.perf import flops
-
-from coca_jax.training import step as step_lib
 from coca_jax.core import fs
-from coca_jax.training import metrics_log as metrics_lib
 from coca_jax.data import tokenizer as tokenizer_lib
+from coca_jax.perf import flops
+from coca_jax.training import checkpoint
 from coca_jax.training import loop
+from coca_jax.training import metrics_log as metrics_lib
+from coca_jax.training import step as step_lib
 from coca_jax.training.loop import (  # the CLI's exit codes name these; tests use them here
     NonFiniteError, NonFiniteWatch, checkpoint_facts)
 

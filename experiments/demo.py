@@ -47,10 +47,10 @@ sweep() below: peak learning rate 1e-3 vs 3e-3, two trials.
 
 import ml_collections
 
-from coca_jax.data.digit_scenes import (DIGIT_NAMES, TRANSFER_SPLITS, transfer_templates,
-                                        zero_shot_templates)
 from coca_jax.core.config import PROFILE_DEFAULTS
 from coca_jax.core.config_args import parse_arg
+from coca_jax.data.digit_scenes import (DIGIT_NAMES, TRANSFER_SPLITS, transfer_templates,
+                                        zero_shot_templates)
 
 # Image-side routing. Measured when capacity was per image with position priority: a scene's
 # many near-identical background patches pick the same expert, and at 1.25x an even share 56-60%

@@ -60,7 +60,6 @@ point; docs/vlmo.md):
 """
 
 from coca_jax.core import recipes
-
 from coca_jax.core.config_args import parse_arg
 from coca_jax.interop import vlmo
 

@@ -8,15 +8,13 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 from PIL import Image
-
-from coca_jax.inference import api
+import pytest
 
 from coca_jax import export
-
-from coca_jax.inference import generate as gen
 from coca_jax.data import digit_scenes
+from coca_jax.inference import api
+from coca_jax.inference import generate as gen
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,7 +78,7 @@ def test_embeddings_are_normalised_and_independent_of_batching(model, scenes, tm
   np.testing.assert_allclose(model.embed_images(paths), embeds[:2], atol=1e-5)
   # A larger image is resized to the model's size (shorter side, center crop).
   big = np.asarray(Image.fromarray(images[0]).resize((64, 64), Image.Resampling.NEAREST))
-  assert model.images_to_uint8([big]).shape == (1, 32, 32, 3)
+  assert model.pixels_at_model_size([big]).shape == (1, 32, 32, 3)
   texts = model.embed_texts(scenes["caption"])
   np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, atol=1e-5)
   np.testing.assert_allclose(model.similarity(images, scenes["caption"]), embeds @ texts.T,

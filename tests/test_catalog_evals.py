@@ -17,17 +17,15 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 import tensorflow_datasets as tfds
 
-from coca_jax.inference import api
-
-from coca_jax.core import config as config_lib
-
 from coca_jax import export
-from coca_jax.data import builders, pipeline, preprocess
+from coca_jax.core import config as config_lib
+from coca_jax.data import pipeline, preprocess, sources
 from coca_jax.evaluation import evaluators, metrics, prompts
+from coca_jax.inference import api
 from conftest import smoke_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -254,7 +252,7 @@ def _direct_top1(embedder, names, stored_order_limit=None):
   images, labels, _ = shapes()
   pixels = np.stack([preprocess.resize_and_center_crop(Image.fromarray(i), 32) for i in images])
   if stored_order_limit:  # The first examples as stored (TFDS shuffles them when it writes).
-    stored = builders.open_source(NAME, config.evals.zeroshot.data_dir, "validation")
+    stored = sources.open_source(NAME, config.evals.zeroshot.data_dir, "validation")
     position = {image.tobytes(): i for i, image in enumerate(images)}
     order = [position[stored[i]["image"].tobytes()] for i in range(stored_order_limit)]
     pixels, labels = pixels[order], labels[order]
@@ -343,7 +341,7 @@ def test_a_dataset_prepared_per_config_is_named_with_its_config(data_dir, tmp_pa
   """TFDS puts a dataset with configs in data_dir/NAME/CONFIG/VERSION (imagenet2012_subset/1pct):
   "NAME/CONFIG" opens it; "NAME" alone says which configs there are."""
   shutil.copytree(os.path.join(data_dir, NAME, "2.0.0"), tmp_path / NAME / "small" / "2.0.0")
-  source = builders.open_source(f"{NAME}/small", str(tmp_path), "validation[:5]")
+  source = sources.open_source(f"{NAME}/small", str(tmp_path), "validation[:5]")
   assert len(source) == 5
   with pytest.raises(FileNotFoundError, match=f"prepared per config; name one: {NAME}/small"):
-    builders.open_source(NAME, str(tmp_path), "validation")
+    sources.open_source(NAME, str(tmp_path), "validation")

@@ -23,11 +23,9 @@ if importlib.util.find_spec("gcsfs") is None:  # Not imported here: see `gcs` fo
   pytest.skip("gs:// needs gcsfs (pip install -e .[gcs])", allow_module_level=True)
 emulator = pytest.importorskip("gcp_storage_emulator.server")
 
-from coca_jax.inference import api  # pylint: disable=g-import-not-at-top
-
-from coca_jax.training import checkpoint
-
 from coca_jax.core import fs
+from coca_jax.inference import api  # pylint: disable=g-import-not-at-top
+from coca_jax.training import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "coca-test"
@@ -245,9 +243,9 @@ def test_resolve_keeps_urls_and_makes_local_paths_absolute(tmp_path, monkeypatch
 
 
 def test_a_url_data_dir_is_refused_with_the_fix():
-  from coca_jax.data import builders
+  from coca_jax.data import sources
   with pytest.raises(ValueError, match=r"config.data.data_dir='gs://b/tfds'.*gcsfuse"):
-    builders.open_source("digit_scenes", "gs://b/tfds", "train")
+    sources.open_source("digit_scenes", "gs://b/tfds", "train")
 
 
 def test_local_writes_are_whole_or_absent(tmp_path):

@@ -13,15 +13,13 @@ import jax
 import ml_collections
 import pytest
 
-from coca_jax.training import checkpoint
-
 from coca_jax import models
 from coca_jax.core import config as config_lib
 from coca_jax.core import schema
-
-from coca_jax.training import step as step_lib
-from coca_jax.evaluation import evaluators
 from coca_jax.data import tokenizer
+from coca_jax.evaluation import evaluators
+from coca_jax.training import checkpoint
+from coca_jax.training import step as step_lib
 from conftest import REPO, smoke_config
 
 # Every experiments/ file with the args its docstring documents (finetune_captions needs a

@@ -13,6 +13,7 @@ import pytest
 
 from coca_jax.data import build as build_cli
 from coca_jax.data import builders
+from coca_jax.data import sources
 
 
 def _rgb(seed: int, size=(16, 12)) -> np.ndarray:
@@ -28,7 +29,7 @@ def _encode(array_or_image, fmt="PNG") -> bytes:
 
 
 def _read_split(name, data_dir, split):
-  source = builders.open_source(name, data_dir, split)
+  source = sources.open_source(name, data_dir, split)
   return {ex["key"].decode(): ex for ex in (source[i] for i in range(len(source)))}
 
 
@@ -298,7 +299,7 @@ def test_names_and_missing_sources_fail_clearly(tmp_path):
   with pytest.raises(FileNotFoundError, match="captions.jsonl"):
     _build("folder", "empty_folder", tmp_path / "tfds", src=str(tmp_path))
   with pytest.raises(FileNotFoundError, match="coca_jax.data.build"):
-    builders.open_source("never_built", str(tmp_path / "tfds"), "train")
+    sources.open_source("never_built", str(tmp_path / "tfds"), "train")
 
 
 def _fits_an_aligned_box(image, glyph, grid):

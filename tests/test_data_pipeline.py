@@ -19,7 +19,9 @@ from coca_jax.data import builders
 from coca_jax.data import decoded_cache
 from coca_jax.data import pipeline
 from coca_jax.data import preprocess
+from coca_jax.data import sources
 from coca_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from coca_jax.training import checkpoint
 
 NUM_TRAIN = 30
 IMAGE_SIZE = 16
@@ -33,7 +35,7 @@ def dataset(tmp_path_factory):
   builder = builders.make_builder("demo", "tiny_scenes", str(root / "tfds"), num_train=NUM_TRAIN,
                                   num_test=6, num_digits=5, image_size=24, show_progress=False)
   builder.download_and_prepare()
-  source = builders.open_source("tiny_scenes", str(root / "tfds"), "train", decode_images=False)
+  source = sources.open_source("tiny_scenes", str(root / "tfds"), "train", decode_images=False)
   captions = [c.decode() for i in range(len(source)) for c in source[i]["captions"]]
   Tokenizer.train(captions, str(root / "sp"), vocab_size=100, model_type="bpe")
   return root
@@ -55,13 +57,13 @@ def _host_loader(root, shard_index=0, shard_count=1, batch_size=6, **data):
 
 def _batch_sharding():
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
-  return mesh, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
 
 def test_batches_follow_the_contract(dataset):
-  mesh, sharding = _batch_sharding()
+  sharding = _batch_sharding()
   batch_size = 2 * jax.device_count()
-  iterator = pipeline.make_train_iterator(_config(dataset, batch_size), mesh, sharding)
+  iterator = pipeline.make_train_iterator(_config(dataset, batch_size), sharding)
   batch = next(iterator)
   assert set(batch) == {"image", "text"}
   assert isinstance(batch["image"], jax.Array) and batch["image"].sharding == sharding
@@ -149,9 +151,9 @@ def test_close_stops_the_reading_threads(dataset):
   """Training closes its iterator when it ends: grain's prefetch threads stop then, instead of
   living on until a garbage collection (which fails when it runs on such a thread)."""
   import threading
-  mesh, sharding = _batch_sharding()
+  sharding = _batch_sharding()
   before = set(threading.enumerate())
-  iterator = pipeline.make_train_iterator(_config(dataset, 2 * jax.device_count()), mesh,
+  iterator = pipeline.make_train_iterator(_config(dataset, 2 * jax.device_count()),
                                           sharding)
   next(iterator)
   started = [t for t in threading.enumerate() if t not in before and t.is_alive()]
@@ -164,28 +166,28 @@ def test_close_stops_the_reading_threads(dataset):
 
 
 def test_model_and_iterator_restore_from_one_orbax_checkpoint(dataset, tmp_path):
-  mesh, sharding = _batch_sharding()
+  sharding = _batch_sharding()
   batch_size = 2 * jax.device_count()
   config = _config(dataset, batch_size)
   train_state = {"params": {"w": jnp.arange(6.0).reshape(2, 3)}, "step": jnp.asarray(3)}
 
-  iterator = pipeline.make_train_iterator(config, mesh, sharding)
+  iterator = pipeline.make_train_iterator(config, sharding)
   for _ in range(3):
     next(iterator)
   options = ocp.CheckpointManagerOptions(max_to_keep=2)
   with ocp.CheckpointManager(tmp_path / "ckpt", options=options) as manager:
     manager.save(3, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(train_state), data=pipeline.checkpoint_args(iterator)))
+        state=ocp.args.StandardSave(train_state), data=checkpoint.checkpoint_args(iterator)))
     manager.wait_until_finished()
   expected = [next(iterator) for _ in range(3)]
 
-  fresh = pipeline.make_train_iterator(config, mesh, sharding)
+  fresh = pipeline.make_train_iterator(config, sharding)
   next(fresh)  # a fresh iterator that moved elsewhere must be rewound by the restore
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, train_state)
   with ocp.CheckpointManager(tmp_path / "ckpt", options=options) as manager:
     restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract),
-        data=pipeline.checkpoint_args(fresh, restore=True)))
+        data=checkpoint.checkpoint_args(fresh, restore=True)))
   np.testing.assert_array_equal(restored["state"]["params"]["w"], train_state["params"]["w"])
   for want in expected:
     got = next(fresh)
@@ -328,10 +330,10 @@ def test_in_memory_iterator_resumes_like_the_streaming_one(dataset, jpeg_dataset
   # The prefetching iterator gives the streaming iterator's global batches, also after
   # set_position (a restore) while a batch for another position is already prepared, and
   # on another number of hosts.
-  mesh, sharding = _batch_sharding()
+  sharding = _batch_sharding()
   config = _jpeg_config(jpeg_dataset, batch_size=2 * jax.device_count())
   options = pipeline.DataOptions.from_config(config)
-  in_memory = pipeline.make_train_iterator(config, mesh, sharding)
+  in_memory = pipeline.make_train_iterator(config, sharding)
   assert isinstance(in_memory, pipeline.InMemoryTrainIterator)
   streaming = pipeline.TrainIterator(
       pipeline.make_host_loader(options, shard_index=0, shard_count=1), sharding)
@@ -350,11 +352,11 @@ def test_in_memory_iterator_resumes_like_the_streaming_one(dataset, jpeg_dataset
 
 
 def test_size_rule_streams_a_split_over_the_budget(dataset, jpeg_dataset):
-  mesh, sharding = _batch_sharding()
+  sharding = _batch_sharding()
   batch_size = 2 * jax.device_count()
 
   def path(config):
-    iterator = pipeline.make_train_iterator(config, mesh, sharding)
+    iterator = pipeline.make_train_iterator(config, sharding)
     iterator.close()
     return type(iterator).__name__
 
@@ -388,7 +390,7 @@ def test_decoded_cache_is_reused_and_never_stale(tmp_path, monkeypatch):
     return tmp_path / data_dir / "scenes" / builders.VERSION
 
   first, second = build("first", 0), build("second", 1)
-  source = builders.open_source("scenes", str(tmp_path / "second"), "train",
+  source = sources.open_source("scenes", str(tmp_path / "second"), "train",
                                 decode_images=False)
   Tokenizer.train([c.decode() for i in range(len(source)) for c in source[i]["captions"]],
                   str(tmp_path / "sp"), vocab_size=60, model_type="bpe")

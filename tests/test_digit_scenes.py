@@ -178,6 +178,7 @@ def test_transfer_digits_dev_and_test_parts_split_the_sample():
 
 def test_transfer_digits_never_enter_training(monkeypatch, tmp_path):
   from coca_jax.data import builders
+  from coca_jax.data import sources
 
   def refuse():
     raise AssertionError("a training or in-domain split read the transfer digits")
@@ -197,10 +198,10 @@ def test_transfer_digits_never_enter_training(monkeypatch, tmp_path):
                                   num_test=4, num_digits=4, num_transfer=12, image_size=32, show_progress=False,
                                   variation=0.5, strokes=1.0, seed=3)
   builder.download_and_prepare()
-  train = builders.open_source("transfer_demo", str(tmp_path), "train")
+  train = sources.open_source("transfer_demo", str(tmp_path), "train")
   train_images = {np.asarray(train[i]["image"]).tobytes() for i in range(len(train))}
   for split, background in digit_scenes.TRANSFER_SPLITS.items():
-    source = builders.open_source("transfer_demo", str(tmp_path), split)
+    source = sources.open_source("transfer_demo", str(tmp_path), split)
     expected = digit_scenes.make_transfer_digits(12, 3, image_size=32, background=background)
     assert len(source) == 12
     for i in range(12):

@@ -35,24 +35,14 @@ def _worker() -> dict:
   import flax.linen as nn
   import jax
   import numpy as np
+
   from coca_jax.core import config as config_lib
-  from coca_jax.training import optim
   from coca_jax.core import sharding
   from coca_jax.training import step
-  from test_sharding import _max_rel_diff, tiny_batch
+  from test_sharding import _max_rel_diff, _mesh_setup
 
   config = routed_config()
-  batch = tiny_batch(config)
-  model = step.build_model(config)
-  tx, _ = optim.make_optimizer(config.optim, config.train.steps)
-  grad_fn = jax.jit(lambda p, b: jax.value_and_grad(step.loss_fn, has_aux=True)(
-      p, model, b, config.loss))
-
-  def on_mesh(cfg, devices):
-    mesh = sharding.make_mesh(cfg.mesh, devices)
-    rules = sharding.logical_axis_rules(cfg)
-    _, shardings = step.state_shardings(model, tx, cfg, mesh, rules)
-    return mesh, rules, shardings
+  batch, model, tx, _, grad_fn, on_mesh = _mesh_setup(config)
 
   mesh, rules, shardings = on_mesh(config, jax.devices()[:1])
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

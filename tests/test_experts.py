@@ -5,19 +5,20 @@ one; cached decoding equals the full pass), mixed dense/routed stacks, and the r
 auxiliary losses reaching the train loss and its gradient."""
 
 import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coca_jax.inference import generate as gen
-from coca_jax.training import losses
-from coca_jax.training import step
-from coca_jax.models.backbone import Stack, unscanned_params
 from coca_jax.core import schema
+from coca_jax.inference import generate as gen
+from coca_jax.models.backbone import Stack, unscanned_params
 from coca_jax.models.coca import CoCa, CoCaConfig, router_statistics
 from coca_jax.models.experts import FeedForward, RoutedExperts
+from coca_jax.training import losses
+from coca_jax.training import step
 
 BATCH, LENGTH, WIDTH, MLP, EXPERTS = 2, 6, 8, 16, 4
 
@@ -367,8 +368,8 @@ def test_router_losses_reach_the_train_loss_and_the_router_gradient(routed_coca)
 
 
 def test_experts_config_is_validated_with_field_names():
-  from conftest import smoke_config
   from coca_jax.core import config as config_lib
+  from conftest import smoke_config
   c = smoke_config()
   c.model.vision.experts = dict(num_experts=4, top_k=5, capacity_factor=0.0, every=1, k=2,
                                 priority="gate", group_size=-1, noise_std=-0.5)

@@ -13,9 +13,7 @@ import jax
 import pytest
 
 from coca_jax.core import config as config_lib
-
 from coca_jax.perf import flops
-
 from coca_jax.training import step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

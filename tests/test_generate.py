@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coca_jax.inference import generate as gen
-from coca_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from coca_jax.core import schema
+from coca_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from coca_jax.inference import generate as gen
 from coca_jax.models.coca import CoCa, CoCaConfig
 
 

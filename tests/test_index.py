@@ -9,8 +9,9 @@ import sys
 import flax.linen as nn
 import jax
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
+from tests.conftest import smoke_config
 
 from coca_jax import export
 from coca_jax.data import digit_scenes
@@ -19,7 +20,6 @@ from coca_jax.evaluation import metrics
 from coca_jax.inference import api
 from coca_jax.inference import index as index_lib
 from coca_jax.training import step as step_lib
-from tests.conftest import smoke_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coca_jax.models.kernels import cpu
 from coca_jax.models import layers
+from coca_jax.models.kernels import cpu
 
 PORTABLE = "coca_jax_tiled_matmul_portable"
 

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from coca_jax.training import losses
-
 from coca_jax.training import step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

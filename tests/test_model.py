@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coca_jax.training import step as step_lib
 from coca_jax.models.coca import CoCa, text_attention_mask
+from coca_jax.training import step as step_lib
 from conftest import random_batch, smoke_config
 
 

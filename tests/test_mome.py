@@ -11,18 +11,13 @@ import numpy as np
 import pytest
 
 from coca_jax.core import config as config_lib
-
-from coca_jax.perf import flops
-
-from coca_jax.inference import generate as gen
-
-from coca_jax.training import losses
-
-from coca_jax.training import optim
-
-from coca_jax.training import step as step_lib
 from coca_jax.core import schema
+from coca_jax.inference import generate as gen
 from coca_jax.models.mome import FUSION, IMAGE, TEXT, MoME
+from coca_jax.perf import flops
+from coca_jax.training import losses
+from coca_jax.training import optim
+from coca_jax.training import step as step_lib
 from conftest import REPO, random_batch
 
 CONFIG = schema.MoME(
@@ -337,8 +332,8 @@ def mome_workdir(tmp_path_factory):
 
 def test_mome_trains_from_the_cli_and_loads_for_inference(mome_workdir):
   import json
-  from coca_jax.inference import api
   from coca_jax.data import digit_scenes
+  from coca_jax.inference import api
   records = [json.loads(line) for line in open(os.path.join(mome_workdir, "metrics.jsonl"))]
   train = [r for r in records if "loss" in r]
   for key in ("itm_loss", "itm_accuracy", "caption_loss", "contrastive_loss"):

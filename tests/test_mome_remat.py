@@ -11,17 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_mome import CONFIG
 
 from coca_jax.core import config as config_lib
-
-from coca_jax.inference import generate as gen
-
-from coca_jax.training import step as step_lib
 from coca_jax.core.schema import MoMEExperts
+from coca_jax.inference import generate as gen
 from coca_jax.models.experts import RoutedExperts
 from coca_jax.models.mome import MoME
+from coca_jax.training import step as step_lib
 from conftest import REPO, smoke_config
-from test_mome import CONFIG
 
 # Two layers (the bottom one, a fusion one), ITM on, and a routed VL-FFN (top-2, capacity
 # binding) that the captioning and ITM passes route through: its sown router statistics and the

@@ -12,21 +12,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from coca_jax.core import config as config_lib
-
-from coca_jax.perf import flops
-
-from coca_jax.inference import generate as gen
+from test_mome import CONFIG
 
 from coca_jax import models
-
-from coca_jax.training import step
+from coca_jax.core import config as config_lib
 from coca_jax.core.schema import MoMEExperts
+from coca_jax.inference import generate as gen
 from coca_jax.models.experts import RoutedExperts
 from coca_jax.models.mome import MoME
+from coca_jax.perf import flops
+from coca_jax.training import step
 from conftest import REPO, loss_and_grads_without_and_with_balance_loss
-from test_mome import CONFIG
 
 # Text and fusion experts: top-2 with room for half the choices, so capacity binds and slot
 # order matters (choice-rank order would let a later token evict an earlier second choice).

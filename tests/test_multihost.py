@@ -28,8 +28,8 @@ def _train(out_path: str, coordinator: str | None, num_processes: int, process_i
                                process_id=process_id)
   from jax.experimental import multihost_utils
   sys.path.insert(0, os.path.join(REPO, "tests"))
-  from coca_jax.training import optim
   from coca_jax.core import sharding
+  from coca_jax.training import optim
   from coca_jax.training import step
   from test_sharding import tiny_batch, tiny_config
 

@@ -170,8 +170,8 @@ def test_a_folder_without_captions_says_so(tmp_path, capsys):
 
 
 def test_a_wrong_typed_field_in_a_bundle_config_names_field_and_file(tmp_path):
-  from coca_jax.inference import api
   from coca_jax.core import config as config_lib
+  from coca_jax.inference import api
   from conftest import smoke_config
   bundle = tmp_path / "bundle"
   bundle.mkdir()
@@ -194,11 +194,11 @@ def test_a_wrong_typed_field_in_a_bundle_config_names_field_and_file(tmp_path):
 
 def test_an_image_without_pixels_is_a_clear_error(tmp_path):
   import types
-  from coca_jax.inference import api
   from coca_jax.data import preprocess
-  model = types.SimpleNamespace(image_size=32)  # All `images_to_uint8` reads of the model.
+  from coca_jax.inference import api
+  model = types.SimpleNamespace(image_size=32)  # All `pixels_at_model_size` reads of the model.
   with pytest.raises(ValueError, match=r"image 1 has shape \(0, 0, 3\): it has no pixels"):
-    api.Model.images_to_uint8(model, [np.zeros((8, 8, 3), np.uint8),
+    api.Model.pixels_at_model_size(model, [np.zeros((8, 8, 3), np.uint8),
                                       np.zeros((0, 0, 3), np.uint8)])
   with pytest.raises(ValueError, match="0x5: it has no pixels"):
     preprocess.resize_and_center_crop(Image.new("RGB", (0, 5)), 32)
@@ -228,8 +228,8 @@ def test_a_damaged_safetensors_file_is_named(tmp_path):
 
 
 def test_metrics_jsonl_is_strict_json_and_reads_back(tmp_path):
-  from coca_jax.training import metrics_log as metrics
   from coca_jax import report
+  from coca_jax.training import metrics_log as metrics
   writer = metrics.MetricsWriter(str(tmp_path), tensorboard=False)
   writer.write({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "mfu": 0.5})
   writer.write({"step": 2, "loss": 1.5, "grad_norm": float("-inf")})

@@ -10,9 +10,8 @@ import sys
 
 import pytest
 
-from coca_jax.training import metrics_log as metrics_lib
-
 from coca_jax import report
+from coca_jax.training import metrics_log as metrics_lib
 from conftest import REPO
 
 PNG = b"\x89PNG\r\n\x1a\n"

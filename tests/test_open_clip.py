@@ -6,21 +6,17 @@ import os
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from coca_jax.core import config as config_lib
-
-from coca_jax.perf import flops
-
-from coca_jax.inference import generate
-
-from coca_jax.training import step
-from coca_jax.data.clip_bpe import ClipBpeTokenizer, installed_vocab_file
-from coca_jax.interop import open_clip, params as flat_params
 from coca_jax.core import schema
+from coca_jax.data.clip_bpe import ClipBpeTokenizer, installed_vocab_file
+from coca_jax.inference import generate
+from coca_jax.interop import open_clip, params as flat_params
+from coca_jax.perf import flops
+from coca_jax.training import step
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -19,13 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coca_jax.training import checkpoint
-
-from coca_jax.training import step as step_lib
 from coca_jax import train as train_lib
 from coca_jax.data import build as build_cli
 from coca_jax.data import builders
+from coca_jax.data import sources
 from coca_jax.evaluation import evaluators, metrics
+from coca_jax.training import checkpoint
+from coca_jax.training import step as step_lib
 from conftest import REPO, random_batch, smoke_config
 
 SMOKE = os.path.join(REPO, "experiments", "demo.py") + ":smoke"
@@ -433,7 +433,7 @@ def test_a_build_killed_midway_is_rebuilt_on_rerun(tmp_path, caplog):
   proc.wait()
   assert not builders.is_built("scenes", str(data_dir))
   with pytest.raises(FileNotFoundError, match="no finished build|not found"):
-    builders.open_source("scenes", str(data_dir), "train")
+    sources.open_source("scenes", str(data_dir), "train")
 
   # What train does on a re-run: it sees no finished build, cleans up and builds again.
   version_dir, report = builders.build_atomically(
@@ -441,7 +441,7 @@ def test_a_build_killed_midway_is_rebuilt_on_rerun(tmp_path, caplog):
       show_progress=False)
   assert "interrupted build" in caplog.text
   assert report["train"].written == 20
-  assert len(builders.open_source("scenes", str(data_dir), "train")) == 20
+  assert len(sources.open_source("scenes", str(data_dir), "train")) == 20
   assert sorted(os.listdir(data_dir)) == ["scenes"]  # no temporary directory left
 
 
@@ -458,7 +458,7 @@ def test_two_concurrent_builds_do_not_corrupt_each_other(tmp_path):
   # One builds; the other either builds too (the first rename wins) or, if it started after the
   # first finished, refuses to overwrite. Never a crash, never a broken dataset.
   assert 0 in codes and set(codes) <= {0, 2}, outcomes
-  assert len(builders.open_source("scenes", str(data_dir), "train")) == 200
+  assert len(sources.open_source("scenes", str(data_dir), "train")) == 200
   assert sorted(os.listdir(data_dir)) == ["scenes"]
 
 
@@ -506,7 +506,7 @@ def test_duplicate_webdataset_keys_get_unique_names(tmp_path):
                                         show_progress=False)
   assert report["train"].written == 2
   assert report["train"].converted["duplicate key renamed KEY#N"] == 1
-  source = builders.open_source("dupes", str(tmp_path / "tfds"), "train")
+  source = sources.open_source("dupes", str(tmp_path / "tfds"), "train")
   assert sorted(source[i]["key"].decode() for i in range(2)) == ["00000.tar/k", "00000.tar/k#2"]
 
 

@@ -76,22 +76,18 @@ def _max_rel_diff(a_tree, b_tree) -> float:
              for a, b in pairs)
 
 
-def _worker() -> dict:
-  """Runs in a process with 8 CPU devices; returns {check: max relative difference}."""
-  import flax.linen as nn
+def _mesh_setup(config):
+  """What a sharded check starts from: (batch, model, optimizer, schedule, jitted loss and
+  gradients of `config.loss`, on_mesh(cfg, devices) -> (mesh, logical axis rules, state
+  shardings))."""
   import jax
-  import numpy as np
-  import optax
-  from coca_jax.training import optim
   from coca_jax.core import sharding
+  from coca_jax.training import optim
   from coca_jax.training import step
 
-  results = {}
-  config = tiny_config()
   batch = tiny_batch(config)
   model = step.build_model(config)
   tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
-  # The default loss ('gathered' softmax) for the loss/gradient checks.
   grad_fn = jax.jit(lambda p, b: jax.value_and_grad(step.loss_fn, has_aux=True)(
       p, model, b, config.loss))
 
@@ -100,6 +96,24 @@ def _worker() -> dict:
     rules = sharding.logical_axis_rules(cfg)
     _, shardings = step.state_shardings(model, tx, cfg, mesh, rules)
     return mesh, rules, shardings
+
+  return batch, model, tx, schedule, grad_fn, on_mesh
+
+
+def _worker() -> dict:
+  """Runs in a process with 8 CPU devices; returns {check: max relative difference}."""
+  import flax.linen as nn
+  import jax
+  import numpy as np
+  import optax
+
+  from coca_jax.core import sharding
+  from coca_jax.training import step
+
+  results = {}
+  config = tiny_config()
+  # The default loss ('gathered' softmax) for the loss/gradient checks.
+  batch, model, tx, schedule, grad_fn, on_mesh = _mesh_setup(config)
 
   def batch_on(mesh):
     return {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}

@@ -11,9 +11,8 @@ import sys
 
 import pytest
 
-from coca_jax.core import config as config_lib
-
 from coca_jax import sweep
+from coca_jax.core import config as config_lib
 from conftest import REPO, smoke_config
 
 SMOKE = os.path.join(REPO, "experiments", "demo.py") + ":smoke"

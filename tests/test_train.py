@@ -12,12 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from coca_jax.training import checkpoint
-
 from coca_jax.core import config as config_lib
-
+from coca_jax.training import checkpoint
 from coca_jax.training import optim
-
 from coca_jax.training import step as step_lib
 from conftest import REPO, random_batch, smoke_config
 

@@ -16,12 +16,12 @@ import pytest
 
 from coca_jax.core import config as config_lib
 from coca_jax.core import schema
-from coca_jax.training import step as step_lib
 from coca_jax.data.tokenizer import load_tokenizer
 from coca_jax.data.wordpiece import WordPieceTokenizer
 from coca_jax.interop import params as flat_params
 from coca_jax.interop import vlmo
 from coca_jax.models.mome import MoME, MoMEConfig
+from coca_jax.training import step as step_lib
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

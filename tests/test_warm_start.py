@@ -10,11 +10,11 @@ import pytest
 import safetensors.numpy
 
 import coca_jax
-from coca_jax.core import schema
 from coca_jax import export
+from coca_jax.core import schema
+from coca_jax.data.tokenizer import Tokenizer
 from coca_jax.training import step as step_lib
 from coca_jax.training import warm_start
-from coca_jax.data.tokenizer import Tokenizer
 from conftest import random_batch, smoke_config
 
 

@@ -11,6 +11,7 @@ bench), whether started as `python -m coca_jax.X` or as the installed `coca-X` s
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import difflib
 import os
@@ -158,3 +159,35 @@ def run(main, *, required: tuple[str, ...] = (), define=None) -> None:
         fail(str(e))
 
   app.run(guarded_main, argv=argv, flags_parser=parse)
+
+
+def conversion_parser(prog: str, description: str, *, imports: str, src_help: str,
+                      exports: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+  """The command line every checkpoint converter (`coca_jax.interop.*`) shares: `import` (a
+  foreign checkpoint -> a coca_jax bundle: --src, --out, --dtype) and `export` (a coca_jax
+  model -> a foreign .safetensors: --src, --out, --step). Returns (the parser, the `import`
+  subparser) so the converter adds what its format needs (--model, a vocabulary)."""
+  parser = argparse.ArgumentParser(prog=prog, description=description)
+  commands = parser.add_subparsers(dest="command", required=True)
+  imp = commands.add_parser("import", help=imports)
+  imp.add_argument("--src", required=True, help=src_help)
+  imp.add_argument("--out", required=True, help="bundle directory to create")
+  imp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  exp = commands.add_parser("export", help=exports)
+  exp.add_argument("--src", required=True, help="workdir, checkpoints/<step> or bundle")
+  exp.add_argument("--out", required=True, help="FILE.safetensors to write")
+  exp.add_argument("--step", type=int, default=None)
+  return parser, imp
+
+
+def run_conversion(parser: argparse.ArgumentParser, argv, *, import_bundle, export_state_dict,
+                   errors: tuple[type[Exception], ...] = ()) -> None:
+  """Runs a `conversion_parser` command line: `import_bundle(args)` or
+  `export_state_dict(src, out, step)`, printing what it returns (the path written); a bad path
+  or one of `errors` is a one-line usage error (exit 2)."""
+  args = parser.parse_args(argv)
+  with usage_errors(parser.prog, also=errors):
+    if args.command == "import":
+      print(import_bundle(args))
+    else:
+      print(export_state_dict(args.src, args.out, args.step))

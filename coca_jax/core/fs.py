@@ -27,8 +27,8 @@ import contextlib
 import os
 import posixpath
 import tempfile
-import uuid
 from typing import IO
+import uuid
 
 from absl import logging
 from etils import epath

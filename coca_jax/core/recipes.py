@@ -57,6 +57,23 @@ IMAGENET_ZEROSHOT = dict(dataset="imagenet2012", split="validation", examples=0,
                          class_names_file="open_clip:imagenet", templates_file="open_clip:imagenet")
 
 
+def pretraining_layout(c: ml_collections.ConfigDict) -> None:
+  """Sets what every pretraining recipe shares: parameters and optimizer state fully sharded
+  across every chip, the batch over the same chips (config.mesh); a checkpoint every 5,000
+  steps, the newest 3 kept, saved in the background (config.checkpoint)."""
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5_000, keep=3, async_save=True))
+
+
+def vlmo_optim(warmup_fraction: float, freeze_regex=()) -> ml_collections.ConfigDict:
+  """VLMo's AdamW recipe (peak 2e-4, betas 0.9/0.98, weight decay 0.01, linear decay to 0) with
+  the stage's warmup share and frozen parameters."""
+  return ml_collections.ConfigDict(dict(
+      name="adamw", lr=2e-4, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01,
+      warmup_fraction=warmup_fraction, decay="linear", end_lr_fraction=0.0, clip_norm=0.0,
+      freeze_regex=list(freeze_regex)))
+
+
 def coca_paper(size: str, arg: str = "") -> ml_collections.ConfigDict:
   """The paper's recipe at `size` in PAPER_SIZES; `arg` as in experiments/coca_base.py."""
   args = parse_arg(arg, PAPER_FILES[size], batch=65_536, steps=500_000, dtype="bfloat16",
@@ -89,9 +106,7 @@ def coca_paper(size: str, arg: str = "") -> ml_collections.ConfigDict:
       name="adafactor", lr=8e-4, b1=0.9, b2=0.999, eps=1e-30, weight_decay=0.01,
       warmup_fraction=0.02, decay="linear", end_lr_fraction=0.0, clip_norm=0.0,
       freeze_regex=[]))
-  # Parameters and optimizer state fully sharded across every chip; batch over the same chips.
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5_000, keep=3, async_save=True))
+  pretraining_layout(c)
   c.evals = ml_collections.ConfigDict(EVALS)
   if args.imagenet:
     data_dir = args.imagenet if isinstance(args.imagenet, str) else ""
@@ -169,13 +184,9 @@ def mome(width, depth, heads, mlp_dim, fusion_layers, arg: str = "",
       contrastive_impl="gathered", itm_weight=1.0 if args.stage == "image_text" else 0.0,
       itm_examples=0))
   freeze = {"image": TEXT_SIDE, "text": SHARED_AND_IMAGE, "image_text": []}[args.stage]
-  c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=2e-4, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01,
-      warmup_fraction=0.025, decay="linear", end_lr_fraction=0.0, clip_norm=0.0,
-      freeze_regex=list(freeze)))
+  c.optim = vlmo_optim(warmup_fraction=0.025, freeze_regex=freeze)
   c.init = ml_collections.ConfigDict(dict(source=args.init))
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5_000, keep=3, async_save=True))
+  pretraining_layout(c)
   # As the CoCa paper configs (EVALS): retrieval and captioning on the eval split of
   # config.data.name, zero-shot on a labelled dataset you name.
   c.evals = ml_collections.ConfigDict(EVALS)

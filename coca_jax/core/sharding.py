@@ -12,9 +12,9 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")

@@ -1,8 +1,8 @@
 """Data: TFDS array_record builders, the grain input pipeline, the SentencePiece tokenizer.
 
   builders.py    demo / folder / webdataset builders (`python -m coca_jax.data.build`)
-  pipeline.py    `make_train_iterator` (streaming or in-memory input path), `checkpoint_args`,
-                 `make_eval_source`
+  sources.py     `open_source`: a prepared split (ours or a TFDS catalog dataset) to read
+  pipeline.py    `make_train_iterator` (streaming or in-memory input path), `make_eval_source`
   decoded_cache.py  a small split decoded once into memory-mapped uint8 arrays (in-memory path)
   prepare.py     `prepare_data`: demo dataset and tokenizer ready before a run
   preprocess.py  decode, resize, random-resized-crop, `normalize_images`

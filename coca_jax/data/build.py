@@ -39,6 +39,7 @@ from typing import Sequence
 
 from coca_jax.core import console
 from coca_jax.data import builders
+from coca_jax.data import sources
 
 
 format_report = builders.format_report
@@ -55,7 +56,7 @@ def build(format: str, name: str, data_dir: str, overwrite: bool = False,  # pyl
     ValueError: the source and `data_dir/name` overlap (even with `overwrite`).
     builders.EmptyBuildError: every input of a split was skipped (the message has the report).
   """
-  version_dir = os.path.join(builders.local_data_dir(data_dir), name, builders.VERSION)
+  version_dir = os.path.join(sources.local_data_dir(data_dir), name, builders.VERSION)
   if builders.is_built(name, data_dir) and not overwrite:
     raise FileExistsError(f"{version_dir} already holds a built dataset; pass --overwrite to "
                           "rebuild it or choose another --name")

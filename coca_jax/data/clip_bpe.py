@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from coca_jax.core import fs
-from coca_jax.core.tokens import PAD_ID, check_texts
+from coca_jax.core.tokens import PAD_ID, check_texts, text_ids
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2
@@ -153,12 +153,8 @@ class ClipBpeTokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     """Text of `ids`: skips sot and PAD, stops at the first eot."""
-    pieces = []
-    for i in np.asarray(ids).reshape(-1).tolist():
-      if i == self.eos_id:
-        break
-      if i not in (self.bos_id, PAD_ID):
-        pieces.append(self.decoder[i])
+    pieces = [self.decoder[i] for i in text_ids(np.asarray(ids).reshape(-1).tolist(),
+                                                  self.bos_id, self.eos_id)]
     raw = bytearray(self._byte_decoder[c] for c in "".join(pieces))
     return raw.decode("utf-8", errors="replace").replace("</w>", " ").strip()
 

@@ -41,15 +41,15 @@ import json
 import os
 import shutil
 import socket
-import uuid
 from typing import Callable, Sequence
+import uuid
 
 from absl import logging
 import numpy as np
 from PIL import Image
 
-from coca_jax.data import builders
 from coca_jax.data import preprocess
+from coca_jax.data import sources
 
 # Bump when the files' meaning changes: every older cache then misses.
 LAYOUT_VERSION = 1
@@ -139,7 +139,7 @@ def load_or_build(name: str, data_dir: str, split: str, source, *, image_size: i
   """
   if geometry not in GEOMETRIES:
     raise ValueError(f"geometry={geometry!r}: use one of {GEOMETRIES}")
-  version_dir = builders.version_dir(name, builders.local_data_dir(data_dir))
+  version_dir = sources.version_dir(name, sources.local_data_dir(data_dir))
   key = cache_key(version_dir, split, image_feature, geometry, image_size)
   root = os.path.join(version_dir, CACHE_DIR)
   final = os.path.join(root, _digest(key))

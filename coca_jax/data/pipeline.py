@@ -12,16 +12,10 @@ The sequence of global batches is therefore the same whatever the number of proc
 grain workers): a 1-process debug run sees a pod run's batches, and a run resumed on a
 different number of hosts continues the same order. Every random choice comes from a
 per-record generator seeded by (seed, global position), so the stream is a pure function of
-(dataset, seed, global position). The checkpointed iterator state is one number, the global
-batches consumed (`DIR/checkpoints/<step>/data/position.json`), saved next to the model in one
-orbax checkpoint; restoring it resumes with exactly the batches the uninterrupted run would
-have produced, on any number of hosts:
-
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(train_state), data=checkpoint_args(train_iter)))
-  manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=checkpoint_args(train_iter, restore=True)))
+(dataset, seed, global position). The iterator's state is one number, `position`, the global
+batches consumed; `set_position(n)` moves to batch n on any number of hosts.
+`coca_jax.training.checkpoint` saves it next to the model (`DIR/checkpoints/<step>/data/`), so
+a resumed run sees exactly the batches the uninterrupted run would have produced.
 
 Config fields read (config.data.<field>; the schema and its defaults are in coca_jax/core/config.py,
 which every loaded config is completed with; this module reads completed configs only):
@@ -80,17 +74,15 @@ from typing import Any, Iterator, Mapping
 
 from absl import flags
 from absl import logging
-from etils import epath
 import grain
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from coca_jax.data import builders
 from coca_jax.data import decoded_cache
 from coca_jax.data import preprocess
+from coca_jax.data import sources
 from coca_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 # Where config.data.data_dir is "" (the schema's default) outside a training run.
@@ -271,7 +263,7 @@ def make_host_loader(options: DataOptions, *, shard_index: int, shard_count: int
   """
   _check_hosts(options, shard_count)
   host_batch_size = options.global_batch_size // shard_count
-  source = builders.open_source(options.name, options.data_dir, split or options.train_split,
+  source = sources.open_source(options.name, options.data_dir, split or options.train_split,
                                 decode_images=False)
   _check_records(options, len(source), shard_count, split)
   tokenizer = tokenizer or load_tokenizer(options.tokenizer, options.tokenizer_kind)
@@ -325,7 +317,7 @@ def load_decoded(options: DataOptions, split: str | None = None
   mode, split = options.in_memory, split or options.train_split
   if mode == "never":
     return None
-  source = builders.open_source(options.name, options.data_dir, split, decode_images=False)
+  source = sources.open_source(options.name, options.data_dir, split, decode_images=False)
   geometry = "full" if options.random_resized_crop else "center"
   budget = None if mode == "always" else in_memory_budget(options)
   estimate = decoded_cache.estimate_bytes(source, options.image_size, geometry)
@@ -421,8 +413,8 @@ class TrainIterator:
   """Yields global batches {"image": float32 [B, S, S, 3], "text": int32 [B, L]} as jax.Arrays.
 
   `position` is the number of global batches returned so far; `set_position(n)` moves to the
-  n-th global batch on any number of hosts. `checkpoint_args` saves and restores the position
-  with orbax. (`get_state()` / `set_state()` expose grain's own host-local state, bytes.)
+  n-th global batch on any number of hosts (`training.checkpoint` saves and restores it).
+  (`get_state()` / `set_state()` expose grain's own host-local state, bytes.)
   """
 
   def __init__(self, loader: grain.DataLoader, batch_sharding):
@@ -544,14 +536,13 @@ class InMemoryTrainIterator:
     self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def make_train_iterator(config, mesh: jax.sharding.Mesh | None, batch_sharding,
+def make_train_iterator(config, batch_sharding,
                         tokenizer: Tokenizer | None = None
                         ) -> TrainIterator | InMemoryTrainIterator:
   """The training input stream of this host, as global jax.Arrays.
 
   Args:
     config: experiment config (fields: see module docstring).
-    mesh: the device mesh (unused beyond documentation of intent: the sharding carries it).
     batch_sharding: a `jax.sharding.Sharding` for the leading (batch) axis, applied to both
       "image" [B, S, S, 3] and "text" [B, L]; or a dict {"image": ..., "text": ...}.
     tokenizer: the run's tokenizer (e.g. from `prepare.prepare_data`); default: loaded from
@@ -561,7 +552,6 @@ def make_train_iterator(config, mesh: jax.sharding.Mesh | None, batch_sharding,
     An `InMemoryTrainIterator` or a `TrainIterator` (config.data.in_memory; the same batches
     either way); each host reads only its shard (jax.process_index()).
   """
-  del mesh
   options = DataOptions.from_config(config)
   decoded = load_decoded(options)
   if decoded is not None:
@@ -571,75 +561,6 @@ def make_train_iterator(config, mesh: jax.sharding.Mesh | None, batch_sharding,
   loader = make_host_loader(options, shard_index=jax.process_index(),
                             shard_count=jax.process_count(), tokenizer=tokenizer)
   return TrainIterator(loader, batch_sharding)
-
-
-POSITION_FILE = "position.json"
-
-
-class PositionHandler:
-  """orbax CheckpointHandler for a `TrainIterator`: one JSON file, written by process 0,
-  {"global_batches", "global_batch_size", "seed", "num_records"}. Restoring moves the iterator
-  (on however many hosts now run) to that global batch."""
-
-  def save(self, directory: epath.Path, item=None, args=None) -> None:
-    iterator = item or args.item
-    if jax.process_index() == 0:
-      sampler = iterator.sampler
-      record = {"global_batches": iterator.position,
-                "global_batch_size": sampler.global_batch_size, "seed": sampler.seed,
-                "num_records": sampler.num_records}
-      (epath.Path(directory) / POSITION_FILE).write_text(json.dumps(record))
-
-  def restore(self, directory: epath.Path, item=None, args=None):
-    iterator = item or args.item
-    path = epath.Path(directory) / POSITION_FILE
-    if not path.exists():
-      raise FileNotFoundError(f"{path} (the data iterator's position) is missing")
-    record = json.loads(path.read_text())
-    sampler = iterator.sampler
-    changed = [f"{name} {record[name]} -> {now}" for name, now in (
-        ("global_batch_size", sampler.global_batch_size), ("seed", sampler.seed),
-        ("num_records", sampler.num_records)) if record.get(name) != now]
-    if changed:
-      logging.warning("The data order changed since the checkpoint (%s): resuming at global "
-                      "batch %d of the new order, not where the old one stopped",
-                      ", ".join(changed), record["global_batches"])
-    iterator.set_position(int(record["global_batches"]))
-    return iterator
-
-  def structure(self, directory):  # Required by orbax's interface.
-    del directory
-
-  def metadata(self, directory):
-    del directory
-
-  def finalize(self, directory):
-    del directory
-
-  def close(self):
-    pass
-
-  @classmethod
-  def typestr(cls):
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-@ocp.args.register_with_handler(PositionHandler, for_save=True)
-@dataclasses.dataclass
-class PositionSave(ocp.args.CheckpointArgs):
-  item: Any
-
-
-@ocp.args.register_with_handler(PositionHandler, for_restore=True)
-@dataclasses.dataclass
-class PositionRestore(ocp.args.CheckpointArgs):
-  item: Any
-
-
-def checkpoint_args(iterator: TrainIterator, restore: bool = False):
-  """orbax args item for the iterator's position: use as the "data" item of a Composite. The
-  position is in global batches, so a checkpoint restores on any number of hosts."""
-  return PositionRestore(iterator) if restore else PositionSave(iterator)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -687,7 +608,7 @@ class EvalSource:
 
   def has_feature(self, path: str) -> bool:
     """Whether the dataset stores feature `path` (True when the source has no metadata)."""
-    return self._spec is None or builders.feature_spec(self._spec, path) is not None
+    return self._spec is None or sources.feature_spec(self._spec, path) is not None
 
   @property
   def feature_names(self) -> list[str]:
@@ -697,7 +618,7 @@ class EvalSource:
   def class_names(self) -> list[str] | None:
     """The label feature's ClassLabel names in label order; None when it is not a ClassLabel
     (our builders store a plain integer) or absent."""
-    spec = None if self._spec is None else builders.feature_spec(self._spec, self.features.label)
+    spec = None if self._spec is None else sources.feature_spec(self._spec, self.features.label)
     return list(spec.names) if isinstance(spec, tfds.features.ClassLabel) else None
 
   def __getitem__(self, index: int) -> dict[str, Any]:
@@ -769,10 +690,10 @@ def make_eval_source(config, split: str | None = None, name: str | None = None, 
   name = name or options.name
   data_dir = os.path.expanduser(data_dir) if data_dir else options.data_dir
   features = features or EvalFeatures()
-  source = builders.open_source(name, data_dir, split, decode_images=False,
+  source = sources.open_source(name, data_dir, split, decode_images=False,
                                 image_feature=features.image)
   spec = source.dataset_info.features
-  if builders.feature_spec(spec, features.image) is None:
+  if sources.feature_spec(spec, features.image) is None:
     raise ValueError(f"dataset {name!r} has no image feature {features.image!r} (its features: "
                      f"{', '.join(sorted(spec.keys()))}); name the image feature of the eval "
                      "(image_feature)")

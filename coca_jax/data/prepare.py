@@ -17,6 +17,7 @@ import jax
 from coca_jax.core import fs
 from coca_jax.core.config import ConfigError
 from coca_jax.data import builders
+from coca_jax.data import sources
 from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
 
@@ -83,7 +84,7 @@ def prepare_data(config, workdir: str) -> Tokenizer:
   if not data.tokenizer:
     path = fs.join(workdir, "tokenizer.model")
     if not fs.exists(path) and jax.process_index() == 0:
-      source = builders.open_source(data.name, data.data_dir, data.train_split,
+      source = sources.open_source(data.name, data.data_dir, data.train_split,
                                     decode_images=False)
       captions = [c.decode() if isinstance(c, bytes) else str(c)
                   for i in range(len(source)) for c in source[i]["captions"]]

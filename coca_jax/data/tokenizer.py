@@ -24,13 +24,13 @@ import numpy as np
 import sentencepiece as spm
 
 from coca_jax.core import cli
+from coca_jax.core.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID  # Re-exported: the batch contract.
+from coca_jax.core.tokens import PicklesAsSource, check_texts, text_ids
 from coca_jax.data.clip_bpe import ClipBpeTokenizer
 from coca_jax.data.wordpiece import WordPieceTokenizer
-from coca_jax.core.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID  # Re-exported: the batch contract.
-from coca_jax.core.tokens import check_texts
 
 
-class Tokenizer:
+class Tokenizer(PicklesAsSource):
   """A SentencePiece model plus the BOS/EOS/PAD conventions of the batch contract.
 
   Picklable (holds the serialized model), so grain worker processes can receive it.
@@ -49,14 +49,6 @@ class Tokenizer:
           f"SentencePiece model {source} has special ids (pad, unk, bos, eos)={specials}, but "
           f"coca_jax needs {(PAD_ID, UNK_ID, BOS_ID, EOS_ID)}; retrain it with "
           "`python -m coca_jax.data.tokenizer train`")
-
-  def __getstate__(self):
-    return {"model_proto": self.model_proto, "source": self.source,
-            "num_truncated": self.num_truncated}
-
-  def __setstate__(self, state):
-    self.__init__(state["model_proto"], state["source"])
-    self.num_truncated = state["num_truncated"]
 
   @property
   def vocab_size(self) -> int:
@@ -112,13 +104,9 @@ class Tokenizer:
     """Text of `ids`: skips BOS and PAD, stops at the first EOS. An id past the trained
     pieces reads as UNK (shown as ' ⁇ '): the vocabulary size is a soft limit, so a model's
     `vocab_size` may exceed the pieces a small corpus gave, and it can generate those ids."""
-    out, size = [], self._sp.get_piece_size()
-    for i in np.asarray(ids).reshape(-1).tolist():
-      if i == EOS_ID:
-        break
-      if i not in (PAD_ID, BOS_ID):
-        out.append(i if 0 <= i < size else UNK_ID)
-    return self._sp.decode(out)
+    size = self._sp.get_piece_size()
+    kept = text_ids(np.asarray(ids).reshape(-1).tolist(), BOS_ID, EOS_ID)
+    return self._sp.decode([i if 0 <= i < size else UNK_ID for i in kept])
 
   def tokenize(self, texts: Sequence[str], max_len: int) -> np.ndarray:
     """Batch "text" field: int32 `[len(texts), max_len]` = BOS, pieces, EOS, PAD...
@@ -165,9 +153,9 @@ def load_tokenizer(path: str, kind: str = "sentencepiece"):
 
 def _captions_from_dataset(name: str, data_dir: str, split: str) -> Iterable[str]:
   """Streams every caption of a built TFDS split (images are not decoded)."""
-  from coca_jax.data import builders  # heavy: TFDS import is slow and unneeded for load().
+  from coca_jax.data import sources  # heavy: TFDS import is slow and unneeded for load().
 
-  source = builders.open_source(name, data_dir, split, decode_images=False)
+  source = sources.open_source(name, data_dir, split, decode_images=False)
   for index in range(len(source)):
     for caption in source[index]["captions"]:
       yield caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)

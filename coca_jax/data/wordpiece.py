@@ -21,12 +21,12 @@ from typing import Sequence
 import numpy as np
 
 from coca_jax.core import fs
-from coca_jax.core.tokens import PAD_ID
+from coca_jax.core.tokens import PAD_ID, PicklesAsSource, text_ids
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
-class WordPieceTokenizer:
+class WordPieceTokenizer(PicklesAsSource):
   """A BERT WordPiece vocabulary plus the batch contract. Picklable (holds the file's bytes),
   so grain worker processes can receive it."""
 
@@ -62,14 +62,6 @@ class WordPieceTokenizer:
                                   clean_text=True, handle_chinese_chars=True,
                                   strip_accents=None, lowercase=True)
 
-  def __getstate__(self):
-    return {"model_proto": self.model_proto, "source": self.source,
-            "num_truncated": self.num_truncated}
-
-  def __setstate__(self, state):
-    self.__init__(state["model_proto"], state["source"])
-    self.num_truncated = state["num_truncated"]
-
   @classmethod
   def load(cls, path: str) -> "WordPieceTokenizer":
     """From a vocabulary file (BERT's vocab.txt, or gzipped)."""
@@ -92,12 +84,8 @@ class WordPieceTokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     """Text of `ids`: skips [CLS] and [PAD], stops at the first [SEP], joins '##' pieces."""
-    out = []
-    for i in np.asarray(ids).reshape(-1).tolist():
-      if i == self.eos_id:
-        break
-      if i not in (self.bos_id, PAD_ID):
-        out.append(i if 0 <= i < self._size else self.unk_id)
+    kept = text_ids(np.asarray(ids).reshape(-1).tolist(), self.bos_id, self.eos_id)
+    out = [i if 0 <= i < self._size else self.unk_id for i in kept]
     return self._tokenizer.decode(out, skip_special_tokens=False)
 
   def tokenize(self, texts: Sequence[str], max_len: int) -> np.ndarray:

@@ -42,9 +42,9 @@ import numpy as np
 
 from coca_jax.core import config as config_lib
 from coca_jax.data import preprocess
-from coca_jax.inference import generate as gen
 from coca_jax.evaluation import metrics
 from coca_jax.evaluation import prompts
+from coca_jax.inference import generate as gen
 from coca_jax.models.coca import CoCa
 
 

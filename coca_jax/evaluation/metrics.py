@@ -11,16 +11,16 @@ scores at chance level, never at 100%.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 import functools
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
 
 # ----------------------------------------------------------------------------------------------
 # Zero-shot classification

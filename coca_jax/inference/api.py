@@ -38,21 +38,15 @@ import numpy as np
 from PIL import Image
 
 from coca_jax.core import config as config_lib
-from coca_jax.core import schema
-from coca_jax.interop import params as flat_params
-from coca_jax.training import checkpoint
-
 from coca_jax.core import fs
-
-from coca_jax.inference import generate as gen
-
-
-from coca_jax.training import step as step_lib
-from coca_jax.training import warm_start
 from coca_jax.data import preprocess
 from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 from coca_jax.evaluation import evaluators, metrics
+from coca_jax.inference import generate as gen
 from coca_jax.models.coca import CoCa, temperature_scale
+from coca_jax.training import checkpoint
+from coca_jax.training import step as step_lib
+from coca_jax.training import warm_start
 
 # Finding and reading a source is shared with warm starts (one rule for both).
 EXPORT_MANIFEST = warm_start.EXPORT_MANIFEST
@@ -197,11 +191,12 @@ class Model:
 
   # -- Inputs ------------------------------------------------------------------------------------
 
-  def images_to_uint8(self, images) -> np.ndarray:
+  def pixels_at_model_size(self, images) -> np.ndarray:
     """File paths, or arrays (uint8 in [0, 255] or float in [0, 1]; [N,H,W,3] or a list of
     [H,W,3]) of any size -> float32 pixel values in [0, 255], [N, S, S, 3], at the model's image
     size (shorter side resized, center crop; images of another size are resized in 8 bits).
-    (The name is historical: uint8 inputs stay exact integers.)"""
+    float32, not uint8: a float image already at the model's size keeps its exact values (uint8
+    inputs stay exact integers)."""
     if isinstance(images, (str, os.PathLike)):
       images = [images]
     if isinstance(images, np.ndarray) and images.ndim != 4 and images.dtype != object:
@@ -226,7 +221,7 @@ class Model:
 
   def embed_images(self, images) -> np.ndarray:
     """Paths, uint8 [0, 255] or float [0, 1] images -> L2-normalised float32 [N, D]."""
-    return self.embedder.embed_images(self.images_to_uint8(images))
+    return self.embedder.embed_images(self.pixels_at_model_size(images))
 
   def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
     """Strings -> L2-normalised float32 [N, D]."""
@@ -240,7 +235,7 @@ class Model:
                      **decoding_fields) -> dict:
     """Like `caption` but returns generate's arrays (tokens [N, L], lengths, scores), numpy."""
     decoding = decoding or gen.Decoding(**decoding_fields)
-    images = preprocess.normalize_images(self.images_to_uint8(images))
+    images = preprocess.normalize_images(self.pixels_at_model_size(images))
     rng = jax.random.key(seed) if decoding.method == "sample" else None
     results = []
     for start in range(0, len(images), self.batch_size):
@@ -338,7 +333,7 @@ class Model:
                        "(config.model.backbone='mome') trained with config.loss.itm_weight > 0")
     if isinstance(texts, str):
       texts = [texts]
-    images = preprocess.normalize_images(self.images_to_uint8(images))
+    images = preprocess.normalize_images(self.pixels_at_model_size(images))
     tokens = self.tokenizer.tokenize(list(texts), self.module.config.text.max_len)
     num_images, num_texts = len(images), len(tokens)
     pair_image = np.repeat(np.arange(num_images), num_texts)

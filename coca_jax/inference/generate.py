@@ -27,12 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from coca_jax import models
 from coca_jax.core import schema
 from coca_jax.core.tokens import BOS_ID, EOS_ID, PAD_ID
-from coca_jax import models
-from coca_jax.models.kernels import cpu as cpu_kernels
 from coca_jax.models import layers
 from coca_jax.models.coca import CoCa, CoCaConfig
+from coca_jax.models.kernels import cpu as cpu_kernels
 
 METHODS = schema.DECODING_METHODS
 NEG_INF = -1e30  # Finite, so `0 * NEG_INF` and `NEG_INF - NEG_INF` never produce NaN.

@@ -44,13 +44,13 @@ from typing import Iterable, Sequence
 
 from absl import logging
 import jax
-import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
 import tqdm
 
 from coca_jax.core import fs
-from coca_jax.data import builders, pipeline, preprocess
+from coca_jax.data import pipeline, preprocess, sources
 from coca_jax.evaluation import metrics
 from coca_jax.inference import api
 
@@ -120,7 +120,7 @@ class _Source:
     if isinstance(images, Dataset):
       self.dataset = images
       try:
-        opened = builders.open_source(images.name, os.path.expanduser(images.data_dir),
+        opened = sources.open_source(images.name, os.path.expanduser(images.data_dir),
                                       images.split, decode_images=False,
                                       image_feature=images.image_feature)
       except ValueError as e:  # A split it does not have, or not array_record: the fix is in e.

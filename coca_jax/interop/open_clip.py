@@ -20,7 +20,6 @@ nothing is dropped or invented (both directions check that every key was used).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import json
@@ -34,7 +33,6 @@ from coca_jax.core import config as config_lib
 from coca_jax.core import fs
 from coca_jax.core import schema
 from coca_jax.data.clip_bpe import ClipBpeTokenizer
-from coca_jax.data.tokenizer import TOKENIZER_FILES
 from coca_jax.inference import api
 from coca_jax.inference import bundle
 from coca_jax.interop import params as flat_params
@@ -415,26 +413,17 @@ def export_state_dict(src: str, out: str, step: int | None = None) -> str:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m coca_jax.interop.open_clip",
-                                   description=__doc__.split("\n\n")[0])
-  commands = parser.add_subparsers(dest="command", required=True)
-  imp = commands.add_parser("import", help="open_clip CoCa checkpoint -> coca_jax bundle")
-  imp.add_argument("--src", required=True, help=".safetensors, .pt or .bin state dict")
+  parser, imp = cli.conversion_parser(
+      "python -m coca_jax.interop.open_clip", __doc__.split("\n\n")[0],
+      imports="open_clip CoCa checkpoint -> coca_jax bundle",
+      src_help=".safetensors, .pt or .bin state dict",
+      exports="coca_jax model -> open_clip .safetensors")
   imp.add_argument("--model", required=True,
                    help=f"one of {sorted(MODEL_CONFIGS)} or an open_clip model-config JSON")
-  imp.add_argument("--out", required=True, help="bundle directory to create")
   imp.add_argument("--bpe", default="", help="CLIP BPE merges file (default: open_clip's)")
-  imp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  exp = commands.add_parser("export", help="coca_jax model -> open_clip .safetensors")
-  exp.add_argument("--src", required=True, help="workdir, checkpoints/<step> or bundle")
-  exp.add_argument("--out", required=True, help="FILE.safetensors to write")
-  exp.add_argument("--step", type=int, default=None)
-  args = parser.parse_args(argv)
-  with cli.usage_errors(parser.prog, also=(ConversionError,)):
-    if args.command == "import":
-      print(import_bundle(args.src, args.model, args.out, args.bpe, args.dtype))
-    else:
-      print(export_state_dict(args.src, args.out, args.step))
+  cli.run_conversion(
+      parser, argv, errors=(ConversionError,), export_state_dict=export_state_dict,
+      import_bundle=lambda a: import_bundle(a.src, a.model, a.out, a.bpe, a.dtype))
 
 
 if __name__ == "__main__":

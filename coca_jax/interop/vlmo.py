@@ -20,16 +20,16 @@ position index tensors) are recomputed, not stored, and skipped on import.
 
 from __future__ import annotations
 
-import argparse
 import re
 
+from flax import traverse_util
 import ml_collections
 import numpy as np
-from flax import traverse_util
 
 from coca_jax.core import cli
 from coca_jax.core import config as config_lib
 from coca_jax.core import fs
+from coca_jax.core import recipes
 from coca_jax.data.wordpiece import WordPieceTokenizer
 from coca_jax.inference import api
 from coca_jax.inference import bundle
@@ -282,12 +282,8 @@ def experiment_config(model: str | dict, vocab: str = "", *, itm: bool = True,
       contrastive_weight=1.0, caption_weight=0.0, contrastive="softmax",
       contrastive_impl="gathered", contrastive_reduction="mean",
       itm_weight=1.0 if itm else 0.0, itm_examples=0))
-  c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=2e-4, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01,
-      warmup_fraction=0.1, decay="linear", end_lr_fraction=0.0, clip_norm=0.0,
-      freeze_regex=[]))
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5_000, keep=3, async_save=True))
+  c.optim = recipes.vlmo_optim(warmup_fraction=0.1)
+  recipes.pretraining_layout(c)
   c.evals = ml_collections.ConfigDict(dict(every_steps=0, batch_size=64))
   c.init = ml_collections.ConfigDict(dict(source="", include_regex="", exclude_regex="",
                                           reinit_regex=""))
@@ -395,26 +391,17 @@ def export_state_dict(src: str, out: str, step: int | None = None) -> str:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m coca_jax.interop.vlmo",
-                                   description=__doc__.split("\n\n")[0])
-  commands = parser.add_subparsers(dest="command", required=True)
-  imp = commands.add_parser("import", help="VLMo checkpoint -> coca_jax bundle")
-  imp.add_argument("--src", required=True, help=".pt / .ckpt (torch >= 2.6) or .safetensors")
+  parser, imp = cli.conversion_parser(
+      "python -m coca_jax.interop.vlmo", __doc__.split("\n\n")[0],
+      imports="VLMo checkpoint -> coca_jax bundle",
+      src_help=".pt / .ckpt (torch >= 2.6) or .safetensors",
+      exports="coca_jax VLMo model -> official .safetensors")
   imp.add_argument("--model", required=True, choices=sorted(MODEL_CONFIGS))
   imp.add_argument("--vocab", required=True,
                    help="BERT's WordPiece vocabulary (bert-base-uncased's vocab.txt)")
-  imp.add_argument("--out", required=True, help="bundle directory to create")
-  imp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  exp = commands.add_parser("export", help="coca_jax VLMo model -> official .safetensors")
-  exp.add_argument("--src", required=True, help="workdir, checkpoints/<step> or bundle")
-  exp.add_argument("--out", required=True, help="FILE.safetensors to write")
-  exp.add_argument("--step", type=int, default=None)
-  args = parser.parse_args(argv)
-  with cli.usage_errors(parser.prog, also=(ConversionError, ImportError)):
-    if args.command == "import":
-      print(import_bundle(args.src, args.model, args.out, args.vocab, args.dtype))
-    else:
-      print(export_state_dict(args.src, args.out, args.step))
+  cli.run_conversion(
+      parser, argv, errors=(ConversionError, ImportError), export_state_dict=export_state_dict,
+      import_bundle=lambda a: import_bundle(a.src, a.model, a.out, a.vocab, a.dtype))
 
 
 if __name__ == "__main__":

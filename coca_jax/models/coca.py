@@ -16,10 +16,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from coca_jax.models.backbone import Stack, unscanned_params
-from coca_jax.models.layers import AttentionalPooler, LayerNorm, constrain, dense, embed_init, with_axes
 from coca_jax.core import schema
 from coca_jax.core.tokens import PAD_ID
+from coca_jax.models.backbone import Stack, unscanned_params
+from coca_jax.models.layers import AttentionalPooler, LayerNorm, constrain, dense, embed_init, with_axes
 
 POOLINGS = schema.TOWERS_POOLINGS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -49,13 +49,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from coca_jax.core import schema
+from coca_jax.core.tokens import PAD_ID
 from coca_jax.models.backbone import remat_block
 from coca_jax.models.coca import (DTYPES, contrastive_parameters, l2_normalize, patchify,
                                   temperature_scale, text_attention_mask)
 from coca_jax.models.layers import (ACTIVATIONS, AttentionalPooler, LayerNorm, constrain, dense,
                                     embed_init, with_axes)
-from coca_jax.core import schema
-from coca_jax.core.tokens import PAD_ID
 
 IMAGE, TEXT, FUSION = EXPERTS = schema.MODALITY_EXPERTS
 POOLINGS = schema.MOME_POOLINGS

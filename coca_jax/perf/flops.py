@@ -42,9 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coca_jax.training import step
 from coca_jax.core import schema
 from coca_jax.core.schema import Routing
+from coca_jax.training import step
 
 TRAIN_MULTIPLIER = 3  # forward + backward (2x forward).
 

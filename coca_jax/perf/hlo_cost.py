@@ -13,9 +13,9 @@ docs/performance.md compares it with a measured GPU profile.
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass
 import math
 import re
-from dataclasses import dataclass
 
 from coca_jax.perf.trace_summary import op_kind
 

@@ -26,6 +26,7 @@ not steps are ignored with a warning.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import datetime
 import errno
 import hashlib
@@ -37,14 +38,13 @@ import socket
 from typing import Any, Callable
 
 from absl import logging
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
 from coca_jax.core import config as config_lib
 from coca_jax.core import fs
-
 from coca_jax.core import sharding
-from coca_jax.data import pipeline
 
 STATE, DATA = "state", "data"
 SET_ASIDE = "checkpoints_set_aside"
@@ -119,13 +119,88 @@ def should_save(manager: ocp.CheckpointManager, step: int, every_steps: int) -> 
   return periodic or manager.reached_preemption(step)
 
 
+# ----------------------------------------------------------------------------------------------
+# The data iterator's position, an item of every checkpoint.
+# ----------------------------------------------------------------------------------------------
+
+POSITION_FILE = "position.json"
+
+
+class PositionHandler:
+  """orbax CheckpointHandler for a training data iterator (`data.pipeline.TrainIterator` or
+  `InMemoryTrainIterator`: it reads `position` and `sampler`, and calls `set_position`).
+  One JSON file, written by process 0: {"global_batches", "global_batch_size", "seed",
+  "num_records"}. Restoring moves the iterator (on however many hosts now run) to that global
+  batch."""
+
+  def save(self, directory: epath.Path, item=None, args=None) -> None:
+    iterator = item or args.item
+    if jax.process_index() == 0:
+      sampler = iterator.sampler
+      record = {"global_batches": iterator.position,
+                "global_batch_size": sampler.global_batch_size, "seed": sampler.seed,
+                "num_records": sampler.num_records}
+      (epath.Path(directory) / POSITION_FILE).write_text(json.dumps(record))
+
+  def restore(self, directory: epath.Path, item=None, args=None):
+    iterator = item or args.item
+    path = epath.Path(directory) / POSITION_FILE
+    if not path.exists():
+      raise FileNotFoundError(f"{path} (the data iterator's position) is missing")
+    record = json.loads(path.read_text())
+    sampler = iterator.sampler
+    changed = [f"{name} {record[name]} -> {now}" for name, now in (
+        ("global_batch_size", sampler.global_batch_size), ("seed", sampler.seed),
+        ("num_records", sampler.num_records)) if record.get(name) != now]
+    if changed:
+      logging.warning("The data order changed since the checkpoint (%s): resuming at global "
+                      "batch %d of the new order, not where the old one stopped",
+                      ", ".join(changed), record["global_batches"])
+    iterator.set_position(int(record["global_batches"]))
+    return iterator
+
+  def structure(self, directory):  # Required by orbax's interface.
+    del directory
+
+  def metadata(self, directory):
+    del directory
+
+  def finalize(self, directory):
+    del directory
+
+  def close(self):
+    pass
+
+  @classmethod
+  def typestr(cls):
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@ocp.args.register_with_handler(PositionHandler, for_save=True)
+@dataclasses.dataclass
+class PositionSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(PositionHandler, for_restore=True)
+@dataclasses.dataclass
+class PositionRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
+def checkpoint_args(iterator, restore: bool = False):
+  """orbax args item for the iterator's position: use as the "data" item of a Composite. The
+  position is in global batches, so a checkpoint restores on any number of hosts."""
+  return PositionRestore(iterator) if restore else PositionSave(iterator)
+
+
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None,
          force: bool = False) -> bool:
   """Saves state (+ the data iterator's position, one file per host). Asynchronous unless the
   manager was made with async_save=False; `manager.wait_until_finished()` before exiting."""
   items = {STATE: ocp.args.StandardSave(state)}
   if data_iterator is not None:
-    items[DATA] = pipeline.checkpoint_args(data_iterator)
+    items[DATA] = checkpoint_args(data_iterator)
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
@@ -162,8 +237,8 @@ def unreadable_reason(workdir: str, step: int, need_data: bool = True) -> str | 
     json.loads(fs.read_text(metadata))
   except (OSError, ValueError) as e:
     return f"{STATE}/_METADATA is unreadable ({type(e).__name__}: {e})"
-  if need_data and not fs.isfile(fs.join(directory, DATA, pipeline.POSITION_FILE)):
-    return f"{DATA}/{pipeline.POSITION_FILE} (the data iterator's position) is missing"
+  if need_data and not fs.isfile(fs.join(directory, DATA, POSITION_FILE)):
+    return f"{DATA}/{POSITION_FILE} (the data iterator's position) is missing"
   return None
 
 
@@ -242,7 +317,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state, shardings, data_iter
     raise FileNotFoundError(f"no checkpoint under {manager.directory}")
   items = {STATE: ocp.args.StandardRestore(sharding.with_shardings(abstract_state, shardings))}
   if data_iterator is not None:
-    items[DATA] = pipeline.checkpoint_args(data_iterator, restore=True)
+    items[DATA] = checkpoint_args(data_iterator, restore=True)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   return restored[STATE], step
 

@@ -15,8 +15,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import PartitionSpec as P
+import optax
 
 from coca_jax.core import schema
 from coca_jax.core.sharding import BATCH_AXES

@@ -26,7 +26,6 @@ from typing import Iterator
 import jax
 
 from coca_jax.core import config as config_lib
-
 from coca_jax.core import fs
 
 METRICS_FILE = "metrics.jsonl"

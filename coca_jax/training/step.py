@@ -46,19 +46,17 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh, PartitionSpec as P
-
-from coca_jax.training import losses
+import optax
 
 from coca_jax import models
-
 from coca_jax.core import schema
 from coca_jax.core import sharding
-from coca_jax.training import lora as lora_lib
-from coca_jax.training import optim
-from coca_jax.models.coca import CoCa, clamp_logit_scale
 from coca_jax.core.tokens import PAD_ID
+from coca_jax.models.coca import CoCa, clamp_logit_scale
+from coca_jax.training import lora as lora_lib
+from coca_jax.training import losses
+from coca_jax.training import optim
 
 
 @flax.struct.dataclass

@@ -34,17 +34,17 @@ import re
 from typing import Any, Callable
 
 from absl import logging
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import traverse_util
 
 from coca_jax.core import fs
-from coca_jax.core import sharding
-from coca_jax.interop import params as flat_params
 from coca_jax.core import schema
+from coca_jax.core import sharding
 from coca_jax.data.tokenizer import TOKENIZER_FILES
+from coca_jax.interop import params as flat_params
 from coca_jax.training import checkpoint
 from coca_jax.training import lora as lora_lib
 from coca_jax.training import step as step_lib

@@ -84,10 +84,10 @@ def jax_side(args):
   """Runs in the project's environment: import, our outputs, export (see main)."""
   sys.path.insert(0, REPO)
   import jax.numpy as jnp
-  from coca_jax.inference import generate
-  from coca_jax.training import step
-  from coca_jax.interop import open_clip, params as flat_params
   from coca_jax.core import schema
+  from coca_jax.inference import generate
+  from coca_jax.interop import open_clip, params as flat_params
+  from coca_jax.training import step
   data = np.load(os.path.join(args.work, "inputs.npz"))
   from coca_jax.core import config as config_lib
   config = config_lib.complete(open_clip.base_config(args.model))

@@ -21,11 +21,11 @@ import functools
 import hashlib
 import logging
 import os
+from pathlib import Path
 import platform
 import shutil
 import subprocess
 import tempfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
