@@ -43,6 +43,7 @@ from coca_jax.training import checkpoint
 from coca_jax.training import loop
 from coca_jax.training import metrics_log as metrics_lib
 from coca_jax.training import step as step_lib
+from coca_jax.training import warm_start
 from coca_jax.training.loop import (  # the CLI's exit codes name these; tests use them here
     NonFiniteError, NonFiniteWatch, checkpoint_facts)
 
@@ -94,9 +95,10 @@ def main(argv) -> None:
 
   # ---- Validate -----------------------------------------------------------------------------
   try:
+    warm_start.adopt_base_tokenizer(config)  # LoRA: the frozen base's token ids
     config_lib.validate(config, num_devices=jax.device_count(),
                         load_tokenizer=tokenizer_lib.load_tokenizer)
-  except config_lib.ConfigError as e:
+  except (config_lib.ConfigError, warm_start.WarmStartError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

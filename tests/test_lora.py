@@ -193,3 +193,21 @@ def test_adapters_shard_like_their_kernels(run):
     assert b == kernel[:t.stack] + (None,) + kernel[t.stack + t.inputs:], path
     split |= {axis for axis in a + b if axis}
   assert {"fsdp", "tensor"} <= split  # embed and heads/mlp are split as in the base
+
+
+def test_a_lora_run_without_a_tokenizer_takes_the_bases(run):
+  # Training a new tokenizer on the new data would give the frozen embeddings other ids: a LoRA
+  # run with config.data.tokenizer unset uses the base's file, kind and vocabulary size.
+  base_dir = str(run["root"] / "base")
+  config = _lora_config(base_dir)
+  config.data.tokenizer, config.model.text.vocab_size, config.data.tokenizer_vocab = "", 999, 7
+  adopted = warm_start.adopt_base_tokenizer(config)
+  base = checkpoint.read_config(base_dir)
+  assert adopted == os.path.join(base_dir, TOKENIZER_FILES[base.data.tokenizer_kind])
+  assert config.data.tokenizer == adopted
+  assert config.model.text.vocab_size == base.model.text.vocab_size
+  assert config.data.tokenizer_vocab == base.data.tokenizer_vocab
+  # A tokenizer the user names is kept (the warm start then checks it against the base).
+  config.data.tokenizer = "/elsewhere/tokenizer.model"
+  assert warm_start.adopt_base_tokenizer(config) is None
+  assert config.data.tokenizer == "/elsewhere/tokenizer.model"

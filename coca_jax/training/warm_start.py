@@ -257,6 +257,27 @@ def base_params(config):
   return params
 
 
+def adopt_base_tokenizer(config) -> str | None:
+  """A LoRA run keeps the base's embeddings frozen, so its token ids must mean what they meant
+  to the base. With config.data.tokenizer unset (which would train a new tokenizer on the new
+  data), a LoRA run takes the base's tokenizer file, kind and vocabulary size instead. Returns
+  the file adopted, or None (no LoRA, no source, a tokenizer given, or none found there)."""
+  if not (config.optim.lora.rank and config.init.source) or config.data.tokenizer:
+    return None
+  found = resolve(config.init.source)
+  source = checkpoint.read_config(found["root"])
+  path = fs.join(found["root"], TOKENIZER_FILES.get(source.data.tokenizer_kind, ""))
+  if not fs.isfile(path):
+    return None
+  config.data.tokenizer = path
+  config.data.tokenizer_kind = source.data.tokenizer_kind
+  config.data.tokenizer_vocab = source.data.tokenizer_vocab
+  config.model.text.vocab_size = source.model.text.vocab_size
+  logging.info("LoRA: using the base's tokenizer %s (%d ids), as its embeddings stay frozen",
+               path, source.model.text.vocab_size)
+  return path
+
+
 def lora_base(config, built):
   """`base_params` placed on the base's shards of `built` (a LoRA TrainSetup)."""
   return jax.tree.map(lambda p, s: _place(np.asarray(p), s), base_params(config),
