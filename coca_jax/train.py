@@ -44,6 +44,7 @@ from coca_jax.perf import flops
 
 from coca_jax.training import step as step_lib
 from coca_jax.core import fs
+from coca_jax.interop import pretrained
 from coca_jax.training import metrics_log as metrics_lib
 from coca_jax.data import tokenizer as tokenizer_lib
 from coca_jax.training import loop
@@ -103,6 +104,9 @@ def main(argv) -> None:
   except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+
+  # ---- A published name as the warm start: downloaded and converted once, before the mesh ----
+  pretrained.ensure(config.init.source)
 
   # ---- Mesh, model, optimizer, abstract state (nothing allocated yet) ----------------------
   built = step_lib.setup(config)
