@@ -16,7 +16,9 @@ from coca_jax.core import pretrained as names
 from coca_jax.inference import api
 from coca_jax.interop import open_clip
 from coca_jax.interop import pretrained
+from coca_jax.training import step
 from coca_jax.training import warm_start
+from conftest import REPO
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TINY_JSON = os.path.join(DATA, "open_clip_tiny_coca.json")
@@ -144,3 +146,17 @@ def test_an_interrupted_conversion_leaves_no_bundle(cached, monkeypatch):
     warm_start.resolve(NAME)
   monkeypatch.setattr(open_clip.bundle, "write_bundle", original)
   assert pretrained.fetch(NAME) == names.bundle_dir(NAME)  # The next try converts it whole.
+
+
+def test_a_name_is_a_fine_tuning_source(cached):
+  """`init=NAME` in the fine-tuning experiment: the run builds the published model and starts
+  from its weights, exactly as from the bundle (config.init.source keeps the name)."""
+  config = config_lib.load_config(
+      os.path.join(REPO, "experiments", "finetune_captions.py") + f":init={NAME},runlocal")
+  assert config.init.source == NAME
+  fresh = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), step.abstract_params(config))
+  params, report = warm_start.warm_start_params(config, fresh)
+  assert report["copied"] and not report["missing_in_source"] and not report["reinitialised"]
+  expected = open_clip.import_params(open_clip.read_state_dict(STATE), config)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
