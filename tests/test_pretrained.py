@@ -4,7 +4,9 @@ a snapshot of symlinks, refs/main) holding the tiny open_clip CoCa fixture under
 registers, with HF_HUB_OFFLINE=1."""
 
 import hashlib
+import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -160,3 +162,32 @@ def test_a_name_is_a_fine_tuning_source(cached):
   expected = open_clip.import_params(open_clip.read_state_dict(STATE), config)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_checkpoint_that_is_not_on_the_hub_is_read_from_the_downloads_folder(offline,
+                                                                             monkeypatch):
+  """VLMo's releases are GitHub assets: the error says where to put the file and from where; put
+  there, it converts (its BERT vocabulary still comes through the hub cache)."""
+  info = json.load(open(os.path.join(DATA, "vlmo_tiny.json")))["tiny"]
+  name, url = "vlmo:tiny_test", "https://example.invalid/releases/vlmo_tiny.safetensors"
+  arch = dict(image_size=info["image_size"], patch_size=info["patch_size"], width=info["width"],
+              depth=info["depth"], heads=info["heads"], mlp_dim=4 * info["width"],
+              vlffn_start=info["vlffn_start"])
+  monkeypatch.setitem(names.REGISTRY, name, names.Checkpoint(
+      name, arch, ("vlmo_tiny.safetensors",), url=url, tokenizer_hub=("test-org/bert", "vocab.txt")))
+  words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+  words += [f"w{i}" for i in range(info["vocab_size"] - len(words))]
+  fill_hub_cache(str(offline / "hub"), "test-org/bert", "vocab.txt",
+                 ("\n".join(words) + "\n").encode())
+  target = os.path.join(names.downloads_dir(), "vlmo_tiny.safetensors")
+  with pytest.raises(pretrained.PretrainedUnavailable) as e:
+    pretrained.fetch(name)
+  assert f"curl -L -o {target} {url}" in str(e.value)
+  os.makedirs(names.downloads_dir())
+  shutil.copy(os.path.join(DATA, "vlmo_tiny.safetensors"), target)
+  bundle = pretrained.fetch(name)
+  found = warm_start.resolve(name)
+  assert found["root"] == bundle == names.bundle_dir(name)
+  manifest = json.load(open(os.path.join(bundle, warm_start.EXPORT_MANIFEST)))
+  assert manifest["source"] == target
+  assert warm_start.checkpoint.read_config(bundle).model.backbone == "mome"

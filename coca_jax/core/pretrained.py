@@ -40,7 +40,8 @@ class Checkpoint:
 
   name          `<family>:<what>`, as `coca_jax.load` takes it.
   architecture  the converter's model: an open_clip model-config name or JSON path
-                (interop/open_clip.py MODEL_CONFIGS), or a VLMo architecture (interop/vlmo.py).
+                (interop/open_clip.py MODEL_CONFIGS), or a VLMo architecture name or dict
+                (interop/vlmo.py MODEL_CONFIGS).
   files         weight file names, preferred first: the first one the source has is used.
   repo_id       the Hugging Face hub repo holding `files`; "" when they are not on the hub.
   url           where the file is published when it is not on the hub (download it by hand).
@@ -51,7 +52,7 @@ class Checkpoint:
   about         one line for listings.
   """
   name: str
-  architecture: str
+  architecture: str | dict
   files: tuple[str, ...]
   repo_id: str = ""
   url: str = ""

@@ -183,7 +183,9 @@ def fetch(name: str) -> str:
   manifest = fs.join(out, warm_start.EXPORT_MANIFEST)
   if fs.exists(manifest):
     return out
-  weights, tokenizer = weights_file(checkpoint), tokenizer_file(checkpoint)
+  # The tokenizer first: a missing one is found out before gigabytes of weights come down.
+  tokenizer = tokenizer_file(checkpoint)
+  weights = weights_file(checkpoint)
   print(f"Converting {checkpoint.name} ({weights}) into {out} (once)", file=sys.stderr)
   try:
     return convert(checkpoint, weights, tokenizer, out)
