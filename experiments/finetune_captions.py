@@ -16,8 +16,9 @@ e.g. --config.model.image_size=288 to fine-tune at a higher resolution: the posi
 is resized). Parameters come from the source (config.init); the optimizer starts fresh.
 Evals: retrieval and greedy captioning (BLEU/CIDEr) on the dataset's eval split.
 
-Args (comma-separated after ':'): init=PATH_OR_NAME (required), name=, data_dir= (the built dataset),
-steps= (default 2000), batch= (64), lr= (1e-5), caption_only (contrastive weight 0), runlocal.
+Args (comma-separated after ':'): init=PATH_OR_NAME (required), name=, data_dir= (the built
+dataset), steps= (default 2000), batch= (64), lr= (1e-5), caption_only (contrastive weight 0),
+runlocal.
 """
 
 import os

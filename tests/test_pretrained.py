@@ -174,7 +174,8 @@ def test_a_checkpoint_that_is_not_on_the_hub_is_read_from_the_downloads_folder(o
               depth=info["depth"], heads=info["heads"], mlp_dim=4 * info["width"],
               vlffn_start=info["vlffn_start"])
   monkeypatch.setitem(names.REGISTRY, name, names.Checkpoint(
-      name, arch, ("vlmo_tiny.safetensors",), url=url, tokenizer_hub=("test-org/bert", "vocab.txt")))
+      name, arch, ("vlmo_tiny.safetensors",), url=url,
+      tokenizer_hub=("test-org/bert", "vocab.txt")))
   words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
   words += [f"w{i}" for i in range(info["vocab_size"] - len(words))]
   fill_hub_cache(str(offline / "hub"), "test-org/bert", "vocab.txt",
