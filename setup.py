@@ -32,6 +32,7 @@ setup(
         "regex>=2023",         # CLIP BPE tokenizer's pre-tokenisation pattern (\p{L}, \p{N})
         "ftfy>=6",             # CLIP BPE tokenizer's text cleaning, as open_clip does it
         "tokenizers>=0.20",    # BERT's WordPiece (data.tokenizer_kind='wordpiece', VLMo)
+        "huggingface_hub>=0.23",  # published checkpoints by name: download, cache, offline mode
         "tensorboardX>=2.6",   # TensorBoard event files without TensorFlow
         "matplotlib>=3.8",     # report and sweep curves (Agg backend, no display)
         # XLA:CPU scratch memory is reused instead of page-faulted every step (coca_jax/core/runtime.py).

@@ -4,7 +4,8 @@ r"""Captions images with a trained model.
       [--method sample --temperature 0.8 --top_p 0.9 --num_candidates 8] [--json]
       [--decode_weights int8|bfloat16]
 
-PATH: a training workdir, a checkpoints/<step> directory or an export bundle. Folders are
+PATH: a training workdir, a checkpoints/<step> directory, an export bundle, or a published
+name (`python -m coca_jax.interop.pretrained list`; downloaded and converted once). Folders are
 expanded to their image files. Prints "path<TAB>caption" per image (or one JSON object per line
 with --json: path, caption, score). A file that cannot be read is skipped with a message naming
 it on stderr; the exit code is then 1 (after the other images are captioned).
@@ -26,9 +27,11 @@ from coca_jax.core import cli
 from coca_jax.core import console
 from coca_jax.inference import api
 from coca_jax.inference import generate as gen
+from coca_jax.interop import pretrained
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "Workdir, checkpoint step directory or export bundle.")
+flags.DEFINE_string("model", None, "Workdir, checkpoint step directory, export bundle or "
+                    "published name (open_clip:coca_ViT-B-32/laion2b_s13b_b90k).")
 flags.DEFINE_enum("method", "greedy", list(gen.METHODS), "Decoding method.")
 flags.DEFINE_integer("num_beams", 4, "Beams (method=beam).")
 flags.DEFINE_float("length_penalty", 0.6, "Beam ranking: log p / length**length_penalty.")
@@ -59,7 +62,7 @@ def main(argv) -> None:
       method=FLAGS.method, num_beams=FLAGS.num_beams, length_penalty=FLAGS.length_penalty,
       max_new_tokens=FLAGS.max_new_tokens, min_len=FLAGS.min_len, temperature=FLAGS.temperature,
       top_k=FLAGS.top_k, top_p=FLAGS.top_p, num_candidates=FLAGS.num_candidates)
-  model = api.load(FLAGS.model, batch_size=min(FLAGS.batch_size, len(files)),
+  model = api.load(pretrained.ensure(FLAGS.model), batch_size=min(FLAGS.batch_size, len(files)),
                    decode_weights=FLAGS.decode_weights)
   images, readable, failed = [], [], []
   for path in files:

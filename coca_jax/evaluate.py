@@ -7,8 +7,9 @@ r"""Runs the configured evaluations of a trained model and writes the results as
 Without --config the run's own DIR/config.json is used (its data paths, model and `evals`), and
 `--config.<field>=value` overrides any field of it. With --config FILE[:args] the evals and data
 settings come from that file; the model always comes from the checkpoint's config.json.
---workdir may also be a checkpoint step directory or an export bundle. Any eval may read a TFDS
-catalog dataset prepared as array_record, e.g. ImageNet zero-shot (docs/evaluation.md,
+--workdir may also be a checkpoint step directory, an export bundle or a published name
+(`python -m coca_jax.interop.pretrained list`; downloaded and converted once). Any eval may read
+a TFDS catalog dataset prepared as array_record, e.g. ImageNet zero-shot (docs/evaluation.md,
 "Zero-shot on ImageNet / other TFDS datasets"):
 
   python -m coca_jax.evaluate --workdir DIR --config.evals.zeroshot.dataset=imagenet2012 \
@@ -38,10 +39,12 @@ from coca_jax.core import console
 from coca_jax.core import fs
 from coca_jax.evaluation import evaluators
 from coca_jax.inference import api
+from coca_jax.interop import pretrained
 from coca_jax.training import checkpoint
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir, checkpoints/<step> dir, or export.")
+flags.DEFINE_string("workdir", None, "Training workdir, checkpoints/<step> dir, export, or "
+                    "published name.")
 flags.DEFINE_integer("step", None, "Checkpoint step of a workdir (default: the latest).")
 flags.DEFINE_string("out", None, "Write the results JSON here (always printed to stdout).")
 
@@ -64,7 +67,7 @@ def define_config_flag(argv) -> None:
   if not workdir:  # --help, or a missing --workdir that absl reports as a usage error.
     config_lib.define_config_flag("config", "Config file[:args] for evals/data.")
     return
-  root = api.resolve(workdir)["root"]
+  root = api.resolve(pretrained.ensure(workdir))["root"]
   config = with_eval_defaults(checkpoint.read_config(root))
   config_lib.check_overrides(config, config_lib.override_keys(argv))  # Typos: did you mean.
   config_flags.DEFINE_config_dict("config", config, "The run's config.", lock_config=False)
@@ -94,7 +97,7 @@ def main(argv) -> None:
   except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  model = api.load(FLAGS.workdir, step=FLAGS.step)
+  model = api.load(pretrained.ensure(FLAGS.workdir), step=FLAGS.step)
   results = {"step": model.step, **evaluate(model, FLAGS.config)}
   text = json.dumps(results, indent=2, sort_keys=True)
   print(text)

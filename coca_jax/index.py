@@ -36,9 +36,11 @@ from coca_jax.core import cli
 from coca_jax.core import console
 from coca_jax.inference import api
 from coca_jax.inference import index as index_lib
+from coca_jax.interop import pretrained
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "build: workdir, checkpoint step directory or export bundle. "
+flags.DEFINE_string("model", None, "build: workdir, checkpoint step directory, export bundle "
+                    "or published name (coca_jax.list_pretrained()). "
                     "query: optional, must be the index's own model.")
 flags.DEFINE_string("images", None, "build: a folder of images, or a dataset name (with "
                     "--split and --data_dir).")
@@ -79,7 +81,7 @@ def build() -> None:
   if not FLAGS.model or not FLAGS.images or not FLAGS.out:
     raise app.UsageError("build needs --model, --images and --out\n" + USAGE)
   images = images_argument()
-  index = index_lib.Index.build(FLAGS.model, images, FLAGS.out, dtype=FLAGS.dtype,
+  index = index_lib.Index.build(pretrained.ensure(FLAGS.model), images, FLAGS.out, dtype=FLAGS.dtype,
                                 chunk_size=FLAGS.chunk_size, batch_size=FLAGS.batch_size,
                                 ann=FLAGS.ann, progress=FLAGS.progress)
   report = index.last_build
@@ -100,7 +102,8 @@ def query() -> None:
   for path in FLAGS.image:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"--image {path} does not exist")
-  index = index_lib.Index.open(FLAGS.index, FLAGS.model)
+  model = FLAGS.model and pretrained.ensure(FLAGS.model)
+  index = index_lib.Index.open(FLAGS.index, model)
   queries = FLAGS.text or FLAGS.image
   results = index.search(texts=FLAGS.text or None, images=FLAGS.image or None, k=FLAGS.k,
                          exact=FLAGS.exact or None)

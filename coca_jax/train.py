@@ -38,6 +38,7 @@ from coca_jax.core import config as config_lib
 from coca_jax.core import console
 from coca_jax.core import fs
 from coca_jax.data import tokenizer as tokenizer_lib
+from coca_jax.interop import pretrained
 from coca_jax.perf import flops
 from coca_jax.training import checkpoint
 from coca_jax.training import loop
@@ -95,10 +96,15 @@ def main(argv) -> None:
 
   # ---- Validate -----------------------------------------------------------------------------
   try:
-    warm_start.adopt_base_tokenizer(config)  # LoRA: the frozen base's token ids
     config_lib.validate(config, num_devices=jax.device_count(),
                         load_tokenizer=tokenizer_lib.load_tokenizer)
-  except (config_lib.ConfigError, warm_start.WarmStartError) as e:
+    # A published name as the warm start: downloaded and converted once, before the mesh.
+    pretrained.ensure(config.init.source)
+    if warm_start.adopt_base_tokenizer(config):  # LoRA: the frozen base's token ids
+      config_lib.validate(config, num_devices=jax.device_count(),
+                          load_tokenizer=tokenizer_lib.load_tokenizer)
+  except (config_lib.ConfigError, warm_start.WarmStartError, pretrained.PretrainedUnavailable,
+          pretrained.ChecksumError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -4,7 +4,8 @@
   python -m coca_jax.data.build --format folder --src photos/ --name my_captions \\
       --data_dir ~/tfds --eval_fraction 0.05
   # 2. Fine-tune from a bundle (`coca_jax.export`, `coca_jax.interop.open_clip import`), a
-  #    workdir or a checkpoints/<step> directory:
+  #    workdir, a checkpoints/<step> directory, or a published name (`coca_jax.list_pretrained()`,
+  #    e.g. init=open_clip:coca_ViT-B-32/mscoco_finetuned_laion2b_s13b_b90k):
   python -m coca_jax.train --config \\
       experiments/finetune_captions.py:init=/tmp/coca_b32,name=my_captions,data_dir=~/tfds \\
       --workdir /tmp/finetuned
@@ -15,8 +16,9 @@ e.g. --config.model.image_size=288 to fine-tune at a higher resolution: the posi
 is resized). Parameters come from the source (config.init); the optimizer starts fresh.
 Evals: retrieval and greedy captioning (BLEU/CIDEr) on the dataset's eval split.
 
-Args (comma-separated after ':'): init=PATH (required), name=, data_dir= (the built dataset),
-steps= (default 2000), batch= (64), lr= (1e-5), caption_only (contrastive weight 0), runlocal.
+Args (comma-separated after ':'): init=PATH_OR_NAME (required), name=, data_dir= (the built
+dataset), steps= (default 2000), batch= (64), lr= (1e-5), caption_only (contrastive weight 0),
+runlocal.
 """
 
 import os
@@ -24,9 +26,11 @@ import os
 import ml_collections
 
 from coca_jax.core import fs
+from coca_jax.core import pretrained as published
 from coca_jax.core import recipes
 from coca_jax.core.config_args import parse_arg
 from coca_jax.inference import api
+from coca_jax.interop import pretrained
 from coca_jax.training import checkpoint
 
 
@@ -34,10 +38,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   args = parse_arg(arg, "experiments/finetune_captions.py", init="", name="", data_dir="",
                    steps=2_000, batch=64, lr=1e-5, caption_only=False, runlocal=False)
   if not args.init:
-    raise ValueError("experiments/finetune_captions.py needs init=PATH: a bundle, workdir or "
-                     "checkpoints/<step> directory to start from")
-  source = fs.resolve(args.init)  # A local path or a gs:// URL.
-  found = api.resolve(source)
+    raise ValueError("experiments/finetune_captions.py needs init=PATH: a bundle, workdir, "
+                     "checkpoints/<step> directory or published name to start from")
+  # A local path, a gs:// URL, or a published name (downloaded and converted once).
+  source = args.init if published.is_name(args.init) else fs.resolve(args.init)
+  found = api.resolve(pretrained.ensure(source))
   source_config = checkpoint.read_config(found["root"])  # Completed with today's defaults.
   tokenizer = api.TOKENIZER_FILES[source_config.data.tokenizer_kind]
 

@@ -14,7 +14,8 @@ AdamW fine-tuning recipe around them.
 
 Args (comma-separated after ':'):
   model=M      a MODEL_CONFIGS name or an open_clip model-config JSON path (default coca_ViT-B-32)
-  init=PATH    warm start: a bundle, workdir or checkpoints/<step> directory
+  init=PATH    warm start: a bundle, workdir or checkpoints/<step> directory, or a published
+               name (coca_jax.list_pretrained(), e.g. open_clip:coca_ViT-B-32/laion2b_s13b_b90k)
   name=, data_dir=   a dataset built by `python -m coca_jax.data.build`
   bpe=PATH     the CLIP BPE merges file (default: the one beside init's config.json, else an
                installed open_clip's)
@@ -34,6 +35,7 @@ from coca_jax.core.config_args import parse_arg
 from coca_jax.data.tokenizer import TOKENIZER_FILES
 from coca_jax.inference import api
 from coca_jax.interop import open_clip
+from coca_jax.interop import pretrained
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -44,7 +46,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if args.init and not bpe:
     # An import bundle (or a run fine-tuned from one) keeps the vocabulary beside its config:
     # use it, so no open_clip install is needed to fine-tune.
-    beside = fs.join(api.resolve(fs.resolve(args.init))["root"], TOKENIZER_FILES["clip_bpe"])
+    root = api.resolve(pretrained.ensure(args.init))["root"]  # A published name: fetched once.
+    beside = fs.join(root, TOKENIZER_FILES["clip_bpe"])
     if fs.exists(beside):
       bpe = beside
   c = open_clip.base_config(args.model, bpe)

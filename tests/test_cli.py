@@ -28,6 +28,7 @@ MODULES = {
     "coca_jax.interop.open_clip": ("import", "export"),
     "coca_jax.interop.vlmo": ("import", "export"),
     "coca_jax.interop.beit": ("import",),
+    "coca_jax.interop.pretrained": ("list", "fetch"),
     "coca_jax.index": ("--model", "--index", "--images"),
 }
 
@@ -89,6 +90,10 @@ def test_usage_mistakes_are_one_line_naming_the_fix_exit_2(tmp_path):
       "missing flag": (python + ["coca_jax.export", "--src", nowhere], "missing --out"),
       "bad caption model": (python + ["coca_jax.caption", "--model", nowhere,
                                       os.path.join(REPO, "setup.py")], nowhere),
+      "unknown published name": (python + ["coca_jax.caption", "--model",
+                                           "open_clip:coca_ViT-B-32/laion2b",
+                                           os.path.join(REPO, "setup.py")],
+                                 "did you mean 'open_clip:coca_ViT-B-32/laion2b_s13b_b90k'"),
       "missing tokenizer input": (python + ["coca_jax.data.tokenizer", "train",
                                             "--captions_file", nowhere, "--output", nowhere],
                                   nowhere),

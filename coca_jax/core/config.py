@@ -32,6 +32,7 @@ import ml_collections
 from ml_collections.config_flags import config_flags
 
 from coca_jax.core import fs
+from coca_jax.core import pretrained
 from coca_jax.core import schema
 from coca_jax.core import sharding
 from coca_jax.core.schema import REQUIRED
@@ -789,9 +790,16 @@ def validate(config, num_devices: int | None = None, load_tokenizer=None) -> Non
   microbatches = t.microbatches
   need(isinstance(microbatches, int) and microbatches >= 1,
        f"config.train.microbatches={microbatches!r} must be a positive integer")
-  need(not init.source or fs.exists(init.source),
-       f"config.init.source={init.source!r} does not exist; give a previous run's workdir or "
-       "one of its checkpoint step directories (DIR/checkpoints/<step>)")
+  if init.source and pretrained.is_name(init.source):
+    try:
+      pretrained.lookup(init.source)
+    except pretrained.UnknownPretrainedError as e:
+      problems.append(f"config.init.source: {e}")
+  else:
+    need(not init.source or fs.exists(init.source),
+         f"config.init.source={init.source!r} does not exist; give a previous run's workdir, "
+         "one of its checkpoint step directories (DIR/checkpoints/<step>), a bundle, or a "
+         "published name (coca_jax.list_pretrained())")
   need(config.checkpoint.every_steps >= 0, "config.checkpoint.every_steps must be >= 0 (0 = off)")
   need(config.checkpoint.keep >= 1, f"config.checkpoint.keep={config.checkpoint.keep} must be >= 1")
   _validate_pairs(config, need, load_tokenizer)

@@ -23,7 +23,9 @@ What `load` accepts:
     (the latest step unless `step=` is given);
   * one checkpoint step directory DIR/checkpoints/<step> (config and tokenizer from DIR);
   * an exported bundle (`python -m coca_jax.export`): OUT/export.json, OUT/config.json,
-    OUT/tokenizer.model, OUT/params.
+    OUT/tokenizer.model, OUT/params;
+  * a published name (`coca_jax.list_pretrained()`) already converted into the cache
+    (`coca_jax.load(name)` downloads and converts it first; `coca_jax/interop/pretrained.py`).
 Only the parameters are read; the optimizer state in a training checkpoint is skipped.
 """
 
@@ -109,7 +111,7 @@ def load(path: str, *, step: int | None = None, batch_size: int = 64,
   # Where exactly these weights came from (a workdir pinned to the step read), so that what
   # records the model (a search index) can load the same weights again later.
   loaded.path = (fs.join(checkpoint.checkpoint_dir(found["root"]), str(found["step"]))
-                 if found["kind"] == "workdir" else fs.resolve(path))
+                 if found["kind"] == "workdir" else found["path"])
   return loaded
 
 

@@ -5,8 +5,10 @@
 
 Fields of `config.init` (all optional except source):
   source         a workdir (its newest READABLE checkpoint, the rule resuming uses), a
-                 checkpoints/<step> directory, or a bundle (`coca_jax.export`, orbax or
-                 safetensors; `coca_jax.interop.open_clip import`).
+                 checkpoints/<step> directory, a bundle (`coca_jax.export`, orbax or
+                 safetensors; `coca_jax.interop.open_clip import`), or a published name
+                 (`coca_jax.list_pretrained()`, e.g. open_clip:coca_ViT-B-32/laion2b_s13b_b90k;
+                 `python -m coca_jax.train` downloads and converts it once).
   include_regex  only parameters whose '/'-joined unscanned path matches are copied ('' = all);
   exclude_regex  parameters that match are not copied;
   reinit_regex   parameters that match keep their fresh initialisation (same as exclude; named
@@ -41,6 +43,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from coca_jax.core import fs
+from coca_jax.core import pretrained
 from coca_jax.core import schema
 from coca_jax.core import sharding
 from coca_jax.data.tokenizer import TOKENIZER_FILES
@@ -131,9 +134,28 @@ def merge(source_flat: dict, fresh_flat: dict, source: schema.CoCa, target: sche
 # ----------------------------------------------------------------------------------------------
 
 def resolve(path: str, step: int | None = None) -> dict:
-  """Finds what `path` is. Returns dict(kind, root (where config.json lives), state_dir or
-  params_dir, step)."""
-  path = fs.resolve(path)
+  """Finds what `path` is: a workdir, a checkpoint step, a bundle, or a published name
+  (`core.pretrained`) whose converted bundle is in the cache. Returns dict(kind, path (the
+  resolved path), root (where config.json lives), state_dir or params_dir, step)."""
+  path = pretrained_bundle(path)
+  return {**_resolve(path, step), "path": path}
+
+
+def pretrained_bundle(path: str) -> str:
+  """`path` resolved; a published name is replaced by its converted bundle in the cache. A name
+  not converted yet is a FileNotFoundError saying what converts it (this layer only reads)."""
+  if not pretrained.is_name(path):
+    return fs.resolve(path)
+  bundle = pretrained.bundle_dir(path)
+  if not fs.exists(fs.join(bundle, EXPORT_MANIFEST)):
+    raise FileNotFoundError(
+        f"{path} is not downloaded and converted yet (its bundle would be {bundle}); "
+        f"coca_jax.load({path!r}) or `python -m coca_jax.interop.pretrained fetch {path}` "
+        "does both once")
+  return bundle
+
+
+def _resolve(path: str, step: int | None) -> dict:
   if fs.exists(fs.join(path, EXPORT_MANIFEST)):
     manifest = json.loads(fs.read_text(fs.join(path, EXPORT_MANIFEST)))
     return dict(kind="export", root=path,
