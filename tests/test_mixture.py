@@ -1,6 +1,8 @@
 """Mixture spec: exact proportions, host-independent global batches, bitwise resume, labels as
 text, one source == the one-source pipeline, per-source metrics of the step."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -15,7 +17,7 @@ from coca_jax.data.tokenizer import Tokenizer, load_tokenizer
 from coca_jax.evaluation import prompts
 from coca_jax.training import losses
 from coca_jax.training import step as step_lib
-from conftest import smoke_config
+from conftest import REPO, smoke_config
 
 IMAGE_SIZE = 16
 MAX_LEN = 12
@@ -194,3 +196,17 @@ def test_per_source_metrics_are_each_sources_own_caption_loss():
     np.testing.assert_allclose(metrics[f"loss/{name}"], want, rtol=1e-6)
     assert metrics[f"examples/{name}"] == rows.sum()
   assert "source_caption_sums" not in metrics
+
+
+def test_paper_configs_take_the_papers_mixture():
+  config = config_lib.load_config(os.path.join(REPO, "experiments", "coca_2b.py")
+                                  + ":mixture=labels:jft+alt_text:align")
+  labels, alt_text = config.data.sources
+  assert (labels["name"], labels["text"], alt_text["name"]) == ("jft", "labels", "align")
+  # ~5 epochs of JFT-3B (3.0B) and ~10 of ALIGN (1.8B): 15B : 18B examples.
+  assert labels["weight"] / alt_text["weight"] == pytest.approx(15 / 18)
+  assert config.data.name == "align"
+  config_lib.validate(config)
+  with pytest.raises(ValueError, match="labels:NAME or alt_text:NAME"):
+    config_lib.load_config(os.path.join(REPO, "experiments", "coca_base.py")
+                           + ":mixture=jft:x")
