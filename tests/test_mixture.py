@@ -17,7 +17,7 @@ from coca_jax.data.tokenizer import Tokenizer, load_tokenizer
 from coca_jax.evaluation import prompts
 from coca_jax.training import losses
 from coca_jax.training import step as step_lib
-from conftest import REPO, smoke_config
+from conftest import REPO, random_batch, smoke_config
 
 IMAGE_SIZE = 16
 MAX_LEN = 12
@@ -210,3 +210,26 @@ def test_paper_configs_take_the_papers_mixture():
   with pytest.raises(ValueError, match="labels:NAME or alt_text:NAME"):
     config_lib.load_config(os.path.join(REPO, "experiments", "coca_base.py")
                            + ":mixture=jft:x")
+
+
+def test_per_source_metrics_are_exact_under_gradient_accumulation(tiny_model, tiny_params,
+                                                                  tiny_config):
+  batch = random_batch(tiny_config, 8)
+  plain = dict(batch)
+  batch["source"] = jnp.asarray(np.eye(2, dtype=np.int32)[[0, 1, 0, 0, 1, 0, 1, 0]])
+  loss_config = tiny_config.loss
+
+  @jax.jit
+  def all_three(p):
+    without = step_lib.loss_fn(p, tiny_model, plain, loss_config)
+    whole = step_lib.loss_fn(p, tiny_model, batch, loss_config)
+    (_, micro), _ = step_lib.accumulated_loss_and_grads(p, tiny_model, batch, loss_config, 2)
+    return without, whole, micro
+
+  (loss0, m0), (loss1, m1), m2 = all_three(tiny_params)
+  assert float(loss1) == float(loss0)  # the source column changes no loss
+  names = ("a", "b")
+  m1, m2 = (step_lib.source_metrics(m, batch, names) for m in (m1, m2))
+  for key in ("loss/a", "loss/b", "examples/a", "examples/b"):
+    np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, err_msg=key)
+  assert (float(m1["examples/a"]), float(m1["examples/b"])) == (5.0, 3.0)
