@@ -88,11 +88,16 @@ def test_batches_mix_sources_by_weight_and_say_which(dataset):
   assert sorted(keys[sources[:, 1] == 1]) == want
 
 
-def test_one_source_is_the_one_source_pipeline_bit_for_bit(dataset):
+@pytest.mark.parametrize("in_memory,crop", [("never", True), ("always", True),
+                                             ("always", False)])
+def test_one_source_is_the_one_source_pipeline_bit_for_bit(dataset, in_memory, crop):
   config = _config(dataset, [dict(name="tiny_mix", weight=1.0)], batch_size=6)
+  config.data.in_memory = in_memory  # decoded per row, or from the decoded copy
+  config.data.random_resized_crop = crop
   options = pipeline.DataOptions.from_config(config)
   loader = iter(pipeline.make_host_loader(options, shard_index=0, shard_count=1))
   batches = mixture.MixtureBatches(options, mixture.sources_of(config))
+  assert (batches.readers[0].decoded is not None) == (in_memory == "always")
   for n in range(7):  # past the end of the first epoch (30 records, 6 per batch)
     want, got = next(loader), batches.host_batch(n)
     for key in ("image", "text", "key"):

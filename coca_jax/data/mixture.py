@@ -41,6 +41,7 @@ from absl import logging
 import grain
 import jax
 import numpy as np
+from PIL import Image
 import tensorflow_datasets as tfds
 
 from coca_jax.core import schema
@@ -127,6 +128,10 @@ def zero_shot_overlaps(config) -> list[str]:
   return messages
 
 
+def _to_str(value) -> str:
+  return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
+
+
 def _feature(element: Mapping[str, Any], path: str):
   value = element
   for part in path.split("/"):
@@ -152,11 +157,23 @@ class _SourceReader:
                                      image_feature=s.image_feature)
     if len(self.data) == 0:
       raise ValueError(f"config.data.sources[{source.index}]: {s.name}/{s.split} is empty")
+    seed = (options.seed + source.seed_offset) % 2**32
     self.order = grain.samplers.IndexSampler(
         num_records=len(self.data), shard_options=grain.sharding.NoSharding(), shuffle=True,
-        num_epochs=None, seed=(options.seed + source.seed_offset) % 2**32)
-    self.decode = pipeline._DecodeExample(options)  # pylint: disable=protected-access
+        num_epochs=None, seed=seed)
+    # The same order without a generator per record, where nothing is drawn (InMemoryBatches).
+    self.shuffled = grain.MapDataset.range(len(self.data)).shuffle(seed=seed)
     self.options = options
+    # A captions source in our builders' schema can use the one-source pipeline's decoded copy
+    # (config.data.in_memory and its budget, per source): the same pixels, no decode per row.
+    self.decoded = None
+    if s.text == "captions" and (s.image_feature, s.captions_feature) == ("image", "captions"):
+      self.decoded = pipeline.load_decoded(
+          dataclasses.replace(options, name=s.name, data_dir=source.data_dir), s.split)
+    if self.decoded is not None:
+      self.caption_count = np.asarray(self.decoded.caption_count)
+      self.captions = self.decoded.all_captions()
+      self.random = options.random_resized_crop or bool((np.diff(self.caption_count) > 1).any())
     features = self.data.dataset_info.features
     where = f"config.data.sources[{source.index}] ({s.name}/{s.split})"
     if s.text == "labels":
@@ -182,24 +199,50 @@ class _SourceReader:
     return len(self.data)
 
   def example(self, position: int) -> dict[str, Any]:
+    if self.decoded is not None:
+      return self._decoded_example(position)
     metadata = self.order[position]
     record, rng = metadata.record_key, metadata.rng
     element = self.data[record]
     s = self.settings
     key = element["key"] if "key" in element else f"{s.name}/{s.split}/{record}"
+    # The one-source pipeline's draws in its order (pipeline._DecodeExample, InMemoryBatches):
+    # the text first, then the crop, so one source gives its batches bit for bit.
     if s.text == "captions":
       captions = _feature(element, s.captions_feature)
       if isinstance(captions, (bytes, str, np.bytes_, np.str_)):
         captions = [captions]
-      # The one-source pipeline's own step: its draws, its crop (bit-identical batches).
-      return self.decode.random_map(
-          {"image": _feature(element, s.image_feature), "captions": captions, "key": key}, rng)
-    text = self.label_text(_feature(element, s.label_feature), rng)
-    image = preprocess.decode_train_image(
-        _feature(element, s.image_feature), self.options.image_size,
-        rng if self.options.random_resized_crop else None, self.options.crop_scale,
-        self.options.crop_ratio)
-    return {"image": image, "caption": text, "key": pipeline._to_str(key)}  # pylint: disable=protected-access
+      text = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
+    else:
+      text = self.label_text(_feature(element, s.label_feature), rng)
+    return {"image": self.image(record, _feature(element, s.image_feature), rng),
+            "caption": _to_str(text), "key": _to_str(key)}
+
+  def _decoded_example(self, position: int) -> dict[str, Any]:
+    """`example` from the decoded copy alone: the same draws, no stored record read."""
+    if self.random:
+      metadata = self.order[position]
+      record, rng = metadata.record_key, metadata.rng
+    else:
+      record, rng = self.shuffled[position], None
+    first, choices = int(self.caption_count[record]), int(
+        self.caption_count[record + 1] - self.caption_count[record])
+    caption = self.captions[first + (int(rng.integers(choices)) if choices > 1 else 0)]
+    return {"image": self.image(record, None, rng), "caption": caption,
+            "key": self.decoded.key(record)}
+
+  def image(self, record: int, stored, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [S, S, 3]: the random crop (config.data.random_resized_crop) or the center crop,
+    from the decoded copy where there is one, else decoded from the stored bytes."""
+    o = self.options
+    if self.decoded is None:
+      return preprocess.decode_train_image(stored, o.image_size,
+                                           rng if o.random_resized_crop else None,
+                                           o.crop_scale, o.crop_ratio)
+    if o.random_resized_crop:
+      return preprocess.random_resized_crop(Image.fromarray(self.decoded.image(record)),
+                                            o.image_size, rng, o.crop_scale, o.crop_ratio)
+    return self.decoded.images[record]
 
   def label_text(self, label, rng: np.random.Generator) -> str:
     """The template (one drawn from the example's generator when there are several) applied
@@ -270,7 +313,7 @@ class MixtureBatches:
     batch = self.tokenize.map({
         "image": np.stack([e["image"] for e in examples]),
         "caption": np.asarray([e["caption"] for e in examples]),
-        "key": np.asarray([pipeline._to_str(e["key"]) for e in examples])})  # pylint: disable=protected-access
+        "key": np.asarray([e["key"] for e in examples])})
     source = np.zeros((len(rows), len(self.sources)), np.int32)
     source[np.arange(len(rows)), [i for i, _ in rows]] = 1
     out = {"image": batch["image"], "text": batch["text"], "source": source}
