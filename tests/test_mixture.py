@@ -53,8 +53,9 @@ LABELS = dict(name="tiny_mix", tag="digits", split="digits", weight=1.0, text="l
               templates=TEMPLATES, class_names=DIGITS)
 
 
-def _batches(root, sources, shard_index=0, shard_count=1, batch_size=8):
+def _batches(root, sources, shard_index=0, shard_count=1, batch_size=8, **data):
   config = _config(root, sources, batch_size)
+  config.data.update(data)
   return mixture.MixtureBatches(
       pipeline.DataOptions.from_config(config), mixture.sources_of(config),
       shard_index=shard_index, shard_count=shard_count, class_names=prompts.class_names)
@@ -154,6 +155,13 @@ def test_label_texts_are_the_templates_applied_to_the_class_names(dataset):
     np.testing.assert_array_equal(batches.host_batch(n)["text"],
                                   tokenizer.tokenize(texts, MAX_LEN))
   assert used == set(TEMPLATES)
+  # Read from the decoded copy (above) or decoded per row: the same batches.
+  assert batches.readers[0].decoded is not None
+  streamed = _batches(dataset, [LABELS], in_memory="never")
+  for n in range(3):
+    want, got = batches.host_batch(n), streamed.host_batch(n)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
   # A multi-label example joins its names; one template is used as it is.
   single = _batches(dataset, [dict(LABELS, templates=["a photo of a {}."],
                                    label_join=" and ")]).readers[0]

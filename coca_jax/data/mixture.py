@@ -164,16 +164,6 @@ class _SourceReader:
     # The same order without a generator per record, where nothing is drawn (InMemoryBatches).
     self.shuffled = grain.MapDataset.range(len(self.data)).shuffle(seed=seed)
     self.options = options
-    # A captions source in our builders' schema can use the one-source pipeline's decoded copy
-    # (config.data.in_memory and its budget, per source): the same pixels, no decode per row.
-    self.decoded = None
-    if s.text == "captions" and (s.image_feature, s.captions_feature) == ("image", "captions"):
-      self.decoded = pipeline.load_decoded(
-          dataclasses.replace(options, name=s.name, data_dir=source.data_dir), s.split)
-    if self.decoded is not None:
-      self.caption_count = np.asarray(self.decoded.caption_count)
-      self.captions = self.decoded.all_captions()
-      self.random = options.random_resized_crop or bool((np.diff(self.caption_count) > 1).any())
     features = self.data.dataset_info.features
     where = f"config.data.sources[{source.index}] ({s.name}/{s.split})"
     if s.text == "labels":
@@ -194,6 +184,22 @@ class _SourceReader:
       raise ValueError(f"{where} has no captions feature {s.captions_feature!r} (its "
                        f"features: {', '.join(sorted(features))}); for a labelled dataset set "
                        "text='labels'")
+    # A source in our builders' schema (an "image" and a "captions" feature) uses the
+    # one-source pipeline's decoded copy (config.data.in_memory and its budget, per source):
+    # the same pixels, no image decoded per row.
+    self.decoded = None
+    if (s.image_feature == "image" and builders.feature_spec(features, "captions") is not None
+        and (s.text == "labels" or s.captions_feature == "captions")):
+      self.decoded = pipeline.load_decoded(
+          dataclasses.replace(options, name=s.name, data_dir=source.data_dir), s.split)
+    if self.decoded is not None:
+      self.caption_count = np.asarray(self.decoded.caption_count)
+      self.captions = self.decoded.all_captions()
+      draws = ((np.diff(self.caption_count) > 1).any() if s.text == "captions"
+               else len(self.templates) > 1)
+      self.random = options.random_resized_crop or bool(draws)
+      if s.text == "labels":  # Read once: a stored record is slow to read for its label alone.
+        self.labels = [_feature(self.data[i], s.label_feature) for i in range(len(self.data))]
 
   def __len__(self) -> int:
     return len(self.data)
@@ -225,9 +231,12 @@ class _SourceReader:
       record, rng = metadata.record_key, metadata.rng
     else:
       record, rng = self.shuffled[position], None
-    first, choices = int(self.caption_count[record]), int(
-        self.caption_count[record + 1] - self.caption_count[record])
-    caption = self.captions[first + (int(rng.integers(choices)) if choices > 1 else 0)]
+    if self.settings.text == "labels":
+      caption = self.label_text(self.labels[record], rng)
+    else:
+      first, choices = int(self.caption_count[record]), int(
+          self.caption_count[record + 1] - self.caption_count[record])
+      caption = self.captions[first + (int(rng.integers(choices)) if choices > 1 else 0)]
     return {"image": self.image(record, None, rng), "caption": caption,
             "key": self.decoded.key(record)}
 
