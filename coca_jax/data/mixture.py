@@ -10,18 +10,19 @@ and at which position of that source's own order it reads:
                                                             fresh permutation per epoch from
                                                             grain's IndexSampler, seeded)
 
-The realised share of each source after t rows is within one example of t * weight (the
-interleave is exact, not only in expectation: grain rounds the weights to integers with the
-smallest at 100, so the ratio is exact for weights such as 3:1, and within 1% of the smallest
-weight otherwise). Everything is a pure function of (seed, global row): the mixture position is
-the global batch count, saved in checkpoints as the one-source pipeline saves it
-(`pipeline.PositionHandler`), and each host reads only its rows [p * b, (p + 1) * b) of each
+The realised count of each source after t rows is within one example of t times its share, at
+every t (exact, not only in expectation). The share is the weight's over their sum after grain
+rounds the weights to integers with the smallest at 100: exact for ratios such as 3:1 or 5:6,
+within 1% of the smallest weight otherwise. Everything is a pure function of (seed, global row): the mixture position is
+the global batch count, saved in checkpoints as the one-source pipeline saves its position
+(`pipeline.checkpoint_args`), and each host reads only its rows [p * b, (p + 1) * b) of each
 global batch, so the batches do not depend on the number of processes. docs/data.md
 ("Mixtures") says why grain's map-level mix is used and its iterator-level mix is not.
 
-Each example keeps the one-source pipeline's treatment (`pipeline._DecodeExample`, the same
-crop, tokenisation and normalisation), so a mixture of one source yields today's batches bit
-for bit. Labelled sources ("labels"): an example's text is a template applied to its class
+Each example keeps the one-source pipeline's treatment (the draws of `pipeline._DecodeExample`
+in its order, the same crop from the stored bytes or from the decoded copy of the in-memory
+path, the same tokenisation and normalisation), so a mixture of one source yields today's
+batches bit for bit. Labelled sources ("labels"): an example's text is a template applied to its class
 name(s), the template drawn from the example's own generator (so fixed by (seed, global row)),
 the names of a multi-label example joined by `label_join`.
 
