@@ -18,6 +18,15 @@ change the model size. Args (comma-separated after ':'):
   dtype=D      compute dtype, bfloat16 (default) or float32
   remat=R      none | full | dots | minimal (default: dots; on one H200, dots at 256-512
                examples per chip was the fastest measured: 29.3% MFU at 512, docs/performance.md)
+  mixture=labels:NAME+alt_text:NAME
+               the paper's two-source pretraining (sec. 4.1): a labelled dataset (JFT-3B in
+               the paper; e.g. imagenet21k) whose texts are "a photo of a {class names}.",
+               mixed with an alt-text dataset (ALIGN in the paper) at 5:6 per global batch,
+               the ratio of ~5 epochs of JFT-3B to ~10 of ALIGN over 500k steps at batch
+               65,536 (recipes.PAPER_MIXTURE_WEIGHTS derives it); each NAME a prepared TFDS
+               dataset read from its "train" split; either part alone also works
+  label_names=F  class names of the labels source (one per line, or open_clip:imagenet);
+               default: its ClassLabel names
   runlocal     shrink the data and step counts for a smoke run on one machine (model size kept)
   imagenet[=D] zero-shot ImageNet-1k in the evals: TFDS's imagenet2012 "validation" (50,000
                images) prepared as array_record in D (default: config.data.data_dir) with

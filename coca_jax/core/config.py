@@ -85,6 +85,11 @@ def _defaults(backbone: str) -> dict:
           # Training input path: "auto" decodes a split that fits in_memory_max_mb (MiB, and a
           # quarter of RAM) once and keeps it memory-mapped; "always" / "never" force it.
           in_memory="auto", in_memory_max_mb=1024.0,
+          # A mixture (docs/data.md, "Mixtures"): a list of dicts of schema.Source's fields
+          # (name, weight; tag, data_dir, split, text "captions" | "labels", templates,
+          # class_names, class_names_file, *_feature, label_join). [] = the one dataset `name`,
+          # which a mixture still uses for its tokenizer and default eval splits.
+          sources=[],
           build_demo=False,  # Build the digit-scenes demo set into data_dir if missing.
           # Keyword arguments of data.builders.DemoBuilder (its defaults).
           build_demo_options=dict(num_train=5000, num_test=500, num_digits=1000, image_size=48,
@@ -637,6 +642,36 @@ def _validate_pairs(config, need, load_tokenizer) -> None:
        f"{', '.join(map(repr, kinds))}")
 
 
+def _validate_sources(sources, need, problems) -> None:
+  """config.data.sources: each entry a schema.Source, with a positive weight and its own tag."""
+  if not isinstance(sources, (list, tuple)):
+    problems.append(f"config.data.sources={sources!r} must be a list of dicts (schema.Source); "
+                    "[] = the one dataset config.data.name")
+    return
+  known = schema.defaults_of(schema.Source)
+  tags = []
+  for i, entry in enumerate(sources):
+    where = f"config.data.sources[{i}]"
+    if not hasattr(entry, "items"):
+      problems.append(f"{where}={entry!r} must be a dict with keys {', '.join(known)}")
+      continue
+    for key in entry:
+      close = difflib.get_close_matches(str(key), list(known), n=1)
+      need(key in known, f"{where}.{key} is not a source field"
+           f"{f' (did you mean {close[0]}?)' if close else ''}; use {', '.join(known)}")
+    for key, default in known.items():
+      need(default is not schema.REQUIRED or key in entry,
+           f"{where}.{key} is required (every source names its dataset and its weight)")
+    problems += schema.problems_of(schema.Source, entry, f"data.sources[{i}].")
+    weight = entry.get("weight")
+    need(not isinstance(weight, (int, float)) or weight > 0,
+         f"{where}.weight={weight!r} must be > 0 (a source's share of each global batch)")
+    tags.append(entry.get("tag") or entry.get("name"))
+  repeated = sorted({t for t in tags if tags.count(t) > 1})
+  need(not repeated, f"config.data.sources: the tags {repeated} repeat; give each source its "
+       "own `tag` (metrics are logged as loss/<tag>)")
+
+
 def _validate_input_path(data, need) -> None:
   need(data.in_memory in ("auto", "always", "never"),
        f"config.data.in_memory={data.in_memory!r} is unknown; use auto (in memory when the "
@@ -804,6 +839,7 @@ def validate(config, num_devices: int | None = None, load_tokenizer=None) -> Non
   need(config.checkpoint.keep >= 1, f"config.checkpoint.keep={config.checkpoint.keep} must be >= 1")
   _validate_pairs(config, need, load_tokenizer)
   _validate_input_path(config.data, need)
+  _validate_sources(config.data.sources, need, problems)
   _validate_evals(config, need)
   if num_devices is None:
     _validate_microbatches(config, need)

@@ -74,10 +74,45 @@ def vlmo_optim(warmup_fraction: float, freeze_regex=()) -> ml_collections.Config
       freeze_regex=list(freeze_regex)))
 
 
+# The paper's pretraining mixture (arXiv 2205.01917, sec. 4.1): JFT-3B with its label names as
+# the texts, and ALIGN's noisy alt-texts, "about 5 epochs of JFT and 10 of ALIGN" over 500k steps
+# at batch 65,536 (32.8B examples seen). With JFT-3B's ~3.0B images and ALIGN's ~1.8B pairs that
+# is 5 x 3.0B = 15B labelled and 10 x 1.8B = 18B alt-text examples (33B: the 32.8B seen, to 1%),
+# so each global batch is 15:18 = 5:6 labels to alt-texts (~45% / ~55%). The weights derive from
+# those counts; the paper does not state a per-batch ratio.
+PAPER_MIXTURE_WEIGHTS = {"labels": 5.0, "alt_text": 6.0}
+# Labels as text: the paper pairs each JFT image with its label names (a "a photo of" style
+# prefix, issue 26); a multi-label image joins its names.
+PAPER_LABEL_TEMPLATES = ["a photo of a {}."]
+
+
+def paper_mixture(spec: str, where: str, label_names: str = "") -> list[dict]:
+  """config.data.sources of `mixture=labels:NAME+alt_text:NAME` (either part alone too): each
+  NAME a prepared TFDS dataset read from its "train" split, weighted as PAPER_MIXTURE_WEIGHTS.
+  `label_names`: the labels' class names file (one per line, or "open_clip:imagenet"); "" = the
+  label feature's ClassLabel names."""
+  sources = []
+  for part in filter(None, (p.strip() for p in spec.split("+"))):
+    kind, _, name = part.partition(":")
+    if kind not in PAPER_MIXTURE_WEIGHTS or not name:
+      raise ValueError(f"{where}: mixture part {part!r} must be labels:NAME or alt_text:NAME "
+                       "(NAME a prepared TFDS dataset), e.g. "
+                       "mixture=labels:imagenet21k+alt_text:my_alt_text")
+    if any(s["tag"] == kind for s in sources):
+      raise ValueError(f"{where}: mixture={spec!r} names {kind} twice")
+    source = dict(name=name, tag=kind, weight=PAPER_MIXTURE_WEIGHTS[kind], split="train")
+    if kind == "labels":
+      source.update(text="labels", templates=list(PAPER_LABEL_TEMPLATES),
+                    class_names_file=label_names)
+    sources.append(source)
+  return sources
+
+
 def coca_paper(size: str, arg: str = "") -> ml_collections.ConfigDict:
   """The paper's recipe at `size` in PAPER_SIZES; `arg` as in experiments/coca_base.py."""
   args = parse_arg(arg, PAPER_FILES[size], batch=65_536, steps=500_000, dtype="bfloat16",
-                   remat="dots", runlocal=False, b32=False, imagenet=None)
+                   remat="dots", runlocal=False, b32=False, imagenet=None, mixture="",
+                   label_names="")
   named = given(arg)
   s = PAPER_SIZES[size]
   c = ml_collections.ConfigDict()
@@ -95,6 +130,11 @@ def coca_paper(size: str, arg: str = "") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       name="", train_split="train", eval_split="test", image_size=288,
       tokenizer_vocab=VOCAB_SIZE))
+  if args.mixture:
+    c.data.sources = paper_mixture(args.mixture, PAPER_FILES[size], args.label_names)
+    # The alt-text set is the run's own dataset: its captions train the tokenizer, its "test"
+    # split is the retrieval and captioning eval.
+    c.data.name = next((s["name"] for s in c.data.sources if s["tag"] == "alt_text"), "")
   c.train = ml_collections.ConfigDict(dict(
       steps=args.steps, batch_size=args.batch, seed=0,
       log_every=100, microbatches=1, nonfinite="halt", max_consecutive_skips=10))

@@ -406,6 +406,39 @@ class Optim:
   lora: Lora = _group(Lora)
 
 
+# -- Data mixtures -----------------------------------------------------------------------------
+
+SourceText = Literal["captions", "labels"]
+SOURCE_TEXTS = allowed(SourceText)
+
+
+@_frozen
+class Source:
+  """One entry of config.data.sources (a list of dicts; [] = the one dataset config.data.name).
+
+  Each source is a prepared TFDS dataset read in its own epoch order; each global batch takes
+  `weight` / (sum of weights) of its rows from it (coca_jax/data/mixture.py). `text` says where
+  an example's text comes from: "captions" (our builders' captions feature, one picked per
+  epoch), or "labels": a template applied to the class name(s) of the label feature (names from
+  `class_names_file` (one per line, or "open_clip:imagenet"), else `class_names`, else the
+  ClassLabel's own names; a multi-label example joins its names with `label_join`)."""
+  name: str  # The TFDS dataset (built with coca_jax.data.build, or a catalog one).
+  weight: float  # Relative share of each global batch.
+  tag: str = ""  # The name in logged metrics (loss/<tag>, examples/<tag>); "" = name.
+  data_dir: str = ""  # "" = config.data.data_dir.
+  split: str = "train"
+  text: SourceText = "captions"
+  image_feature: str = "image"
+  captions_feature: str = "captions"
+  label_feature: str = "label"
+  # Labels as text: each example's text is one of `templates` ("{}" = the class name), drawn
+  # per (seed, step, slot); [] = ["a photo of a {}."].
+  templates: list = dataclasses.field(default_factory=list)
+  class_names: list = dataclasses.field(default_factory=list)
+  class_names_file: str = ""
+  label_join: str = ", "
+
+
 # -- Derived: defaults, validation, building ----------------------------------------------------
 
 

@@ -3,6 +3,8 @@
   builders.py    demo / folder / webdataset builders (`python -m coca_jax.data.build`)
   sources.py     `open_source`: a prepared split (ours or a TFDS catalog dataset) to read
   pipeline.py    `make_train_iterator` (streaming or in-memory input path), `make_eval_source`
+  mixture.py     `make_mixture_iterator`: several datasets by weight (config.data.sources),
+                 labelled datasets as templated text
   decoded_cache.py  a small split decoded once into memory-mapped uint8 arrays (in-memory path)
   prepare.py     `prepare_data`: demo dataset and tokenizer ready before a run
   preprocess.py  decode, resize, random-resized-crop, `normalize_images`

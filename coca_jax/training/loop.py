@@ -23,8 +23,9 @@ import jax.numpy as jnp
 from coca_jax.core import console
 from coca_jax.core import fs
 from coca_jax.core import sharding
-from coca_jax.data import pipeline, prepare
+from coca_jax.data import mixture, pipeline, prepare
 from coca_jax.evaluation import evaluators
+from coca_jax.evaluation import prompts
 from coca_jax.perf import flops
 from coca_jax.training import checkpoint
 from coca_jax.training import lora as lora_lib
@@ -191,8 +192,13 @@ class Trainer:
     logging.info("Data %r and tokenizer ready (%.1fs)", config.data.name,
                  time.perf_counter() - t0)
     evaluators.check_evals(config)
-    self.train_iter = pipeline.make_train_iterator(
-        config, step_lib.batch_shardings(built.mesh), self.tokenizer)
+    if config.data.sources:  # A mixture (data/mixture.py); class names as zero-shot reads them.
+      self.train_iter = mixture.make_mixture_iterator(
+          config, step_lib.batch_shardings(built.mesh), self.tokenizer,
+          class_names=prompts.class_names)
+    else:
+      self.train_iter = pipeline.make_train_iterator(
+          config, step_lib.batch_shardings(built.mesh), self.tokenizer)
 
     # Checkpoint: resume from the newest readable step, or initialise.
     ckpt = config.checkpoint

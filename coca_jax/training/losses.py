@@ -219,6 +219,17 @@ def caption_sums(logits, labels, pad_id: int = PAD_ID, label_smoothing: float = 
   return jnp.sum(per_token * weights), hits, weights.sum()
 
 
+def caption_row_sums(logits, labels, pad_id: int = PAD_ID, label_smoothing: float = 0.0):
+  """Cross-entropy summed over each row's non-pad labels: [batch] (`caption_sums`' total, per
+  example; a mixture splits it by source)."""
+  if label_smoothing:
+    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    per_token = optax.softmax_cross_entropy(logits, optax.smooth_labels(targets, label_smoothing))
+  else:
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return jnp.sum(per_token * (labels != pad_id).astype(jnp.float32), axis=1)
+
+
 def caption_loss(logits, labels, pad_id: int = 0, label_smoothing: float = 0.0):
   """Next-token cross-entropy averaged over non-pad labels.
 

@@ -71,10 +71,19 @@ class TrainState:
 
 def dummy_batch(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
   size = config.model.image_size
-  return {
+  batch = {
       "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
       "text": jax.ShapeDtypeStruct((batch_size, config.model.text.max_len), jnp.int32),
   }
+  sources = source_names(config)
+  if sources:  # A mixture's batches say which source each row came from (data/mixture.py).
+    batch["source"] = jax.ShapeDtypeStruct((batch_size, len(sources)), jnp.int32)
+  return batch
+
+
+def source_names(config) -> tuple[str, ...]:
+  """The logged names of config.data.sources (each `tag`, else `name`); () = one dataset."""
+  return tuple(s.get("tag") or s["name"] for s in config.data.get("sources", ()) or ())
 
 
 def batch_shardings(mesh: Mesh) -> dict:
@@ -270,7 +279,12 @@ def _caption_sums(params, model, outputs, microbatch, rows, batch, rng=None, *,
   del params, model, rows, batch, rng
   total, hits, _ = losses.caption_sums(outputs["caption_logits"], microbatch["text"][:, 1:],
                                        label_smoothing=label_smoothing)
-  return total, {"caption_accuracy": hits}, {}
+  metrics = {"caption_accuracy": hits}
+  if "source" in microbatch:  # A mixture: each source's sum, [sources] (see `source_metrics`).
+    rows = losses.caption_row_sums(outputs["caption_logits"], microbatch["text"][:, 1:],
+                                   label_smoothing=label_smoothing)
+    metrics["source_caption_sums"] = rows @ microbatch["source"].astype(jnp.float32)
+  return total, metrics, {}
 
 
 def _itm_plan(batch, embeds, rng, examples: int = 0):
@@ -460,7 +474,8 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
       value, term_metrics = global_values[term.name]
     else:
       value = jnp.sum(shares[term.name][0])
-      term_metrics = {**jax.tree.map(jnp.sum, shares[term.name][1]),
+      # Over the microbatch axis: a per-source metric stays a [sources] vector.
+      term_metrics = {**jax.tree.map(lambda a: jnp.sum(a, axis=0), shares[term.name][1]),
                       **plans[term.name]["metrics"]}
     total = total + term.weight * value
     metrics.update({f"{term.name}_loss": value, **term_metrics})
@@ -508,15 +523,40 @@ def guard_nonfinite(state: TrainState, new_state: TrainState, metrics: dict,
   return new_state, {**metrics, "nonfinite": (~finite).astype(jnp.int32)}
 
 
+def source_metrics(metrics: dict, batch, names: tuple[str, ...]) -> dict:
+  """A mixture's per-source metrics (batch["source"]: one-hot [B, sources]): examples/<name>
+  (rows of the global batch from each source) and loss/<name>, the captioning loss over that
+  source's rows alone (its summed cross-entropy over its own token count). Only the caption
+  term is split: the contrastive loss of a row depends on every other row of the batch (its
+  negatives), so a per-source contrastive loss is not defined."""
+  metrics = dict(metrics)
+  onehot = batch["source"].astype(jnp.float32)
+  examples = jnp.sum(onehot, axis=0)
+  sums = metrics.pop("source_caption_sums", None)
+  if sums is not None:
+    # The term's metrics are divided by the whole batch's token count: undo it, then divide by
+    # each source's own count.
+    row_tokens = jnp.sum((batch["text"][:, 1:] != PAD_ID).astype(jnp.float32), axis=1)
+    tokens = row_tokens @ onehot
+    sums = sums * jnp.maximum(metrics["caption_tokens"], 1.0)
+    for i, name in enumerate(names):
+      metrics[f"loss/{name}"] = sums[i] / jnp.maximum(tokens[i], 1.0)
+  for i, name in enumerate(names):
+    metrics[f"examples/{name}"] = examples[i]
+  return metrics
+
+
 def train_step(state: TrainState, batch, base=None, *, model: CoCa,
                tx: optax.GradientTransformation, loss_config, schedule: Callable, rules,
                microbatches: int = 1, seed: int = 0, nonfinite: str = "halt",
-               lora_scale: float = 1.0) -> tuple[TrainState, dict]:
+               lora_scale: float = 1.0,
+               source_names: tuple[str, ...] = ()) -> tuple[TrainState, dict]:
   """One optimizer update. Pure: (state, batch) -> (new state, metrics). Randomness (ITM hard
   negatives) comes from (seed, state.step), so a resumed run draws what it would have drawn.
   `nonfinite`: see `guard_nonfinite`. `base`: under LoRA, the frozen base parameters; the model
   then runs with `lora.apply(base, state.params, lora_scale)` and only state.params (adapters,
-  unfrozen parameters) get gradients and updates."""
+  unfrozen parameters) get gradients and updates. `source_names`: a mixture's sources, in the
+  order of batch["source"]'s columns (`source_metrics`)."""
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
   to_params = ((lambda p: p) if base is None
                else (lambda p: lora_lib.apply(base, p, lora_scale)))
@@ -538,6 +578,8 @@ def train_step(state: TrainState, batch, base=None, *, model: CoCa,
   elif lora_lib.UNFROZEN in params:  # A trained logit_scale lives among the unfrozen.
     params = {**params, lora_lib.UNFROZEN: clamp_logit_scale(params[lora_lib.UNFROZEN],
                                                              model.config.max_logit_scale)}
+  if "source" in batch:
+    metrics = source_metrics(metrics, batch, source_names)
   metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
              "param_norm": optax.tree.norm(state.params),
              "learning_rate": schedule(state.step)}
@@ -574,8 +616,12 @@ def make_train_step(model, tx, config, schedule, mesh: Mesh, shardings: TrainSta
                            schedule=schedule, rules=rules, microbatches=microbatches,
                            seed=int(config.train.seed),
                            nonfinite=config.train.nonfinite,
-                           lora_scale=lora.settings.scale if lora is not None else 1.0)
-  in_shardings = (shardings, batch_shardings(mesh))
+                           lora_scale=lora.settings.scale if lora is not None else 1.0,
+                           source_names=source_names(config))
+  batch_in = batch_shardings(mesh)
+  if source_names(config):
+    batch_in["source"] = sharding.batch_sharding(mesh, 2)
+  in_shardings = (shardings, batch_in)
   if lora is not None:
     in_shardings += (lora.base_shardings,)
   return jax.jit(step, in_shardings=in_shardings,

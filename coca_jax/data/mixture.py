@@ -1,0 +1,369 @@
+"""Training on a mixture of datasets (config.data.sources), labelled datasets read as text.
+
+A mixture is a list of sources (`schema.Source`), each a prepared TFDS split with a weight.
+Global batch n holds rows n * B .. (n + 1) * B - 1 of ONE mixed stream of examples, and
+`grain.MapDataset.mix` says, in closed form, which source each row of that stream comes from
+and at which position of that source's own order it reads:
+
+  global row t  ->  (source i, position p in source i)     (grain's weighted interleave)
+  source i, position p  ->  (record, generator)            (the source's own epoch order: a
+                                                            fresh permutation per epoch from
+                                                            grain's IndexSampler, seeded)
+
+The realised count of each source after t rows is within one example of t times its share, at
+every t (exact, not only in expectation). The share is the weight's over their sum after grain
+rounds the weights to integers with the smallest at 100: exact for ratios such as 3:1 or 5:6,
+within 1% of the smallest weight otherwise. Everything is a pure function of (seed, global row): the mixture position is
+the global batch count, saved in checkpoints as the one-source pipeline saves its position
+(`pipeline.checkpoint_args`), and each host reads only its rows [p * b, (p + 1) * b) of each
+global batch, so the batches do not depend on the number of processes. docs/data.md
+("Mixtures") says why grain's map-level mix is used and its iterator-level mix is not.
+
+Each example keeps the one-source pipeline's treatment (the draws of `pipeline._DecodeExample`
+in its order, the same crop from the stored bytes or from the decoded copy of the in-memory
+path, the same tokenisation and normalisation), so a mixture of one source yields today's
+batches bit for bit. Labelled sources ("labels"): an example's text is a template applied to its class
+name(s), the template drawn from the example's own generator (so fixed by (seed, global row)),
+the names of a multi-label example joined by `label_join`.
+
+Batches carry "source": int32 one-hot [B, sources], from which the train step logs
+examples/<tag> and loss/<tag> (training/step.py `source_metrics`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+from absl import logging
+import grain
+import jax
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from coca_jax.core import schema
+from coca_jax.data import builders
+from coca_jax.data import pipeline
+from coca_jax.data import preprocess
+from coca_jax.data.tokenizer import Tokenizer, load_tokenizer
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+# Resolves a label source's class names: (source settings with class_names_file / class_names,
+# the dataset's ClassLabel names or None, dataset name) -> names in label order. The training
+# loop passes the zero-shot eval's resolver (evaluation/prompts.py `class_names`), so the files,
+# lists and "open_clip:imagenet" mean what they mean there.
+ClassNames = Callable[[Any, Sequence[str] | None, str], list]
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One resolved entry of config.data.sources (`schema.Source` with data_dir filled in)."""
+  settings: schema.Source
+  data_dir: str
+  index: int
+
+  @property
+  def tag(self) -> str:
+    return self.settings.tag or self.settings.name
+
+  @property
+  def seed_offset(self) -> int:
+    # Each source's own order and generators; source 0 keeps the run's seed, so a mixture of
+    # one source is the one-source pipeline.
+    return 1_000_003 * self.index
+
+
+def sources_of(config) -> list[Source]:
+  """config.data.sources resolved (data_dir "" = config.data.data_dir); [] for one dataset."""
+  entries = list(config.data.get("sources", ()) or ())
+  out = []
+  for i, entry in enumerate(entries):
+    settings = schema.build(schema.Source, dict(entry))
+    data_dir = settings.data_dir or config.data.data_dir or pipeline.DEFAULT_DATA_DIR
+    out.append(Source(settings, os.path.expanduser(data_dir), i))
+  return out
+
+
+def mixed_order(weights: Sequence[float]) -> grain.MapDataset:
+  """Global row t -> (source index, position in that source), for every t >= 0."""
+  if not weights or any(not w > 0 for w in weights):
+    raise ValueError(f"config.data.sources weights {list(weights)} must all be > 0")
+  # Each source's stream is unbounded (its epochs follow each other); the tuple says which.
+  streams = [grain.MapDataset.range(2**62).map(functools.partial(_tag_source, i))
+             for i in range(len(weights))]
+  return grain.MapDataset.mix(streams, list(weights))
+
+
+def _tag_source(index: int, position: int) -> tuple[int, int]:
+  return index, position
+
+
+def _split_base(split: str) -> str:
+  return re.split(r"[\[+]", split, maxsplit=1)[0].strip()
+
+
+def zero_shot_overlaps(config) -> list[str]:
+  """Label sources that are also a split the run reports zero-shot on (the same dataset and
+  split name; slices of one split count as overlapping), one message each."""
+  group = config.evals.zeroshot
+  if not (group.enabled and group.split):
+    return []
+  dataset = group.dataset or config.data.name
+  splits = [group.split, *[s for s in group.transfer_splits if isinstance(s, str)]]
+  messages = []
+  for source in sources_of(config):
+    s = source.settings
+    if s.text != "labels" or s.name != dataset:
+      continue
+    for split in splits:
+      if _split_base(split) == _split_base(s.split):
+        messages.append(
+            f"config.data.sources[{source.index}] trains on {s.name!r} split {s.split!r} as "
+            f"labels-as-text, and config.evals.zeroshot reports on its split {split!r}: the "
+            "zero-shot figure is then not zero-shot; train on another split, or evaluate on a "
+            "held-out one (the CoCa paper de-duplicates its eval sets from JFT)")
+  return messages
+
+
+def _to_str(value) -> str:
+  return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
+
+
+def _feature(element: Mapping[str, Any], path: str):
+  value = element
+  for part in path.split("/"):
+    value = value[part]
+  return value
+
+
+def _label_names(spec) -> list[str] | None:
+  """ClassLabel names of a label feature (also of a Sequence of ClassLabel); else None."""
+  if isinstance(spec, tfds.features.Sequence):
+    spec = spec.feature
+  return list(spec.names) if isinstance(spec, tfds.features.ClassLabel) else None
+
+
+class _SourceReader:
+  """One source's examples by position in its own order: decoded image, text, key."""
+
+  def __init__(self, source: Source, options: pipeline.DataOptions,
+               class_names: ClassNames | None):
+    s = source.settings
+    self.source, self.settings = source, s
+    self.data = builders.open_source(s.name, source.data_dir, s.split, decode_images=False,
+                                     image_feature=s.image_feature)
+    if len(self.data) == 0:
+      raise ValueError(f"config.data.sources[{source.index}]: {s.name}/{s.split} is empty")
+    seed = (options.seed + source.seed_offset) % 2**32
+    self.order = grain.samplers.IndexSampler(
+        num_records=len(self.data), shard_options=grain.sharding.NoSharding(), shuffle=True,
+        num_epochs=None, seed=seed)
+    # The same order without a generator per record, where nothing is drawn (InMemoryBatches).
+    self.shuffled = grain.MapDataset.range(len(self.data)).shuffle(seed=seed)
+    self.options = options
+    features = self.data.dataset_info.features
+    where = f"config.data.sources[{source.index}] ({s.name}/{s.split})"
+    if s.text == "labels":
+      spec = builders.feature_spec(features, s.label_feature)
+      if spec is None:
+        raise ValueError(f"{where} reads labels as text but has no label feature "
+                         f"{s.label_feature!r} (its features: {', '.join(sorted(features))}); "
+                         "set its label_feature")
+      if class_names is None:
+        raise ValueError(f"{where}: a label source needs a class-name resolver "
+                         "(the training loop passes evaluation.prompts.class_names)")
+      self.names = [str(n) for n in class_names(s, _label_names(spec), s.name)]
+      self.templates = list(s.templates) or list(DEFAULT_TEMPLATES)
+      bad = [t for t in self.templates if "{}" not in t]
+      if bad:
+        raise ValueError(f"{where}: the templates {bad} have no '{{}}' for the class name")
+    elif builders.feature_spec(features, s.captions_feature) is None:
+      raise ValueError(f"{where} has no captions feature {s.captions_feature!r} (its "
+                       f"features: {', '.join(sorted(features))}); for a labelled dataset set "
+                       "text='labels'")
+    # A source in our builders' schema (an "image" and a "captions" feature) uses the
+    # one-source pipeline's decoded copy (config.data.in_memory and its budget, per source):
+    # the same pixels, no image decoded per row.
+    self.decoded = None
+    if (s.image_feature == "image" and builders.feature_spec(features, "captions") is not None
+        and (s.text == "labels" or s.captions_feature == "captions")):
+      self.decoded = pipeline.load_decoded(
+          dataclasses.replace(options, name=s.name, data_dir=source.data_dir), s.split)
+    if self.decoded is not None:
+      self.caption_count = np.asarray(self.decoded.caption_count)
+      self.captions = self.decoded.all_captions()
+      draws = ((np.diff(self.caption_count) > 1).any() if s.text == "captions"
+               else len(self.templates) > 1)
+      self.random = options.random_resized_crop or bool(draws)
+      if s.text == "labels":  # Read once: a stored record is slow to read for its label alone.
+        self.labels = [_feature(self.data[i], s.label_feature) for i in range(len(self.data))]
+
+  def __len__(self) -> int:
+    return len(self.data)
+
+  def example(self, position: int) -> dict[str, Any]:
+    if self.decoded is not None:
+      return self._decoded_example(position)
+    metadata = self.order[position]
+    record, rng = metadata.record_key, metadata.rng
+    element = self.data[record]
+    s = self.settings
+    key = element["key"] if "key" in element else f"{s.name}/{s.split}/{record}"
+    # The one-source pipeline's draws in its order (pipeline._DecodeExample, InMemoryBatches):
+    # the text first, then the crop, so one source gives its batches bit for bit.
+    if s.text == "captions":
+      captions = _feature(element, s.captions_feature)
+      if isinstance(captions, (bytes, str, np.bytes_, np.str_)):
+        captions = [captions]
+      text = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
+    else:
+      text = self.label_text(_feature(element, s.label_feature), rng)
+    return {"image": self.image(record, _feature(element, s.image_feature), rng),
+            "caption": _to_str(text), "key": _to_str(key)}
+
+  def _decoded_example(self, position: int) -> dict[str, Any]:
+    """`example` from the decoded copy alone: the same draws, no stored record read."""
+    if self.random:
+      metadata = self.order[position]
+      record, rng = metadata.record_key, metadata.rng
+    else:
+      record, rng = self.shuffled[position], None
+    if self.settings.text == "labels":
+      caption = self.label_text(self.labels[record], rng)
+    else:
+      first, choices = int(self.caption_count[record]), int(
+          self.caption_count[record + 1] - self.caption_count[record])
+      caption = self.captions[first + (int(rng.integers(choices)) if choices > 1 else 0)]
+    return {"image": self.image(record, None, rng), "caption": caption,
+            "key": self.decoded.key(record)}
+
+  def image(self, record: int, stored, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [S, S, 3]: the random crop (config.data.random_resized_crop) or the center crop,
+    from the decoded copy where there is one, else decoded from the stored bytes."""
+    o = self.options
+    if self.decoded is None:
+      return preprocess.decode_train_image(stored, o.image_size,
+                                           rng if o.random_resized_crop else None,
+                                           o.crop_scale, o.crop_ratio)
+    if o.random_resized_crop:
+      return preprocess.random_resized_crop(Image.fromarray(self.decoded.image(record)),
+                                            o.image_size, rng, o.crop_scale, o.crop_ratio)
+    return self.decoded.images[record]
+
+  def label_text(self, label, rng: np.random.Generator) -> str:
+    """The template (one drawn from the example's generator when there are several) applied
+    to the class name, or to the names of a multi-label example joined by `label_join`."""
+    labels = np.atleast_1d(np.asarray(label)).astype(np.int64).tolist()
+    for value in labels:
+      if not 0 <= value < len(self.names):
+        raise ValueError(f"config.data.sources[{self.source.index}]: label {value} of "
+                         f"{self.settings.name} has no class name ({len(self.names)} names)")
+    names = self.settings.label_join.join(self.names[v] for v in labels)
+    templates = self.templates
+    template = templates[int(rng.integers(len(templates)))] if len(templates) > 1 else templates[0]
+    return template.format(names)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureSampler:
+  """What `pipeline.PositionHandler` records next to the position (a change warns on resume)."""
+  global_batch_size: int
+  seed: int
+  num_records: int
+  host_batch_size: int
+  shard_index: int
+  shard_count: int
+
+
+class MixtureBatches:
+  """Host batches of a mixture: `host_batch(n)` is this host's rows of global batch n.
+
+  Rows [p * b, (p + 1) * b) of global batch n are the mixed stream's rows n * B + p * b + r,
+  each read from its source at the position the interleave gives (module docstring), so the
+  batches depend on (seed, n) only, not on the number of hosts. Thread-safe (reads only).
+  """
+
+  def __init__(self, options: pipeline.DataOptions, sources: Sequence[Source],
+               tokenizer: Tokenizer | None = None, *, shard_index: int = 0,
+               shard_count: int = 1, class_names: ClassNames | None = None):
+    if not sources:
+      raise ValueError("config.data.sources is empty: the one-source pipeline reads "
+                       "config.data.name (pipeline.make_train_iterator)")
+    B = options.global_batch_size
+    if B % shard_count:
+      raise ValueError(f"config.train.batch_size={B} is not divisible by the {shard_count} "
+                       f"hosts (jax.process_count()); use a multiple of {shard_count}")
+    self.options, self.sources = options, list(sources)
+    self.readers = [_SourceReader(s, options, class_names) for s in self.sources]
+    self.order = mixed_order([s.settings.weight for s in self.sources])
+    self.sampler = MixtureSampler(B, options.seed, sum(len(r) for r in self.readers),
+                                  B // shard_count, shard_index, shard_count)
+    tokenizer = tokenizer or load_tokenizer(options.tokenizer, options.tokenizer_kind)
+    self.tokenize = pipeline._TokenizeAndNormalize(tokenizer, options.max_len)  # pylint: disable=protected-access
+
+  @property
+  def tags(self) -> list[str]:
+    return [s.tag for s in self.sources]
+
+  def rows(self, global_batch: int) -> list[tuple[int, int]]:
+    """(source, position in source) of this host's rows of global batch `global_batch`."""
+    s = self.sampler
+    start = global_batch * s.global_batch_size + s.shard_index * s.host_batch_size
+    return [self.order[t] for t in range(start, start + s.host_batch_size)]
+
+  def host_batch(self, global_batch: int, keys: bool = True) -> dict[str, np.ndarray]:
+    """This host's rows: "image" float32 [b, S, S, 3], "text" int32 [b, L], "source" int32
+    one-hot [b, sources], and with `keys` "key" str [b]."""
+    rows = self.rows(global_batch)
+    examples = [self.readers[i].example(p) for i, p in rows]
+    batch = self.tokenize.map({
+        "image": np.stack([e["image"] for e in examples]),
+        "caption": np.asarray([e["caption"] for e in examples]),
+        "key": np.asarray([e["key"] for e in examples])})
+    source = np.zeros((len(rows), len(self.sources)), np.int32)
+    source[np.arange(len(rows)), [i for i, _ in rows]] = 1
+    out = {"image": batch["image"], "text": batch["text"], "source": source}
+    if keys:
+      out["key"] = batch["key"]
+    return out
+
+  def host_texts(self, global_batch: int) -> list[str]:
+    """The untokenised texts of this host's rows (for checks and the demo's printout)."""
+    return [self.readers[i].example(p)["caption"] for i, p in self.rows(global_batch)]
+
+
+class MixtureIterator(pipeline.InMemoryTrainIterator):
+  """Global batches {"image", "text", "source"} of a mixture as jax.Arrays, one prepared ahead
+  on a background thread; `position` and `set_position` as the one-source iterators (so
+  `pipeline.checkpoint_args` saves and restores it)."""
+
+  def _make(self, global_batch: int) -> dict[str, jax.Array]:
+    host_batch = self.batches.host_batch(global_batch, keys=False)
+    return {key: jax.make_array_from_process_local_data(self._sharding(key), host_batch[key])
+            for key in ("image", "text", "source")}
+
+  def _sharding(self, key: str):
+    if isinstance(self.batch_sharding, Mapping) and key not in self.batch_sharding:
+      # "source" [B, sources] is split along the batch like "text" [B, L].
+      return self.batch_sharding["text"]
+    return super()._sharding(key)
+
+
+def make_mixture_iterator(config, batch_sharding, tokenizer: Tokenizer | None = None, *,
+                          class_names: ClassNames | None = None, shard_index: int | None = None,
+                          shard_count: int | None = None) -> MixtureIterator:
+  """The training stream of a mixture config (config.data.sources non-empty) on this host.
+  Warns once per label source that is also a zero-shot eval split (`zero_shot_overlaps`)."""
+  for message in zero_shot_overlaps(config):
+    logging.warning("%s", message)
+  options = pipeline.DataOptions.from_config(config)
+  batches = MixtureBatches(
+      options, sources_of(config), tokenizer,
+      shard_index=jax.process_index() if shard_index is None else shard_index,
+      shard_count=jax.process_count() if shard_count is None else shard_count,
+      class_names=class_names)
+  return MixtureIterator(batches, batch_sharding)
