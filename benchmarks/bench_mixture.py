@@ -25,7 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from coca_jax.core import config as config_lib  # pylint: disable=wrong-import-position
-from coca_jax.data import builders, mixture, pipeline  # pylint: disable=wrong-import-position
+from coca_jax.data import builders, mixture, pipeline, sources as data_sources  # pylint: disable=wrong-import-position
 from coca_jax.data.digit_scenes import DIGIT_NAMES  # pylint: disable=wrong-import-position
 from coca_jax.data.tokenizer import Tokenizer  # pylint: disable=wrong-import-position
 from coca_jax.evaluation import prompts  # pylint: disable=wrong-import-position
@@ -48,7 +48,7 @@ def main() -> None:
                               **dict(config.data.build_demo_options, show_progress=False))
   tokenizer = os.path.join(root, "sp")
   if not os.path.exists(tokenizer + ".model"):
-    source = builders.open_source(NAME, data_dir, "train", decode_images=False)
+    source = data_sources.open_source(NAME, data_dir, "train", decode_images=False)
     captions = [c.decode() for i in range(len(source)) for c in source[i]["captions"]]
     Tokenizer.train(captions, tokenizer, vocab_size=64, model_type="bpe")
   config.data.update(data_dir=data_dir, tokenizer=tokenizer + ".model")

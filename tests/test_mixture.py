@@ -13,6 +13,7 @@ from coca_jax.core import config as config_lib
 from coca_jax.data import builders
 from coca_jax.data import mixture
 from coca_jax.data import pipeline
+from coca_jax.data import sources as data_sources
 from coca_jax.data.tokenizer import Tokenizer, load_tokenizer
 from coca_jax.evaluation import prompts
 from coca_jax.training import losses
@@ -32,7 +33,7 @@ def dataset(tmp_path_factory):
   builder = builders.make_builder("demo", "tiny_mix", str(root / "tfds"), num_train=30,
                                   num_test=4, num_digits=12, image_size=24, show_progress=False)
   builder.download_and_prepare()
-  source = builders.open_source("tiny_mix", str(root / "tfds"), "train", decode_images=False)
+  source = data_sources.open_source("tiny_mix", str(root / "tfds"), "train", decode_images=False)
   captions = [c.decode() for i in range(len(source)) for c in source[i]["captions"]]
   Tokenizer.train(captions + [t.format(d) for t in TEMPLATES for d in DIGITS],
                   str(root / "sp"), vocab_size=100, model_type="bpe")
@@ -83,7 +84,7 @@ def test_batches_mix_sources_by_weight_and_say_which(dataset):
   np.testing.assert_array_equal(sources.sum(axis=0), [36, 12])  # 3:1 of 48 rows
   keys = np.concatenate([batches.host_batch(n)["key"] for n in range(6)])
   # The label rows are the "digits" split's examples, each epoch of it complete.
-  digits = builders.open_source("tiny_mix", str(dataset / "tfds"), "digits",
+  digits = data_sources.open_source("tiny_mix", str(dataset / "tfds"), "digits",
                                 decode_images=False)
   want = sorted(digits[i]["key"].decode() for i in range(len(digits)))
   assert sorted(keys[sources[:, 1] == 1]) == want

@@ -46,9 +46,9 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from coca_jax.core import schema
-from coca_jax.data import builders
 from coca_jax.data import pipeline
 from coca_jax.data import preprocess
+from coca_jax.data import sources as catalog
 from coca_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -154,7 +154,7 @@ class _SourceReader:
                class_names: ClassNames | None):
     s = source.settings
     self.source, self.settings = source, s
-    self.data = builders.open_source(s.name, source.data_dir, s.split, decode_images=False,
+    self.data = catalog.open_source(s.name, source.data_dir, s.split, decode_images=False,
                                      image_feature=s.image_feature)
     if len(self.data) == 0:
       raise ValueError(f"config.data.sources[{source.index}]: {s.name}/{s.split} is empty")
@@ -168,7 +168,7 @@ class _SourceReader:
     features = self.data.dataset_info.features
     where = f"config.data.sources[{source.index}] ({s.name}/{s.split})"
     if s.text == "labels":
-      spec = builders.feature_spec(features, s.label_feature)
+      spec = catalog.feature_spec(features, s.label_feature)
       if spec is None:
         raise ValueError(f"{where} reads labels as text but has no label feature "
                          f"{s.label_feature!r} (its features: {', '.join(sorted(features))}); "
@@ -181,7 +181,7 @@ class _SourceReader:
       bad = [t for t in self.templates if "{}" not in t]
       if bad:
         raise ValueError(f"{where}: the templates {bad} have no '{{}}' for the class name")
-    elif builders.feature_spec(features, s.captions_feature) is None:
+    elif catalog.feature_spec(features, s.captions_feature) is None:
       raise ValueError(f"{where} has no captions feature {s.captions_feature!r} (its "
                        f"features: {', '.join(sorted(features))}); for a labelled dataset set "
                        "text='labels'")
@@ -189,7 +189,7 @@ class _SourceReader:
     # one-source pipeline's decoded copy (config.data.in_memory and its budget, per source):
     # the same pixels, no image decoded per row.
     self.decoded = None
-    if (s.image_feature == "image" and builders.feature_spec(features, "captions") is not None
+    if (s.image_feature == "image" and catalog.feature_spec(features, "captions") is not None
         and (s.text == "labels" or s.captions_feature == "captions")):
       self.decoded = pipeline.load_decoded(
           dataclasses.replace(options, name=s.name, data_dir=source.data_dir), s.split)
