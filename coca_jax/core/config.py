@@ -693,6 +693,28 @@ def eval_problems(config) -> list[str]:
   return problems
 
 
+def _validate_vlmo_losses(config, need) -> None:
+  """VLMo's second ITC and MLM: weights >= 0, and the heads they score with."""
+  loss, m = config.loss, config.model
+  mome = m.get("mome") if m.get("backbone") == "mome" else None
+  for name, head in (("vl_contrastive_weight", "vl_contrastive"), ("mlm_weight", "mlm_head")):
+    weight = loss[name]
+    if not (isinstance(weight, (int, float)) and weight >= 0):
+      need(False, f"config.loss.{name}={weight!r} must be a number >= 0 (0 = off)")
+      continue
+    need(not weight or (mome is not None and mome.get(head)),
+         f"config.loss.{name}={weight} needs a MoME with config.model.mome.{head}=True "
+         "(VLMo: text_encoder='bert'); set it or the weight to 0")
+  p = loss.mlm_probability
+  need(isinstance(p, (int, float)) and 0 < p < 1,
+       f"config.loss.mlm_probability={p!r} must be in (0, 1) (BERT and VLMo: 0.15)")
+  vocab = m.get("text", {}).get("vocab_size")
+  if loss.mlm_weight and isinstance(vocab, int):
+    need(isinstance(loss.mlm_mask_id, int) and 0 <= loss.mlm_mask_id < vocab,
+         f"config.loss.mlm_mask_id={loss.mlm_mask_id!r} must be a token id below "
+         f"config.model.text.vocab_size={vocab} (bert-base-uncased's [MASK] is 103)")
+
+
 def validate(config, num_devices: int | None = None, load_tokenizer=None) -> None:
   """Raises ConfigError listing every problem found. `num_devices` enables mesh checks;
   `load_tokenizer` (`data.tokenizer.load_tokenizer`; core does not import data) enables the
@@ -738,6 +760,7 @@ def validate(config, num_devices: int | None = None, load_tokenizer=None) -> Non
   itm_weight = config.loss.itm_weight
   need(isinstance(itm_weight, (int, float)) and itm_weight >= 0,
        f"config.loss.itm_weight={itm_weight!r} must be a number >= 0 (0 = off)")
+  _validate_vlmo_losses(config, need)
   if backbone == "mome":
     _validate_mome(config, need, positive)
     if "mome" in m:

@@ -270,7 +270,8 @@ def experiment_config(model: str | dict, vocab: str = "", *, itm: bool = True,
                       mlm_head: bool = True, vl_contrastive: bool = True,
                       **text) -> ml_collections.ConfigDict:
   """A full experiment config around a VLMo architecture: `model_group`, BERT's WordPiece
-  tokenizer from `vocab`, VLMo's ITC + ITM (config.loss) and its stage-3 AdamW recipe."""
+  tokenizer from `vocab`, VLMo's stage-3 losses (config.loss: both ITC terms, ITM, MLM) and its
+  AdamW recipe."""
   c = ml_collections.ConfigDict()
   c.model = model_group(model, mlm_head=mlm_head, vl_contrastive=vl_contrastive, **text)
   c.data = ml_collections.ConfigDict(dict(
@@ -278,10 +279,13 @@ def experiment_config(model: str | dict, vocab: str = "", *, itm: bool = True,
       tokenizer=vocab, tokenizer_kind="wordpiece"))
   c.train = ml_collections.ConfigDict(dict(steps=200_000, batch_size=1024, seed=0,
                                            log_every=100, microbatches=1))
+  # vlmo/objectives.py: ITC = (ITC of the V/L-FFN pair + ITC of the VL-FFN pair) / 2, each the
+  # mean of i2t and t2i; MLM on the fused pass x 0.25 (compute_mlm).
   c.loss = ml_collections.ConfigDict(dict(
-      contrastive_weight=1.0, caption_weight=0.0, contrastive="softmax",
-      contrastive_impl="gathered", contrastive_reduction="mean",
-      itm_weight=1.0 if itm else 0.0, itm_examples=0))
+      contrastive_weight=0.5 if vl_contrastive else 1.0,
+      vl_contrastive_weight=0.5 if vl_contrastive else 0.0, caption_weight=0.0,
+      contrastive="softmax", contrastive_impl="gathered", contrastive_reduction="mean",
+      itm_weight=1.0 if itm else 0.0, itm_examples=0, mlm_weight=0.25 if mlm_head else 0.0))
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=2e-4, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01,
       warmup_fraction=0.1, decay="linear", end_lr_fraction=0.0, clip_norm=0.0,
