@@ -65,18 +65,54 @@ from coca_jax.core.config_args import parse_arg
 from coca_jax.interop import vlmo
 
 WHERE = "experiments/vlmo_base.py"
-# The recipe is shared with experiments/mome_coca_base.py: coca_jax/core/recipes.py (`mome`; the
-# stage freezing lists are recipes.TEXT_SIDE and recipes.SHARED_AND_IMAGE).
+STAGES = ("1", "2", "3")
+# The shared recipe: coca_jax/core/recipes.py (`mome`; experiments/mome_coca_base.py uses it too).
+
+# Stage 2 (vlmo/run.py with textmlm): every parameter is frozen except those whose official name
+# holds text_embeddings, token_type_embeddings, mlp_text, norm2_text, mlm_score,
+# relative_position_bias_table or transformer.norm. In our names (interop/vlmo.py's table) the
+# frozen ones are these (tests/test_vlmo_objectives.py checks the list against run.py's).
+STAGE2_FROZEN = [r"^patch_embed/", r"^image_cls_token$", r"^image_pos_embed$",
+                 r"/ln_attention/", r"/attention/", r"/layer_scale_(attention|ffn)$",
+                 r"/ffn_image/", r"/ffn_fusion/", r"^(image|text)(_vl)?_projection/",
+                 r"^logit_(vl_)?scale$", r"^logit_bias$", r"^itm_pooler/", r"^itm_head/"]
 
 
 def get_config(arg: str = ""):
-  vocab = parse_arg(arg, WHERE, **recipes.MOME_ARGS, vocab="").vocab
-  c = recipes.mome(width=768, depth=12, heads=12, mlp_dim=3072, fusion_layers=2, arg=arg,
-                   where=WHERE, extra_args=dict(vocab=""))
-  c.model = vlmo.model_group("vlmo_base_patch16", dtype="bfloat16")
-  c.data.update(tokenizer_kind="wordpiece", tokenizer=vocab)
-  # VLMo has no captioning; its ITC averages image->text and text->image (vlmo/objectives.py).
-  c.loss.update(caption_weight=0.0, contrastive_reduction="mean")
-  c.optim.update(warmup_fraction=0.1)
+  args = parse_arg(arg, WHERE, **dict(recipes.MOME_ARGS, stage="3"), vocab="")
+  if args.stage not in STAGES:
+    raise ValueError(f"{WHERE}: stage={args.stage!r}; use one of {', '.join(STAGES)} (VLMo's "
+                     "stagewise pretraining; the file's docstring describes each)")
+  if args.stage == "1":
+    raise ValueError(
+        f"{WHERE}: stage=1 is BEiT's masked image modelling, which VLMo does not train itself: "
+        "it starts from BEiT's weights. Import them (python -m coca_jax.interop.beit import "
+        "--src BEIT_FILE --out W1), then train stage=2,init=W1")
+  # The recipe's own `stage` names its freezing; the stages here set theirs below.
+  recipe_arg = ",".join(part for part in arg.split(",") if not part.strip().startswith("stage="))
+  c = recipes.mome(width=768, depth=12, heads=12, mlp_dim=3072, fusion_layers=2,
+                   arg=recipe_arg, where=WHERE, extra_args=dict(vocab=""))
+  c.data.update(tokenizer_kind="wordpiece", tokenizer=args.vocab)
+  c.optim.update(warmup_fraction=0.1, freeze_regex=[])
   c.evals.captioning.enabled = False  # No captioner; retrieval and zero-shot evaluate it.
+  if args.stage == "2":
+    # vlmo/config.py task_textmlm_base: text-only MLM on 196-token texts, the VL-FFN absent
+    # (multiway_transformer sets vlffn_start_layer_index = depth), no ITC or ITM heads.
+    c.model = vlmo.model_group("vlmo_base_patch16", dtype="bfloat16", vl_contrastive=False,
+                               max_len=196)
+    c.model.mome.fusion_layers = 0
+    c.loss.update(contrastive_weight=0.0, caption_weight=0.0, itm_weight=0.0, mlm_weight=1.0)
+    c.optim.freeze_regex = list(STAGE2_FROZEN)
+    c.evals.update(every_steps=0)  # Text only: no image-text evals.
+    c.evals.retrieval.enabled = False
+    c.evals.zeroshot.enabled = False
+  else:
+    # vlmo/config.py task_mlm_itm_itc_base: ITC (both pairs, each the mean of i2t and t2i,
+    # averaged), ITM on global hard negatives, 0.25 x MLM on the fused pass; nothing frozen.
+    c.model = vlmo.model_group("vlmo_base_patch16", dtype="bfloat16")
+    c.loss.update(contrastive_weight=0.5, vl_contrastive_weight=0.5, caption_weight=0.0,
+                  contrastive_reduction="mean", itm_weight=1.0, mlm_weight=0.25)
+    # Stage 2's text positions (196, unused beside the relative position bias) do not fit the
+    # 40 here; VLMo truncates them, this re-initialises them (they stay unused).
+    c.init.update(exclude_regex=r"^text_pos_embed$")
   return c

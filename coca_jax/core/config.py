@@ -460,7 +460,11 @@ def _validate_mome(config, need, positive):
     # `every` counts the layers of the shared stack; ffn_fusion lives in the top fusion_layers.
     for name in MOME_EXPERTS:
       every = (experts.get(name) or {}).get("every", 1)
-      if not experts.get(name) or not isinstance(every, int) or every < 1:
+      experts_of = (experts.get(name) or {}).get("num_experts", 1)
+      # Only a routed group (num_experts > 1) needs a layer to route: VLMo's stage 2 has no
+      # ffn_fusion at all (fusion_layers 0) and no routing.
+      if (not experts.get(name) or not isinstance(every, int) or every < 1
+          or (isinstance(experts_of, int) and experts_of <= 1)):
         continue
       first = s.depth - s.fusion_layers if name == "fusion" else 0
       need(any((i + 1) % every == 0 for i in range(first, s.depth)),
