@@ -8,11 +8,14 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from coca_jax.core import config as config_lib
+from coca_jax.data import build as build_cli
+from coca_jax.data import pipeline
 from coca_jax.core.tokens import PAD_ID
 from coca_jax.interop import vlmo
 from coca_jax.training import losses
@@ -201,3 +204,35 @@ def test_stage2_trains_exactly_what_run_py_trains_and_a_step_moves_only_those():
   # image token type get no gradient); nothing else does.
   assert moved <= ours
   assert ours - moved <= {"text_pos_embed", "token_type_embed"}
+
+
+# -- Stage 2's text corpus -----------------------------------------------------------------------
+
+
+def test_text_build_makes_a_text_only_dataset_the_pipeline_trains_on(tmp_path, capsys):
+  src = tmp_path / "corpus"
+  src.mkdir()
+  (src / "a.txt").write_bytes(b"a dog runs on the sand\n\nthe cat sat\n\xff\xfe bad bytes\n")
+  (src / "b.jsonl").write_text('{"text": "a red cat"}\n{"caption": "the dog sat on sand"}\n'
+                               'not json\n{"image": "x.jpg"}\n{"text": "   "}\n')
+  data_dir = tmp_path / "tfds"
+  assert build_cli.main(["--format", "text", "--src", str(src / "*"), "--name", "corpus",
+                         "--data_dir", str(data_dir), "--no_progress"]) == 0
+  report = capsys.readouterr().out
+  assert "train: 4 examples written" in report
+  # Each bad line is counted and named by file and line.
+  assert "2  malformed text line" in report and "b.jsonl:3" in report and "b.jsonl:4" in report
+  assert "non-UTF-8 caption" in report and "a.txt:4" in report
+  assert "empty caption" in report and "b.jsonl:5" in report
+
+  def options(text_only):
+    return pipeline.DataOptions.from_config(config_lib.complete(ml_collections.ConfigDict(dict(
+        data=dict(name="corpus", data_dir=str(data_dir), image_size=8, text_only=text_only,
+                  tokenizer=os.path.join(os.path.dirname(__file__), "data",
+                                         "bert_vocab_tiny.txt"), tokenizer_kind="wordpiece"),
+        model=dict(text=dict(max_len=8)), train=dict(batch_size=2, seed=0)))))
+  batch = next(iter(pipeline.make_host_loader(options(True), shard_index=0, shard_count=1)))
+  assert set(batch) == {"text", "key"} and batch["text"].shape == (2, 8)
+  assert (batch["text"][:, 0] == 101).all()  # [CLS] ... of bert's vocabulary.
+  with pytest.raises(ValueError, match="config.data.text_only=True"):
+    pipeline.make_host_loader(options(False), shard_index=0, shard_count=1)

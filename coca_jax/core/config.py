@@ -84,6 +84,10 @@ def _defaults(backbone: str) -> dict:
           # Training input path: "auto" decodes a split that fits in_memory_max_mb (MiB, and a
           # quarter of RAM) once and keeps it memory-mapped; "always" / "never" force it.
           in_memory="auto", in_memory_max_mb=1024.0,
+          # Train on the texts alone (VLMo's stage 2, masked language modelling): batches hold
+          # "text" only. A text dataset (data.build --format text) needs it; an image-caption
+          # dataset then gives its captions.
+          text_only=False,
           build_demo=False,  # Build the digit-scenes demo set into data_dir if missing.
           # Keyword arguments of data.builders.DemoBuilder (its defaults).
           build_demo_options=dict(num_train=5000, num_test=500, num_digits=1000, image_size=48,
@@ -765,6 +769,15 @@ def validate(config, num_devices: int | None = None, load_tokenizer=None) -> Non
   need(isinstance(itm_weight, (int, float)) and itm_weight >= 0,
        f"config.loss.itm_weight={itm_weight!r} must be a number >= 0 (0 = off)")
   _validate_vlmo_losses(config, need)
+  if config.data.text_only is True:
+    loss = config.loss
+    image_terms = [f"{k}={loss[k]}" for k in ("contrastive_weight", "vl_contrastive_weight",
+                                              "caption_weight", "itm_weight") if loss[k]]
+    need(not image_terms and loss.mlm_weight > 0,
+         f"config.data.text_only=True trains on texts alone, so only masked language modelling "
+         f"(config.loss.mlm_weight > 0, now {loss.mlm_weight}) can train; set "
+         f"{', '.join(image_terms) or 'config.loss.mlm_weight'}"
+         f"{' to 0' if image_terms else ' > 0'} (experiments/vlmo_base.py:stage=2 does)")
   if backbone == "mome":
     _validate_mome(config, need, positive)
     if "mome" in m:

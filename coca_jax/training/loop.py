@@ -190,7 +190,8 @@ class Trainer:
                  time.perf_counter() - t0)
     evaluators.check_evals(config)
     self.train_iter = pipeline.make_train_iterator(
-        config, built.mesh, step_lib.batch_shardings(built.mesh), self.tokenizer)
+        config, built.mesh, step_lib.batch_shardings(built.mesh, config.data.text_only),
+        self.tokenizer)
 
     # Checkpoint: resume from the newest readable step, or initialise.
     ckpt = config.checkpoint

@@ -69,17 +69,27 @@ class TrainState:
 
 
 def dummy_batch(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """A training batch's shapes (no "image" with config.data.text_only)."""
   size = config.model.image_size
-  return {
+  batch = {
       "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
       "text": jax.ShapeDtypeStruct((batch_size, config.model.text.max_len), jnp.int32),
   }
+  if _text_only(config):
+    del batch["image"]
+  return batch
 
 
-def batch_shardings(mesh: Mesh) -> dict:
-  """Where a training batch lives: {"image" [batch, S, S, 3], "text" [batch, L]}, each split
-  over the data-parallel mesh axes along batch. The step's in_shardings and the data pipeline's
-  output both use it."""
+def _text_only(config) -> bool:
+  return bool(config.get("data", {}).get("text_only", False))
+
+
+def batch_shardings(mesh: Mesh, text_only: bool = False) -> dict:
+  """Where a training batch lives: {"image" [batch, S, S, 3], "text" [batch, L]} ("text" alone
+  with `text_only`, config.data.text_only), each split over the data-parallel mesh axes along
+  batch. The step's in_shardings and the data pipeline's output both use it."""
+  if text_only:
+    return {"text": sharding.batch_sharding(mesh, 2)}
   return {"image": sharding.batch_sharding(mesh, 4), "text": sharding.batch_sharding(mesh, 2)}
 
 
@@ -94,8 +104,10 @@ def build_model(config) -> CoCa:
 
 
 def _init_boxed_params(model: CoCa, config, rng):
+  # Every parameter, the image side's too, even where training reads texts only (stage 2).
+  size = config.model.image_size
+  image = jnp.zeros((1, size, size, 3), jnp.float32)
   batch = dummy_batch(config, 1)
-  image = jnp.zeros(batch["image"].shape, batch["image"].dtype)
   text = jnp.zeros(batch["text"].shape, batch["text"].dtype)
   return model.init(rng, image, text)["params"]
 
@@ -609,7 +621,7 @@ def make_train_step(model, tx, config, schedule, mesh: Mesh, shardings: TrainSta
                            schedule=schedule, rules=rules, microbatches=microbatches,
                            seed=int(config.train.seed),
                            nonfinite=config.train.nonfinite)
-  return jax.jit(step, in_shardings=(shardings, batch_shardings(mesh)),
+  return jax.jit(step, in_shardings=(shardings, batch_shardings(mesh, _text_only(config))),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,),
                  compiler_options=compiler_options(mesh))
 
