@@ -102,6 +102,7 @@ def get_config(arg: str = ""):
                                max_len=196)
     c.model.mome.fusion_layers = 0
     c.loss.update(contrastive_weight=0.0, caption_weight=0.0, itm_weight=0.0, mlm_weight=1.0)
+    c.data.text_only = True  # A text corpus (data.build --format text) or a dataset's captions.
     c.optim.freeze_regex = list(STAGE2_FROZEN)
     c.evals.update(every_steps=0)  # Text only: no image-text evals.
     c.evals.retrieval.enabled = False
@@ -112,7 +113,4 @@ def get_config(arg: str = ""):
     c.model = vlmo.model_group("vlmo_base_patch16", dtype="bfloat16")
     c.loss.update(contrastive_weight=0.5, vl_contrastive_weight=0.5, caption_weight=0.0,
                   contrastive_reduction="mean", itm_weight=1.0, mlm_weight=0.25)
-    # Stage 2's text positions (196, unused beside the relative position bias) do not fit the
-    # 40 here; VLMo truncates them, this re-initialises them (they stay unused).
-    c.init.update(exclude_regex=r"^text_pos_embed$")
   return c

@@ -21,6 +21,7 @@ from coca_jax.interop import vlmo
 from coca_jax.training import losses
 from coca_jax.training import optim
 from coca_jax.training import step as step_lib
+from coca_jax.training import warm_start
 from test_vlmo import OUT, TOL, _state, _tiny_config, _tiny_model, _tiny_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -236,3 +237,14 @@ def test_text_build_makes_a_text_only_dataset_the_pipeline_trains_on(tmp_path, c
   assert (batch["text"][:, 0] == 101).all()  # [CLS] ... of bert's vocabulary.
   with pytest.raises(ValueError, match="config.data.text_only=True"):
     pipeline.make_host_loader(options(False), shard_index=0, shard_count=1)
+
+
+def test_stage3_starts_from_stage2s_longer_text_positions():
+  """Stage 2 trains 196 text positions, stage 3 uses 40: the warm start keeps the first rows,
+  as VLMo's stage 3 truncates them."""
+  source = {"text_pos_embed": np.arange(40.0).reshape(10, 4), "mlm/decoder/bias": np.ones(3)}
+  fresh = {"text_pos_embed": np.zeros((8, 4), np.float32), "mlm/decoder/bias": np.zeros(3),
+           "layers_0/ffn_fusion/mlp/wi/bias": np.zeros(2)}  # VL-FFN: new in stage 3.
+  out, report = warm_start.merge(source, fresh, None, None)
+  np.testing.assert_array_equal(out["text_pos_embed"], source["text_pos_embed"][:8])
+  assert report["missing_in_source"] == ["layers_0/ffn_fusion/mlp/wi/bias"]

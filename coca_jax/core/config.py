@@ -771,13 +771,14 @@ def validate(config, num_devices: int | None = None, load_tokenizer=None) -> Non
   _validate_vlmo_losses(config, need)
   if config.data.text_only is True:
     loss = config.loss
-    image_terms = [f"{k}={loss[k]}" for k in ("contrastive_weight", "vl_contrastive_weight",
-                                              "caption_weight", "itm_weight") if loss[k]]
+    image_terms = [f"config.loss.{k} (now {loss[k]})" for k in (
+        "contrastive_weight", "vl_contrastive_weight", "caption_weight", "itm_weight") if loss[k]]
+    fix = (f"set {', '.join(image_terms)} to 0" if image_terms else
+           "set config.loss.mlm_weight > 0")
     need(not image_terms and loss.mlm_weight > 0,
-         f"config.data.text_only=True trains on texts alone, so only masked language modelling "
-         f"(config.loss.mlm_weight > 0, now {loss.mlm_weight}) can train; set "
-         f"{', '.join(image_terms) or 'config.loss.mlm_weight'}"
-         f"{' to 0' if image_terms else ' > 0'} (experiments/vlmo_base.py:stage=2 does)")
+         "config.data.text_only=True trains on texts alone, so only masked language modelling "
+         f"(config.loss.mlm_weight, now {loss.mlm_weight}) can train: {fix} "
+         "(experiments/vlmo_base.py:stage=2 does)")
   if backbone == "mome":
     _validate_mome(config, need, positive)
     if "mome" in m:

@@ -350,7 +350,7 @@ class Loss:
   # token but padding and `mlm_special_ids` is picked with `mlm_probability`; a picked token
   # becomes `mlm_mask_id` (80%), a random id (10%) or stays (10%).
   mlm_weight: float = 0.0
-  mlm_probability: float = 0.15
+  mlm_probability: float = 0.15  # vlmo/config.py mlm_prob.
   mlm_mask_id: int = 103  # bert-base-uncased's [MASK].
   # Never picked (besides padding): bert-base-uncased's [UNK], [CLS], [SEP], [MASK].
   mlm_special_ids: list = dataclasses.field(default_factory=lambda: [100, 101, 102, 103])
