@@ -15,10 +15,13 @@ phases (the "gradient cache" scheme):
      caption loss plus the cached embedding gradients (a linear surrogate <g, embed>), summing
      parameter gradients.
 The loss is one list of weighted terms (`loss_terms`) that both steps iterate. Terms that are
-sums over examples (caption, ITM) draw what they need from the whole batch once, between phases
-1 and 3 (the token count; ITM's hard negatives, sampled from the global-batch similarities of
-the phase-1 embeddings with the step's rng), and each microbatch adds its sum divided by that
-whole-batch count, so they are exact too.
+sums over examples (caption, ITM, MLM) draw what they need from the whole batch once, between
+phases 1 and 3 (the token count; ITM's hard negatives, sampled from the global-batch
+similarities of the phase-1 embeddings with the step's rng; MLM's masks, drawn with it), and
+each microbatch adds its sum divided by that whole-batch count, so they are exact too. The
+contrastive terms (VLMo has a second one, on its VL-FFN features) are the phase-2 kind. A
+text-only batch (config.data.text_only: no "image") has only the terms that need no image
+(MLM) and skips phases 1 and 2.
 Cost: one extra forward pass of the image encoder and unimodal decoder per step (about +20% of
 a step's FLOPs); memory: activations of one microbatch. Captions are normalised by the token
 count of the whole batch, so the caption term is exact too.
