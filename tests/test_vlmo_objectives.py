@@ -248,3 +248,27 @@ def test_stage3_starts_from_stage2s_longer_text_positions():
   out, report = warm_start.merge(source, fresh, None, None)
   np.testing.assert_array_equal(out["text_pos_embed"], source["text_pos_embed"][:8])
   assert report["missing_in_source"] == ["layers_0/ffn_fusion/mlp/wi/bias"]
+
+
+def test_accumulated_mlm_step_equals_the_whole_batch_step():
+  """MLM under gradient accumulation (a text-only batch in 2 microbatches): the masks are drawn
+  once for the whole batch, each microbatch divides by the whole batch's count of picked
+  tokens, so loss, metrics and gradients equal the one-batch step's."""
+  config = _stage_config("2")
+  config.loss.mlm_probability = 0.5
+  model = step_lib.build_model(config)
+  params = step_lib.init_params(config, model, jax.random.key(0))
+  batch = {"text": jnp.asarray(np.concatenate([OUT["text"], OUT["text"][::-1]]))}
+  rng = jax.random.key(5)
+
+  @jax.jit
+  def both(p):
+    plain = jax.value_and_grad(step_lib.loss_fn, has_aux=True)(p, model, batch, config.loss, rng)
+    return plain, step_lib.accumulated_loss_and_grads(p, model, batch, config.loss, 2, rng)
+  ((loss, metrics), grads), ((acc_loss, acc_metrics), acc_grads) = both(params)
+  assert metrics["mlm_tokens"] >= 2
+  np.testing.assert_allclose(acc_loss, loss, rtol=1e-6)
+  for key in ("mlm_loss", "mlm_accuracy", "mlm_tokens"):
+    np.testing.assert_allclose(acc_metrics[key], metrics[key], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(acc_grads), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
