@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import zlib
 from typing import Any, Callable
 
 import flax
@@ -380,6 +381,14 @@ def _embeddings(outputs) -> dict:
           **{k: outputs[k] for k in keys if k in outputs}}
 
 
+def _pass_rng(rng, name: str):
+  """The key of a term's own forward pass (stochastic depth, router noise): one stream per
+  term, so the ITM and MLM passes of a step draw independent drop masks."""
+  if rng is None:
+    return None
+  return jax.random.fold_in(jax.random.fold_in(rng, 2), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
 def loss_fn(params, model: CoCa, batch, loss_config, rng=None):
   """(loss, metrics) of one batch: the weighted `loss_terms` plus the router terms. `rng` draws
   the ITM hard negatives (config.loss.itm_weight > 0, MoME only) and, each pass from its own
@@ -402,7 +411,7 @@ def loss_fn(params, model: CoCa, batch, loss_config, rng=None):
     else:
       plan = term.prepare(batch, jax.lax.stop_gradient(embeds), rng)
       value, sums, term_stats = term.fn(params, model, outputs, batch, plan["rows"], batch,
-                                        None if rng is None else jax.random.fold_in(rng, 2))
+                                        _pass_rng(rng, term.name))
       value = value / plan["count"]
       term_metrics = {**{k: v / plan["count"] for k, v in sums.items()}, **plan["metrics"]}
       stats = _add_statistics(stats, term_stats)
