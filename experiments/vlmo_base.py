@@ -10,30 +10,39 @@ vl_contrastive, mlm_head) come from `coca_jax.interop.vlmo.model_group`; with th
 outputs equal the official module's (tests/test_vlmo.py, docs/vlmo.md) and VLMo's checkpoints
 load (`python -m coca_jax.interop.vlmo import`).
 
+  python -m coca_jax.interop.beit import --src BEIT_FILE --out W1          # stage 1
+  python -m coca_jax.data.build --format text --src 'corpus/*.txt' --name wiki_books \
+      --data_dir ~/tfds
+  python -m coca_jax.train --config experiments/vlmo_base.py:stage=2,init=W1,vocab=VOCAB \
+      --config.data.name=wiki_books --config.data.data_dir=~/tfds --workdir W2
+  python -m coca_jax.train --config experiments/vlmo_base.py:stage=3,init=W2,vocab=VOCAB \
+      --config.data.name=NAME --config.data.data_dir=DIR --workdir W3
   python -m coca_jax.train --config experiments/vlmo_base.py:vocab=VOCAB --dry_run
-  python -m coca_jax.train --config experiments/vlmo_base.py:stage=image,vocab=VOCAB --workdir W1
-  python -m coca_jax.train --config experiments/vlmo_base.py:stage=text,init=W1,vocab=VOCAB \
-      --workdir W2
-  python -m coca_jax.train --config experiments/vlmo_base.py:stage=image_text,init=W2,vocab=VOCAB \
-      --workdir W3
 VOCAB is bert-base-uncased's vocab.txt (config.data.tokenizer; tokenizer_kind 'wordpiece').
-Each training command also takes the dataset, built with `python -m coca_jax.data.build`:
---config.data.name=NAME --config.data.data_dir=DIR.
+Stage 3's dataset is an image-caption one built with `python -m coca_jax.data.build`.
 
 Args (comma-separated after ':'):
-  stage=S   image | text | image_text (default): parameter freezing (`optim.freeze_regex`)
-            after VLMo's stagewise schedule:
-              image       trains the shared attention, ffn_image and the image side; ffn_text,
-                          ffn_fusion and the text side are frozen.
-              text        the shared attention (and its LayerNorm) and ffn_image are frozen;
-                          ffn_text and the text side train.
-              image_text  everything trains, with image-text matching on hard negatives.
-  init=DIR  start from the parameters of a previous stage's workdir or checkpoint step
-            directory (`config.init.source`; the optimizer starts fresh).
+  stage=S   VLMo's stagewise pretraining (vlmo/config.py, run.py):
+              1  BEiT's masked image modelling. VLMo does not train it: it starts from BEiT's
+                 weights, which `coca_jax.interop.beit import` brings in; get_config refuses
+                 stage=1 and names that command.
+              2  text-only MLM (task_textmlm_base): config.data.text_only, texts of 196 tokens,
+                 no VL-FFN (fusion_layers 0), no ITC or ITM; every parameter frozen
+                 (`optim.freeze_regex` = STAGE2_FROZEN: no update, no optimizer state) except
+                 those run.py trains: the text embeddings (word, position, type, LayerNorm), the
+                 modality type embeddings, each layer's L-FFN and its LayerNorm, the MLM head,
+                 the relative position table and the final norm.
+              3  (default) image-text ITC + ITM + MLM (task_mlm_itm_itc_base), everything
+                 trains: loss = 0.5 x ITC + 0.5 x ITC on the VL-FFN features (each the mean of
+                 i2t and t2i, its own scale) + ITM on global hard negatives + 0.25 x MLM on the
+                 fused pass (vlmo/objectives.py). From stage 2: the VL-FFN starts fresh and
+                 the 196 text positions are cut to 40, as VLMo does.
+  init=DIR  start from the parameters of a previous stage's workdir, checkpoint step or bundle
+            (`config.init.source`; the optimizer starts fresh).
   vocab=F   BERT's WordPiece vocabulary file (config.data.tokenizer).
   batch=N, steps=N, runlocal  as in experiments/coca_base.py.
 
-Parameters (stage image_text): 202,445,470, exactly the official module's with ITC + ITM + MLM
+Parameters (stage 3): 202,445,470, exactly the official module's with ITC + ITM + MLM
 (tests/test_vlmo.py). The paper's 175M counts the backbone and embeddings; the official module
 adds an untied MLM decoder (23.4M: VLMo does not tie it to the word embeddings), the
 second pair of ITC projections, the pooler, and BERT's text position table, which VLMo keeps but
@@ -41,18 +50,19 @@ never adds (its positions are the relative position bias).
 
 Where this config still differs from the paper's and the official code's training (point by
 point; docs/vlmo.md):
-  - Objectives: ITC on the V-FFN/L-FFN [CLS] features and ITM with global hard negatives train
-    here; the model also computes the VL-FFN features (`image_vl_embed`, `text_vl_embed`,
-    `logit_vl_scale`) and has the MLM head (`mlm_logits`), but this framework's loss does not
-    yet add VLMo's second ITC term or MLM (0.25 x MLM in stage 3, text-only MLM in stage 2).
-  - Stages: all three train on image-text pairs with the losses above; VLMo's stage 1 is
-    BEiT's masked image modelling (it starts from BEiT weights) and stage 2 is text-only MLM on
-    Wikipedia + BookCorpus with the VL-FFN absent. Only the freezing is VLMo's, and only
-    approximately (run.py's exact lists are not reproduced).
+  - MLM masking: BERT's token-level 80/10/10 masking at VLMo's rate 0.15, drawn in the step
+    from its rng; VLMo's stage 2 and 3 configs mask whole words (transformers'
+    DataCollatorForWholeWordMask), which needs the WordPiece continuation marks the step does
+    not see.
+  - Stage 1 is imported (BEiT), not trained here; BEiT's masked image modelling is not
+    implemented.
+  - Stage 2 data: VLMo trains on English Wikipedia + BookCorpus; give your corpus with
+    `data.build --format text`. Stage 2's model holds the ITC projections and the pooler
+    (frozen, no optimizer state), which VLMo's stage-2 module does not build.
   - Stochastic depth: one draw per example per residual branch; in the fused pass's bottom
     layers VLMo draws the text and the image halves separately.
   - Data: VLMo's RandAugment and its [-1, 1] pixel normalisation (mean = std = 0.5) are not
-    this pipeline's (CLIP's mean/std, random resized crop); whole-word masking is MLM's.
+    this pipeline's (CLIP's mean/std, random resized crop).
   - Optimizer: AdamW, peak lr 2e-4, weight decay 0.01, b2 0.98, 10% warmup (vlmo/config.py's
     warmup_steps=0.1) then linear decay; batch 1024; VLMo trains in fp16 with its
     LayerNorm/bias/position parameters exempt from weight decay (this project's
@@ -64,18 +74,52 @@ from coca_jax.core.config_args import parse_arg
 from coca_jax.interop import vlmo
 
 WHERE = "experiments/vlmo_base.py"
-# The recipe is shared with experiments/mome_coca_base.py: coca_jax/core/recipes.py (`mome`; the
-# stage freezing lists are recipes.TEXT_SIDE and recipes.SHARED_AND_IMAGE).
+STAGES = ("1", "2", "3")
+# The shared recipe: coca_jax/core/recipes.py (`mome`; experiments/mome_coca_base.py uses it too).
+
+# Stage 2 (vlmo/run.py with textmlm): every parameter is frozen except those whose official name
+# holds text_embeddings, token_type_embeddings, mlp_text, norm2_text, mlm_score,
+# relative_position_bias_table or transformer.norm. In our names (interop/vlmo.py's table) the
+# frozen ones are these (tests/test_vlmo_objectives.py checks the list against run.py's).
+STAGE2_FROZEN = [r"^patch_embed/", r"^image_cls_token$", r"^image_pos_embed$",
+                 r"/ln_attention/", r"/attention/", r"/layer_scale_(attention|ffn)$",
+                 r"/ffn_image/", r"/ffn_fusion/", r"^(image|text)(_vl)?_projection/",
+                 r"^logit_(vl_)?scale$", r"^logit_bias$", r"^itm_pooler/", r"^itm_head/"]
 
 
 def get_config(arg: str = ""):
-  vocab = parse_arg(arg, WHERE, **recipes.MOME_ARGS, vocab="").vocab
-  c = recipes.mome(width=768, depth=12, heads=12, mlp_dim=3072, fusion_layers=2, arg=arg,
-                   where=WHERE, extra_args=dict(vocab=""))
-  c.model = vlmo.model_group("vlmo_base_patch16", dtype="bfloat16")
-  c.data.update(tokenizer_kind="wordpiece", tokenizer=vocab)
-  # VLMo has no captioning; its ITC averages image->text and text->image (vlmo/objectives.py).
-  c.loss.update(caption_weight=0.0, contrastive_reduction="mean")
-  c.optim.update(warmup_fraction=0.1)
+  args = parse_arg(arg, WHERE, **dict(recipes.MOME_ARGS, stage="3"), vocab="")
+  if args.stage not in STAGES:
+    raise ValueError(f"{WHERE}: stage={args.stage!r}; use one of {', '.join(STAGES)} (VLMo's "
+                     "stagewise pretraining; the file's docstring describes each)")
+  if args.stage == "1":
+    raise ValueError(
+        f"{WHERE}: stage=1 is BEiT's masked image modelling, which VLMo does not train itself: "
+        "it starts from BEiT's weights. Import them (python -m coca_jax.interop.beit import "
+        "--src BEIT_FILE --out W1), then train stage=2,init=W1")
+  # The recipe's own `stage` names its freezing; the stages here set theirs below.
+  recipe_arg = ",".join(part for part in arg.split(",") if not part.strip().startswith("stage="))
+  c = recipes.mome(width=768, depth=12, heads=12, mlp_dim=3072, fusion_layers=2,
+                   arg=recipe_arg, where=WHERE, extra_args=dict(vocab=""))
+  c.data.update(tokenizer_kind="wordpiece", tokenizer=args.vocab)
+  c.optim.update(warmup_fraction=0.1, freeze_regex=[])
   c.evals.captioning.enabled = False  # No captioner; retrieval and zero-shot evaluate it.
+  if args.stage == "2":
+    # vlmo/config.py task_textmlm_base: text-only MLM on 196-token texts, the VL-FFN absent
+    # (multiway_transformer sets vlffn_start_layer_index = depth), no ITC or ITM heads.
+    c.model = vlmo.model_group("vlmo_base_patch16", dtype="bfloat16", vl_contrastive=False,
+                               max_len=196)
+    c.model.mome.fusion_layers = 0
+    c.loss.update(contrastive_weight=0.0, caption_weight=0.0, itm_weight=0.0, mlm_weight=1.0)
+    c.data.text_only = True  # A text corpus (data.build --format text) or a dataset's captions.
+    c.optim.freeze_regex = list(STAGE2_FROZEN)
+    c.evals.update(every_steps=0)  # Text only: no image-text evals.
+    c.evals.retrieval.enabled = False
+    c.evals.zeroshot.enabled = False
+  else:
+    # vlmo/config.py task_mlm_itm_itc_base: ITC (both pairs, each the mean of i2t and t2i,
+    # averaged), ITM on global hard negatives, 0.25 x MLM on the fused pass; nothing frozen.
+    c.model = vlmo.model_group("vlmo_base_patch16", dtype="bfloat16")
+    c.loss.update(contrastive_weight=0.5, vl_contrastive_weight=0.5, caption_weight=0.0,
+                  contrastive_reduction="mean", itm_weight=1.0, mlm_weight=0.25)
   return c

@@ -31,13 +31,13 @@ SPECS = ["demo.py", "demo.py:smoke", "demo.py:mini", "demo.py:limoe", "demo.py:l
          "coca_base.py", "coca_base.py:runlocal", "coca_base.py:b32",
          "coca_base.py:batch=4096,steps=10,dtype=float32,remat=full", "coca_large.py",
          "coca_2b.py", "coca_2b.py:runlocal",
-         "vlmo_base.py", "vlmo_base.py:stage=image", "vlmo_base.py:stage=text,runlocal",
-         "vlmo_base.py:stage=image_text,batch=64,steps=5", "mome_coca_base.py",
+         "vlmo_base.py", "vlmo_base.py:stage=2", "vlmo_base.py:stage=2,runlocal",
+         "vlmo_base.py:stage=3,batch=64,steps=5", "mome_coca_base.py",
          "mome_coca_base.py:runlocal", "openclip_coca.py",
          "openclip_coca.py:runlocal,unrolled,remat=none,dtype=bfloat16,lr=1e-4,steps=3,batch=8",
          "openclip_coca.py:model=coca_ViT-L-14"]
 BUILT = [s for s in SPECS if s not in (
-    "vlmo_base.py:stage=text,runlocal", "vlmo_base.py:stage=image_text,batch=64,steps=5",
+    "vlmo_base.py:stage=2,runlocal", "vlmo_base.py:stage=3,batch=64,steps=5",
     "mome_coca_base.py:runlocal", "coca_base.py:batch=4096,steps=10,dtype=float32,remat=full")]
 PAPER = ("coca_base.py", "coca_large.py", "coca_2b.py", "vlmo_base.py", "mome_coca_base.py")
 

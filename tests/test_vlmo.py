@@ -45,7 +45,8 @@ def _tiny_model(name=None):
 def _tiny_text():
   t = INFO["tiny"]
   return dict(vocab_size=t["vocab_size"], max_len=t["max_text_len"],
-              relative_text_length=t["max_text_len_of_initckpt"], cls_id=2, sep_id=3)
+              relative_text_length=t["max_text_len_of_initckpt"], cls_id=2, sep_id=3,
+              mask_id=4, unk_id=1)
 
 
 def _tiny_config(**mome):

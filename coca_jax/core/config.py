@@ -90,6 +90,10 @@ def _defaults(backbone: str) -> dict:
           # class_names, class_names_file, *_feature, label_join). [] = the one dataset `name`,
           # which a mixture still uses for its tokenizer and default eval splits.
           sources=[],
+          # Train on the texts alone (VLMo's stage 2, masked language modelling): batches hold
+          # "text" only. A text dataset (data.build --format text) needs it; an image-caption
+          # dataset then gives its captions.
+          text_only=False,
           build_demo=False,  # Build the digit-scenes demo set into data_dir if missing.
           # Keyword arguments of data.builders.DemoBuilder (its defaults).
           build_demo_options=dict(num_train=5000, num_test=500, num_digits=1000, image_size=48,
@@ -466,7 +470,11 @@ def _validate_mome(config, need, positive):
     # `every` counts the layers of the shared stack; ffn_fusion lives in the top fusion_layers.
     for name in MOME_EXPERTS:
       every = (experts.get(name) or {}).get("every", 1)
-      if not experts.get(name) or not isinstance(every, int) or every < 1:
+      experts_of = (experts.get(name) or {}).get("num_experts", 1)
+      # Only a routed group (num_experts > 1) needs a layer to route: VLMo's stage 2 has no
+      # ffn_fusion at all (fusion_layers 0) and no routing.
+      if (not experts.get(name) or not isinstance(every, int) or every < 1
+          or (isinstance(experts_of, int) and experts_of <= 1)):
         continue
       first = s.depth - s.fusion_layers if name == "fusion" else 0
       need(any((i + 1) % every == 0 for i in range(first, s.depth)),
@@ -752,6 +760,28 @@ def _validate_lora(config, need, problems) -> None:
        "config.optim.lora.unfrozen_regex; drop freeze_regex")
 
 
+def _validate_vlmo_losses(config, need) -> None:
+  """VLMo's second ITC and MLM: weights >= 0, and the heads they score with."""
+  loss, m = config.loss, config.model
+  mome = m.get("mome") if m.get("backbone") == "mome" else None
+  for name, head in (("vl_contrastive_weight", "vl_contrastive"), ("mlm_weight", "mlm_head")):
+    weight = loss[name]
+    if not (isinstance(weight, (int, float)) and weight >= 0):
+      need(False, f"config.loss.{name}={weight!r} must be a number >= 0 (0 = off)")
+      continue
+    need(not weight or (mome is not None and mome.get(head)),
+         f"config.loss.{name}={weight} needs a MoME with config.model.mome.{head}=True "
+         "(VLMo: text_encoder='bert'); set it or the weight to 0")
+  p = loss.mlm_probability
+  need(isinstance(p, (int, float)) and 0 < p < 1,
+       f"config.loss.mlm_probability={p!r} must be in (0, 1) (BERT and VLMo: 0.15)")
+  vocab = m.get("text", {}).get("vocab_size")
+  if loss.mlm_weight and isinstance(vocab, int):
+    need(isinstance(loss.mlm_mask_id, int) and 0 <= loss.mlm_mask_id < vocab,
+         f"config.loss.mlm_mask_id={loss.mlm_mask_id!r} must be a token id below "
+         f"config.model.text.vocab_size={vocab} (bert-base-uncased's [MASK] is 103)")
+
+
 def validate(config, num_devices: int | None = None, load_tokenizer=None) -> None:
   """Raises ConfigError listing every problem found. `num_devices` enables mesh checks;
   `load_tokenizer` (`data.tokenizer.load_tokenizer`; core does not import data) enables the
@@ -797,6 +827,17 @@ def validate(config, num_devices: int | None = None, load_tokenizer=None) -> Non
   itm_weight = config.loss.itm_weight
   need(isinstance(itm_weight, (int, float)) and itm_weight >= 0,
        f"config.loss.itm_weight={itm_weight!r} must be a number >= 0 (0 = off)")
+  _validate_vlmo_losses(config, need)
+  if config.data.text_only is True:
+    loss = config.loss
+    image_terms = [f"config.loss.{k} (now {loss[k]})" for k in (
+        "contrastive_weight", "vl_contrastive_weight", "caption_weight", "itm_weight") if loss[k]]
+    fix = (f"set {', '.join(image_terms)} to 0" if image_terms else
+           "set config.loss.mlm_weight > 0")
+    need(not image_terms and loss.mlm_weight > 0,
+         "config.data.text_only=True trains on texts alone, so only masked language modelling "
+         f"(config.loss.mlm_weight, now {loss.mlm_weight}) can train: {fix} "
+         "(experiments/vlmo_base.py:stage=2 does)")
   if backbone == "mome":
     _validate_mome(config, need, positive)
     if "mome" in m:

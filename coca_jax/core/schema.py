@@ -342,6 +342,18 @@ class Loss:
   contrastive_reduction: ContrastiveReduction = "sum"
   itm_weight: float = 0.0  # Image-text matching (MoME); 0 = off.
   itm_examples: int = 0  # Examples per batch that get ITM pairs; 0 = the whole batch.
+  # VLMo's second ITC, on the VL-FFN features with its own logit scale (needs
+  # config.model.mome.vl_contrastive); 0 = off. VLMo: 0.5 and contrastive_weight 0.5.
+  vl_contrastive_weight: float = 0.0
+  # Masked language modelling (VLMo; needs config.model.mome.mlm_head): on the fused pass for
+  # image-text batches, on the text-only pass for text-only ones; 0 = off. BERT's masking: each
+  # token but padding and `mlm_special_ids` is picked with `mlm_probability`; a picked token
+  # becomes `mlm_mask_id` (80%), a random id (10%) or stays (10%).
+  mlm_weight: float = 0.0
+  mlm_probability: float = 0.15  # vlmo/config.py mlm_prob.
+  mlm_mask_id: int = 103  # bert-base-uncased's [MASK].
+  # Never picked (besides padding): bert-base-uncased's [UNK], [CLS], [SEP], [MASK].
+  mlm_special_ids: list = dataclasses.field(default_factory=lambda: [100, 101, 102, 103])
   # Auxiliary losses of learned routing (training.losses.router_losses). Switch Transformer's
   # balance weight is 0.01; LIMoE's entropy terms are off unless asked for. The global-entropy
   # threshold is in nats; None = log(num_experts), i.e. the term acts whenever the mean routing

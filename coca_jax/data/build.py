@@ -19,6 +19,10 @@ Formats (--src):
   webdataset  tar shards as img2dataset writes them: 000000.tar holding KEY.jpg + KEY.txt (the
               caption) per sample; --src is a folder of *.tar, one tar, or a glob.
   demo        the digit-scenes demo data, made offline (no --src).
+  text        texts only, for VLMo's text-only MLM stage (experiments/vlmo_base.py:stage=2):
+              .txt files (one text a line) or .jsonl files (a "text" or "caption" field a
+              line); --src is a file, a folder of them, or a glob. A bad line (not UTF-8, not
+              JSON, no text field, empty) is skipped and counted, named by file and line.
 
 --eval_fraction F holds out a stable fraction F of --src as the eval split "test" (what the
 retrieval and captioning evals read; or give --eval_src). Then train on it:

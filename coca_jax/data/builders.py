@@ -13,6 +13,9 @@ Three input formats, one schema, read back with `sources.open_source` (or `tfds.
   webdataset  tar shards as written by img2dataset (`000000.tar` holding `KEY.jpg` + `KEY.txt`
               pairs; `.json` and other members are ignored). `src` is a folder of `*.tar`, a
               single tar, or a glob.
+  text        texts only (VLMo's stage-2 corpus): .txt files (a text a line) or .jsonl (a "text"
+              or "caption" field a line); `src` is a file, a folder of them, or a glob. Its
+              examples have no "image" (and `key` is "file:line").
 
 Schema of every example (what `open_source` returns per index):
   image     uint8 [height, width, 3] (or the encoded bytes with decode_images=False)
@@ -60,7 +63,7 @@ from tqdm import tqdm
 from coca_jax.data import sources
 from coca_jax.data.digit_scenes import TRANSFER_SPLITS
 
-FORMATS = ("demo", "folder", "webdataset")
+FORMATS = ("demo", "folder", "webdataset", "text")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Originals in these formats are stored byte-for-byte when already 8-bit RGB.
 _KEEP_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -538,7 +541,86 @@ class WebDatasetBuilder(_FileBuilder, skip_registration=True):
           yield key, {"image": image_bytes, "captions": [caption], "key": key}
 
 
-_BUILDER_CLASSES = {"demo": DemoBuilder, "folder": FolderBuilder, "webdataset": WebDatasetBuilder}
+def _text_paths(src: str) -> list[str]:
+  """The .txt / .jsonl files of `src`: a file, a folder of them, or a glob."""
+  if os.path.isdir(src):
+    paths = sorted(p for ext in ("txt", "jsonl") for p in glob.glob(os.path.join(src, f"*.{ext}")))
+  elif any(ch in src for ch in "*?["):
+    paths = sorted(glob.glob(os.path.expanduser(src)))
+  else:
+    paths = [src]
+  bad = [p for p in paths if not p.endswith((".txt", ".jsonl"))]
+  if bad:
+    raise ValueError(f"--format text reads .txt (one text a line) and .jsonl (a \"text\" or "
+                     f"\"caption\" field a line) files; {bad[0]!r} is neither")
+  if not paths:
+    raise FileNotFoundError(f"no .txt or .jsonl file in {src!r}")
+  return paths
+
+
+def _read_texts(path: str) -> Iterator[tuple[str, Any]]:
+  """Yields (where "file:line", raw text or a SkipExample) per non-blank line of `path`."""
+  with open(path, "rb") as f:
+    for line_no, line in enumerate(f, 1):
+      where = f"{path}:{line_no}"
+      if not line.strip():
+        continue
+      if path.endswith(".txt"):
+        yield where, line
+        continue
+      try:
+        row = json.loads(line.decode("utf-8"))
+      except UnicodeDecodeError as e:
+        yield where, SkipExample("non-UTF-8 caption", str(e))
+        continue
+      except json.JSONDecodeError as e:
+        yield where, SkipExample("malformed text line", str(e))
+        continue
+      field = next((k for k in ("text", "caption") if isinstance(row, dict) and k in row), None)
+      if field is None:
+        yield where, SkipExample("malformed text line", 'needs a "text" or "caption" field')
+        continue
+      yield where, row[field]
+
+
+class TextBuilder(_FileBuilder, skip_registration=True):
+  """Texts only (no images), one per line of .txt files or per "text"/"caption" field of .jsonl
+  lines: the corpus of VLMo's text-only stage 2. Example: {"captions": [text], "key":
+  "file:line"}; no "image" feature, which is how the pipeline knows a text-only dataset."""
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    features = {"captions": tfds.features.Sequence(tfds.features.Text()),
+                "key": tfds.features.Text()}
+    return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
+                                 features=tfds.features.FeaturesDict(features))
+
+  def _generate_examples(self, split):
+    report = self._new_report(split)
+    source, keep = self._source_and_filter(split)
+    paths = _text_paths(source)
+    # Keys name each line by its file relative to the files' common folder: unique, and the
+    # same wherever the corpus lies (the eval holdout hashes them).
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    for path in paths:
+      name = os.path.relpath(os.path.abspath(path), root)
+      for where, raw in self._progress(_read_texts(path), split, unit="texts"):
+        key = f"{name}:{where.rsplit(':', 1)[1]}"
+        if isinstance(raw, SkipExample):
+          report.skip(raw.reason, where)
+          continue
+        try:
+          text = clean_caption(raw)
+        except SkipExample as e:
+          report.skip(e.reason, where)
+          continue
+        if not keep(key):
+          continue
+        report.written += 1
+        yield key, {"captions": [text], "key": key}
+
+
+_BUILDER_CLASSES = {"demo": DemoBuilder, "folder": FolderBuilder, "webdataset": WebDatasetBuilder,
+                    "text": TextBuilder}
 VERSION = str(_CaptionBuilder.VERSION)
 
 
@@ -789,7 +871,7 @@ def make_builder(format: str, name: str, data_dir: str, **options) -> _CaptionBu
     data_dir: TFDS data_dir; the data lands in `data_dir/name/1.0.0/`.
     **options: the format's options: demo (num_train, num_test, num_digits, image_size, seed,
       grid, variation, strokes, varied_grid, varied_single, num_transfer);
-      folder/webdataset (src, eval_src, eval_fraction, eval_split, max_image_side,
+      folder/webdataset/text (src, eval_src, eval_fraction, eval_split, max_image_side,
       allow_outside_src: read caption-file image paths outside `src`); all (show_progress).
   """
   if format not in _BUILDER_CLASSES:

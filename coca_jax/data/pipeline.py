@@ -112,6 +112,7 @@ class DataOptions:
   seed: int
   in_memory: str = "auto"
   in_memory_max_mb: float = 1024.0
+  text_only: bool = False
 
   @classmethod
   def from_config(cls, config) -> "DataOptions":
@@ -136,7 +137,7 @@ class DataOptions:
         crop_ratio=tuple(float(x) for x in field("crop_ratio")),
         max_len=int(config.model.text.max_len), global_batch_size=int(config.train.batch_size),
         seed=int(config.train.seed), in_memory=field("in_memory"),
-        in_memory_max_mb=field("in_memory_max_mb"))
+        in_memory_max_mb=field("in_memory_max_mb"), text_only=bool(data.get("text_only", False)))
     if options.in_memory not in IN_MEMORY_MODES:
       raise ValueError(f"config.data.in_memory={options.in_memory!r} is unknown; use one of "
                        f"{', '.join(IN_MEMORY_MODES)} ('auto': in memory when the decoded split "
@@ -158,9 +159,11 @@ class DataOptions:
 
 
 class _DecodeExample(grain.transforms.RandomMap):
-  """One stored example -> {"image": uint8 [S, S, 3], "caption": str, "key": str}."""
+  """One stored example -> {"image": uint8 [S, S, 3], "caption": str, "key": str} (no "image"
+  with config.data.text_only)."""
 
   def __init__(self, options: DataOptions):
+    self.text_only = options.text_only
     self.image_size = options.image_size
     self.random_crop = options.random_resized_crop
     self.crop_scale = options.crop_scale
@@ -170,6 +173,8 @@ class _DecodeExample(grain.transforms.RandomMap):
     captions = element["captions"]
     # A fresh choice per epoch: the record's generator is seeded by its position in the stream.
     caption = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
+    if self.text_only:
+      return {"caption": _to_str(caption), "key": _to_str(element["key"])}
     image = preprocess.decode_train_image(
         element["image"], self.image_size, rng if self.random_crop else None,
         self.crop_scale, self.crop_ratio)
@@ -192,6 +197,8 @@ class _TokenizeAndNormalize(grain.transforms.Map):
                       "far (this process, pid %d)", truncated, self.max_len, os.getpid())
       while self._next_report <= truncated:
         self._next_report *= 2
+    if "image" not in batch:  # config.data.text_only
+      return {"text": text, "key": batch["key"]}
     return {"image": preprocess.normalize_images(batch["image"]), "text": text,
             "key": batch["key"]}
 
@@ -266,6 +273,7 @@ def make_host_loader(options: DataOptions, *, shard_index: int, shard_count: int
   source = sources.open_source(options.name, options.data_dir, split or options.train_split,
                                 decode_images=False)
   _check_records(options, len(source), shard_count, split)
+  _check_text_only(options, source)
   tokenizer = tokenizer or load_tokenizer(options.tokenizer, options.tokenizer_kind)
   shard_options = grain.sharding.ShardOptions(
       shard_index=shard_index, shard_count=shard_count, drop_remainder=False)
@@ -292,6 +300,14 @@ def _check_hosts(options: DataOptions, shard_count: int) -> None:
                      f"{shard_count}")
 
 
+def _check_text_only(options: DataOptions, source) -> None:
+  """A text dataset (no "image" feature) trains only with config.data.text_only."""
+  if not options.text_only and len(source) and "image" not in source[0]:
+    raise ValueError(f"dataset {options.name!r} holds texts only (data.build --format text): "
+                     "train on it with config.data.text_only=True and masked language "
+                     "modelling (experiments/vlmo_base.py:stage=2)")
+
+
 def _check_records(options: DataOptions, num_records: int, shard_count: int,
                    split: str | None) -> None:
   if num_records < shard_count:
@@ -315,7 +331,7 @@ def load_decoded(options: DataOptions, split: str | None = None
   """The decoded split for the in-memory path, or None where the rule (module docstring)
   picks streaming. Decodes and caches it on first use."""
   mode, split = options.in_memory, split or options.train_split
-  if mode == "never":
+  if mode == "never" or options.text_only:  # The in-memory path caches decoded images.
     return None
   source = sources.open_source(options.name, options.data_dir, split, decode_images=False)
   geometry = "full" if options.random_resized_crop else "center"
@@ -438,7 +454,7 @@ class TrainIterator:
     host_batch = next(self.grain_iterator)
     self.position += 1
     return {key: jax.make_array_from_process_local_data(self._sharding(key), host_batch[key])
-            for key in ("image", "text")}
+            for key in ("image", "text") if key in host_batch}
 
   @property
   def sampler(self) -> GlobalOrderSampler:

@@ -45,7 +45,8 @@ MODEL_CONFIGS = {
     "vlmo_large_patch16": dict(image_size=224, patch_size=16, width=1024, depth=24, heads=16,
                                mlp_dim=4096, vlffn_start=21),
 }
-TEXT = dict(vocab_size=30_522, max_len=40, relative_text_length=196, cls_id=101, sep_id=102)
+TEXT = dict(vocab_size=30_522, max_len=40, relative_text_length=196, cls_id=101, sep_id=102,
+            mask_id=103, unk_id=100)
 # State-dict entries that are not parameters (recomputed by both sides).
 BUFFERS = ("text_embeddings.position_ids", "text_embeddings.token_type_ids",
            "relative_position_index", "text_relative_position_index",
@@ -270,18 +271,25 @@ def experiment_config(model: str | dict, vocab: str = "", *, itm: bool = True,
                       mlm_head: bool = True, vl_contrastive: bool = True,
                       **text) -> ml_collections.ConfigDict:
   """A full experiment config around a VLMo architecture: `model_group`, BERT's WordPiece
-  tokenizer from `vocab`, VLMo's ITC + ITM (config.loss) and its stage-3 AdamW recipe."""
+  tokenizer from `vocab`, VLMo's stage-3 losses (config.loss: both ITC terms, ITM, MLM) and its
+  AdamW recipe."""
   c = ml_collections.ConfigDict()
   c.model = model_group(model, mlm_head=mlm_head, vl_contrastive=vl_contrastive, **text)
+  t = dict(TEXT, **text)
   c.data = ml_collections.ConfigDict(dict(
       name="", train_split="train", eval_split="test", image_size=c.model.image_size,
       tokenizer=vocab, tokenizer_kind="wordpiece"))
   c.train = ml_collections.ConfigDict(dict(steps=200_000, batch_size=1024, seed=0,
                                            log_every=100, microbatches=1))
+  # vlmo/objectives.py: ITC = (ITC of the V/L-FFN pair + ITC of the VL-FFN pair) / 2, each the
+  # mean of i2t and t2i; MLM on the fused pass x 0.25 (compute_mlm).
   c.loss = ml_collections.ConfigDict(dict(
-      contrastive_weight=1.0, caption_weight=0.0, contrastive="softmax",
-      contrastive_impl="gathered", contrastive_reduction="mean",
-      itm_weight=1.0 if itm else 0.0, itm_examples=0))
+      contrastive_weight=0.5 if vl_contrastive else 1.0,
+      vl_contrastive_weight=0.5 if vl_contrastive else 0.0, caption_weight=0.0,
+      contrastive="softmax", contrastive_impl="gathered", contrastive_reduction="mean",
+      itm_weight=1.0 if itm else 0.0, itm_examples=0, mlm_weight=0.25 if mlm_head else 0.0,
+      mlm_mask_id=t["mask_id"],
+      mlm_special_ids=[t["unk_id"], t["cls_id"], t["sep_id"], t["mask_id"]]))
   c.optim = recipes.vlmo_optim(warmup_fraction=0.1)
   recipes.pretraining_layout(c)
   c.evals = ml_collections.ConfigDict(dict(every_steps=0, batch_size=64))
@@ -371,7 +379,8 @@ def import_bundle(src: str, model: str, out: str, vocab: str, dtype: str = "floa
     text["relative_text_length"] = (int(table.shape[0]) - image_rows - 2) // 2
   config = experiment_config(model, "", itm="itm_score.fc.weight" in state,
                              vocab_size=tokenizer.vocab_size, cls_id=tokenizer.bos_id,
-                             sep_id=tokenizer.eos_id, **text, **heads_of_state(state))
+                             sep_id=tokenizer.eos_id, mask_id=tokenizer.mask_id,
+                             unk_id=tokenizer.unk_id, **text, **heads_of_state(state))
   words = state.get("text_embeddings.word_embeddings.weight")
   if words is not None and words.shape[0] != tokenizer.vocab_size:
     raise ConversionError(f"--vocab {vocab} has {tokenizer.vocab_size} entries but the "

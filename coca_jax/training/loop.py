@@ -192,13 +192,12 @@ class Trainer:
     logging.info("Data %r and tokenizer ready (%.1fs)", config.data.name,
                  time.perf_counter() - t0)
     evaluators.check_evals(config)
+    batch_sharding = step_lib.batch_shardings(built.mesh, config.data.text_only)
     if config.data.sources:  # A mixture (data/mixture.py); class names as zero-shot reads them.
       self.train_iter = mixture.make_mixture_iterator(
-          config, step_lib.batch_shardings(built.mesh), self.tokenizer,
-          class_names=prompts.class_names)
+          config, batch_sharding, self.tokenizer, class_names=prompts.class_names)
     else:
-      self.train_iter = pipeline.make_train_iterator(
-          config, step_lib.batch_shardings(built.mesh), self.tokenizer)
+      self.train_iter = pipeline.make_train_iterator(config, batch_sharding, self.tokenizer)
 
     # Checkpoint: resume from the newest readable step, or initialise.
     ckpt = config.checkpoint
@@ -434,8 +433,14 @@ class _Progress:
     done = record["step"] - self.start
     elapsed = time.perf_counter() - self.t0
     eta = elapsed / max(done, 1) * (self.total - record["step"])
-    # A model without captioning (MoME with BERT text, VLMo) has no caption loss.
-    caption = (f"caption {record['caption_loss']:.4f}  " if "caption_loss" in record else "")
-    print(f"step {record['step']:>6}/{self.total}  loss {record['loss']:.4f}  "
-          f"contrastive {record['contrastive_loss']:.4f}  {caption}"
+    # The terms this run has: VLMo has no caption loss, its text-only stage 2 only MLM.
+    parts = "".join(f"{label} {record[key]:.4f}  " for key, label in PROGRESS_TERMS
+                    if key in record)
+    print(f"step {record['step']:>6}/{self.total}  loss {record['loss']:.4f}  {parts}"
           f"{record.get('examples_per_sec', 0):.0f} ex/s  eta {eta:.0f}s", flush=True)
+
+
+# The loss parts (and MLM's accuracy) the progress line shows where a run has them.
+PROGRESS_TERMS = (("contrastive_loss", "contrastive"), ("vl_contrastive_loss", "vl_contrastive"),
+                  ("caption_loss", "caption"), ("itm_loss", "itm"), ("mlm_loss", "mlm"),
+                  ("mlm_accuracy", "mlm_acc"))

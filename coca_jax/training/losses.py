@@ -372,3 +372,29 @@ def itm_loss(logits, labels, weights):
   total, hits = itm_sums(logits, labels, weights)
   count = jnp.maximum(jnp.sum(weights), 1.0)
   return total / count, {"itm_accuracy": hits / count}
+
+
+def mlm_mask(text, rng, *, probability: float, mask_id: int, vocab_size: int,
+             special_ids=()):
+  """BERT's masking for masked language modelling, as VLMo's data collator does it
+  (transformers' DataCollatorForLanguageModeling): every token except padding and
+  `special_ids` is picked with `probability`; a picked token is replaced by `mask_id` with
+  probability 0.8, by a uniformly random id of the vocabulary with 0.1, and kept with 0.1.
+  Deterministic in `rng`.
+
+  text [batch, L] int32 -> (inputs [batch, L] int32, labels [batch, L] int32: the original
+  token where picked, PAD_ID elsewhere, so `caption_sums(logits, labels)` scores the picked
+  positions only; a picked token is never padding).
+  """
+  pick_rng, mask_rng, random_rng, id_rng = jax.random.split(rng, 4)
+  eligible = text != PAD_ID
+  for special in special_ids:
+    eligible &= text != special
+  picked = jax.random.bernoulli(pick_rng, probability, text.shape) & eligible
+  masked = picked & jax.random.bernoulli(mask_rng, 0.8, text.shape)
+  # Half of the remaining 20%: 10% of the picked tokens.
+  randomised = picked & ~masked & jax.random.bernoulli(random_rng, 0.5, text.shape)
+  random_ids = jax.random.randint(id_rng, text.shape, 0, vocab_size, dtype=text.dtype)
+  inputs = jnp.where(masked, jnp.asarray(mask_id, text.dtype),
+                     jnp.where(randomised, random_ids, text))
+  return inputs, jnp.where(picked, text, jnp.asarray(PAD_ID, text.dtype))

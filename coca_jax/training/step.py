@@ -15,10 +15,13 @@ phases (the "gradient cache" scheme):
      caption loss plus the cached embedding gradients (a linear surrogate <g, embed>), summing
      parameter gradients.
 The loss is one list of weighted terms (`loss_terms`) that both steps iterate. Terms that are
-sums over examples (caption, ITM) draw what they need from the whole batch once, between phases
-1 and 3 (the token count; ITM's hard negatives, sampled from the global-batch similarities of
-the phase-1 embeddings with the step's rng), and each microbatch adds its sum divided by that
-whole-batch count, so they are exact too.
+sums over examples (caption, ITM, MLM) draw what they need from the whole batch once, between
+phases 1 and 3 (the token count; ITM's hard negatives, sampled from the global-batch
+similarities of the phase-1 embeddings with the step's rng; MLM's masks, drawn with it), and
+each microbatch adds its sum divided by that whole-batch count, so they are exact too. The
+contrastive terms (VLMo has a second one, on its VL-FFN features) are the phase-2 kind. A
+text-only batch (config.data.text_only: no "image") has only the terms that need no image
+(MLM) and skips phases 1 and 2.
 Cost: one extra forward pass of the image encoder and unimodal decoder per step (about +20% of
 a step's FLOPs); memory: activations of one microbatch. Captions are normalised by the token
 count of the whole batch, so the caption term is exact too.
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import zlib
 from typing import Any, Callable
 
 import flax
@@ -70,11 +74,14 @@ class TrainState:
 
 
 def dummy_batch(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """A training batch's shapes (no "image" with config.data.text_only)."""
   size = config.model.image_size
   batch = {
       "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
       "text": jax.ShapeDtypeStruct((batch_size, config.model.text.max_len), jnp.int32),
   }
+  if _text_only(config):
+    del batch["image"]
   sources = source_names(config)
   if sources:  # A mixture's batches say which source each row came from (data/mixture.py).
     batch["source"] = jax.ShapeDtypeStruct((batch_size, len(sources)), jnp.int32)
@@ -86,10 +93,16 @@ def source_names(config) -> tuple[str, ...]:
   return tuple(s.get("tag") or s["name"] for s in config.data.get("sources", ()) or ())
 
 
-def batch_shardings(mesh: Mesh) -> dict:
-  """Where a training batch lives: {"image" [batch, S, S, 3], "text" [batch, L]}, each split
-  over the data-parallel mesh axes along batch. The step's in_shardings and the data pipeline's
-  output both use it."""
+def _text_only(config) -> bool:
+  return bool(config.get("data", {}).get("text_only", False))
+
+
+def batch_shardings(mesh: Mesh, text_only: bool = False) -> dict:
+  """Where a training batch lives: {"image" [batch, S, S, 3], "text" [batch, L]} ("text" alone
+  with `text_only`, config.data.text_only), each split over the data-parallel mesh axes along
+  batch. The step's in_shardings and the data pipeline's output both use it."""
+  if text_only:
+    return {"text": sharding.batch_sharding(mesh, 2)}
   return {"image": sharding.batch_sharding(mesh, 4), "text": sharding.batch_sharding(mesh, 2)}
 
 
@@ -104,8 +117,10 @@ def build_model(config) -> CoCa:
 
 
 def _init_boxed_params(model: CoCa, config, rng):
+  # Every parameter, the image side's too, even where training reads texts only (stage 2).
+  size = config.model.image_size
+  image = jnp.zeros((1, size, size, 3), jnp.float32)
   batch = dummy_batch(config, 1)
-  image = jnp.zeros(batch["image"].shape, batch["image"].dtype)
   text = jnp.zeros(batch["text"].shape, batch["text"].dtype)
   return model.init(rng, image, text)["params"]
 
@@ -231,21 +246,27 @@ class LossTerm:
   so a microbatch's share is its sum over the whole batch's count, and the shares add up to the
   plain step's term exactly. The contrastive term (`over_embeddings`) is the other kind: every
   example's negatives are the whole batch, so it is a function of all the embeddings,
-  fn(image_embed, text_embed, logit_scale, logit_bias) -> (loss, metrics), whose gradient with
-  respect to the embeddings the accumulated step caches (module docstring).
-  A new term (e.g. masked language modelling: prepare draws the masks, fn scores them) is one
-  more entry of `loss_terms`.
+  fn(image_embed, text_embed, logit_scale, logit_bias) -> (loss, metrics) of the model outputs
+  named by `embeddings` (VLMo's second ITC takes the VL-FFN pair and its own scale), whose
+  gradient with respect to the embeddings the accumulated step caches (module docstring).
+  A new term is one more entry of `loss_terms` (masked language modelling: prepare draws the
+  masks, fn scores them). `text_only`: the term also scores text-only batches (no "image";
+  VLMo's stage 2), where the terms without it are left out.
   """
   name: str
   weight: float
   fn: Callable
   prepare: Callable | None = None
   over_embeddings: bool = False
+  embeddings: tuple[str, str, str, str] = ("image_embed", "text_embed", "logit_scale",
+                                           "logit_bias")
+  text_only: bool = False
 
 
-def loss_terms(loss_config) -> list[LossTerm]:
+def loss_terms(loss_config, vocab_size: int = 0) -> list[LossTerm]:
   """The weighted terms `config.loss` asks for. Contrastive and caption are always computed
-  (their metrics are logged even at weight 0); ITM only when its weight is positive."""
+  (their metrics are logged even at weight 0); ITM, VLMo's second ITC and MLM only when their
+  weight is positive (MLM draws its random replacements from `vocab_size` ids)."""
   terms = [
       LossTerm("contrastive", loss_config.contrastive_weight,
                functools.partial(_contrastive, loss_config=loss_config), over_embeddings=True),
@@ -257,15 +278,59 @@ def loss_terms(loss_config) -> list[LossTerm]:
     terms.append(LossTerm("itm", loss_config.itm_weight, _itm_sums,
                           prepare=functools.partial(_itm_plan,
                                                     examples=loss_config.itm_examples)))
+  if loss_config.vl_contrastive_weight > 0:
+    # VLMo's second ITC: the same loss on the VL-FFN features, with their own scale.
+    terms.append(LossTerm("vl_contrastive", loss_config.vl_contrastive_weight,
+                          functools.partial(_contrastive, loss_config=loss_config,
+                                            prefix="vl_contrastive"),
+                          over_embeddings=True,
+                          embeddings=("image_vl_embed", "text_vl_embed", "logit_vl_scale",
+                                      "logit_bias")))
+  if loss_config.mlm_weight > 0:
+    terms.append(LossTerm("mlm", loss_config.mlm_weight, _mlm_sums,
+                          prepare=functools.partial(_mlm_plan, loss_config=loss_config,
+                                                    vocab_size=vocab_size),
+                          text_only=True))
   return terms
 
 
-def _contrastive(image_embed, text_embed, logit_scale, logit_bias, loss_config):
+def _contrastive(image_embed, text_embed, logit_scale, logit_bias, loss_config,
+                 prefix: str = "contrastive"):
   kind = loss_config.contrastive
-  return losses.contrastive_loss(
+  value, metrics = losses.contrastive_loss(
       image_embed, text_embed, logit_scale, logit_bias if kind == "sigmoid" else None,
       kind=kind, impl=loss_config.contrastive_impl,
       reduction=loss_config.contrastive_reduction)
+  return value, {k.replace("contrastive", prefix, 1): v for k, v in metrics.items()}
+
+
+def _mlm_plan(batch, embeds, rng, *, loss_config, vocab_size: int):
+  """BERT's masks for the whole batch (`losses.mlm_mask`), drawn once from the step's rng so
+  every microbatch scores its own rows of one draw; the count is the batch's picked tokens."""
+  del embeds
+  if rng is None:
+    raise ValueError("config.loss.mlm_weight > 0 needs an rng for the masks")
+  text = batch["text"]
+  inputs, labels = losses.mlm_mask(
+      text, jax.random.fold_in(rng, 3), probability=loss_config.mlm_probability,
+      mask_id=loss_config.mlm_mask_id, vocab_size=vocab_size,
+      special_ids=tuple(loss_config.mlm_special_ids))
+  picked = jnp.sum((labels != PAD_ID).astype(jnp.float32))
+  return {"count": jnp.maximum(picked, 1.0), "metrics": {"mlm_tokens": picked},
+          "rows": {"inputs": inputs, "labels": labels}}
+
+
+def _mlm_sums(params, model, outputs, microbatch, rows, batch, rng=None):
+  """MLM of this microbatch's rows: the masked text through the fused pass with its images
+  (VLMo's stage 3), or the text-only pass for a text-only batch (stage 2); cross-entropy and
+  right predictions summed over the picked tokens."""
+  del outputs, batch
+  logits, state = model.apply({"params": params}, rows["inputs"], None,
+                              microbatch.get("image"), train=True, method="mlm_logits",
+                              mutable=["intermediates"], rngs=training_rngs(model, rng))
+  total, hits, _ = losses.caption_sums(logits, rows["labels"])
+  return total, {"mlm_accuracy": hits}, models.router_statistics(
+      state.get("intermediates", {}), model.config)
 
 
 def _caption_plan(batch, embeds, rng):
@@ -336,12 +401,40 @@ def _add_statistics(a: dict, b: dict) -> dict:
                   for name, s in b.items()}}
 
 
-def model_loss_terms(model: CoCa, loss_config) -> list[LossTerm]:
+def model_loss_terms(model: CoCa, loss_config, text_only: bool = False) -> list[LossTerm]:
   """`loss_terms` that `model` can compute: a MoME with the BERT text encoder (VLMo) has no
-  captioner, so no caption term (the config refuses a caption weight for it)."""
+  captioner, so no caption term (the config refuses a caption weight for it). `text_only`: the
+  terms of a batch without images (VLMo's stage 2: MLM on the text-only pass)."""
   mome = getattr(model.config, "mome", None)
   captions = not (mome is not None and mome.bert)
-  return [t for t in loss_terms(loss_config) if captions or t.name != "caption"]
+  terms = [t for t in loss_terms(loss_config, model.config.text.vocab_size)
+           if captions or t.name != "caption"]
+  if text_only:
+    terms = [t for t in terms if t.text_only]
+    if not terms:
+      raise ValueError("a text-only batch (no 'image') has nothing to train: set "
+                       "config.loss.mlm_weight > 0 (VLMo's stage 2) or train on image-text data")
+  return terms
+
+
+# The per-example [B, D] outputs a contrastive term can read (the rest are scalars).
+EXAMPLE_EMBEDDINGS = ("image_embed", "text_embed", "image_vl_embed", "text_vl_embed")
+
+
+def _embeddings(outputs) -> dict:
+  """The model outputs the contrastive terms read (`LossTerm.embeddings`): the embedding pairs
+  [B, D] and the scalars; a softmax model's logit bias is a zero."""
+  keys = EXAMPLE_EMBEDDINGS + ("logit_scale", "logit_vl_scale")
+  return {"logit_bias": outputs.get("logit_bias", jnp.zeros((), jnp.float32)),
+          **{k: outputs[k] for k in keys if k in outputs}}
+
+
+def _pass_rng(rng, name: str):
+  """The key of a term's own forward pass (stochastic depth, router noise): one stream per
+  term, so the ITM and MLM passes of a step draw independent drop masks."""
+  if rng is None:
+    return None
+  return jax.random.fold_in(jax.random.fold_in(rng, 2), zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
 def loss_fn(params, model: CoCa, batch, loss_config, rng=None):
@@ -351,20 +444,22 @@ def loss_fn(params, model: CoCa, batch, loss_config, rng=None):
   drop_path_rate > 0). The config refuses both with microbatches, so the accumulated step runs
   without them."""
   pass_rng = None if rng is None else jax.random.fold_in(rng, 1)
-  outputs, stats = apply_with_router_statistics(model, params, batch["image"], batch["text"],
-                                                pass_rng)
-  embeds = {"image_embed": outputs["image_embed"], "text_embed": outputs["text_embed"],
-            "logit_scale": outputs["logit_scale"],
-            "logit_bias": outputs.get("logit_bias", jnp.zeros((), jnp.float32))}
-  total, metrics = 0.0, {"logit_scale": outputs["logit_scale"]}
-  for term in model_loss_terms(model, loss_config):
+  text_only = "image" not in batch
+  if text_only:  # VLMo's stage 2: only the text-only terms (MLM) run their own passes.
+    outputs, stats, embeds, metrics = {}, {}, {}, {}
+  else:
+    outputs, stats = apply_with_router_statistics(model, params, batch["image"], batch["text"],
+                                                  pass_rng)
+    embeds = _embeddings(outputs)
+    metrics = {"logit_scale": outputs["logit_scale"]}
+  total = 0.0
+  for term in model_loss_terms(model, loss_config, text_only):
     if term.over_embeddings:
-      value, term_metrics = term.fn(embeds["image_embed"], embeds["text_embed"],
-                                    embeds["logit_scale"], embeds["logit_bias"])
+      value, term_metrics = term.fn(*(embeds[k] for k in term.embeddings))
     else:
       plan = term.prepare(batch, jax.lax.stop_gradient(embeds), rng)
       value, sums, term_stats = term.fn(params, model, outputs, batch, plan["rows"], batch,
-                                        None if rng is None else jax.random.fold_in(rng, 2))
+                                        _pass_rng(rng, term.name))
       value = value / plan["count"]
       term_metrics = {**{k: v / plan["count"] for k, v in sums.items()}, **plan["metrics"]}
       stats = _add_statistics(stats, term_stats)
@@ -410,43 +505,57 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
     raise ValueError(f"batch {text.shape[0]} is not divisible by config.train.microbatches="
                      f"{microbatches}")
   micro = split_microbatches(batch, microbatches)
-  terms = model_loss_terms(model, loss_config)
+  text_only = "image" not in batch
+  terms = model_loss_terms(model, loss_config, text_only)
   global_terms = [t for t in terms if t.over_embeddings]
   summed_terms = [t for t in terms if not t.over_embeddings]
   variables = {"params": params}
+  read = {k for t in global_terms for k in t.embeddings}
+  example_keys = [k for k in EXAMPLE_EMBEDDINGS if k in read]
 
   # 1. Embeddings of every example, one microbatch at a time.
   def embed(_, mb):
+    if "image_vl_embed" in read:  # VLMo's VL-FFN pair comes with the full forward pass.
+      outputs = model.apply(variables, mb["image"], mb["text"])
+      return None, {k: outputs[k] for k in example_keys}
     image_embed, _ = model.apply(variables, mb["image"], method="encode_image")
-    return None, (image_embed, model.apply(variables, mb["text"], method="encode_text"))
-  _, (image_embed, text_embed) = jax.lax.scan(embed, None, micro)
-  image_embed, text_embed = merge_microbatches(image_embed), merge_microbatches(text_embed)
+    return None, {"image_embed": image_embed,
+                  "text_embed": model.apply(variables, mb["text"], method="encode_text")}
+  embeds = {}
+  if global_terms:
+    _, embeds = jax.lax.scan(embed, None, micro)
+    embeds = {k: merge_microbatches(v) for k, v in embeds.items()}
 
-  # 2. Whole-batch work: the contrastive loss with its gradient w.r.t. the embeddings and
-  # temperature, and each summed term's plan (its count, its sampled pairs).
-  scale_and_bias = lambda p: (model.apply({"params": p}, method="temperature_scale"),
-                              p.get("logit_bias", jnp.zeros((), jnp.float32)))
-  scale, bias = scale_and_bias(params)
+  # 2. Whole-batch work: the contrastive losses with their gradients w.r.t. the embeddings and
+  # temperatures, and each summed term's plan (its count, its sampled pairs).
+  if not text_only:
+    embeds["logit_scale"] = model.apply(variables, method="temperature_scale")
+    embeds["logit_bias"] = params.get("logit_bias", jnp.zeros((), jnp.float32))
+    if "logit_vl_scale" in read:
+      embeds["logit_vl_scale"] = model.apply(variables, method="vl_temperature_scale")
 
-  def embedding_terms(i, t, s, b):
-    values = {t_.name: t_.fn(i, t, s, b) for t_ in global_terms}
-    return sum(t_.weight * values[t_.name][0] for t_ in global_terms), values
-  (_, global_values), (g_image, g_text, g_scale, g_bias) = jax.value_and_grad(
-      embedding_terms, argnums=(0, 1, 2, 3), has_aux=True)(image_embed, text_embed, scale, bias)
-  embeds = jax.lax.stop_gradient({"image_embed": image_embed, "text_embed": text_embed,
-                                  "logit_scale": scale, "logit_bias": bias})
+  def embedding_terms(e):
+    values = {t.name: t.fn(*(e[k] for k in t.embeddings)) for t in global_terms}
+    return sum(t.weight * values[t.name][0] for t in global_terms), values
+  global_values, g = {}, {}
+  if global_terms:
+    (_, global_values), g = jax.value_and_grad(embedding_terms, has_aux=True)(embeds)
+  embeds = jax.lax.stop_gradient(embeds)
   plans = {t.name: t.prepare(batch, embeds, rng) for t in summed_terms}
-  cached = split_microbatches({"image": g_image, "text": g_text}, microbatches)
+  cached = split_microbatches({k: g[k] for k in example_keys}, microbatches)
+  g_scalars = {k: v for k, v in g.items() if k not in example_keys}
   rows = split_microbatches({name: plan["rows"] for name, plan in plans.items()}, microbatches)
 
   # 3. Backprop per microbatch: each summed term's share (its sum over the WHOLE batch's
   # count), the linear surrogate whose gradient is the cached contrastive gradient, and the
   # router terms of this microbatch's passes.
-  def surrogate(p, mb, g_i, g_t, mb_rows):
-    outputs, stats = apply_with_router_statistics(model, p, mb["image"], mb["text"])
-    s, b = scale_and_bias(p)
-    total = (jnp.sum(g_i * outputs["image_embed"]) + jnp.sum(g_t * outputs["text_embed"])
-             + (g_scale * s + g_bias * b) / microbatches)
+  def surrogate(p, mb, mb_cached, mb_rows):
+    total, stats, outputs = 0.0, {}, {}
+    if not text_only:
+      outputs, stats = apply_with_router_statistics(model, p, mb["image"], mb["text"])
+      e = _embeddings(outputs)
+      total = (sum(jnp.sum(mb_cached[k] * e[k]) for k in example_keys)
+               + sum(g_scalars[k] * e[k] for k in g_scalars) / microbatches)
     shares = {}
     for term in summed_terms:
       value, sums, term_stats = term.fn(p, model, outputs, mb, mb_rows[term.name], batch)
@@ -459,16 +568,15 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
     return total + router / microbatches, (shares, router / microbatches, stats)
 
   def backprop(grads, xs):
-    mb, g_i, g_t, mb_rows = xs
-    (_, aux), g = jax.value_and_grad(surrogate, has_aux=True)(params, mb, g_i, g_t, mb_rows)
+    mb, mb_cached, mb_rows = xs
+    (_, aux), g = jax.value_and_grad(surrogate, has_aux=True)(params, mb, mb_cached, mb_rows)
     return jax.tree.map(jnp.add, grads, g), aux
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  grads, (shares, router_shares, stats) = jax.lax.scan(
-      backprop, zeros, (micro, cached["image"], cached["text"], rows))
+  grads, (shares, router_shares, stats) = jax.lax.scan(backprop, zeros, (micro, cached, rows))
 
   # The terms and metrics of the whole batch, named as `loss_fn` names them.
-  total, metrics = 0.0, {"logit_scale": scale}
+  total, metrics = 0.0, ({} if text_only else {"logit_scale": embeds["logit_scale"]})
   for term in terms:
     if term.over_embeddings:
       value, term_metrics = global_values[term.name]
@@ -618,7 +726,7 @@ def make_train_step(model, tx, config, schedule, mesh: Mesh, shardings: TrainSta
                            nonfinite=config.train.nonfinite,
                            lora_scale=lora.settings.scale if lora is not None else 1.0,
                            source_names=source_names(config))
-  batch_in = batch_shardings(mesh)
+  batch_in = batch_shardings(mesh, _text_only(config))
   if source_names(config):
     batch_in["source"] = sharding.batch_sharding(mesh, 2)
   in_shardings = (shardings, batch_in)

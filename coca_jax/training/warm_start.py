@@ -17,9 +17,11 @@ Only parameters are read: the optimizer starts fresh, so the new run may use ano
 schedule or batch size. Parameters that are not copied keep the new run's initialisation, and
 the log says how many there are and which.
 
-Shapes must agree leaf by leaf, with two handled differences:
+Shapes must agree leaf by leaf, with three handled differences:
   * the image position embedding when the image size (or patch size) changed: resized as a 2-D
     grid (cubic), the class-token row kept as is — the paper fine-tunes at a higher resolution;
+  * the text position embedding of a shorter text: its first rows (VLMo's stage 3 starts from
+    stage 2's 196 positions with 40);
   * the vocabulary (token embedding, vocab head) when the tokenizer changed (another kind,
     another file or another size): re-initialised, since ids no longer mean the same pieces.
 Any other mismatch raises one error naming every mismatching leaf. Source and target may differ
@@ -109,6 +111,12 @@ def merge(source_flat: dict, fresh_flat: dict, source: schema.CoCa, target: sche
     value = source_flat[path]
     if layout_rules and path == "image_pos_embed" and value.shape != fresh.shape:
       value = resize_pos_embed(value, source, target)
+      report["interpolated"].append(path)
+    elif (layout_rules and path == "text_pos_embed" and value.ndim == 2
+          and value.shape[0] > fresh.shape[0] and value.shape[1:] == fresh.shape[1:]):
+      # A shorter text: the first positions keep their meaning (VLMo's stage 3 truncates its
+      # stage-2 table of 196 to 40 the same way).
+      value = value[:fresh.shape[0]]
       report["interpolated"].append(path)
     elif (layout_rules and VOCAB_LEAVES.match(path)
           and (tokenizer_changed or value.shape != fresh.shape)):

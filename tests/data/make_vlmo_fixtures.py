@@ -27,7 +27,8 @@ Writes, into --out:
   vlmo_tiny.safetensors     the official state dict (float32), every parameter randomised
   vlmo_tiny.json            the tiny official config, parameter counts (tiny and VLMo-Base at
                             full size) and the state-dict keys with their shapes
-  vlmo_tiny_outputs.npz     inputs (image NHWC, text ids, mlm ids) and outputs of every pass
+  vlmo_tiny_outputs.npz     inputs (image NHWC, text ids, mlm ids and labels) and outputs of
+                            every pass, and the official MLM losses
 """
 
 import argparse
@@ -194,12 +195,17 @@ def main():
   text[1, :] = [2] + list(rng.integers(5, t["vocab_size"], length - 2)) + [3]
   mlm_text = text.copy()
   mlm_text[0, 2] = mlm_text[1, 4] = 4  # [MASK]
+  # The collator's labels: the original token where picked (here the two [MASK]s and one kept
+  # token), -100 elsewhere.
+  mlm_labels = np.full_like(text, -100)
+  for row, col in ((0, 2), (1, 4), (1, 6)):
+    mlm_labels[row, col] = text[row, col]
   masks = (text != 0).astype(np.int64)
   to_torch = lambda a: torch.from_numpy(a)
   batch = {"image": [to_torch(image.transpose(0, 3, 1, 2).copy())],
            "text_ids": to_torch(text), "text_labels": to_torch(np.full_like(text, -100)),
            "text_masks": to_torch(masks), "text_ids_mlm": to_torch(mlm_text),
-           "text_labels_mlm": to_torch(np.full_like(text, -100))}
+           "text_labels_mlm": to_torch(mlm_labels)}
   with torch.no_grad():
     image_out = model.infer_image(batch)
     text_out = model.infer_text(batch)
@@ -209,9 +215,18 @@ def main():
     fused_mlm_logits = model.mlm_score(fused_mlm["text_feats"])
     text_mlm = model.infer_text_mlm(batch, mask_text=True)
     text_mlm_logits = model.mlm_score(text_mlm["text_feats"])
+    # objectives.compute_mlm / compute_textonly_mlm's cross-entropy (compute_mlm then scales
+    # it by 0.25, our config.loss.mlm_weight).
+    vocab = t["vocab_size"]
+    mlm_loss = lambda logits, out: torch.nn.functional.cross_entropy(
+        logits.view(-1, vocab), out["text_labels"].view(-1), ignore_index=-100)
+    fused_mlm_loss = mlm_loss(fused_mlm_logits, fused_mlm)
+    text_mlm_loss = mlm_loss(text_mlm_logits, text_mlm)
   np_ = lambda x: x.detach().float().numpy()
   outputs = dict(
       image=image, text=text.astype(np.int32), mlm_text=mlm_text.astype(np.int32),
+      mlm_labels=mlm_labels.astype(np.int32), fused_mlm_loss=np_(fused_mlm_loss),
+      text_mlm_loss=np_(text_mlm_loss),
       image_embed=np_(image_out["cls_feats"]), image_vl_embed=np_(image_out["cls_vlffn_feats"]),
       image_tokens=np_(image_out["image_feats"]),
       text_embed=np_(text_out["cls_feats"]), text_vl_embed=np_(text_out["cls_vlffn_feats"]),
