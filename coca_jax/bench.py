@@ -93,22 +93,6 @@ def _memory_report(compiled) -> dict:
   return report
 
 
-def _tree_bytes(tree) -> int:
-  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
-
-
-def state_bytes(built: step.TrainSetup) -> dict:
-  """Bytes of the train state's parts, from the abstract state (nothing allocated or compiled):
-  the trained parameters, their optimizer state, and under LoRA the frozen base (read, never
-  updated or checkpointed)."""
-  abstract = built.abstract_state
-  report = {"trained_param_bytes": _tree_bytes(abstract.params),
-            "optimizer_state_bytes": _tree_bytes(abstract.opt_state)}
-  if built.lora is not None:
-    report["frozen_param_bytes"] = _tree_bytes(built.lora.base_abstract)
-  return report
-
-
 def benchmark(config, mode: str, steps: int = 10, target: str | None = None,
         devices: int | None = None) -> dict:
   """The benchmark as a dict (what `--json` prints). `target` (compile mode): compile for that
@@ -143,7 +127,7 @@ def benchmark(config, mode: str, steps: int = 10, target: str | None = None,
       "remat": config.model.remat,
       "contrastive_impl": config.loss.contrastive_impl,
       "model_flops_per_example": flops_per_example,
-      **state_bytes(built),
+      **step.state_part_bytes(built),
   }
   with jax.set_mesh(mesh):
     start = time.perf_counter()

@@ -15,12 +15,17 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"coca_jax_tests_xla_{os.getuid()}"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
-# Unoptimised CPU code generation (here and in the CLI runs the tests start): the smoke train
-# step compiles ~2.5x faster and runs no slower at the suite's tiny shapes. Set
-# xla_backend_optimization_level in XLA_FLAGS yourself to test another level.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_backend_optimization_level=0").strip()
+# Unoptimised CPU code generation (here and in the CLI runs the tests start, which inherit
+# XLA_FLAGS): the smoke train step compiles ~2.5x faster and runs no slower at the suite's tiny
+# shapes. Set xla_backend_optimization_level in XLA_FLAGS yourself to test another level. The
+# multi-device CPU collectives wait for every device's thread; on 2 busy cores one can be late
+# by more than XLA's default 40 s, which then aborts the process: wait 10 minutes instead.
+_TEST_XLA_FLAGS = {"xla_backend_optimization_level": "0",
+                   "xla_cpu_collective_call_terminate_timeout_seconds": "600"}
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", "")] + [f"--{name}={value}" for name, value in
+                                         _TEST_XLA_FLAGS.items()
+                                         if name not in os.environ.get("XLA_FLAGS", "")]).strip()
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position  # after the cache settings
 import jax.numpy as jnp

@@ -303,7 +303,8 @@ _EIGHT_DEVICE_SCRIPT = textwrap.dedent('''
 
 def test_sharded_retrieval_equals_dense_on_eight_cpu_devices():
   # A fresh process: this one may already have initialised jax with a single CPU device.
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  env = dict(os.environ, XLA_FLAGS=os.environ.get('XLA_FLAGS', '') +
+      ' --xla_force_host_platform_device_count=8',
              JAX_PLATFORMS='cpu',
              PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get('PYTHONPATH', '')]))
   result = subprocess.run([sys.executable, '-c', _EIGHT_DEVICE_SCRIPT], env=env,

@@ -82,7 +82,8 @@ def _worker() -> dict:
 
 @pytest.fixture(scope="module")
 def expert_results():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
+  env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") +
+      " --xla_force_host_platform_device_count=8 "
          "--xla_backend_optimization_level=0",
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO + os.pathsep + os.path.join(REPO, "tests")}
   proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=REPO,

@@ -89,7 +89,8 @@ for sizes in (dict(data=8), dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2)
   out["accuracy" + str(sizes)] = {{k: float(v) for k, v in got.items()}}
 print(json.dumps(out))
 """
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+  env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") +
+      " --xla_force_host_platform_device_count=8",
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
   proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                         timeout=300)

@@ -68,7 +68,8 @@ def _start(tmp_path, num_processes: int):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
          # One process alone gets two devices, so its mesh (fsdp=2) is the same. Unoptimised
          # CPU code generation: same arithmetic, faster compiles.
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={3 - num_processes} "
+         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") +
+             f" --xla_force_host_platform_device_count={3 - num_processes} "
                       "--xla_backend_optimization_level=0"}
   coordinator = f"127.0.0.1:{portpicker.pick_unused_port()}" if num_processes > 1 else ""
   procs = [subprocess.Popen(
@@ -101,7 +102,8 @@ def _train_cli(workdir, num_processes: int, devices_per_process: int, steps: int
   """The train CLI on `num_processes` local processes with `devices_per_process` CPU devices
   each (smoke config, a loss logged every step, a checkpoint every 2 steps)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") +
+             f" --xla_force_host_platform_device_count={devices_per_process}"}
   args = [sys.executable, "-m", "coca_jax.train", "--config",
           os.path.join(REPO, "experiments", "demo.py") + ":smoke", "--workdir", str(workdir),
           "--config.train.log_every=1", f"--config.train.steps={steps}",

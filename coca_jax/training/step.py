@@ -807,3 +807,18 @@ def setup(config, devices=None) -> TrainSetup:
   return TrainSetup(config, mesh, rules, model, tx, schedule, abstract, shardings,
                     lora_parts(config, model, mesh, rules))
 
+
+def _tree_bytes(tree) -> int:
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
+
+
+def state_part_bytes(built: TrainSetup) -> dict:
+  """Bytes of the train state's parts, from the abstract state (nothing allocated or compiled):
+  the trained parameters, their optimizer state, and under LoRA the frozen base (read, never
+  updated or checkpointed)."""
+  abstract = built.abstract_state
+  report = {"trained_param_bytes": _tree_bytes(abstract.params),
+            "optimizer_state_bytes": _tree_bytes(abstract.opt_state)}
+  if built.lora is not None:
+    report["frozen_param_bytes"] = _tree_bytes(built.lora.base_abstract)
+  return report
