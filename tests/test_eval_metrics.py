@@ -306,6 +306,7 @@ def test_sharded_retrieval_equals_dense_on_eight_cpu_devices():
   env = dict(os.environ, XLA_FLAGS=os.environ.get('XLA_FLAGS', '') +
       ' --xla_force_host_platform_device_count=8',
              JAX_PLATFORMS='cpu',
+             JAX_ENABLE_COMPILATION_CACHE='false',  # see test_sharding
              PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get('PYTHONPATH', '')]))
   result = subprocess.run([sys.executable, '-c', _EIGHT_DEVICE_SCRIPT], env=env,
                           capture_output=True, text=True, timeout=300)

@@ -66,6 +66,7 @@ def _start(tmp_path, num_processes: int):
   """Starts one run (1 or 2 processes); returns (processes, path of the parameters file)."""
   out = str(tmp_path / f"params_{num_processes}.npz")
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
+         "JAX_ENABLE_COMPILATION_CACHE": "false",  # see test_sharding
          # One process alone gets two devices, so its mesh (fsdp=2) is the same. Unoptimised
          # CPU code generation: same arithmetic, faster compiles.
          "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") +
@@ -102,6 +103,7 @@ def _train_cli(workdir, num_processes: int, devices_per_process: int, steps: int
   """The train CLI on `num_processes` local processes with `devices_per_process` CPU devices
   each (smoke config, a loss logged every step, a checkpoint every 2 steps)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
+         "JAX_ENABLE_COMPILATION_CACHE": "false",  # see test_sharding
          "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") +
              f" --xla_force_host_platform_device_count={devices_per_process}"}
   args = [sys.executable, "-m", "coca_jax.train", "--config",

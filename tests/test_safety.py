@@ -597,18 +597,23 @@ def test_zero_shot_transfer_splits_are_checked():
 _STALE_LOCK_TRIALS = """
 import json, multiprocessing, os, socket, subprocess, sys
 
-def claim(workdirs, starts, dones, results):
+def claim(workdirs, starts, dones, results, holders):
   from coca_jax.training import checkpoint
   for workdir, start, done in zip(workdirs, starts, dones):
     start.wait()
+    held = False
     try:
       checkpoint.WorkdirLock(workdir).acquire()
+      held = True
       results.put((os.getpid(), "held"))
     except checkpoint.CheckpointError as e:
       results.put((os.getpid(), "refused: %s" % e))
     except Exception as e:  # reported, not a hang
       results.put((os.getpid(), "crashed: %r" % e))
-    done.wait()  # a holder keeps its (live) pid in the LOCK until every claimant has tried
+    done.wait()  # every claimant has tried; the holder (still alive) reads whose pid the LOCK has
+    if held:
+      with open(os.path.join(workdir, checkpoint.LOCK_FILE)) as f:
+        holders.put(json.load(f)["pid"] == os.getpid())
 
 if __name__ == "__main__":
   from coca_jax.training import checkpoint
@@ -623,19 +628,17 @@ if __name__ == "__main__":
       json.dump({"pid": dead.pid, "host": socket.gethostname(), "started": "trial %d" % t}, f)
   starts = [ctx.Barrier(claimants) for _ in workdirs]
   dones = [ctx.Barrier(claimants) for _ in workdirs]
-  results = ctx.Queue()
-  procs = [ctx.Process(target=claim, args=(workdirs, starts, dones, results))
+  results, holders = ctx.Queue(), ctx.Queue()
+  procs = [ctx.Process(target=claim, args=(workdirs, starts, dones, results, holders))
            for _ in range(claimants)]
   for p in procs:
     p.start()
   report = []
   for workdir in workdirs:
-    outcomes = [results.get(timeout=300) for _ in procs]
-    with open(os.path.join(workdir, checkpoint.LOCK_FILE)) as f:
-      holder = json.load(f)["pid"]
-    held = [pid for pid, outcome in outcomes if outcome == "held"]
-    report.append({"outcomes": [outcome for _, outcome in outcomes],
-                   "holder_is_the_taker": held == [holder]})
+    outcomes = [outcome for _, outcome in (results.get(timeout=300) for _ in procs)]
+    # The LOCK names the one holder after every claimant tried (none overwrote it).
+    lock_is_the_holders = holders.get(timeout=300) if "held" in outcomes else False
+    report.append({"outcomes": outcomes, "holder_is_the_taker": lock_is_the_holders})
   for p in procs:
     p.join(timeout=60)
   print(json.dumps(report))
