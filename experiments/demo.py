@@ -42,6 +42,13 @@ Args (comma-separated after ':'):
          routed on their own (LIMoE's per-modality balance/entropy terms, balance weight
          0.05); text routing is causal; image capacity factor 2.0 as in limoe. Combines with
          smoke (`demo.py:mome,limoe,smoke`: layer 1 of 2 routed).
+  mixture  CoCa's two-source recipe at demo scale (issue 26; coca_base.py:mixture= at full
+         size): the scenes with their captions, mixed per global batch with labelled single
+         digits from the training scans (split "train_digits", built on the first run) read as
+         labels-as-text ("a photo of the digit 7."), MIXTURE_WEIGHTS of each batch; the
+         metrics log loss/<source> and examples/<source> per step. The zero-shot eval's
+         "digits" split is drawn from the held-out scans, so the label source never overlaps
+         it. Combines with smoke (the two-process mixture test uses `smoke,mixture`).
 sweep() below: peak learning rate 1e-3 vs 3e-3, two trials.
 """
 
@@ -59,10 +66,15 @@ from coca_jax.data.digit_scenes import (DIGIT_NAMES, TRANSFER_SPLITS, transfer_t
 # over the batch (docs/models.md, "Learned routing"); the factor is kept until re-measured.
 IMAGE_CAPACITY_FACTOR = 2.0
 
+# `mixture`: scenes (captions) : labelled digits (labels as text), per global batch; the
+# labelled digits are 1 of every 8 rows.
+MIXTURE_WEIGHTS = {"scenes": 7.0, "digits": 1.0}
+MIXTURE_TEMPLATES = ["a photo of the digit {}."]
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   args = parse_arg(arg, "experiments/demo.py", smoke=False, mini=False, limoe=False,
-                   mome=False, vary=False)
+                   mome=False, vary=False, mixture=False)
   if args.smoke and args.mini:
     raise ValueError("experiments/demo.py: use one of the args 'mini' or 'smoke', not both")
   smoke, mini, limoe, mome = args.smoke, args.mini, args.limoe, args.mome
@@ -161,7 +173,20 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     _use_mome(c, smoke, limoe)
   if args.vary:
     _vary_scenes(c, full_size=not (smoke or mini or mome))
+  if args.mixture:
+    _mix_labelled_digits(c, smoke)
   return c
+
+
+def _mix_labelled_digits(c: ml_collections.ConfigDict, smoke: bool) -> None:
+  """The `mixture` arg: the scenes plus labelled training digits read as text."""
+  c.data.build_demo_options.num_train_digits = 64 if smoke else 5_000
+  c.data.sources = [
+      dict(name=c.data.name, tag="scenes", weight=MIXTURE_WEIGHTS["scenes"]),
+      dict(name=c.data.name, tag="digits", split="train_digits", text="labels",
+           weight=MIXTURE_WEIGHTS["digits"], templates=list(MIXTURE_TEMPLATES),
+           class_names=list(DIGIT_NAMES)),
+  ]
 
 
 def _vary_scenes(c: ml_collections.ConfigDict, full_size: bool) -> None:

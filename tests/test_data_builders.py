@@ -123,6 +123,17 @@ def test_demo_data_built_with_other_options_is_refused_not_reused(tmp_path):
   config = smoke_config()
   config.data.update(data_dir=data_dir, build_demo_options=options)
   prepare.prepare_data(config, str(tmp_path / "run"))  # The same options: used as built.
+  # A build recorded before an option existed agrees with that option at its default.
+  record = os.path.join(data_dir, "digit_scenes", builders.VERSION, builders.BUILD_OPTIONS_FILE)
+  with open(record) as f:
+    recorded = json.load(f)
+  del recorded["options"]["num_train_digits"]
+  with open(record, "w") as f:
+    json.dump(recorded, f)
+  assert not builders.check_built_options("digit_scenes", data_dir, "demo", options)
+  assert builders.check_built_options("digit_scenes", data_dir, "demo",
+                                      dict(options, num_train_digits=4)) == [
+      "num_train_digits: built 0, asked 4"]
   config = smoke_config()
   config.data.update(data_dir=data_dir, build_demo_options=dict(options, num_train=16))
   with pytest.raises(ConfigError, match=r"num_train: built 8, asked 16.*own "

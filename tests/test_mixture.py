@@ -170,6 +170,24 @@ def test_label_texts_are_the_templates_applied_to_the_class_names(dataset):
   assert single.label_text(np.array([1, 3]), rng) == "a photo of a one and three."
 
 
+def test_a_mixture_tokenizer_learns_the_texts_of_every_source(dataset):
+  # A mixture run without a tokenizer trains one on what it will train on: each caption of the
+  # caption sources and each labelled example's text (templates taken in turn).
+  config = _config(dataset, [SCENES, LABELS])
+  texts = mixture.tokenizer_texts(config, prompts.class_names)
+  scenes = data_sources.open_source("tiny_mix", str(dataset / "tfds"), "train",
+                                    decode_images=False)
+  digits = data_sources.open_source("tiny_mix", str(dataset / "tfds"), "digits",
+                                    decode_images=False)
+  captions = [c.decode() for i in range(len(scenes)) for c in scenes[i]["captions"]]
+  labelled = [TEMPLATES[i % 2].format(DIGITS[int(digits[i]["label"])])
+              for i in range(len(digits))]
+  assert texts == captions + labelled
+  with pytest.raises(ValueError, match=r"sources\[1\].*class name"):
+    mixture.tokenizer_texts(_config(dataset, [SCENES, dict(LABELS, class_names=DIGITS[:2])]),
+                            prompts.class_names)
+
+
 def test_a_label_source_that_is_a_zero_shot_split_warns(dataset):
   overlapping = _config(dataset, [SCENES, LABELS], split="digits")
   (message,) = mixture.zero_shot_overlaps(overlapping)

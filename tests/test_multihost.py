@@ -99,15 +99,16 @@ def test_two_processes_train_like_one(tmp_path):
 
 
 def _train_cli(workdir, num_processes: int, devices_per_process: int, steps: int,
-               extra: tuple[str, ...] = ()):
+               extra: tuple[str, ...] = (), arg: str = "smoke", wait: bool = True):
   """The train CLI on `num_processes` local processes with `devices_per_process` CPU devices
-  each (smoke config, a loss logged every step, a checkpoint every 2 steps)."""
+  each (demo.py:`arg`, a loss logged every step, a checkpoint every 2 steps); with wait=False
+  returns the running processes (`_finish` them)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
          "JAX_ENABLE_COMPILATION_CACHE": "false",  # see test_sharding
          "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") +
              f" --xla_force_host_platform_device_count={devices_per_process}"}
   args = [sys.executable, "-m", "coca_jax.train", "--config",
-          os.path.join(REPO, "experiments", "demo.py") + ":smoke", "--workdir", str(workdir),
+          os.path.join(REPO, "experiments", "demo.py") + ":" + arg, "--workdir", str(workdir),
           "--config.train.log_every=1", f"--config.train.steps={steps}",
           # Constant learning rate: a 2-step and a 4-step run train their common steps alike.
           "--config.optim.decay=constant", "--config.optim.warmup_fraction=0.0",
@@ -120,6 +121,12 @@ def _train_cli(workdir, num_processes: int, devices_per_process: int, steps: int
   procs = [subprocess.Popen(args + ([f"--process_id={i}"] if num_processes > 1 else []),
                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True) for i in range(num_processes)]
+  if wait:
+    _finish(procs)
+  return procs
+
+
+def _finish(procs) -> None:
   for proc in procs:
     _, stderr = proc.communicate(timeout=500)
     assert proc.returncode == 0, stderr[-4000:]
@@ -147,6 +154,33 @@ def test_data_order_does_not_depend_on_the_number_of_processes(tmp_path):
   resumed = _logged_losses(two)
   for step in (3, 4):
     np.testing.assert_allclose(resumed[step], reference[step], rtol=1e-5, err_msg=str(step))
+
+
+def test_a_mixture_trains_alike_on_one_and_two_processes(tmp_path):
+  # The mixture (scenes + labelled digits as text, demo.py:mixture) reads each global row from
+  # the source and position grain's interleave gives it, whatever the process count: 1 process
+  # x 4 devices and 2 processes x 2 devices log the same total and per-source losses. Both runs
+  # at once (compiling is mostly single-threaded).
+  one, two = tmp_path / "one", tmp_path / "two"
+  no_evals = ("--config.evals.zeroshot.enabled=False", "--config.evals.retrieval.enabled=False")
+  runs = [_train_cli(one, 1, 4, steps=2, arg="smoke,mixture", wait=False, extra=no_evals),
+          _train_cli(two, 2, 2, steps=2, arg="smoke,mixture", wait=False, extra=no_evals)]
+  for procs in runs:
+    _finish(procs)
+  import json
+  records = {}
+  for name, workdir in (("one", one), ("two", two)):
+    records[name] = {r["step"]: r for r in map(json.loads, open(workdir / "metrics.jsonl"))
+                     if "loss" in r}
+  assert sorted(records["one"]) == sorted(records["two"]) == [1, 2]
+  for step in (1, 2):
+    reference, other = records["one"][step], records["two"][step]
+    keys = [k for k in reference if k == "loss" or k.startswith(("loss/", "examples/"))]
+    assert {"loss/scenes", "loss/digits", "examples/scenes", "examples/digits"} <= set(keys)
+    for key in keys:
+      np.testing.assert_allclose(other[key], reference[key], rtol=1e-5, err_msg=f"{step} {key}")
+    # 16 rows a step at 7:1: 14 scenes, 2 labelled digits.
+    assert (reference["examples/scenes"], reference["examples/digits"]) == (14, 2)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--num_test", type=int, default=500, help="demo: test scenes")
   parser.add_argument("--num_digits", type=int, default=1000,
                       help="demo: single-digit canvases (split 'digits', zero-shot eval)")
+  parser.add_argument("--num_train_digits", type=int, default=0,
+                      help="demo: labelled single digits from the training scans (split "
+                      "'train_digits', a labels-as-text training source)")
   parser.add_argument("--image_size", type=int, default=48, help="demo: canvas size in pixels")
   parser.add_argument("--seed", type=int, default=0, help="demo: generation seed")
   parser.add_argument("--overwrite", action="store_true", help="replace what is at DATA_DIR/NAME (once the new build has finished)")
@@ -97,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   if args.format == "demo":
     options = dict(num_train=args.num_train, num_test=args.num_test, num_digits=args.num_digits,
-                   image_size=args.image_size, seed=args.seed)
+                   image_size=args.image_size, seed=args.seed,
+                   num_train_digits=args.num_train_digits)
   else:
     if not args.src:
       parser.error(f"--format {args.format} needs --src (see the formats below --help)")

@@ -129,6 +129,43 @@ def zero_shot_overlaps(config) -> list[str]:
   return messages
 
 
+def tokenizer_texts(config, class_names: ClassNames | None = None) -> list[str]:
+  """The texts a mixture run trains on, for training its tokenizer (data/prepare.py): every
+  caption of each caption source, and each example of a label source with its text (template
+  i mod len(templates) applied to its class name(s)), so words that only a label source uses
+  ("photo", a class name) get pieces of their own."""
+  texts = []
+  for source in sources_of(config):
+    s = source.settings
+    data = catalog.open_source(s.name, source.data_dir, s.split, decode_images=False,
+                               image_feature=s.image_feature)
+    where = f"config.data.sources[{source.index}] ({s.name}/{s.split})"
+    if s.text == "captions":
+      for i in range(len(data)):
+        captions = _feature(data[i], s.captions_feature)
+        if isinstance(captions, (bytes, str, np.bytes_, np.str_)):
+          captions = [captions]
+        texts += [_to_str(c) for c in captions]
+      continue
+    spec = catalog.feature_spec(data.dataset_info.features, s.label_feature)
+    if spec is None:
+      raise ValueError(f"{where} reads labels as text but has no label feature "
+                       f"{s.label_feature!r}; set its label_feature")
+    if class_names is None:
+      raise ValueError(f"{where}: a label source needs a class-name resolver "
+                       "(the training loop passes evaluation.prompts.class_names)")
+    names = [str(n) for n in class_names(s, _label_names(spec), s.name)]
+    templates = list(s.templates) or list(DEFAULT_TEMPLATES)
+    for i in range(len(data)):
+      labels = np.atleast_1d(np.asarray(_feature(data[i], s.label_feature))).astype(np.int64)
+      if labels.size and not (0 <= labels.min() and labels.max() < len(names)):
+        raise ValueError(f"{where}: label {labels.tolist()} of example {i} has no class name "
+                         f"({len(names)} names)")
+      texts.append(templates[i % len(templates)].format(
+          s.label_join.join(names[v] for v in labels.tolist())))
+  return texts
+
+
 def _to_str(value) -> str:
   return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
 

@@ -17,6 +17,7 @@ import jax
 from coca_jax.core import fs
 from coca_jax.core.config import ConfigError
 from coca_jax.data import builders
+from coca_jax.data import mixture
 from coca_jax.data import sources
 from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
@@ -31,12 +32,14 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def prepare_data(config, workdir: str) -> Tokenizer:
+def prepare_data(config, workdir: str, class_names=None) -> Tokenizer:
   """Builds the demo dataset if it is missing and trains the tokenizer if none is given.
 
   `config` is a completed config (`coca_jax.core.config.complete`). Fills config.data.data_dir /
   config.data.tokenizer in place and returns the tokenizer, checked against config.model.text
-  (vocab_size, bos_id, eos_id).
+  (vocab_size, bos_id, eos_id). A mixture's tokenizer is trained on the texts of all its
+  sources (`mixture.tokenizer_texts`; `class_names` resolves a label source's class names, as
+  for `mixture.make_mixture_iterator`).
   """
   data = config.data
   if not data.name:
@@ -84,10 +87,13 @@ def prepare_data(config, workdir: str) -> Tokenizer:
   if not data.tokenizer:
     path = fs.join(workdir, "tokenizer.model")
     if not fs.exists(path) and jax.process_index() == 0:
-      source = sources.open_source(data.name, data.data_dir, data.train_split,
-                                    decode_images=False)
-      captions = [c.decode() if isinstance(c, bytes) else str(c)
-                  for i in range(len(source)) for c in source[i]["captions"]]
+      if data.get("sources"):
+        captions = mixture.tokenizer_texts(config, class_names)
+      else:
+        source = sources.open_source(data.name, data.data_dir, data.train_split,
+                                      decode_images=False)
+        captions = [c.decode() if isinstance(c, bytes) else str(c)
+                    for i in range(len(source)) for c in source[i]["captions"]]
       vocab = data.tokenizer_vocab or config.model.text.vocab_size  # 0: the model's.
       Tokenizer.train(captions, path[:-len(".model")], vocab_size=vocab,
                       model_type=data.tokenizer_type)

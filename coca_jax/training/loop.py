@@ -188,7 +188,7 @@ class Trainer:
     # Input (and every eval split checked now, not after training).
     t0 = time.perf_counter()
     with console.quiet_stdout(self.options.verbose):
-      self.tokenizer = prepare.prepare_data(config, workdir)
+      self.tokenizer = prepare.prepare_data(config, workdir, class_names=prompts.class_names)
     logging.info("Data %r and tokenizer ready (%.1fs)", config.data.name,
                  time.perf_counter() - t0)
     evaluators.check_evals(config)
