@@ -18,7 +18,8 @@ The pipeline is not the bottleneck when (4) is close to (3).
      data_wait_fraction the train loop logs in metrics.jsonl during a short run of
      `python -m coca_jax.train --config experiments/demo.py` (evals and checkpoints off).
      --demo_data_dir reuses a data_dir where the full demo set is built (else it is built,
-     ~1.5 min on 2 cores).
+     ~1.5 min on 2 cores). --mixture adds `demo.py:mixture` (two sources mixed per batch,
+     in memory) as a third training path.
 """
 
 from __future__ import annotations
@@ -179,13 +180,15 @@ def _path_rates(options, seconds: float, rounds: int) -> dict[str, list[float]]:
                        "in-memory": lambda: time_it(next_in_memory)}, rounds)
 
 
-def _train_data_wait(data_dir: str, workdir: str, steps: int, in_memory: str) -> dict:
-  """A short demo training run (evals and checkpoints off) on one input path: the
-  data_wait_fraction and step_seconds of each logged window but the first (warm-up)."""
+def _train_data_wait(data_dir: str, workdir: str, steps: int, in_memory: str,
+                     arg: str = "") -> dict:
+  """A short demo training run (experiments/demo.py:`arg`, evals and checkpoints off) on one
+  input path: the data_wait_fraction and step_seconds of each logged window but the first
+  (warm-up)."""
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   log_every = max(steps // 4, 1)
-  args = [sys.executable, "-m", "coca_jax.train", "--config",
-          os.path.join(repo, "experiments", "demo.py"), "--workdir", workdir,
+  config = os.path.join(repo, "experiments", "demo.py") + (f":{arg}" if arg else "")
+  args = [sys.executable, "-m", "coca_jax.train", "--config", config, "--workdir", workdir,
           f"--config.train.steps={steps}", f"--config.train.log_every={log_every}",
           f"--config.data.data_dir={data_dir}", f"--config.data.in_memory={in_memory}",
           "--config.checkpoint.every_steps=0", "--config.evals.zeroshot.enabled=False",
@@ -236,11 +239,16 @@ def _paths(args, workdir: str, photo_options) -> None:
             f"{label} {statistics.median(r):8.1f} examples/s" for label, r in rates.items()))
   if not args.train_steps:
     return
+  paths = [("streaming", "never", "", data_dir), ("in-memory", "auto", "", data_dir)]
+  if args.mixture:
+    # demo.py:mixture: the scenes + labelled digits as text; its data set has one more split,
+    # so it is built (by the first run) into a directory of its own.
+    paths.append(("mixture", "auto", "mixture", os.path.join(workdir, "mixture_tfds")))
   runs = _alternating({
-      label: (lambda mode=mode, label=label: _train_data_wait(
-          data_dir, tempfile.mkdtemp(prefix=f"bench_{label}_", dir=workdir), args.train_steps,
-          mode))
-      for label, mode in (("streaming", "never"), ("in-memory", "auto"))}, args.rounds)
+      label: (lambda mode=mode, label=label, arg=arg, where=where: _train_data_wait(
+          where, tempfile.mkdtemp(prefix=f"bench_{label}_", dir=workdir), args.train_steps,
+          mode, arg))
+      for label, mode, arg, where in paths}, args.rounds)
   print(f"  demo training, {args.train_steps} steps per run, {args.rounds} runs per path "
         "(data_wait_fraction and step time: medians over each run's logged windows, then over "
         "runs):")
@@ -262,6 +270,8 @@ def main():
   parser.add_argument("--only", choices=("all", "paths"), default="all",
                       help="paths: only section 5 (the two input paths side by side)")
   parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per path")
+  parser.add_argument("--mixture", action="store_true",
+                      help="paths: also train demo.py:mixture (two sources, in memory)")
   parser.add_argument("--train_steps", type=int, default=80,
                       help="steps of each demo training run in section 5 (0 = none)")
   parser.add_argument("--demo_data_dir", default="",
