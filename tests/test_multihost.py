@@ -98,6 +98,9 @@ def test_two_processes_train_like_one(tmp_path):
   assert np.isfinite(single["loss"])
 
 
+NO_EVALS = ("--config.evals.zeroshot.enabled=False", "--config.evals.retrieval.enabled=False")
+
+
 def _train_cli(workdir, num_processes: int, devices_per_process: int, steps: int,
                extra: tuple[str, ...] = (), arg: str = "smoke", wait: bool = True):
   """The train CLI on `num_processes` local processes with `devices_per_process` CPU devices
@@ -143,14 +146,15 @@ def test_data_order_does_not_depend_on_the_number_of_processes(tmp_path):
   # process reads its rows of every global batch), and the 2-process checkpoint resumes in 1
   # process on the same next batch. The reference streams its input; the others take the
   # in-memory path (the smoke split is small): both input paths give the same batches.
+  # No evals: this is about the training batches (test_preemption covers 2-process evals).
   one, two = tmp_path / "one", tmp_path / "two"
-  _train_cli(one, 1, 4, steps=4, extra=("--config.data.in_memory=never",))
-  _train_cli(two, 2, 2, steps=2)
+  _train_cli(one, 1, 4, steps=4, extra=("--config.data.in_memory=never", *NO_EVALS))
+  _train_cli(two, 2, 2, steps=2, extra=NO_EVALS)
   reference, first = _logged_losses(one), _logged_losses(two)
   assert sorted(first) == [1, 2]
   for step in (1, 2):
     np.testing.assert_allclose(first[step], reference[step], rtol=1e-5, err_msg=str(step))
-  _train_cli(two, 1, 4, steps=4)  # resumed from the 2-process checkpoint at step 2
+  _train_cli(two, 1, 4, steps=4, extra=NO_EVALS)  # resumed from the 2-process checkpoint
   resumed = _logged_losses(two)
   for step in (3, 4):
     np.testing.assert_allclose(resumed[step], reference[step], rtol=1e-5, err_msg=str(step))
@@ -162,9 +166,8 @@ def test_a_mixture_trains_alike_on_one_and_two_processes(tmp_path):
   # x 4 devices and 2 processes x 2 devices log the same total and per-source losses. Both runs
   # at once (compiling is mostly single-threaded).
   one, two = tmp_path / "one", tmp_path / "two"
-  no_evals = ("--config.evals.zeroshot.enabled=False", "--config.evals.retrieval.enabled=False")
-  runs = [_train_cli(one, 1, 4, steps=2, arg="smoke,mixture", wait=False, extra=no_evals),
-          _train_cli(two, 2, 2, steps=2, arg="smoke,mixture", wait=False, extra=no_evals)]
+  runs = [_train_cli(one, 1, 4, steps=2, arg="smoke,mixture", wait=False, extra=NO_EVALS),
+          _train_cli(two, 2, 2, steps=2, arg="smoke,mixture", wait=False, extra=NO_EVALS)]
   for procs in runs:
     _finish(procs)
   import json
