@@ -62,7 +62,7 @@ def main(argv) -> None:
       method=FLAGS.method, num_beams=FLAGS.num_beams, length_penalty=FLAGS.length_penalty,
       max_new_tokens=FLAGS.max_new_tokens, min_len=FLAGS.min_len, temperature=FLAGS.temperature,
       top_k=FLAGS.top_k, top_p=FLAGS.top_p, num_candidates=FLAGS.num_candidates)
-  model = api.load(pretrained.ensure(FLAGS.model), batch_size=min(FLAGS.batch_size, len(files)),
+  model = api.load(pretrained.ensure_or_exit(FLAGS.model), batch_size=min(FLAGS.batch_size, len(files)),
                    decode_weights=FLAGS.decode_weights)
   images, readable, failed = [], [], []
   for path in files:

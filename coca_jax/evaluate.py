@@ -67,7 +67,7 @@ def define_config_flag(argv) -> None:
   if not workdir:  # --help, or a missing --workdir that absl reports as a usage error.
     config_lib.define_config_flag("config", "Config file[:args] for evals/data.")
     return
-  root = api.resolve(pretrained.ensure(workdir))["root"]
+  root = api.resolve(pretrained.ensure_or_exit(workdir))["root"]
   config = with_eval_defaults(checkpoint.read_config(root))
   config_lib.check_overrides(config, config_lib.override_keys(argv))  # Typos: did you mean.
   config_flags.DEFINE_config_dict("config", config, "The run's config.", lock_config=False)
@@ -97,7 +97,7 @@ def main(argv) -> None:
   except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  model = api.load(pretrained.ensure(FLAGS.workdir), step=FLAGS.step)
+  model = api.load(pretrained.ensure_or_exit(FLAGS.workdir), step=FLAGS.step)
   results = {"step": model.step, **evaluate(model, FLAGS.config)}
   text = json.dumps(results, indent=2, sort_keys=True)
   print(text)

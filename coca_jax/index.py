@@ -81,7 +81,7 @@ def build() -> None:
   if not FLAGS.model or not FLAGS.images or not FLAGS.out:
     raise app.UsageError("build needs --model, --images and --out\n" + USAGE)
   images = images_argument()
-  index = index_lib.Index.build(pretrained.ensure(FLAGS.model), images, FLAGS.out, dtype=FLAGS.dtype,
+  index = index_lib.Index.build(pretrained.ensure_or_exit(FLAGS.model), images, FLAGS.out, dtype=FLAGS.dtype,
                                 chunk_size=FLAGS.chunk_size, batch_size=FLAGS.batch_size,
                                 ann=FLAGS.ann, progress=FLAGS.progress)
   report = index.last_build
@@ -102,7 +102,7 @@ def query() -> None:
   for path in FLAGS.image:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"--image {path} does not exist")
-  model = FLAGS.model and pretrained.ensure(FLAGS.model)
+  model = FLAGS.model and pretrained.ensure_or_exit(FLAGS.model)
   index = index_lib.Index.open(FLAGS.index, model)
   queries = FLAGS.text or FLAGS.image
   results = index.search(texts=FLAGS.text or None, images=FLAGS.image or None, k=FLAGS.k,

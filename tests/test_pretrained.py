@@ -119,7 +119,7 @@ def test_offline_with_an_empty_cache_names_the_cache_and_the_pre_download(offlin
     warm_start.resolve(NAME)
 
 
-def test_a_file_that_is_not_the_published_one_is_refused(offline):
+def test_a_file_that_is_not_the_published_one_is_refused(offline, capsys):
   with open(STATE, "rb") as f:
     content = f.read()
   # The hub names each large file's blob by its sha256; this blob's content differs from it.
@@ -128,6 +128,11 @@ def test_a_file_that_is_not_the_published_one_is_refused(offline):
   with pytest.raises(pretrained.ChecksumError, match="the hub publishes"):
     pretrained.fetch(NAME)
   assert not os.path.exists(names.bundle_dir(NAME))
+  # The commands that take a name (caption, evaluate, index) end with that one line, exit 2.
+  with pytest.raises(SystemExit) as exit_:
+    pretrained.ensure_or_exit(NAME)
+  assert exit_.value.code == 2
+  assert "the hub publishes" in capsys.readouterr().err
 
 
 def test_an_interrupted_conversion_leaves_no_bundle(cached, monkeypatch):

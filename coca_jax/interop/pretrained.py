@@ -203,6 +203,17 @@ def ensure(source: str) -> str:
   return source
 
 
+# What fetching a published name can raise with a message that names the fix.
+FETCH_ERRORS = (ChecksumError, ImportError, open_clip.ConversionError, vlmo.ConversionError)
+
+
+def ensure_or_exit(source: str) -> str:
+  """`ensure` for a command line: a name that cannot be fetched (offline and not cached, a
+  file that is not the published one, ...) ends the command with one error line, exit 2."""
+  with cli.usage_errors(also=FETCH_ERRORS):
+    return ensure(source)
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog="python -m coca_jax.interop.pretrained",
                                    description=__doc__.split("\n\n")[0])
@@ -211,8 +222,7 @@ def main(argv=None) -> None:
   get = commands.add_parser("fetch", help="download and convert NAME; print its bundle path")
   get.add_argument("name")
   args = parser.parse_args(argv)
-  with cli.usage_errors(parser.prog, also=(ChecksumError, ImportError,
-                                           open_clip.ConversionError, vlmo.ConversionError)):
+  with cli.usage_errors(parser.prog, also=FETCH_ERRORS):
     if args.command == "list":
       for name in names.list_pretrained():
         checkpoint = names.REGISTRY[name]
