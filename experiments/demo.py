@@ -130,7 +130,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       video=dict(dir="digit_clips", build_demo=True, zeroshot_split="digits",
                  retrieval_split="scenes", probe_split="digits",
                  probe_train_split="train_digits", num_frames=8, class_names=list(DIGIT_NAMES),
-                 templates=list(zero_shot_templates(variation=0.0)), probe_steps=300,
+                 templates=list(zero_shot_templates(variation=0.0)), probe_steps=100,
                  build_demo_options=dict(num_clips=200, num_frames=16, image_size=48, grid=8,
                                          seed=0)),
   ))
