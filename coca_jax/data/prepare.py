@@ -19,6 +19,7 @@ from coca_jax.core.config import ConfigError
 from coca_jax.data import builders
 from coca_jax.data import mixture
 from coca_jax.data import sources
+from coca_jax.data import video
 from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
 
@@ -77,6 +78,13 @@ def prepare_data(config, workdir: str, class_names=None) -> Tokenizer:
           f"config.data.build_demo_options than this run's ({'; '.join(differences)}): give "
           f"this run its own --config.data.data_dir, or remove "
           f"{os.path.join(data.data_dir, data.name)} to build it again")
+  clips = config.get("evals", {}).get("video")
+  if clips and clips.enabled and clips.build_demo and clips.dir:
+    # The demo's moving-digit clips (config.evals.video), built once like its other splits.
+    clip_dir = os.path.join(data.data_dir, clips.dir)
+    if jax.process_index() == 0 and not os.path.isdir(clip_dir):
+      video.build_demo_clips(clip_dir, **dict(clips.build_demo_options))
+    sync("demo clips built")
   kind = data.tokenizer_kind
   if kind in ("clip_bpe", "wordpiece"):  # Fixed: keep a copy beside the config, train nothing.
     tokenizer = load_tokenizer(data.tokenizer, kind)

@@ -20,6 +20,8 @@ Configured by `config.evals` (every field and default: `coca_jax.core.config.def
                        captions_feature, batch_size, and every `generate.Decoding` field:
                        method, num_beams, length_penalty, max_new_tokens (0 = the most the
                        decoder was trained on), min_len, ...)
+  video                dict(dir, zeroshot_split, retrieval_split, probe_split, ...): clips,
+                       frames through the image encoder (`coca_jax.evaluation.video`).
 A group runs when it is enabled and names a split; it reads `dataset` from `data_dir` ("" =
 config.data.name / config.data.data_dir): a dataset built by `coca_jax.data.build`, or a TFDS
 catalog dataset prepared as array_record (`tfds build imagenet2012 --file_format=array_record`;
@@ -44,6 +46,7 @@ from coca_jax.core import config as config_lib
 from coca_jax.data import preprocess
 from coca_jax.evaluation import metrics
 from coca_jax.evaluation import prompts
+from coca_jax.evaluation import video
 from coca_jax.inference import generate as gen
 from coca_jax.models.coca import CoCa
 
@@ -260,6 +263,7 @@ def check_evals(config, make_source=None) -> None:
         continue
       problems.extend(_label_problems(
           f"config.evals.zeroshot.transfer_splits entry {extra!r}", extra_source, names))
+  problems.extend(video.check_video_evals(config))
   if problems:
     raise config_lib.ConfigError(f"{len(problems)} eval config problem(s), found before "
                                  "training:\n  - " + "\n  - ".join(problems))
@@ -343,4 +347,5 @@ def run_evals(config, embedder: Embedder, make_source=None) -> dict:
     else:
       results.update(captioning_eval(embedder, source, decoding_from_config(g), limit,
                                      g.batch_size or None))
+  results.update(video.run_video_evals(config, embedder))  # config.evals.video
   return results
