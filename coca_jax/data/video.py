@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
+import tempfile
 from typing import Iterator
 
 import numpy as np
@@ -291,16 +291,18 @@ def build_demo_clips(clip_dir: str, num_clips: int = 200, num_frames: int = 16,
                      image_size: int = 48, grid: int = 8, seed: int = 0) -> None:
   """Writes the demo's moving-digit clip set (`DEMO_CLIP_SPLITS`, num_clips each) as folders of
   PNG frames with a manifest per split, the format users give their own clips in. Written to a
-  temporary folder and renamed, so an interrupted build never looks finished."""
-  tmp = clip_dir.rstrip("/") + ".building"
-  if os.path.exists(tmp):
-    shutil.rmtree(tmp)
+  temporary folder and renamed, so an interrupted build never looks finished. The temporary
+  folder is new (a unique name beside clip_dir): nothing that is already there is removed."""
+  clip_dir = clip_dir.rstrip("/")
+  parent = os.path.dirname(clip_dir) or "."
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(clip_dir) + ".building-", dir=parent)
   for split, (scans, max_digits) in DEMO_CLIP_SPLITS.items():
     data = make_moving_digits(scans, num_clips, seed, num_frames, image_size, max_digits, grid)
     lines = []
     for i in range(num_clips):
       folder = os.path.join(split, f"{i:05d}")
-      os.makedirs(os.path.join(tmp, folder))
+      os.makedirs(os.path.join(tmp, folder))  # New: tmp is empty.
       for t, frame in enumerate(data["frames"][i]):
         Image.fromarray(frame).save(os.path.join(tmp, folder, f"frame_{t:03d}.png"))
       row = {"clip": folder, "caption": data["caption"][i]}
