@@ -125,8 +125,12 @@ def test_moving_digit_clips_are_deterministic_and_move(tmp_path):
   assert any(not np.array_equal(c[0], c[-1]) for c in clips["frames"])  # Digits move.
   for caption, first in zip(clips["caption"], clips["label"]):
     assert caption.startswith("a ") and caption.split(" left of ")[0].endswith(str(first))
+  (tmp_path / "clips.building").mkdir()  # Someone else's folder: the build must not touch it.
+  (tmp_path / "clips.building" / "keep.txt").write_text("mine")
   video_data.build_demo_clips(str(tmp_path / "clips"), num_clips=3, num_frames=4,
                               image_size=32, seed=0)
+  assert sorted(os.listdir(tmp_path)) == ["clips", "clips.building"]
+  assert (tmp_path / "clips.building" / "keep.txt").read_text() == "mine"
   digits = video_data.ClipSource(str(tmp_path / "clips"), "digits", 2, 32)
   scenes = video_data.ClipSource(str(tmp_path / "clips"), "scenes", 2, 32)
   assert len(digits) == len(scenes) == 3 and digits.labels is not None
