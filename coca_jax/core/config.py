@@ -99,6 +99,7 @@ def _defaults(backbone: str) -> dict:
           build_demo_options=dict(num_train=5000, num_test=500, num_digits=1000, image_size=48,
                                   seed=0, grid=0, variation=0.0, strokes=0.0, varied_grid=-1,
                                   varied_single=-1.0, num_transfer=0, num_train_digits=0,
+                                  varied_train_digits=False,
                                   show_progress=True)),
       train=schema.defaults_of(schema.Train),
       loss=schema.defaults_of(schema.Loss),

@@ -250,10 +250,11 @@ class DemoBuilder(_CaptionBuilder, skip_registration=True):
                num_digits: int = 1000, image_size: int = 48, seed: int = 0, grid: int = 0,
                variation: float = 0.0, strokes: float = 0.0, varied_grid: int = -1,
                varied_single: float = -1.0, num_transfer: int = 0, num_train_digits: int = 0,
-               **kwargs):
+               varied_train_digits: bool = False, **kwargs):
     # "train_digits": labelled single digits drawn from the TRAINING scans, a labelled source
     # to train on as text (experiments/demo.py:mixture); "digits" (the zero-shot eval) draws
-    # from the held-out scans only.
+    # from the held-out scans only. varied_train_digits: drawn varied (each a large stroke
+    # digit anywhere, any polarity and ink) instead of as the scenes draw them.
     self.num_per_split = {"train": num_train, "test": num_test, "digits": num_digits,
                           "train_digits": num_train_digits,
                           **{split: num_transfer for split in TRANSFER_SPLITS}}
@@ -263,6 +264,7 @@ class DemoBuilder(_CaptionBuilder, skip_registration=True):
     self.strokes = strokes
     self.varied_grid = varied_grid
     self.varied_single = varied_single
+    self.varied_train_digits = varied_train_digits
     self.seed = seed
     super().__init__(data_dir=data_dir, **kwargs)
 
@@ -281,6 +283,10 @@ class DemoBuilder(_CaptionBuilder, skip_registration=True):
       data = digit_scenes.make_transfer_digits(num, self.seed, image_size=self.image_size,
                                                background=TRANSFER_SPLITS[split])
       labels = data["label"]
+    elif split == "train_digits" and self.varied_train_digits:
+      data = digit_scenes.make_single_digits("train", num, self.seed, image_size=self.image_size,
+                                             grid=self.grid, variation=1.0, strokes=1.0,
+                                             varied_grid=0)
     elif split in ("digits", "train_digits"):
       data = digit_scenes.make_single_digits("test" if split == "digits" else "train", num,
                                              self.seed, image_size=self.image_size,
