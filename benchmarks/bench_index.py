@@ -1,18 +1,20 @@
-"""Approximate nearest-neighbour libraries against exact search, on random unit vectors.
+"""Approximate nearest-neighbour structures against exact search, on random unit vectors.
 
-  python benchmarks/bench_index.py [--num 100000] [--dim 512] [--queries 1000] [--k 10]
-      [--backends coca_jax,usearch,faiss_hnsw,faiss_ivf,hnswlib,scann] [--threads 0]
+  PYTHONPATH=. python benchmarks/bench_index.py [--num 100000] [--dim 512] [--queries 1000]
+      [--k 10] [--threads 1] [--backends coca_jax,scann_ah,...] [--near_cosine 0.8]
 
 Random unit vectors (Gaussian, normalised) are the hard case for an ANN index: no clusters, and
 every distance close to every other. The exact reference is the index's exact search
 (`Index.exact_search`: `metrics.sharded_topk`, a jitted matmul + top_k with the gallery kept on
-the devices). For each library, and for
-each search-effort setting, it prints build time (wall and process CPU seconds: on a shared
-machine CPU-s is the steadier figure), batched query time per query, single-query latency
-(median of 100 one-query calls) and recall@k against exact (the fraction of the exact
-top-k ids the ANN returns). `coca_jax` is the index's own ANN back end (`coca_jax.inference.index
-.UsearchAnn`, what `python -m coca_jax.index build` writes); the others are the libraries called
-directly with the settings shown. A library that is not installed is reported and skipped.
+the devices), itself checked against numpy on every run. For each back end, and for each
+search-effort setting, it prints build time (wall and process CPU seconds: on a shared machine
+CPU-s is the steadier figure), batched query time per query (wall and CPU-ms), single-query
+latency (median of 100 one-query calls) and recall@k against exact (the fraction of the exact
+top-k ids the ANN returns), for random queries and ("near") for queries at --near_cosine to a
+random gallery row. `coca_jax` is the index's own ANN back end (`coca_jax.inference.index
+.QuantizedAnn`, what `python -m coca_jax.index build` writes; effort = candidates re-ranked);
+the others are the libraries called directly with the settings shown. A library that is not
+installed is reported and skipped. PYTHONPATH=. makes `coca_jax` this checkout's.
 Results: docs/search.md.
 """
 
