@@ -234,6 +234,7 @@ def test_an_older_versions_usearch_graph_is_searched_exactly_then_replaced(model
   manifest_path = os.path.join(out, index_lib.MANIFEST)
   manifest = json.load(open(manifest_path))
   manifest["ann"] = {"backend": "usearch", "file": "ann.usearch", "count": 6}
+  manifest["ann_choice"] = "usearch"  # --ann usearch, as that version named "always"
   json.dump(manifest, open(manifest_path, "w"))
   open(os.path.join(out, "ann.usearch"), "wb").write(b"an HNSW graph")
   index = index_lib.Index.open(out, model)

@@ -578,6 +578,8 @@ class Index:
     """Brings the ANN index up to every row: built when `choice` asks for one, else extended
     by the rows added since it was saved (or retrained, when it has outgrown its codebooks)."""
     recorded, total = self.manifest.get("ann"), self.manifest["count"]
+    if choice == "usearch":  # An older version's "always build one" (its manifests keep it).
+      choice = "faiss"
     if recorded is not None and recorded.get("backend") != ANN_BACKEND:
       # An older version's structure (a usearch graph): replaced by this version's.
       logging.warning("%s has an ANN index of another kind (%s); building this version's",
