@@ -1,7 +1,7 @@
 r"""Builds a search index of images and queries it by text or by image.
 
   python -m coca_jax.index build --model PATH --images FOLDER --out INDEX
-      [--dtype float16] [--ann auto|usearch|none] [--batch_size 64] [--chunk_size 4096]
+      [--dtype float16] [--ann auto|faiss|none] [--batch_size 64] [--chunk_size 4096]
   python -m coca_jax.index build --model PATH --images DATASET --split test --data_dir DIR \
       --out INDEX        # a dataset built by coca_jax.data.build (or TFDS array_record)
   python -m coca_jax.index query --index INDEX --text "a red car" [--text ...] [--k 10]
@@ -11,8 +11,9 @@ build: embeds every image under FOLDER (recursively) with a progress bar, batche
 over every device, into chunks of --chunk_size images. Killed, the same command continues where
 it stopped; on an existing index it appends the images not in it yet (the old ones are not
 embedded again). Unreadable files are skipped, each named with the reason on stderr, and
-counted. An ANN graph (usearch, `pip install 'coca_jax[search]'`) is built from 20,000 images
-up with --ann auto; exact search works without it.
+counted. An ANN index (faiss: 4-bit product-quantised scan + exact re-rank, `pip install
+'coca_jax[search]'`) is built from 20,000 images up with --ann auto; exact search works
+without it.
 query: prints, per query, `rank<TAB>score<TAB>path` (and a dataset's first caption) best first,
 or one JSON object per query with --json. The query is embedded with the model the index was
 built with; --model another model is refused.
@@ -51,10 +52,10 @@ flags.DEFINE_string("index", None, "query: the index directory.")
 flags.DEFINE_multi_string("text", [], "query: a text query (repeatable).")
 flags.DEFINE_multi_string("image", [], "query: an image file query (repeatable).")
 flags.DEFINE_integer("k", 10, "query: results per query.")
-flags.DEFINE_bool("exact", False, "query: exact search even where there is an ANN graph.")
+flags.DEFINE_bool("exact", False, "query: exact search even where there is an ANN index.")
 flags.DEFINE_bool("json", False, "query: one JSON object per query instead of TSV lines.")
 flags.DEFINE_enum("dtype", "float32", list(index_lib.DTYPES), "build: stored embedding dtype.")
-flags.DEFINE_enum("ann", "auto", list(index_lib.ANN_CHOICES), "build: the ANN graph.")
+flags.DEFINE_enum("ann", "auto", list(index_lib.ANN_CHOICES), "build: the ANN index (auto: from 20,000 images up).")
 flags.DEFINE_integer("batch_size", 64, "build: images per device call.")
 flags.DEFINE_integer("chunk_size", 4096, "build: images per chunk file (the most a kill loses).")
 flags.DEFINE_bool("progress", True, "build: a progress bar on stderr.")
@@ -88,7 +89,7 @@ def build() -> None:
   ann = index.manifest["ann"]
   print(f"{index.path}: {len(index)} images ({report.embedded} embedded now, {report.already} "
         f"already in the index) in {report.seconds:.1f} s; "
-        f"{'ANN graph over ' + str(ann['count']) if ann else 'exact search only'}")
+        f"{'ANN index over ' + str(ann['count']) if ann else 'exact search only'}")
   if report.ignored:
     print(f"ignored {report.ignored} files without an image suffix "
           f"({', '.join(api.IMAGE_SUFFIXES)})", file=sys.stderr)

@@ -101,33 +101,67 @@ def test_sharded_topk_ignores_rows_past_num_gallery():
     metrics.sharded_topk(queries, padded, 8, mesh=mesh, num_gallery=7)
 
 
-def test_ann_recall_on_random_unit_vectors():
+def _unit(rng, n, d):
+  x = rng.standard_normal((n, d)).astype(np.float32)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _recall(found, exact):
+  return np.mean([len(set(a) & set(e)) / exact.shape[1] for a, e in zip(found, exact)])
+
+
+def test_ann_recall_at_10_on_random_unit_vectors_at_the_index_settings():
+  """Random 512-d unit vectors (no clusters: the hard case), 20x more rows than are re-ranked,
+  so a broken quantiser or re-rank would miss most neighbours."""
   rng = np.random.default_rng(0)
-  data = rng.standard_normal((3000, 64)).astype(np.float32)
-  data /= np.linalg.norm(data, axis=1, keepdims=True)
-  queries = rng.standard_normal((100, 64)).astype(np.float32)
-  queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-  ann = index_lib.UsearchAnn.build(data)
-  scores, ids = ann.search(queries, 10)
+  data, queries = _unit(rng, 10_000, 512), _unit(rng, 100, 512)
+  ann = index_lib.QuantizedAnn.build(data)
+  assert ann.rerank * 20 == len(data)
+  scores, ids = ann.search(queries, 10, data)
   exact = np.argsort(-(queries @ data.T), axis=1)[:, :10]
-  recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(ids, exact)])
-  assert recall >= 0.95
+  assert _recall(ids, exact) >= 0.95
+  # Scores are exact inner products, best first.
   np.testing.assert_allclose(scores, np.take_along_axis(queries @ data.T, ids, 1), atol=1e-5)
-  one = ann.search(queries[:1], 10)  # a single query (usearch answers it in another type)
+  assert (np.diff(scores, axis=1) <= 0).all()
+  one = ann.search(queries[:1], 10, data)  # a single query answers as in a batch
   np.testing.assert_array_equal(one[1], ids[:1])
+
+
+def test_ann_add_extends_the_index_and_retrains_one_started_small():
+  rng = np.random.default_rng(1)
+  data, queries = _unit(rng, 8_000, 64), _unit(rng, 100, 64)
+  ann = index_lib.QuantizedAnn.build(data[:5_000])
+  codebook = index_lib._faiss().vector_to_array(ann.index.pq.centroids)
+  ann.add(data[5_000:], 5_000)
+  assert len(ann) == 8_000 and not ann.needs_retraining(8_000)
+  # Extended, not rebuilt: the codebooks are the ones trained on the first 5,000 ...
+  np.testing.assert_array_equal(index_lib._faiss().vector_to_array(ann.index.pq.centroids),
+                                codebook)
+  # ... and the appended rows are found: each finds itself, and recall holds over all rows.
+  _, ids = ann.search(data[5_000:5_100], 1, data)
+  assert ids[:, 0].tolist() == list(range(5_000, 5_100))
+  exact = np.argsort(-(queries @ data.T), axis=1)[:, :10]
+  assert _recall(ann.search(queries, 10, data)[1], exact) >= 0.95
+  with pytest.raises(index_lib.SearchIndexError, match="holds 8000 rows"):
+    ann.add(data[:10], 5_000)  # rows must continue the ids
+  # Trained on a handful, grown past twice that: the next add retrains it.
+  small = index_lib.QuantizedAnn.build(data[:20])
+  assert small.needs_retraining(8_000) and not small.needs_retraining(40)
 
 
 def test_ann_index_answers_like_exact_and_survives_reopening(model, folder, tmp_path,
                                                               monkeypatch):
   out = str(tmp_path / "idx")
-  index_lib.Index.build(model, folder, out, ann="usearch", progress=False)
+  index_lib.Index.build(model, folder, out, ann="faiss", progress=False)
   index = index_lib.Index.open(out, model)
   assert index.manifest["ann"]["count"] == len(index) == 10
+  assert os.path.exists(os.path.join(out, index_lib.ANN_FILE))
   queries = ["a red 3", "a green 9"]
   ann, exact = index.search(texts=queries, k=5), index.search(texts=queries, k=5, exact=True)
-  np.testing.assert_array_equal(ann.ids, exact.ids)  # 10 vectors: the graph is exact
+  assert index._ann is not None  # the ANN index answered, ...
+  np.testing.assert_array_equal(ann.ids, exact.ids)  # exactly: 10 rows, all re-ranked
   np.testing.assert_allclose(ann.scores, exact.scores, atol=1e-5)
-  # Where usearch is not installed the same index still answers, exactly.
+  # Where faiss is not installed the same index still answers, exactly.
   monkeypatch.setattr(index_lib, "ann_available", lambda: False)
   without = index_lib.Index.open(out, model).search(texts=queries, k=5)
   np.testing.assert_array_equal(without.ids, exact.ids)
@@ -169,7 +203,7 @@ def test_append_embeds_only_new_images_and_leaves_old_rows(model, folder, tmp_pa
                                                            monkeypatch):
   files = [f for f in _image_files(folder) if "broken" not in f]
   out = str(tmp_path / "idx")
-  first = index_lib.Index.build(model, files[:6], out, chunk_size=4, ann="usearch",
+  first = index_lib.Index.build(model, files[:6], out, chunk_size=4, ann="faiss",
                                 dtype="float16", progress=False)
   before = first.embeddings.copy()
   chunk_bytes = open(os.path.join(out, "chunks", "00000.npy"), "rb").read()
@@ -186,10 +220,32 @@ def test_append_embeds_only_new_images_and_leaves_old_rows(model, folder, tmp_pa
   reopened = index_lib.Index.open(out, model)
   assert reopened.manifest["ann"]["count"] == 10 and reopened.embeddings.dtype == np.float32
   assert np.load(os.path.join(out, "chunks", "00000.npy")).dtype == np.float16
-  # The new rows are searchable through the extended graph: each new image finds itself.
+  # The new rows are searchable through the extended ANN index: each new image finds itself.
   found = reopened.search(images=files[6:], k=1)
   assert found.ids[:, 0].tolist() == [6, 7, 8, 9]
   assert index.add(folder, progress=False).embedded == 0  # nothing new: nothing embedded
+
+
+def test_an_older_versions_usearch_graph_is_searched_exactly_then_replaced(model, folder,
+                                                                           tmp_path):
+  files = [f for f in _image_files(folder) if "broken" not in f]
+  out = str(tmp_path / "idx")
+  index_lib.Index.build(model, files[:6], out, ann="none", progress=False)
+  manifest_path = os.path.join(out, index_lib.MANIFEST)
+  manifest = json.load(open(manifest_path))
+  manifest["ann"] = {"backend": "usearch", "file": "ann.usearch", "count": 6}
+  manifest["ann_choice"] = "usearch"  # --ann usearch, as that version named "always"
+  json.dump(manifest, open(manifest_path, "w"))
+  open(os.path.join(out, "ann.usearch"), "wb").write(b"an HNSW graph")
+  index = index_lib.Index.open(out, model)
+  found = index.search(texts=["a red 3"], k=3)
+  np.testing.assert_array_equal(found.ids, index.search(texts=["a red 3"], k=3, exact=True).ids)
+  assert index.add(folder, progress=False).embedded == 4
+  assert index.manifest["ann"]["backend"] == index_lib.ANN_BACKEND
+  assert index.manifest["ann"]["count"] == 10
+  assert not os.path.exists(os.path.join(out, "ann.usearch"))
+  assert index_lib.Index.open(out, model).search(images=files[6:], k=1).ids[:, 0].tolist() == [
+      6, 7, 8, 9]
 
 
 def test_a_query_with_another_model_is_refused(model, folder, tmp_path):

@@ -15,8 +15,8 @@ On disk (a directory):
   chunks/NNNNN.npy   L2-normalised embeddings [n, D], float32 or float16, one chunk per
                      `chunk_size` planned images (a chunk holds fewer where files were unreadable).
   chunks/NNNNN.json  {"refs", "paths", "captions" (datasets) or null, "skipped": [[ref, reason]]}
-  ann.usearch        the approximate nearest-neighbour graph (usearch HNSW, inner product) over
-                     every row, when one was built (`ann`).
+  ann.faiss          the approximate-search index (4-bit product-quantisation codes of every
+                     row, faiss; exact re-ranking from the chunks), when one was built (`ann`).
 Row i of the concatenated chunks is id i; ids never change (an append adds rows at the end).
 
 Building is resumable: a killed build leaves complete chunks listed in the manifest (each file
@@ -24,7 +24,7 @@ is written to a temporary name and renamed, so a half-written chunk is never rea
 build run again embeds only the images no listed chunk covers; the chunks it writes are the ones
 an uninterrupted build would have written. Appending is the same operation with new images.
 
-Search: the ANN graph when there is one, else exact search (`metrics.sharded_topk`: the gallery
+Search: the ANN index when there is one, else exact search (`metrics.sharded_topk`: the gallery
 split over every device, a jitted matmul + top_k per shard, the shards' top-k merged); `exact=
 True` forces exact search. A query with another model than the index's is refused: embeddings
 of two models live in different spaces.
@@ -35,6 +35,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -57,12 +58,13 @@ from coca_jax.inference import api
 FORMAT = "coca_jax.index/1"
 MANIFEST = "index.json"
 CHUNKS = "chunks"
-ANN_FILE = "ann.usearch"
+ANN_FILE = "ann.faiss"
+ANN_BACKEND = "faiss-pq4fs-rerank"
 DTYPES = ("float32", "float16")
-ANN_CHOICES = ("auto", "usearch", "none")
-# `ann="auto"` builds a graph from this many vectors up. Below it exact search is as fast as
-# the graph and never wrong: at 10k vectors exact took 1.4 ms per single query, the graph at
-# recall 0.995 2.2 ms (docs/search.md).
+ANN_CHOICES = ("auto", "faiss", "none")
+# `ann="auto"` builds the ANN index from this many vectors up. Below it exact search is as fast
+# batched and never wrong: at 10k x 512 exact took 0.15 CPU-ms a query batched, the ANN index
+# 0.19; at 30k exact 0.49, the ANN index 0.28 (docs/search.md).
 AUTO_ANN_MIN = 20_000
 
 
@@ -246,99 +248,126 @@ def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
 
 
 def ann_available() -> bool:
+  return importlib.util.find_spec("faiss") is not None
+
+
+def _faiss():
   try:
-    import usearch.index  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
-    return False
-  return True
+    import faiss  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError("the ANN index needs faiss: pip install 'coca_jax[search]' (or pip "
+                      "install faiss-cpu); exact search works without it") from e
+  return faiss
 
 
-class UsearchAnn:
-  """An HNSW graph (usearch) over unit vectors, inner product; keys are the index's row ids.
+class QuantizedAnn:
+  """Approximate search by a quantised scan of every vector and an exact re-rank (faiss).
 
-  Settings from benchmarks/bench_index.py (docs/search.md): connectivity 32 and expansion 128
-  when building; expansion 512 when searching gave recall@10 0.995 on 10k random 512-d unit
-  vectors (256 gave 0.938). Random vectors are the hardest case (no cluster structure)."""
+  Each vector is held as 4-bit product-quantisation codes, one code per DIMS_PER_CODE
+  dimensions (128 bytes for D = 512, a sixteenth of float32), scored against a query by SIMD
+  table lookups (faiss IndexPQFastScan); the `rerank` best by that score are scored exactly
+  against the index's float32 embeddings and the best k of those returned, with exact scores.
+  Row ids are the order of `add` (row i of the index is code i).
 
-  CONNECTIVITY, EXPANSION_ADD, EXPANSION_SEARCH = 32, 128, 512
+  Why this and not a graph (docs/search.md, benchmarks/bench_index.py): on 100k random 512-d
+  unit vectors an HNSW graph stayed below recall@10 0.6 and slower than exact search, while
+  this scan reached 0.95+ at a fraction of exact search's time, single and batched.
 
-  def __init__(self, index):
+  The codebooks are trained on the vectors there when it is built (a sample of TRAIN_SAMPLE:
+  faiss trains a 16-centroid codebook on at most 256 points a centroid). An index that has
+  grown to more than twice what it was trained on, while that was under TRAIN_SAMPLE, is
+  retrained on its next `add`, so one started small does not keep a codebook fit to a few
+  vectors. Below `rerank` vectors every row is re-ranked: the search is exact."""
+
+  DIMS_PER_CODE = 2
+  RERANK = 500
+  TRAIN_SAMPLE = 4096
+
+  def __init__(self, index, trained_on: int):
     self.index = index
+    self.trained_on = trained_on
+    self.rerank = self.RERANK
 
   @classmethod
-  def _usearch(cls):
+  def codes_per_vector(cls, dim: int) -> int:
+    """The number of 4-bit codes: dim / DIMS_PER_CODE, or the nearest divisor of dim below."""
+    return max(m for m in range(1, max(1, dim // cls.DIMS_PER_CODE) + 1) if dim % m == 0)
+
+  @classmethod
+  def build(cls, vectors: np.ndarray) -> "QuantizedAnn":
+    faiss = _faiss()
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    dim = vectors.shape[1]
+    index = faiss.IndexPQFastScan(dim, cls.codes_per_vector(dim), 4, faiss.METRIC_INNER_PRODUCT)
+    sample = vectors
+    if len(vectors) > cls.TRAIN_SAMPLE:
+      rows = np.random.default_rng(0).choice(len(vectors), cls.TRAIN_SAMPLE, replace=False)
+      sample = vectors[np.sort(rows)]
+    # k-means needs at least one point per centroid (16): a smaller set is repeated. Those
+    # indexes are searched exactly anyway (every row is re-ranked).
+    sample = np.ascontiguousarray(np.tile(sample, (-(-16 // len(sample)), 1)))
+    # One thread: training is one small k-means per code (16 centroids, 2 dims, a few thousand
+    # points), too small to split; OpenMP's threads spin at every step, and on a busy machine
+    # that made a 10k build take 10x the CPU (27 against 2.6 CPU-s).
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
     try:
-      from usearch import index as usearch_index  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-      raise ImportError("the ANN index needs usearch: pip install 'coca_jax[search]' (or "
-                        "pip install usearch); exact search works without it") from e
-    return usearch_index
-
-  @classmethod
-  def build(cls, vectors: np.ndarray, *, threads: int = 0) -> "UsearchAnn":
-    usearch_index = cls._usearch()
-    index = usearch_index.Index(ndim=vectors.shape[1], metric="ip", dtype="f32",
-                                connectivity=cls.CONNECTIVITY, expansion_add=cls.EXPANSION_ADD,
-                                expansion_search=cls.EXPANSION_SEARCH)
-    ann = cls(index)
-    ann.add(vectors, 0, threads=threads)
+      index.train(sample)
+    finally:
+      faiss.omp_set_num_threads(threads)
+    ann = cls(index, trained_on=len(vectors))
+    ann.add(vectors, 0)
     return ann
 
-  @property
-  def expansion_search(self) -> int:
-    return self.index.expansion_search
-
-  @expansion_search.setter
-  def expansion_search(self, value: int) -> None:
-    self.index.expansion_search = value
+  def needs_retraining(self, total: int) -> bool:
+    return self.trained_on < self.TRAIN_SAMPLE and total > 2 * self.trained_on
 
   def __len__(self) -> int:
-    return len(self.index)
+    return self.index.ntotal
 
-  def add(self, vectors: np.ndarray, first_id: int, *, threads: int = 0) -> None:
+  def add(self, vectors: np.ndarray, first_id: int) -> None:
+    if first_id != self.index.ntotal:
+      raise SearchIndexError(f"the ANN index holds {self.index.ntotal} rows, and rows from "
+                             f"{first_id} on were given; build it again (ann='none' then the "
+                             "default)")
     if len(vectors):
-      self.index.add(np.arange(first_id, first_id + len(vectors), dtype=np.uint64),
-                     np.asarray(vectors, np.float32), threads=threads)
+      self.index.add(np.ascontiguousarray(vectors, np.float32))
 
-  def search(self, queries: np.ndarray, k: int, *, threads: int = 0):
-    """-> (scores float32 [Q, k] (inner products), ids int64 [Q, k]); id -1 (score -inf) where
-    the graph returned fewer than k."""
-    found = self.index.search(np.asarray(queries, np.float32), k, threads=threads)
-    keys = np.asarray(found.keys).reshape(len(queries), -1)[:, :k].astype(np.int64)
-    scores = 1.0 - np.asarray(found.distances, np.float32).reshape(len(queries), -1)[:, :k]
-    # One query comes back as a `Matches` (no counts), several as `BatchMatches`.
-    counts = np.asarray(getattr(found, "counts", [len(found.keys)])).reshape(-1)
-    missing = np.arange(keys.shape[1])[None, :] >= counts[:, None]
-    keys[missing], scores[missing] = -1, -np.inf
-    if keys.shape[1] < k:
-      pad = k - keys.shape[1]
-      keys = np.pad(keys, ((0, 0), (0, pad)), constant_values=-1)
-      scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
-    return scores, keys
+  def search(self, queries: np.ndarray, k: int, vectors: np.ndarray):
+    """-> (scores float32 [Q, k] (exact inner products with `vectors`, the index's rows),
+    ids int64 [Q, k]); id -1 (score -inf) where the index holds fewer than k rows."""
+    faiss = _faiss()
+    queries = np.ascontiguousarray(queries, np.float32)
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    if len(vectors) != len(self):
+      raise SearchIndexError(f"the ANN index holds {len(self)} rows, the embeddings "
+                             f"{len(vectors)}; add to the index to bring them level")
+    candidates = max(k, min(self.rerank, len(self)))
+    _, found = self.index.search(queries, candidates)  # -1 past the last row
+    found = np.ascontiguousarray(found, np.int64)
+    scores = np.empty((len(queries), k), np.float32)
+    ids = np.empty((len(queries), k), np.int64)
+    faiss.knn_inner_products_by_idx(
+        faiss.swig_ptr(queries), faiss.swig_ptr(vectors), faiss.swig_ptr(found),
+        queries.shape[1], len(queries), len(vectors), candidates, k, faiss.swig_ptr(scores),
+        faiss.swig_ptr(ids), candidates)
+    missing = ids < 0
+    scores[missing], ids[missing] = -np.inf, -1
+    return scores, ids
 
   def save(self, path: str) -> None:
-    """Written to a temporary file and renamed (or uploaded whole): never half a graph."""
-    local = path if not fs.is_url(path) else None
-    tmp = f"{path}.tmp-{os.getpid()}" if local else os.path.join(
-        os.environ.get("TMPDIR", "/tmp"), f"coca_jax_ann_{os.getpid()}.usearch")
-    self.index.save(tmp)
-    if local:
-      os.replace(tmp, path)
-    else:
-      with open(tmp, "rb") as f:
-        fs.write_bytes(path, f.read())
-      os.remove(tmp)
+    """Written whole (a temporary file renamed, or one upload): never half an index."""
+    fs.write_bytes(path, _faiss().serialize_index(self.index).tobytes())
 
   @classmethod
-  def load(cls, path: str) -> "UsearchAnn":
-    usearch_index = cls._usearch()
-    if fs.is_url(path):
-      return cls(usearch_index.Index.restore(fs.read_bytes(path)))
-    index = usearch_index.Index.restore(path)
-    if index is None:
-      raise SearchIndexError(f"{path} is not a usearch index file; delete it and run "
-                        "`python -m coca_jax.index build` again to rebuild the graph")
-    return cls(index)
+  def load(cls, path: str, trained_on: int) -> "QuantizedAnn":
+    faiss = _faiss()
+    try:
+      index = faiss.deserialize_index(np.frombuffer(fs.read_bytes(path), np.uint8))
+    except RuntimeError as e:
+      raise SearchIndexError(f"{path} is not a faiss index file ({e}); delete it and run "
+                             "`python -m coca_jax.index build` again to rebuild it") from e
+    return cls(index, trained_on)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,8 +459,8 @@ class Index:
       dtype: "float32" or "float16" (half the disk and memory; cosine scores change by ~1e-3).
       chunk_size: images per chunk file: the most a kill can lose.
       batch_size: images per device call (rounded up to a multiple of the device count).
-      ann: "auto" (an ANN graph from AUTO_ANN_MIN vectors up, when usearch is installed),
-        "usearch" (always; an error without it) or "none" (exact search only).
+      ann: "auto" (an ANN index from AUTO_ANN_MIN vectors up, when faiss is installed),
+        "faiss" (always; an error without it) or "none" (exact search only).
       progress: a tqdm progress bar on stderr.
       workers: threads reading and decoding images while the devices embed.
     Returns the open index; `index.last_build` is its BuildReport.
@@ -451,8 +480,8 @@ class Index:
       if fs.isdir(out) and fs.listdir(out):
         raise FileExistsError(f"--out {out} exists and is not a search index (no {MANIFEST}); "
                               "pick a new directory")
-      if ann == "usearch":
-        UsearchAnn._usearch()  # Fail before embedding anything, not after.
+      if ann == "faiss":
+        _faiss()  # Fail before embedding anything, not after.
       manifest = {"format": FORMAT, "model": model_identity(model), "dtype": dtype,
                   "dim": int(model.module.config.embed_dim), "chunk_size": chunk_size,
                   "chunks": [], "count": 0, "ann": None, "ann_choice": ann}
@@ -546,34 +575,50 @@ class Index:
     self._embeddings = self._gallery = None
 
   def _update_ann(self, choice: str) -> None:
-    """Brings the ANN graph up to every row: built when `choice` asks for one, else extended
-    by the rows added since it was saved."""
+    """Brings the ANN index up to every row: built when `choice` asks for one, else extended
+    by the rows added since it was saved (or retrained, when it has outgrown its codebooks)."""
     recorded, total = self.manifest.get("ann"), self.manifest["count"]
+    if choice == "usearch":  # An older version's "always build one" (its manifests keep it).
+      choice = "faiss"
+    if recorded is not None and recorded.get("backend") != ANN_BACKEND:
+      # An older version's structure (a usearch graph): replaced by this version's.
+      logging.warning("%s has an ANN index of another kind (%s); building this version's",
+                      self.path, recorded.get("backend"))
+      if fs.exists(fs.join(self.path, recorded["file"])):
+        fs.remove(fs.join(self.path, recorded["file"]))
+      choice, recorded = "faiss", None
+      self.manifest["ann"] = None
     if recorded is None:
-      wanted = choice == "usearch" or (choice == "auto" and total >= AUTO_ANN_MIN
-                                       and ann_available())
+      wanted = choice == "faiss" or (choice == "auto" and total >= AUTO_ANN_MIN
+                                     and ann_available())
       if not wanted or not total:
+        self._write_manifest()
         return
-      ann, start = UsearchAnn.build(self.embeddings), total
-      logging.info("Built the ANN graph over %d vectors", total)
+      ann = QuantizedAnn.build(self.embeddings)
+      logging.info("Built the ANN index over %d vectors", total)
     else:
       if recorded["count"] == total:
         return
       if not ann_available():
-        logging.warning("usearch is not installed, so the ANN graph of %s cannot take the new "
-                        "rows; it is dropped and searches are exact (pip install usearch, then "
-                        "add again to rebuild it)", self.path)
+        logging.warning("faiss is not installed, so the ANN index of %s cannot take the new "
+                        "rows; it is dropped and searches are exact (pip install faiss-cpu, "
+                        "then add again to rebuild it)", self.path)
         fs.remove(fs.join(self.path, recorded["file"]))
         self.manifest["ann"] = None
         self._write_manifest()
         self._ann, self._ann_loaded = None, True
         return
-      ann, start = self._load_ann(), recorded["count"]
-      ann.add(self.embeddings[start:], start)
+      ann = self._load_ann()
+      if ann.needs_retraining(total):
+        ann = QuantizedAnn.build(self.embeddings)
+        logging.info("Retrained the ANN index on %d vectors (it was trained on %d)", total,
+                     recorded["trained_on"])
+      else:
+        ann.add(self.embeddings[recorded["count"]:], recorded["count"])
     ann.save(fs.join(self.path, ANN_FILE))
-    self.manifest["ann"] = {"backend": "usearch", "file": ANN_FILE, "count": total,
-                            "connectivity": UsearchAnn.CONNECTIVITY,
-                            "expansion_add": UsearchAnn.EXPANSION_ADD}
+    self.manifest["ann"] = {"backend": ANN_BACKEND, "file": ANN_FILE, "count": total,
+                            "trained_on": ann.trained_on,
+                            "dims_per_code": self.dim // ann.index.M}
     self._write_manifest()
     self._ann, self._ann_loaded = ann, True
 
@@ -603,16 +648,21 @@ class Index:
                           else np.zeros((0, self.dim), np.float32))
     return self._embeddings
 
-  def _load_ann(self) -> UsearchAnn | None:
+  def _load_ann(self) -> QuantizedAnn | None:
     if not self._ann_loaded:
       recorded = self.manifest.get("ann")
       self._ann = None
       if recorded is not None:
-        if ann_available():
-          self._ann = UsearchAnn.load(fs.join(self.path, recorded["file"]))
+        if recorded.get("backend") != ANN_BACKEND:
+          logging.warning("%s has an ANN index of another kind (%s), which this version does "
+                          "not read; searching exactly (an `add` builds this version's)",
+                          self.path, recorded.get("backend"))
+        elif ann_available():
+          self._ann = QuantizedAnn.load(fs.join(self.path, recorded["file"]),
+                                        recorded["trained_on"])
         else:
-          logging.warning("%s has an ANN graph but usearch is not installed; searching exactly "
-                          "(pip install 'coca_jax[search]' for the graph)", self.path)
+          logging.warning("%s has an ANN index but faiss is not installed; searching exactly "
+                          "(pip install 'coca_jax[search]' for it)", self.path)
       self._ann_loaded = True
     return self._ann
 
@@ -630,7 +680,7 @@ class Index:
              exact: bool | None = None) -> Results:
     """The k most similar images to each query: texts (strings), images (paths or uint8
     arrays) embedded with the index's model, or ready query `vectors` [Q, D] (unit norm).
-    `exact`: None = the ANN graph when the index has one; True = exact search."""
+    `exact`: None = the ANN index when the index has one; True = exact search."""
     if vectors is None:
       vectors = self.embed_queries(texts, images)
     elif texts is not None or images is not None:
@@ -644,10 +694,7 @@ class Index:
     k = min(k, len(self))
     ann = None if exact else self._load_ann()
     if ann is not None:
-      scores, ids = ann.search(vectors, k)
-      short = (ids < 0).any(axis=1)
-      if short.any():  # The graph returned fewer than k: those queries are answered exactly.
-        scores[short], ids[short] = self.exact_search(vectors[short], k)
+      scores, ids = ann.search(vectors, k, self.embeddings)
     else:
       scores, ids = self.exact_search(vectors, k)
     return Results(scores=scores, ids=ids,
