@@ -1,5 +1,5 @@
-"""Evaluators that run a model over evaluation sets: zero-shot classification, retrieval and
-captioning.
+"""Evaluators that run a model over evaluation sets: zero-shot classification, retrieval,
+captioning and frozen-encoder probes.
 
 Configured by `config.evals` (every field and default: `coca_jax.core.config.defaults`):
   every_steps          0 = only after training; N = also every N steps.
@@ -20,6 +20,8 @@ Configured by `config.evals` (every field and default: `coca_jax.core.config.def
                        captions_feature, batch_size, and every `generate.Decoding` field:
                        method, num_beams, length_penalty, max_new_tokens (0 = the most the
                        decoder was trained on), min_len, ...)
+  probe                dict(enabled, dataset, split, train_split, ...): attentional and linear
+                       probes on the frozen image encoder (`probes`, schema.Probe).
 A group runs when it is enabled and names a split; it reads `dataset` from `data_dir` ("" =
 config.data.name / config.data.data_dir): a dataset built by `coca_jax.data.build`, or a TFDS
 catalog dataset prepared as array_record (`tfds build imagenet2012 --file_format=array_record`;
@@ -43,6 +45,7 @@ import numpy as np
 from coca_jax.core import config as config_lib
 from coca_jax.data import preprocess
 from coca_jax.evaluation import metrics
+from coca_jax.evaluation import probes
 from coca_jax.evaluation import prompts
 from coca_jax.inference import generate as gen
 from coca_jax.models.coca import CoCa
@@ -148,7 +151,7 @@ def transfer_prompts(zeroshot, templates: Sequence[str] | None = None) -> dict[s
 
 def _groups(evals):
   """(name, group) of each eval group that runs: enabled, with a split."""
-  return [(name, evals[name]) for name in ("zeroshot", "retrieval", "captioning")
+  return [(name, evals[name]) for name in ("zeroshot", "retrieval", "captioning", "probe")
           if evals[name].enabled and evals[name].split]
 
 
@@ -189,6 +192,9 @@ def check_evals(config, make_source=None) -> None:
       problems.append(f"config.evals.{name}.split={split!r}{where} is empty")
       continue
     has_feature = getattr(source, "has_feature", lambda path: True)
+    if name == "probe":  # Both its splits labelled (evaluation/probes.py).
+      problems.extend(probes.check_probe(group, make_source))
+      continue
     feature = "label_feature" if name == "zeroshot" else "captions_feature"
     if feature in group and not has_feature(group[feature]):
       problems.append(
@@ -340,6 +346,8 @@ def run_evals(config, embedder: Embedder, make_source=None) -> dict:
                                      prefix=f"zeroshot_{split}"))
     elif name == "retrieval":
       results.update(retrieval_eval(embedder, source, limit))
+    elif name == "probe":
+      results.update(probes.probe_eval(embedder, make_source, g))
     else:
       results.update(captioning_eval(embedder, source, decoding_from_config(g), limit,
                                      g.batch_size or None))
