@@ -138,7 +138,10 @@ def _defaults(backbone: str) -> dict:
                      class_names=[], templates=[], probe_steps=200, probe_lr=5e-4,
                      probe_batch_size=128, probe_seed=0, build_demo=False,
                      build_demo_options=dict(num_clips=200, num_frames=16, image_size=48,
-                                             grid=8, seed=0))),
+                                             grid=8, seed=0)),
+          # Frozen-encoder probes (schema.Probe, docs/evaluation.md): an attentional and a
+          # linear probe trained on `train_split`, top-1 reported on `split` ("" = off).
+          probe=schema.defaults_of(schema.Probe)),
       init=dict(source="", include_regex="", exclude_regex="", reinit_regex=""),
       profile=dict(PROFILE_DEFAULTS),
   )
@@ -718,7 +721,7 @@ def _validate_microbatches(config, need) -> None:
 
 def _validate_evals(config, need) -> None:
   evals = config.evals
-  for name in ("zeroshot", "retrieval", "captioning"):
+  for name in ("zeroshot", "retrieval", "captioning", "probe"):
     group = evals[name]
     examples = group.examples
     need(isinstance(examples, int) and examples >= 0,
@@ -727,7 +730,7 @@ def _validate_evals(config, need) -> None:
     need(isinstance(group.split, str) and isinstance(group.dataset, str),
          f"config.evals.{name}.split / .dataset must be strings (split '' = this eval off)")
     for field in ("data_dir", "image_feature", "label_feature", "captions_feature",
-                  "class_names_file", "templates_file"):
+                  "class_names_file", "templates_file", "train_split", "cache_dir"):
       if field in group:
         need(isinstance(group[field], str),
              f"config.evals.{name}.{field}={group[field]!r} must be a string")
@@ -748,11 +751,47 @@ def _validate_evals(config, need) -> None:
          f"config.evals.video.probe_lr={video.probe_lr!r} must be a number > 0")
     need(isinstance(video.dir, str), f"config.evals.video.dir={video.dir!r} must be a string "
          "(the clip set's folder)")
+  _validate_probe(evals.probe, need)
   for field in ("every_steps", "batch_size"):
     value = evals[field]
     need(isinstance(value, int) and value >= (1 if field == "batch_size" else 0),
          f"config.evals.{field}={value!r} must be an integer >= "
          f"{1 if field == 'batch_size' else 0}")
+
+
+def _validate_probe(probe, need) -> None:
+  """config.evals.probe (types and Literal values: `_validate_types`)."""
+  if not (probe.enabled and probe.split):
+    return
+  need(isinstance(probe.train_split, str) and probe.train_split,
+       f"config.evals.probe.split={probe.split!r} is set but config.evals.probe.train_split is "
+       "empty; name a labelled split the probes train on (not the split they report on), e.g. "
+       "'train', or config.evals.probe.split='' to turn the probes off")
+  need(probe.train_split != probe.split,
+       f"config.evals.probe.train_split={probe.train_split!r} is the split the probes report "
+       "on; train them on another split (or a disjoint slice: 'x[:50%]' and 'x[50%:]')")
+  need(probe.attentional or probe.linear, "config.evals.probe has attentional=False and "
+       "linear=False; enable one, or set config.evals.probe.split='' to turn the probes off")
+  need(isinstance(probe.train_examples, int) and probe.train_examples >= 0,
+       f"config.evals.probe.train_examples={probe.train_examples!r} must be an integer >= 0 "
+       "(0 = the whole train_split)")
+  l2 = probe.linear_l2
+  need(isinstance(l2, (list, tuple)) and len(l2) > 0 and all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in l2),
+       f"config.evals.probe.linear_l2={l2!r} must be a non-empty list of numbers > 0, e.g. "
+       "[1e-4, 1e-2, 1.0]")
+  holdout = probe.linear_holdout
+  need(isinstance(holdout, (int, float)) and 0 < holdout < 1,
+       f"config.evals.probe.linear_holdout={holdout!r} must be in (0, 1): the fraction of "
+       "train_split held out to choose linear_l2")
+  for field in ("attn_epochs", "attn_batch_size"):
+    need(isinstance(probe[field], int) and probe[field] >= 1,
+         f"config.evals.probe.{field}={probe[field]!r} must be an integer >= 1")
+  need(isinstance(probe.attn_heads, int) and probe.attn_heads >= 0,
+       f"config.evals.probe.attn_heads={probe.attn_heads!r} must be an integer >= 0 (0 = "
+       "config.model.pooler_heads)")
+  need(isinstance(probe.attn_lr, (int, float)) and probe.attn_lr > 0,
+       f"config.evals.probe.attn_lr={probe.attn_lr!r} must be > 0")
 
 
 def eval_problems(config) -> list[str]:
@@ -968,7 +1007,8 @@ def _validate_types(config, problems) -> None:
   groups = [(schema.MODELS.get(config.model.backbone), config.model, "model."),
             (schema.Train, config.train, "train."), (schema.Loss, config.loss, "loss."),
             (schema.Optim, config.optim, "optim."),
-            (schema.Decoding, config.evals.captioning, "evals.captioning.")]
+            (schema.Decoding, config.evals.captioning, "evals.captioning."),
+            (schema.Probe, config.evals.probe, "evals.probe.")]
   for cls, group, prefix in groups:
     if cls is not None:
       problems += [p for p in schema.problems_of(cls, group, prefix)

@@ -207,11 +207,14 @@ def _alias_notes() -> dict:
 
 def _schema_field(backbone: str, path: tuple):
   """(dataclass, field name) that declares a config path, or None. As in `config._defaults`:
-  model, train, loss and optim are schema dataclasses, and evals.captioning holds Decoding's."""
+  model, train, loss and optim are schema dataclasses, evals.captioning holds Decoding's and
+  evals.probe is Probe."""
   roots = {"model": schema.MODELS[backbone], "train": schema.Train, "loss": schema.Loss,
            "optim": schema.Optim}
   if path[:2] == ("evals", "captioning"):
     cls, keys = schema.Decoding, path[2:]
+  elif path[:2] == ("evals", "probe"):
+    cls, keys = schema.Probe, path[2:]
   else:
     cls, keys = roots.get(path[0]), path[1:]
   for key in keys[:-1]:

@@ -319,6 +319,53 @@ class Decoding:
 
 
 @_frozen
+class Probe:
+  """config.evals.probe: frozen-encoder probes (evaluation/probes.py, docs/evaluation.md,
+  "Frozen-encoder probes"). Both train on `train_split` and report top-1 on `split`, read like
+  the zero-shot eval reads its split (ours or a TFDS catalog dataset); the image encoder stays
+  frozen, its features computed once per model and split and cached.
+
+  attentional: the CoCa paper's probe: a new attentional pooler (one query) with a LayerNorm and
+    a linear head, trained with AdamW on the encoder's output tokens -> eval/probe_attn_top1.
+  linear: L2-regularised least squares on the pooled image embedding (standardised features,
+    one-hot targets in {-1, 1}, closed form) -> eval/probe_linear_top1; the regularisation is
+    the one of `linear_l2` that scores best on a held-out `linear_holdout` of train_split
+    (eval/probe_linear_l2), refit on the whole of it.
+  linear_l2: per-example L2 weights tried (the fit minimises mean squared error + l2 * |W|^2;
+    sklearn's alpha = l2 * examples).
+  linear_holdout: the fraction of train_split held out (a seeded draw) to choose linear_l2.
+  seed: draws the held-out part, the attentional probe's initialisation and its batch order.
+  attn_heads: the probe pooler's heads; 0 = config.model.pooler_heads.
+  attn_epochs, attn_batch_size, attn_lr, attn_weight_decay: the probe's AdamW run (warmup 5% of
+    the steps, then cosine decay to 0); batches in a fixed order drawn from `seed`.
+  cache_dir: also keep the features in this directory (local or a URL; one folder per
+    fingerprint of the model's parameters, so later runs of the same model and step reuse them);
+    "" = in memory only, for the current parameters.
+  """
+  enabled: bool = True
+  dataset: str = ""  # "" = config.data.name; or a TFDS catalog dataset (as zero-shot reads it).
+  split: str = ""  # The split top-1 is reported on; "" = probes off.
+  examples: int = 0  # 0 = the whole split.
+  data_dir: str = ""  # "" = config.data.data_dir.
+  image_feature: str = "image"
+  label_feature: str = "label"
+  train_split: str = ""  # Labelled split the probes train on (never `split`).
+  train_examples: int = 0  # 0 = the whole train_split.
+  attentional: bool = True
+  linear: bool = True
+  seed: int = 0
+  linear_l2: list = dataclasses.field(
+      default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+  linear_holdout: float = 0.2
+  attn_heads: int = 0
+  attn_epochs: int = 20
+  attn_batch_size: int = 256
+  attn_lr: float = 3e-3
+  attn_weight_decay: float = 1e-4
+  cache_dir: str = ""
+
+
+@_frozen
 class Train:
   """config.train."""
   steps: int

@@ -1,5 +1,5 @@
-"""Evaluators that run a model over evaluation sets: zero-shot classification, retrieval and
-captioning.
+"""Evaluators that run a model over evaluation sets: zero-shot classification, retrieval,
+captioning and frozen-encoder probes.
 
 Configured by `config.evals` (every field and default: `coca_jax.core.config.defaults`):
   every_steps          0 = only after training; N = also every N steps.
@@ -22,6 +22,8 @@ Configured by `config.evals` (every field and default: `coca_jax.core.config.def
                        decoder was trained on), min_len, ...)
   video                dict(dir, zeroshot_split, retrieval_split, probe_split, ...): clips,
                        frames through the image encoder (`coca_jax.evaluation.video`).
+  probe                dict(enabled, dataset, split, train_split, ...): attentional and linear
+                       probes on the frozen image encoder (`probes`, schema.Probe).
 A group runs when it is enabled and names a split; it reads `dataset` from `data_dir` ("" =
 config.data.name / config.data.data_dir): a dataset built by `coca_jax.data.build`, or a TFDS
 catalog dataset prepared as array_record (`tfds build imagenet2012 --file_format=array_record`;
@@ -45,6 +47,7 @@ import numpy as np
 from coca_jax.core import config as config_lib
 from coca_jax.data import preprocess
 from coca_jax.evaluation import metrics
+from coca_jax.evaluation import probes
 from coca_jax.evaluation import prompts
 from coca_jax.evaluation import video
 from coca_jax.inference import generate as gen
@@ -151,7 +154,7 @@ def transfer_prompts(zeroshot, templates: Sequence[str] | None = None) -> dict[s
 
 def _groups(evals):
   """(name, group) of each eval group that runs: enabled, with a split."""
-  return [(name, evals[name]) for name in ("zeroshot", "retrieval", "captioning")
+  return [(name, evals[name]) for name in ("zeroshot", "retrieval", "captioning", "probe")
           if evals[name].enabled and evals[name].split]
 
 
@@ -192,6 +195,9 @@ def check_evals(config, make_source=None) -> None:
       problems.append(f"config.evals.{name}.split={split!r}{where} is empty")
       continue
     has_feature = getattr(source, "has_feature", lambda path: True)
+    if name == "probe":  # Both its splits labelled (evaluation/probes.py).
+      problems.extend(probes.check_probe(group, make_source))
+      continue
     feature = "label_feature" if name == "zeroshot" else "captions_feature"
     if feature in group and not has_feature(group[feature]):
       problems.append(
@@ -344,6 +350,8 @@ def run_evals(config, embedder: Embedder, make_source=None) -> dict:
                                      prefix=f"zeroshot_{split}"))
     elif name == "retrieval":
       results.update(retrieval_eval(embedder, source, limit))
+    elif name == "probe":
+      results.update(probes.probe_eval(embedder, make_source, g))
     else:
       results.update(captioning_eval(embedder, source, decoding_from_config(g), limit,
                                      g.batch_size or None))

@@ -215,6 +215,17 @@ class CoCa(nn.Module):
   def encode_image(self, image):
     """image [batch, H, W, 3] -> (image_embed [batch, D] unit norm,
     decoder context [batch, context_tokens, pooler width (vision width unless pooler_width)])."""
+    return self._pool_image(self._vision_tokens(image))
+
+  def image_features(self, image):
+    """image [batch, H, W, 3] -> (image_embed [batch, D] unit norm, the image encoder's output
+    tokens [batch, image_tokens, vision width]: what the poolers read; the frozen-encoder
+    probes train their own pooler on them (evaluation/probes.py))."""
+    tokens = self._vision_tokens(image)
+    return self._pool_image(tokens)[0], tokens
+
+  def _vision_tokens(self, image):
+    """image [batch, H, W, 3] -> the ViT's output tokens [batch, image_tokens, vision width]."""
     c = self.config
     x = self.patch_embed(patchify(image, c))
     if c.vision.class_token:
@@ -227,6 +238,11 @@ class CoCa(nn.Module):
     tokens = self.vision(x)
     if c.vision.final_norm:
       tokens = self.ln_vision(tokens)
+    return tokens
+
+  def _pool_image(self, tokens):
+    """Encoder tokens -> (image_embed, decoder context) as `encode_image` returns them."""
+    c = self.config
     generative = self.generative_pooler(tokens)
     if c.pooling == "cascade":
       contrastive = self.contrastive_pooler(generative)[:, 0]

@@ -341,9 +341,7 @@ class MoME(nn.Module):
       x, kv = self._layer(i, x, None, segments, return_kv=True)
       if i < c.mome.bottom_layers:  # Same states, so same keys/values, as in the fused pass.
         prefix_kv.append(kv)
-    tokens = self.ln_image(x)
-    pooled = tokens[:, 0] if c.pooling == "cls" else self.contrastive_pooler(tokens)[:, 0]
-    image_embed = l2_normalize(self.image_projection(self.ln_image_embed(pooled)))
+    image_embed = self._image_embed(self.ln_image(x))
     # The top layers of the fused pass see image tokens through ffn_fusion; they still attend to
     # image tokens only. (Unused outputs, e.g. when only the embedding is wanted, are dropped by
     # XLA's dead-code elimination under jit.)
@@ -353,6 +351,27 @@ class MoME(nn.Module):
       prefix_kv.append(kv)
     context = jnp.stack([jnp.stack(kv, axis=1) for kv in prefix_kv], axis=1)
     return image_embed, context
+
+  def image_features(self, image):
+    """image [batch, H, W, 3] -> (image_embed [batch, D] unit norm, the image-only pass's
+    final-normed tokens [batch, image_tokens, width]: what the contrastive pooler (or [CLS])
+    reads; the frozen-encoder probes train their own pooler on them (evaluation/probes.py))."""
+    c = self.config
+    if c.mome.bert:
+      out = self._bert_image(image)
+      return out["image_embed"], out["tokens"]
+    x = self._image_tokens(image)
+    segments = ((IMAGE, x.shape[1]),)
+    for i in range(c.mome.depth):
+      x, _ = self._layer(i, x, None, segments)
+    tokens = self.ln_image(x)
+    return self._image_embed(tokens), tokens
+
+  def _image_embed(self, tokens):
+    """The image-only pass's final-normed tokens -> image_embed [batch, D] unit norm."""
+    c = self.config
+    pooled = tokens[:, 0] if c.pooling == "cls" else self.contrastive_pooler(tokens)[:, 0]
+    return l2_normalize(self.image_projection(self.ln_image_embed(pooled)))
 
   # -- Text ----------------------------------------------------------------------------------
 
