@@ -287,6 +287,7 @@ class DemoBuilder(_CaptionBuilder, skip_registration=True):
       data = digit_scenes.make_single_digits("train", num, self.seed, image_size=self.image_size,
                                              grid=self.grid, variation=1.0, strokes=1.0,
                                              varied_grid=0)
+      labels = data["label"]
     elif split in ("digits", "train_digits"):
       data = digit_scenes.make_single_digits("test" if split == "digits" else "train", num,
                                              self.seed, image_size=self.image_size,
