@@ -232,7 +232,7 @@ def test_image_features_are_encode_images_embedding(tiny_model, tiny_params, tin
   model = tiny_config.model
   images = jax.random.normal(jax.random.key(0), (tiny_config.evals.batch_size, model.image_size,
                                                  model.image_size, 3))
-  embed, tokens = probes._features_fn(tiny_model)(tiny_params, images)  # The probes' compile.
+  embed, tokens = probes.image_features_fn(tiny_model)(tiny_params, images)  # The probes' compile.
   expected = jax.jit(lambda p, x: tiny_model.apply({"params": p}, x, method="encode_image")[0])(
       tiny_params, images)
   np.testing.assert_allclose(embed, expected, rtol=1e-6, atol=1e-6)

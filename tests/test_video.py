@@ -7,7 +7,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -16,6 +15,7 @@ import pytest
 from coca_jax.data import preprocess
 from coca_jax.data import video as video_data
 from coca_jax.evaluation import evaluators
+from coca_jax.evaluation import probes
 from coca_jax.evaluation import video
 
 
@@ -201,7 +201,7 @@ def _config(clip_dir, **video_fields):
   off = dict(enabled=False, split="")
   return ml_collections.ConfigDict(dict(
       data=dict(data_dir=os.path.dirname(clip_dir)),
-      evals=dict(zeroshot=off, retrieval=off, captioning=off, video=dict(dict(
+      evals=dict(zeroshot=off, retrieval=off, captioning=off, probe=off, video=dict(dict(
           enabled=True, dir=os.path.basename(clip_dir), zeroshot_split="", retrieval_split="",
           probe_split="", probe_train_split="", num_frames=3, examples=0,
           class_names=["0", "1", "2"], templates=["a {}", "the {} here"], probe_steps=2,
@@ -242,40 +242,46 @@ def test_video_retrieval_and_zeroshot_equal_numpy_from_frame_embeddings(
 
 def test_clip_tokens_are_the_tokens_the_image_poolers_read(clip_set, tiny_model, tiny_params,
                                                            tiny_config):
-  """The probe's input: each frame's encoder output tokens, frames concatenated in order. The
-  model's own generative pooler applied to them gives encode_image's decoder context."""
+  """The probe's input: each frame's encoder output tokens from the model's `image_features`
+  (the ones the image probe reads), frames concatenated in order. The model's own generative
+  pooler applied to them gives encode_image's decoder context."""
   size = tiny_config.model.image_size
   embedder = evaluators.Embedder(tiny_model, tiny_params, _WordTokenizer(), batch_size=8)
   source = video_data.ClipSource(clip_set, "test", 3, size)
   tokens, labels = video.clip_tokens(embedder, source, limit=2)
   per_frame = tiny_config.model.image_size ** 2 // tiny_config.model.patch_size ** 2
-  assert tokens.shape == (2, 3 * per_frame, tiny_config.model.vision.width)
+  width = tiny_config.model.vision.width
+  assert tokens.shape == (2, 3 * per_frame, width)
   np.testing.assert_array_equal(labels, [0, 1])
-  frames = video_data.read_clip(source.clips[1], 3, size)
-  _, context = tiny_model.apply({"params": tiny_params}, preprocess.normalize_images(frames),
-                                method="encode_image")
-  pooled = tiny_model.apply(
-      {"params": tiny_params}, jnp.asarray(tokens[1].reshape(3, per_frame, -1)),
-      method=lambda m, t: m.ln_image_context(m.generative_pooler(t)))
+  frames = preprocess.normalize_images(video_data.read_clip(source.clips[1], 3, size))
+  frame_tokens, context, pooled = jax.jit(lambda p, x, t: tiny_model.apply(
+      {"params": p}, x, t, method=lambda m, x, t: (
+          m.image_features(x)[1], m.encode_image(x)[1],
+          m.ln_image_context(m.generative_pooler(t)))))(
+              tiny_params, frames, tokens[1].reshape(3, per_frame, width))
+  np.testing.assert_allclose(tokens[1], np.asarray(frame_tokens).reshape(3 * per_frame, width),
+                             atol=2e-5)
   np.testing.assert_allclose(np.asarray(pooled), np.asarray(context), atol=2e-5)
 
 
-def test_attention_probe_learns_a_token_task_deterministically():
-  """A class is told by one token (a one-hot feature at a random position) among noise: the
-  probe has to attend to it. Two runs with one seed give the same accuracy."""
-  rng = np.random.default_rng(0)
-
-  def task(n):
-    tokens = rng.normal(0, 0.3, (n, 12, 8)).astype(np.float32)
-    labels = rng.integers(0, 3, n)
-    tokens[np.arange(n), rng.integers(0, 12, n), labels] += 3.0
-    return tokens, labels
-
-  train, test = task(96), task(48)
-  kwargs = dict(num_classes=3, steps=60, lr=1e-2, batch_size=32, seed=1)
-  first = video.attention_probe(*train, *test, **kwargs)
-  assert first["top1"] >= 0.9
-  assert video.attention_probe(*train, *test, **kwargs) == first
+def test_video_probe_is_the_image_probe_run_as_the_video_fields_say(clip_set, tiny_model,
+                                                                    tiny_params, tiny_config):
+  """eval/video_probe_top1 is `probes.train_attentional_probe` over each clip's frame tokens,
+  run for probe_steps steps of probe_batch_size clips at probe_lr from probe_seed (heads: the
+  image probe's), scored with `probes.predict`; the same config gives the same figure."""
+  embedder = evaluators.Embedder(tiny_model, tiny_params, _WordTokenizer(), batch_size=8)
+  config = _config(clip_set, probe_split="test", probe_train_split="test", probe_steps=3,
+                   probe_lr=1e-2, probe_batch_size=2, probe_seed=1)
+  results = video.run_video_evals(config, embedder)
+  assert video.run_video_evals(config, embedder) == results  # Deterministic.
+  settings = video.probe_settings(config, tiny_model)
+  assert (settings.steps, settings.batch_size, settings.lr, settings.seed) == (3, 2, 1e-2, 1)
+  assert settings.heads == tiny_config.model.pooler_heads  # config.evals.probe.attn_heads 0.
+  tokens, labels = video.clip_tokens(embedder, video_data.ClipSource(
+      clip_set, "test", 3, tiny_config.model.image_size))
+  params, losses = probes.train_attentional_probe(tokens, labels, 3, settings)
+  assert len(losses) == 3
+  assert results["eval/video_probe_top1"] == np.mean(probes.predict(params, tokens) == labels)
 
 
 def test_video_config_problems_are_reported_before_training(clip_set):

@@ -129,8 +129,10 @@ def _defaults(backbone: str) -> dict:
           # set in `dir` (relative: under data.data_dir): a manifest `<split>.jsonl` per split,
           # a clip a line ({"clip": video file or folder of frames, "caption", "label"}).
           # num_frames are sampled uniformly per clip (the paper: 16); zero-shot and retrieval
-          # use the mean of the frame embeddings; the attentional probe trains a one-query
-          # pooler + linear head on probe_train_split's frame tokens and reports probe_split.
+          # use the mean of the frame embeddings; the attentional probe (the image probe's,
+          # evaluation/probes.py) trains on probe_train_split's frame tokens for probe_steps
+          # steps of probe_batch_size clips at peak lr probe_lr, seeded by probe_seed (heads
+          # and weight decay: config.evals.probe's attn_*), and reports probe_split.
           # Each *_split "" = that eval off. build_demo: build the demo's moving-digit clips
           # (data.video.build_demo_clips, build_demo_options) into `dir` if missing.
           video=dict(enabled=True, dir="", zeroshot_split="", retrieval_split="",

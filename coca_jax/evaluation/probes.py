@@ -89,7 +89,9 @@ def params_fingerprint(model, params) -> str:
 _FEATURE_FNS: dict = {}  # id(model) -> (model, jitted features function); one compile per model.
 
 
-def _features_fn(model):
+def image_features_fn(model):
+  """A jitted (params, normalised images [B, H, W, 3]) -> (image embeddings [B, D], encoder
+  tokens [B, image_tokens, width]): the model's `image_features`, compiled once per model."""
   entry = _FEATURE_FNS.get(id(model))
   if entry is None or entry[0] is not model:
     fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method="image_features"))
@@ -97,23 +99,33 @@ def _features_fn(model):
   return entry[1]
 
 
+def image_features(embedder, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(embeddings float32 [N, D], encoder tokens float32 [N, image_tokens, width]) of uint8
+  images [N, H, W, 3], in batches of `embedder.batch_size` padded to one compiled shape."""
+  fn, size = image_features_fn(embedder.model), embedder.batch_size
+  embeddings, tokens = [], []
+  for start in range(0, len(images), size):
+    chunk = preprocess.normalize_images(images[start:start + size])
+    count = len(chunk)
+    if count < size:
+      chunk = np.concatenate([chunk, np.zeros((size - count, *chunk.shape[1:]), chunk.dtype)])
+    embed, toks = fn(embedder.params, chunk)
+    embeddings.append(np.asarray(embed, np.float32)[:count])
+    tokens.append(np.asarray(toks, np.float32)[:count])
+  return np.concatenate(embeddings), np.concatenate(tokens)
+
+
 def extract_features(embedder, source, limit: int | None = None) -> Features:
   """The image embeddings, encoder tokens and labels of the first `limit` examples (None: all)
   of `source` (an EvalSource), batched and padded like `Embedder` (one compile per model)."""
-  fn, batch_size = _features_fn(embedder.model), embedder.batch_size
   embeddings, tokens, labels = [], [], []
-  for batch in source.batches(batch_size, limit=limit):
+  for batch in source.batches(embedder.batch_size, limit=limit):
     if "label" not in batch:
       raise ValueError(f"split {source.split!r} of {source.name!r} has no labels; the probes "
                        "need a labelled split (config.evals.probe.label_feature names the label)")
-    images = preprocess.normalize_images(batch["image"])
-    count = len(images)
-    if count < batch_size:  # One compiled shape for the whole split.
-      images = np.concatenate([images, np.zeros((batch_size - count, *images.shape[1:]),
-                                                images.dtype)])
-    embed, toks = fn(embedder.params, images)
-    embeddings.append(np.asarray(embed, np.float32)[:count])
-    tokens.append(np.asarray(toks, np.float32)[:count])
+    embed, toks = image_features(embedder, batch["image"])
+    embeddings.append(embed)
+    tokens.append(toks)
     labels.append(np.asarray(batch["label"], np.int64))
   if not labels:
     raise ValueError(f"split {source.split!r} of {source.name!r} is empty")
@@ -341,9 +353,11 @@ def probe_logits(params: dict, tokens, normalized: bool = False):
 
 @dataclasses.dataclass(frozen=True)
 class AttentionalSettings:
-  """The attentional probe's training run (config.evals.probe.attn_*, seed)."""
+  """The attentional probe's training run (config.evals.probe.attn_*, seed; the video probe's
+  config.evals.video.probe_*). `steps` > 0 sets the number of steps and overrides `epochs`."""
   heads: int = 8
   epochs: int = 20
+  steps: int = 0
   batch_size: int = 256
   lr: float = 1e-3
   weight_decay: float = 1e-4
@@ -353,9 +367,9 @@ class AttentionalSettings:
 def batch_order(n: int, settings: AttentionalSettings) -> np.ndarray:
   """int32 [steps, batch]: the example indices of each step, a fresh seeded permutation per
   epoch, read as one stream cut into equal batches (batch = min(batch_size, n); steps =
-  ceil(epochs * n / batch))."""
+  settings.steps, or when 0 ceil(epochs * n / batch))."""
   batch = min(settings.batch_size, n)
-  steps = math.ceil(settings.epochs * n / batch)
+  steps = settings.steps or math.ceil(settings.epochs * n / batch)
   rng = np.random.default_rng([settings.seed, 2])
   stream = np.concatenate([rng.permutation(n) for _ in range(math.ceil(steps * batch / n))])
   return stream[:steps * batch].reshape(steps, batch).astype(np.int32)

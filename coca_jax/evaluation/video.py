@@ -10,8 +10,9 @@ Action Recognition"): each frame goes through the image encoder on its own, no t
   embeddings of the image zero-shot eval (eval/video_zeroshot_top1, _top5). The paper reports
   Kinetics / Moments-in-Time with a frozen encoder, not zero-shot; this applies its retrieval
   embedding to classification, as its image zero-shot does.
-- Attentional probe: a new pooler with one learned query over all frames' encoder tokens
-  (spatial x temporal, [clips, frames * tokens, width]) plus a linear head, trained with softmax
+- Attentional probe: the image evals' attentional probe (`probes.train_attentional_probe`: a
+  new one-query attentional pooler, a LayerNorm and a linear head) over all frames' encoder
+  tokens (spatial x temporal, [clips, frames * tokens, width]), trained with softmax
   cross-entropy on a labelled train split of clips, the encoder frozen (paper 4.2.1: a single
   query token weights all tokens of spatial patches x temporal frames); eval/video_probe_top1.
 
@@ -22,20 +23,17 @@ Frames go through the `Embedder` of the image evals (batched, padded to one comp
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import os
+import time
 from typing import Sequence
 
 from absl import logging
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-from coca_jax.data import preprocess
 from coca_jax.data import video as video_data
 from coca_jax.evaluation import metrics
+from coca_jax.evaluation import probes
 
 # ----------------------------------------------------------------------------------------------
 # Frame embeddings -> video embeddings
@@ -103,154 +101,53 @@ def video_retrieval_eval(embedder, source, limit=None) -> dict:
 # Frame tokens and the attentional probe
 # ----------------------------------------------------------------------------------------------
 
-# The module whose output is the image encoder's final token states, per model family: the
-# towers' final LayerNorm (or the ViT stack without one), MoME's image-pass LayerNorm.
-_TOKEN_MODULES = ("ln_vision", "ln_image")
-
-
-def frame_tokens_fn(model):
-  """A jitted (params, images [B, H, W, 3] normalised) -> encoder tokens [B, L, width]: the
-  image encoder's output states that its poolers read, captured from `encode_image`."""
-  c = model.config
-  names = set(_TOKEN_MODULES)
-  if getattr(getattr(c, "vision", None), "final_norm", True) is False:
-    names = {"vision"}
-
-  def tokens(params, images):
-    _, state = model.apply({"params": params}, images, method="encode_image",
-                           capture_intermediates=lambda mdl, method: (
-                               method == "__call__" and mdl.name in names and
-                               mdl.scope.path[:-1] == ()),
-                           mutable=["intermediates"])
-    captured = [v["__call__"][0] for k, v in state["intermediates"].items() if k in names]
-    if len(captured) != 1:
-      raise ValueError(f"the image encoder's tokens were not found (looked for the output of "
-                       f"{sorted(names)}; got {sorted(state['intermediates'])})")
-    return captured[0]
-
-  return jax.jit(tokens)
-
-
 def clip_tokens(embedder, source, limit: int | None = None):
-  """(tokens float32 [N, frames * L, width], labels int64 [N]) of a labelled ClipSource: every
-  frame's encoder tokens, the frames' token sequences concatenated in frame order."""
+  """(tokens float32 [N, frames * L, width], labels int64 [N]) of the first `limit` clips of a
+  labelled ClipSource: every frame's encoder tokens (the model's `image_features`, what its
+  poolers read), the frames' token sequences concatenated in frame order."""
   source.require("label")
-  fn = frame_tokens_fn(embedder.model)
-  size = getattr(embedder, "batch_size", 256)
-  out = []
-  for batch in source.batches(max(1, size // source.num_frames), limit=limit):
+  tokens, labels = [], []
+  for batch in source.batches(max(1, embedder.batch_size // source.num_frames), limit=limit):
     frames = batch["frames"]
-    flat = preprocess.normalize_images(frames.reshape(-1, *frames.shape[2:]))
-    pieces = []
-    for start in range(0, len(flat), size):
-      chunk = flat[start:start + size]
-      padded = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]),
-                                                chunk.dtype)]) if len(chunk) < size else chunk
-      pieces.append(np.asarray(fn(embedder.params, padded), np.float32)[:len(chunk)])
-    tokens = np.concatenate(pieces)
-    out.append(tokens.reshape(len(frames), -1, tokens.shape[-1]))
-  limit = len(source) if limit is None else min(limit, len(source))
-  return np.concatenate(out), source.labels[:limit]
+    _, frame_tokens = probes.image_features(embedder, frames.reshape(-1, *frames.shape[2:]))
+    tokens.append(frame_tokens.reshape(len(frames), -1, frame_tokens.shape[-1]))
+    labels.append(batch["label"])
+  if not tokens:
+    raise ValueError(f"split {source.split!r} of clip set {source.clip_dir} has no clips; the "
+                     "video probe needs clips in probe_train_split and probe_split")
+  return np.concatenate(tokens), np.concatenate(labels)
 
 
-class AttentionProbe(nn.Module):
-  """Tokens [B, N, D] -> logits [B, classes]: one learned query attending over the tokens
-  (`heads` heads), output projection, LayerNorm, linear head: the paper's attentional pooler with
-  a single query plus a classifier.
-
-  It is the function of one multi-head attention layer with one learned query, computed in
-  another order: with the query fixed, each head's query-key product is a learned linear
-  functional of a token (`key`, [D, heads]; key biases shift every logit equally and cancel in
-  the softmax), and the value projection, being linear, is applied after the weighted sum. A
-  step then costs O(N x D) per head instead of O(N x D^2) for projecting every frozen token."""
-  num_classes: int
-  heads: int = 1
-
-  @nn.compact
-  def __call__(self, tokens):
-    width = tokens.shape[-1]
-    head_dim = max(1, width // self.heads)
-    # Zeros: every token weighs the same at the start (mean pooling), a stable first step.
-    key = self.param("key", nn.initializers.zeros, (width, self.heads))
-    value = self.param("value", nn.initializers.lecun_normal(), (width, self.heads, head_dim))
-    logits = jnp.einsum("bnd,dh->bnh", tokens, key) / np.sqrt(head_dim)
-    weights = jax.nn.softmax(logits, axis=1)
-    pooled = jnp.einsum("bnh,bnd->bhd", weights, tokens)
-    heads = jnp.einsum("bhd,dhk->bhk", pooled, value).reshape(tokens.shape[0], -1)
-    heads = heads + self.param("value_bias", nn.initializers.zeros, (heads.shape[-1],))
-    pooled = nn.Dense(width, name="out")(heads)
-    return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
-                    name="head")(nn.LayerNorm()(pooled))
+def probe_settings(config, model) -> probes.AttentionalSettings:
+  """The video probe's run: config.evals.video.probe_steps AdamW steps of probe_batch_size
+  clips, peak learning rate probe_lr, initialisation and batch order from probe_seed; the probe
+  itself (heads, weight decay) as config.evals.probe sets the image probe's."""
+  video = config.evals.video
+  image = probes.settings_of(config.evals.get("probe") or {}, model)
+  return dataclasses.replace(image, steps=int(video.probe_steps),
+                             batch_size=int(video.probe_batch_size), lr=float(video.probe_lr),
+                             seed=int(video.probe_seed))
 
 
-@functools.lru_cache(maxsize=8)
-def _probe_functions(num_classes: int, heads: int, steps: int, lr: float, weight_decay: float):
-  """(probe, optimizer, jitted train step, jitted predict) of one probe setting, built once so
-  periodic evals and repeated runs reuse their compilations."""
-  probe = AttentionProbe(num_classes, heads)
-  tx = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)
-
-  @jax.jit
-  def step(params, opt_state, tokens, labels, index):
-    def loss_fn(p):
-      logits = probe.apply({"params": p}, tokens[index])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels[index]).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  predict = jax.jit(lambda p, x: jnp.argmax(probe.apply({"params": p}, x), axis=-1))
-  return probe, tx, step, predict
-
-
-def attention_probe(train_tokens: np.ndarray, train_labels: np.ndarray,
-                    eval_tokens: np.ndarray, eval_labels: np.ndarray, num_classes: int, *,
-                    steps: int = 200, lr: float = 5e-4, batch_size: int = 128, heads: int = 1,
-                    weight_decay: float = 1e-4, seed: int = 0) -> dict:
-  """Trains `AttentionProbe` on frozen tokens [N, T*L, D] with softmax cross-entropy (AdamW,
-  cosine schedule; the paper's probe uses lr 5e-4, batch 128, cosine) and returns
-  {'top1': accuracy on eval_tokens}. Deterministic in `seed`: fixed minibatch order, jitted.
-
-  The image probe (evaluation/probes.py, issue 26 item 4) takes the same [N, tokens, D] input;
-  once it lands this can call it instead."""
-  train_tokens = np.asarray(train_tokens, np.float32)
-  train_labels = np.asarray(train_labels, np.int32)
-  if len(train_tokens) == 0 or len(eval_tokens) == 0:
-    raise ValueError(f"attention_probe: {len(train_tokens)} train and {len(eval_tokens)} eval "
-                     "examples; both splits need clips")
-  probe, tx, step, predict = _probe_functions(num_classes, heads, steps, lr, weight_decay)
-  params = probe.init(jax.random.key(seed), train_tokens[:1])["params"]
-  opt_state = tx.init(params)
-  batch_size = min(batch_size, len(train_tokens))
-  # The minibatch order: a fixed permutation per epoch, drawn from `seed`.
-  order_rng = np.random.default_rng(seed)
-  per_epoch = len(train_tokens) // batch_size
-  order = np.concatenate([order_rng.permutation(len(train_tokens))[:per_epoch * batch_size]
-                          for _ in range(-(-steps // per_epoch))]).reshape(-1, batch_size)
-
-  # The features go to the device once, as an argument (never a compiled-in constant); each
-  # step gathers its minibatch there.
-  tokens, labels = jnp.asarray(train_tokens), jnp.asarray(train_labels)
-  for i in range(steps):
-    params, opt_state, _ = step(params, opt_state, tokens, labels, jnp.asarray(order[i]))
-  predictions = np.concatenate([np.asarray(predict(params, jnp.asarray(eval_tokens[i:i + 256])))
-                                for i in range(0, len(eval_tokens), 256)])
-  return {"top1": float(np.mean(predictions == np.asarray(eval_labels)))}
-
-
-def video_probe_eval(embedder, train_source, eval_source, num_classes: int, limit=None,
-                     **probe_options) -> dict:
-  """eval/video_probe_top1: the attentional probe trained on `train_source`'s clips (all of
-  them) and scored on the first `limit` of `eval_source`."""
+def video_probe_eval(embedder, train_source, eval_source, num_classes: int,
+                     settings: probes.AttentionalSettings, limit=None) -> dict:
+  """eval/video_probe_top1: the image evals' attentional probe (`probes.
+  train_attentional_probe`) trained on all of `train_source`'s clips, each clip one example of
+  [frames * L, width] tokens, and scored on the first `limit` of `eval_source`."""
   train_tokens, train_labels = clip_tokens(embedder, train_source)
   eval_tokens, eval_labels = clip_tokens(embedder, eval_source, limit)
   for name, labels in (("train", train_labels), ("eval", eval_labels)):
-    if labels.size and labels.max() >= num_classes:
+    if labels.max() >= num_classes:
       raise ValueError(f"video probe {name} split has label {labels.max()}, outside the "
                        f"{num_classes} classes of config.evals.video.class_names")
-  result = attention_probe(train_tokens, train_labels, eval_tokens, eval_labels, num_classes,
-                           **probe_options)
-  return {"eval/video_probe_top1": result["top1"]}
+  t0, c0 = time.perf_counter(), time.process_time()
+  params, losses = probes.train_attentional_probe(train_tokens, train_labels, num_classes,
+                                                  settings)
+  top1 = float(np.mean(probes.predict(params, eval_tokens, settings.batch_size) == eval_labels))
+  logging.info("Video probe: top-1 %.4f after %d steps (loss %.3f -> %.3f) in %.2fs "
+               "(%.1f CPU-s)", top1, len(losses), losses[0], losses[-1],
+               time.perf_counter() - t0, time.process_time() - c0)
+  return {"eval/video_probe_top1": top1}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,6 +219,5 @@ def run_video_evals(config, embedder) -> dict:
   if group.probe_split:
     results.update(video_probe_eval(
         embedder, source(group.probe_train_split), source(group.probe_split),
-        len(group.class_names), limit, steps=group.probe_steps, lr=group.probe_lr,
-        batch_size=group.probe_batch_size, seed=group.probe_seed))
+        len(group.class_names), probe_settings(config, embedder.model), limit))
   return results
