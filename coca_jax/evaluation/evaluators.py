@@ -154,8 +154,9 @@ def transfer_prompts(zeroshot, templates: Sequence[str] | None = None) -> dict[s
 
 def _groups(evals):
   """(name, group) of each eval group that runs: enabled, with a split."""
+  # .get: a config written before a group existed (an older run's config.json) lacks it.
   return [(name, evals[name]) for name in ("zeroshot", "retrieval", "captioning", "probe")
-          if evals[name].enabled and evals[name].split]
+          if evals.get(name) is not None and evals[name].enabled and evals[name].split]
 
 
 def _eval_source(config):
