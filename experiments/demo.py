@@ -255,7 +255,7 @@ def _use_mome(c: ml_collections.ConfigDict, smoke: bool, limoe: bool) -> None:
 
 
 VLMO_STAGES = ("1", "2", "3")
-VLMO_STEPS = {"2": 300, "3": 600}
+VLMO_STEPS = {"2": 300, "3": 400}
 
 
 def _use_vlmo(c: ml_collections.ConfigDict, smoke: bool, stage: str, init: str) -> None:
