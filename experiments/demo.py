@@ -51,15 +51,36 @@ Args (comma-separated after ':'):
          metrics log loss/<source> and examples/<source> per step. The zero-shot eval's
          "digits" split is drawn from the held-out scans, so the label source never overlaps
          it. Combines with smoke (the two-process mixture test uses `smoke,mixture`).
+  vlmo   VLMo's stagewise pretraining (experiments/vlmo_base.py's model and objectives) at the
+         demo's scale: a MoME of 4 layers at the demo's width with VLMo's BERT text encoder
+         (bidirectional, [CLS] first; the demo's SentencePiece pieces plus a [MASK] id), the
+         VL-FFN in the top layer, no captioning. With `stage=S`:
+           1  refused: VLMo starts from BEiT's image-only weights, which do not exist at this
+              scale; the stand-in is the image side's random initialisation (docs/demo.md).
+           2  text-only MLM on the demo's train captions, built as a text corpus
+              (digit_scene_captions, `data.build --format text`'s builder) on the first run;
+              everything frozen but what VLMo's stage 2 trains (recipes.VLMO_STAGE2_FROZEN).
+           3  (default) ITC + VL-ITC + ITM (hard negatives, 16 examples a step) + MLM on the
+              scenes, from `init=DIR` (stage 2's workdir: its parameters, tokenizer and data);
+              evaluated zero-shot and by retrieval.
+         All three (docs/demo.md, "VLMo demo"):
+           python -m coca_jax.train --config experiments/demo.py:vlmo,stage=2 --workdir W2
+           python -m coca_jax.train --config experiments/demo.py:vlmo,init=W2 --workdir W3
+         Combines with smoke (`demo.py:vlmo,smoke,stage=2`).
 sweep() below: peak learning rate 1e-3 vs 3e-3, two trials.
 """
 
+import os
+
 import ml_collections
 
+from coca_jax.core import recipes
 from coca_jax.core.config import PROFILE_DEFAULTS
 from coca_jax.core.config_args import parse_arg
 from coca_jax.data.digit_scenes import (DIGIT_NAMES, TRANSFER_SPLITS, transfer_templates,
                                         zero_shot_templates)
+from coca_jax.data.prepare import DEMO_TEXT_NAME
+from coca_jax.interop import vlmo as vlmo_interop
 
 # Image-side routing. Measured when capacity was per image with position priority: a scene's
 # many near-identical background patches pick the same expert, and at 1.25x an even share 56-60%
@@ -81,9 +102,15 @@ MIXTURE_TEMPLATES = ["a photo of the digit {}."]
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   args = parse_arg(arg, "experiments/demo.py", smoke=False, mini=False, limoe=False,
-                   mome=False, vary=False, mixture=False)
+                   mome=False, vary=False, mixture=False, vlmo=False, stage="3", init="")
   if args.smoke and args.mini:
     raise ValueError("experiments/demo.py: use one of the args 'mini' or 'smoke', not both")
+  if not args.vlmo and (args.init or args.stage != "3"):
+    raise ValueError("experiments/demo.py: the args 'stage' and 'init' belong to the VLMo demo; "
+                     "add 'vlmo' (e.g. demo.py:vlmo,stage=2)")
+  others = [name for name in ("mini", "limoe", "mome", "vary") if args[name]]
+  if args.vlmo and others:
+    raise ValueError(f"experiments/demo.py: 'vlmo' combines with 'smoke' only, not {others}")
   smoke, mini, limoe, mome = args.smoke, args.mini, args.limoe, args.mome
   c = ml_collections.ConfigDict()
 
@@ -199,6 +226,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                   router_global_entropy_weight=0.01)
   if mome:
     _use_mome(c, smoke, limoe)
+  if args.vlmo:
+    _use_vlmo(c, smoke, args.stage, args.init)
   if args.vary:
     _vary_scenes(c, full_size=not (smoke or mini or mome))
   if args.mixture:
@@ -280,6 +309,72 @@ def _use_mome(c: ml_collections.ConfigDict, smoke: bool, limoe: bool) -> None:
   c.loss.update(itm_weight=1.0, itm_examples=16 if not smoke else 8)
   if not smoke:
     c.train.steps = 800
+
+
+VLMO_STAGES = ("1", "2", "3")
+VLMO_STEPS = {"2": 300, "3": 400}
+
+
+def _use_vlmo(c: ml_collections.ConfigDict, smoke: bool, stage: str, init: str) -> None:
+  """VLMo (experiments/vlmo_base.py's model and objectives) at the demo's scale: a MoME of 4
+  layers at the demo's width with the BERT text encoder, VL-FFN in the top layer. `stage` 2:
+  text-only MLM on the demo's captions, frozen as VLMo's stage 2; 3: ITC + VL-ITC + ITM + MLM on
+  the scenes, from `init` (stage 2's workdir: its parameters, tokenizer and data)."""
+  where = "experiments/demo.py"
+  if stage not in VLMO_STAGES:
+    raise ValueError(f"{where}: stage={stage!r}; use one of {', '.join(VLMO_STAGES)} (VLMo's "
+                     "stagewise pretraining; docs/demo.md, 'VLMo demo')")
+  if stage == "1":
+    raise ValueError(
+        f"{where}: vlmo,stage=1 is VLMo's image-only stage, which VLMo does not train: it "
+        "starts from BEiT's weights, and there are none at the demo's scale. The demo's "
+        "stand-in is the image side's random initialisation, frozen through stage 2 as VLMo "
+        "freezes BEiT's (docs/demo.md, 'VLMo demo'); start with vlmo,stage=2")
+  if stage == "2" and init:
+    raise ValueError(f"{where}: vlmo,stage=2 starts from the random initialisation (the "
+                     "demo's stage-1 stand-in); drop init=")
+  width, depth, heads = c.model.vision.width, c.model.vision.depth, c.model.vision.heads
+  mlp_dim, max_len = c.model.vision.mlp_dim, c.model.text.max_len
+  if smoke:
+    depth = 2
+  # The demo's SentencePiece pieces keep their ids (PAD 0, UNK 1, BOS 2 as BERT's [CLS], EOS 3
+  # as [SEP]); [MASK] is one more id after the tokenizer's at most tokenizer_vocab pieces, so no
+  # caption piece is ever it.
+  mask_id = c.data.tokenizer_vocab
+  c.model = vlmo_interop.model_group(
+      dict(image_size=c.model.image_size, patch_size=c.model.patch_size, width=width,
+           depth=depth, heads=heads, mlp_dim=mlp_dim, vlffn_start=depth - 1),
+      vl_contrastive=stage == "3", drop_path_rate=0.0, dtype="float32", vocab_size=mask_id + 1,
+      max_len=max_len, relative_text_length=max_len, cls_id=2, sep_id=3, mask_id=mask_id)
+  c.loss = ml_collections.ConfigDict(dict(
+      contrastive="softmax", contrastive_reduction="mean", caption_weight=0.0,
+      mlm_mask_id=mask_id, mlm_special_ids=[1, 2, 3, mask_id]))
+  c.evals.captioning.enabled = False  # The BERT text encoder cannot caption.
+  # VLMo's own evals only: the probes and the video evals (the default demo's) would add ~50
+  # CPU-s to a demo whose stages already take the default demo's budget.
+  c.evals.video.enabled = False
+  c.evals.probe.split = ""
+  if stage == "2":
+    c.model.mome.fusion_layers = 0  # VLMo's stage 2 has no VL-FFN.
+    c.loss.update(contrastive_weight=0.0, vl_contrastive_weight=0.0, itm_weight=0.0,
+                  mlm_weight=1.0)
+    c.data.update(name=DEMO_TEXT_NAME, text_only=True)
+    c.optim.freeze_regex = list(recipes.VLMO_STAGE2_FROZEN)
+    c.evals.update(every_steps=0)  # Texts only: no image-text evals.
+    c.evals.zeroshot.enabled = False
+    c.evals.retrieval.enabled = False
+  else:
+    c.loss.update(contrastive_weight=0.5, vl_contrastive_weight=0.5, itm_weight=1.0,
+                  itm_examples=16 if not smoke else 8, mlm_weight=0.25)
+    if init:
+      # Stage 2's workdir holds the tokenizer its embeddings were trained with and the demo
+      # data it built.
+      root = os.path.abspath(os.path.expanduser(init))
+      c.data.update(tokenizer=os.path.join(root, "tokenizer.model"),
+                    data_dir=os.path.join(root, "tensorflow_datasets"))
+  if not smoke:
+    c.train.steps = VLMO_STEPS[stage]
+  c.init = ml_collections.ConfigDict(dict(source=init))
 
 
 def sweep():

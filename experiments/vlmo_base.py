@@ -77,14 +77,9 @@ WHERE = "experiments/vlmo_base.py"
 STAGES = ("1", "2", "3")
 # The shared recipe: coca_jax/core/recipes.py (`mome`; experiments/mome_coca_base.py uses it too).
 
-# Stage 2 (vlmo/run.py with textmlm): every parameter is frozen except those whose official name
-# holds text_embeddings, token_type_embeddings, mlp_text, norm2_text, mlm_score,
-# relative_position_bias_table or transformer.norm. In our names (interop/vlmo.py's table) the
-# frozen ones are these (tests/test_vlmo_objectives.py checks the list against run.py's).
-STAGE2_FROZEN = [r"^patch_embed/", r"^image_cls_token$", r"^image_pos_embed$",
-                 r"/ln_attention/", r"/attention/", r"/layer_scale_(attention|ffn)$",
-                 r"/ffn_image/", r"/ffn_fusion/", r"^(image|text)(_vl)?_projection/",
-                 r"^logit_(vl_)?scale$", r"^logit_bias$", r"^itm_pooler/", r"^itm_head/"]
+# Stage 2 (vlmo/run.py with textmlm): every parameter frozen except the text side run.py trains
+# (recipes.VLMO_STAGE2_FROZEN; experiments/demo.py:vlmo freezes the same).
+STAGE2_FROZEN = recipes.VLMO_STAGE2_FROZEN
 
 
 def get_config(arg: str = ""):

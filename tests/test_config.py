@@ -27,7 +27,8 @@ from conftest import REPO, smoke_config
 # model or optimizer) also build abstractly: the unrolled 12-layer stacks take seconds to trace.
 SPECS = ["demo.py", "demo.py:smoke", "demo.py:mini", "demo.py:limoe", "demo.py:limoe,smoke",
          "demo.py:limoe,mini", "demo.py:mome", "demo.py:mome,smoke", "demo.py:vary,smoke",
-         "demo.py:mome,limoe", "demo.py:mome,limoe,smoke",
+         "demo.py:mome,limoe", "demo.py:mome,limoe,smoke", "demo.py:vlmo",
+         "demo.py:vlmo,stage=2",
          "coca_base.py", "coca_base.py:runlocal", "coca_base.py:b32",
          "coca_base.py:batch=4096,steps=10,dtype=float32,remat=full", "coca_large.py",
          "coca_2b.py", "coca_2b.py:runlocal",

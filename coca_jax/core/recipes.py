@@ -192,6 +192,16 @@ TEXT_SIDE = [r"(^|/)ffn_text/", r"(^|/)ffn_fusion/", r"^token_embed/", r"^text_p
 SHARED_AND_IMAGE = [r"/attention/", r"/ln_attention/", r"(^|/)ffn_image/"]
 
 
+# VLMo's stage 2 (vlmo/run.py with textmlm): every parameter is frozen except those whose
+# official name holds text_embeddings, token_type_embeddings, mlp_text, norm2_text, mlm_score,
+# relative_position_bias_table or transformer.norm. In our names (interop/vlmo.py's table) the
+# frozen ones are these (tests/test_vlmo_objectives.py checks the list against run.py's).
+VLMO_STAGE2_FROZEN = [r"^patch_embed/", r"^image_cls_token$", r"^image_pos_embed$",
+                      r"/ln_attention/", r"/attention/", r"/layer_scale_(attention|ffn)$",
+                      r"/ffn_image/", r"/ffn_fusion/", r"^(image|text)(_vl)?_projection/",
+                      r"^logit_(vl_)?scale$", r"^logit_bias$", r"^itm_pooler/", r"^itm_head/"]
+
+
 # The args of `mome` (experiments/vlmo_base.py documents them) and their defaults.
 MOME_ARGS = dict(stage="image_text", init="", batch=1024, steps=200_000, runlocal=False)
 

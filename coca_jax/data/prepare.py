@@ -24,6 +24,9 @@ from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
 
 DEMO_NAME = "digit_scenes"  # The one name config.data.build_demo builds (experiments/demo.py).
+# The demo scenes' train captions as a text corpus (`data.build --format text`), for VLMo's
+# text-only stage 2 (experiments/demo.py:vlmo,stage=2); config.data.build_demo builds it too.
+DEMO_TEXT_NAME = "digit_scene_captions"
 
 
 def sync(name: str) -> None:
@@ -31,6 +34,19 @@ def sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+def build_caption_corpus(data_dir: str) -> None:
+  """The demo scenes' train captions (every caption of every scene, in order) written to
+  DATA_DIR/digit_scene_captions.txt, a text a line, then built from that file as any text corpus
+  is (`python -m coca_jax.data.build --format text`) into the dataset DEMO_TEXT_NAME."""
+  source = sources.open_source(DEMO_NAME, data_dir, "train", decode_images=False)
+  path = os.path.join(sources.local_data_dir(data_dir), f"{DEMO_TEXT_NAME}.txt")
+  with open(path, "w", encoding="utf-8") as f:
+    for i in range(len(source)):
+      for caption in source[i]["captions"]:
+        f.write((caption.decode() if isinstance(caption, bytes) else str(caption)) + "\n")
+  builders.build_atomically("text", DEMO_TEXT_NAME, data_dir, src=path, show_progress=False)
 
 
 def prepare_data(config, workdir: str, class_names=None) -> Tokenizer:
@@ -56,28 +72,32 @@ def prepare_data(config, workdir: str, class_names=None) -> Tokenizer:
   if data.build_demo:
     # The auto-build makes the demo set under its own name only: any other name could be a
     # dataset of the user's (built or being copied in) that the demo must not be mistaken for.
-    if data.name != DEMO_NAME:
+    if data.name not in (DEMO_NAME, DEMO_TEXT_NAME):
       raise ConfigError(
-          f"config.data.build_demo=True builds the demo set, named {DEMO_NAME!r}, but "
-          f"config.data.name={data.name!r}: set --config.data.name={DEMO_NAME} for the demo, "
-          f"or --config.data.build_demo=False to train on {data.name!r} (built with `python -m "
-          "coca_jax.data.build`)")
+          f"config.data.build_demo=True builds the demo set, named {DEMO_NAME!r} (or its "
+          f"captions as a text corpus, {DEMO_TEXT_NAME!r}), but config.data.name={data.name!r}: "
+          f"set --config.data.name={DEMO_NAME} for the demo, or --config.data.build_demo=False "
+          f"to train on {data.name!r} (built with `python -m coca_jax.data.build`)")
     # Only process 0 looks and builds; every process syncs (another process could see the
     # directory process 0 is still writing and skip the barrier).
-    if jax.process_index() == 0 and not builders.is_built(data.name, data.data_dir):
-      builders.build_atomically("demo", data.name, data.data_dir,
+    if jax.process_index() == 0 and not builders.is_built(DEMO_NAME, data.data_dir):
+      builders.build_atomically("demo", DEMO_NAME, data.data_dir,
                                 **dict(data.build_demo_options))
     sync("demo dataset built")
     # A dataset of this name built with other options (a smoke run's, or `coca_jax.data.build
     # --format demo` defaults) would otherwise be trained on silently.
-    differences = builders.check_built_options(data.name, data.data_dir, "demo",
+    differences = builders.check_built_options(DEMO_NAME, data.data_dir, "demo",
                                                dict(data.build_demo_options))
     if differences:
       raise ConfigError(
-          f"dataset {data.name!r} in {data.data_dir} was built with other "
+          f"dataset {DEMO_NAME!r} in {data.data_dir} was built with other "
           f"config.data.build_demo_options than this run's ({'; '.join(differences)}): give "
           f"this run its own --config.data.data_dir, or remove "
-          f"{os.path.join(data.data_dir, data.name)} to build it again")
+          f"{os.path.join(data.data_dir, DEMO_NAME)} to build it again")
+    if data.name == DEMO_TEXT_NAME:
+      if jax.process_index() == 0 and not builders.is_built(DEMO_TEXT_NAME, data.data_dir):
+        build_caption_corpus(data.data_dir)
+      sync("demo text corpus built")
   clips = config.get("evals", {}).get("video")
   if clips and clips.enabled and clips.build_demo and clips.dir:
     # The demo's moving-digit clips (config.evals.video), built once like its other splits.
