@@ -309,6 +309,10 @@ def _use_mome(c: ml_collections.ConfigDict, smoke: bool, limoe: bool) -> None:
   c.loss.update(itm_weight=1.0, itm_examples=16 if not smoke else 8)
   if not smoke:
     c.train.steps = 800
+  # The default demo shows the probes and the video evals; here they would add ~50 CPU-s to a
+  # run at the edge of the 10-minute budget on a slow 2-core CPU (docs/performance.md).
+  c.evals.video.enabled = False
+  c.evals.probe.split = ""
 
 
 VLMO_STAGES = ("1", "2", "3")
