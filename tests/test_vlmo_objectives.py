@@ -125,14 +125,15 @@ def test_mlm_head_on_picked_positions_equals_every_position(over_bound):
   bound = losses.mlm_positions_bound(length, 0.15)
   assert 6 < bound < length  # 15% of 40 is 6 on average.
   tokens = jnp.asarray(rng.standard_normal((batch, length, width)), jnp.float32)
-  kernel = np.asarray(rng.standard_normal((width, vocab)), np.float32)
-  kernel[:, PAD_ID] = -100.0  # No right prediction is the padding id.
-  kernel = jnp.asarray(kernel)
+  kernel = jnp.asarray(rng.standard_normal((width, vocab)), jnp.float32)
+  no_pad = jnp.zeros((vocab,)).at[PAD_ID].set(-1e3)  # No right prediction is the padding id.
+  head = lambda kernel, t: t @ kernel + no_pad
   picks = [5, bound + 3 if over_bound else bound, 0]
-  labels = _mlm_rows(picks, length, vocab, np.asarray(tokens @ kernel), rng)
+  labels = _mlm_rows(picks, length, vocab, np.asarray(head(kernel, tokens)), rng)
+  assert list(np.sum(np.asarray(labels) != PAD_ID, 1)) == picks
 
   def sums(kernel, tokens, bound):
-    total, hits = losses.mlm_sums(lambda t: t @ kernel, tokens, labels, bound)
+    total, hits = losses.mlm_sums(lambda t: head(kernel, t), tokens, labels, bound)
     return total, hits
   grad = jax.jit(jax.value_and_grad(sums, argnums=(0, 1), has_aux=True), static_argnums=2)
   (total, hits), grads = grad(kernel, tokens, bound)
