@@ -103,6 +103,69 @@ def test_mlm_loss_equals_the_official_cross_entropy(stage3, fused):
   assert float(sums["mlm_accuracy"]) == right
 
 
+def _mlm_rows(picks, length, vocab, logits, rng):
+  """MLM labels [len(picks), length]: row r has picks[r] picked positions, half labelled with
+  the row's top logit (right predictions) and half with a random id; PAD_ID elsewhere."""
+  labels = np.full((len(picks), length), PAD_ID, np.int32)
+  for row, n in enumerate(picks):
+    where = rng.choice(length, n, replace=False)
+    right = np.argmax(logits[row, where], -1)
+    labels[row, where] = np.where(rng.random(n) < 0.5, right, rng.integers(1, vocab, n))
+  return jnp.asarray(labels)
+
+
+@pytest.mark.parametrize("over_bound", [False, True], ids=["gathered", "row_over_bound"])
+def test_mlm_head_on_picked_positions_equals_every_position(over_bound):
+  """The step runs MLM's vocabulary head on `mlm_positions_bound` slots per row, each row's
+  picked tokens first: the summed loss, the right predictions and the gradients equal those of
+  the head on every position. A row with more picked tokens than the bound (rare under the
+  masking rule, but possible) loses none: the batch is then scored on every position."""
+  rng = np.random.default_rng(0)
+  batch, length, width, vocab = 3, 40, 8, 50
+  bound = losses.mlm_positions_bound(length, 0.15)
+  assert 6 < bound < length  # 15% of 40 is 6 on average.
+  tokens = jnp.asarray(rng.standard_normal((batch, length, width)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((width, vocab)), jnp.float32)
+  no_pad = jnp.zeros((vocab,)).at[PAD_ID].set(-1e3)  # No right prediction is the padding id.
+  head = lambda kernel, t: t @ kernel + no_pad
+  picks = [5, bound + 3 if over_bound else bound, 0]
+  labels = _mlm_rows(picks, length, vocab, np.asarray(head(kernel, tokens)), rng)
+  assert list(np.sum(np.asarray(labels) != PAD_ID, 1)) == picks
+
+  def sums(kernel, tokens, bound):
+    total, hits = losses.mlm_sums(lambda t: head(kernel, t), tokens, labels, bound)
+    return total, hits
+  grad = jax.jit(jax.value_and_grad(sums, argnums=(0, 1), has_aux=True), static_argnums=2)
+  (total, hits), grads = grad(kernel, tokens, bound)
+  (every_total, every_hits), every_grads = grad(kernel, tokens, None)
+  assert float(every_hits) >= 3  # Some right predictions to count.
+  assert float(hits) == float(every_hits)
+  np.testing.assert_allclose(total, every_total, rtol=1e-6)
+  for a, b in zip(grads, every_grads):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_mlm_positions_bound_follows_the_masking_rate():
+  """The bound is the binomial tail of the masking rule: at VLMo's 15% a 40-token text (stage 3)
+  is scored on 19 slots, a 196-token one (stage 2) on 55; it never exceeds the length."""
+  assert losses.mlm_positions_bound(40, 0.15) == 19
+  assert losses.mlm_positions_bound(196, 0.15) == 55
+  assert losses.mlm_positions_bound(8, 0.5) == 8
+  assert losses.mlm_positions_bound(8, 1.0) == 8
+
+
+def test_mlm_step_sums_equal_the_all_positions_sums(stage3):
+  """The training step's MLM term (head on the picked positions) against the head on every
+  position, through the tiny official model's fused pass: same loss, same accuracy."""
+  _, model, params = stage3
+  batch = {"image": jnp.asarray(OUT["image"]), "text": jnp.asarray(OUT["text"])}
+  rows = _official_rows()
+  total, sums, _ = step_lib._mlm_sums(params, model, {}, batch, rows, batch, probability=0.15)
+  every_total, every_sums, _ = step_lib._mlm_sums(params, model, {}, batch, rows, batch)
+  np.testing.assert_allclose(total, every_total, rtol=1e-6)
+  assert float(sums["mlm_accuracy"]) == float(every_sums["mlm_accuracy"])
+
+
 def test_vlmo_loss_is_its_weighted_terms(stage3):
   """Stage 3: 0.5 x ITC + 0.5 x ITC on the VL-FFN features (each its own scale, the mean of i2t
   and t2i, as vlmo/objectives.py's compute_itc) + ITM + 0.25 x MLM, with mlm_accuracy logged."""

@@ -92,7 +92,7 @@ class Block(nn.Module):
   def __call__(self, x, mask, context, segments: Sequence[tuple] | None = None,
                prefix_kv=None, return_kv: bool = False, token_mask=None,
                causal_routing: bool = False, routing_length: int = 0, attention_bias=None,
-               deterministic: bool = True):
+               deterministic: bool = True, query_rows: int = 0):
     """x [batch, length, embed] -> (x', None), or (x', (keys, values) of x) with `return_kv`.
 
     segments: with modality experts, static ((expert name, length[, modality]), ...) covering
@@ -109,6 +109,10 @@ class Block(nn.Module):
     attention_bias: float32 [heads, length, prefix_len + length] (or broadcastable with a
       batch axis) added to the self-attention logits (a relative position bias).
     deterministic: False in training: stochastic depth (`drop_path`) is on.
+    query_rows: > 0: x' is the first `query_rows` rows only, as the full call computes them
+      (every token still attends as a key and value), for a pass that reads no other row of
+      its last layer; `segments` and `token_mask` then cover those rows. Not with
+      cross-attention or a KV cache.
     """
     if self.layout not in ("coca", "open_clip"):
       raise ValueError(f"layout={self.layout!r} is unknown; use 'coca' or 'open_clip'")
@@ -119,7 +123,12 @@ class Block(nn.Module):
     update, kv = Attention(self.num_heads, self.dtype, self.cache_length, self.key_bias,
                            name="attention")(
         h, mask=mask, decode=self.decode, prefix_kv=prefix_kv, return_kv=True,
-        bias=attention_bias)
+        bias=attention_bias, query_rows=query_rows)
+    if query_rows:
+      if self.cross_attention:
+        raise ValueError("query_rows: not with cross-attention")
+      x = x[:, :query_rows]
+      mask = None if mask is None or mask.shape[-2] == 1 else mask[..., :query_rows, :]
     x = x + self._residual("attention", update, deterministic)
     open_clip = self.cross_attention and self.layout == "open_clip"
     if open_clip:
@@ -192,7 +201,7 @@ class Block(nn.Module):
 # Block.__call__ arguments that are Python values fixed per call site (not arrays): a
 # rematerialised Block traces them as static, so they must be passed positionally.
 BLOCK_STATIC_ARGUMENTS = ("segments", "return_kv", "causal_routing", "routing_length",
-                          "deterministic")
+                          "deterministic", "query_rows")
 
 
 def remat_block(remat: str, prevent_cse: bool = True,

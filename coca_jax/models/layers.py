@@ -200,22 +200,32 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, context=None, mask=None, decode: bool = False, prefix_kv=None,
-               return_kv: bool = False, bias=None):
+               return_kv: bool = False, bias=None, query_rows: int = 0):
     """`prefix_kv` (keys, values), each [batch, prefix_len, heads, kv] (self-attention only):
     already projected tokens every query also attends to, placed before x (a modality-experts
     layer's image tokens, for its text tokens). The mask then covers [.., prefix_len + kv_len]
     keys. With `decode`, they are written once into the head of the cache (its `cache_length`
     counts them) on the first step. `return_kv`: also return this call's own (keys, values).
     `bias`: float32 added to the scaled logits, broadcastable to [batch, heads, q_len, kv_len]
-    (a relative position bias; full-sequence attention only, computed by XLA)."""
+    (a relative position bias; full-sequence attention only, computed by XLA).
+    `query_rows` > 0 (self-attention, no cache): only the first `query_rows` tokens of x query
+    (every token still gives its key and value), so the output is [batch, query_rows, embed]:
+    the rows of the full call, for a pass that reads only those."""
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
     proj = lambda name: dense((self.num_heads, head_dim), ("embed", "heads", "kv"), self.dtype,
                               name, use_bias=name != "key" or self.key_bias)
-    query = constrain(proj("query")(x), ("batch", "length", "heads", "kv"))
     is_cross = context is not None
+    if query_rows:
+      if is_cross or decode:
+        raise ValueError("query_rows selects self-attention queries; not with a context or "
+                         "decode")
+      query_axis = lambda a: a if a is None or a.shape[-2] == 1 else a[..., :query_rows, :]
+      mask, bias = query_axis(mask), query_axis(bias)
+    query = constrain(proj("query")(x[:, :query_rows] if query_rows else x),
+                      ("batch", "length", "heads", "kv"))
     if is_cross and prefix_kv is not None:
       raise ValueError("prefix_kv extends self-attention; cross-attention takes `context` only")
     own_kv = None

@@ -290,12 +290,13 @@ class MoME(nn.Module):
 
   def _layer(self, i: int, x, mask, segments, prefix_kv=None, return_kv: bool = False,
              token_mask=None, causal_routing: bool = False, routing_length: int = 0,
-             attention_bias=None, deterministic: bool = True):
+             attention_bias=None, deterministic: bool = True, query_rows: int = 0):
     """Layer `i` (a `backbone.Block`; see there for the arguments) on x [batch, length, width]
     -> (x', keys/values or None). Every argument goes positionally: with config.remat the
     block is rematerialised and takes its static ones (segments, flags) by position."""
     return self.layers[i](x, mask, None, segments, prefix_kv, return_kv, token_mask,
-                          causal_routing, routing_length, attention_bias, deterministic)
+                          causal_routing, routing_length, attention_bias, deterministic,
+                          query_rows)
 
   # -- Inputs --------------------------------------------------------------------------------
 
@@ -331,7 +332,7 @@ class MoME(nn.Module):
     the context is None (no captioning)."""
     c = self.config
     if c.mome.bert:
-      return self._bert_image(image)["image_embed"], None
+      return self._bert_image(image, rows=1)["image_embed"], None
     x = self._image_tokens(image)
     segments = ((IMAGE, x.shape[1]),)
     prefix_kv, entering_fusion = [], x
@@ -379,7 +380,7 @@ class MoME(nn.Module):
     """text [batch, L] -> text_embed [batch, D] unit norm (CLS at the end, causal, ffn_text;
     with the BERT text encoder, [CLS] first and bidirectional)."""
     if self.config.mome.bert:
-      return self._bert_text(text)["text_embed"]
+      return self._bert_text(text, rows=1)["text_embed"]
     x = self._text_tokens(text, with_cls=True)
     mask = text_attention_mask(text[:, :-1])
     valid = jnp.concatenate([text[:, :-1] != PAD_ID, jnp.ones((text.shape[0], 1), bool)], axis=1)
@@ -426,7 +427,9 @@ class MoME(nn.Module):
     if not self.itm:
       raise ValueError("this MoME has no ITM head; train it with config.loss.itm_weight > 0")
     if c.mome.bert:
-      return self.itm_head(self.fused_features(image, text, train)["pooled"]).astype(jnp.float32)
+      # The pooler reads the [CLS] alone: the last layer computes no other row.
+      pooled = self.fused_features(image, text, train, rows=1)["pooled"]
+      return self.itm_head(pooled).astype(jnp.float32)
     image_tokens = self._image_tokens(image)
     text_tokens = self._text_tokens(text, with_cls=True)
     x = jnp.concatenate([image_tokens, text_tokens.astype(image_tokens.dtype)], axis=1)
@@ -507,65 +510,99 @@ class MoME(nn.Module):
     return bias.reshape(*index.shape, c.mome.depth, c.mome.heads).transpose(2, 3, 0, 1)
 
   def _bert_stack(self, x, mask, segments, top_segments, bias, train: bool, token_mask=None,
-                  with_vl: bool = False):
+                  with_vl: bool = False, rows: int = 0):
     """The stack -> (final states, and with `with_vl` (one modality's tokens) the states
     entering the top layers run through them with ffn_fusion instead: VLMo's VL-FFN features;
-    else None). `segments` are the bottom layers', `top_segments` the top layers'."""
+    else None). `segments` are the bottom layers', `top_segments` the top layers'. `rows` > 0:
+    the caller reads only the first `rows` final states, so the last layer computes only those
+    (`_last_layer`); 0: all."""
     c = self.config
     deterministic = self._deterministic(train)
     layer_bias = lambda i: None if bias is None else bias[i]
     entering_fusion = x
-    for i in range(c.mome.depth):
+    last = c.mome.depth - 1
+    for i in range(last):
       if i == c.mome.bottom_layers:
         entering_fusion = x
       x, _ = self._layer(i, x, mask, segments if i < c.mome.bottom_layers else top_segments,
                          token_mask=token_mask, attention_bias=layer_bias(i),
                          deterministic=deterministic)
+    if last == c.mome.bottom_layers:
+      entering_fusion = x
+    x = self._last_layer(x, mask, segments if last < c.mome.bottom_layers else top_segments,
+                         token_mask, layer_bias(last), deterministic, rows)
     if not with_vl:
       return x, None
     vl = x if c.mome.bottom_layers == c.mome.depth else entering_fusion
     modality = segments[0][0]
-    for i in range(c.mome.bottom_layers, c.mome.depth):
+    for i in range(c.mome.bottom_layers, last):
       vl, _ = self._layer(i, vl, mask, ((FUSION, vl.shape[1], modality),),
                           token_mask=token_mask, attention_bias=layer_bias(i),
                           deterministic=deterministic)
+    if c.mome.bottom_layers < c.mome.depth:
+      vl = self._last_layer(vl, mask, ((FUSION, vl.shape[1], modality),), token_mask,
+                            layer_bias(last), deterministic, rows)
     return x, vl
 
-  def _bert_image(self, image, train: bool = False) -> dict:
+  def _last_layer(self, x, mask, segments, token_mask, bias, deterministic: bool, rows: int):
+    """The top layer on x [batch, length, width] -> its first `rows` output rows (all with 0).
+    Only those rows query and run the feed-forward: the others' outputs would be discarded
+    (the [CLS] alone makes the contrastive and ITM features; MLM reads the text rows), and
+    every token's key and value is still computed, so the kept rows equal the full layer's.
+    A learned-routed expert in the layer computes every row: its capacity depends on them."""
+    last = self.config.mome.depth - 1
+    if not rows or rows >= x.shape[1] or self.config.mome.routed_experts(last):
+      x, _ = self._layer(last, x, mask, segments, token_mask=token_mask, attention_bias=bias,
+                         deterministic=deterministic)
+      return x[:, :rows] if rows else x
+    kept, left = [], rows
+    for name, length, *modality in segments:  # The segments of the first `rows` tokens.
+      if left:
+        kept.append((name, min(length, left), *modality))
+        left -= min(length, left)
+    x, _ = self._layer(last, x, mask, tuple(kept),
+                       token_mask=None if token_mask is None else token_mask[:, :rows],
+                       attention_bias=bias, deterministic=deterministic, query_rows=rows)
+    return x
+
+  def _bert_image(self, image, train: bool = False, rows: int = 0) -> dict:
     """The image-only pass (ffn_image in every layer): image_embed [batch, D] unit norm from the
-    [CLS] after the final norm, tokens [batch, P + 1, width] (final-normed)[, image_vl_embed]."""
+    [CLS] after the final norm, tokens [batch, P + 1, width] (final-normed; the first `rows`
+    only with `rows` > 0, see `_bert_stack`)[, image_vl_embed]."""
     x = self._bert_image_tokens(image)
     segments = ((IMAGE, x.shape[1]),)
     x, vl = self._bert_stack(x, None, segments, segments, self._position_bias("image"), train,
-                             with_vl=self.config.mome.vl_contrastive)
+                             with_vl=self.config.mome.vl_contrastive, rows=rows)
     tokens = self._norm("image")(x)
     out = {"image_embed": l2_normalize(self.image_projection(tokens[:, 0])), "tokens": tokens}
     if self.config.mome.vl_contrastive:
       out["image_vl_embed"] = l2_normalize(self.image_vl_projection(self._norm("image")(vl)[:, 0]))
     return out
 
-  def _bert_text(self, text, train: bool = False) -> dict:
+  def _bert_text(self, text, train: bool = False, rows: int = 0) -> dict:
     """The text-only pass (ffn_text in every layer, bidirectional, key-padding mask):
-    text_embed [batch, D] unit norm from [CLS], tokens [batch, L, width] (final-normed)
-    [, text_vl_embed]."""
+    text_embed [batch, D] unit norm from [CLS], tokens [batch, L, width] (final-normed; the
+    first `rows` only with `rows` > 0)[, text_vl_embed]."""
     x = self._bert_text_tokens(text, train)
     valid = text != PAD_ID
     segments = ((TEXT, x.shape[1]),)
     x, vl = self._bert_stack(x, valid[:, None, None, :], segments, segments,
                              self._position_bias("text"), train, token_mask=valid,
-                             with_vl=self.config.mome.vl_contrastive)
+                             with_vl=self.config.mome.vl_contrastive, rows=rows)
     tokens = self._norm("text")(x)
     out = {"text_embed": l2_normalize(self.text_projection(tokens[:, 0])), "tokens": tokens}
     if self.config.mome.vl_contrastive:
       out["text_vl_embed"] = l2_normalize(self.text_vl_projection(self._norm("text")(vl)[:, 0]))
     return out
 
-  def fused_features(self, image, text, train: bool = False) -> dict:
+  def fused_features(self, image, text, train: bool = False, rows: int = 0) -> dict:
     """VLMo's fused pass (text_encoder='bert'): text [batch, L] then image tokens, bidirectional
     with a key-padding mask; ffn_text / ffn_image in the bottom layers, ffn_fusion on top.
     Returns text_tokens [batch, L, width] and image_tokens [batch, P + 1, width] after the
     final norm, and pooled [batch, width]: the text [CLS] through the ITM pooler
-    (config.model.mome.itm_pooler; as it is without one)."""
+    (config.model.mome.itm_pooler; as it is without one). `rows` > 0: only the first `rows`
+    tokens' final states are computed (`_bert_stack`): text_tokens holds min(rows, L) of
+    them, image_tokens the rest."""
     c = self.config
     if not c.mome.bert:
       raise ValueError("fused_features is VLMo's fused pass: set "
@@ -578,7 +615,7 @@ class MoME(nn.Module):
     bottom = ((TEXT, num_text), (IMAGE, num_image))
     top = ((FUSION, num_text, TEXT), (FUSION, num_image, IMAGE))
     x, _ = self._bert_stack(x, valid[:, None, None, :], bottom, top,
-                            self._position_bias("fused"), train, token_mask=valid)
+                            self._position_bias("fused"), train, token_mask=valid, rows=rows)
     x = self._norm("fused")(x)
     pooled = self._itm_pool(x[:, 0])
     return {"text_tokens": x[:, :num_text], "image_tokens": x[:, num_text:], "pooled": pooled}
@@ -588,16 +625,24 @@ class MoME(nn.Module):
     [batch, L] (None: every position, K = L): from the text-only pass (`image` None; VLMo's
     stage 2) or the fused pass with `image` (stage 3). Gathering the masked positions first
     keeps the [.., vocab] head off the unmasked ones."""
-    c = self.config
-    if not c.mome.mlm_head:
+    tokens = self.mlm_tokens(text, image, train)
+    if positions is not None:
+      tokens = jnp.take_along_axis(tokens, positions[..., None], axis=1)
+    return self.mlm_head(tokens)
+
+  def mlm_tokens(self, text, image=None, train: bool = False):
+    """The text tokens [batch, L, width] the MLM head reads (see `mlm_logits`): the training step
+    runs the pass once and then picks which positions the head scores."""
+    if not self.config.mome.mlm_head:
       raise ValueError("this MoME has no MLM head; set config.model.mome.mlm_head=True (with "
                        "text_encoder='bert')")
     if image is None:
-      tokens = self._bert_text(text, train)["tokens"]
-    else:
-      tokens = self.fused_features(image, text, train)["text_tokens"]
-    if positions is not None:
-      tokens = jnp.take_along_axis(tokens, positions[..., None], axis=1)
+      return self._bert_text(text, train)["tokens"]
+    # MLM reads the text rows only: the last layer computes none of the image rows.
+    return self.fused_features(image, text, train, rows=text.shape[1])["text_tokens"]
+
+  def mlm_head(self, tokens):
+    """The MLM head on text tokens [.., width] -> float32 logits [.., vocab]."""
     return self.mlm(tokens)
 
   def vl_temperature_scale(self):
@@ -606,7 +651,8 @@ class MoME(nn.Module):
 
   def _bert_call(self, image, text, train: bool) -> dict:
     c = self.config
-    image_out, text_out = self._bert_image(image, train), self._bert_text(text, train)
+    # The embeddings read the [CLS] rows alone: the last layers compute no other row.
+    image_out, text_out = self._bert_image(image, train, 1), self._bert_text(text, train, 1)
     outputs = {"image_embed": image_out["image_embed"], "text_embed": text_out["text_embed"],
                "logit_scale": self.temperature_scale()}
     if c.contrastive == "sigmoid":

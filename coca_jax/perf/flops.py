@@ -158,8 +158,9 @@ def _vlmo_flops_breakdown(config, m: schema.MoME, batch_size: int) -> dict[str, 
   """A MoME with the BERT text encoder (VLMo): image-only over the [CLS] and P patches and
   text-only over all L positions, each L x block; with vl_contrastive the top F layers again on
   each modality through ffn_fusion; ITM: 3 pairs per ITM example of the fused pass over L + P
-  + 1 tokens, the pooler and the head. (The MLM head runs on masked positions only; not
-  counted here.)"""
+  + 1 tokens, the pooler and the head; MLM (loss.mlm_weight > 0): one more fused pass over the
+  masked text and the image, and the MLM head (dense W x W, vocabulary) on the tokens it is
+  there for, mlm_probability x L of them (the step pads them to a bound, slack not counted)."""
   image, text, width = m.image_tokens, m.text.max_len, m.mome.width
   all_layers, top_layers = range(m.mome.depth), range(m.mome.bottom_layers, m.mome.depth)
   routed = functools.partial(_routing_extra_flops, m)
@@ -186,6 +187,16 @@ def _vlmo_flops_breakdown(config, m: schema.MoME, batch_size: int) -> dict[str, 
             + 2 * width * 2 + routed(image, "image", bottom_layers)
             + routed(text, "text", bottom_layers) + routed(image + text, "fusion", top_layers))
     parts["itm"] = int(3 * share * (pair + parts["patch_embed"]))
+  if config.loss.get("mlm_weight", 0.0) > 0:
+    picked = config.loss.get("mlm_probability", schema.Loss.mlm_probability) * text
+    head = int(picked * (2 * width * width + 2 * width * m.text.vocab_size))
+    if config.get("data", {}).get("text_only", False):
+      # Stage 2: the masked text's text-only pass is the step's only pass.
+      return {"mlm": parts["text_only"] + head}
+    bottom_layers = range(m.mome.bottom_layers)
+    parts["mlm"] = (m.mome.depth * _block_flops(image + text, width, m.mome.mlp_dim)
+                    + routed(image, "image", bottom_layers) + routed(text, "text", bottom_layers)
+                    + routed(image + text, "fusion", top_layers) + parts["patch_embed"] + head)
   return parts
 
 

@@ -398,3 +398,48 @@ def mlm_mask(text, rng, *, probability: float, mask_id: int, vocab_size: int,
   inputs = jnp.where(masked, jnp.asarray(mask_id, text.dtype),
                      jnp.where(randomised, random_ids, text))
   return inputs, jnp.where(picked, text, jnp.asarray(PAD_ID, text.dtype))
+
+
+def mlm_positions_bound(length: int, probability: float, tail: float = 1e-6) -> int:
+  """How many positions per row the MLM head scores (the training step gathers each row's
+  picked positions into this many slots): the smallest k with P(more than k of `length` tokens
+  picked) < `tail` under `mlm_mask`'s rule (each token picked with `probability`, so at most a
+  Binomial(length, probability) count; padding and special tokens only lower it). A row with
+  more is still scored exactly: the step then falls back to every position. `length` when no
+  smaller k qualifies."""
+  if not 0.0 <= probability < 1.0:
+    return length
+  below = 0.0  # P(count <= k)
+  for k in range(length + 1):
+    below += math.comb(length, k) * probability ** k * (1.0 - probability) ** (length - k)
+    if 1.0 - below < tail:
+      return k
+  return length
+
+
+def mlm_sums(head, tokens, labels, bound: int | None = None):
+  """(cross-entropy summed over the picked tokens, right predictions) of masked language
+  modelling: `head` maps text tokens [batch, K, width] to float32 logits [batch, K, vocab];
+  tokens [batch, L, width]; labels [batch, L] (`mlm_mask`'s: PAD_ID where not picked).
+
+  `bound` < L (`mlm_positions_bound`): the head scores only `bound` positions per row, each
+  row's picked ones first (in order) and unpicked ones after them, which count nothing, so the
+  sums are those of every position (up to float rounding); a [batch, L, vocab] head on all
+  positions would spend most of its work on tokens the loss ignores. A batch with a row of
+  more than `bound` picked tokens is scored on every position instead (`lax.cond`: one branch
+  runs), so no picked token is ever dropped."""
+  def score(tokens, labels):
+    total, hits, _ = caption_sums(head(tokens), labels)
+    return total, hits
+  length = labels.shape[1]
+  if bound is None or bound >= length:
+    return score(tokens, labels)
+  picked = labels != PAD_ID
+  # A stable sort of "not picked" puts each row's picked positions first, in their order.
+  order = jnp.argsort((~picked).astype(jnp.int32), axis=1, stable=True)[:, :bound]
+
+  def gathered():
+    return score(jnp.take_along_axis(tokens, order[..., None], axis=1),
+                 jnp.take_along_axis(labels, order, axis=1))
+  overflow = jnp.max(jnp.sum(picked.astype(jnp.int32), axis=1)) > bound
+  return jax.lax.cond(overflow, lambda: score(tokens, labels), gathered)

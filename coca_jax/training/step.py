@@ -287,7 +287,8 @@ def loss_terms(loss_config, vocab_size: int = 0) -> list[LossTerm]:
                           embeddings=("image_vl_embed", "text_vl_embed", "logit_vl_scale",
                                       "logit_bias")))
   if loss_config.mlm_weight > 0:
-    terms.append(LossTerm("mlm", loss_config.mlm_weight, _mlm_sums,
+    terms.append(LossTerm("mlm", loss_config.mlm_weight,
+                          functools.partial(_mlm_sums, probability=loss_config.mlm_probability),
                           prepare=functools.partial(_mlm_plan, loss_config=loss_config,
                                                     vocab_size=vocab_size),
                           text_only=True))
@@ -320,15 +321,22 @@ def _mlm_plan(batch, embeds, rng, *, loss_config, vocab_size: int):
           "rows": {"inputs": inputs, "labels": labels}}
 
 
-def _mlm_sums(params, model, outputs, microbatch, rows, batch, rng=None):
+def _mlm_sums(params, model, outputs, microbatch, rows, batch, rng=None, *,
+              probability: float | None = None):
   """MLM of this microbatch's rows: the masked text through the fused pass with its images
   (VLMo's stage 3), or the text-only pass for a text-only batch (stage 2); cross-entropy and
-  right predictions summed over the picked tokens."""
+  right predictions summed over the picked tokens. `probability` (config.loss.mlm_probability):
+  the vocabulary head scores only `losses.mlm_positions_bound` positions per row, the picked
+  ones (`losses.mlm_sums`; same sums); None scores every position."""
   del outputs, batch
-  logits, state = model.apply({"params": params}, rows["inputs"], None,
-                              microbatch.get("image"), train=True, method="mlm_logits",
-                              mutable=["intermediates"], rngs=training_rngs(model, rng))
-  total, hits, _ = losses.caption_sums(logits, rows["labels"])
+  tokens, state = model.apply({"params": params}, rows["inputs"], microbatch.get("image"),
+                              train=True, method="mlm_tokens", mutable=["intermediates"],
+                              rngs=training_rngs(model, rng))
+  labels = rows["labels"]
+  bound = None if probability is None else losses.mlm_positions_bound(labels.shape[1],
+                                                                      probability)
+  total, hits = losses.mlm_sums(
+      lambda t: model.apply({"params": params}, t, method="mlm_head"), tokens, labels, bound)
   return total, {"mlm_accuracy": hits}, models.router_statistics(
       state.get("intermediates", {}), model.config)
 
