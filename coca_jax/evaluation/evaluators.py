@@ -115,12 +115,8 @@ def zeroshot_eval(embedder: Embedder, source, class_names, templates, limit=None
   logging.info("Zero-shot %s: %d examples of %s/%s, %d classes, %d templates", prefix,
                len(labels), getattr(source, "name", "?"), getattr(source, "split", "?"),
                len(class_names), len(templates))
-  try:
-    classifier = metrics.zero_shot_classifier(embedder.embed_texts, class_names, templates)
-    accuracy = metrics.zero_shot_accuracy(image_embeds, classifier, labels)
-  except metrics.NonFiniteEmbeddings as e:
-    logging.error("Zero-shot eval reported as NaN: %s", e)
-    accuracy = {"top1": float("nan"), "top5": float("nan")}
+  accuracy = metrics.zero_shot_top_k(embedder.embed_texts, image_embeds, labels, class_names,
+                                     templates, "Zero-shot eval")
   return {f"eval/{prefix}_{k}": float(v) for k, v in accuracy.items()}
 
 

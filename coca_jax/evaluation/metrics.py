@@ -16,6 +16,7 @@ import functools
 import re
 import warnings
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
@@ -104,6 +105,20 @@ def _rank_of_true_class(scores: np.ndarray, true_index: np.ndarray) -> np.ndarra
   column = np.arange(scores.shape[1])[None, :]
   beats_true = (scores > true_scores) | ((scores == true_scores) & (column < true_index[:, None]))
   return beats_true.sum(axis=1)
+
+
+def zero_shot_top_k(embed_texts: Callable, image_embeds: np.ndarray, labels: np.ndarray,
+                    class_names: Sequence[str], templates: Sequence[str],
+                    what: str) -> dict[str, float]:
+  """`zero_shot_accuracy` of the prompt-ensembled classifier (`zero_shot_classifier`); NaN
+  figures, with an error logged naming `what`, when an image or text embedding is not finite
+  (a diverged model's eval is reported, not raised)."""
+  try:
+    classifier = zero_shot_classifier(embed_texts, class_names, templates)
+    return zero_shot_accuracy(image_embeds, classifier, labels)
+  except NonFiniteEmbeddings as e:
+    logging.error("%s reported as NaN: %s", what, e)
+    return {"top1": float("nan"), "top5": float("nan")}
 
 
 def zero_shot_accuracy(

@@ -68,12 +68,8 @@ def video_zeroshot_eval(embedder, source, class_names: Sequence[str],
   """eval/video_zeroshot_top1, _top5 of the mean-frame video embeddings."""
   source.require("label")
   video_embeds, _, labels = embed_clips(embedder, source, limit)
-  try:
-    classifier = metrics.zero_shot_classifier(embedder.embed_texts, class_names, templates)
-    accuracy = metrics.zero_shot_accuracy(video_embeds, classifier, labels)
-  except metrics.NonFiniteEmbeddings as e:
-    logging.error("Video zero-shot eval reported as NaN: %s", e)
-    accuracy = {"top1": float("nan"), "top5": float("nan")}
+  accuracy = metrics.zero_shot_top_k(embedder.embed_texts, video_embeds, labels, class_names,
+                                     templates, "Video zero-shot eval")
   return {f"eval/video_zeroshot_{k}": float(v) for k, v in accuracy.items()}
 
 
