@@ -3,6 +3,7 @@
 --help and exit 0, listing their own flags (--config, --workdir); a usage mistake is one line
 that names the fix, exit code 2, no traceback. Experiment files parse their `:args` one way."""
 
+import json
 import os
 import re
 import subprocess
@@ -10,6 +11,7 @@ import sys
 
 import pytest
 
+from coca_jax.core import runtime
 from coca_jax.core.config_args import parse_arg
 from conftest import REPO
 
@@ -56,16 +58,86 @@ def _console_scripts() -> dict[str, str]:
   return {script: module for script, module in re.findall(r'"(coca-[\w-]+)=([\w.]+):\w+"', text)}
 
 
+# Third-party libraries the CLI modules import: the process that forks each help run imports
+# them once (a fresh Python pays ~3 s for jax alone on a slow CPU, 24 times over).
+HEAVY_IMPORTS = ("numpy", "jax", "jax.numpy", "flax.linen", "optax", "orbax.checkpoint",
+                 "ml_collections", "absl.app", "absl.flags", "PIL.Image")
+
+
+def _forked_runs(commands: dict) -> dict:
+  """{name: ("module" | "script", target, args)} -> {name: CompletedProcess} of `python -m
+  target *args` or of the script file `target *args`, each in a child forked from one process
+  that imported HEAVY_IMPORTS once (this file run as a script)."""
+  # mimalloc preloaded from the start, as the CLIs re-execute themselves to have it: a forked
+  # child would otherwise re-execute this whole script.
+  preload = os.environ.get("LD_PRELOAD", "")
+  env = dict(_env(), LD_PRELOAD=runtime.mimalloc_library() + (":" + preload if preload else ""))
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), json.dumps(commands)],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  results = json.loads(proc.stdout.strip().splitlines()[-1])
+  return {name: subprocess.CompletedProcess(commands[name], *results[name]) for name in commands}
+
+
+def _serve_forked_runs(commands: dict) -> dict:
+  """The forking side of `_forked_runs`: each child runs its module or script file as __main__
+  with its own argv, its stdout and stderr going to files, and exits with its exit code."""
+  import importlib
+  import runpy
+  import tempfile
+  import traceback
+  for name in HEAVY_IMPORTS:
+    importlib.import_module(name)
+  results = {}
+  for name, (kind, target, args) in commands.items():
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+      pid = os.fork()
+      if pid == 0:  # The child: never returns.
+        code = 1
+        try:
+          os.dup2(out.fileno(), 1)
+          os.dup2(err.fileno(), 2)
+          sys.argv = [target, *args]
+          if kind == "module":
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+          else:
+            runpy.run_path(target, run_name="__main__")
+          code = 0
+        except SystemExit as e:  # As the interpreter treats an uncaught SystemExit.
+          if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+          else:
+            print(e.code, file=sys.stderr)
+        except BaseException:  # pylint: disable=broad-except
+          traceback.print_exc()
+        finally:
+          sys.stdout.flush()
+          sys.stderr.flush()
+          os._exit(code)
+      _, status = os.waitpid(pid, 0)
+      out.seek(0)
+      err.seek(0)
+      results[name] = (os.waitstatus_to_exitcode(status), out.read().decode(),
+                       err.read().decode())
+  return results
+
+
 def test_every_console_script_and_cli_module_shows_its_help():
   scripts = _console_scripts()
   assert len(scripts) >= 9 and set(scripts.values()) <= set(MODULES), scripts
   missing = [s for s in scripts if not os.path.exists(os.path.join(BIN, s))]
   assert not missing, f"{missing} not installed in {BIN}: run `pip install -e .`"
-  commands = {f"script {s}": [os.path.join(BIN, s), "--help"] for s in scripts}
-  commands.update({f"-m {m}": [sys.executable, "-m", m, "-h"] for m in MODULES})
-  results = _run_all(commands)
+  # The installed scripts' own code (pip writes `from module import run; sys.exit(run())`) and
+  # every module's `python -m` path, run with --help / -h; one script also as its own process
+  # (its #! line names this venv's python).
+  commands = {f"script {s}": ("script", os.path.join(BIN, s), ["--help"]) for s in scripts}
+  commands.update({f"-m {m}": ("module", m, ["-h"]) for m in MODULES})
+  results = _forked_runs(commands)
+  results["exec coca-train"] = _run_all({"": [os.path.join(BIN, "coca-train"), "--help"]})[""]
+  assert len(results) == len(scripts) + len(MODULES) + 1
   for name, result in results.items():
-    module = scripts[name.split()[1]] if name.startswith("script") else name.split()[1]
+    script = name.split()[1]
+    module = scripts[script] if name.startswith(("script", "exec")) else script
     assert result.returncode == 0, (name, result.stderr[-2000:])
     for flag in MODULES[module]:
       assert flag in result.stdout, (name, flag, result.stdout[-3000:])
@@ -104,7 +176,7 @@ def test_usage_mistakes_are_one_line_naming_the_fix_exit_2(tmp_path):
                                         nowhere, "--name", "x", "--data_dir", nowhere],
                               "--src " + nowhere),
   }
-  results = _run_all({name: argv for name, (argv, _) in cases.items()})
+  results = _forked_runs({name: ("module", argv[2], argv[3:]) for name, (argv, _) in cases.items()})
   for name, result in results.items():
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, (name, result.stderr[-2000:])
@@ -142,3 +214,8 @@ def test_experiment_files_report_bad_args_by_file_and_name(spec, error):
   from coca_jax.core import config as config_lib
   with pytest.raises(ValueError, match=re.escape(error)):
     config_lib.load_config(os.path.join(REPO, "experiments", spec))
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, REPO)
+  print(json.dumps(_serve_forked_runs(json.loads(sys.argv[1]))))
