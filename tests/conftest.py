@@ -93,3 +93,18 @@ def loss_and_grads_without_and_with_balance_loss(model, params, batch):
     return grad(configs[0]), grad(configs[1])
 
   return both(params)
+
+
+# Files whose tests start the longest subprocess runs (the 2-process trainings, the 8-device
+# sharding checks, the kill-and-resume runs, ...), slowest first. They run first: `pytest -n 2`
+# hands tests out in collection order, so a 90 s test collected last would keep one worker busy
+# while the other idles at the end. Order within a file is kept (its module fixtures are
+# built once); files not listed follow in their usual order.
+SLOW_FILES_FIRST = ("test_multihost.py", "test_safety.py", "test_sharding.py",
+                    "test_preemption.py", "test_sweep.py", "test_train.py", "test_experts.py",
+                    "test_expert_parallel.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: keeps the rest
