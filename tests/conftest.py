@@ -97,9 +97,9 @@ def loss_and_grads_without_and_with_balance_loss(model, params, batch):
 
 # Files whose tests start the longest subprocess runs (the 2-process trainings, the 8-device
 # sharding checks, the kill-and-resume runs, ...), slowest first. They run first: `pytest -n 2`
-# hands tests out in collection order, so a 90 s test collected last would keep one worker busy
-# while the other idles at the end. Order within a file is kept (its module fixtures are
-# built once); files not listed follow in their usual order.
+# hands whole files to the workers in collection order (pyproject.toml's --dist loadfile), so
+# a slow file collected last would keep one worker busy while the other idles at the end.
+# Order within a file is kept; files not listed follow in their usual order.
 SLOW_FILES_FIRST = ("test_multihost.py", "test_safety.py", "test_sharding.py",
                     "test_preemption.py", "test_sweep.py", "test_train.py", "test_experts.py",
                     "test_expert_parallel.py")
