@@ -268,14 +268,14 @@ def test_per_source_metrics_are_exact_under_gradient_accumulation(tiny_model, ti
 
 
 def test_the_demo_label_texts_and_transfer_prompts_keep_their_digit():
-  # The default demo's labelled digits teach only through the digit in their text: a template
+  # The mixture demo's labelled digits teach only through the digit in their text: a template
   # tokenised past config.model.text.max_len is cut before it ("a photo of the digit {}." was:
   # 18 pieces with the demo's 64). The tokenizer is trained as the demo's run trains it, on
   # the captions and the label texts (a sample, in the demo's 4:1 proportion of 20,000 scenes
   # to 5,000 labelled digits; the same words, so the same pieces).
   from coca_jax.data import digit_scenes  # heavy: pulls in scikit-learn.
 
-  config = config_lib.load_config(os.path.join(REPO, "experiments", "demo.py"))
+  config = config_lib.load_config(os.path.join(REPO, "experiments", "demo.py") + ":mixture")
   labels = config.data.sources[1]
   options = config.data.build_demo_options
   assert options.num_train == 4 * options.num_train_digits
