@@ -27,7 +27,7 @@ from conftest import REPO, smoke_config
 # model or optimizer) also build abstractly: the unrolled 12-layer stacks take seconds to trace.
 SPECS = ["demo.py", "demo.py:smoke", "demo.py:mini", "demo.py:limoe", "demo.py:limoe,smoke",
          "demo.py:limoe,mini", "demo.py:mome", "demo.py:mome,smoke", "demo.py:vary,smoke",
-         "demo.py:mome,limoe", "demo.py:mome,limoe,smoke", "demo.py:vlmo",
+         "demo.py:mixture", "demo.py:mixture,smoke", "demo.py:mome,limoe", "demo.py:mome,limoe,smoke", "demo.py:vlmo",
          "demo.py:vlmo,stage=2",
          "coca_base.py", "coca_base.py:runlocal", "coca_base.py:b32",
          "coca_base.py:batch=4096,steps=10,dtype=float32,remat=full", "coca_large.py",
@@ -38,6 +38,7 @@ SPECS = ["demo.py", "demo.py:smoke", "demo.py:mini", "demo.py:limoe", "demo.py:l
          "openclip_coca.py:runlocal,unrolled,remat=none,dtype=bfloat16,lr=1e-4,steps=3,batch=8",
          "openclip_coca.py:model=coca_ViT-L-14"]
 BUILT = [s for s in SPECS if s not in (
+    "demo.py:mixture", "demo.py:mixture,smoke",  # The demo's and the smoke model.
     "vlmo_base.py:stage=2,runlocal", "vlmo_base.py:stage=3,batch=64,steps=5",
     "mome_coca_base.py:runlocal", "coca_base.py:batch=4096,steps=10,dtype=float32,remat=full")]
 PAPER = ("coca_base.py", "coca_large.py", "coca_2b.py", "vlmo_base.py", "mome_coca_base.py")

@@ -265,3 +265,32 @@ def test_per_source_metrics_are_exact_under_gradient_accumulation(tiny_model, ti
   for key in ("loss/a", "loss/b", "examples/a", "examples/b"):
     np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, err_msg=key)
   assert (float(m1["examples/a"]), float(m1["examples/b"])) == (5.0, 3.0)
+
+
+def test_the_demo_label_texts_and_transfer_prompts_keep_their_digit():
+  # The mixture demo's labelled digits teach only through the digit in their text: a template
+  # tokenised past config.model.text.max_len is cut before it ("a photo of the digit {}." was:
+  # 18 pieces with the demo's 64). The tokenizer is trained as the demo's run trains it, on
+  # the captions and the label texts (a sample, in the demo's 4:1 proportion of 20,000 scenes
+  # to 5,000 labelled digits; the same words, so the same pieces).
+  from coca_jax.data import digit_scenes  # heavy: pulls in scikit-learn.
+
+  config = config_lib.load_config(os.path.join(REPO, "experiments", "demo.py") + ":mixture")
+  labels = config.data.sources[1]
+  options = config.data.build_demo_options
+  assert options.num_train == 4 * options.num_train_digits
+  captions = digit_scenes.make_scenes("train", 400, seed=0, grid=8)["caption"]
+  names, templates = labels["class_names"], labels["templates"]
+  label_texts = [templates[i % len(templates)].format(names[i % len(names)]) for i in range(100)]
+  tokenizer = Tokenizer.train(captions + label_texts, vocab_size=config.data.tokenizer_vocab,
+                              model_type=config.data.tokenizer_type)
+  max_len = config.model.text.max_len
+  used = list(labels["templates"]) + [t for split in config.evals.zeroshot.transfer_templates
+                                      for t in split]
+  assert len(config.evals.zeroshot.transfer_templates) == len(config.evals.zeroshot.transfer_splits)
+  for template in used:
+    for name in names:
+      text = template.format(name)
+      assert len(tokenizer.encode(text)) + 2 <= max_len, (text, tokenizer.encode(text))  # BOS, EOS
+      row = tokenizer.tokenize([text], max_len)[0]
+      assert tokenizer.decode(row.tolist()).strip() == text
