@@ -55,18 +55,28 @@ Args (comma-separated after ':'):
          demo's scale: a MoME of 4 layers at the demo's width with VLMo's BERT text encoder
          (bidirectional, [CLS] first; the demo's SentencePiece pieces plus a [MASK] id), the
          VL-FFN in the top layer, no captioning. With `stage=S`:
-           1  refused: VLMo starts from BEiT's image-only weights, which do not exist at this
-              scale; the stand-in is the image side's random initialisation (docs/demo.md).
+           1  BEiT's masked image modelling (VLMo starts from BEiT's weights; here it is
+              trained) on the scenes' images alone (config.data.image_only): 40% of the 36
+              patches masked in blocks of >= 4, replaced by a learned [MASK] embedding; a
+              linear head predicts each masked patch's visual code from the image-only pass.
+              BEiT's codes come from DALL-E's dVAE (8,192); none exists at this scale, so the
+              codes are a k-means codebook of VLMO_CODEBOOK entries over the patches' mean
+              colours in 2x2 cells, fitted once (seed 0) on 2,000 train images into
+              WORKDIR/visual_codebook.npy (data/visual_codebook.py). Only BEiT's parameters
+              (the image side, the shared attention, the V-FFNs) and the MIM head train
+              (recipes.VLMO_STAGE1_FROZEN); the data, tokenizer and codebook are built here.
            2  text-only MLM on the demo's train captions, built as a text corpus
-              (digit_scene_captions, `data.build --format text`'s builder) on the first run;
-              everything frozen but what VLMo's stage 2 trains (recipes.VLMO_STAGE2_FROZEN).
+              (digit_scene_captions, `data.build --format text`'s builder) beside stage 1's
+              data, from `init=DIR` (stage 1's workdir); everything frozen but what VLMo's
+              stage 2 trains (recipes.VLMO_STAGE2_FROZEN).
            3  (default) ITC + VL-ITC + ITM (hard negatives, 16 examples a step) + MLM on the
-              scenes, from `init=DIR` (stage 2's workdir: its parameters, tokenizer and data);
-              evaluated zero-shot and by retrieval.
+              scenes, from `init=DIR` (stage 2's workdir; the data and tokenizer its
+              config.json names); evaluated zero-shot and by retrieval.
          All three (docs/demo.md, "VLMo demo"):
-           python -m coca_jax.train --config experiments/demo.py:vlmo,stage=2 --workdir W2
+           python -m coca_jax.train --config experiments/demo.py:vlmo,stage=1 --workdir W1
+           python -m coca_jax.train --config experiments/demo.py:vlmo,stage=2,init=W1 --workdir W2
            python -m coca_jax.train --config experiments/demo.py:vlmo,init=W2 --workdir W3
-         Combines with smoke (`demo.py:vlmo,smoke,stage=2`).
+         Combines with smoke (`demo.py:vlmo,smoke,stage=1`).
 sweep() below: peak learning rate 1e-3 vs 3e-3, two trials.
 """
 
@@ -317,10 +327,10 @@ def _use_mome(c: ml_collections.ConfigDict, smoke: bool, limoe: bool) -> None:
 
 
 VLMO_STAGES = ("1", "2", "3")
-VLMO_STEPS = {"1": 300, "2": 300, "3": 300}
+VLMO_STEPS = {"1": 300, "2": 300, "3": 400}
 # Stage 1's visual codes: a k-means codebook of this many entries over the train images' 8x8
 # patches (data/visual_codebook.py), BEiT's dVAE stand-in.
-VLMO_CODEBOOK = 256
+VLMO_CODEBOOK = 64
 # BEiT masks blocks of at least 16 of 196 patches (8%); 4 of the demo's 36 keeps the share
 # about the same and is one digit (16 px on the 8-px grid: 2 x 2 patches).
 VLMO_MIN_BLOCK = 4

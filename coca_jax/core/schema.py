@@ -408,11 +408,11 @@ class Loss:
   # Masked image modelling (BEiT, VLMo's stage 1; needs config.model.mome.mim_vocab): per
   # image, blocks of at least `mim_min_block` patches (aspect ratio 0.3-3.3) are masked until
   # round(mim_mask_ratio x patches) are; the image-only pass sees a learned [MASK] embedding
-  # there and predicts each masked patch's code, its nearest entry (Euclidean, on the model's
-  # normalised pixels) of the codebook `mim_codebook` (.npy [mim_vocab, patch*patch*3]; "" =
-  # fitted by k-means on the train images into WORKDIR/visual_codebook.npy when the run
-  # starts). Cross-entropy on the masked patches only; 0 = off. BEiT: ratio 0.4, blocks of 16
-  # of 196 patches, DALL-E's dVAE codes (8,192).
+  # there and predicts each masked patch's code: the entry of the codebook `mim_codebook` (.npy
+  # [mim_vocab, 12]) nearest to the patch's mean colours over 2x2 cells
+  # (data/visual_codebook.py; "" = fitted by k-means on the train images into
+  # WORKDIR/visual_codebook.npy when the run starts). Cross-entropy on the masked patches only;
+  # 0 = off. BEiT: ratio 0.4, blocks of 16 of 196 patches, codes from DALL-E's dVAE (8,192).
   mim_weight: float = 0.0
   mim_mask_ratio: float = 0.4
   mim_min_block: int = 16

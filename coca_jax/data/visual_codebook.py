@@ -3,11 +3,16 @@
 BEiT (arXiv 2106.08254) predicts, for each masked patch, the discrete code that DALL-E's dVAE
 gives it (8,192 codes, learned on 250M images). No such tokenizer exists at the demo's scale and
 nothing may be downloaded, so this fits a stand-in once, deterministically: k-means (Lloyd's
-iterations from a k-means++ start, a fixed seed) over the patches of train images, each patch
-the model's normalised pixels (`preprocess.normalize_images`) flattened row-major as
-`models.coca.patchify` flattens it ([patch * patch * 3]). A patch's code is its nearest
-codeword (Euclidean). Unlike the dVAE, a code describes one patch's pixels alone (the dVAE's
-encoder sees the whole image), and the codebook is small (`config.model.mome.mim_vocab`).
+iterations from a k-means++ start, a fixed seed) over patch features of train images. A patch's
+feature is its normalised pixels (`preprocess.normalize_images`, what the model sees) averaged
+over CELLS x CELLS cells per colour channel ([CELLS * CELLS * 3]; at 8x8 patches, 4x4 pixels a
+cell): the demo's background is pixel noise, and on raw pixels k-means spent its codes splitting
+that noise (7 codes of 12% each), which no model can predict. The fit runs on the distinct
+features rounded to QUANTUM, so the background (84% of the patches) is one point among the
+digits' thousands and gets one code, the digit strokes the others. A patch's code is its
+nearest codeword (Euclidean) of its unrounded feature. Unlike the dVAE, a code describes one
+patch's coarse colours and shape alone (the dVAE's encoder sees the whole image), and the
+codebook is small (`config.model.mome.mim_vocab`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from coca_jax.data import preprocess
 from coca_jax.data import sources
 
 CODEBOOK_FILE = "visual_codebook.npy"
+CELLS = 2  # Cells per patch side that a feature averages the pixels over.
+QUANTUM = 0.25  # Feature rounding for the fit only (normalised units: about 16 pixel levels).
 
 
 def image_patches(images: np.ndarray, patch: int) -> np.ndarray:
@@ -34,6 +41,17 @@ def image_patches(images: np.ndarray, patch: int) -> np.ndarray:
   return x.reshape(n * g * g, patch * patch * 3)
 
 
+def patch_features(patches: np.ndarray, patch: int, cells: int = CELLS) -> np.ndarray:
+  """Patches [..., patch * patch * 3] (`image_patches`' layout) -> features
+  [..., cells * cells * 3]: each channel's mean over each of cells x cells equal cells
+  (`training.losses.visual_codes` computes the same in the step)."""
+  if patch % cells:
+    raise ValueError(f"patch size {patch} is not a multiple of {cells} feature cells")
+  lead, side = patches.shape[:-1], patch // cells
+  x = patches.reshape(*lead, cells, side, cells, side, 3).mean(axis=(-4, -2))
+  return x.reshape(*lead, cells * cells * 3)
+
+
 def nearest(points: np.ndarray, codebook: np.ndarray) -> np.ndarray:
   """The index [N] of each point's nearest codeword (Euclidean); codebook [K, D]."""
   distances = (np.sum(points ** 2, axis=1, keepdims=True) - 2.0 * points @ codebook.T
@@ -44,8 +62,7 @@ def nearest(points: np.ndarray, codebook: np.ndarray) -> np.ndarray:
 def fit(points: np.ndarray, size: int, seed: int = 0, iterations: int = 20) -> np.ndarray:
   """k-means of points [N, D] into `size` codewords: a k-means++ start, then Lloyd's
   iterations; an emptied cluster takes the point farthest from its codeword. Deterministic in
-  `seed`. Identical points count once in the start, so a background that covers most patches
-  gets one codeword, not many. Returns float32 [size, D]."""
+  `seed`. Returns float32 [size, D]."""
   points = np.asarray(points, np.float32)
   distinct = np.unique(points, axis=0)
   if len(distinct) < size:
@@ -74,13 +91,15 @@ def fit(points: np.ndarray, size: int, seed: int = 0, iterations: int = 20) -> n
 
 def fit_on_dataset(name: str, data_dir: str, split: str, path: str, *, size: int, patch: int,
                    image_size: int, max_images: int = 2_000, seed: int = 0) -> np.ndarray:
-  """Fits the codebook on the first `max_images` images of `split` (decoded at `image_size` as
-  the training pipeline decodes them, without crops) and saves it to `path` (.npy)."""
+  """Fits the codebook on the distinct rounded features (module docstring) of the patches of the
+  first `max_images` images of `split` (decoded at `image_size` as the training pipeline
+  decodes them, without crops) and saves it to `path` (.npy)."""
   source = sources.open_source(name, data_dir, split, decode_images=False)
   count = min(len(source), max_images)
   images = np.stack([preprocess.decode_train_image(source[i]["image"], image_size, None)
                      for i in range(count)])
-  codebook = fit(image_patches(images, patch), size, seed)
+  features = patch_features(image_patches(images, patch), patch)
+  codebook = fit(np.unique(np.round(features / QUANTUM) * QUANTUM, axis=0), size, seed)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp.npy"
   np.save(tmp, codebook)
@@ -89,14 +108,15 @@ def fit_on_dataset(name: str, data_dir: str, split: str, path: str, *, size: int
 
 
 def load(path: str, size: int, patch: int) -> np.ndarray:
-  """The codebook at `path`, checked against the model: float32 [size, patch * patch * 3]."""
+  """The codebook at `path`, checked against the model: float32 [size, CELLS * CELLS * 3]."""
   if not os.path.exists(path):
     raise ValueError(f"config.loss.mim_codebook={path!r} does not exist; leave it '' to fit "
                      "one on the train images when the run starts")
   codebook = np.load(path)
-  want = (size, patch * patch * 3)
-  if codebook.shape != want:
+  want = (size, CELLS * CELLS * 3)
+  if codebook.shape != want or patch % CELLS:
     raise ValueError(f"config.loss.mim_codebook={path!r} has shape {codebook.shape}, but the "
-                     f"model needs {want} (config.model.mome.mim_vocab, patch*patch*3); fit "
-                     "it again (leave config.loss.mim_codebook '')")
+                     f"model needs {want} (config.model.mome.mim_vocab, {CELLS}x{CELLS} cells "
+                     f"x 3 channels of a {patch}-pixel patch); fit it again (leave "
+                     "config.loss.mim_codebook '')")
   return codebook.astype(np.float32)

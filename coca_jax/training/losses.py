@@ -499,12 +499,16 @@ def block_mask(rng, batch: int, grid: int, count: int, min_block: int,
   return jax.vmap(one)(jax.random.split(rng, batch))
 
 
-def visual_codes(patches, codebook):
-  """Each patch's visual code: the index of its nearest codeword (Euclidean). patches
-  [batch, P, D] float, codebook [K, D] -> int32 [batch, P] (the MIM targets; see
-  data/visual_codebook.py)."""
-  patches = patches.astype(jnp.float32)
-  distances = (-2.0 * jnp.einsum("bpd,kd->bpk", patches, codebook)
+def visual_codes(patches, codebook, patch: int, cells: int):
+  """Each patch's visual code (data/visual_codebook.py): the index of the codeword nearest
+  (Euclidean) to its feature, each channel's mean over cells x cells cells. patches
+  [batch, P, patch * patch * 3] float (`patchify`'s layout), codebook [K, cells * cells * 3]
+  -> int32 [batch, P] (the MIM targets)."""
+  side = patch // cells
+  batch, num = patches.shape[:2]
+  features = patches.astype(jnp.float32).reshape(batch, num, cells, side, cells, side, 3)
+  features = features.mean(axis=(3, 5)).reshape(batch, num, cells * cells * 3)
+  distances = (-2.0 * jnp.einsum("bpd,kd->bpk", features, codebook)
                + jnp.sum(codebook ** 2, axis=-1))  # |patch|^2 is the same for every code.
   return jnp.argmin(distances, axis=-1).astype(jnp.int32)
 

@@ -321,9 +321,9 @@ def loss_terms(loss_config, vocab_size: int = 0, model_config=None) -> list[Loss
 def _mim_plan(batch, embeds, rng, *, loss_config, codebook, patch_size: int):
   """BEiT's masks and targets for the whole batch, drawn once from the step's rng (as MLM's):
   each image's blockwise mask (`losses.block_mask`: round(mim_mask_ratio x patches) patches in
-  blocks of at least mim_min_block) and every patch's visual code (`losses.visual_codes`: its
-  nearest codeword of the fitted codebook, on the unmasked pixels); the count is the batch's
-  masked patches."""
+  blocks of at least mim_min_block) and every patch's visual code (`losses.visual_codes`: the
+  fitted codebook's entry nearest to its coarse colours, from the unmasked pixels); the count is
+  the batch's masked patches."""
   del embeds
   if rng is None:
     raise ValueError("config.loss.mim_weight > 0 needs an rng for the masks")
@@ -331,7 +331,8 @@ def _mim_plan(batch, embeds, rng, *, loss_config, codebook, patch_size: int):
   size, grid = image.shape[0], image.shape[1] // patch_size
   patches = image.reshape(size, grid, patch_size, grid, patch_size, image.shape[-1])
   patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(size, grid * grid, -1)
-  targets = losses.visual_codes(patches, jnp.asarray(codebook))
+  targets = losses.visual_codes(patches, jnp.asarray(codebook), patch_size,
+                                visual_codebook.CELLS)
   count = round(loss_config.mim_mask_ratio * grid * grid)
   mask = losses.block_mask(jax.random.fold_in(rng, 4), size, grid, count,
                            loss_config.mim_min_block)
