@@ -60,21 +60,32 @@ Args (comma-separated after ':'):
          demo's scale: a MoME of 4 layers at the demo's width with VLMo's BERT text encoder
          (bidirectional, [CLS] first; the demo's SentencePiece pieces plus a [MASK] id), the
          VL-FFN in the top layer, no captioning. With `stage=S`:
-           1  refused: VLMo starts from BEiT's image-only weights, which do not exist at this
-              scale; the stand-in is the image side's random initialisation (docs/demo.md).
+           1  BEiT's masked image modelling (VLMo starts from BEiT's weights; here it is
+              trained) on the scenes' images alone (config.data.image_only): 40% of the 36
+              patches masked in blocks of >= 4, replaced by a learned [MASK] embedding; a
+              linear head predicts each masked patch's visual code from the image-only pass.
+              BEiT's codes come from DALL-E's dVAE (8,192); none exists at this scale, so the
+              codes are a k-means codebook of VLMO_CODEBOOK entries over the patches' mean
+              colours in 2x2 cells, fitted once (seed 0) on 2,000 train images into
+              WORKDIR/visual_codebook.npy (data/visual_codebook.py). Only BEiT's parameters
+              (the image side, the shared attention, the V-FFNs) and the MIM head train
+              (recipes.VLMO_STAGE1_FROZEN); the data, tokenizer and codebook are built here.
            2  text-only MLM on the demo's train captions, built as a text corpus
-              (digit_scene_captions, `data.build --format text`'s builder) on the first run;
-              everything frozen but what VLMo's stage 2 trains (recipes.VLMO_STAGE2_FROZEN).
+              (digit_scene_captions, `data.build --format text`'s builder) beside stage 1's
+              data, from `init=DIR` (stage 1's workdir); everything frozen but what VLMo's
+              stage 2 trains (recipes.VLMO_STAGE2_FROZEN).
            3  (default) ITC + VL-ITC + ITM (hard negatives, 16 examples a step) + MLM on the
-              scenes, from `init=DIR` (stage 2's workdir: its parameters, tokenizer and data);
-              evaluated zero-shot and by retrieval.
+              scenes, from `init=DIR` (stage 2's workdir; the data and tokenizer its
+              config.json names); evaluated zero-shot and by retrieval.
          All three (docs/demo.md, "VLMo demo"):
-           python -m coca_jax.train --config experiments/demo.py:vlmo,stage=2 --workdir W2
+           python -m coca_jax.train --config experiments/demo.py:vlmo,stage=1 --workdir W1
+           python -m coca_jax.train --config experiments/demo.py:vlmo,stage=2,init=W1 --workdir W2
            python -m coca_jax.train --config experiments/demo.py:vlmo,init=W2 --workdir W3
-         Combines with smoke (`demo.py:vlmo,smoke,stage=2`).
+         Combines with smoke (`demo.py:vlmo,smoke,stage=1`).
 sweep() below: peak learning rate 1e-3 vs 3e-3, two trials.
 """
 
+import json
 import os
 
 import ml_collections
@@ -338,27 +349,43 @@ def _use_mome(c: ml_collections.ConfigDict, smoke: bool, limoe: bool) -> None:
 
 
 VLMO_STAGES = ("1", "2", "3")
-VLMO_STEPS = {"2": 300, "3": 400}
+VLMO_STEPS = {"1": 300, "2": 300, "3": 400}
+# Stage 1's visual codes: a k-means codebook of this many entries over the train images' 8x8
+# patches (data/visual_codebook.py), BEiT's dVAE stand-in.
+VLMO_CODEBOOK = 64
+# BEiT masks blocks of at least 16 of 196 patches (8%); 4 of the demo's 36 keeps the share
+# about the same and is one digit (16 px on the 8-px grid: 2 x 2 patches).
+VLMO_MIN_BLOCK = 4
+
+
+def _vlmo_data_from(init: str) -> tuple[str, str]:
+  """(data_dir, tokenizer) that the previous stage's workdir `init` trained with: those its
+  config.json records (stage 2 reads stage 1's), else the workdir's own."""
+  root = os.path.abspath(os.path.expanduser(init))
+  data_dir, tokenizer = (os.path.join(root, "tensorflow_datasets"),
+                         os.path.join(root, "tokenizer.model"))
+  path = os.path.join(root, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      data = json.load(f).get("data", {})
+    data_dir, tokenizer = data.get("data_dir") or data_dir, data.get("tokenizer") or tokenizer
+  return data_dir, tokenizer
 
 
 def _use_vlmo(c: ml_collections.ConfigDict, smoke: bool, stage: str, init: str) -> None:
   """VLMo (experiments/vlmo_base.py's model and objectives) at the demo's scale: a MoME of 4
-  layers at the demo's width with the BERT text encoder, VL-FFN in the top layer. `stage` 2:
-  text-only MLM on the demo's captions, frozen as VLMo's stage 2; 3: ITC + VL-ITC + ITM + MLM on
-  the scenes, from `init` (stage 2's workdir: its parameters, tokenizer and data)."""
+  layers at the demo's width with the BERT text encoder, VL-FFN in the top layer. `stage` 1:
+  BEiT's masked image modelling on the scenes' images alone (the image side and a MIM head);
+  2: text-only MLM on the demo's captions, frozen as VLMo's stage 2, from `init` (stage 1's
+  workdir); 3: ITC + VL-ITC + ITM + MLM on the scenes, from `init` (stage 2's workdir). A
+  stage started from `init` reads the data and tokenizer the earlier stages built."""
   where = "experiments/demo.py"
   if stage not in VLMO_STAGES:
     raise ValueError(f"{where}: stage={stage!r}; use one of {', '.join(VLMO_STAGES)} (VLMo's "
                      "stagewise pretraining; docs/demo.md, 'VLMo demo')")
-  if stage == "1":
-    raise ValueError(
-        f"{where}: vlmo,stage=1 is VLMo's image-only stage, which VLMo does not train: it "
-        "starts from BEiT's weights, and there are none at the demo's scale. The demo's "
-        "stand-in is the image side's random initialisation, frozen through stage 2 as VLMo "
-        "freezes BEiT's (docs/demo.md, 'VLMo demo'); start with vlmo,stage=2")
-  if stage == "2" and init:
-    raise ValueError(f"{where}: vlmo,stage=2 starts from the random initialisation (the "
-                     "demo's stage-1 stand-in); drop init=")
+  if stage == "1" and init:
+    raise ValueError(f"{where}: vlmo,stage=1 starts from the random initialisation (BEiT's "
+                     "masked image modelling is the first stage); drop init=")
   width, depth, heads = c.model.vision.width, c.model.vision.depth, c.model.vision.heads
   mlp_dim, max_len = c.model.vision.mlp_dim, c.model.text.max_len
   if smoke:
@@ -370,8 +397,9 @@ def _use_vlmo(c: ml_collections.ConfigDict, smoke: bool, stage: str, init: str) 
   c.model = vlmo_interop.model_group(
       dict(image_size=c.model.image_size, patch_size=c.model.patch_size, width=width,
            depth=depth, heads=heads, mlp_dim=mlp_dim, vlffn_start=depth - 1),
-      vl_contrastive=stage == "3", drop_path_rate=0.0, dtype="float32", vocab_size=mask_id + 1,
-      max_len=max_len, relative_text_length=max_len, cls_id=2, sep_id=3, mask_id=mask_id)
+      vl_contrastive=stage == "3", mlm_head=stage != "1", drop_path_rate=0.0, dtype="float32",
+      vocab_size=mask_id + 1, max_len=max_len, relative_text_length=max_len, cls_id=2, sep_id=3,
+      mask_id=mask_id)
   c.loss = ml_collections.ConfigDict(dict(
       contrastive="softmax", contrastive_reduction="mean", caption_weight=0.0,
       mlm_mask_id=mask_id, mlm_special_ids=[1, 2, 3, mask_id]))
@@ -380,24 +408,30 @@ def _use_vlmo(c: ml_collections.ConfigDict, smoke: bool, stage: str, init: str) 
   # CPU-s to a demo whose stages already take the default demo's budget.
   c.evals.video.enabled = False
   c.evals.probe.split = ""
-  if stage == "2":
-    c.model.mome.fusion_layers = 0  # VLMo's stage 2 has no VL-FFN.
+  if stage in ("1", "2"):
+    c.model.mome.fusion_layers = 0  # BEiT and VLMo's stage 2 have no VL-FFN.
+    c.evals.update(every_steps=0)  # One modality: no image-text evals.
+    c.evals.zeroshot.enabled = False
+    c.evals.retrieval.enabled = False
+  if stage == "1":
+    c.model.mome.mim_vocab = VLMO_CODEBOOK
+    c.loss.update(contrastive_weight=0.0, vl_contrastive_weight=0.0, itm_weight=0.0,
+                  mlm_weight=0.0, mim_weight=1.0, mim_mask_ratio=0.4,
+                  mim_min_block=VLMO_MIN_BLOCK)
+    c.data.image_only = True
+    c.optim.freeze_regex = list(recipes.VLMO_STAGE1_FROZEN)
+  elif stage == "2":
     c.loss.update(contrastive_weight=0.0, vl_contrastive_weight=0.0, itm_weight=0.0,
                   mlm_weight=1.0)
     c.data.update(name=DEMO_TEXT_NAME, text_only=True)
     c.optim.freeze_regex = list(recipes.VLMO_STAGE2_FROZEN)
-    c.evals.update(every_steps=0)  # Texts only: no image-text evals.
-    c.evals.zeroshot.enabled = False
-    c.evals.retrieval.enabled = False
   else:
     c.loss.update(contrastive_weight=0.5, vl_contrastive_weight=0.5, itm_weight=1.0,
                   itm_examples=16 if not smoke else 8, mlm_weight=0.25)
-    if init:
-      # Stage 2's workdir holds the tokenizer its embeddings were trained with and the demo
-      # data it built.
-      root = os.path.abspath(os.path.expanduser(init))
-      c.data.update(tokenizer=os.path.join(root, "tokenizer.model"),
-                    data_dir=os.path.join(root, "tensorflow_datasets"))
+  if init:
+    # The earlier stages' data and the tokenizer the text embeddings were trained with.
+    data_dir, tokenizer = _vlmo_data_from(init)
+    c.data.update(data_dir=data_dir, tokenizer=tokenizer)
   if not smoke:
     c.train.steps = VLMO_STEPS[stage]
   c.init = ml_collections.ConfigDict(dict(source=init))

@@ -54,8 +54,9 @@ point; docs/vlmo.md):
     from its rng; VLMo's stage 2 and 3 configs mask whole words (transformers'
     DataCollatorForWholeWordMask), which needs the WordPiece continuation marks the step does
     not see.
-  - Stage 1 is imported (BEiT), not trained here; BEiT's masked image modelling is not
-    implemented.
+  - Stage 1 is imported (BEiT), not trained here. BEiT's masked image modelling exists
+    (config.loss.mim_weight; experiments/demo.py:vlmo,stage=1 trains it), but its codes are a
+    k-means stand-in for BEiT's dVAE tokens, and it has not been run at this scale.
   - Stage 2 data: VLMo trains on English Wikipedia + BookCorpus; give your corpus with
     `data.build --format text`. Stage 2's model holds the ITC projections and the pooler
     (frozen, no optimizer state), which VLMo's stage-2 module does not build.

@@ -1,7 +1,9 @@
-"""experiments/demo.py:vlmo, VLMo's stages at the demo's scale: stage 2 trains only the text side
-VLMo's stage 2 trains, on the demo's captions built as a text corpus; stage 3 starts from stage
-2's parameters and trains ITC + VL-ITC + ITM + MLM on the scenes, evaluated zero-shot and by
-retrieval (no captioning: the BERT text encoder cannot caption)."""
+"""experiments/demo.py:vlmo, VLMo's stages at the demo's scale: stage 1 trains BEiT's masked
+image modelling on the scenes' images alone, moving only the image side and its MIM head;
+stage 2 starts from it and trains only the text side VLMo's stage 2 trains, on the demo's
+captions built as a text corpus; stage 3 starts from stage 2's parameters and trains ITC +
+VL-ITC + ITM + MLM on the scenes, evaluated zero-shot and by retrieval (no captioning: the BERT
+text encoder cannot caption)."""
 
 import os
 import re
@@ -45,22 +47,48 @@ def _train(config, workdir):
     trainer.close()
 
 
-def test_vlmo_demo_stage2_trains_the_text_side_and_stage3_starts_from_it(tmp_path):
-  stage2_dir, stage3_dir = str(tmp_path / "stage2"), str(tmp_path / "stage3")
-  config2 = _config("vlmo,smoke,stage=2")
+def test_vlmo_demo_three_stages_each_start_from_the_last(tmp_path):
+  stage1_dir, stage2_dir, stage3_dir = (str(tmp_path / f"stage{i}") for i in (1, 2, 3))
+  config1 = _config("vlmo,smoke,stage=1")
+  assert "text" not in step_lib.dummy_batch(config1, 2)  # Images alone.
+  initial1, final1, results1 = _train(config1, stage1_dir)
+  assert results1 == {}  # Images only: no image-text evals.
+  # Stage 1 moved the image side (BEiT's parameters) and the MIM head, nothing else: no text
+  # embedding, L-FFN, projection or pooler.
+  moved1 = {p for p in final1 if not np.array_equal(final1[p], initial1[p])}
+  beit = re.compile(r"^(patch_embed/|image_cls_token$|image_mask_token$|mim_head/|final_norm/|"
+                    r"relative_position_bias$|layers_\d+/(ln_attention|attention|ffn_image)/|"
+                    r"layers_\d+/layer_scale_(attention|ffn)$)")
+  assert moved1 and all(beit.match(p) for p in moved1), sorted(moved1)
+  assert {"patch_embed/kernel", "mim_head/kernel", "image_mask_token"} <= moved1
+  assert any("/ffn_image/" in p for p in moved1) and any("/attention/" in p for p in moved1)
+  # The codebook was fitted into the workdir and recorded in its config.
+  assert os.path.exists(os.path.join(stage1_dir, "visual_codebook.npy"))
+  with open(os.path.join(stage1_dir, "metrics.jsonl")) as f:
+    text = f.read()
+  assert '"mim_accuracy"' in text and '"mim_patches"' in text and '"contrastive' not in text
+
+  config2 = _config(f"vlmo,smoke,stage=2,init={stage1_dir}")
   initial2, final2, results2 = _train(config2, stage2_dir)
   assert results2 == {}  # Texts only: no image-text evals.
+  # Stage 2 starts from every stage-1 parameter it has (all but the MIM head and [MASK]).
+  shared = set(final1) & set(initial2)
+  assert shared == set(final1) - {p for p in final1 if p.startswith("mim_head/")} - {
+      "image_mask_token"}
+  for path in shared:
+    np.testing.assert_array_equal(initial2[path], final1[path], err_msg=path)
 
-  # Stage 2's corpus: the demo's train captions, built as a text dataset (no images).
-  data_dir = os.path.join(stage2_dir, "tensorflow_datasets")
+  # Stage 2's corpus: the demo's train captions, built as a text dataset (no images), beside
+  # the scenes stage 1 built.
+  data_dir = os.path.join(stage1_dir, "tensorflow_datasets")
   corpus = sources.open_source(prepare.DEMO_TEXT_NAME, data_dir, "train", decode_images=False)
   scenes = sources.open_source(prepare.DEMO_NAME, data_dir, "train", decode_images=False)
   assert "image" not in corpus[0]
   assert len(corpus) == sum(len(scenes[i]["captions"]) for i in range(len(scenes)))
 
   # Only what VLMo's stage 2 trains moved: the text embeddings, the L-FFNs, the MLM head, the
-  # relative position table and the final norm; the image side and attention stay at stage 1's
-  # stand-in (their initialisation).
+  # relative position table and the final norm; the image side and attention stay as stage 1
+  # left them.
   frozen = [re.compile(p) for p in recipes.VLMO_STAGE2_FROZEN]
   moved = {p for p in final2 if not np.array_equal(final2[p], initial2[p])}
   assert moved and not any(f.search(p) for p in moved for f in frozen)
@@ -88,6 +116,6 @@ def test_vlmo_demo_stage2_trains_the_text_side_and_stage3_starts_from_it(tmp_pat
     assert f'"{name}"' in text
 
 
-def test_vlmo_demo_stage1_names_its_stand_in():
-  with pytest.raises(ValueError, match="stand-in is the image side's random initialisation"):
-    config_lib.load_config(os.path.join(REPO, "experiments", "demo.py:vlmo,stage=1"))
+def test_vlmo_demo_stage1_starts_from_scratch():
+  with pytest.raises(ValueError, match="stage=1 starts from the random initialisation"):
+    config_lib.load_config(os.path.join(REPO, "experiments", "demo.py:vlmo,stage=1,init=/w"))

@@ -335,3 +335,31 @@ def test_accumulated_mlm_step_equals_the_whole_batch_step():
     np.testing.assert_allclose(acc_metrics[key], metrics[key], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(acc_grads), jax.tree.leaves(grads)):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+# -- ITM hard negatives ----------------------------------------------------------------------------
+
+
+def test_itm_negatives_never_share_the_positives_caption():
+  """Where captions repeat (the demo's "a red 7"), a negative text equal to the positive's
+  caption, or a negative image that caption describes, would be a match labelled "no"."""
+  rng = np.random.default_rng(0)
+  batch, dim = 12, 8
+  captions = np.array([[2, 5 + i % 3, 3, 0] for i in range(batch)], np.int32)  # 3 captions.
+  # Embeddings that make the same-caption rows the most similar: what hard negative sampling
+  # would pick first.
+  centres = rng.standard_normal((3, dim))
+  image = centres[np.arange(batch) % 3] + 0.05 * rng.standard_normal((batch, dim))
+  text = centres[np.arange(batch) % 3] + 0.05 * rng.standard_normal((batch, dim))
+  image, text = (jnp.asarray(x / np.linalg.norm(x, axis=1, keepdims=True), jnp.float32)
+                 for x in (image, text))
+  caption_of = np.arange(batch) % 3
+  for seed in range(20):
+    neg_text, neg_image, (text_ok, image_ok) = losses.hard_negatives(
+        image, text, 100.0, jax.random.key(seed), text=jnp.asarray(captions))
+    assert np.all(text_ok) and np.all(image_ok)
+    assert np.all(caption_of[np.asarray(neg_text)] != caption_of)
+    assert np.all(caption_of[np.asarray(neg_image)] != caption_of)
+  # Without the captions the same embeddings pick same-caption rows (the defect this fixes).
+  neg_text, neg_image, _ = losses.hard_negatives(image, text, 100.0, jax.random.key(0))
+  assert np.mean(caption_of[np.asarray(neg_image)] == caption_of) > 0.5

@@ -94,6 +94,9 @@ def _defaults(backbone: str) -> dict:
           # "text" only. A text dataset (data.build --format text) needs it; an image-caption
           # dataset then gives its captions.
           text_only=False,
+          # Train on the images alone (BEiT's masked image modelling, VLMo's stage 1 at demo
+          # scale): batches hold "image" only.
+          image_only=False,
           build_demo=False,  # Build the digit-scenes demo set into data_dir if missing.
           # Keyword arguments of data.builders.DemoBuilder (its defaults).
           build_demo_options=dict(num_train=5000, num_test=500, num_digits=1000, image_size=48,
@@ -534,7 +537,8 @@ def _validate_vlmo_options(config, need) -> None:
   if encoder == "causal":
     bert_only = [name for name, off in (("token_types", False), ("relative_position", False),
                                         ("shared_final_norm", False), ("vl_contrastive", False),
-                                        ("mlm_head", False), ("drop_path_rate", 0.0))
+                                        ("mlm_head", False), ("drop_path_rate", 0.0),
+                                        ("mim_vocab", 0))
                  if s[name] != off]
     need(not bert_only, f"config.model.mome {bert_only} are VLMo options of the BERT text "
          "encoder; set config.model.mome.text_encoder='bert' or leave them off")
@@ -842,6 +846,20 @@ def _validate_vlmo_losses(config, need) -> None:
   p = loss.mlm_probability
   need(isinstance(p, (int, float)) and 0 < p < 1,
        f"config.loss.mlm_probability={p!r} must be in (0, 1) (BERT and VLMo: 0.15)")
+  mim = loss.mim_weight
+  if not (isinstance(mim, (int, float)) and mim >= 0):
+    need(False, f"config.loss.mim_weight={mim!r} must be a number >= 0 (0 = off)")
+  elif mim:
+    codes = mome.get("mim_vocab") if mome is not None else 0
+    need(isinstance(codes, int) and codes > 0,
+         f"config.loss.mim_weight={mim} needs a MoME with config.model.mome.mim_vocab > 0 (the "
+         "visual codebook's size; text_encoder='bert'); set it or the weight to 0")
+    ratio = loss.mim_mask_ratio
+    need(isinstance(ratio, (int, float)) and 0 < ratio < 1,
+         f"config.loss.mim_mask_ratio={ratio!r} must be in (0, 1) (BEiT: 0.4)")
+    block = loss.mim_min_block
+    need(isinstance(block, int) and block >= 2,
+         f"config.loss.mim_min_block={block!r} must be an integer >= 2 patches (BEiT: 16)")
   vocab = m.get("text", {}).get("vocab_size")
   if loss.mlm_weight and isinstance(vocab, int):
     need(isinstance(loss.mlm_mask_id, int) and 0 <= loss.mlm_mask_id < vocab,
@@ -898,13 +916,27 @@ def validate(config, num_devices: int | None = None, load_tokenizer=None) -> Non
   if config.data.text_only is True:
     loss = config.loss
     image_terms = [f"config.loss.{k} (now {loss[k]})" for k in (
-        "contrastive_weight", "vl_contrastive_weight", "caption_weight", "itm_weight") if loss[k]]
+        "contrastive_weight", "vl_contrastive_weight", "caption_weight", "itm_weight",
+        "mim_weight") if loss[k]]
     fix = (f"set {', '.join(image_terms)} to 0" if image_terms else
            "set config.loss.mlm_weight > 0")
     need(not image_terms and loss.mlm_weight > 0,
          "config.data.text_only=True trains on texts alone, so only masked language modelling "
          f"(config.loss.mlm_weight, now {loss.mlm_weight}) can train: {fix} "
          "(experiments/vlmo_base.py:stage=2 does)")
+  if config.data.image_only is True:
+    loss = config.loss
+    pair_terms = [f"config.loss.{k} (now {loss[k]})" for k in (
+        "contrastive_weight", "vl_contrastive_weight", "caption_weight", "itm_weight",
+        "mlm_weight") if loss[k]]
+    fix = (f"set {', '.join(pair_terms)} to 0" if pair_terms else
+           "set config.loss.mim_weight > 0")
+    need(not pair_terms and loss.mim_weight > 0,
+         "config.data.image_only=True trains on images alone, so only masked image modelling "
+         f"(config.loss.mim_weight, now {loss.mim_weight}) can train: {fix} "
+         "(experiments/demo.py:vlmo,stage=1 does)")
+    need(config.data.text_only is not True, "config.data.image_only and config.data.text_only "
+         "are both True: a batch needs images or texts; set one of them to False")
   if backbone == "mome":
     _validate_mome(config, need, positive)
     if "mome" in m:

@@ -192,6 +192,16 @@ TEXT_SIDE = [r"(^|/)ffn_text/", r"(^|/)ffn_fusion/", r"^token_embed/", r"^text_p
 SHARED_AND_IMAGE = [r"/attention/", r"/ln_attention/", r"(^|/)ffn_image/"]
 
 
+# VLMo's stage 1 trained here (experiments/demo.py:vlmo,stage=1: BEiT's masked image modelling):
+# everything frozen but what a BEiT has (the patch embedding, the image [CLS] and [MASK], the
+# shared attention and its norms, the layer scales, the V-FFNs, the relative position table,
+# the final norm) and the MIM head. The token type embedding stays too: BEiT has none (the BEiT
+# importer zeroes VLMo's image type; stage 2 trains it).
+VLMO_STAGE1_FROZEN = [r"^token_embed/", r"^text_(pos|type)_embed$", r"^ln_text_embed/",
+                      r"^token_type_embed$", r"/ffn_text/", r"/ffn_fusion/",
+                      r"^(image|text)(_vl)?_projection/", r"^logit_(vl_)?scale$", r"^logit_bias$",
+                      r"^itm_pooler/", r"^itm_head/", r"^mlm/"]
+
 # VLMo's stage 2 (vlmo/run.py with textmlm): every parameter is frozen except those whose
 # official name holds text_embeddings, token_type_embeddings, mlp_text, norm2_text, mlm_score,
 # relative_position_bias_table or transformer.norm. In our names (interop/vlmo.py's table) the

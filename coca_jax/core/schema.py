@@ -246,6 +246,10 @@ class MoMEStack:
   activation: Activation = "gelu_tanh"  # FFN non-linearity; VLMo: 'gelu'.
   vl_contrastive: bool = False  # VLMo's second ITC on VL-FFN features ('bert' only).
   mlm_head: bool = False  # VLMo's (BERT's) MLM head ('bert' only).
+  # BEiT's masked image modelling ('bert' only; config.loss.mim_weight): the visual codebook's
+  # size, a learned image [MASK] embedding and a linear head from the image-only pass's final
+  # states to a code per patch; 0 = none.
+  mim_vocab: int = 0
 
   @property
   def bert(self) -> bool:
@@ -401,6 +405,18 @@ class Loss:
   mlm_mask_id: int = 103  # bert-base-uncased's [MASK].
   # Never picked (besides padding): bert-base-uncased's [UNK], [CLS], [SEP], [MASK].
   mlm_special_ids: list = dataclasses.field(default_factory=lambda: [100, 101, 102, 103])
+  # Masked image modelling (BEiT, VLMo's stage 1; needs config.model.mome.mim_vocab): per
+  # image, blocks of at least `mim_min_block` patches (aspect ratio 0.3-3.3) are masked until
+  # round(mim_mask_ratio x patches) are; the image-only pass sees a learned [MASK] embedding
+  # there and predicts each masked patch's code: the entry of the codebook `mim_codebook` (.npy
+  # [mim_vocab, 12]) nearest to the patch's mean colours over 2x2 cells
+  # (data/visual_codebook.py; "" = fitted by k-means on the train images into
+  # WORKDIR/visual_codebook.npy when the run starts). Cross-entropy on the masked patches only;
+  # 0 = off. BEiT: ratio 0.4, blocks of 16 of 196 patches, codes from DALL-E's dVAE (8,192).
+  mim_weight: float = 0.0
+  mim_mask_ratio: float = 0.4
+  mim_min_block: int = 16
+  mim_codebook: str = ""
   # Auxiliary losses of learned routing (training.losses.router_losses). Switch Transformer's
   # balance weight is 0.01; LIMoE's entropy terms are off unless asked for. The global-entropy
   # threshold is in nats; None = log(num_experts), i.e. the term acts whenever the mean routing

@@ -113,6 +113,7 @@ class DataOptions:
   in_memory: str = "auto"
   in_memory_max_mb: float = 1024.0
   text_only: bool = False
+  image_only: bool = False
 
   @classmethod
   def from_config(cls, config) -> "DataOptions":
@@ -137,7 +138,8 @@ class DataOptions:
         crop_ratio=tuple(float(x) for x in field("crop_ratio")),
         max_len=int(config.model.text.max_len), global_batch_size=int(config.train.batch_size),
         seed=int(config.train.seed), in_memory=field("in_memory"),
-        in_memory_max_mb=field("in_memory_max_mb"), text_only=bool(data.get("text_only", False)))
+        in_memory_max_mb=field("in_memory_max_mb"), text_only=bool(data.get("text_only", False)),
+        image_only=bool(data.get("image_only", False)))
     if options.in_memory not in IN_MEMORY_MODES:
       raise ValueError(f"config.data.in_memory={options.in_memory!r} is unknown; use one of "
                        f"{', '.join(IN_MEMORY_MODES)} ('auto': in memory when the decoded split "
@@ -164,6 +166,7 @@ class _DecodeExample(grain.transforms.RandomMap):
 
   def __init__(self, options: DataOptions):
     self.text_only = options.text_only
+    self.image_only = options.image_only
     self.image_size = options.image_size
     self.random_crop = options.random_resized_crop
     self.crop_scale = options.crop_scale
@@ -178,6 +181,8 @@ class _DecodeExample(grain.transforms.RandomMap):
     image = preprocess.decode_train_image(
         element["image"], self.image_size, rng if self.random_crop else None,
         self.crop_scale, self.crop_ratio)
+    if self.image_only:
+      return {"image": image, "key": _to_str(element["key"])}
     return {"image": image, "caption": _to_str(caption), "key": _to_str(element["key"])}
 
 
@@ -190,6 +195,8 @@ class _TokenizeAndNormalize(grain.transforms.Map):
     self._next_report = 1
 
   def map(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if "caption" not in batch:  # config.data.image_only
+      return {"image": preprocess.normalize_images(batch["image"]), "key": batch["key"]}
     text = self.tokenizer.tokenize(batch["caption"].tolist(), self.max_len)
     truncated = self.tokenizer.num_truncated
     if truncated >= self._next_report:  # log at 1, 2, 4, 8, ... so it is visible, not a flood
@@ -419,7 +426,9 @@ class InMemoryBatches:
             Image.fromarray(self.decoded.image(record)), options.image_size, rng,
             options.crop_scale, options.crop_ratio))
     images = np.stack(crops) if crops else self.decoded.images[records]
-    batch = {"image": preprocess.normalize_images(images), "text": self.tokens[captions]}
+    batch = {"image": preprocess.normalize_images(images)}
+    if not options.image_only:  # config.data.image_only: no captions.
+      batch["text"] = self.tokens[captions]
     if keys:
       batch["key"] = np.asarray([self.decoded.key(int(r)) for r in records])
     return batch
@@ -522,7 +531,7 @@ class InMemoryTrainIterator:
   def _make(self, global_batch: int) -> dict[str, jax.Array]:
     host_batch = self.batches.host_batch(global_batch, keys=False)
     return {key: jax.make_array_from_process_local_data(self._sharding(key), host_batch[key])
-            for key in ("image", "text")}
+            for key in ("image", "text") if key in host_batch}
 
   def _sharding(self, key: str):
     if isinstance(self.batch_sharding, Mapping):

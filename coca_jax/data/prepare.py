@@ -20,6 +20,7 @@ from coca_jax.data import builders
 from coca_jax.data import mixture
 from coca_jax.data import sources
 from coca_jax.data import video
+from coca_jax.data import visual_codebook
 from coca_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
 
@@ -105,6 +106,7 @@ def prepare_data(config, workdir: str, class_names=None) -> Tokenizer:
     if jax.process_index() == 0 and not os.path.isdir(clip_dir):
       video.build_demo_clips(clip_dir, **dict(clips.build_demo_options))
     sync("demo clips built")
+  _prepare_codebook(config, workdir)
   kind = data.tokenizer_kind
   if kind in ("clip_bpe", "wordpiece"):  # Fixed: keep a copy beside the config, train nothing.
     tokenizer = load_tokenizer(data.tokenizer, kind)
@@ -139,3 +141,23 @@ def prepare_data(config, workdir: str, class_names=None) -> Tokenizer:
         f"config.model.text (bos_id, eos_id)={specials} but the {kind} tokenizer's are "
         f"{(tokenizer.bos_id, tokenizer.eos_id)}; set them to the tokenizer's")
   return tokenizer
+
+
+def _prepare_codebook(config, workdir: str) -> None:
+  """Masked image modelling (config.loss.mim_weight > 0) without a codebook: fits one on the
+  train images into WORKDIR/visual_codebook.npy (`visual_codebook`; once, process 0) and
+  records its path in config.loss.mim_codebook, as the tokenizer's is recorded."""
+  loss = config.get("loss", {})
+  if not loss.get("mim_weight") or loss.get("mim_codebook"):
+    return
+  path = fs.join(workdir, visual_codebook.CODEBOOK_FILE)
+  if fs.is_url(path):
+    raise ConfigError(f"config.loss.mim_codebook is '' and the workdir {workdir} is not local: "
+                      "fit the codebook in a local run and pass its path")
+  if jax.process_index() == 0 and not os.path.exists(path):
+    data, model = config.data, config.model
+    visual_codebook.fit_on_dataset(data.name, data.data_dir, data.train_split, path,
+                                   size=model.mome.mim_vocab, patch=model.patch_size,
+                                   image_size=data.image_size, seed=config.train.seed)
+  sync("visual codebook fitted")
+  loss.mim_codebook = path

@@ -286,6 +286,13 @@ class MoME(nn.Module):
       self.itm_head = dense(2, ("embed", None), dt, "itm_head")
     if c.mome.mlm_head:
       self.mlm = MLMHead(c.text.vocab_size, dt)
+    if c.mome.mim_vocab:
+      # BEiT's masked image modelling: the [MASK] embedding that replaces a masked patch's, and
+      # the linear head from a patch's final state to its visual code.
+      self.image_mask_token = self.param("image_mask_token", with_axes(embed_init, ("embed",)),
+                                         (c.mome.width,), jnp.float32)
+      self.mim_head = dense(c.mome.mim_vocab, ("embed", None), dt, "mim_head",
+                            out_dtype=jnp.float32)
     contrastive_parameters(self, c)
 
   def _layer(self, i: int, x, mask, segments, prefix_kv=None, return_kv: bool = False,
@@ -485,11 +492,14 @@ class MoME(nn.Module):
       x = x + self.token_type_embed[0].astype(x.dtype)
     return constrain(x, ("batch", "length", "embed"))
 
-  def _bert_image_tokens(self, image):
+  def _bert_image_tokens(self, image, mask=None):
     """image [batch, H, W, 3] -> [batch, P + 1, width]: the [CLS] then the patches (+ absolute
-    positions without the relative bias) (+ VLMo's image type)."""
+    positions without the relative bias) (+ VLMo's image type). `mask` [batch, P] bool: those
+    patches' embeddings replaced by the [MASK] embedding (BEiT; `mim_logits`)."""
     c = self.config
     x = self.patch_embed(patchify(image, c))
+    if mask is not None:
+      x = jnp.where(mask[..., None], self.image_mask_token.astype(x.dtype), x)
     cls = jnp.broadcast_to(self.image_cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1)
     if not c.mome.relative_position:
@@ -645,6 +655,21 @@ class MoME(nn.Module):
     """The MLM head on text tokens [.., width] -> float32 logits [.., vocab]."""
     return self.mlm(tokens)
 
+  def mim_logits(self, image, mask, train: bool = False):
+    """BEiT's masked image modelling: image [batch, H, W, 3] with the patches where mask
+    [batch, P] bool is True replaced by the [MASK] embedding, through the image-only pass
+    (ffn_image in every layer, bidirectional); float32 logits [batch, P, mim_vocab] over the
+    visual codes from each patch's final state (after the final norm). Needs
+    config.model.mome.mim_vocab > 0."""
+    c = self.config
+    if not (c.mome.bert and c.mome.mim_vocab):
+      raise ValueError("this MoME has no masked image modelling head; set "
+                       "config.model.mome.mim_vocab > 0 (with text_encoder='bert')")
+    x = self._bert_image_tokens(image, mask)
+    segments = ((IMAGE, x.shape[1]),)
+    x, _ = self._bert_stack(x, None, segments, segments, self._position_bias("image"), train)
+    return self.mim_head(self._norm("image")(x)[:, 1:])
+
   def vl_temperature_scale(self):
     """The second contrastive scale (VL-FFN features; see `temperature_scale`)."""
     return temperature_scale(self.logit_vl_scale, self.config.max_logit_scale)
@@ -668,6 +693,8 @@ class MoME(nn.Module):
         self.fused_features(image, text)
       if c.mome.mlm_head:
         self.mlm_logits(text, jnp.zeros((text.shape[0], 1), jnp.int32))
+      if c.mome.mim_vocab:
+        self.mim_logits(image, jnp.zeros((image.shape[0], c.num_patches), bool))
     return outputs
 
   # -- Training interface --------------------------------------------------------------------

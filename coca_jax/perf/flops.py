@@ -160,7 +160,9 @@ def _vlmo_flops_breakdown(config, m: schema.MoME, batch_size: int) -> dict[str, 
   each modality through ffn_fusion; ITM: 3 pairs per ITM example of the fused pass over L + P
   + 1 tokens, the pooler and the head; MLM (loss.mlm_weight > 0): one more fused pass over the
   masked text and the image, and the MLM head (dense W x W, vocabulary) on the tokens it is
-  there for, mlm_probability x L of them (the step pads them to a bound, slack not counted)."""
+  there for, mlm_probability x L of them (the step pads them to a bound, slack not counted);
+  an image-only batch (data.image_only, masked image modelling): the image-only pass and the
+  MIM head alone."""
   image, text, width = m.image_tokens, m.text.max_len, m.mome.width
   all_layers, top_layers = range(m.mome.depth), range(m.mome.bottom_layers, m.mome.depth)
   routed = functools.partial(_routing_extra_flops, m)
@@ -187,6 +189,11 @@ def _vlmo_flops_breakdown(config, m: schema.MoME, batch_size: int) -> dict[str, 
             + 2 * width * 2 + routed(image, "image", bottom_layers)
             + routed(text, "text", bottom_layers) + routed(image + text, "fusion", top_layers))
     parts["itm"] = int(3 * share * (pair + parts["patch_embed"]))
+  if config.get("data", {}).get("image_only", False):
+    # Stage 1 (masked image modelling): the masked image's image-only pass and the MIM head
+    # on every patch are the step's only work.
+    return {"mim": (parts["patch_embed"] + parts["image_only"]
+                    + 2 * m.num_patches * width * m.mome.mim_vocab)}
   if config.loss.get("mlm_weight", 0.0) > 0:
     picked = config.loss.get("mlm_probability", schema.Loss.mlm_probability) * text
     head = int(picked * (2 * width * width + 2 * width * m.text.vocab_size))

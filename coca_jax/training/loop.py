@@ -192,7 +192,8 @@ class Trainer:
     logging.info("Data %r and tokenizer ready (%.1fs)", config.data.name,
                  time.perf_counter() - t0)
     evaluators.check_evals(config)
-    batch_sharding = step_lib.batch_shardings(built.mesh, config.data.text_only)
+    batch_sharding = step_lib.batch_shardings(built.mesh, config.data.text_only,
+                                             config.data.image_only)
     if config.data.sources:  # A mixture (data/mixture.py); class names as zero-shot reads them.
       self.train_iter = mixture.make_mixture_iterator(
           config, batch_sharding, self.tokenizer, class_names=prompts.class_names)
@@ -440,7 +441,9 @@ class _Progress:
           f"{record.get('examples_per_sec', 0):.0f} ex/s  eta {eta:.0f}s", flush=True)
 
 
-# The loss parts (and MLM's accuracy) the progress line shows where a run has them.
+# The loss parts (and the accuracies of ITM, MLM and MIM) the progress line shows where a run
+# has them.
 PROGRESS_TERMS = (("contrastive_loss", "contrastive"), ("vl_contrastive_loss", "vl_contrastive"),
-                  ("caption_loss", "caption"), ("itm_loss", "itm"), ("mlm_loss", "mlm"),
-                  ("mlm_accuracy", "mlm_acc"))
+                  ("caption_loss", "caption"), ("itm_loss", "itm"), ("itm_accuracy", "itm_acc"),
+                  ("mlm_loss", "mlm"), ("mlm_accuracy", "mlm_acc"), ("mim_loss", "mim"),
+                  ("mim_accuracy", "mim_acc"))

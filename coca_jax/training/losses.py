@@ -330,14 +330,20 @@ def router_losses(statistics, *, router_balance_weight: float = 0.01,
 # -- Image-text matching (VLMo) ----------------------------------------------------------------
 
 
-def hard_negatives(image_embed, text_embed, logit_scale, rng, duplicate_cosine: float = 1 - 1e-4):
+def hard_negatives(image_embed, text_embed, logit_scale, rng, duplicate_cosine: float = 1 - 1e-4,
+                   text=None):
   """One hard negative text per image and one hard negative image per text (VLMo).
 
   Row i's negative text is drawn with probability softmax(logit_scale * image_i . text_j) over
   the global batch with j = i masked out, and likewise for images; candidates that duplicate
   the positive (cosine >= `duplicate_cosine` to it, e.g. the same caption twice in a batch) are
-  masked too, since labelling them "no match" would be wrong. image_embed, text_embed [B, D]
-  unit norm (no gradient flows: sampling only); rng: a PRNG key.
+  masked too, since labelling them "no match" would be wrong. With `text` [B, L] (the batch's
+  token ids) a candidate whose caption equals the positive's is masked on both sides: that
+  text is the positive's own caption, and that image is described by it, so either pair is a
+  match. (Where captions repeat, as the demo's "a red 7" does, the image side matters most:
+  the images that share a caption are the most similar to it, so the hard negative image was
+  mostly a true match, and ITM learned nothing.) image_embed, text_embed [B, D] unit norm (no
+  gradient flows: sampling only); rng: a PRNG key.
   Returns (negative_text [B] int32, negative_image [B] int32 indices into the batch, valid [B]
   bool per kind: (text_valid, image_valid), False where every candidate was masked, e.g. a
   batch of one caption repeated, in which case the index is meaningless and must be ignored).
@@ -351,6 +357,10 @@ def hard_negatives(image_embed, text_embed, logit_scale, rng, duplicate_cosine: 
   # differ from image i.
   text_allowed = not_self & ((text_embed @ text_embed.T) < duplicate_cosine)
   image_allowed = not_self & ((image_embed @ image_embed.T) < duplicate_cosine)
+  if text is not None:
+    same_caption = jnp.all(text[:, None, :] == text[None, :, :], axis=-1)
+    text_allowed &= ~same_caption
+    image_allowed &= ~same_caption
   rng_text, rng_image = jax.random.split(rng)
   neg_text = jax.random.categorical(rng_text, jnp.where(text_allowed, logits, -jnp.inf), axis=1)
   neg_image = jax.random.categorical(rng_image, jnp.where(image_allowed, logits.T, -jnp.inf),
@@ -443,3 +453,72 @@ def mlm_sums(head, tokens, labels, bound: int | None = None):
                  jnp.take_along_axis(labels, order, axis=1))
   overflow = jnp.max(jnp.sum(picked.astype(jnp.int32), axis=1)) > bound
   return jax.lax.cond(overflow, lambda: score(tokens, labels), gathered)
+
+
+# -- Masked image modelling (BEiT) -------------------------------------------------------------
+
+# Tries per image of `block_mask`: at the demo's 6 x 6 patches with blocks of 4 it reaches its
+# count in almost every image; each try costs a [grid, grid] comparison.
+BLOCK_MASK_TRIES = 64
+
+
+def block_mask(rng, batch: int, grid: int, count: int, min_block: int,
+               max_aspect: float = 1 / 0.3, tries: int = BLOCK_MASK_TRIES):
+  """BEiT's blockwise masking: per image of a grid x grid patch grid, rectangles are drawn until
+  `count` patches are masked: area uniform in [min_block, max(min_block, still to mask)],
+  aspect ratio log-uniform in [1 / max_aspect, max_aspect], position uniform; a block is kept
+  when it fits inside the grid (BEiT: strictly narrower and shorter than it) and adds between 1
+  and the still-to-mask number of new patches. BEiT lets the last block shrink below
+  min_block; here no block does, so a masked patch always has a masked neighbour. `tries`
+  draws per image (BEiT stops after 10 failures in a row); an image can end a few patches
+  short. Deterministic in `rng`. Returns bool [batch, grid * grid] (row-major, as `patchify`)."""
+  log_aspect = math.log(max_aspect)
+  cells = jnp.arange(grid)
+
+  def one(key):
+    def attempt(_, carry):
+      mask, key = carry
+      key, k_area, k_aspect, k_top, k_left = jax.random.split(key, 5)
+      left_to_mask = count - jnp.sum(mask)
+      area = jax.random.uniform(k_area, (), minval=min_block,
+                                maxval=jnp.maximum(min_block, left_to_mask))
+      aspect = jnp.exp(jax.random.uniform(k_aspect, (), minval=-log_aspect, maxval=log_aspect))
+      h = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
+      w = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
+      top = jax.random.randint(k_top, (), 0, jnp.maximum(grid - h + 1, 1))
+      left = jax.random.randint(k_left, (), 0, jnp.maximum(grid - w + 1, 1))
+      block = (((cells[:, None] >= top) & (cells[:, None] < top + h))
+               & ((cells[None, :] >= left) & (cells[None, :] < left + w)))
+      new = jnp.sum(block & ~mask)
+      keep = (h < grid) & (w < grid) & (new > 0) & (new <= left_to_mask)
+      return jnp.where(keep, mask | block, mask), key
+
+    mask, _ = jax.lax.fori_loop(0, tries, attempt, (jnp.zeros((grid, grid), bool), key))
+    return mask.reshape(-1)
+
+  return jax.vmap(one)(jax.random.split(rng, batch))
+
+
+def visual_codes(patches, codebook, patch: int, cells: int):
+  """Each patch's visual code (data/visual_codebook.py): the index of the codeword nearest
+  (Euclidean) to its feature, each channel's mean over cells x cells cells. patches
+  [batch, P, patch * patch * 3] float (`patchify`'s layout), codebook [K, cells * cells * 3]
+  -> int32 [batch, P] (the MIM targets)."""
+  side = patch // cells
+  batch, num = patches.shape[:2]
+  features = patches.astype(jnp.float32).reshape(batch, num, cells, side, cells, side, 3)
+  features = features.mean(axis=(3, 5)).reshape(batch, num, cells * cells * 3)
+  distances = (-2.0 * jnp.einsum("bpd,kd->bpk", features, codebook)
+               + jnp.sum(codebook ** 2, axis=-1))  # |patch|^2 is the same for every code.
+  return jnp.argmin(distances, axis=-1).astype(jnp.int32)
+
+
+def mim_sums(logits, targets, mask):
+  """(cross-entropy summed over the masked patches, right predictions there): logits
+  [batch, P, K] float32, targets [batch, P] int, mask [batch, P] bool. Unmasked patches count
+  nothing (BEiT scores the masked positions only)."""
+  per_patch = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  weights = mask.astype(jnp.float32)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  hits = jnp.sum((target_logit >= jnp.max(logits, axis=-1)) * weights)
+  return jnp.sum(per_patch * weights), hits

@@ -21,7 +21,8 @@ similarities of the phase-1 embeddings with the step's rng; MLM's masks, drawn w
 each microbatch adds its sum divided by that whole-batch count, so they are exact too. The
 contrastive terms (VLMo has a second one, on its VL-FFN features) are the phase-2 kind. A
 text-only batch (config.data.text_only: no "image") has only the terms that need no image
-(MLM) and skips phases 1 and 2.
+(MLM), an image-only one (config.data.image_only: no "text") only those that need no text
+(masked image modelling); both skip phases 1 and 2.
 Cost: one extra forward pass of the image encoder and unimodal decoder per step (about +20% of
 a step's FLOPs); memory: activations of one microbatch. Captions are normalised by the token
 count of the whole batch, so the caption term is exact too.
@@ -57,6 +58,7 @@ from coca_jax import models
 from coca_jax.core import schema
 from coca_jax.core import sharding
 from coca_jax.core.tokens import PAD_ID
+from coca_jax.data import visual_codebook
 from coca_jax.models.coca import CoCa, clamp_logit_scale
 from coca_jax.training import lora as lora_lib
 from coca_jax.training import losses
@@ -82,6 +84,8 @@ def dummy_batch(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
   }
   if _text_only(config):
     del batch["image"]
+  if _image_only(config):
+    del batch["text"]
   sources = source_names(config)
   if sources:  # A mixture's batches say which source each row came from (data/mixture.py).
     batch["source"] = jax.ShapeDtypeStruct((batch_size, len(sources)), jnp.int32)
@@ -97,12 +101,19 @@ def _text_only(config) -> bool:
   return bool(config.get("data", {}).get("text_only", False))
 
 
-def batch_shardings(mesh: Mesh, text_only: bool = False) -> dict:
+def _image_only(config) -> bool:
+  return bool(config.get("data", {}).get("image_only", False))
+
+
+def batch_shardings(mesh: Mesh, text_only: bool = False, image_only: bool = False) -> dict:
   """Where a training batch lives: {"image" [batch, S, S, 3], "text" [batch, L]} ("text" alone
-  with `text_only`, config.data.text_only), each split over the data-parallel mesh axes along
-  batch. The step's in_shardings and the data pipeline's output both use it."""
+  with `text_only`, config.data.text_only; "image" alone with `image_only`), each split over
+  the data-parallel mesh axes along batch. The step's in_shardings and the data pipeline's
+  output both use it."""
   if text_only:
     return {"text": sharding.batch_sharding(mesh, 2)}
+  if image_only:
+    return {"image": sharding.batch_sharding(mesh, 4)}
   return {"image": sharding.batch_sharding(mesh, 4), "text": sharding.batch_sharding(mesh, 2)}
 
 
@@ -120,8 +131,7 @@ def _init_boxed_params(model: CoCa, config, rng):
   # Every parameter, the image side's too, even where training reads texts only (stage 2).
   size = config.model.image_size
   image = jnp.zeros((1, size, size, 3), jnp.float32)
-  batch = dummy_batch(config, 1)
-  text = jnp.zeros(batch["text"].shape, batch["text"].dtype)
+  text = jnp.zeros((1, config.model.text.max_len), jnp.int32)
   return model.init(rng, image, text)["params"]
 
 
@@ -251,7 +261,8 @@ class LossTerm:
   gradient with respect to the embeddings the accumulated step caches (module docstring).
   A new term is one more entry of `loss_terms` (masked language modelling: prepare draws the
   masks, fn scores them). `text_only`: the term also scores text-only batches (no "image";
-  VLMo's stage 2), where the terms without it are left out.
+  VLMo's stage 2), where the terms without it are left out; `image_only` likewise for
+  image-only batches (no "text"; masked image modelling, VLMo's stage 1 at demo scale).
   """
   name: str
   weight: float
@@ -261,12 +272,14 @@ class LossTerm:
   embeddings: tuple[str, str, str, str] = ("image_embed", "text_embed", "logit_scale",
                                            "logit_bias")
   text_only: bool = False
+  image_only: bool = False
 
 
-def loss_terms(loss_config, vocab_size: int = 0) -> list[LossTerm]:
+def loss_terms(loss_config, vocab_size: int = 0, model_config=None) -> list[LossTerm]:
   """The weighted terms `config.loss` asks for. Contrastive and caption are always computed
-  (their metrics are logged even at weight 0); ITM, VLMo's second ITC and MLM only when their
-  weight is positive (MLM draws its random replacements from `vocab_size` ids)."""
+  (their metrics are logged even at weight 0); ITM, VLMo's second ITC, MLM and MIM only when
+  their weight is positive (MLM draws its random replacements from `vocab_size` ids; MIM
+  needs `model_config`, the model's schema config: its patches and codebook size)."""
   terms = [
       LossTerm("contrastive", loss_config.contrastive_weight,
                functools.partial(_contrastive, loss_config=loss_config), over_embeddings=True),
@@ -292,7 +305,52 @@ def loss_terms(loss_config, vocab_size: int = 0) -> list[LossTerm]:
                           prepare=functools.partial(_mlm_plan, loss_config=loss_config,
                                                     vocab_size=vocab_size),
                           text_only=True))
+  if loss_config.mim_weight > 0:
+    if model_config is None:
+      raise ValueError("config.loss.mim_weight > 0 needs the model's config (patches, codebook)")
+    codebook = visual_codebook.load(loss_config.mim_codebook, model_config.mome.mim_vocab,
+                                    model_config.patch_size)
+    terms.append(LossTerm("mim", loss_config.mim_weight, _mim_sums,
+                          prepare=functools.partial(_mim_plan, loss_config=loss_config,
+                                                    codebook=codebook,
+                                                    patch_size=model_config.patch_size),
+                          image_only=True))
   return terms
+
+
+def _mim_plan(batch, embeds, rng, *, loss_config, codebook, patch_size: int):
+  """BEiT's masks and targets for the whole batch, drawn once from the step's rng (as MLM's):
+  each image's blockwise mask (`losses.block_mask`: round(mim_mask_ratio x patches) patches in
+  blocks of at least mim_min_block) and every patch's visual code (`losses.visual_codes`: the
+  fitted codebook's entry nearest to its coarse colours, from the unmasked pixels); the count is
+  the batch's masked patches."""
+  del embeds
+  if rng is None:
+    raise ValueError("config.loss.mim_weight > 0 needs an rng for the masks")
+  image = batch["image"].astype(jnp.float32)
+  size, grid = image.shape[0], image.shape[1] // patch_size
+  patches = image.reshape(size, grid, patch_size, grid, patch_size, image.shape[-1])
+  patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(size, grid * grid, -1)
+  targets = losses.visual_codes(patches, jnp.asarray(codebook), patch_size,
+                                visual_codebook.CELLS)
+  count = round(loss_config.mim_mask_ratio * grid * grid)
+  mask = losses.block_mask(jax.random.fold_in(rng, 4), size, grid, count,
+                           loss_config.mim_min_block)
+  masked = jnp.sum(mask.astype(jnp.float32))
+  return {"count": jnp.maximum(masked, 1.0), "metrics": {"mim_patches": masked},
+          "rows": {"mask": mask, "targets": targets}}
+
+
+def _mim_sums(params, model, outputs, microbatch, rows, batch, rng=None):
+  """MIM of this microbatch's images: the masked image through the image-only pass, the
+  cross-entropy of each masked patch's code and the right predictions, summed."""
+  del outputs, batch
+  logits, state = model.apply({"params": params}, microbatch["image"], rows["mask"],
+                              train=True, method="mim_logits", mutable=["intermediates"],
+                              rngs=training_rngs(model, rng))
+  total, hits = losses.mim_sums(logits, rows["targets"], rows["mask"])
+  return total, {"mim_accuracy": hits}, models.router_statistics(
+      state.get("intermediates", {}), model.config)
 
 
 def _contrastive(image_embed, text_embed, logit_scale, logit_bias, loss_config,
@@ -373,7 +431,8 @@ def _itm_plan(batch, embeds, rng, examples: int = 0):
     raise ValueError("config.loss.itm_weight > 0 needs an rng for the hard negatives")
   batch_size = batch["image"].shape[0]
   neg_text, neg_image, (text_ok, image_ok) = losses.hard_negatives(
-      embeds["image_embed"], embeds["text_embed"], embeds["logit_scale"], rng)
+      embeds["image_embed"], embeds["text_embed"], embeds["logit_scale"], rng,
+      text=batch["text"])
   rows = jnp.arange(batch_size, dtype=jnp.int32)
   if examples:
     if batch_size % examples:
@@ -409,19 +468,26 @@ def _add_statistics(a: dict, b: dict) -> dict:
                   for name, s in b.items()}}
 
 
-def model_loss_terms(model: CoCa, loss_config, text_only: bool = False) -> list[LossTerm]:
+def model_loss_terms(model: CoCa, loss_config, text_only: bool = False,
+                     image_only: bool = False) -> list[LossTerm]:
   """`loss_terms` that `model` can compute: a MoME with the BERT text encoder (VLMo) has no
   captioner, so no caption term (the config refuses a caption weight for it). `text_only`: the
-  terms of a batch without images (VLMo's stage 2: MLM on the text-only pass)."""
+  terms of a batch without images (VLMo's stage 2: MLM on the text-only pass); `image_only`:
+  of a batch without texts (masked image modelling, VLMo's stage 1 at demo scale)."""
   mome = getattr(model.config, "mome", None)
   captions = not (mome is not None and mome.bert)
-  terms = [t for t in loss_terms(loss_config, model.config.text.vocab_size)
+  terms = [t for t in loss_terms(loss_config, model.config.text.vocab_size, model.config)
            if captions or t.name != "caption"]
   if text_only:
     terms = [t for t in terms if t.text_only]
     if not terms:
       raise ValueError("a text-only batch (no 'image') has nothing to train: set "
                        "config.loss.mlm_weight > 0 (VLMo's stage 2) or train on image-text data")
+  if image_only:
+    terms = [t for t in terms if t.image_only]
+    if not terms:
+      raise ValueError("an image-only batch (no 'text') has nothing to train: set "
+                       "config.loss.mim_weight > 0 or train on image-text data")
   return terms
 
 
@@ -452,8 +518,9 @@ def loss_fn(params, model: CoCa, batch, loss_config, rng=None):
   drop_path_rate > 0). The config refuses both with microbatches, so the accumulated step runs
   without them."""
   pass_rng = None if rng is None else jax.random.fold_in(rng, 1)
-  text_only = "image" not in batch
-  if text_only:  # VLMo's stage 2: only the text-only terms (MLM) run their own passes.
+  text_only, image_only = "image" not in batch, "text" not in batch
+  if text_only or image_only:
+    # VLMo's stage 2 (MLM) or BEiT's stage 1 (MIM): only those terms run, each its own pass.
     outputs, stats, embeds, metrics = {}, {}, {}, {}
   else:
     outputs, stats = apply_with_router_statistics(model, params, batch["image"], batch["text"],
@@ -461,7 +528,7 @@ def loss_fn(params, model: CoCa, batch, loss_config, rng=None):
     embeds = _embeddings(outputs)
     metrics = {"logit_scale": outputs["logit_scale"]}
   total = 0.0
-  for term in model_loss_terms(model, loss_config, text_only):
+  for term in model_loss_terms(model, loss_config, text_only, image_only):
     if term.over_embeddings:
       value, term_metrics = term.fn(*(embeds[k] for k in term.embeddings))
     else:
@@ -513,8 +580,9 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
     raise ValueError(f"batch {text.shape[0]} is not divisible by config.train.microbatches="
                      f"{microbatches}")
   micro = split_microbatches(batch, microbatches)
-  text_only = "image" not in batch
-  terms = model_loss_terms(model, loss_config, text_only)
+  text_only, image_only = "image" not in batch, "text" not in batch
+  terms = model_loss_terms(model, loss_config, text_only, image_only)
+  single = text_only or image_only  # One modality: no image-text pass, no contrastive term.
   global_terms = [t for t in terms if t.over_embeddings]
   summed_terms = [t for t in terms if not t.over_embeddings]
   variables = {"params": params}
@@ -536,7 +604,7 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
 
   # 2. Whole-batch work: the contrastive losses with their gradients w.r.t. the embeddings and
   # temperatures, and each summed term's plan (its count, its sampled pairs).
-  if not text_only:
+  if not single:
     embeds["logit_scale"] = model.apply(variables, method="temperature_scale")
     embeds["logit_bias"] = params.get("logit_bias", jnp.zeros((), jnp.float32))
     if "logit_vl_scale" in read:
@@ -559,7 +627,7 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
   # router terms of this microbatch's passes.
   def surrogate(p, mb, mb_cached, mb_rows):
     total, stats, outputs = 0.0, {}, {}
-    if not text_only:
+    if not single:
       outputs, stats = apply_with_router_statistics(model, p, mb["image"], mb["text"])
       e = _embeddings(outputs)
       total = (sum(jnp.sum(mb_cached[k] * e[k]) for k in example_keys)
@@ -584,7 +652,7 @@ def accumulated_loss_and_grads(params, model: CoCa, batch, loss_config, microbat
   grads, (shares, router_shares, stats) = jax.lax.scan(backprop, zeros, (micro, cached, rows))
 
   # The terms and metrics of the whole batch, named as `loss_fn` names them.
-  total, metrics = 0.0, ({} if text_only else {"logit_scale": embeds["logit_scale"]})
+  total, metrics = 0.0, ({} if single else {"logit_scale": embeds["logit_scale"]})
   for term in terms:
     if term.over_embeddings:
       value, term_metrics = global_values[term.name]
@@ -734,7 +802,7 @@ def make_train_step(model, tx, config, schedule, mesh: Mesh, shardings: TrainSta
                            nonfinite=config.train.nonfinite,
                            lora_scale=lora.settings.scale if lora is not None else 1.0,
                            source_names=source_names(config))
-  batch_in = batch_shardings(mesh, _text_only(config))
+  batch_in = batch_shardings(mesh, _text_only(config), _image_only(config))
   if source_names(config):
     batch_in["source"] = sharding.batch_sharding(mesh, 2)
   in_shardings = (shardings, batch_in)
