@@ -455,6 +455,9 @@ class MixtureBatches:
     self.options, self.sources = options, list(sources)
     self.readers = [_SourceReader(s, options, class_names) for s in self.sources]
     self.order = mixed_order([s.settings.weight for s in self.sources])
+    # Which source and position a row reads, from grain's closed form itself: 7x faster a row
+    # than `order[t]`, which adds grain's per-element stats bookkeeping (tests: the same rows).
+    self._select = getattr(self.order, "_selection_map", self.order)
     self.sampler = MixtureSampler(B, options.seed, sum(len(r) for r in self.readers),
                                   B // shard_count, shard_index, shard_count)
     tokenizer = tokenizer or load_tokenizer(options.tokenizer, options.tokenizer_kind)
@@ -475,7 +478,7 @@ class MixtureBatches:
     """(source, position in source) of this host's rows of global batch `global_batch`."""
     s = self.sampler
     start = global_batch * s.global_batch_size + s.shard_index * s.host_batch_size
-    return [self.order[t] for t in range(start, start + s.host_batch_size)]
+    return [tuple(self._select[t]) for t in range(start, start + s.host_batch_size)]
 
   def host_batch(self, global_batch: int, keys: bool = True) -> dict[str, np.ndarray]:
     """This host's rows: "image" float32 [b, S, S, 3], "text" int32 [b, L], "source" int32
