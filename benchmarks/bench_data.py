@@ -181,7 +181,7 @@ def _path_rates(options, seconds: float, rounds: int) -> dict[str, list[float]]:
 
 
 def _train_data_wait(data_dir: str, workdir: str, steps: int, in_memory: str,
-                     arg: str = "") -> dict:
+                     arg: str = "", flags: tuple[str, ...] = ()) -> dict:
   """A short demo training run (experiments/demo.py:`arg`, evals and checkpoints off) on one
   input path: the data_wait_fraction and step_seconds of each logged window but the first
   (warm-up)."""
@@ -192,7 +192,8 @@ def _train_data_wait(data_dir: str, workdir: str, steps: int, in_memory: str,
           f"--config.train.steps={steps}", f"--config.train.log_every={log_every}",
           f"--config.data.data_dir={data_dir}", f"--config.data.in_memory={in_memory}",
           "--config.checkpoint.every_steps=0", "--config.evals.zeroshot.enabled=False",
-          "--config.evals.retrieval.enabled=False", "--config.evals.captioning.enabled=False"]
+          "--config.evals.retrieval.enabled=False", "--config.evals.captioning.enabled=False",
+          *flags]
   start = time.perf_counter()
   done = subprocess.run(args, cwd=repo, capture_output=True, text=True, check=False)
   wall = time.perf_counter() - start
@@ -247,7 +248,7 @@ def _paths(args, workdir: str, photo_options) -> None:
   runs = _alternating({
       label: (lambda mode=mode, label=label, arg=arg, where=where: _train_data_wait(
           where, tempfile.mkdtemp(prefix=f"bench_{label}_", dir=workdir), args.train_steps,
-          mode, arg))
+          mode, arg, tuple(args.train_flags.split())))
       for label, mode, arg, where in paths}, args.rounds)
   print(f"  demo training, {args.train_steps} steps per run, {args.rounds} runs per path "
         "(data_wait_fraction and step time: medians over each run's logged windows, then over "
@@ -274,6 +275,9 @@ def main():
                       help="paths: also train demo.py:mixture (two sources, in memory)")
   parser.add_argument("--train_steps", type=int, default=80,
                       help="steps of each demo training run in section 5 (0 = none)")
+  parser.add_argument("--train_flags", default="",
+                      help="more flags for every demo training run of section 5, e.g. "
+                           "'--train_flags=--config.model.text.max_len=24' (space-separated)")
   parser.add_argument("--demo_data_dir", default="",
                       help="a data_dir holding the full demo set (else built into workdir)")
   args = parser.parse_args()

@@ -11,6 +11,7 @@ features are cached:
   linear        the closed-form ridge probe: its L2 sweep on a held-out fifth, then the refit;
   attn_first    the attentional probe's first run (compilation included) and the prediction;
   attn          a second run of the same shapes (what every later eval of a run costs);
+                attn_step_ms: its wall time per training step;
   step_folded / step_naive   one training step (forward, backward) of the probe's folded
                 pooler vs the same pooler as `layers.AttentionalPooler` computes it.
 Prints JSON: wall and CPU seconds (all threads), top-1 of each probe, the device.
@@ -103,6 +104,7 @@ def main() -> None:
     out[f"{name}_seconds"] = time.perf_counter() - t0
     out[f"{name}_cpu_seconds"] = time.process_time() - c0
   out["attn_steps"], out["attn_top1"] = len(losses), top1
+  out["attn_step_ms"] = 1e3 * out["attn_seconds"] / len(losses)
 
   params = probes.init_probe(jax.random.key(0), args.width, args.heads, args.classes)
   batch_tokens = jnp.asarray(train[1][:args.batch])
@@ -115,4 +117,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  from coca_jax.core import runtime  # pylint: disable=wrong-import-position
+  runtime.preload_allocator()  # As `python -m coca_jax.evaluate` runs the probes.
   main()

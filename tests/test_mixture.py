@@ -79,6 +79,8 @@ def test_realised_proportions_stay_within_one_example_of_the_weights():
 
 def test_batches_mix_sources_by_weight_and_say_which(dataset):
   batches = _batches(dataset, [SCENES, LABELS])
+  for n in (0, 5):  # Read from grain's closed form directly: the interleave's own rows.
+    assert batches.rows(n) == [batches.order[t] for t in range(n * 8, n * 8 + 8)]
   sources = np.concatenate([batches.host_batch(n)["source"] for n in range(6)])
   assert sources.shape == (48, 2) and (sources.sum(axis=1) == 1).all()
   np.testing.assert_array_equal(sources.sum(axis=0), [36, 12])  # 3:1 of 48 rows
@@ -186,6 +188,41 @@ def test_a_mixture_tokenizer_learns_the_texts_of_every_source(dataset):
   with pytest.raises(ValueError, match=r"sources\[1\].*class name"):
     mixture.tokenizer_texts(_config(dataset, [SCENES, dict(LABELS, class_names=DIGITS[:2])]),
                             prompts.class_names)
+
+
+def test_a_label_text_that_would_be_cut_or_read_as_another_class_fails_at_the_start(dataset):
+  tokenizer = load_tokenizer(str(dataset / "sp.model"), "sentencepiece")
+  # Words the tokenizer never saw fall apart into many pieces: the text overflows max_len and
+  # would lose the class name, so every class would read the same.
+  long = "a blurry photograph of the handwritten digit {}."
+  count = len(tokenizer.encode(long.format("zero"))) + 2
+  assert count > MAX_LEN
+  with pytest.raises(ValueError) as error:
+    _batches(dataset, [SCENES, dict(LABELS, templates=[TEMPLATES[0], long])])
+  message = str(error.value)
+  for part in ("config.data.sources[1] (tag 'digits')", repr(long), "class 0 'zero'",
+               f"takes {count} tokens", f"config.model.text.max_len={MAX_LEN}",
+               "a shorter template", "config.data.tokenizer_vocab"):
+    assert part in message, (part, message)
+  # Two class names the tokenizer reads alike (characters it has no piece for: both unknown).
+  names = ["\u00f8", "\u00e6", *DIGITS[2:]]
+  assert tokenizer.encode(names[0]) == tokenizer.encode(names[1])
+  with pytest.raises(ValueError, match=r"the classes 0 '\u00f8' and 1 '\u00e6' give the same "
+                     r"token ids"):
+    _batches(dataset, [dict(LABELS, class_names=names)])
+
+
+def test_caption_sources_report_how_many_captions_max_len_cuts(dataset):
+  tokenizer = load_tokenizer(str(dataset / "sp.model"), "sentencepiece")
+  batches = _batches(dataset, [SCENES, LABELS])
+  for max_len in (6, MAX_LEN):
+    counts = mixture.report_truncated_captions(batches.readers, tokenizer, max_len)
+    captions = batches.readers[0].captions
+    before = tokenizer.num_truncated
+    tokenizer.tokenize(captions, max_len)  # What training does to each of them.
+    assert counts == {"scenes": (tokenizer.num_truncated - before, len(captions))}
+  assert counts["scenes"][0] == 0 < mixture.report_truncated_captions(
+      batches.readers, tokenizer, 6)["scenes"][0]
 
 
 def test_a_label_source_that_is_a_zero_shot_split_warns(dataset):
