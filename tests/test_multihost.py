@@ -131,9 +131,7 @@ def test_a_mixture_trains_alike_on_one_and_two_processes(tmp_path):
   # x 4 devices and 2 processes x 2 devices log the same total and per-source losses. Both runs
   # at once (compiling is mostly single-threaded).
   one, two = tmp_path / "one", tmp_path / "two"
-  # max_len 24: the smoke tokenizer cuts "a photo of the digit {}." into 20 pieces with BOS
-  # and EOS, which the run refuses at the default 12 (mixture.check_label_texts).
-  extra = (*NO_EVALS, "--config.model.text.max_len=24")
+  extra = NO_EVALS
   runs = [_train_cli(one, 1, 4, steps=2, arg="smoke,mixture", wait=False, extra=extra),
           _train_cli(two, 2, 2, steps=2, arg="smoke,mixture", wait=False, extra=extra)]
   for procs in runs:
