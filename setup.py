@@ -53,17 +53,19 @@ setup(
                  "faiss-cpu>=1.15", "av>=14"],
     },
     entry_points={
+        # The CLIs that run JAX start in coca_jax/cli_entry.py: the allocator's re-execution
+        # comes before their imports, as with `python -m`.
         "console_scripts": [
-            "coca-train=coca_jax.train:run",
-            "coca-evaluate=coca_jax.evaluate:run",
-            "coca-caption=coca_jax.caption:run",
+            "coca-train=coca_jax.cli_entry:train",
+            "coca-evaluate=coca_jax.cli_entry:evaluate",
+            "coca-caption=coca_jax.cli_entry:caption",
             "coca-build-data=coca_jax.data.build:main",
             "coca-tokenizer=coca_jax.data.tokenizer:main",
-            "coca-bench=coca_jax.bench:run",
+            "coca-bench=coca_jax.cli_entry:bench",
             "coca-export=coca_jax.export:run",
             "coca-sweep=coca_jax.sweep:run",
             "coca-report=coca_jax.report:run",
-            "coca-index=coca_jax.index:run",
+            "coca-index=coca_jax.cli_entry:index",
         ],
     },
 )

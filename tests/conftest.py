@@ -62,6 +62,20 @@ def tiny_params(tiny_model, tiny_config):
   return nn.unbox(variables)["params"]
 
 
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory):
+  """Flags that point a `demo.py:smoke` run at the smoke demo dataset and tokenizer, built once
+  per test process (each smoke run would otherwise build both into its own workdir: ~2.4
+  CPU-seconds a run). For tests whose property is not the building itself: the runs of a test
+  of building, of a workdir's contents or of a fresh clone keep their own."""
+  from coca_jax.data import prepare  # Only the tests that share the data pay its imports.
+  root = str(tmp_path_factory.mktemp("smoke_data"))
+  config = config_lib.complete(smoke_config())
+  prepare.prepare_data(config, root)
+  return [f"--config.data.data_dir={config.data.data_dir}",
+          f"--config.data.tokenizer={config.data.tokenizer}"]
+
+
 def random_batch(config, batch_size, seed=0, num_pads=(0, 3, 7)):
   """Images ~N(0,1) and texts BOS w.. EOS PAD.. with varying pad counts (never a pad in the middle)."""
   rng = np.random.default_rng(seed)

@@ -53,9 +53,16 @@ def _run_all(commands: dict) -> dict:
   return done
 
 
-def _console_scripts() -> dict[str, str]:
+def _console_scripts() -> dict[str, tuple[str, str]]:
+  """{script: (the entry point setup.py names, as module:function; the CLI module it runs)}.
+  The scripts that run JAX start in coca_jax.cli_entry, whose function `verb` runs
+  coca_jax.<verb>."""
   text = open(os.path.join(REPO, "setup.py")).read()
-  return {script: module for script, module in re.findall(r'"(coca-[\w-]+)=([\w.]+):\w+"', text)}
+  scripts = {}
+  for script, module, function in re.findall(r'"(coca-[\w-]+)=([\w.]+):(\w+)"', text):
+    cli_module = f"coca_jax.{function}" if module == "coca_jax.cli_entry" else module
+    scripts[script] = (f"{module}:{function}", cli_module)
+  return scripts
 
 
 # Third-party libraries the CLI modules import: the process that forks each help run imports
@@ -65,9 +72,10 @@ HEAVY_IMPORTS = ("numpy", "jax", "jax.numpy", "flax.linen", "optax", "orbax.chec
 
 
 def _forked_runs(commands: dict) -> dict:
-  """{name: ("module" | "script", target, args)} -> {name: CompletedProcess} of `python -m
-  target *args` or of the script file `target *args`, each in a child forked from one process
-  that imported HEAVY_IMPORTS once (this file run as a script)."""
+  """{name: ("module" | "script" | "entry", target, args)} -> {name: CompletedProcess} of
+  `python -m target *args`, of the script file `target *args`, or of the console-script entry
+  point `target` (module:function) called as its installed script calls it, each in a child
+  forked from one process that imported HEAVY_IMPORTS once (this file run as a script)."""
   # mimalloc preloaded from the start, as the CLIs re-execute themselves to have it: a forked
   # child would otherwise re-execute this whole script.
   preload = os.environ.get("LD_PRELOAD", "")
@@ -100,6 +108,9 @@ def _serve_forked_runs(commands: dict) -> dict:
           sys.argv = [target, *args]
           if kind == "module":
             runpy.run_module(target, run_name="__main__", alter_sys=True)
+          elif kind == "entry":  # What pip's script does: sys.exit(function()).
+            module, function = target.split(":")
+            sys.exit(getattr(importlib.import_module(module), function)())
           else:
             runpy.run_path(target, run_name="__main__")
           code = 0
@@ -124,24 +135,40 @@ def _serve_forked_runs(commands: dict) -> dict:
 
 def test_every_console_script_and_cli_module_shows_its_help():
   scripts = _console_scripts()
-  assert len(scripts) >= 9 and set(scripts.values()) <= set(MODULES), scripts
+  assert len(scripts) >= 9 and {m for _, m in scripts.values()} <= set(MODULES), scripts
   missing = [s for s in scripts if not os.path.exists(os.path.join(BIN, s))]
   assert not missing, f"{missing} not installed in {BIN}: run `pip install -e .`"
   # The installed scripts' own code (pip writes `from module import run; sys.exit(run())`) and
   # every module's `python -m` path, run with --help / -h; one script also as its own process
   # (its #! line names this venv's python).
+  # setup.py's entry points are called too, as the script pip writes from them calls them
+  # (an installed script is only rewritten by the next `pip install -e .`).
   commands = {f"script {s}": ("script", os.path.join(BIN, s), ["--help"]) for s in scripts}
+  commands.update({f"entry {s}": ("entry", e, ["--help"]) for s, (e, _) in scripts.items()})
   commands.update({f"-m {m}": ("module", m, ["-h"]) for m in MODULES})
   results = _forked_runs(commands)
   results["exec coca-train"] = _run_all({"": [os.path.join(BIN, "coca-train"), "--help"]})[""]
-  assert len(results) == len(scripts) + len(MODULES) + 1
+  assert len(results) == 2 * len(scripts) + len(MODULES) + 1
   for name, result in results.items():
     script = name.split()[1]
-    module = scripts[script] if name.startswith(("script", "exec")) else script
+    module = scripts[script][1] if name.startswith(("script", "entry", "exec")) else script
     assert result.returncode == 0, (name, result.stderr[-2000:])
     for flag in MODULES[module]:
       assert flag in result.stdout, (name, flag, result.stdout[-3000:])
     assert "Traceback" not in result.stderr, (name, result.stderr[-2000:])
+
+
+def test_console_scripts_import_no_cli_before_the_allocator_is_in_place():
+  """An installed `coca-train` imports its entry point, then re-executes with mimalloc: the
+  entry point's module must not import JAX or the CLI (seconds, paid twice otherwise)."""
+  probe = ("import sys, coca_jax.cli_entry; "
+           "print(sorted(m for m in sys.modules if m in ('jax', 'numpy') or m in "
+           "('coca_jax.train', 'coca_jax.evaluate', 'coca_jax.caption', 'coca_jax.bench', "
+           "'coca_jax.index')))")
+  result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == "[]", result.stdout
 
 
 def test_usage_mistakes_are_one_line_naming_the_fix_exit_2(tmp_path):
@@ -176,11 +203,16 @@ def test_usage_mistakes_are_one_line_naming_the_fix_exit_2(tmp_path):
                                         nowhere, "--name", "x", "--data_dir", nowhere],
                               "--src " + nowhere),
   }
-  results = _forked_runs({name: ("module", argv[2], argv[3:]) for name, (argv, _) in cases.items()})
+  commands = {name: ("module", argv[2], argv[3:]) for name, (argv, _) in cases.items()}
+  # The same mistake through the installed `coca-train`'s entry point.
+  commands["coca-train entry"] = ("entry", "coca_jax.cli_entry:train",
+                                  commands["config field as a flag"][2])
+  results = _forked_runs(commands)
   for name, result in results.items():
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, (name, result.stderr[-2000:])
-    assert len(lines) == 1 and cases[name][1] in lines[0], (name, result.stderr[-2000:])
+    fix = cases[name if name in cases else "config field as a flag"][1]
+    assert len(lines) == 1 and fix in lines[0], (name, result.stderr[-2000:])
     assert not os.path.exists(nowhere), name  # Nothing was created.
 
 

@@ -122,3 +122,38 @@ def test_mfu_arithmetic_and_cpu_peak():
                                      num_devices=4, peak_per_device=1e11)
   assert metrics["model_tflops_per_sec_per_device"] == pytest.approx(0.025)
   assert metrics["mfu"] == pytest.approx(0.25)
+
+
+def test_cpu_peak_is_measured_once_per_machine_and_setup(tmp_path, monkeypatch):
+  """Every CPU training run divides by the matmul peak: it is measured once per key (CPU, cores,
+  devices, jax/jaxlib, XLA_FLAGS) and read back from the cache after; a file that is corrupt or
+  holds another key is measured again, never trusted."""
+  monkeypatch.setenv("COCA_JAX_CACHE", str(tmp_path))
+  measured = []
+
+  def measure(size, dtype, repeats):
+    measured.append(size)
+    return 1e11 * len(measured)
+
+  monkeypatch.setattr(flops, "measure_cpu_peak_flops", measure)
+  assert flops.cached_cpu_peak_flops() == 1e11
+  path = flops.peak_cache_path(flops.peak_cache_key())
+  assert path.startswith(str(tmp_path)) and os.path.exists(path)
+  assert flops.cached_cpu_peak_flops() == 1e11 and len(measured) == 1  # read, not measured
+  assert flops.peak_flops_per_device(jax.devices("cpu")[0]) == 1e11
+  assert [p.name for p in tmp_path.joinpath("peak_flops").iterdir()] == [os.path.basename(path)]
+  # Another setup (XLA_FLAGS here) is another key: measured, beside the first.
+  xla_flags = os.environ.get("XLA_FLAGS", "")
+  monkeypatch.setenv("XLA_FLAGS", xla_flags + " --xla_cpu_use_thunk_runtime=true")
+  assert flops.cached_cpu_peak_flops() == 2e11 and len(measured) == 2
+  assert len(list(tmp_path.joinpath("peak_flops").iterdir())) == 2
+  monkeypatch.setenv("XLA_FLAGS", xla_flags)
+  assert flops.cached_cpu_peak_flops() == 1e11 and len(measured) == 2
+  # A corrupt file and one holding another key (a copied cache) are measured again.
+  with open(path, "w") as f:
+    f.write('{"key": {"cpu": "x"')
+  assert flops.cached_cpu_peak_flops() == 3e11
+  with open(path, "w") as f:
+    f.write('{"key": {"cpu": "another"}, "flops": 5e11}')
+  assert flops.cached_cpu_peak_flops() == 4e11
+  assert flops.cached_cpu_peak_flops() == 4e11 and len(measured) == 4

@@ -12,12 +12,11 @@ import line says so: `# heavy: <why>`. A hidden function-level import is how a c
 import ast
 import os
 
-import pytest
-
 from conftest import REPO
 
 PACKAGE = "coca_jax"
-ENTRY_POINTS = {"train", "evaluate", "caption", "export", "sweep", "report", "bench"}
+ENTRY_POINTS = {"train", "evaluate", "caption", "export", "sweep", "report", "bench",
+                "index", "cli_entry"}
 DATA_MAY_NOT_IMPORT = ("models", "training", "inference", "evaluation")
 
 

@@ -82,22 +82,23 @@ def _params(workdir, step: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, smoke_data):
   """1 process x 4 devices trains 4 steps (the reference; it streams its input, the others take
   the in-memory path: both give the same batches); 2 processes x 2 devices train 2 steps (both
   runs at once: compiling is mostly single-threaded); then 1 process x 4 devices resumes the
   2-process run to step 4. No evals: this is about training (test_preemption covers 2-process
-  evals). Returns the logged losses and the step-2 parameters of each run."""
+  evals). All read conftest's smoke_data. Returns the logged losses and the step-2 parameters
+  of each run."""
   root = tmp_path_factory.mktemp("multihost")
   one, two = root / "one", root / "two"
   started = [_train_cli(one, 1, 4, steps=4, wait=False,
-                        extra=("--config.data.in_memory=never", *NO_EVALS, *FSDP)),
-             _train_cli(two, 2, 2, steps=2, wait=False, extra=(*NO_EVALS, *FSDP))]
+                        extra=("--config.data.in_memory=never", *NO_EVALS, *FSDP, *smoke_data)),
+             _train_cli(two, 2, 2, steps=2, wait=False, extra=(*NO_EVALS, *FSDP, *smoke_data))]
   for procs in started:
     _finish(procs)
   result = {"reference": _logged_losses(one), "two_processes": _logged_losses(two),
             "params_one": _params(one, 2), "params_two": _params(two, 2)}
-  _train_cli(two, 1, 4, steps=4, extra=(*NO_EVALS, *FSDP))  # resumed from the 2-process step 2
+  _train_cli(two, 1, 4, steps=4, extra=(*NO_EVALS, *FSDP, *smoke_data))  # resumed from the 2-process step 2
   result["resumed"] = _logged_losses(two)
   return result
 

@@ -24,12 +24,12 @@ OVERRIDES = ["--config.checkpoint.every_steps=0", "--config.train.log_every=1",
              "--config.evals.captioning.enabled=False"]
 
 
-def _launch(workdir, log_path, steps):
+def _launch(workdir, log_path, steps, data_flags):
   log = open(log_path, "w")
   proc = subprocess.Popen(
       ["bash", SCRIPT, "--python", sys.executable, "--config",
        os.path.join(REPO, "experiments", "demo.py") + ":smoke", "--workdir", str(workdir), "--",
-       f"--config.train.steps={steps}", *OVERRIDES],
+       f"--config.train.steps={steps}", *OVERRIDES, *data_flags],
       cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, stdout=log, stderr=subprocess.STDOUT)
   return proc, log
 
@@ -38,9 +38,9 @@ def _stopped_steps(text):
   return {int(p): int(s) for p, s in re.findall(r"Process (\d)/2 stopped at step (\d+)", text)}
 
 
-def test_sigterm_to_one_process_stops_all_at_the_same_step_then_resumes(tmp_path):
+def test_sigterm_to_one_process_stops_all_at_the_same_step_then_resumes(tmp_path, smoke_data):
   workdir, log_path = tmp_path / "run", tmp_path / "first.log"
-  proc, log = _launch(workdir, log_path, steps=100_000)
+  proc, log = _launch(workdir, log_path, steps=100_000, data_flags=smoke_data)
   metrics = workdir / "metrics.jsonl"
   deadline = time.time() + 400
   try:
@@ -64,7 +64,7 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step_then_resumes(tmp_path
   assert saved == [step]
 
   # The same command with a nearer end resumes from that checkpoint on both processes.
-  proc, log = _launch(workdir, tmp_path / "second.log", steps=step + 2)
+  proc, log = _launch(workdir, tmp_path / "second.log", steps=step + 2, data_flags=smoke_data)
   try:
     assert proc.wait(timeout=400) == 0, (tmp_path / "second.log").read_text()[-4000:]
   finally:

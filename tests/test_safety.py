@@ -29,6 +29,12 @@ from coca_jax.training import step as step_lib
 from conftest import REPO, random_batch, smoke_config
 
 SMOKE = os.path.join(REPO, "experiments", "demo.py") + ":smoke"
+SHARED_DATA = []  # conftest's smoke_data flags: no test here is about building the data.
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shared_smoke_data(smoke_data):
+  SHARED_DATA[:] = smoke_data
 
 
 def _train(workdir, *overrides, timeout=300):
@@ -37,7 +43,8 @@ def _train(workdir, *overrides, timeout=300):
                          # A constant learning rate: runs of different lengths then train
                          # the same steps alike, so their losses compare step by step.
                          str(workdir), "--config.train.log_every=1", "--config.optim.decay="
-                         "constant", "--config.optim.warmup_fraction=0.0", *overrides], cwd=REPO,
+                         "constant", "--config.optim.warmup_fraction=0.0", *SHARED_DATA,
+                         *overrides], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -58,7 +65,7 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def four_steps(tmp_path_factory):
-  """A workdir trained 4 steps: checkpoints 3 and 4, and its tokenizer and dataset."""
+  """A workdir trained 4 steps: checkpoints 3 and 4 (its dataset and tokenizer: smoke_data)."""
   workdir = tmp_path_factory.mktemp("four") / "run"
   result = _train(workdir, "--config.train.steps=4")
   assert result.returncode == 0, result.stderr[-3000:]
@@ -350,7 +357,7 @@ def test_a_full_disk_during_a_save_gives_one_message(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   result = subprocess.run(
       [sys.executable, "-c", _FULL_DISK_AT_STEP_4, "--config", SMOKE, "--workdir", str(workdir),
-       "--config.train.steps=6", "--config.checkpoint.every_steps=2"],
+       "--config.train.steps=6", "--config.checkpoint.every_steps=2", *SHARED_DATA],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2, result.stderr[-3000:]
   assert "Traceback" not in result.stderr, result.stderr[-3000:]

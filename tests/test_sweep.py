@@ -3,6 +3,7 @@ results table with the best per metric marked, and a half-finished sweep re-run 
 only what is missing."""
 
 import csv
+import functools
 import json
 import os
 import shlex
@@ -94,32 +95,33 @@ def test_results_table_marks_the_best_per_metric(tmp_path):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def _sweep_cli(root, *args):
+def _sweep_cli(root, *args, data_flags=()):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   return subprocess.run(
       [sys.executable, "-m", "coca_jax.sweep", "--config", SMOKE, "--workdir", root,
        "--config.train.steps=2", "--config.checkpoint.every_steps=0",
-       "--config.evals.captioning.enabled=False", *args],
+       "--config.evals.captioning.enabled=False", *data_flags, *args],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_half_finished_sweep_rerun_finishes_only_what_is_missing(tmp_path):
+def test_half_finished_sweep_rerun_finishes_only_what_is_missing(tmp_path, smoke_data):
   root = str(tmp_path / "sweep")
-  first = _sweep_cli(root, "--trials", "lr=0.001")   # As if the sweep died after one trial.
+  sweep_cli = functools.partial(_sweep_cli, data_flags=smoke_data)  # Every trial reads them.
+  first = sweep_cli(root, "--trials", "lr=0.001")   # As if the sweep died after one trial.
   assert first.returncode == 0, first.stdout + first.stderr[-3000:]
   done_metrics = os.path.join(root, "lr=0.001", "metrics.jsonl")
   before = open(done_metrics).read()
   assert not os.path.exists(os.path.join(root, "lr=0.003"))
 
-  dry = _sweep_cli(root, "--dry_run")
+  dry = sweep_cli(root, "--dry_run")
   assert "lr=0.001  [finished]" in dry.stdout and "lr=0.003  [new]" in dry.stdout
-  (command,) = _sweep_cli(root, "--print_commands").stdout.splitlines()  # Unfinished ones only.
+  (command,) = sweep_cli(root, "--print_commands").stdout.splitlines()  # Unfinished ones only.
   words = shlex.split(command)
   assert words[1:3] == ["-m", "coca_jax.train"]
   assert words[words.index("--workdir") + 1] == os.path.join(root, "lr=0.003")
   assert words[-1] == "--config.optim.lr=0.003" and "--config.train.steps=2" in words
 
-  second = _sweep_cli(root)
+  second = sweep_cli(root)
   assert second.returncode == 0, second.stdout + second.stderr[-3000:]
   assert "lr=0.001: finished before, skipped" in second.stdout
   assert "lr=0.003: starting" in second.stdout

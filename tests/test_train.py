@@ -181,14 +181,14 @@ def test_train_cli_rejects_bad_override_with_clear_message(tmp_path):
   assert "config.model.pooling='max' is unknown" in result.stderr
 
 
-def test_sigterm_checkpoints_and_a_rerun_resumes(tmp_path):
+def test_sigterm_checkpoints_and_a_rerun_resumes(tmp_path, smoke_data):
   """A preempted run (SIGTERM, e.g. SLURM's warning) saves where it is and exits cleanly."""
   import signal
   import time
   workdir = tmp_path / "run"
   config = os.path.join(REPO, "experiments", "demo.py") + ":smoke"
   args = [sys.executable, "-m", "coca_jax.train", "--config", config, "--workdir", str(workdir),
-          "--config.train.steps=100000", "--config.checkpoint.every_steps=0"]
+          "--config.train.steps=100000", "--config.checkpoint.every_steps=0", *smoke_data]
   proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   metrics = workdir / "metrics.jsonl"
@@ -204,7 +204,7 @@ def test_sigterm_checkpoints_and_a_rerun_resumes(tmp_path):
   stopped = saved[0]
 
   rerun = _train_cli("--config", config, "--workdir", str(workdir),
-                     f"--config.train.steps={stopped + 2}")
+                     f"--config.train.steps={stopped + 2}", *smoke_data)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   steps = [json.loads(line)["step"] for line in open(metrics) if "loss" in json.loads(line)]
   assert steps[-1] == stopped + 2 and steps == sorted(steps)

@@ -36,12 +36,21 @@ of that expert adds, for every token it routes, (top_k - 1) more expert MLPs and
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import math
+import os
+import platform
+import tempfile
 import time
 
+from absl import logging
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
+from coca_jax.core import pretrained as pretrained_names
 from coca_jax.core import schema
 from coca_jax.core.schema import Routing
 from coca_jax.training import step
@@ -332,11 +341,85 @@ def measure_cpu_peak_flops(size: int = 2048, dtype: str = "float32", repeats: in
   return 2 * size ** 3 / best
 
 
-def peak_flops_per_device(device: jax.Device | None = None) -> float:
-  """The MFU denominator: the spec-sheet peak, or on CPU (or an unknown chip) a measured one."""
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith(("model name", "Model", "Hardware")):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def peak_cache_key(size: int = 2048, dtype: str = "float32", repeats: int = 5) -> dict:
+  """What a measured matmul peak depends on: the CPU model, the cores this process may use,
+  the devices JAX made of them, the jax/jaxlib build and XLA_FLAGS (e.g. the optimisation level
+  or a forced device count), and the measurement itself."""
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:  # Not Linux.
+    cores = os.cpu_count()
+  device = jax.devices()[0]
+  return {"cpu": _cpu_model(), "cores": cores, "platform": device.platform,
+          "device_kind": device.device_kind, "local_devices": jax.local_device_count(),
+          "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), "size": size, "dtype": dtype,
+          "repeats": repeats}
+
+
+def peak_cache_path(key: dict) -> str:
+  """$COCA_JAX_CACHE/peak_flops/<hash of the key>.json (default ~/.cache/coca_jax)."""
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+  return os.path.join(pretrained_names.cache_root(), "peak_flops", f"{digest}.json")
+
+
+def cached_cpu_peak_flops(size: int = 2048, dtype: str = "float32", repeats: int = 5) -> float:
+  """`measure_cpu_peak_flops`, measured once per machine and setup (`peak_cache_key`) and
+  kept on disk (`peak_cache_path`): every training run on CPU needs it, and measuring costs a
+  few CPU-seconds per run (more on a busy machine). A file that does not parse or holds another
+  key is ignored and measured again; delete it to measure again (e.g. if the machine was busy
+  the first time: MFU would then read high). A cache that cannot be written only costs the
+  measurement."""
+  key = peak_cache_key(size, dtype, repeats)
+  path = peak_cache_path(key)
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+    if (isinstance(stored, dict) and stored.get("key") == key
+        and isinstance(stored.get("flops"), float) and math.isfinite(stored["flops"])
+        and stored["flops"] > 0):
+      return stored["flops"]
+  except (OSError, ValueError):
+    pass
+  peak = float(measure_cpu_peak_flops(size, dtype, repeats))
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # Written whole to a temporary file, then renamed: a concurrent reader sees the old file,
+    # none, or the new one, never a partial one.
+    fd, partial = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".partial")
+    try:
+      with os.fdopen(fd, "w") as f:
+        json.dump({"key": key, "flops": peak}, f)
+      os.replace(partial, path)
+    except BaseException:
+      os.unlink(partial)
+      raise
+  except OSError as e:
+    logging.warning("could not keep the measured CPU matmul peak in %s (%s); measuring it "
+                    "again next run", path, e)
+  return peak
+
+
+def peak_flops_per_device(device: jax.Device | None = None, *, fresh: bool = False) -> float:
+  """The MFU denominator: the spec-sheet peak, or on CPU (or an unknown chip) a measured one,
+  kept on disk per machine (`cached_cpu_peak_flops`); `fresh` measures it in this process now
+  (a benchmark's ratio of step to peak then shares the machine's load of the moment)."""
   device = device or jax.devices()[0]
   peak = device_peak_flops(device)
-  return peak if peak is not None else measure_cpu_peak_flops()
+  if peak is not None:
+    return peak
+  return measure_cpu_peak_flops() if fresh else cached_cpu_peak_flops()
 
 
 def throughput_metrics(flops_per_example: float, examples_per_second: float, num_devices: int,

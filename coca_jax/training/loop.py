@@ -270,7 +270,7 @@ class Trainer:
     self.writer = writer = metrics_lib.MetricsWriter(workdir)
     data_wait = metrics_lib.TimedIterator(train_iter)
     flops_per_example = flops.model_flops_per_example(config)
-    peak_flops = flops.peak_flops_per_device()  # On CPU: a matmul measured once, here.
+    peak_flops = flops.peak_flops_per_device()  # On CPU: measured once per machine, kept.
     # (step, metrics, non-finite counters) read back one step late so the host never stalls.
     pending = None
     last_time, last_step = time.perf_counter(), first_step
