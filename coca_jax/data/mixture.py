@@ -262,13 +262,16 @@ class _SourceReader:
     return {"image": self.image(record, _feature(element, s.image_feature), rng),
             "caption": _to_str(text), "key": _to_str(key)}
 
-  def _decoded_example(self, position: int) -> dict[str, Any]:
-    """`example` from the decoded copy alone: the same draws, no stored record read."""
+  def _record_and_rng(self, position: int):
+    """(record index, its rng or None) that position `position` of this source reads."""
     if self.random:
       metadata = self.order[position]
-      record, rng = metadata.record_key, metadata.rng
-    else:
-      record, rng = self.shuffled[position], None
+      return metadata.record_key, metadata.rng
+    return self.shuffled[position], None
+
+  def _decoded_example(self, position: int) -> dict[str, Any]:
+    """`example` from the decoded copy alone: the same draws, no stored record read."""
+    record, rng = self._record_and_rng(position)
     if self.settings.text == "labels":
       caption = self.label_text(self.labels[record], rng)
     else:
@@ -334,11 +337,7 @@ class _SourceReader:
     if self.decoded is None:
       example = self.example(position)
       return example["image"], tokenize([example["caption"]])[0]
-    if self.random:
-      metadata = self.order[position]
-      record, rng = metadata.record_key, metadata.rng
-    else:
-      record, rng = self.shuffled[position], None
+    record, rng = self._record_and_rng(position)
     # The draws of `_decoded_example` in its order: the text, then the crop.
     if self.settings.text == "labels":
       labels, template = self._draw_label(self.labels[record], rng)
