@@ -349,7 +349,11 @@ def _use_mome(c: ml_collections.ConfigDict, smoke: bool, limoe: bool) -> None:
 
 
 VLMO_STAGES = ("1", "2", "3")
-VLMO_STEPS = {"1": 300, "2": 300, "3": 400}
+# Stage 3 at 600 steps: from stage 1's MIM weights it learns ITC slower than from random
+# weights (400 steps: held-out zero-shot 0.772; the two-stage chain without a stage 1 had 0.935
+# there); at 600, 0.910, and ITM leaves its all-"no" level (0.54 at step 500). The three stages
+# take 8 min 32 s on an idle 2-core Xeon, 939 CPU-s (docs/demo.md, "VLMo demo").
+VLMO_STEPS = {"1": 300, "2": 300, "3": 600}
 # Stage 1's visual codes: a k-means codebook of this many entries over the train images' 8x8
 # patches (data/visual_codebook.py), BEiT's dVAE stand-in.
 VLMO_CODEBOOK = 64
