@@ -831,6 +831,24 @@ def _validate_lora(config, need, problems) -> None:
        "config.optim.lora.unfrozen_regex; drop freeze_regex")
 
 
+
+# The loss terms a batch of one modality can train: MLM on texts alone (VLMo's stage 2), MIM on
+# images alone (BEiT, VLMo's stage 1 at demo scale); every other weight must be 0.
+_ONE_MODALITY_TERMS = ("contrastive_weight", "vl_contrastive_weight", "caption_weight",
+                       "itm_weight", "mlm_weight", "mim_weight")
+
+
+def _validate_one_modality(config, need, flag: str, weight: str, what: str, objective: str,
+                           example: str) -> None:
+  """config.data.<flag>=True: only config.loss.<weight> may be (and must be) positive."""
+  loss = config.loss
+  others = [f"config.loss.{k} (now {loss[k]})" for k in _ONE_MODALITY_TERMS
+            if k != weight and loss[k]]
+  fix = f"set {', '.join(others)} to 0" if others else f"set config.loss.{weight} > 0"
+  need(not others and loss[weight] > 0,
+       f"config.data.{flag}=True trains on {what} alone, so only {objective} "
+       f"(config.loss.{weight}, now {loss[weight]}) can train: {fix} ({example} does)")
+
 def _validate_vlmo_losses(config, need) -> None:
   """VLMo's second ITC and MLM: weights >= 0, and the heads they score with."""
   loss, m = config.loss, config.model
@@ -914,27 +932,11 @@ def validate(config, num_devices: int | None = None, load_tokenizer=None) -> Non
        f"config.loss.itm_weight={itm_weight!r} must be a number >= 0 (0 = off)")
   _validate_vlmo_losses(config, need)
   if config.data.text_only is True:
-    loss = config.loss
-    image_terms = [f"config.loss.{k} (now {loss[k]})" for k in (
-        "contrastive_weight", "vl_contrastive_weight", "caption_weight", "itm_weight",
-        "mim_weight") if loss[k]]
-    fix = (f"set {', '.join(image_terms)} to 0" if image_terms else
-           "set config.loss.mlm_weight > 0")
-    need(not image_terms and loss.mlm_weight > 0,
-         "config.data.text_only=True trains on texts alone, so only masked language modelling "
-         f"(config.loss.mlm_weight, now {loss.mlm_weight}) can train: {fix} "
-         "(experiments/vlmo_base.py:stage=2 does)")
+    _validate_one_modality(config, need, "text_only", "mlm_weight", "texts",
+                           "masked language modelling", "experiments/vlmo_base.py:stage=2")
   if config.data.image_only is True:
-    loss = config.loss
-    pair_terms = [f"config.loss.{k} (now {loss[k]})" for k in (
-        "contrastive_weight", "vl_contrastive_weight", "caption_weight", "itm_weight",
-        "mlm_weight") if loss[k]]
-    fix = (f"set {', '.join(pair_terms)} to 0" if pair_terms else
-           "set config.loss.mim_weight > 0")
-    need(not pair_terms and loss.mim_weight > 0,
-         "config.data.image_only=True trains on images alone, so only masked image modelling "
-         f"(config.loss.mim_weight, now {loss.mim_weight}) can train: {fix} "
-         "(experiments/demo.py:vlmo,stage=1 does)")
+    _validate_one_modality(config, need, "image_only", "mim_weight", "images",
+                           "masked image modelling", "experiments/demo.py:vlmo,stage=1")
     need(config.data.text_only is not True, "config.data.image_only and config.data.text_only "
          "are both True: a batch needs images or texts; set one of them to False")
   if backbone == "mome":

@@ -285,8 +285,7 @@ class _SourceReader:
     """`example(position)["key"]`."""
     if self.decoded is None:
       return self.example(position)["key"]
-    record = self.order[position].record_key if self.random else self.shuffled[position]
-    return self.decoded.key(record)
+    return self.decoded.key(self._record_and_rng(position)[0])
 
   def image(self, record: int, stored, rng: np.random.Generator) -> np.ndarray:
     """uint8 [S, S, 3]: the random crop (config.data.random_resized_crop) or the center crop,

@@ -41,10 +41,11 @@ def image_patches(images: np.ndarray, patch: int) -> np.ndarray:
   return x.reshape(n * g * g, patch * patch * 3)
 
 
-def patch_features(patches: np.ndarray, patch: int, cells: int = CELLS) -> np.ndarray:
+def patch_features(patches, patch: int, cells: int = CELLS):
   """Patches [..., patch * patch * 3] (`image_patches`' layout) -> features
-  [..., cells * cells * 3]: each channel's mean over each of cells x cells equal cells
-  (`training.losses.visual_codes` computes the same in the step)."""
+  [..., cells * cells * 3]: each channel's mean over each of cells x cells equal cells. NumPy
+  or JAX arrays alike (array methods only): the fit and the train step's targets
+  (`training.losses.visual_codes`) share it."""
   if patch % cells:
     raise ValueError(f"patch size {patch} is not a multiple of {cells} feature cells")
   lead, side = patches.shape[:-1], patch // cells

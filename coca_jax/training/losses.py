@@ -21,6 +21,7 @@ import optax
 from coca_jax.core import schema
 from coca_jax.core.sharding import BATCH_AXES
 from coca_jax.core.tokens import PAD_ID
+from coca_jax.data import visual_codebook
 
 CONTRASTIVE_IMPLS = schema.CONTRASTIVE_IMPLS
 CONTRASTIVE_KINDS = schema.CONTRASTIVE_KINDS
@@ -501,13 +502,10 @@ def block_mask(rng, batch: int, grid: int, count: int, min_block: int,
 
 def visual_codes(patches, codebook, patch: int, cells: int):
   """Each patch's visual code (data/visual_codebook.py): the index of the codeword nearest
-  (Euclidean) to its feature, each channel's mean over cells x cells cells. patches
-  [batch, P, patch * patch * 3] float (`patchify`'s layout), codebook [K, cells * cells * 3]
-  -> int32 [batch, P] (the MIM targets)."""
-  side = patch // cells
-  batch, num = patches.shape[:2]
-  features = patches.astype(jnp.float32).reshape(batch, num, cells, side, cells, side, 3)
-  features = features.mean(axis=(3, 5)).reshape(batch, num, cells * cells * 3)
+  (Euclidean) to its feature, each channel's mean over cells x cells cells, as the codebook was
+  fitted. patches [batch, P, patch * patch * 3] float (`patchify`'s layout), codebook
+  [K, cells * cells * 3] -> int32 [batch, P] (the MIM targets)."""
+  features = visual_codebook.patch_features(patches.astype(jnp.float32), patch, cells)
   distances = (-2.0 * jnp.einsum("bpd,kd->bpk", features, codebook)
                + jnp.sum(codebook ** 2, axis=-1))  # |patch|^2 is the same for every code.
   return jnp.argmin(distances, axis=-1).astype(jnp.int32)
